@@ -1,0 +1,248 @@
+"""The model registry and the weights objects, in the manner of torchvision's ``models/_api.py``.
+
+A weights object ties together the file that holds the parameters, the preprocessing those
+parameters were trained with, and what a user must know about them (output column, score range,
+licence, paper). A model module registers a builder ``name(*, weights=None)``; ``get_model``
+finds it by name. Loading is always strict and never unpickles code: torch files go through
+``torch.load(weights_only=True)``, ``.safetensors`` through safetensors.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from memscore.transforms import ImagePreprocess
+
+__all__ = [
+    "Weights",
+    "WeightsEnum",
+    "WeightsNotFoundError",
+    "CheckpointKeyError",
+    "register_model",
+    "list_models",
+    "get_model",
+    "get_model_weights",
+    "resolve_weights",
+    "load_state_dict_file",
+    "load_state_dict_strict",
+    "file_sha256",
+]
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The file a set of weights needs is not on this machine; the message says how to get it."""
+
+
+class CheckpointKeyError(RuntimeError):
+    """A state_dict does not match the module's parameters; the message names the keys."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One set of parameters for one architecture.
+
+    Args:
+        locate: returns the local path of the weights file, or raises ``WeightsNotFoundError``
+            saying what to install. A callable, so that nothing is looked up at import time.
+        transforms: the preprocessing the parameters expect.
+        meta: facts about the weights; memscore reads ``output_column`` (the Parquet column the
+            score goes to), ``score_range``, ``licence``, ``paper`` and ``source``.
+        map_location: where tensors are mapped on load (some published files hold CUDA tensors).
+    """
+
+    locate: Callable[[], Path]
+    transforms: ImagePreprocess
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def path(self) -> Path:
+        return Path(self.locate())
+
+    def load_state_dict(self) -> dict:
+        return load_state_dict_file(self.path())
+
+
+class WeightsEnum(enum.Enum):
+    """Base class of each model's weights enum; members are ``Weights``, ``DEFAULT`` aliases one."""
+
+    @classmethod
+    def verify(cls, obj: Any) -> "WeightsEnum":
+        if isinstance(obj, cls):
+            return obj
+        if isinstance(obj, str):
+            try:
+                return cls[obj.split(".")[-1]]
+            except KeyError:
+                raise ValueError(
+                    f"unknown weights {obj!r} for {cls.__name__}; choose from {[m.name for m in cls]}"
+                ) from None
+        raise TypeError(f"weights must be a {cls.__name__} member or its name, got {obj!r}")
+
+    @property
+    def transforms(self) -> ImagePreprocess:
+        return self.value.transforms
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        return self.value.meta
+
+    def path(self) -> Path:
+        return self.value.path()
+
+    def load_state_dict(self) -> dict:
+        return self.value.load_state_dict()
+
+
+def package_file(package: str, filename: str, install_hint: str) -> Callable[[], Path]:
+    """A ``locate`` function for a weights file shipped inside an installed package.
+
+    The package is found with ``importlib.util.find_spec`` and never imported: importing
+    ``resmem`` pulls in its own model code, which memscore must not depend on.
+    """
+
+    def locate() -> Path:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise WeightsNotFoundError(
+                f"the weights file {filename} ships in the PyPI package {package!r}, which is not "
+                f"installed; {install_hint}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise WeightsNotFoundError(f"{path} is missing from the installed {package!r} package")
+        return path
+
+    return locate
+
+
+def load_state_dict_file(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> dict:
+    """Read a state_dict without executing code: safetensors, or torch with ``weights_only=True``.
+
+    ``path`` may be local or any fsspec URL (``s3://...``). Tensors are mapped to the CPU.
+    """
+    import fsspec
+    import torch
+
+    path = str(path)
+    with fsspec.open(path, "rb", **dict(storage_options or {})) as f:
+        data = f.read()
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        return load_safetensors(data)
+    import io
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError with a long text; keep the gist
+        raise ValueError(
+            f"{path} is not a plain tensor checkpoint (refused by torch.load(weights_only=True)): "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    return dict(state)
+
+
+def load_state_dict_strict(module, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """``module.load_state_dict(strict=True)`` with an error that names the mismatched keys."""
+    expected = set(module.state_dict())
+    given = set(state_dict)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        raise CheckpointKeyError(
+            f"{source} does not fit {type(module).__name__}: " + "; ".join(parts)
+        )
+    module.load_state_dict(state_dict, strict=True)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: Callable[..., Any]
+    weights_enum: type[WeightsEnum]
+
+
+_MODELS: dict[str, _Entry] = {}
+
+
+def register_model(name: str, weights_enum: type[WeightsEnum]):
+    """Decorator: register ``builder(*, weights=None)`` under ``name``; a second use of a name raises."""
+
+    def wrap(builder):
+        if name in _MODELS:
+            raise ValueError(f"a model named {name!r} is already registered")
+        _MODELS[name] = _Entry(builder, weights_enum)
+        return builder
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Names of the registered models, sorted."""
+    _import_model_modules()
+    return sorted(_MODELS)
+
+
+def _entry(name: str) -> _Entry:
+    _import_model_modules()
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_MODELS))}") from None
+
+
+def get_model_weights(name: str) -> type[WeightsEnum]:
+    """The weights enum of model ``name``."""
+    return _entry(name).weights_enum
+
+
+def resolve_weights(name: str, weights: Any = "DEFAULT") -> WeightsEnum | None:
+    """Turn ``weights`` (None, a member, or a member's name) into the model's weights member."""
+    if weights is None:
+        return None
+    return _entry(name).weights_enum.verify(weights)
+
+
+def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
+    """Build registered model ``name`` with ``weights`` loaded strictly, in eval mode.
+
+    Args:
+        name: a name from ``list_models()``.
+        weights: a member of the model's weights enum, its name (``"DEFAULT"``), or ``None`` for
+            random initialisation.
+
+    Example:
+        >>> import memscore
+        >>> model = memscore.get_model("resmem", weights=None)
+        >>> model.eval() is model
+        True
+    """
+    entry = _entry(name)
+    model = entry.builder(weights=resolve_weights(name, weights), **kwargs)
+    return model.eval()
+
+
+def _import_model_modules() -> None:
+    # Model modules register themselves on import; importing them here (not in
+    # memscore/__init__) keeps `import memscore` free of torch.
+    from memscore.models import resmem  # noqa: F401

@@ -1,0 +1,77 @@
+"""``memscore`` command line: ``memscore score ...`` and ``memscore models``.
+
+The options of ``score`` are generated from ``ScoreConfig``'s fields, so they map onto it one to
+one. A ``MemscoreError`` (a problem the user can fix) prints as one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from memscore.config import MemscoreError, ScoreConfig, add_arguments, from_args
+
+__all__ = ["main", "build_parser", "format_summary_line"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memscore",
+        description="Score image memorability with published deep models, on Ray.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    score = commands.add_parser(
+        "score",
+        help="score every image of a manifest and write Parquet with the scores",
+        description="Score every row of MANIFEST and write Parquet (every manifest column, plus "
+        "the score columns, error, model, width and height) and a run summary _memscore.json "
+        "to --output. Runs on a local Ray unless --address or RAY_ADDRESS names a cluster.",
+    )
+    add_arguments(score)
+    commands.add_parser("models", help="list the registered models, their weights and licences")
+    return parser
+
+
+def format_summary_line(summary: dict) -> str:
+    rate = summary.get("images_per_s")
+    return (
+        f"memscore: {summary['rows_out']} rows, {summary['rows_scored']} scored, "
+        f"{summary['rows_with_errors']} errors, {rate if rate is not None else '-'} images/s "
+        f"-> {summary['output']}"
+    )
+
+
+def _print_models() -> None:
+    from memscore.models import get_model_weights, list_models
+
+    for name in list_models():
+        enum = get_model_weights(name)
+        for member in enum:
+            meta = member.meta
+            default = " (default)" if member is enum.DEFAULT else ""
+            shape = "x".join(str(n) for n in meta.get("input_size", ()))
+            print(f"{name}  weights={member.name}{default}  column={meta['output_column']}  "
+                  f"input={shape}")
+            print(f"    source:  {meta.get('source')}")
+            print(f"    licence: {meta.get('licence')}")
+            print(f"    paper:   {meta.get('paper')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "models":
+            _print_models()
+            return 0
+        from memscore.run import score
+
+        summary = score(from_args(args, ScoreConfig))
+    except MemscoreError as exc:
+        print(f"memscore: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary_line(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Manifest reader: what the user points memscore at -> a validated ``Manifest`` -> a Ray Dataset.
+
+``open_manifest`` runs in the driver before any cluster work: it finds the files, reads the
+schema and the first rows, and stops with a one-line ``MemscoreError`` on a missing path column,
+an empty manifest or a user column that memscore would overwrite. ``Manifest.read`` then lets
+Ray Data read the rows in parallel; user columns keep their Arrow types end to end.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+from memscore import storage
+from memscore.config import MemscoreError, first_line
+
+__all__ = ["Manifest", "open_manifest", "IMAGE_EXTENSIONS", "check_reserved_columns"]
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+)
+_FORMATS = {
+    ".csv": "csv", ".csv.gz": "csv", ".tsv": "csv",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl",
+}
+
+
+def _format_of(path: str) -> str | None:
+    lower = path.lower()
+    for suffix, kind in _FORMATS.items():
+        if lower.endswith(suffix):
+            return kind
+    if lower.endswith(IMAGE_EXTENSIONS):
+        return "images"
+    return None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest.
+
+    Attributes:
+        source: what the user gave.
+        kind: "csv", "parquet", "jsonl" or "images" (a folder or glob of image files).
+        files: the manifest files (or, for "images", the image files), full paths or URLs.
+        base_dir: folder that relative image paths resolve against.
+        columns: the manifest's column names (for "images": just the path column).
+        path_column: column holding the image path.
+        num_rows: rows in the manifest, where known without a full read (Parquet, images).
+    """
+
+    source: str
+    kind: str
+    files: tuple[str, ...]
+    base_dir: str
+    columns: tuple[str, ...]
+    path_column: str
+    num_rows: int | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def read(self):
+        """The manifest's rows as a Ray Dataset (lazy: nothing runs until it is consumed)."""
+        import ray.data
+
+        filesystem = storage.pyarrow_filesystem(self.source, self.storage_options)
+        files = [self._for_ray(f) for f in self.files]
+        if self.kind == "images":
+            return ray.data.from_arrow(pa.table({self.path_column: pa.array(files, pa.string())}))
+        if self.kind == "parquet":
+            return ray.data.read_parquet(files, filesystem=filesystem)
+        if self.kind == "csv":
+            return ray.data.read_csv(files, filesystem=filesystem, **_csv_options(self.files[0]))
+        return ray.data.read_json(files, filesystem=filesystem, lines=True, file_extensions=None)
+
+    def _for_ray(self, path: str) -> str:
+        # With an explicit pyarrow filesystem Ray wants the path inside it (bucket/key), and the
+        # image paths of a folder manifest stay full URLs so that the output names them fully.
+        if self.kind != "images" and storage.is_url(path):
+            return path.split("://", 1)[1]
+        return path
+
+
+def _csv_options(path: str) -> dict:
+    if path.lower().endswith(".tsv"):
+        import pyarrow.csv as pacsv
+
+        return {"parse_options": pacsv.ParseOptions(delimiter="\t")}
+    return {}
+
+
+def open_manifest(source: str, *, path_column: str = "path",
+                  storage_options: Mapping[str, Any] | None = None,
+                  reserved_columns: tuple[str, ...] = ()) -> Manifest:
+    """Find and validate the manifest at ``source``; raises ``MemscoreError`` on any problem."""
+    options = dict(storage_options or {})
+    try:
+        fs, root = storage.url_to_fs(source, options)
+    except Exception as exc:
+        raise MemscoreError(f"cannot open {source}: {first_line(exc)}") from None
+    kind, files, base_dir = _find_files(source, fs, root)
+    if kind == "images":
+        if not files:
+            raise MemscoreError(f"{source}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        manifest = Manifest(source, kind, tuple(files), base_dir, (path_column,), path_column,
+                            len(files), options)
+        return manifest
+    columns, num_rows = _schema_and_rows(kind, files, fs, source)
+    if num_rows == 0:
+        raise MemscoreError(f"{source}: the manifest has no rows")
+    if path_column not in columns:
+        raise MemscoreError(
+            f"{source}: no column {path_column!r} (columns: {', '.join(columns)}); "
+            f"name the image column with --path-column"
+        )
+    check_reserved_columns(columns, reserved_columns, source)
+    return Manifest(source, kind, tuple(files), base_dir, tuple(columns), path_column,
+                    num_rows if kind == "parquet" else None, options)
+
+
+def check_reserved_columns(columns, reserved, source: str) -> None:
+    clash = [c for c in columns if c in reserved or c.startswith("__memscore")]
+    if clash:
+        raise MemscoreError(
+            f"{source}: column {', '.join(repr(c) for c in clash)} would be overwritten by "
+            f"memscore's output (reserved: {', '.join(reserved)}); rename it in the manifest"
+        )
+
+
+def _full(source: str, fs, path: str) -> str:
+    """A path from ``fs`` back in the user's form (with the scheme for URLs)."""
+    if storage.is_url(source):
+        return f"{source.split('://', 1)[0]}://{path}"
+    return path
+
+
+def _find_files(source: str, fs, root: str) -> tuple[str, list[str], str]:
+    if globlib.has_magic(root):
+        matches = sorted(p for p in fs.glob(root) if fs.isfile(p))
+        if not matches:
+            raise MemscoreError(f"{source}: the pattern matches no file")
+        kinds = {_format_of(p) for p in matches}
+        if len(kinds) != 1 or None in kinds:
+            raise MemscoreError(
+                f"{source}: the pattern matches files of mixed or unknown kinds "
+                f"(e.g. {matches[0]}); match only images or only one manifest format"
+            )
+        base = _full(source, fs, root.split("*")[0].rsplit("/", 1)[0] or "/")
+        return kinds.pop(), [_full(source, fs, p) for p in matches], base
+    if not fs.exists(root):
+        raise MemscoreError(f"{source}: no such file or folder")
+    if fs.isdir(root):
+        found = sorted(fs.find(root))
+        parquet = [p for p in found if _format_of(p) == "parquet" and not _hidden(p, root)]
+        if parquet:
+            return "parquet", [_full(source, fs, p) for p in parquet], _full(source, fs, root)
+        images = [p for p in found if _format_of(p) == "images" and not _hidden(p, root)]
+        return "images", [_full(source, fs, p) for p in images], _full(source, fs, root)
+    kind = _format_of(root)
+    if kind is None or kind == "images":
+        raise MemscoreError(
+            f"{source}: not a manifest (expected .csv, .tsv, .parquet, .jsonl or .json lines, "
+            f"or a folder)"
+        )
+    return kind, [_full(source, fs, root)], storage.parent(_full(source, fs, root))
+
+
+def _hidden(path: str, root: str) -> bool:
+    # Skip dot-files and _-files (Spark/Ray markers such as _SUCCESS or our own _memscore.json).
+    rel = os.path.relpath(path, root)
+    return any(part.startswith((".", "_")) for part in rel.split(os.sep))
+
+
+def _schema_and_rows(kind: str, files: list[str], fs, source: str) -> tuple[list[str], int]:
+    """Column names, and the row count (exact for Parquet; 0 or 1+ for the text formats)."""
+    import pyarrow.parquet as pq
+
+    first = _strip(files[0])
+    try:
+        if kind == "parquet":
+            with fs.open(first, "rb") as f:
+                columns = list(pq.read_schema(f).names)
+            rows = 0
+            for path in files:
+                with fs.open(_strip(path), "rb") as f:
+                    rows += pq.ParquetFile(f).metadata.num_rows
+            return columns, rows
+        for path in files:  # the first file with a row gives the columns
+            columns, has_rows = _peek_text(kind, fs, _strip(path))
+            if has_rows:
+                return columns, 1
+        return columns, 0
+    except MemscoreError:
+        raise
+    except Exception as exc:
+        raise MemscoreError(f"{source}: cannot read the manifest: {first_line(exc)}") from None
+
+
+def _strip(path: str) -> str:
+    return path.split("://", 1)[1] if storage.is_url(path) else path
+
+
+def _peek_text(kind: str, fs, path: str) -> tuple[list[str], bool]:
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    with fs.open(path, "rb", compression="infer") as f:
+        if kind == "csv":
+            parse = _csv_options(path).get("parse_options")
+            reader = pacsv.open_csv(f, parse_options=parse)
+            columns = reader.schema.names
+            for batch in reader:
+                if batch.num_rows:
+                    return columns, True
+            return columns, False
+        # JSON lines: parse the first non-empty line only; Ray parses the rest in parallel.
+        for line in f:
+            if line.strip():
+                table = pajson.read_json(pa.BufferReader(line))
+                return table.column_names, True
+        return [], False

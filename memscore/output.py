@@ -1,0 +1,110 @@
+"""Writer: the output folder's rules, the Parquet files, and the run summary written last.
+
+An output folder holds one run: memscore refuses to write into a non-empty folder unless told
+to ``overwrite`` it, so two runs never mix silently. ``_memscore.json`` is written after every
+Parquet file, from counts read back from those files, so its presence means the run finished and
+its numbers describe what is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from typing import Any, Mapping
+
+import pyarrow.compute as pc
+
+from memscore import storage
+from memscore.config import MemscoreError, first_line
+from memscore.decode import ERROR_COLUMN
+
+__all__ = ["SUMMARY_FILE", "prepare_output", "write_parquet", "count_output", "write_summary",
+           "package_versions"]
+
+SUMMARY_FILE = "_memscore.json"
+_VERSIONED = ("memscore", "ray", "torch", "torchvision", "pyarrow", "pillow", "numpy", "fsspec",
+              "s3fs", "resmem")
+
+
+def prepare_output(output: str, *, overwrite: bool, storage_options: Mapping[str, Any]) -> None:
+    """Check ``output`` is usable before any work starts: absent, empty, or ``overwrite``.
+
+    Also proves the location is writable (a permanent S3 error such as 403 or a missing bucket
+    stops the run here, not after hours of scoring).
+    """
+    try:
+        fs, path = storage.url_to_fs(output, storage_options)
+        if fs.exists(path):
+            if not fs.isdir(path):
+                raise MemscoreError(f"--output {output} is a file, not a folder")
+            entries = fs.ls(path, detail=False)
+            if entries and not overwrite:
+                raise MemscoreError(
+                    f"--output {output} is not empty ({len(entries)} entries); give --overwrite "
+                    f"to replace it or choose another folder"
+                )
+            if entries:
+                fs.rm(path, recursive=True)
+        fs.makedirs(path, exist_ok=True)
+        probe = f"{path.rstrip('/')}/.memscore-write-probe"
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except MemscoreError:
+        raise
+    except Exception as exc:
+        raise MemscoreError(f"--output {output} is not writable: {first_line(exc)}") from None
+
+
+def write_parquet(dataset, output: str, storage_options: Mapping[str, Any]) -> None:
+    filesystem = storage.pyarrow_filesystem(output, storage_options)
+    target = output.split("://", 1)[1] if filesystem is not None else output
+    dataset.write_parquet(target, filesystem=filesystem)
+
+
+def count_output(output: str, storage_options: Mapping[str, Any],
+                 score_columns: list[str]) -> dict[str, Any]:
+    """Rows, scored rows and error kinds, read back from the Parquet files just written."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.url_to_fs(output, storage_options)
+    files = [p for p in fs.find(path) if p.endswith(".parquet")]
+    if not files:
+        return {"rows_out": 0, "rows_scored": 0, "rows_with_errors": 0, "error_kinds": {}}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    data = pads.dataset(files, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
+    table = data.to_table(columns=[ERROR_COLUMN, *score_columns])
+    errors = table.column(ERROR_COLUMN)
+    kinds = pc.value_counts(pc.utf8_slice_codeunits(
+        pc.fill_null(errors, ""), 0, 200)).to_pylist()
+    by_kind: dict[str, int] = {}
+    for item in kinds:
+        text = item["values"]
+        if text:
+            kind = text.split(":", 1)[0]
+            by_kind[kind] = by_kind.get(kind, 0) + item["counts"]
+    scored = min(table.num_rows - table.column(c).null_count for c in score_columns)
+    return {
+        "rows_out": table.num_rows,
+        "rows_scored": scored,
+        "rows_with_errors": table.num_rows - errors.null_count,
+        "error_kinds": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])[:10]),
+    }
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_summary(output: str, summary: Mapping[str, Any],
+                  storage_options: Mapping[str, Any]) -> None:
+    fs, path = storage.url_to_fs(output, storage_options)
+    text = json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n"
+    fs.pipe_file(f"{path.rstrip('/')}/{SUMMARY_FILE}", text.encode())

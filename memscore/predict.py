@@ -1,0 +1,123 @@
+"""Model stage: decoded pixel batches in, one score column per model out.
+
+``ScoreImages`` is the callable class Ray Data runs as an actor pool: the model is built once,
+in ``__init__`` on the actor (never in the driver), and ``__call__`` scores a pyarrow batch under
+``torch.inference_mode()``. It works without Ray too: ``ScoreImages(("resmem",))(table)``.
+Rows whose decode failed (``error`` not null) are not run through the model; their score is null.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, PIXELS_PREFIX, WIDTH_COLUMN
+
+__all__ = ["ScoreImages", "MODEL_COLUMN", "pixels_column", "output_columns", "pick_device"]
+
+MODEL_COLUMN = "model"
+log = logging.getLogger(__name__)
+
+
+def pixels_column(model_name: str) -> str:
+    """Internal column carrying a model's preprocessed uint8 pixels from decode to the model."""
+    return f"{PIXELS_PREFIX}_{model_name}"
+
+
+def output_columns(models: tuple[str, ...]) -> list[str]:
+    """The columns memscore adds to every row, in output order."""
+    from memscore.models import get_model_weights
+
+    scores = [get_model_weights(name).DEFAULT.meta["output_column"] for name in models]
+    return scores + [ERROR_COLUMN, MODEL_COLUMN, WIDTH_COLUMN, HEIGHT_COLUMN]
+
+
+def pick_device(want_gpu: bool):
+    """cuda when asked for and visible to torch; otherwise the CPU, with a warning if asked."""
+    import torch
+
+    if want_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    if want_gpu:
+        log.warning(
+            "this actor was given a GPU by Ray but torch sees none (CUDA_VISIBLE_DEVICES=%s); "
+            "scoring on the CPU",
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
+    return torch.device("cpu")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class ScoreImages:
+    """Score a decoded batch with one or more registered models.
+
+    Args:
+        models: registered model names, e.g. ``("resmem",)``.
+        weights: weights name for a single model (default: each model's DEFAULT).
+        use_gpu: score on CUDA when torch sees a GPU.
+        torch_threads: intra-op threads on the CPU (default: every core of the machine; Ray
+            would otherwise pin an actor that asked for one CPU to one thread).
+    """
+
+    def __init__(self, models: tuple[str, ...], weights: str | None = None, *,
+                 use_gpu: bool = False, torch_threads: int | None = None) -> None:
+        import torch
+
+        from memscore.models import get_model, resolve_weights
+
+        self.device = pick_device(use_gpu)
+        if self.device.type == "cpu":
+            torch.set_num_threads(torch_threads or _cores())
+        self.models = tuple(models)
+        self._runners = []
+        for name in self.models:
+            chosen = resolve_weights(name, weights or "DEFAULT")
+            model = get_model(name, weights=chosen).to(self.device)
+            self._runners.append((name, chosen.transforms, chosen.meta["output_column"], model))
+        self._added = output_columns(self.models)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import torch
+
+        errors = table.column(ERROR_COLUMN)
+        ok = pc.is_null(errors).to_numpy(zero_copy_only=False)
+        new_errors = errors.to_pylist()
+        for name, preprocess, column, model in self._runners:
+            scores = np.zeros(table.num_rows, dtype=np.float32)
+            rows = np.flatnonzero(ok)
+            if rows.size:
+                pixels = _to_numpy(table.column(pixels_column(name)))[rows]
+                with torch.inference_mode():
+                    batch = preprocess.to_tensor(pixels).to(self.device, non_blocking=True)
+                    scores[rows] = model(batch).float().reshape(-1).cpu().numpy()
+            bad = ok & ~np.isfinite(scores)
+            for i in np.flatnonzero(bad):  # a model must never emit NaN as a score
+                new_errors[i] = f"model failed: {name} gave a non-finite score"
+            ok &= ~bad
+            table = _set(table, column, pa.array(scores, type=pa.float32(), mask=~ok))
+        # A row with an error has no score from any model, so one error column holds for all.
+        table = _set(table, ERROR_COLUMN, pa.array(new_errors, type=pa.string()))
+        table = _set(table, MODEL_COLUMN, pa.array([",".join(self.models)] * table.num_rows,
+                                                   type=pa.string()))
+        table = table.drop_columns([c for c in table.column_names if c.startswith(PIXELS_PREFIX)])
+        return table.select([c for c in table.column_names if c not in self._added] + self._added)
+
+
+def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    return np.concatenate([chunk.to_numpy() for chunk in column.chunks])
+
+
+def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)

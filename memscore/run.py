@@ -1,0 +1,195 @@
+"""The scoring job: manifest -> Ray Data read -> CPU decode tasks -> model actor pool -> Parquet.
+
+``score(config)`` is what ``memscore score`` and ``jobs/score.py`` call. Everything that can be
+checked without the cluster (config, weights files, manifest, output folder) is checked first,
+so a bad run fails in seconds with one line instead of after the cluster has spun up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import asdict
+from typing import Any
+
+import pyarrow as pa
+
+from memscore import storage
+from memscore.config import MemscoreError, ScoreConfig
+from memscore.manifest import Manifest, open_manifest
+from memscore.output import (
+    count_output,
+    package_versions,
+    prepare_output,
+    write_parquet,
+    write_summary,
+)
+
+__all__ = ["score", "decode_batch", "plan_model_actors"]
+
+
+def decode_batch(table: pa.Table, **decode_kwargs) -> pa.Table:
+    """The CPU decode stage as a plain function, so Ray runs it as stateless tasks anywhere."""
+    from memscore.decode import DecodeImages
+
+    return DecodeImages(**decode_kwargs)(table)
+
+
+def plan_model_actors(config: ScoreConfig, cluster_gpus: float) -> dict[str, Any]:
+    """How many model actors, and what each asks Ray for.
+
+    GPU runs: one actor per ``gpus_per_actor`` GPUs among those used (all by default), so every
+    GPU holds one model. CPU runs: ``actors`` (default 1) actors, each taking one CPU slot in
+    Ray's accounting while torch uses every core, leaving the other slots to decode tasks.
+    """
+    gpus = cluster_gpus if config.num_gpus is None else min(config.num_gpus, cluster_gpus)
+    if config.num_gpus and config.num_gpus > cluster_gpus:
+        raise MemscoreError(
+            f"--num-gpus {config.num_gpus:g} but the cluster has {cluster_gpus:g} GPUs"
+        )
+    if gpus > 0:
+        actors = max(1, int(gpus // config.gpus_per_actor))
+        return {"actors": actors, "num_gpus": config.gpus_per_actor, "num_cpus": 1,
+                "use_gpu": True}
+    return {"actors": config.actors or 1, "num_gpus": 0, "num_cpus": 1, "use_gpu": False}
+
+
+def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
+    from memscore.models import resolve_weights
+    from memscore.models._api import WeightsNotFoundError, file_sha256
+
+    records = []
+    for name in config.models:
+        try:
+            weights = resolve_weights(name, config.weights or "DEFAULT")
+            path = weights.path()
+        except (ValueError, WeightsNotFoundError) as exc:
+            raise MemscoreError(str(exc)) from None
+        records.append({
+            "model": name,
+            "weights": weights.name,
+            "weights_file": str(path),
+            "weights_sha256": file_sha256(path),
+            "output_column": weights.meta["output_column"],
+            "licence": weights.meta.get("licence"),
+        })
+    return records
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # address=None: RAY_ADDRESS if set, else a local Ray for this process.
+        ray.init(address=address, log_to_driver=True)
+
+
+def build_dataset(config: ScoreConfig, manifest: Manifest, plan: dict[str, Any]):
+    """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
+    from ray.data import ActorPoolStrategy
+
+    from memscore.models import resolve_weights
+    from memscore.predict import ScoreImages
+
+    dataset = manifest.read()
+    if config.limit is not None:
+        dataset = dataset.limit(config.limit)
+    preprocess = {name: resolve_weights(name, config.weights or "DEFAULT").transforms
+                  for name in config.models}
+    dataset = dataset.map_batches(
+        decode_batch,
+        fn_kwargs={
+            "path_column": manifest.path_column,
+            "preprocess": preprocess,
+            "base_dir": manifest.base_dir,
+            "storage_options": dict(config.storage_options),
+            "max_pixels": config.max_pixels,
+            "io_threads": config.io_threads,
+        },
+        batch_format="pyarrow",
+        batch_size=config.decode_batch_size,
+        num_cpus=1,
+    )
+    return dataset.map_batches(
+        ScoreImages,
+        fn_constructor_kwargs={
+            "models": tuple(config.models),
+            "weights": config.weights,
+            "use_gpu": plan["use_gpu"],
+            "torch_threads": config.torch_threads,
+        },
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        compute=ActorPoolStrategy(size=plan["actors"]),
+        num_gpus=plan["num_gpus"],
+        num_cpus=plan["num_cpus"],
+    )
+
+
+def score(config: ScoreConfig) -> dict[str, Any]:
+    """Score every row of ``config.manifest`` and write Parquet plus a summary to ``config.output``.
+
+    Args:
+        config: the run's options; validated here before any Ray work.
+
+    Returns:
+        The run summary, as written to ``_memscore.json``.
+
+    Example:
+        >>> import memscore
+        >>> summary = memscore.score(memscore.ScoreConfig("examples/images", output="scores/"))
+        >>> summary["rows_out"] == summary["rows_in"]
+        True
+    """
+    import ray
+    from ray.data import DataContext
+
+    from memscore.predict import output_columns
+
+    started = dt.datetime.now(dt.timezone.utc)
+    config = config.validated()
+    weights = _weights_record(config)
+    added = output_columns(config.models)
+    manifest = open_manifest(config.manifest, path_column=config.path_column,
+                             storage_options=config.storage_options,
+                             reserved_columns=tuple(added))
+    prepare_output(config.output, overwrite=config.overwrite,
+                   storage_options=config.storage_options)
+
+    _init_ray(config.address)
+    # A failed block must fail the run, never be skipped: per-row problems are already data.
+    DataContext.get_current().max_errored_blocks = 0
+    plan = plan_model_actors(config, ray.cluster_resources().get("GPU", 0))
+    rows_in = manifest.num_rows if manifest.num_rows is not None else manifest.read().count()
+    if config.limit is not None:
+        rows_in = min(rows_in, config.limit)
+
+    clock = time.perf_counter()
+    write_parquet(build_dataset(config, manifest, plan), config.output, config.storage_options)
+    wall = time.perf_counter() - clock
+
+    counts = count_output(config.output, config.storage_options, added[:len(config.models)])
+    recorded = asdict(config)
+    recorded["storage_options"] = storage.redact(config.storage_options)
+    summary = {
+        "status": "complete" if counts["rows_out"] == rows_in else "row count mismatch",
+        "manifest": config.manifest,
+        "output": config.output,
+        "models": weights,
+        "rows_in": rows_in,
+        **counts,
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(counts["rows_out"] / wall, 3) if wall > 0 else None,
+        "started_at": started.isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "model_actors": plan["actors"],
+        "gpus_per_actor": plan["num_gpus"],
+        "versions": package_versions(),
+        "config": recorded,
+    }
+    write_summary(config.output, summary, config.storage_options)
+    if counts["rows_out"] != rows_in:
+        raise MemscoreError(
+            f"{config.output}: {counts['rows_out']} rows written for {rows_in} manifest rows"
+        )
+    return summary

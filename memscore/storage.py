@@ -1,0 +1,116 @@
+"""Filesystems: one fsspec configuration for every read and write, local or ``s3://``.
+
+The image reads (fsspec), Ray Data's manifest readers and its Parquet writer (pyarrow
+filesystems) must see the same endpoint and credentials, so the pyarrow filesystem handed to
+Ray is the fsspec one wrapped in ``FSSpecHandler``. With no storage options, s3fs (through
+botocore) takes the endpoint, region and credentials from the standard AWS environment
+variables (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID`` ...).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any, Mapping
+
+import fsspec
+
+__all__ = [
+    "is_url",
+    "url_to_fs",
+    "pyarrow_filesystem",
+    "join",
+    "parent",
+    "parse_storage_options",
+    "redact",
+]
+
+# The S3 client retries transient failures (throttling, 5xx, dropped connections) itself;
+# "adaptive" mode also slows down under throttling. s3fs passes `config_kwargs` to botocore.
+_S3_DEFAULTS = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}}
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _protocol(path: str) -> str:
+    return path.split("://", 1)[0] if is_url(path) else "file"
+
+
+def url_to_fs(path: str, storage_options: Mapping[str, Any] | None = None):
+    """(fsspec filesystem, path inside it) for a local path or URL."""
+    options = dict(storage_options or {})
+    if _protocol(path) in ("s3", "s3a"):
+        options = {**_S3_DEFAULTS, **options}
+    return fsspec.core.url_to_fs(path, **options)
+
+
+def pyarrow_filesystem(path: str, storage_options: Mapping[str, Any] | None = None):
+    """The pyarrow filesystem Ray Data should use for ``path``, or None for local paths.
+
+    Local paths are left to Ray (None), which resolves them itself on each node.
+    """
+    if not is_url(path) or _protocol(path) == "file":
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = url_to_fs(path, storage_options)
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts, keeping a URL's scheme intact."""
+    if is_url(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.join(rest, *parts)}"
+    import os
+
+    return os.path.join(base, *parts)
+
+
+def parent(path: str) -> str:
+    if is_url(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+    import os
+
+    return os.path.dirname(os.path.abspath(path))
+
+
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
+    """``["endpoint_url=http://h:9000", "client_kwargs.region_name=us-east-1"]`` -> nested dict.
+
+    Values are parsed as JSON where they parse (``anon=true`` -> True), else kept as strings.
+    """
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"storage option {item!r} is not KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = options
+        *outer, last = key.split(".")
+        for name in outer:
+            node = node.setdefault(name, {})
+        node[last] = value
+    return options
+
+
+_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+
+def redact(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of storage options safe to log or record: secret-looking values replaced."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            out[key] = redact(value)
+        elif any(word in key.lower() for word in _SECRET_WORDS):
+            out[key] = "***"
+        else:
+            out[key] = value
+    return out

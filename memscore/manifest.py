@@ -75,7 +75,10 @@ class Manifest:
             return ray.data.read_parquet(files, filesystem=filesystem)
         if self.kind == "csv":
             return ray.data.read_csv(files, filesystem=filesystem, **_csv_options(self.files[0]))
-        return ray.data.read_json(files, filesystem=filesystem, lines=True, file_extensions=None)
+        # lines=False selects Ray's Arrow reader, which is pyarrow.json: that reader only knows
+        # newline-delimited JSON, and keeps Arrow's types (lines=True goes through pandas, which
+        # turns nullable ints into floats and strings into large_string).
+        return ray.data.read_json(files, filesystem=filesystem, lines=False, file_extensions=None)
 
     def _for_ray(self, path: str) -> str:
         # With an explicit pyarrow filesystem Ray wants the path inside it (bucket/key), and the

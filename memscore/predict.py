@@ -15,17 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, PIXELS_PREFIX, WIDTH_COLUMN
+from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, PIXELS_PREFIX, WIDTH_COLUMN, pixels_column
 
-__all__ = ["ScoreImages", "MODEL_COLUMN", "pixels_column", "output_columns", "pick_device"]
+__all__ = ["ScoreImages", "MODEL_COLUMN", "output_columns", "pick_device"]
 
 MODEL_COLUMN = "model"
 log = logging.getLogger(__name__)
-
-
-def pixels_column(model_name: str) -> str:
-    """Internal column carrying a model's preprocessed uint8 pixels from decode to the model."""
-    return f"{PIXELS_PREFIX}_{model_name}"
 
 
 def output_columns(models: tuple[str, ...]) -> list[str]:

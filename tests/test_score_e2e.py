@@ -1,0 +1,217 @@
+"""The scoring job end to end on a real local Ray: every manifest format, bad images, bad manifests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import memscore
+from memscore import cli
+
+import badimages
+
+ADDED = ["memorability", "error", "model", "width", "height"]
+
+
+def metadata_table(paths: list[str], *, with_list: bool = True) -> pa.Table:
+    """Manifest rows with metadata columns of several types, nulls included."""
+    n = len(paths)
+    columns = {
+        "path": pa.array(paths, pa.string()),
+        "id": pa.array(range(n), pa.int64()),
+        "rating": pa.array([0.5 + i for i in range(n - 1)] + [None], pa.float64()),
+        "caption": pa.array([f"photo {i}: café ☕ 東京" for i in range(n)], pa.string()),
+        "count": pa.array([None] + list(range(1, n)), pa.int64()),
+    }
+    if with_list:
+        columns["tags"] = pa.array([[f"t{i}", "x"] if i % 2 else [] for i in range(n)],
+                                   pa.list_(pa.string()))
+    return pa.table(columns)
+
+
+def run(manifest, output, **kwargs) -> dict:
+    return memscore.score(memscore.ScoreConfig(manifest=str(manifest), output=str(output), **kwargs))
+
+
+def read_output(output) -> pa.Table:
+    table = pq.read_table(str(output))
+    return table.sort_by("id") if "id" in table.column_names else table
+
+
+def check_scores(table: pa.Table, reference_scores: dict[str, float]) -> None:
+    assert table.column("error").null_count == table.num_rows, table.column("error").to_pylist()
+    for path, score in zip(table.column("path").to_pylist(),
+                           table.column("memorability").to_pylist()):
+        expected = reference_scores[path.rsplit("/", 1)[-1]]
+        assert abs(score - expected) <= 1e-5, (path, score, expected)
+    assert set(table.column("model").to_pylist()) == {"resmem"}
+    assert table.schema.field("memorability").type == pa.float32()
+
+
+def test_folder_of_images(ray_local, tmp_path, example_images, reference_scores):
+    folder = tmp_path / "imgs"
+    (folder / "nested").mkdir(parents=True)
+    for i, image in enumerate(example_images):
+        shutil.copy(image, (folder / "nested" if i % 2 else folder) / image.name)
+    (folder / "notes.txt").write_text("not an image, not listed")
+    summary = run(folder, tmp_path / "out")
+    table = pq.read_table(tmp_path / "out")
+    assert table.column_names == ["path"] + ADDED
+    assert table.num_rows == len(example_images)
+    check_scores(table, reference_scores)
+    assert summary["rows_in"] == summary["rows_out"] == summary["rows_scored"] == len(example_images)
+    on_disk = json.loads((tmp_path / "out" / "_memscore.json").read_text())
+    assert on_disk["rows_out"] == len(example_images)
+    assert len(on_disk["models"][0]["weights_sha256"]) == 64
+    assert on_disk["versions"]["ray"] and on_disk["versions"]["torch"]
+    assert on_disk["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_manifest_formats_keep_every_column_and_type(fmt, ray_local, tmp_path, example_images,
+                                                     reference_scores):
+    # Relative paths, resolved against the manifest's folder.
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    for image in example_images:
+        shutil.copy(image, images / image.name)
+    original = metadata_table([f"images/{p.name}" for p in example_images],
+                              with_list=fmt != "csv")
+    manifest = tmp_path / "data" / f"manifest.{fmt}"
+    if fmt == "csv":
+        pacsv.write_csv(original, manifest)
+        expected = pacsv.read_csv(manifest)  # what the user's CSV means to Arrow
+    elif fmt == "parquet":
+        pq.write_table(original, manifest)
+        expected = original
+    else:
+        manifest.write_text("\n".join(json.dumps(row, ensure_ascii=False)
+                                      for row in original.to_pylist()) + "\n", encoding="utf-8")
+        expected = pajson.read_json(manifest)
+    summary = run(manifest, tmp_path / "out")
+    table = read_output(tmp_path / "out")
+    assert table.num_rows == original.num_rows == summary["rows_out"]
+    assert table.column_names == expected.column_names + ADDED
+    meta = table.select(expected.column_names)
+    assert meta.schema == expected.schema
+    assert meta.equals(expected.sort_by("id"))
+    check_scores(table, reference_scores)
+    sizes = [Image.open(images / p.rsplit("/", 1)[-1]).size for p in table.column("path").to_pylist()]
+    assert table.column("width").to_pylist() == [w for w, _ in sizes]
+    assert table.column("height").to_pylist() == [h for _, h in sizes]
+
+
+def test_bad_images_become_error_rows_and_good_ones_are_scored(ray_local, tmp_path, example_images,
+                                                               reference_scores):
+    bad = badimages.write_all(tmp_path / "bad")
+    missing = str(tmp_path / "bad" / "does-not-exist.jpg")
+    rows = [str(p) for p in example_images] + [str(p) for p in bad.values()] + [missing]
+    kinds = [None] * len(example_images) + list(badimages.EXPECTED_KIND[k] for k in bad) \
+        + ["missing file"]
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"path": rows, "id": list(range(len(rows)))}), manifest)
+    summary = run(manifest, tmp_path / "out", decode_batch_size=7, batch_size=4)
+    table = read_output(tmp_path / "out")
+    assert table.column("id").to_pylist() == list(range(len(rows)))  # none lost, none doubled
+    for path, kind, error, score in zip(rows, kinds, table.column("error").to_pylist(),
+                                        table.column("memorability").to_pylist()):
+        if kind is None:
+            assert error is None and 0 < score < 1, (path, error)
+        else:
+            assert error is not None and error.startswith(kind + ":"), (path, kind, error)
+            assert score is None
+    assert summary["rows_with_errors"] == sum(k is not None for k in kinds)
+    assert summary["rows_scored"] == sum(k is None for k in kinds)
+    assert set(summary["error_kinds"]) == {k for k in kinds if k}
+    good = table.filter(pc.is_in(table.column("id"),
+                                         pa.array(range(len(example_images)))))
+    check_scores(good, reference_scores)
+
+
+def test_limit_and_overwrite(ray_local, tmp_path, example_images):
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(metadata_table([str(p) for p in example_images]), manifest)
+    out = tmp_path / "out"
+    assert run(manifest, out, limit=2)["rows_out"] == 2
+    assert pq.read_table(out).num_rows == 2
+    with pytest.raises(memscore.MemscoreError, match="not empty"):
+        run(manifest, out, limit=3)
+    assert run(manifest, out, limit=3, overwrite=True)["rows_out"] == 3
+    assert pq.read_table(out).num_rows == 3
+
+
+def _cli_error(capsys, *argv) -> str:
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("memscore: error: ")
+    return err
+
+
+def test_bad_manifests_stop_with_one_line(tmp_path, capsys, example_images):
+    out = str(tmp_path / "out")
+    no_path = tmp_path / "no_path.csv"
+    no_path.write_text("file,id\na.jpg,1\n")
+    assert "no column 'path'" in _cli_error(capsys, "score", str(no_path), "--output", out)
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("path,id\n")
+    assert "no rows" in _cli_error(capsys, "score", str(header_only), "--output", out)
+    zero = tmp_path / "zero.jsonl"
+    zero.write_text("")
+    assert "no rows" in _cli_error(capsys, "score", str(zero), "--output", out)
+    empty_pq = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"path": pa.array([], pa.string())}), empty_pq)
+    assert "no rows" in _cli_error(capsys, "score", str(empty_pq), "--output", out)
+    for reserved in ("memorability", "error", "width"):
+        clash = tmp_path / f"clash_{reserved}.csv"
+        clash.write_text(f"path,{reserved}\n{example_images[0]},1\n")
+        assert f"'{reserved}' would be overwritten" in _cli_error(
+            capsys, "score", str(clash), "--output", out)
+    assert "no such file" in _cli_error(capsys, "score", str(tmp_path / "nope.csv"), "--output", out)
+    odd = tmp_path / "manifest.xlsx"
+    odd.write_text("x")
+    assert "not a manifest" in _cli_error(capsys, "score", str(odd), "--output", out)
+    assert "matches no file" in _cli_error(capsys, "score", str(tmp_path / "*.nothing"), "--output", out)
+    empty_dir = tmp_path / "empty_dir"
+    empty_dir.mkdir()
+    assert "no image files" in _cli_error(capsys, "score", str(empty_dir), "--output", out)
+    assert "unknown model" in _cli_error(capsys, "score", str(no_path), "--output", out,
+                                         "--model", "memnet9000")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    good = tmp_path / "good.csv"
+    good.write_text(f"path\n{example_images[0]}\n")
+    assert "not empty" in _cli_error(capsys, "score", str(good), "--output", str(busy))
+
+
+def test_cli_subprocess_exit_code_and_message(tmp_path):
+    bad = tmp_path / "m.csv"
+    bad.write_text("file\nx.jpg\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "memscore.cli", "score", str(bad), "--output", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"memscore: error: {bad}: no column 'path' (columns: file); name the image column with "
+        f"--path-column"
+    ]
+
+
+def test_models_command_lists_weights_and_licence(capsys):
+    assert cli.main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "resmem" in text and "RETRAIN" in text and "non-commercial" in text
+    assert "column=memorability" in text

@@ -18,7 +18,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SHARED_IMAGES = Path("/work/shared/images")
+_ROOT = Path(__file__).resolve().parent.parent
+#: Real sample photos (scikit-image's sample data, see the READMEs beside them).
+SAMPLE_DIRS = (_ROOT / "examples" / "images", _ROOT / "tests" / "data" / "images")
+
+
+def sample(name: str) -> Path:
+    """Path of a sample image by file name, from examples/images or tests/data/images."""
+    for folder in SAMPLE_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no sample image {name} in {', '.join(map(str, SAMPLE_DIRS))}")
 
 #: (width, height) of the stored pixels of the EXIF-rotated JPEG; decoded size is (height, width).
 EXIF_STORED_SIZE = (64, 40)
@@ -84,9 +94,9 @@ def write_bomb_png(folder: Path, size: tuple[int, int] = BOMB_SIZE) -> Path:
 
 
 def copy_unreadable_tiff(folder: Path) -> Path:
-    """multipage_rgb.tif from the shared samples: a real file Pillow cannot open."""
+    """multipage_rgb.tif from the sample images: a real file Pillow cannot open."""
     path = folder / "multipage_rgb.tif"
-    shutil.copyfile(SHARED_IMAGES / "multipage_rgb.tif", path)
+    shutil.copyfile(sample("multipage_rgb.tif"), path)
     return path
 
 

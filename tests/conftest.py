@@ -11,7 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "images"
-SHARED_IMAGES = ROOT.parent / "shared" / "images"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers: badimages, s3server
 from s3server import s3_endpoint  # noqa: F401, E402

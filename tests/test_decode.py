@@ -34,7 +34,6 @@ try:
 except ImportError:  # tests/ became a package
     from tests import badimages
 
-SHARED = Path("/work/shared/images")
 READABLE = [
     "astronaut.png",
     "chelsea.png",
@@ -48,8 +47,6 @@ READABLE = [
 ]
 PRE = ImagePreprocess()
 PIX = pixels_column("resmem")
-
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="sample images not available")
 
 
 def decode(paths, *, extra=None, preprocess=None, **kwargs) -> pa.Table:
@@ -95,9 +92,8 @@ def alarm():
 
 
 # ----------------------------------------------------------------------------------- parity
-@needs_shared
 def test_parity_with_reference_pipeline():
-    paths = [str(SHARED / name) for name in READABLE]
+    paths = [str(badimages.sample(name)) for name in READABLE]
     out = decode(paths)
     assert out.num_rows == len(paths)
     assert out.column(ERROR_COLUMN).null_count == len(paths), out.column(ERROR_COLUMN).to_pylist()
@@ -111,9 +107,8 @@ def test_parity_with_reference_pipeline():
         assert (out[WIDTH_COLUMN][i].as_py(), out[HEIGHT_COLUMN][i].as_py()) == size, path
 
 
-@needs_shared
 def test_threads_do_not_change_results_or_order():
-    paths = [str(SHARED / name) for name in READABLE] * 2
+    paths = [str(badimages.sample(name)) for name in READABLE] * 2
     serial = decode(paths, io_threads=1)
     threaded = decode(paths, io_threads=8)
     assert serial.equals(threaded)
@@ -236,13 +231,13 @@ def test_bomb_is_refused_before_decoding(bad):
         read_image(bad["bomb_png"].read_bytes())
     assert info.value.kind == "decompression bomb"
     # the stage's own max_pixels, independent of Pillow's global
-    data = (SHARED / "astronaut.png").read_bytes() if SHARED.is_dir() else None
-    if data is not None:
-        with pytest.raises(ImageDecodeError, match=r"^decompression bomb: 512x512"):
-            read_image(data, max_pixels=512 * 512 - 1)
-        assert read_image(data, max_pixels=512 * 512).size == (512, 512)
-        out = decode([str(SHARED / "astronaut.png")], max_pixels=1000)
-        assert kind_of(out[ERROR_COLUMN][0].as_py()) == "decompression bomb"
+    astronaut = badimages.sample("astronaut.png")
+    data = astronaut.read_bytes()
+    with pytest.raises(ImageDecodeError, match=r"^decompression bomb: 512x512"):
+        read_image(data, max_pixels=512 * 512 - 1)
+    assert read_image(data, max_pixels=512 * 512).size == (512, 512)
+    out = decode([str(astronaut)], max_pixels=1000)
+    assert kind_of(out[ERROR_COLUMN][0].as_py()) == "decompression bomb"
 
 
 def test_error_str_format():

@@ -1,0 +1,171 @@
+"""CPU throughput of ResMem scoring, three ways, side by side in one run.
+
+(a) the `resmem` package as its README shows: one image at a time, PIL -> transformer -> model;
+(b) memscore's model stage alone (``ScoreImages``) on pre-decoded pixel batches;
+(c) ``memscore.score`` end to end (manifest -> Ray Data decode tasks -> model actor -> Parquet),
+    on an already started local Ray, the actor's start and model load included.
+
+All three score the same images; the script checks the scores agree (1e-5) and writes the
+figures and the ratios (c)/(a) and (c)/(b) to a Markdown file.
+
+    python benchmarks/score_cpu.py --images 120 --batch-size 8 --results benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=120,
+                        help="rows to score, cycling through examples/images (default 120)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="model batch size for (b) and (c) (default 8, best on 2 CPU cores)")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"),
+                        help="Markdown file the results are written to")
+    return parser.parse_args(argv)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def example_paths(n: int) -> list[str]:
+    images = sorted(p for p in (ROOT / "examples" / "images").iterdir()
+                    if p.suffix in (".png", ".jpg"))
+    return [str(images[i % len(images)]) for i in range(n)]
+
+
+def bench_package(paths: list[str]) -> tuple[float, np.ndarray]:
+    """(a): the resmem package's README recipe, one image at a time (model load not timed)."""
+    import torch
+    from PIL import Image
+    from resmem import ResMem, transformer
+
+    torch.set_num_threads(cores())
+    model = ResMem(pretrained=True)
+    model.eval()
+    scores = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for path in paths:
+            image = Image.open(path).convert("RGB")
+            x = transformer(image)
+            scores.append(model(x.view(-1, 3, 227, 227)).item())
+    return time.perf_counter() - start, np.array(scores, dtype=np.float32)
+
+
+def bench_model_stage(paths: list[str], batch_size: int) -> tuple[float, np.ndarray]:
+    """(b): ScoreImages on pre-decoded batches (decode and model load not timed)."""
+    import pyarrow as pa
+
+    from memscore.decode import DecodeImages
+    from memscore.models import get_model_weights
+    from memscore.predict import ScoreImages
+
+    weights = get_model_weights("resmem").DEFAULT
+    decoded = DecodeImages("path", {"resmem": weights.transforms})(pa.table({"path": paths}))
+    batches = [decoded.slice(i, batch_size) for i in range(0, decoded.num_rows, batch_size)]
+    stage = ScoreImages(("resmem",))
+    start = time.perf_counter()
+    scores = [stage(batch).column("memorability").to_numpy() for batch in batches]
+    return time.perf_counter() - start, np.concatenate(scores).astype(np.float32)
+
+
+def bench_end_to_end(paths: list[str], batch_size: int, workdir: Path) -> tuple[float, float, np.ndarray, dict]:
+    """(c): memscore.score on a CSV manifest, Ray already up (ray.init timed separately)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    import ray
+
+    import memscore
+
+    manifest = workdir / "manifest.csv"
+    pacsv.write_csv(pa.table({"path": paths, "row": list(range(len(paths)))}), manifest)
+    start = time.perf_counter()
+    ray.init(include_dashboard=False)
+    ray_start = time.perf_counter() - start
+    start = time.perf_counter()
+    summary = memscore.score(memscore.ScoreConfig(
+        manifest=str(manifest), output=str(workdir / "out"), batch_size=batch_size))
+    elapsed = time.perf_counter() - start
+    table = pq.read_table(workdir / "out").sort_by("row")
+    ray.shutdown()
+    return elapsed, ray_start, table.column("memorability").to_numpy().astype(np.float32), summary
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {cores()} cores, {memory:.0f} GiB RAM, no GPU, {platform.platform()}"
+
+
+def main(args: argparse.Namespace) -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import torch
+
+    paths = example_paths(args.images)
+    n = len(paths)
+    workdir = Path(tempfile.mkdtemp(prefix="memscore-bench-"))
+    try:
+        t_a, s_a = bench_package(paths)
+        t_b, s_b = bench_model_stage(paths, args.batch_size)
+        t_c, t_ray, s_c, summary = bench_end_to_end(paths, args.batch_size, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    rate = {"a": n / t_a, "b": n / t_b, "c": n / t_c}
+    diff_ab = float(np.abs(s_a - s_b).max())
+    diff_ac = float(np.abs(s_a - s_c).max())
+    lines = [
+        "# CPU scoring benchmark (ResMem)",
+        "",
+        "Written by `python benchmarks/score_cpu.py "
+        f"--images {n} --batch-size {args.batch_size}`; all three measured in one run.",
+        "",
+        f"- Machine: {machine()}",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; "
+        f"images: {n} rows cycling through the {len(set(paths))} files of examples/images",
+        f"- Ray start (not counted in (c)): {t_ray:.1f} s",
+        "",
+        "| | what | seconds | images/s |",
+        "| --- | --- | ---: | ---: |",
+        f"| (a) | `resmem` package, one image at a time (README recipe, decode included) | {t_a:.1f} | {rate['a']:.2f} |",
+        f"| (b) | memscore model stage alone, pre-decoded batches of {args.batch_size} | {t_b:.1f} | {rate['b']:.2f} |",
+        f"| (c) | `memscore.score` end to end (read, decode tasks, model actor incl. its start and model load, Parquet, summary) | {t_c:.1f} | {rate['c']:.2f} |",
+        "",
+        f"- **(c)/(a) = {rate['c'] / rate['a']:.2f}**",
+        f"- **(c)/(b) = {rate['c'] / rate['b']:.2f}**",
+        f"- Scores agree: max |a-b| = {diff_ab:.2e}, max |a-c| = {diff_ac:.2e}",
+        f"- (c)'s own summary: {summary['rows_out']} rows, {summary['images_per_s']} images/s "
+        f"over the pipeline's execution ({summary['wall_time_s']} s)",
+        "",
+    ]
+    Path(args.results).write_text("\n".join(lines))
+    print("\n".join(lines))
+    if max(diff_ab, diff_ac) > 1e-5:
+        raise SystemExit("scores differ by more than 1e-5")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -46,7 +46,10 @@ def prepare_output(output: str, *, overwrite: bool, storage_options: Mapping[str
                 )
             if entries:
                 fs.rm(path, recursive=True)
-        fs.makedirs(path, exist_ok=True)
+        if not storage.is_url(output):
+            # Only local folders are made: on an object store "makedirs" creates the *bucket*
+            # when it is missing, which must be an error, not a new bucket in the user's account.
+            fs.makedirs(path, exist_ok=True)
         probe = f"{path.rstrip('/')}/.memscore-write-probe"
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)

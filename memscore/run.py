@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 from memscore import storage
 from memscore.config import MemscoreError, ScoreConfig
 from memscore.manifest import Manifest, open_manifest
+from memscore.models._api import file_sha256
 from memscore.output import (
     count_output,
     package_versions,
@@ -55,8 +57,9 @@ def plan_model_actors(config: ScoreConfig, cluster_gpus: float) -> dict[str, Any
 
 
 def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
+    """Which weights file each model uses; raises MemscoreError when one is missing."""
     from memscore.models import resolve_weights
-    from memscore.models._api import WeightsNotFoundError, file_sha256
+    from memscore.models._api import WeightsNotFoundError
 
     records = []
     for name in config.models:
@@ -69,7 +72,6 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
             "model": name,
             "weights": weights.name,
             "weights_file": str(path),
-            "weights_sha256": file_sha256(path),
             "output_column": weights.meta["output_column"],
             "licence": weights.meta.get("licence"),
         })
@@ -164,9 +166,15 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if config.limit is not None:
         rows_in = min(rows_in, config.limit)
 
-    clock = time.perf_counter()
-    write_parquet(build_dataset(config, manifest, plan), config.output, config.storage_options)
-    wall = time.perf_counter() - clock
+    # Hashing a 0.5 GB weights file takes seconds: do it while the cluster works.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashes = pool.map(file_sha256, [record["weights_file"] for record in weights])
+        clock = time.perf_counter()
+        write_parquet(build_dataset(config, manifest, plan), config.output,
+                      config.storage_options)
+        wall = time.perf_counter() - clock
+        for record, digest in zip(weights, hashes):
+            record["weights_sha256"] = digest
 
     counts = count_output(config.output, config.storage_options, added[:len(config.models)])
     recorded = asdict(config)

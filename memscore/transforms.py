@@ -64,7 +64,10 @@ class ImagePreprocess:
         """uint8 array (N, H, W, 3) -> float32 tensor (N, 3, H, W), as ``ToTensor`` computes it."""
         import torch
 
-        batch = torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2)
+        arrays = np.ascontiguousarray(arrays)
+        if not arrays.flags.writeable:  # a zero-copy view of an Arrow buffer; torch wants to own it
+            arrays = arrays.copy()
+        batch = torch.from_numpy(arrays).permute(0, 3, 1, 2)
         batch = batch.to(torch.float32).div(255)
         if self.mean is not None:
             batch = batch - torch.tensor(self.mean).view(1, 3, 1, 1)

@@ -1,4 +1,4 @@
-"""End to end through a real S3 endpoint (moto_server on loopback): manifests, images and output on S3.
+"""End to end through a real S3 endpoint (moto_server on loopback): manifests, images, output.
 
 Every test asks for ``s3_endpoint`` before ``ray_local``, so that when this module starts the
 session's Ray, its workers inherit the AWS_* variables the endpoint fixture set. Ray started earlier
@@ -246,10 +246,6 @@ def no_scoring(monkeypatch):
     monkeypatch.setattr(memscore.run, "_init_ray", refuse)
 
 
-# memscore.output.prepare_output calls fs.makedirs(path), which on s3fs CREATES a missing
-# bucket, so the run goes on (see the report). Strict: this fails loudly once that is fixed.
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="prepare_output creates the missing output bucket (s3fs makedirs)")
 def test_output_bucket_missing_fails_before_scoring(s3_endpoint, s3_images, no_scoring, capsys):
     fs = s3_endpoint.fs
     _, urls = s3_images

@@ -1,0 +1,106 @@
+"""Config validation, the CLI's one-to-one mapping onto it, storage options, actor planning."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+import pytest
+
+from memscore import storage
+from memscore.cli import build_parser
+from memscore.config import MemscoreError, ScoreConfig, add_arguments, from_args
+from memscore.predict import pick_device
+from memscore.run import plan_model_actors
+
+
+def test_every_config_field_is_an_option_and_back():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([
+        "m.csv", "--output", "out", "--model", "resmem", "--batch-size", "7", "--limit", "3",
+        "--num-gpus", "2", "--gpus-per-actor", "0.5", "--overwrite",
+        "--storage-option", "endpoint_url=http://127.0.0.1:9", "--storage-option",
+        "client_kwargs.region_name=eu-west-1", "--storage-option", "anon=false",
+    ])
+    config = from_args(args)
+    assert config == ScoreConfig(
+        manifest="m.csv", output="out", models=("resmem",), batch_size=7, limit=3, num_gpus=2.0,
+        gpus_per_actor=0.5, overwrite=True,
+        storage_options={"endpoint_url": "http://127.0.0.1:9", "anon": False,
+                         "client_kwargs": {"region_name": "eu-west-1"}},
+    )
+    dests = {action.dest for action in parser._actions} - {"help"}
+    assert dests == {f.name for f in dataclasses.fields(ScoreConfig)}
+
+
+def test_defaults_survive_the_parser():
+    args = build_parser().parse_args(["score", "m.csv", "--output", "o"])
+    assert from_args(args) == ScoreConfig(manifest="m.csv", output="o")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
+    ({"limit": 0}, "--limit must be at least 1"),
+    ({"models": ("resmem", "resmem")}, "named twice"),
+    ({"models": ("nope",)}, "unknown model 'nope'"),
+    ({"gpus_per_actor": 0}, "--gpus-per-actor must be positive"),
+    ({"num_gpus": -1}, "--num-gpus must not be negative"),
+])
+def test_validation_names_the_problem(change, message):
+    with pytest.raises(MemscoreError, match=message):
+        dataclasses.replace(ScoreConfig("m.csv", output="o"), **change).validated()
+
+
+def test_bad_storage_option_is_a_one_line_error():
+    args = build_parser().parse_args(["score", "m", "--output", "o", "--storage-option", "novalue"])
+    with pytest.raises(MemscoreError, match="not KEY=VALUE"):
+        from_args(args)
+
+
+def test_redact_hides_secrets_at_any_depth():
+    options = {"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://h",
+               "client_kwargs": {"aws_session_token": "tok", "region_name": "r"}}
+    assert storage.redact(options) == {
+        "key": "***", "secret": "***", "endpoint_url": "http://h",
+        "client_kwargs": {"aws_session_token": "***", "region_name": "r"},
+    }
+
+
+def test_storage_join_and_parent_keep_url_schemes(tmp_path):
+    assert storage.join("s3://b/dir", "a/x.jpg") == "s3://b/dir/a/x.jpg"
+    assert storage.parent("s3://b/dir/m.csv") == "s3://b/dir"
+    assert storage.parent(str(tmp_path / "m.csv")) == str(tmp_path)
+    assert storage.pyarrow_filesystem(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("cluster_gpus, change, expected", [
+    (0, {}, {"actors": 1, "num_gpus": 0, "use_gpu": False}),
+    (0, {"actors": 3}, {"actors": 3, "num_gpus": 0, "use_gpu": False}),
+    (4, {}, {"actors": 4, "num_gpus": 1.0, "use_gpu": True}),
+    (4, {"num_gpus": 2}, {"actors": 2, "num_gpus": 1.0, "use_gpu": True}),
+    (4, {"gpus_per_actor": 0.5}, {"actors": 8, "num_gpus": 0.5, "use_gpu": True}),
+    (4, {"num_gpus": 0}, {"actors": 1, "num_gpus": 0, "use_gpu": False}),
+])
+def test_one_model_actor_per_gpu(cluster_gpus, change, expected):
+    config = dataclasses.replace(ScoreConfig("m", output="o"), **change)
+    plan = plan_model_actors(config, cluster_gpus)
+    assert {k: plan[k] for k in expected} == expected
+
+
+def test_asking_for_more_gpus_than_the_cluster_has_is_an_error():
+    with pytest.raises(MemscoreError, match="cluster has 1 GPUs"):
+        plan_model_actors(ScoreConfig("m", output="o", num_gpus=2), 1)
+
+
+def test_a_gpu_torch_cannot_see_falls_back_to_cpu_with_a_warning(monkeypatch, caplog):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="memscore.predict"):
+        assert pick_device(True).type == "cpu"
+    assert "torch sees none" in caplog.text
+    caplog.clear()
+    assert pick_device(False).type == "cpu"
+    assert caplog.text == ""

@@ -159,8 +159,12 @@ def score(config: ScoreConfig) -> dict[str, Any]:
                    storage_options=config.storage_options)
 
     _init_ray(config.address)
+    context = DataContext.get_current()
     # A failed block must fail the run, never be skipped: per-row problems are already data.
-    DataContext.get_current().max_errored_blocks = 0
+    context.max_errored_blocks = 0
+    # --limit means the manifest's *first* N rows; without ordering, Ray's limit takes whichever
+    # read task finishes first. Ordering costs throughput, so only trial runs pay for it.
+    context.execution_options.preserve_order = config.limit is not None
     plan = plan_model_actors(config, ray.cluster_resources().get("GPU", 0))
     rows_in = manifest.num_rows if manifest.num_rows is not None else manifest.read().count()
     if config.limit is not None:

@@ -16,7 +16,7 @@ from torchvision.models import resnet152
 from memscore.models._api import (
     Weights,
     WeightsEnum,
-    load_state_dict_strict,
+    build_with_weights,
     package_file,
     register_model,
 )
@@ -118,8 +118,7 @@ class ResMem_Weights(WeightsEnum):
 @register_model("resmem", ResMem_Weights)
 def resmem(*, weights: ResMem_Weights | None = None) -> ResMem:
     """ResMem with ``weights`` (``ResMem_Weights.RETRAIN``, the published ones) or random init."""
-    model = ResMem()
-    if weights is not None:
-        weights = ResMem_Weights.verify(weights)
-        load_state_dict_strict(model, weights.load_state_dict(), source=str(weights.path()))
-    return model
+    if weights is None:
+        return ResMem()
+    weights = ResMem_Weights.verify(weights)
+    return build_with_weights(ResMem, weights.load_state_dict(), source=str(weights.path()))

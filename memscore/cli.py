@@ -29,6 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(score)
     commands.add_parser("models", help="list the registered models, their weights and licences")
+    check = commands.add_parser(
+        "verify",
+        help="check that an output holds every manifest row exactly once",
+        description="Report the manifest rows missing from OUTPUT, those in it more than once, "
+        "and rows in it that the manifest does not have; exit 1 if there are any.",
+    )
+    check.add_argument("output", help="the --output folder of a run (local or s3://)")
+    check.add_argument("--manifest", required=True, help="the run's manifest")
+    check.add_argument("--path-column", help="the manifest's path column (default: the run's)")
+    check.add_argument("--id-column", help="match rows by this column (default: the run's "
+                       "--id-column, else manifest_row)")
+    check.add_argument("--storage-option", dest="storage_options", action="append",
+                       metavar="KEY=VALUE", help="fsspec/s3fs option, as for score")
     return parser
 
 
@@ -57,12 +70,28 @@ def _print_models() -> None:
             print(f"    paper:   {meta.get('paper')}")
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from memscore.storage import parse_storage_options
+    from memscore.verify import verify
+
+    try:
+        options = parse_storage_options(args.storage_options)
+    except ValueError as exc:
+        raise MemscoreError(str(exc)) from None
+    report = verify(args.output, args.manifest, path_column=args.path_column,
+                    id_column=args.id_column, storage_options=options)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "models":
             _print_models()
             return 0
+        if args.command == "verify":
+            return _verify(args)
         from memscore.run import score
 
         summary = score(from_args(args, ScoreConfig))

@@ -80,6 +80,17 @@ class ScoreConfig:
         "(Pillow's default limit)."))
     overwrite: bool = field(default=False, metadata=_opt(
         "Delete whatever is in --output before writing.", action="store_true"))
+    resume: bool = field(default=False, metadata=_opt(
+        "Finish an interrupted run in --output: only rows without committed output are scored, "
+        "and every manifest row ends up in the output exactly once. Starts a new run where "
+        "--output is empty.", action="store_true"))
+    id_column: str | None = field(default=None, metadata=_opt(
+        "Manifest column of unique row ids, checked up front (duplicates are refused) and used "
+        "by `memscore verify`. Without it rows are identified by their position "
+        "(manifest_row)."))
+    rows_per_block: int = field(default=1000, metadata=_opt(
+        "Manifest rows per read block: the unit a decode task takes and an interrupted run "
+        "loses at most (per block in flight)."))
     address: str | None = field(default=None, metadata=_opt(
         "Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray started for the run)."))
     storage_options: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
@@ -103,7 +114,10 @@ class ScoreConfig:
                 raise MemscoreError(f"unknown model {name!r}; choose from {', '.join(known)}")
         if len(set(self.models)) != len(self.models):
             raise MemscoreError(f"a model is named twice in {','.join(self.models)}")
-        for name in ("batch_size", "decode_batch_size", "io_threads", "max_pixels"):
+        if self.overwrite and self.resume:
+            raise MemscoreError("--overwrite and --resume contradict each other; choose one")
+        for name in ("batch_size", "decode_batch_size", "io_threads", "max_pixels",
+                     "rows_per_block"):
             if getattr(self, name) < 1:
                 raise MemscoreError(f"--{name.replace('_', '-')} must be at least 1")
         if self.limit is not None and self.limit < 1:

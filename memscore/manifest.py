@@ -63,29 +63,106 @@ class Manifest:
     num_rows: int | None = None
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
-    def read(self):
-        """The manifest's rows as a Ray Dataset (lazy: nothing runs until it is consumed)."""
-        import ray.data
+    def iter_tables(self, limit: int | None = None):
+        """The manifest's rows in order, as a stream of pyarrow Tables (the driver reads them).
 
-        filesystem = storage.pyarrow_filesystem(self.source, self.storage_options)
-        files = [self._for_ray(f) for f in self.files]
+        Types are those Arrow infers for the whole file (pyarrow's CSV reader unifies types
+        across blocks; non-UTF-8 text becomes ``binary``, nothing is lost). A JSON-lines column
+        whose values change type (numbers, then strings) becomes a string column of the values'
+        JSON text. Every file after the first is cast to the first file's schema; where it
+        cannot be, the run stops naming the column.
+        """
+        left = limit
+        schema = None
+        for path, table in self._tables():
+            if schema is None:
+                schema = table.schema
+            elif table.schema != schema:
+                table = _cast_like(table, schema, path)
+            if left is not None:
+                table = table.slice(0, left)
+                left -= table.num_rows
+            if table.num_rows:
+                yield table
+            if left == 0:
+                return
+
+    def _tables(self):
+        """(file, table) pairs: one table of paths for an image folder, else per manifest file."""
         if self.kind == "images":
-            return ray.data.from_arrow(pa.table({self.path_column: pa.array(files, pa.string())}))
-        if self.kind == "parquet":
-            return ray.data.read_parquet(files, filesystem=filesystem)
-        if self.kind == "csv":
-            return ray.data.read_csv(files, filesystem=filesystem, **_csv_options(self.files[0]))
-        # lines=False selects Ray's Arrow reader, which is pyarrow.json: that reader only knows
-        # newline-delimited JSON, and keeps Arrow's types (lines=True goes through pandas, which
-        # turns nullable ints into floats and strings into large_string).
-        return ray.data.read_json(files, filesystem=filesystem, lines=False, file_extensions=None)
+            yield self.source, pa.table({self.path_column: pa.array(self.files, pa.string())})
+            return
+        for path in self.files:
+            for table in self._tables_of(path):
+                yield path, table
 
-    def _for_ray(self, path: str) -> str:
-        # With an explicit pyarrow filesystem Ray wants the path inside it (bucket/key), and the
-        # image paths of a folder manifest stay full URLs so that the output names them fully.
-        if self.kind != "images" and storage.is_url(path):
-            return path.split("://", 1)[1]
-        return path
+    def _tables_of(self, path: str):
+        fs, inner = storage.url_to_fs(path, self.storage_options)
+        try:
+            if self.kind == "parquet":
+                import pyarrow.parquet as pq
+
+                with fs.open(inner, "rb") as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
+                        yield pa.Table.from_batches([batch])
+                return
+            with fs.open(inner, "rb", compression="infer") as f:
+                data = f.read()
+            yield _read_text(self.kind, data, path)
+        except MemscoreError:
+            raise
+        except Exception as exc:
+            raise MemscoreError(f"{path}: cannot read the manifest: {first_line(exc)[:300]}") from None
+
+
+def _read_text(kind: str, data: bytes, path: str) -> pa.Table:
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    if kind == "csv":
+        return pacsv.read_csv(pa.BufferReader(data), **_csv_options(path))
+    try:
+        return pajson.read_json(pa.BufferReader(data))
+    except pa.ArrowInvalid as exc:
+        if "changed from" not in str(exc):
+            raise
+        return _read_json_mixed(data)
+
+
+def _read_json_mixed(data: bytes) -> pa.Table:
+    """JSON lines with a column of mixed types: such columns become the values' JSON text."""
+    import json
+
+    rows = [json.loads(line) for line in data.splitlines() if line.strip()]
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            columns[name] = pa.array(
+                [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                 for v in values], pa.string())
+    return pa.table(columns)
+
+
+def _cast_like(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
+    if table.schema.names != schema.names:
+        raise MemscoreError(
+            f"{path}: columns {table.schema.names} differ from the first manifest file's "
+            f"{schema.names}"
+        )
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        for expected in schema:
+            if table.schema.field(expected.name).type != expected.type:
+                raise MemscoreError(
+                    f"{path}: column {expected.name!r} is {table.schema.field(expected.name).type} "
+                    f"here but {expected.type} in the first manifest file"
+                ) from None
+        raise
 
 
 def _csv_options(path: str) -> dict:

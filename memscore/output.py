@@ -19,7 +19,7 @@ from memscore import storage
 from memscore.config import MemscoreError, first_line
 from memscore.decode import ERROR_COLUMN
 
-__all__ = ["SUMMARY_FILE", "prepare_output", "write_parquet", "count_output", "write_summary",
+__all__ = ["SUMMARY_FILE", "prepare_output", "output_files", "write_parquet", "count_output", "write_summary", "read_summary",
            "package_versions"]
 
 SUMMARY_FILE = "_memscore.json"
@@ -27,25 +27,40 @@ _VERSIONED = ("memscore", "ray", "torch", "torchvision", "pyarrow", "pillow", "n
               "s3fs", "resmem")
 
 
-def prepare_output(output: str, *, overwrite: bool, storage_options: Mapping[str, Any]) -> None:
-    """Check ``output`` is usable before any work starts: absent, empty, or ``overwrite``.
+def prepare_output(output: str, *, overwrite: bool, resume: bool,
+                   storage_options: Mapping[str, Any]) -> str:
+    """Check ``output`` before any work starts; returns "fresh", "resume" or "complete".
+
+    - absent or empty: "fresh";
+    - ``overwrite``: its contents are deleted, "fresh";
+    - ``resume``: "complete" where a finished run's summary is there, "resume" where an
+      interrupted run's state is, "fresh" where only a snapshot cut short is;
+    - otherwise a non-empty folder is refused, so two runs never mix.
 
     Also proves the location is writable (a permanent S3 error such as 403 or a missing bucket
     stops the run here, not after hours of scoring).
     """
+    from memscore.resume import WORK_DIR
+
     try:
         fs, path = storage.url_to_fs(output, storage_options)
+        mode = "fresh"
         if fs.exists(path):
             if not fs.isdir(path):
                 raise MemscoreError(f"--output {output} is a file, not a folder")
-            entries = fs.ls(path, detail=False)
-            if entries and not overwrite:
-                raise MemscoreError(
-                    f"--output {output} is not empty ({len(entries)} entries); give --overwrite "
-                    f"to replace it or choose another folder"
-                )
-            if entries:
+            entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
+            entries = [e for e in entries if e != ".memscore-write-probe"]
+            if entries and overwrite:
                 fs.rm(path, recursive=True)
+            elif entries and resume:
+                mode = _resume_mode(fs, path, entries, output)
+            elif entries:
+                hint = (" it holds an interrupted run: give --resume to finish it,"
+                        if WORK_DIR in entries else "")
+                raise MemscoreError(
+                    f"--output {output} is not empty ({len(entries)} entries);{hint} give "
+                    f"--overwrite to replace it, or choose another folder"
+                )
         if not storage.is_url(output):
             # Only local folders are made: on an object store "makedirs" creates the *bucket*
             # when it is missing, which must be an error, not a new bucket in the user's account.
@@ -53,10 +68,26 @@ def prepare_output(output: str, *, overwrite: bool, storage_options: Mapping[str
         probe = f"{path.rstrip('/')}/.memscore-write-probe"
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
+        return mode
     except MemscoreError:
         raise
     except Exception as exc:
         raise MemscoreError(f"--output {output} is not writable: {first_line(exc)}") from None
+
+
+def _resume_mode(fs, path: str, entries: list[str], output: str) -> str:
+    from memscore.resume import WORK_DIR
+
+    if SUMMARY_FILE in entries:
+        return "complete"
+    if fs.exists(f"{path.rstrip('/')}/{WORK_DIR}/state.json"):
+        return "resume"
+    if entries == [WORK_DIR]:
+        return "fresh"  # killed while the snapshot was written: nothing was scored yet
+    raise MemscoreError(
+        f"--output {output} holds files but no interrupted memscore run to resume; "
+        f"give --overwrite to replace them"
+    )
 
 
 def write_parquet(dataset, output: str, storage_options: Mapping[str, Any]) -> None:
@@ -65,13 +96,23 @@ def write_parquet(dataset, output: str, storage_options: Mapping[str, Any]) -> N
     dataset.write_parquet(target, filesystem=filesystem)
 
 
+def output_files(output: str, storage_options: Mapping[str, Any]) -> list[str]:
+    """The run's Parquet files (paths inside their filesystem), not those under _ or . folders."""
+    fs, path = storage.url_to_fs(output, storage_options)
+    if not fs.exists(path):
+        return []
+    root = path.rstrip("/") + "/"
+    return sorted(p for p in fs.find(path) if p.endswith(".parquet")
+                  and not any(part.startswith(("_", ".")) for part in p[len(root):].split("/")))
+
+
 def count_output(output: str, storage_options: Mapping[str, Any],
                  score_columns: list[str]) -> dict[str, Any]:
     """Rows, scored rows and error kinds, read back from the Parquet files just written."""
     import pyarrow.dataset as pads
 
-    fs, path = storage.url_to_fs(output, storage_options)
-    files = [p for p in fs.find(path) if p.endswith(".parquet")]
+    fs, _ = storage.url_to_fs(output, storage_options)
+    files = output_files(output, storage_options)
     if not files:
         return {"rows_out": 0, "rows_scored": 0, "rows_with_errors": 0, "error_kinds": {}}
     from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -104,6 +145,11 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def read_summary(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    fs, path = storage.url_to_fs(output, storage_options)
+    return json.loads(fs.cat_file(f"{path.rstrip('/')}/{SUMMARY_FILE}"))
 
 
 def write_summary(output: str, summary: Mapping[str, Any],

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, PIXELS_PREFIX, WIDTH_COLUMN, pixels_column
+from memscore.faults import maybe_inject
 
-__all__ = ["ScoreImages", "MODEL_COLUMN", "output_columns", "pick_device"]
+__all__ = ["ScoreImages", "MODEL_COLUMN", "output_columns", "pick_device", "local_cores"]
 
 MODEL_COLUMN = "model"
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def pick_device(want_gpu: bool):
     return torch.device("cpu")
 
 
-def _cores() -> int:
+def local_cores() -> int:
+    """CPU cores this process may use."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -72,7 +74,7 @@ class ScoreImages:
 
         self.device = pick_device(use_gpu)
         if self.device.type == "cpu":
-            torch.set_num_threads(torch_threads or _cores())
+            torch.set_num_threads(torch_threads or local_cores())
         self.models = tuple(models)
         self._runners = []
         for name in self.models:
@@ -82,6 +84,7 @@ class ScoreImages:
         self._added = output_columns(self.models)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        maybe_inject("predict")  # test-only fault hook: a no-op unless MEMSCORE_INJECT_FAULT is set
         import torch
 
         errors = table.column(ERROR_COLUMN)

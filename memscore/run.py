@@ -8,6 +8,7 @@ so a bad run fails in seconds with one line instead of after the cluster has spu
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -15,14 +16,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from memscore import storage
+from memscore import resume, storage
 from memscore.config import MemscoreError, ScoreConfig
 from memscore.manifest import Manifest, open_manifest
 from memscore.models._api import file_sha256
+from memscore.predict import local_cores
 from memscore.output import (
     count_output,
     package_versions,
     prepare_output,
+    read_summary,
     write_parquet,
     write_summary,
 )
@@ -81,21 +84,26 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
 def _init_ray(address: str | None) -> None:
     import ray
 
-    if not ray.is_initialized():
-        # address=None: RAY_ADDRESS if set, else a local Ray for this process.
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)
+    else:
+        # One logical CPU more than there are cores: a resumed run adds Ray's checkpoint
+        # filter actor, which holds a CPU while it mostly waits; on a 2-core machine the decode
+        # tasks would otherwise never be scheduled (measured: the run hangs).
+        ray.init(num_cpus=local_cores() + 1, log_to_driver=True)
 
 
-def build_dataset(config: ScoreConfig, manifest: Manifest, plan: dict[str, Any]):
+def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snapshot,
+                  plan: dict[str, Any]):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
     from ray.data import ActorPoolStrategy
 
     from memscore.models import resolve_weights
     from memscore.predict import ScoreImages
 
-    dataset = manifest.read()
-    if config.limit is not None:
-        dataset = dataset.limit(config.limit)
+    dataset = resume.snapshot_dataset(snapshot, config.storage_options)
     preprocess = {name: resolve_weights(name, config.weights or "DEFAULT").transforms
                   for name in config.models}
     dataset = dataset.map_batches(
@@ -154,28 +162,40 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     added = output_columns(config.models)
     manifest = open_manifest(config.manifest, path_column=config.path_column,
                              storage_options=config.storage_options,
-                             reserved_columns=tuple(added))
-    prepare_output(config.output, overwrite=config.overwrite,
-                   storage_options=config.storage_options)
+                             reserved_columns=(*added, resume.ROW_COLUMN))
+    if config.id_column and config.id_column not in manifest.columns:
+        raise MemscoreError(f"{config.manifest}: no --id-column {config.id_column!r} "
+                            f"(columns: {', '.join(manifest.columns)})")
+    mode = prepare_output(config.output, overwrite=config.overwrite, resume=config.resume,
+                          storage_options=config.storage_options)
+    if mode == "complete":
+        return read_summary(config.output, config.storage_options)
+    identity = resume.run_identity(manifest, config)
+    if mode == "resume":
+        snapshot = resume.check_same_run(resume.read_state(config.output, config.storage_options),
+                                         identity, config.output)
+    else:
+        snapshot = resume.write_snapshot(manifest, config.output, config)
+        resume.write_state(config.output, identity, snapshot, config.storage_options)
+    done_before = resume.committed_rows(config.output, config.storage_options)
 
     _init_ray(config.address)
     context = DataContext.get_current()
     # A failed block must fail the run, never be skipped: per-row problems are already data.
     context.max_errored_blocks = 0
-    # --limit means the manifest's *first* N rows; without ordering, Ray's limit takes whichever
-    # read task finishes first. Ordering costs throughput, so only trial runs pay for it.
-    context.execution_options.preserve_order = config.limit is not None
     plan = plan_model_actors(config, ray.cluster_resources().get("GPU", 0))
-    rows_in = manifest.num_rows if manifest.num_rows is not None else manifest.read().count()
-    if config.limit is not None:
-        rows_in = min(rows_in, config.limit)
 
     # Hashing a 0.5 GB weights file takes seconds: do it while the cluster works.
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashes = pool.map(file_sha256, [record["weights_file"] for record in weights])
         clock = time.perf_counter()
-        write_parquet(build_dataset(config, manifest, plan), config.output,
-                      config.storage_options)
+        context.checkpoint_config = resume.checkpoint_config(config.output,
+                                                             config.storage_options)
+        try:
+            write_parquet(build_dataset(config, manifest, snapshot, plan), config.output,
+                          config.storage_options)
+        finally:
+            context.checkpoint_config = None  # the context outlives this run in the process
         wall = time.perf_counter() - clock
         for record, digest in zip(weights, hashes):
             record["weights_sha256"] = digest
@@ -183,15 +203,19 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     counts = count_output(config.output, config.storage_options, added[:len(config.models)])
     recorded = asdict(config)
     recorded["storage_options"] = storage.redact(config.storage_options)
+    done_now = counts["rows_out"] - done_before
     summary = {
-        "status": "complete" if counts["rows_out"] == rows_in else "row count mismatch",
+        "status": "complete" if counts["rows_out"] == snapshot.rows else "row count mismatch",
         "manifest": config.manifest,
         "output": config.output,
         "models": weights,
-        "rows_in": rows_in,
+        "rows_in": snapshot.rows,
         **counts,
+        "resumed": mode == "resume",
+        "rows_done_before_resume": done_before,
+        "rows_done_this_run": done_now,
         "wall_time_s": round(wall, 3),
-        "images_per_s": round(counts["rows_out"] / wall, 3) if wall > 0 else None,
+        "images_per_s": round(done_now / wall, 3) if wall > 0 else None,
         "started_at": started.isoformat(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "model_actors": plan["actors"],
@@ -200,8 +224,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         "config": recorded,
     }
     write_summary(config.output, summary, config.storage_options)
-    if counts["rows_out"] != rows_in:
+    if counts["rows_out"] != snapshot.rows:
         raise MemscoreError(
-            f"{config.output}: {counts['rows_out']} rows written for {rows_in} manifest rows"
+            f"{config.output}: {counts['rows_out']} rows written for {snapshot.rows} manifest rows"
         )
+    resume.remove_work_dir(config.output, config.storage_options)
     return summary

@@ -1,0 +1,241 @@
+"""Resumable runs: a frozen snapshot of the manifest plus Ray Data's own checkpointing.
+
+Every run works in ``<output>/_memscore/`` (Parquet readers skip ``_`` folders):
+
+- ``manifest/part-NNNNNN.parquet``: the manifest's rows, in order, each with ``manifest_row``
+  (its 0-based position in the manifest: the stable row id, so duplicated paths stay separate
+  rows), cut into blocks of ``rows_per_block`` rows. Ray Data reads this snapshot, not the
+  manifest: one reader for every manifest kind, an exact row count, a deterministic ``--limit``,
+  and an input that cannot change under a resumed run.
+- ``state.json``: written once the snapshot is complete; what the run is (manifest fingerprint,
+  models, options), so that ``--resume`` refuses to continue a different run.
+- ``checkpoint/``: Ray Data's ``CheckpointConfig`` files, the ``manifest_row`` ids of rows whose
+  output file is committed. Ray writes a ``.pending`` id file before each output file and
+  renames it after, and on restart deletes output files of pending ids and skips committed ids:
+  every row ends up in the output exactly once.
+
+After a run's summary is written the folder is deleted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from memscore import storage
+from memscore.config import MemscoreError, ScoreConfig
+from memscore.manifest import Manifest
+
+__all__ = ["ROW_COLUMN", "WORK_DIR", "Snapshot", "write_snapshot", "read_state", "write_state",
+           "run_identity", "snapshot_dataset", "checkpoint_config", "committed_rows",
+           "remove_work_dir"]
+
+ROW_COLUMN = "manifest_row"
+WORK_DIR = "_memscore"
+_STATE = "state.json"
+# Parallel PUTs when the snapshot goes to S3: thousands of small parts, each a round trip.
+_WRITE_THREADS = 8
+
+
+def _work(output: str, *parts: str) -> str:
+    return storage.join(output, WORK_DIR, *parts)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    files: tuple[str, ...]
+    rows: int
+
+
+def write_snapshot(manifest: Manifest, output: str, config: ScoreConfig) -> Snapshot:
+    """Copy the manifest's rows (the first ``limit``) into ``_memscore/manifest/``, numbered."""
+    options = config.storage_options
+    fs, folder = storage.url_to_fs(_work(output, "manifest"), options)
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)  # a snapshot cut short by a kill: start it again
+    if not storage.is_url(output):
+        fs.makedirs(folder, exist_ok=True)
+    ids: list[pa.ChunkedArray] = []
+    files: list[str] = []
+    rows = 0
+
+    def put(index: int, table: pa.Table) -> None:
+        with fs.open(f"{folder}/part-{index:06d}.parquet", "wb") as f:
+            pq.write_table(table, f)
+
+    with ThreadPoolExecutor(_WRITE_THREADS) as pool:
+        writes = []
+        for block in _blocks(manifest.iter_tables(config.limit), config.rows_per_block):
+            if rows == 0:
+                _check_path_column(block, manifest)
+            block = block.append_column(ROW_COLUMN, pa.array(range(rows, rows + block.num_rows),
+                                                              pa.int64()))
+            if config.id_column:
+                ids.append(block.column(config.id_column))
+            writes.append(pool.submit(put, len(files), block))
+            files.append(storage.join(_work(output, "manifest"), f"part-{len(files):06d}.parquet"))
+            rows += block.num_rows
+        for write in writes:
+            write.result()
+    if config.id_column:
+        _check_unique_ids(pa.chunked_array([c for a in ids for c in a.chunks]), config.id_column,
+                          manifest.source)
+    return Snapshot(tuple(files), rows)
+
+
+def _blocks(tables, rows_per_block: int):
+    """Re-cut a stream of tables into tables of exactly ``rows_per_block`` rows (the last fewer)."""
+    pending: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        pending.append(table)
+        count += table.num_rows
+        while count >= rows_per_block:
+            merged = pa.concat_tables(pending)
+            yield merged.slice(0, rows_per_block).combine_chunks()
+            rest = merged.slice(rows_per_block)
+            pending, count = [rest], rest.num_rows
+    if count:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+def _check_path_column(block: pa.Table, manifest: Manifest) -> None:
+    kind = block.schema.field(manifest.path_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        detail = ("holds bytes that are not UTF-8 text" if pa.types.is_binary(kind)
+                  else f"is of type {kind}, not text")
+        raise MemscoreError(f"{manifest.source}: the path column {manifest.path_column!r} {detail}")
+
+
+def _check_unique_ids(ids: pa.ChunkedArray, column: str, source: str) -> None:
+    if ids.null_count:
+        raise MemscoreError(f"{source}: --id-column {column!r} has {ids.null_count} empty values")
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        example = repeated[0].as_py()
+        raise MemscoreError(
+            f"{source}: --id-column {column!r} is not unique: {len(repeated)} values repeat, "
+            f"e.g. {example['values']!r} ({example['counts']} times)"
+        )
+
+
+def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
+    """What a run is; a resumed run must match it exactly."""
+    return {
+        "manifest": manifest.source,
+        "manifest_fingerprint": _fingerprint(manifest),
+        "path_column": config.path_column,
+        "id_column": config.id_column,
+        "models": list(config.models),
+        "weights": config.weights,
+        "limit": config.limit,
+    }
+
+
+def _fingerprint(manifest: Manifest) -> str:
+    """sha256 over the manifest's files with their sizes and modification stamps."""
+    digest = hashlib.sha256()
+    if manifest.kind == "images":
+        for path in manifest.files:
+            digest.update(path.encode() + b"\0")
+        return digest.hexdigest()
+    for path in manifest.files:
+        fs, inner = storage.url_to_fs(path, manifest.storage_options)
+        info = fs.info(inner)
+        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+        digest.update(f"{path}\0{info.get('size')}\0{stamp}\0".encode())
+    return digest.hexdigest()
+
+
+def write_state(output: str, identity: Mapping[str, Any], snapshot: Snapshot,
+                storage_options: Mapping[str, Any]) -> None:
+    state = {**identity, "snapshot_files": list(snapshot.files), "rows": snapshot.rows,
+             "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    fs, path = storage.url_to_fs(_work(output, _STATE), storage_options)
+    fs.pipe_file(path, json.dumps(state, indent=2).encode())
+
+
+def read_state(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
+    fs, path = storage.url_to_fs(_work(output, _STATE), storage_options)
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))
+
+
+def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output: str) -> Snapshot:
+    for key, value in identity.items():
+        if state.get(key) != value:
+            what = "the manifest's files changed" if key == "manifest_fingerprint" else (
+                f"{key} was {state.get(key)!r}, now {value!r}")
+            raise MemscoreError(
+                f"--output {output} holds an interrupted run that differs from this one "
+                f"({what}); resume it with the same options or use --overwrite"
+            )
+    return Snapshot(tuple(state["snapshot_files"]), int(state["rows"]))
+
+
+def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
+    """The snapshot as a Ray Dataset: one read block per part (the unit of a decode task)."""
+    import ray.data
+
+    filesystem = storage.pyarrow_filesystem(snapshot.files[0], storage_options)
+    paths = [p.split("://", 1)[1] if filesystem is not None else p for p in snapshot.files]
+    return ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths))
+
+
+def checkpoint_config(output: str, storage_options: Mapping[str, Any]):
+    from ray.data.checkpoint import CheckpointConfig
+
+    path = _work(output, "checkpoint")
+    filesystem = storage.pyarrow_filesystem(path, storage_options)
+    config = CheckpointConfig(
+        id_column=ROW_COLUMN,
+        checkpoint_path=path.split("://", 1)[1] if filesystem is not None else path,
+        override_filesystem=filesystem,
+        # memscore deletes _memscore/ itself, after the summary: a kill between Ray's success
+        # and the summary must still find the checkpoint.
+        delete_checkpoint_on_success=False,
+    )
+    # The filter of already-done ids is a binary search; one actor is plenty, and each one
+    # holds a CPU that the decode tasks need.
+    config.checkpoint_actor_pool_max_size = 1
+    return config
+
+
+def committed_rows(output: str, storage_options: Mapping[str, Any]) -> int:
+    """Rows whose output is committed in the checkpoint, after repairing an interrupted rename.
+
+    On an object store Ray's rename of ``X.pending.parquet`` to ``X.parquet`` is a copy then a
+    delete; a kill between the two leaves both. The copy means the output file was complete,
+    so the stale pending file goes (else Ray would delete that output but keep its ids).
+    """
+    fs, folder = storage.url_to_fs(_work(output, "checkpoint"), storage_options)
+    if not fs.exists(folder):
+        return 0
+    names = {p.rsplit("/", 1)[-1]: p for p in fs.ls(folder, detail=False)}
+    pending = {n[: -len(".pending.parquet")]: p for n, p in names.items()
+               if n.endswith(".pending.parquet")}
+    committed = {n[: -len(".parquet")]: p for n, p in names.items()
+                 if n.endswith(".parquet") and not n.endswith(".pending.parquet")}
+    for stem in pending.keys() & committed.keys():
+        fs.rm_file(pending[stem])
+    rows = 0
+    for path in committed.values():
+        with fs.open(path, "rb") as f:
+            rows += pq.ParquetFile(f).metadata.num_rows
+    return rows
+
+
+def remove_work_dir(output: str, storage_options: Mapping[str, Any]) -> None:
+    fs, folder = storage.url_to_fs(_work(output), storage_options)
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)

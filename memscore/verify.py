@@ -1,0 +1,115 @@
+"""``memscore verify``: does an output hold every manifest row exactly once?
+
+Rows are matched by ``--id-column`` where the run had one, else by ``manifest_row`` (each row's
+position in the manifest). A run made with ``--limit N`` is checked against the first N rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memscore import storage
+from memscore.config import MemscoreError
+from memscore.manifest import open_manifest
+from memscore.output import SUMMARY_FILE, output_files
+from memscore.resume import ROW_COLUMN, read_state
+
+__all__ = ["VerifyReport", "verify"]
+
+_EXAMPLES = 5
+
+
+@dataclass
+class VerifyReport:
+    manifest_rows: int
+    output_rows: int
+    key: str
+    missing: list[Any] = field(default_factory=list)
+    duplicated: list[Any] = field(default_factory=list)
+    unexpected: list[Any] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    summary_present: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not (self.counts["missing"] or self.counts["duplicated"] or self.counts["unexpected"])
+
+    def lines(self) -> list[str]:
+        out = [f"manifest rows: {self.manifest_rows}", f"output rows:   {self.output_rows}",
+               f"matched by:    {self.key}"]
+        for name in ("missing", "duplicated", "unexpected"):
+            examples = getattr(self, name)
+            shown = f" (e.g. {', '.join(map(repr, examples))})" if examples else ""
+            out.append(f"{name + ':':<14} {self.counts[name]}{shown}")
+        if not self.summary_present:
+            out.append(f"{SUMMARY_FILE} is missing: the run did not finish (finish it with --resume)")
+        out.append("OK: every manifest row is in the output exactly once" if self.ok
+                   else "FAILED: the output does not match the manifest")
+        return out
+
+
+def _run_options(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The finished run's options (from its summary) or the interrupted run's (its state)."""
+    import json
+
+    fs, path = storage.url_to_fs(output, storage_options)
+    summary = f"{path.rstrip('/')}/{SUMMARY_FILE}"
+    if fs.exists(summary):
+        return {**json.loads(fs.cat_file(summary))["config"], "finished": True}
+    return {**(read_state(output, storage_options) or {}), "finished": False}
+
+
+def verify(output: str, manifest: str, *, path_column: str | None = None,
+           id_column: str | None = None,
+           storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+    """Compare ``output`` with ``manifest`` row by row; see the module docstring."""
+    options = dict(storage_options or {})
+    run = _run_options(output, options)
+    path_column = path_column or run.get("path_column") or "path"
+    id_column = id_column or run.get("id_column")
+    source = open_manifest(manifest, path_column=path_column, storage_options=options)
+    key = id_column or ROW_COLUMN
+    if id_column:
+        expected = pa.chunked_array([t.column(id_column) for t in source.iter_tables(run.get("limit"))])
+        manifest_rows = len(expected)
+        expected = expected.combine_chunks()
+    else:
+        manifest_rows = sum(t.num_rows for t in source.iter_tables(run.get("limit")))
+        expected = pa.array(range(manifest_rows), pa.int64())
+
+    files = output_files(output, options)
+    if not files:
+        raise MemscoreError(f"{output}: no Parquet files")
+    got = _read_column(files, key, options, output)
+
+    counts = pc.value_counts(got)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    distinct = counts.field("values")
+    missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=distinct)))
+    unexpected = pc.filter(distinct, pc.invert(pc.is_in(distinct, value_set=expected)))
+    return VerifyReport(
+        manifest_rows=manifest_rows,
+        output_rows=len(got),
+        key=key,
+        missing=missing[:_EXAMPLES].to_pylist(),
+        duplicated=repeated.field("values")[:_EXAMPLES].to_pylist(),
+        unexpected=unexpected[:_EXAMPLES].to_pylist(),
+        counts={"missing": len(missing), "duplicated": len(repeated),
+                "unexpected": len(unexpected)},
+        summary_present=bool(run.get("finished")),
+    )
+
+
+def _read_column(files: list[str], column: str, options, output: str) -> pa.ChunkedArray:
+    import pyarrow.dataset as pads
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = storage.url_to_fs(output, options)
+    data = pads.dataset(files, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
+    if column not in data.schema.names:
+        raise MemscoreError(f"{output}: the output has no column {column!r}")
+    return data.to_table(columns=[column]).column(column)

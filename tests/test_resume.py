@@ -1,0 +1,163 @@
+"""Resume after the driver is SIGKILLed, output modes, and `memscore verify`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+import memscore
+from memscore import cli
+from memscore.output import output_files
+from memscore.verify import verify
+
+ROWS = 36
+
+
+def write_manifest(tmp_path: Path, example_images, rows: int = ROWS) -> Path:
+    # Duplicated paths on purpose: they must stay separate rows.
+    paths = [str(example_images[i % len(example_images)]) for i in range(rows)]
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"path": paths, "key": [f"k{i:03d}" for i in range(rows)]}), manifest)
+    return manifest
+
+
+def cli_command(manifest: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "memscore.cli", "score", str(manifest), "--output", str(out),
+            "--rows-per-block", "3", "--decode-batch-size", "3", "--batch-size", "3", *extra]
+
+
+def data_files(out: Path) -> list[str]:
+    return output_files(str(out), {})
+
+
+def test_sigkill_the_driver_mid_run_then_resume(tmp_path, example_images, reference_scores):
+    manifest = write_manifest(tmp_path, example_images)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(cli_command(manifest, out, "--id-column", "key"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not data_files(out) and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert driver.poll() is None, "the run ended before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its session
+    driver.wait()
+    done_at_kill = len(data_files(out))
+    assert 0 < done_at_kill
+    assert not (out / "_memscore.json").exists()
+
+    # Without --resume an interrupted output is refused, with a hint.
+    refused = subprocess.run(cli_command(manifest, out), env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = subprocess.run(cli_command(manifest, out, "--id-column", "key", "--resume"),
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "_memscore.json").read_text())
+    assert summary["resumed"] is True
+    assert summary["rows_in"] == summary["rows_out"] == ROWS
+    assert summary["rows_done_before_resume"] > 0
+    assert summary["rows_done_before_resume"] + summary["rows_done_this_run"] == ROWS
+    assert not (out / "_memscore").exists()  # the work folder is gone once the run is complete
+
+    table = pq.read_table(out).sort_by("manifest_row")
+    assert table.column("manifest_row").to_pylist() == list(range(ROWS))  # once each
+    assert table.column("key").to_pylist() == [f"k{i:03d}" for i in range(ROWS)]
+    for path, score in zip(table.column("path").to_pylist(),
+                           table.column("memorability").to_pylist()):
+        assert abs(score - reference_scores[Path(path).name]) <= 1e-5
+
+    report = verify(str(out), str(manifest))
+    assert report.ok and report.key == "key" and report.output_rows == ROWS
+
+
+def test_verify_reports_missing_duplicated_and_unexpected_rows(tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,id\n" + "".join(f"img{i}.jpg,{i}\n" for i in range(6)))
+    out = tmp_path / "out"
+    out.mkdir()
+    # rows 0, 1, 1 (twice), 3, 4 and an id 99 the manifest lacks; 2 and 5 are missing
+    pq.write_table(pa.table({"id": [0, 1, 1, 3, 4, 99],
+                             "manifest_row": [0, 1, 1, 3, 4, 99]}), out / "part.parquet")
+    report = verify(str(out), str(manifest))
+    assert report.counts == {"missing": 2, "duplicated": 1, "unexpected": 1}
+    assert report.missing == [2, 5] and report.duplicated == [1] and report.unexpected == [99]
+    assert not report.ok
+    by_id = verify(str(out), str(manifest), id_column="id")
+    assert by_id.key == "id" and by_id.counts == report.counts
+
+    assert cli.main(["verify", str(out), "--manifest", str(manifest)]) == 1
+    text = capsys.readouterr().out
+    assert "missing:       2 (e.g. 2, 5)" in text and "FAILED" in text
+    assert "did not finish" in text
+
+    pq.write_table(pa.table({"id": list(range(6)), "manifest_row": list(range(6))}),
+                   out / "part.parquet")
+    assert cli.main(["verify", str(out), "--manifest", str(manifest)]) == 0
+
+
+def test_resume_refuses_a_different_run_and_finishes_a_complete_one_at_once(
+        ray_local, tmp_path, example_images):
+    manifest = write_manifest(tmp_path, example_images, rows=4)
+    out = tmp_path / "out"
+    first = memscore.score(memscore.ScoreConfig(str(manifest), output=str(out), limit=2))
+    assert first["rows_out"] == 2
+    # A finished run: --resume returns its summary without scoring anything.
+    again = memscore.score(memscore.ScoreConfig(str(manifest), output=str(out), limit=2,
+                                                resume=True))
+    assert again == json.loads(json.dumps(first))  # the same run's summary, read back
+    # An interrupted run (state present, no summary) with other options is refused.
+    state = {"manifest": str(manifest), "manifest_fingerprint": "x", "path_column": "path",
+             "id_column": None, "models": ["resmem"], "weights": None, "limit": 2,
+             "snapshot_files": [], "rows": 2}
+    (out / "_memscore.json").unlink()
+    (out / "_memscore").mkdir()
+    (out / "_memscore" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(memscore.MemscoreError, match="manifest's files changed"):
+        memscore.score(memscore.ScoreConfig(str(manifest), output=str(out), limit=2,
+                                            resume=True))
+    with pytest.raises(memscore.MemscoreError, match="contradict"):
+        memscore.score(memscore.ScoreConfig(str(manifest), output=str(out), resume=True,
+                                            overwrite=True))
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "x.txt").write_text("not a run")
+    with pytest.raises(memscore.MemscoreError, match="no interrupted memscore run"):
+        memscore.score(memscore.ScoreConfig(str(manifest), output=str(stray), resume=True))
+
+
+def test_duplicated_ids_are_refused_naming_an_example(tmp_path, example_images):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,key\n{example_images[0]},a\n{example_images[1]},b\n"
+                        f"{example_images[2]},a\n")
+    with pytest.raises(memscore.MemscoreError, match=r"not unique: 1 values repeat, e.g. 'a' \(2 times\)"):
+        memscore.score(memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o"),
+                                            id_column="key"))
+    with pytest.raises(memscore.MemscoreError, match="no --id-column 'nope'"):
+        memscore.score(memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o2"),
+                                            id_column="nope"))
+
+
+def test_manifest_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_path, example_images):
+    from memscore.manifest import open_manifest
+    from memscore.resume import ROW_COLUMN, write_snapshot
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + f"{example_images[0]}\n" * 7)
+    config = memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o"), rows_per_block=3)
+    snapshot = write_snapshot(open_manifest(str(manifest)), str(tmp_path / "o"), config)
+    assert snapshot.rows == 7 and len(snapshot.files) == 3  # blocks of 3, 3 and 1
+    table = pa.concat_tables(pq.read_table(f) for f in snapshot.files)
+    assert table.column(ROW_COLUMN).to_pylist() == list(range(7))
+    assert pc.count_distinct(table.column("path")).as_py() == 1

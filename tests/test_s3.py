@@ -28,7 +28,8 @@ from memscore import cli
 from s3server import TEST_ACCESS_KEY, TEST_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
-ADDED = ["memorability", "error", "model", "width", "height"]
+# What memscore appends to the manifest's columns, in order.
+ADDED = ["manifest_row", "memorability", "error", "model", "width", "height"]
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -20,7 +20,8 @@ from memscore import cli
 
 import badimages
 
-ADDED = ["memorability", "error", "model", "width", "height"]
+# What memscore appends to the manifest's columns, in order.
+ADDED = ["manifest_row", "memorability", "error", "model", "width", "height"]
 
 
 def metadata_table(paths: list[str], *, with_list: bool = True) -> pa.Table:

@@ -1,0 +1,120 @@
+"""Hostile and odd manifests: each is read faithfully, or stops with one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import memscore
+from memscore.manifest import open_manifest
+from memscore.resume import ROW_COLUMN, write_snapshot
+
+
+def snapshot_table(source, tmp_path, **config) -> pa.Table:
+    config = memscore.ScoreConfig(str(source), output=str(tmp_path / "out"), **config)
+    manifest = open_manifest(str(source), path_column=config.path_column)
+    snapshot = write_snapshot(manifest, str(tmp_path / "out"), config)
+    return pa.concat_tables(pq.read_table(f) for f in snapshot.files)
+
+
+def test_csv_with_non_utf8_bytes_keeps_them_as_binary(tmp_path):
+    source = tmp_path / "m.csv"
+    source.write_bytes(b"path,caption\na.jpg,caf\xe9 au lait\nb.jpg,plain\n")
+    table = snapshot_table(source, tmp_path)
+    assert table.schema.field("caption").type == pa.binary()
+    assert table.column("caption").to_pylist() == [b"caf\xe9 au lait", b"plain"]
+
+
+def test_non_utf8_path_column_is_refused(tmp_path):
+    source = tmp_path / "m.csv"
+    source.write_bytes(b"path\ncaf\xe9.jpg\n")
+    with pytest.raises(memscore.MemscoreError, match="'path' holds bytes that are not UTF-8"):
+        snapshot_table(source, tmp_path)
+
+
+def test_ragged_csv_row_stops_with_the_line(tmp_path):
+    source = tmp_path / "m.csv"
+    source.write_text("path,a,b\nx.jpg,1,2\ny.jpg,3\n")
+    with pytest.raises(memscore.MemscoreError, match=r"m.csv: cannot read the manifest: CSV parse "
+                                                    r"error: Expected 3 columns, got 2"):
+        snapshot_table(source, tmp_path)
+
+
+def test_csv_column_of_mixed_types_is_read_as_text(tmp_path):
+    source = tmp_path / "m.csv"
+    rows = "".join(f"img{i}.jpg,{i}\n" for i in range(100_000)) + "last.jpg,abc\n"
+    source.write_text("path,value\n" + rows)
+    table = snapshot_table(source, tmp_path, rows_per_block=50_000)
+    assert table.num_rows == 100_001
+    assert table.schema.field("value").type == pa.string()
+    assert table.column("value")[-1].as_py() == "abc" and table.column("value")[0].as_py() == "0"
+
+
+def test_jsonl_column_of_mixed_types_becomes_json_text(tmp_path):
+    source = tmp_path / "m.jsonl"
+    lines = [{"path": f"img{i}.jpg", "value": i} for i in range(30_000)]
+    lines.append({"path": "x.jpg", "value": "high", "extra": [1, 2]})
+    source.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    table = snapshot_table(source, tmp_path)
+    assert table.num_rows == 30_001
+    assert table.column("value").to_pylist()[:2] == ["0", "1"]
+    assert table.column("value")[-1].as_py() == "high"
+    assert table.column("extra").to_pylist()[-1] == [1, 2]
+    assert table.column(ROW_COLUMN).to_pylist() == list(range(30_001))
+
+
+def test_very_long_strings_survive(tmp_path):
+    source = tmp_path / "m.parquet"
+    long = "é" * 2_000_000
+    pq.write_table(pa.table({"path": ["a.jpg"], "note": [long]}), source)
+    assert snapshot_table(source, tmp_path).column("note")[0].as_py() == long
+
+
+def test_one_row_and_zero_rows(tmp_path):
+    one = tmp_path / "one.csv"
+    one.write_text("path\na.jpg\n")
+    assert snapshot_table(one, tmp_path).num_rows == 1
+    zero = tmp_path / "zero.csv"
+    zero.write_text("path\n")
+    with pytest.raises(memscore.MemscoreError, match="no rows"):
+        open_manifest(str(zero))
+
+
+def test_parquet_folder_files_of_different_types_name_the_column(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(pa.table({"path": ["a.jpg"], "n": pa.array([1], pa.int64())}), folder / "a.parquet")
+    pq.write_table(pa.table({"path": ["b.jpg"], "n": pa.array([2], pa.int32())}), folder / "b.parquet")
+    pq.write_table(pa.table({"path": ["c.jpg"], "n": pa.array(["x"], pa.string())}), folder / "c.parquet")
+    with pytest.raises(memscore.MemscoreError, match=r"c.parquet: column 'n' is string here but int64"):
+        snapshot_table(folder, tmp_path)
+    (folder / "c.parquet").unlink()  # int32 casts to the first file's int64 losslessly
+    assert snapshot_table(folder, tmp_path).column("n").to_pylist() == [1, 2]
+
+
+def test_limit_takes_the_first_rows_across_files(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for part in range(3):
+        pq.write_table(pa.table({"path": [f"{part}-{i}.jpg" for i in range(4)]}),
+                       folder / f"part{part}.parquet")
+    table = snapshot_table(folder, tmp_path, limit=6, rows_per_block=4)
+    assert table.column("path").to_pylist() == [f"0-{i}.jpg" for i in range(4)] + ["1-0.jpg", "1-1.jpg"]
+
+
+def test_hostile_manifest_end_to_end(ray_local, tmp_path, example_images, reference_scores):
+    """Non-UTF-8 metadata, a 1 MB string and a 1-row manifest through the whole job."""
+    source = tmp_path / "m.csv"
+    note = "x" * 1_000_000
+    source.write_bytes(b"path,caption,note\n" + str(example_images[0]).encode()
+                       + b",caf\xe9," + note.encode() + b"\n")
+    summary = memscore.score(memscore.ScoreConfig(str(source), output=str(tmp_path / "out")))
+    table = pq.read_table(tmp_path / "out")
+    assert summary["rows_out"] == table.num_rows == 1
+    assert table.column("caption").to_pylist() == [b"caf\xe9"]
+    assert table.column("note")[0].as_py() == note
+    assert abs(table.column("memorability")[0].as_py()
+               - reference_scores[example_images[0].name]) <= 1e-5

@@ -71,6 +71,8 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool,
         return mode
     except MemscoreError:
         raise
+    except PermissionError as exc:  # a HEAD's 403 carries no body: say what it means
+        raise MemscoreError(f"--output {output}: access denied (403): {first_line(exc)}") from None
     except Exception as exc:
         raise MemscoreError(f"--output {output} is not writable: {first_line(exc)}") from None
 

@@ -115,6 +115,10 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
             "storage_options": dict(config.storage_options),
             "max_pixels": config.max_pixels,
             "io_threads": config.io_threads,
+            "draft_factor": config.jpeg_draft_factor,
+            # A scanned folder is all the job may read: symlinks out of it are refused per row.
+            "confine_to": (manifest.base_dir if manifest.kind == "images"
+                           and not storage.is_url(manifest.base_dir) else None),
         },
         batch_format="pyarrow",
         batch_size=config.decode_batch_size,

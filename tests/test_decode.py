@@ -405,3 +405,356 @@ def test_missing_path_column_and_clashing_columns_are_config_errors():
         stage(pa.table({"other": ["x"]}))
     with pytest.raises(ValueError, match="already has"):
         stage(pa.table({"path": ["x"], "error": ["y"]}))
+
+
+# ------------------------------------------------------------------- hostile and odd files
+@pytest.mark.parametrize("name", ["ztxt_bomb_png", "itxt_bomb_png", "many_text_chunks_png"])
+def test_png_text_chunk_bombs_are_refused_with_little_memory(bad, name):
+    import tracemalloc
+
+    data = bad[name].read_bytes()
+    assert len(data) < 100_000  # a tiny file...
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageDecodeError) as info:
+            read_image(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.kind == badimages.EXPECTED_KIND[name] == "decompression bomb"
+    assert "PNG text chunk" in info.value.detail and "MAX_TEXT_" in info.value.detail, info.value.detail
+    # ...whose text Pillow stops inflating at MAX_TEXT_CHUNK (1 MiB) per chunk, MAX_TEXT_MEMORY
+    # (64 MiB) in all, instead of the 16 MiB per chunk the bombs hold.
+    from PIL import PngImagePlugin
+
+    limit = PngImagePlugin.MAX_TEXT_MEMORY if name == "many_text_chunks_png" else PngImagePlugin.MAX_TEXT_CHUNK
+    assert peak < limit + 8 * 2**20, peak
+
+
+def test_looping_gif_gives_first_frame_quickly(bad):
+    import time
+
+    path = bad["looping_gif"]
+    with Image.open(path) as im:
+        assert im.n_frames == badimages.LOOPING_GIF_FRAMES and im.info["loop"] == 0
+    start = time.perf_counter()
+    out = decode([str(path)])
+    elapsed = time.perf_counter() - start
+    assert out[ERROR_COLUMN][0].as_py() is None
+    assert elapsed < 2.0, elapsed  # one frame decoded, not 1000 (~10 ms here)
+    assert (pixels(out)[0] == badimages.LOOPING_GIF_FIRST_COLOUR).all()
+
+
+def test_jpeg_with_corrupt_markers_in_the_scan(bad):
+    # an EOI (FF D9) mid-scan: libjpeg stops there and fills the rest with grey; Pillow accepts it
+    image = read_image(bad["jpeg_eoi_midstream"].read_bytes())
+    clean = np.asarray(Image.open(io.BytesIO(badimages.clean_jpeg_bytes())).convert("RGB"))
+    got = np.asarray(image)
+    assert image.size == (320, 240)
+    assert np.array_equal(got[:96], clean[:96])  # the rows before the damage are intact
+    assert (got[-16:] == 128).all()  # the rows after it are grey
+    # garbage markers mid-scan: Pillow reports a broken data stream
+    with pytest.raises(ImageDecodeError) as info:
+        read_image(bad["jpeg_bad_marker"].read_bytes())
+    assert info.value.kind == badimages.EXPECTED_KIND["jpeg_bad_marker"] == "decode failed"
+    assert "broken data stream" in info.value.detail
+
+
+def test_junk_after_the_image_is_ignored(bad):
+    out = decode([str(bad["png_with_junk"]), str(bad["jpeg_with_junk"])])
+    assert out.column(ERROR_COLUMN).to_pylist() == [None, None]
+    png = np.asarray(read_image(bad["png_with_junk"].read_bytes()))
+    assert np.array_equal(png, np.asarray(badimages._photo()))  # lossless: the very pixels written
+    jpeg = np.asarray(read_image(bad["jpeg_with_junk"].read_bytes()))
+    assert np.array_equal(jpeg, np.asarray(read_image(badimages.clean_jpeg_bytes())))
+    with Image.open(io.BytesIO(badimages.clean_jpeg_bytes())) as im:
+        assert np.array_equal(pixels(out)[1], PRE.to_array(im.convert("RGB")))
+
+
+def test_path_with_spaces_and_unicode(bad):
+    path = bad["unicode_name"]
+    folder = path.parent.parent
+    assert path.relative_to(folder).as_posix() == badimages.UNICODE_NAME
+    out = decode([str(path), badimages.UNICODE_NAME, f"file://{path}"], base_dir=str(folder))
+    assert out.column(ERROR_COLUMN).to_pylist() == [None, None, None]
+    assert out[WIDTH_COLUMN].to_pylist() == [96] * 3 and out[HEIGHT_COLUMN].to_pylist() == [64] * 3
+    expected = PRE.to_array(badimages._photo())
+    assert all(np.array_equal(p, expected) for p in pixels(out))
+
+
+def test_confine_to_refuses_paths_outside_the_folder(tmp_path):
+    folder = tmp_path / "input"
+    links = badimages.write_symlinks(folder)
+    good = badimages.write_one_pixel_png(folder)
+    names = list(links)
+    paths = [str(links[n]) for n in names] + [str(good), str(folder / "missing.png"), "link_inside.png"]
+    expected = [badimages.SYMLINK_EXPECTED_KIND[n] for n in names] + [None, "missing file", None]
+    assert "outside input folder" in ERROR_KINDS
+
+    # the folder given as itself, as a file:// URL, and through a symlink to it
+    alias = tmp_path / "alias"
+    alias.symlink_to(folder, target_is_directory=True)
+    for confine_to in (str(folder), f"file://{folder}", str(alias) + "/"):
+        out = decode(paths, base_dir=str(folder), confine_to=confine_to, io_threads=3)
+        errors = out.column(ERROR_COLUMN).to_pylist()
+        assert [kind_of(e) for e in errors] == expected, (confine_to, errors)
+        for error in errors:
+            if kind_of(error) == "outside input folder":
+                assert "secret.png" in error and "outside" in error and "\n" not in error
+        assert not pixels(out)[[i for i, k in enumerate(expected) if k]].any()
+
+    # without confine_to the links are followed
+    out = decode(paths, base_dir=str(folder))
+    assert [kind_of(e) for e in out.column(ERROR_COLUMN).to_pylist()] == [None] * len(names) + [None, "missing file", None]
+    # confine_to only checks local paths
+    with pytest.raises(ValueError, match="local folder"):
+        DecodeImages("path", {"resmem": PRE}, confine_to="s3://bucket/images")
+
+
+# ------------------------------------------------------------------------- JPEG draft mode
+def _jpeg_file(path: Path, size, exif=None) -> Path:
+    image = badimages._photo(*size)
+    kwargs = {"exif": exif.tobytes()} if exif is not None else {}
+    image.save(path, format="JPEG", quality=90, **kwargs)
+    return path
+
+
+def test_draft_only_for_large_jpegs_and_sizes_stay_full(tmp_path):
+    below = _jpeg_file(tmp_path / "below.jpg", (1023, 1400))  # one side < 4 * 256
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    above = _jpeg_file(tmp_path / "above.jpg", (1600, 1100), exif)  # both >= 1024, rotated
+    square = _jpeg_file(tmp_path / "square.jpg", (1024, 1024))
+    paths = [str(below), str(above), str(square)]
+    drafted, plain = decode(paths), decode(paths, draft_factor=0)
+    for out in (drafted, plain):
+        assert out.column(ERROR_COLUMN).to_pylist() == [None] * 3
+        assert out[WIDTH_COLUMN].to_pylist() == [1023, 1100, 1024]  # full size, EXIF-rotated
+        assert out[HEIGHT_COLUMN].to_pylist() == [1400, 1600, 1024]
+    got, ref = pixels(drafted), pixels(plain)
+    with Image.open(below) as im:
+        assert np.array_equal(got[0], PRE.to_array(im.convert("RGB")))  # below: untouched
+    assert np.array_equal(ref[0], got[0])
+    for i in (1, 2):  # drafted: different, but close
+        assert not np.array_equal(got[i], ref[i])
+        assert np.abs(got[i].astype(int) - ref[i].astype(int)).mean() < 2.0
+    # the draft keeps at least twice the target: 1600x1100 -> 1/2 (800x550), not 1/4 (400x275)
+    image = read_image(above.read_bytes(), draft_to=256)
+    assert image.size == (550, 800)
+    assert read_image(above.read_bytes()).size == (1100, 1600)  # read_image: no draft by default
+    # a smaller resize target lowers the threshold: (128, 128) -> 512 on both sides
+    small = ImagePreprocess(resize=(128, 128), crop=112)
+    out = decode([str(below)], preprocess={"small": small})
+    with Image.open(below) as im:
+        assert not np.array_equal(pixels(out, "small")[0], small.to_array(im.convert("RGB")))
+    # ... but the largest resize over all entries counts
+    out = decode([str(below)], preprocess={"small": small, "resmem": PRE})
+    with Image.open(below) as im:
+        assert np.array_equal(pixels(out, "small")[0], small.to_array(im.convert("RGB")))
+
+
+_DRAFT_PROBE = r"""
+import json, sys, time
+import numpy as np, pyarrow as pa
+from memscore.decode import DecodeImages
+from memscore.transforms import ImagePreprocess
+
+huge, small, out_dir = sys.argv[1:4]
+def status(field):  # this process's own memory, in bytes (VmHWM: peak resident set)
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+def reset_peak():  # Linux >= 4.0: VmHWM := VmRSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status("VmRSS")
+def run(path, **kw):
+    stage = DecodeImages("path", {"resmem": ImagePreprocess()}, io_threads=1, **kw)
+    wall, cpu = time.perf_counter(), time.process_time()
+    table = stage(pa.table({"path": [path]}))
+    return table, (time.perf_counter() - wall, time.process_time() - cpu)
+run(small)  # imports torchvision, warms up
+result = {}
+for name, kw in (("draft", {}), ("full", {"draft_factor": 0})):
+    base = reset_peak()
+    table, first = run(huge, **kw)
+    result["mem_" + name] = status("VmHWM") - base
+    del table
+    table, second = run(huge, **kw)
+    result["t_" + name] = min(first[0], second[0])  # wall
+    result["cpu_" + name] = min(first[1], second[1])  # CPU: steadier on a busy machine
+    assert table["error"][0].as_py() is None, table["error"][0]
+    result["size_" + name] = [table["width"][0].as_py(), table["height"][0].as_py()]
+    np.save(f"{out_dir}/{name}.npy", table.column(table.column_names[-1]).combine_chunks().to_numpy()[0])
+print(json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="session")
+def huge_jpeg(tmp_path_factory) -> Path:
+    return badimages.write_huge_jpeg(tmp_path_factory.mktemp("huge"))
+
+
+@pytest.fixture(scope="module")
+def draft_probe(huge_jpeg, tmp_path_factory) -> dict:
+    """Decode the 8000x8000 JPEG with and without draft mode in a fresh process (for maxrss)."""
+    import json
+    import subprocess
+    import sys
+
+    out_dir = tmp_path_factory.mktemp("draft")
+    small = str(badimages.sample("astronaut.png"))
+    proc = subprocess.run([sys.executable, "-c", _DRAFT_PROBE, str(huge_jpeg), small, str(out_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["draft"] = np.load(out_dir / "draft.npy")
+    result["full"] = np.load(out_dir / "full.npy")
+    return result
+
+
+def test_draft_mode_bounds_memory_and_time_for_huge_jpegs(draft_probe):
+    r = draft_probe
+    mib = 2**20
+    draft_mem, full_mem = r["mem_draft"] / mib, r["mem_full"] / mib
+    mad = float(np.abs(r["draft"].astype(np.int16) - r["full"].astype(np.int16)).mean())
+    print(f"\n8000x8000 JPEG: draft {r['t_draft']:.3f} s wall {r['cpu_draft']:.3f} s CPU, "
+          f"+{draft_mem:.0f} MiB peak; full {r['t_full']:.3f} s wall {r['cpu_full']:.3f} s CPU, "
+          f"+{full_mem:.0f} MiB peak; mean abs diff {mad:.3f}")
+    assert r["size_draft"] == r["size_full"] == list(badimages.HUGE_JPEG_SIZE)  # full size reported
+    assert full_mem > 150  # 64 Mpixels decoded as RGB: 183 MiB at least
+    assert draft_mem < 40 and draft_mem < full_mem / 5  # 1000x1000 decoded
+    assert r["cpu_draft"] < r["cpu_full"] / 3
+    assert 0 < mad < 2.0
+
+
+def test_draft_mode_barely_moves_the_score(draft_probe):
+    import torch
+
+    from memscore.models import get_model, get_model_weights
+
+    weights = get_model_weights("resmem").DEFAULT
+    model = get_model("resmem")
+    with torch.inference_mode():
+        scores = model(weights.transforms.to_tensor(np.stack([draft_probe["draft"], draft_probe["full"]])))
+    draft_score, full_score = (float(s) for s in scores.flatten())
+    print(f"\nResMem on the 8000x8000 JPEG: draft {draft_score:.5f}, full {full_score:.5f}, "
+          f"diff {draft_score - full_score:+.5f}")
+    assert abs(draft_score - full_score) < 0.01
+
+
+# -------------------------------------------------------------------------- pixel budget
+def test_pixel_budget_bounds_pixels_in_flight(monkeypatch):
+    import memscore.decode as decode_module
+
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0, "alone": 0}
+    real_load = decode_module._load_rgb
+
+    def counting_load(image):
+        n = image.size[0] * image.size[1]
+        with lock:
+            state["now"] += n
+            if state["now"] > budget:
+                assert state["now"] == n, "only an image larger than the budget may exceed it, alone"
+                state["alone"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        try:
+            return real_load(image)
+        finally:
+            with lock:
+                state["now"] -= n
+
+    monkeypatch.setattr(decode_module, "_load_rgb", counting_load)
+    paths = [str(badimages.sample(name)) for name in READABLE] * 3
+    budget = 600_000  # about two 512x512 images
+    reference = decode(paths, io_threads=1)
+    threaded = decode(paths, io_threads=8, max_inflight_pixels=budget)
+    assert threaded.equals(reference)
+    assert 0 < state["peak"] and state["alone"] > 0  # hubble (1000x872) runs alone
+
+    # a budget smaller than every image: one at a time, same results, no deadlock
+    state.update(peak=0, alone=0)
+    budget = 1
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(out=decode(paths + [None, "/nope.png"], io_threads=8, max_inflight_pixels=1)),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "decode with a tiny pixel budget deadlocked"
+    out = result["out"]
+    assert out.slice(0, len(paths)).equals(reference)
+    assert [kind_of(e) for e in out.column(ERROR_COLUMN).to_pylist()[-2:]] == ["missing path", "missing file"]
+    assert state["peak"] == max(w * h for w, h in zip(reference[WIDTH_COLUMN].to_pylist(), reference[HEIGHT_COLUMN].to_pylist()))
+
+
+def test_pixel_budget_fifo_and_release():
+    from memscore.decode import _PixelBudget
+
+    budget = _PixelBudget(10)
+    assert budget.acquire(25) == 10  # larger than the whole budget: takes all of it
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(budget.acquire(3)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not got  # waits while the big one runs
+    budget.release(10)
+    waiter.join(5)
+    assert got == [3] and budget.free == 7
+    budget.release(3)
+    assert budget.free == 10
+    # many threads, random sizes: never more than the budget out, everything returned
+    import random
+
+    rng = random.Random(0)
+    sizes = [rng.randint(1, 15) for _ in range(400)]
+    out_now, peak, lock = [0], [0], threading.Lock()
+
+    def work(n):
+        held = budget.acquire(n)
+        with lock:
+            out_now[0] += held
+            peak[0] = max(peak[0], out_now[0])
+        with lock:
+            out_now[0] -= held
+        budget.release(held)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, sizes))
+    assert peak[0] <= 10 and budget.free == 10
+
+    # a waiter interrupted while queued (here by a signal) gives up its turn; later ones still run
+    assert budget.acquire(10) == 10
+    late = []
+    behind = threading.Thread(target=lambda: late.append(budget.acquire(2)))
+
+    def on_alarm(signum, frame):
+        raise Hung("interrupted")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Hung):
+            behind.start()  # queues behind this thread's ticket, taken next
+            budget.acquire(4)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    budget.release(10)
+    behind.join(5)
+    assert late == [2] and budget.free == 8
+
+
+def test_new_options_are_validated_and_survive_pickling():
+    with pytest.raises(ValueError, match="max_inflight_pixels"):
+        DecodeImages("path", {"resmem": PRE}, max_inflight_pixels=0)
+    with pytest.raises(ValueError, match="draft_factor"):
+        DecodeImages("path", {"resmem": PRE}, draft_factor=-1)
+    stage = DecodeImages("path", {"resmem": PRE}, max_inflight_pixels=123, draft_factor=2, confine_to="/data")
+    clone = pickle.loads(pickle.dumps(stage))
+    assert (clone.max_inflight_pixels, clone.draft_factor, clone.confine_to) == (123, 2, "/data")
+    assert clone._budget.total == 123 and clone._budget is not stage._budget

@@ -65,14 +65,23 @@ def test_folder_of_images(ray_local, tmp_path, example_images, reference_scores)
     for i, image in enumerate(example_images):
         shutil.copy(image, (folder / "nested" if i % 2 else folder) / image.name)
     (folder / "notes.txt").write_text("not an image, not listed")
+    secret = tmp_path / "elsewhere" / "private.png"
+    secret.parent.mkdir()
+    shutil.copy(example_images[0], secret)
+    (folder / "link.png").symlink_to(secret)  # a link out of the scanned folder
     summary = run(folder, tmp_path / "out")
-    table = pq.read_table(tmp_path / "out")
+    table = pq.read_table(tmp_path / "out").sort_by("manifest_row")
     assert table.column_names == ["path"] + ADDED
-    assert table.num_rows == len(example_images)
-    check_scores(table, reference_scores)
-    assert summary["rows_in"] == summary["rows_out"] == summary["rows_scored"] == len(example_images)
+    assert table.num_rows == len(example_images) + 1
+    link = table.filter(pc.equal(table.column("path"), str(folder / "link.png")))
+    assert link.column("error")[0].as_py().startswith("outside input folder:")
+    assert link.column("memorability")[0].as_py() is None
+    check_scores(table.filter(pc.is_null(table.column("error"))), reference_scores)
+    assert summary["rows_in"] == summary["rows_out"] == len(example_images) + 1
+    assert summary["rows_scored"] == len(example_images)
     on_disk = json.loads((tmp_path / "out" / "_memscore.json").read_text())
-    assert on_disk["rows_out"] == len(example_images)
+    assert on_disk["rows_out"] == len(example_images) + 1
+    assert on_disk["error_kinds"] == {"outside input folder": 1}
     assert len(on_disk["models"][0]["weights_sha256"]) == 64
     assert on_disk["versions"]["ray"] and on_disk["versions"]["torch"]
     assert on_disk["images_per_s"] > 0

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memscore.cli import format_summary_line
-from memscore.config import MemscoreError, ScoreConfig, add_arguments, from_args
+from memscore.cli import score_command
+from memscore.config import ScoreConfig, add_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,15 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from memscore.run import score
-
-    try:
-        summary = score(from_args(args, ScoreConfig))
-    except MemscoreError as exc:
-        print(f"memscore: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_summary_line(summary))
-    return 0
+    return score_command(args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 
 from memscore.config import MemscoreError, ScoreConfig, add_arguments, from_args
 
-__all__ = ["main", "build_parser", "format_summary_line"]
+__all__ = ["main", "build_parser", "format_summary_line", "score_command"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +92,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "verify":
             return _verify(args)
-        from memscore.run import score
+    except MemscoreError as exc:
+        print(f"memscore: error: {exc}", file=sys.stderr)
+        return 2
+    return score_command(args)
 
+
+def score_command(args: argparse.Namespace) -> int:
+    """Run ``score`` from parsed arguments: the summary line and 0, or one error line and 2."""
+    from memscore.run import score
+
+    try:
         summary = score(from_args(args, ScoreConfig))
     except MemscoreError as exc:
         print(f"memscore: error: {exc}", file=sys.stderr)

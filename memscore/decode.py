@@ -382,6 +382,19 @@ def resolve_path(path: str, base_dir: str | None) -> str:
     return resolved
 
 
+def _local_error(exc: OSError, shown: str) -> ImageDecodeError:
+    """The row error for an OSError from stat/open of a local path."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageDecodeError("missing file", shown)
+    if isinstance(exc, NotADirectoryError):
+        return ImageDecodeError("missing file", f"a parent is not a directory: {shown}")
+    if isinstance(exc, PermissionError):
+        return ImageDecodeError("unreadable", f"permission denied: {shown}")
+    if isinstance(exc, IsADirectoryError):
+        return ImageDecodeError("not a file", f"is a directory: {shown}")
+    return ImageDecodeError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}: {shown}")
+
+
 # ----------------------------------------------------------------------------------------- stage
 class DecodeImages:
     """Ray Data ``map_batches`` callable (``batch_format='pyarrow'``); also usable as a plain function.
@@ -496,28 +509,16 @@ class DecodeImages:
             path = self._confined(path)  # read what was checked, not the symlink again
         try:
             st = os.stat(path)
-        except FileNotFoundError:
-            raise ImageDecodeError("missing file", shown) from None
-        except NotADirectoryError:
-            raise ImageDecodeError("missing file", f"a parent is not a directory: {shown}") from None
-        except PermissionError:
-            raise ImageDecodeError("unreadable", f"permission denied: {shown}") from None
         except OSError as exc:
-            raise ImageDecodeError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}: {shown}") from None
+            raise _local_error(exc, shown) from None
         self._check_regular(st.st_mode, shown)
         self._check_size(st.st_size, shown)
         try:
             # O_NONBLOCK: if the path was swapped for a FIFO since the stat, open must not hang;
             # the fstat below then refuses it. No effect on regular files.
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise ImageDecodeError("missing file", shown) from None
-        except PermissionError:
-            raise ImageDecodeError("unreadable", f"permission denied: {shown}") from None
-        except IsADirectoryError:
-            raise ImageDecodeError("not a file", f"is a directory: {shown}") from None
         except OSError as exc:
-            raise ImageDecodeError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}: {shown}") from None
+            raise _local_error(exc, shown) from None
         with os.fdopen(fd, "rb") as f:
             self._check_regular(os.fstat(fd).st_mode, shown)
             try:

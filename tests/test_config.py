@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,23 @@ def test_a_gpu_torch_cannot_see_falls_back_to_cpu_with_a_warning(monkeypatch, ca
     caplog.clear()
     assert pick_device(False).type == "cpu"
     assert caplog.text == ""
+
+
+def test_the_job_entrypoint_takes_the_cli_options_and_fails_the_same_way(tmp_path):
+    import subprocess
+    import sys
+
+    from memscore.config import from_args
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs"))
+    import score as job
+
+    argv = ["m.csv", "--output", "o", "--batch-size", "4", "--resume", "--id-column", "key"]
+    assert from_args(job.parse_args(argv)) == from_args(build_parser().parse_args(["score", *argv]))
+    bad = tmp_path / "m.csv"
+    bad.write_text("file\nx.jpg\n")
+    result = subprocess.run([sys.executable, "jobs/score.py", str(bad), "--output", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("name the image column with --path-column")

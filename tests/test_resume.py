@@ -135,6 +135,13 @@ def test_resume_refuses_a_different_run_and_finishes_a_complete_one_at_once(
     (stray / "x.txt").write_text("not a run")
     with pytest.raises(memscore.MemscoreError, match="no interrupted memscore run"):
         memscore.score(memscore.ScoreConfig(str(manifest), output=str(stray), resume=True))
+    # Killed while the snapshot was being written: no state yet, so --resume starts afresh.
+    cut = tmp_path / "cut"
+    (cut / "_memscore" / "manifest").mkdir(parents=True)
+    (cut / "_memscore" / "manifest" / "part-000000.parquet").write_bytes(b"PAR1 half a file")
+    done = memscore.score(memscore.ScoreConfig(str(manifest), output=str(cut), resume=True))
+    assert done["rows_out"] == 4 and done["resumed"] is False
+    assert verify(str(cut), str(manifest)).ok
 
 
 def test_duplicated_ids_are_refused_naming_an_example(tmp_path, example_images):

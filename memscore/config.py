@@ -51,10 +51,14 @@ class ScoreConfig:
         "_memscore.json. Must be empty or absent unless --overwrite is given.",
         flag="--output", required=True))
     models: tuple[str, ...] = field(default=("resmem",), metadata=_opt(
-        "Model to score with, from `memscore models`.", flag="--model"))
+        "Model(s) to score with, from `memscore models`; several, comma-separated "
+        "(resmem,falseresmem), share one decode and give one column each.", flag="--model",
+        metavar="NAME[,NAME]"))
     weights: str | None = field(default=None, metadata=_opt(
         "Weights of the model: a member name of its weights enum (default: DEFAULT, the "
-        "published weights)."))
+        "published weights), or a checkpoint file of its state_dict (.safetensors or a torch "
+        "file read with weights_only=True; local or s3://), scored with the DEFAULT "
+        "preprocessing."))
     path_column: str = field(default="path", metadata=_opt(
         "Manifest column holding each image's path or s3:// URL; relative paths resolve "
         "against the manifest's folder."))
@@ -102,7 +106,7 @@ class ScoreConfig:
     storage_options: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
         "fsspec/s3fs option KEY=VALUE for s3:// paths, repeatable; dotted keys nest "
         "(client_kwargs.region_name=eu-west-1). Without them the standard AWS_* environment "
-        "variables apply.", flag="--storage-option", action="append"))
+        "variables apply.", flag="--storage-option", action="append", metavar="KEY=VALUE"))
 
     def validated(self) -> "ScoreConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""

@@ -60,17 +60,21 @@ class ScoreImages:
 
     Args:
         models: registered model names, e.g. ``("resmem",)``.
-        weights: weights name for a single model (default: each model's DEFAULT).
+        weights: weights member name, or a checkpoint file (local or URL), for a single model
+            (default: each model's DEFAULT).
         use_gpu: score on CUDA when torch sees a GPU.
         torch_threads: intra-op threads on the CPU (default: every core of the machine; Ray
             would otherwise pin an actor that asked for one CPU to one thread).
+        storage_options: fsspec options for a remote checkpoint.
     """
 
     def __init__(self, models: tuple[str, ...], weights: str | None = None, *,
-                 use_gpu: bool = False, torch_threads: int | None = None) -> None:
+                 use_gpu: bool = False, torch_threads: int | None = None,
+                 storage_options: dict | None = None) -> None:
         import torch
 
-        from memscore.models import get_model, resolve_weights
+        from memscore.models import get_model
+        from memscore.models._api import is_checkpoint_path, weights_for
 
         self.device = pick_device(use_gpu)
         if self.device.type == "cpu":
@@ -78,9 +82,14 @@ class ScoreImages:
         self.models = tuple(models)
         self._runners = []
         for name in self.models:
-            chosen = resolve_weights(name, weights or "DEFAULT")
-            model = get_model(name, weights=chosen).to(self.device)
-            self._runners.append((name, chosen.transforms, chosen.meta["output_column"], model))
+            chosen = weights_for(name, weights)
+            if is_checkpoint_path(weights):
+                model = get_model(name, weights=None, checkpoint=weights,
+                                  storage_options=storage_options)
+            else:
+                model = get_model(name, weights=chosen)
+            self._runners.append((name, chosen.transforms, chosen.meta["output_column"],
+                                  model.to(self.device)))
         self._added = output_columns(self.models)
 
     def __call__(self, table: pa.Table) -> pa.Table:

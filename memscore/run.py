@@ -61,22 +61,28 @@ def plan_model_actors(config: ScoreConfig, cluster_gpus: float) -> dict[str, Any
 
 def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
     """Which weights file each model uses; raises MemscoreError when one is missing."""
-    from memscore.models import resolve_weights
-    from memscore.models._api import WeightsNotFoundError
+    from memscore.models._api import WeightsNotFoundError, is_checkpoint_path, weights_for
 
     records = []
     for name in config.models:
         try:
-            weights = resolve_weights(name, config.weights or "DEFAULT")
-            path = weights.path()
+            weights = weights_for(name, config.weights)
+            if is_checkpoint_path(config.weights):
+                fs, inner = storage.url_to_fs(config.weights, config.storage_options)
+                if not fs.isfile(inner):
+                    raise MemscoreError(f"--weights {config.weights}: no such checkpoint file")
+                path, chosen, licence = config.weights, "checkpoint", "the checkpoint's own"
+            else:
+                path, chosen = str(weights.path()), weights.name
+                licence = weights.meta.get("licence")
         except (ValueError, WeightsNotFoundError) as exc:
             raise MemscoreError(str(exc)) from None
         records.append({
             "model": name,
-            "weights": weights.name,
-            "weights_file": str(path),
+            "weights": chosen,
+            "weights_file": path,
             "output_column": weights.meta["output_column"],
-            "licence": weights.meta.get("licence"),
+            "licence": licence,
         })
     return records
 
@@ -100,12 +106,11 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
     from ray.data import ActorPoolStrategy
 
-    from memscore.models import resolve_weights
+    from memscore.models._api import weights_for
     from memscore.predict import ScoreImages
 
     dataset = resume.snapshot_dataset(snapshot, config.storage_options)
-    preprocess = {name: resolve_weights(name, config.weights or "DEFAULT").transforms
-                  for name in config.models}
+    preprocess = {name: weights_for(name, config.weights).transforms for name in config.models}
     dataset = dataset.map_batches(
         decode_batch,
         fn_kwargs={
@@ -131,6 +136,7 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
             "weights": config.weights,
             "use_gpu": plan["use_gpu"],
             "torch_threads": config.torch_threads,
+            "storage_options": dict(config.storage_options),
         },
         batch_format="pyarrow",
         batch_size=config.batch_size,
@@ -191,7 +197,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
 
     # Hashing a 0.5 GB weights file takes seconds: do it while the cluster works.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        hashes = pool.map(file_sha256, [record["weights_file"] for record in weights])
+        hashes = pool.map(lambda path: file_sha256(path, storage_options=config.storage_options),
+                          [record["weights_file"] for record in weights])
         clock = time.perf_counter()
         context.checkpoint_config = resume.checkpoint_config(config.output,
                                                              config.storage_options)

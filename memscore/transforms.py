@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ImagePreprocess"]
+__all__ = ["ImagePreprocess", "TenCropPreprocess"]
 
 
 @dataclass(frozen=True)
@@ -77,4 +77,61 @@ class ImagePreprocess:
 
     def __call__(self, image):
         """PIL image (RGB) -> float tensor (3, crop, crop): the whole pipeline for one image."""
+        return self.to_tensor(self.to_array(image)[None])[0]
+
+
+@dataclass(frozen=True)
+class TenCropPreprocess:
+    """The Caffe-style half of an oversampling pipeline: resize only; the crops are cut later.
+
+    The CPU half (``to_array``) resizes to ``resize`` and returns the whole uint8 RGB image: the
+    ten ``crop`` x ``crop`` crops (four corners and the centre, each also mirrored) are cut by the
+    model on its actor as one batched tensor (see ``memscore.models.memnet.ten_crop``), so ten
+    times fewer pixels travel through the object store. The model half (``to_tensor``) gives a
+    float tensor in **BGR** order on the **0..255** scale, as Caffe's ``caffe.io`` pipeline does
+    after ``raw_scale=255`` and ``channel_swap=(2, 1, 0)``. The mean image is *not* subtracted
+    here: it belongs to the weights, so it lives in the model as a buffer that travels in the
+    checkpoint (``MemNet.subtract_mean``).
+
+    Args:
+        resize: (height, width) of the resize, done by Pillow with bilinear interpolation as
+            torchvision's ``Resize`` does on PIL images. (Caffe resized with ``caffe.io``
+            (scikit-image, order 1) instead, so pixels differ from the original serving path by
+            about a grey level; the geometry is the same.)
+        crop: side of the crops the model cuts (informational here).
+
+    Example:
+        >>> from PIL import Image
+        >>> pre = TenCropPreprocess()
+        >>> pre(Image.new("RGB", (640, 480), (255, 0, 0)))[:, 0, 0].tolist()
+        [0.0, 0.0, 255.0]
+    """
+
+    resize: tuple[int, int] = (256, 256)
+    crop: int = 227
+
+    @property
+    def array_shape(self) -> tuple[int, int, int]:
+        """Shape of what ``to_array`` returns: (height, width, 3) of the resize."""
+        return (self.resize[0], self.resize[1], 3)
+
+    def to_array(self, image) -> np.ndarray:
+        """PIL image in mode RGB -> uint8 RGB array of shape ``array_shape`` (no crop)."""
+        from torchvision.transforms import functional as F
+
+        if image.mode != "RGB":
+            raise ValueError(f"to_array expects an RGB image, got mode {image.mode}")
+        return np.asarray(F.resize(image, list(self.resize)), dtype=np.uint8)
+
+    def to_tensor(self, arrays: np.ndarray):
+        """uint8 RGB array (N, H, W, 3) -> float32 tensor (N, 3, H, W), BGR, 0..255 (no /255)."""
+        import torch
+
+        # the reversed channel view is copied by ascontiguousarray, so torch owns the memory
+        arrays = np.ascontiguousarray(np.asarray(arrays)[..., ::-1])
+        batch = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+        return batch.to(torch.float32).contiguous()
+
+    def __call__(self, image):
+        """PIL image (RGB) -> float tensor (3, H, W) in BGR, 0..255: the whole CPU-side pipeline."""
         return self.to_tensor(self.to_array(image)[None])[0]

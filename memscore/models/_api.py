@@ -31,6 +31,9 @@ __all__ = [
     "load_state_dict_file",
     "load_state_dict_strict",
     "build_with_weights",
+    "build_from_checkpoint",
+    "is_checkpoint_path",
+    "weights_for",
     "file_sha256",
 ]
 
@@ -197,9 +200,13 @@ def build_with_weights(factory: Callable[[], Any], state_dict: Mapping[str, Any]
     return module
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path: str | Path, chunk: int = 1 << 22,
+                storage_options: Mapping[str, Any] | None = None) -> str:
+    """sha256 of a local file or any fsspec URL, read in chunks."""
+    import fsspec
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fsspec.open(str(path), "rb", **dict(storage_options or {})) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -252,6 +259,29 @@ def resolve_weights(name: str, weights: Any = "DEFAULT") -> WeightsEnum | None:
     return _entry(name).weights_enum.verify(weights)
 
 
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
+
+
+def is_checkpoint_path(weights: Any) -> bool:
+    """Whether ``--weights`` names a checkpoint file (a path or URL) rather than a weights member."""
+    return isinstance(weights, str) and (
+        "/" in weights or "://" in weights or weights.lower().endswith(_CHECKPOINT_SUFFIXES))
+
+
+def weights_for(name: str, weights: Any) -> WeightsEnum:
+    """The weights member whose preprocessing and meta apply: a checkpoint file uses DEFAULT's."""
+    if weights is None or is_checkpoint_path(weights):
+        return _entry(name).weights_enum.DEFAULT
+    return _entry(name).weights_enum.verify(weights)
+
+
+def build_from_checkpoint(factory: Callable[[], Any], checkpoint: str | Path,
+                          storage_options: Mapping[str, Any] | None = None):
+    """``factory()`` given the tensors of a checkpoint file (local or URL), strictly."""
+    return build_with_weights(factory, load_state_dict_file(checkpoint, storage_options),
+                              source=str(checkpoint))
+
+
 def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
     """Build registered model ``name`` with ``weights`` loaded strictly, in eval mode.
 
@@ -275,3 +305,5 @@ def _import_model_modules() -> None:
     # Model modules register themselves on import; importing them here (not in
     # memscore/__init__) keeps `import memscore` free of torch.
     from memscore.models import resmem  # noqa: F401
+    from memscore.models import falseresmem  # noqa: F401
+    from memscore.models import memnet  # noqa: F401

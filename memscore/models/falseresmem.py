@@ -31,22 +31,10 @@ from memscore.models._api import (
     package_file,
     register_model,
 )
-from memscore.models.resmem import _alexnet_features, _alexnet_layers, _head_layers
+from memscore.models.resmem import _alexnet_features, _alexnet_layers, _head, _head_layers
 from memscore.transforms import ImagePreprocess
 
 __all__ = ["FalseResMem", "FalseResMem_Weights", "falseresmem"]
-
-
-def _false_head(module: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    # As the published forward: drp6 after fc6, drp8 (not drp7, which is unused) after fc7, and,
-    # unlike ResMem, drp9 after fc8. Dropout is a no-op in eval mode; kept for training parity.
-    x = module.drp6(F.relu(module.fc6(features)))
-    x = module.drp8(F.relu(module.fc7(x)))
-    x = module.drp9(F.relu(module.fc8(x)))
-    x = F.relu(module.fc9(x))
-    x = F.relu(module.fc10(x))
-    x = F.relu(module.fc11(x))
-    return torch.sigmoid(module.fc12(x)).squeeze(1)
 
 
 class FalseResMem(nn.Module):
@@ -62,7 +50,8 @@ class FalseResMem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         resnet = torch.flatten(self.features(x), 1)  # (N, 2048, 1, 1) -> (N, 2048)
-        return _false_head(self, torch.cat((_alexnet_features(self, x), resnet), dim=1))
+        return _head(self, torch.cat((_alexnet_features(self, x), resnet), dim=1),
+                     dropout_after_fc8=True)
 
 
 class FalseResMem_Weights(WeightsEnum):

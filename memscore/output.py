@@ -93,8 +93,7 @@ def _resume_mode(fs, path: str, entries: list[str], output: str) -> str:
 
 
 def write_parquet(dataset, output: str, storage_options: Mapping[str, Any]) -> None:
-    filesystem = storage.pyarrow_filesystem(output, storage_options)
-    target = output.split("://", 1)[1] if filesystem is not None else output
+    target, filesystem = storage.for_pyarrow(output, storage_options)
     dataset.write_parquet(target, filesystem=filesystem)
 
 

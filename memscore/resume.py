@@ -187,19 +187,17 @@ def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
     """The snapshot as a Ray Dataset: one read block per part (the unit of a decode task)."""
     import ray.data
 
-    filesystem = storage.pyarrow_filesystem(snapshot.files[0], storage_options)
-    paths = [p.split("://", 1)[1] if filesystem is not None else p for p in snapshot.files]
+    paths, filesystem = storage.for_pyarrow(list(snapshot.files), storage_options)
     return ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths))
 
 
 def checkpoint_config(output: str, storage_options: Mapping[str, Any]):
     from ray.data.checkpoint import CheckpointConfig
 
-    path = _work(output, "checkpoint")
-    filesystem = storage.pyarrow_filesystem(path, storage_options)
+    path, filesystem = storage.for_pyarrow(_work(output, "checkpoint"), storage_options)
     config = CheckpointConfig(
         id_column=ROW_COLUMN,
-        checkpoint_path=path.split("://", 1)[1] if filesystem is not None else path,
+        checkpoint_path=path,
         override_filesystem=filesystem,
         # memscore deletes _memscore/ itself, after the summary: a kill between Ray's success
         # and the summary must still find the checkpoint.

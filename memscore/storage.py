@@ -19,6 +19,7 @@ __all__ = [
     "is_url",
     "url_to_fs",
     "pyarrow_filesystem",
+    "for_pyarrow",
     "join",
     "parent",
     "parse_storage_options",
@@ -59,6 +60,20 @@ def pyarrow_filesystem(path: str, storage_options: Mapping[str, Any] | None = No
 
     fs, _ = url_to_fs(path, storage_options)
     return PyFileSystem(FSSpecHandler(fs))
+
+
+def for_pyarrow(paths: str | list[str], storage_options: Mapping[str, Any] | None = None):
+    """(path or paths, filesystem) as Ray Data's readers and writers take them.
+
+    With an explicit pyarrow filesystem Ray wants the paths inside it (``bucket/key``); local
+    paths keep their form and no filesystem. A list shares one filesystem, its first path's.
+    """
+    many = not isinstance(paths, str)
+    items = list(paths) if many else [paths]
+    filesystem = pyarrow_filesystem(items[0], storage_options)
+    if filesystem is not None:
+        items = [p.split("://", 1)[1] for p in items]
+    return (items if many else items[0]), filesystem
 
 
 def join(base: str, *parts: str) -> str:

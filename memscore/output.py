@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 from memscore import storage
 from memscore.config import MemscoreError, first_line
 from memscore.decode import ERROR_COLUMN
+from memscore.resume import WORK_DIR
 
-__all__ = ["SUMMARY_FILE", "prepare_output", "output_files", "write_parquet", "count_output", "write_summary", "read_summary",
+__all__ = ["SUMMARY_FILE", "prepare_output", "output_files", "read_output_columns", "write_parquet", "count_output", "write_summary", "read_summary",
            "package_versions"]
 
 SUMMARY_FILE = "_memscore.json"
@@ -40,8 +41,6 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool,
     Also proves the location is writable (a permanent S3 error such as 403 or a missing bucket
     stops the run here, not after hours of scoring).
     """
-    from memscore.resume import WORK_DIR
-
     try:
         fs, path = storage.url_to_fs(output, storage_options)
         mode = "fresh"
@@ -78,8 +77,6 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool,
 
 
 def _resume_mode(fs, path: str, entries: list[str], output: str) -> str:
-    from memscore.resume import WORK_DIR
-
     if SUMMARY_FILE in entries:
         return "complete"
     if fs.exists(f"{path.rstrip('/')}/{WORK_DIR}/state.json"):
@@ -107,19 +104,26 @@ def output_files(output: str, storage_options: Mapping[str, Any]) -> list[str]:
                   and not any(part.startswith(("_", ".")) for part in p[len(root):].split("/")))
 
 
-def count_output(output: str, storage_options: Mapping[str, Any],
-                 score_columns: list[str]) -> dict[str, Any]:
-    """Rows, scored rows and error kinds, read back from the Parquet files just written."""
+def read_output_columns(output: str, files: list[str], columns: list[str],
+                        storage_options: Mapping[str, Any]):
+    """``columns`` of the run's Parquet ``files`` (from ``output_files``) as one table."""
     import pyarrow.dataset as pads
 
     fs, _ = storage.url_to_fs(output, storage_options)
+    data = pads.dataset(files, filesystem=storage.pyarrow_filesystem_of(fs), format="parquet")
+    for column in columns:
+        if column not in data.schema.names:
+            raise MemscoreError(f"{output}: the output has no column {column!r}")
+    return data.to_table(columns=columns)
+
+
+def count_output(output: str, storage_options: Mapping[str, Any],
+                 score_columns: list[str]) -> dict[str, Any]:
+    """Rows, scored rows and error kinds, read back from the Parquet files just written."""
     files = output_files(output, storage_options)
     if not files:
         return {"rows_out": 0, "rows_scored": 0, "rows_with_errors": 0, "error_kinds": {}}
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    data = pads.dataset(files, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
-    table = data.to_table(columns=[ERROR_COLUMN, *score_columns])
+    table = read_output_columns(output, files, [ERROR_COLUMN, *score_columns], storage_options)
     errors = table.column(ERROR_COLUMN)
     kinds = pc.value_counts(pc.utf8_slice_codeunits(
         pc.fill_null(errors, ""), 0, 200)).to_pylist()

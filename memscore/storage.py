@@ -20,6 +20,7 @@ __all__ = [
     "url_to_fs",
     "pyarrow_filesystem",
     "for_pyarrow",
+    "pyarrow_filesystem_of",
     "join",
     "parent",
     "parse_storage_options",
@@ -56,9 +57,14 @@ def pyarrow_filesystem(path: str, storage_options: Mapping[str, Any] | None = No
     """
     if not is_url(path) or _protocol(path) == "file":
         return None
+    fs, _ = url_to_fs(path, storage_options)
+    return pyarrow_filesystem_of(fs)
+
+
+def pyarrow_filesystem_of(fs):
+    """An fsspec filesystem wrapped for pyarrow (and Ray): the one place this is done."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, _ = url_to_fs(path, storage_options)
     return PyFileSystem(FSSpecHandler(fs))
 
 

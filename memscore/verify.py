@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from memscore import storage
 from memscore.config import MemscoreError
 from memscore.manifest import open_manifest
-from memscore.output import SUMMARY_FILE, output_files
+from memscore.output import SUMMARY_FILE, output_files, read_output_columns
 from memscore.resume import ROW_COLUMN, read_state
 
 __all__ = ["VerifyReport", "verify"]
@@ -84,7 +84,7 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     files = output_files(output, options)
     if not files:
         raise MemscoreError(f"{output}: no Parquet files")
-    got = _read_column(files, key, options, output)
+    got = read_output_columns(output, files, [key], options).column(key)
 
     counts = pc.value_counts(got)
     repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
@@ -102,14 +102,3 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
                 "unexpected": len(unexpected)},
         summary_present=bool(run.get("finished")),
     )
-
-
-def _read_column(files: list[str], column: str, options, output: str) -> pa.ChunkedArray:
-    import pyarrow.dataset as pads
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, _ = storage.url_to_fs(output, options)
-    data = pads.dataset(files, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
-    if column not in data.schema.names:
-        raise MemscoreError(f"{output}: the output has no column {column!r}")
-    return data.to_table(columns=[column]).column(column)

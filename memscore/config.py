@@ -12,7 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["MemscoreError", "first_line", "ScoreConfig", "add_arguments", "from_args"]
+__all__ = ["MemscoreError", "first_line", "ScoreConfig", "FinetuneConfig", "EvaluateConfig",
+           "add_arguments", "from_args"]
 
 
 class MemscoreError(Exception):
@@ -73,8 +74,13 @@ class ScoreConfig:
     gpus_per_actor: float = field(default=1.0, metadata=_opt(
         "GPUs each model actor takes; the actor count is num_gpus / gpus_per_actor."))
     actors: int | None = field(default=None, metadata=_opt(
-        "Model actors on CPU-only runs (default 1: one model using every core scores faster "
-        "than several that share them)."))
+        "Model actors: GPU runs, default one per --gpus-per-actor GPUs present (more than the "
+        "GPUs present waits for more, e.g. from the cluster autoscaler); CPU-only runs, "
+        "default 1 (one model using every core scores faster than several that share them)."))
+    min_actors: int | None = field(default=None, metadata=_opt(
+        "Make the model actor pool autoscale between this and --actors (default: a fixed "
+        "pool, which also survives losing a GPU node: the lost actor waits for a free GPU "
+        "while the others go on)."))
     torch_threads: int | None = field(default=None, metadata=_opt(
         "Torch intra-op threads per CPU model actor (default: the node's core count)."))
     io_threads: int = field(default=8, metadata=_opt(
@@ -140,10 +146,154 @@ class ScoreConfig:
             raise MemscoreError("--gpus-per-actor must be positive")
         if self.actors is not None and self.actors < 1:
             raise MemscoreError("--actors must be at least 1")
+        if self.min_actors is not None and self.min_actors < 1:
+            raise MemscoreError("--min-actors must be at least 1")
+        if self.min_actors and self.actors and self.min_actors > self.actors:
+            raise MemscoreError(f"--min-actors {self.min_actors} is more than "
+                                f"--actors {self.actors}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise MemscoreError("--torch-threads must be at least 1")
         if self.weights is not None and len(self.models) > 1:
             raise MemscoreError("--weights applies to one model; run models with own weights separately")
+        return self
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything one fine-tuning run needs. See ``memscore finetune --help`` for each field.
+
+    Example:
+        >>> cfg = FinetuneConfig("labelled.csv", output="runs/", name="lab-a")
+        >>> (cfg.model, cfg.mode, cfg.optimizer)
+        ('resmem', 'head', 'sgd')
+    """
+
+    manifest: str = field(metadata=_opt(
+        "Labelled images: a CSV, Parquet, JSONL file or folder with a path column and a label "
+        "column; local or s3://.", positional=True))
+    output: str = field(metadata=_opt(
+        "Folder (local or s3://) that holds runs; this run writes to OUTPUT/NAME: best/ (the "
+        "memscore checkpoint to score with), splits/, history.json, test scores and report, "
+        "finetune.json, and Ray Train's own checkpoints (ray_train/).", flag="--output",
+        required=True))
+    name: str = field(default="finetune", metadata=_opt(
+        "Run name. The same command with the same name resumes an interrupted run from its "
+        "last epoch; a finished run is reported, not redone."))
+    label_column: str = field(default="memorability", metadata=_opt(
+        "Manifest column with each image's measured score (numeric; rows where it is empty "
+        "are skipped and counted)."))
+    model: str = field(default="resmem", metadata=_opt(
+        "Model to train, from `memscore models`.", metavar="NAME"))
+    mode: str = field(default="head", metadata=_opt(
+        "head: train the head and the AlexNet-style branch on a frozen ResNet (the paper's "
+        "ResMem; for MemNet, fc6-fc8 on frozen convs); full: retrain the backbone too "
+        "(ResMemRetrain).", choices=("head", "full")))
+    weights: str | None = field(default=None, metadata=_opt(
+        "Starting weights: a member of the model's weights enum, a checkpoint (file or "
+        "memscore checkpoint folder, local or s3://), or 'scratch' for random init (default: "
+        "the published weights where the model has them, else scratch)."))
+    path_column: str = field(default="path", metadata=_opt(
+        "Manifest column holding each image's path or s3:// URL."))
+    split_column: str | None = field(default=None, metadata=_opt(
+        "Manifest column naming each row's split (train, validation/val, test). Without it "
+        "rows are split by a stable hash of the image path (see --split-fractions)."))
+    split_fractions: str = field(default="0.8,0.1,0.1", metadata=_opt(
+        "train,validation,test fractions of the hash split.", metavar="TRAIN,VAL,TEST"))
+    split_seed: int = field(default=0, metadata=_opt(
+        "Salt of the hash split: another seed, another (equally stable) split."))
+    epochs: int = field(default=10, metadata=_opt("Most epochs to train."))
+    batch_size: int = field(default=32, metadata=_opt(
+        "Images per training step on each worker."))
+    optimizer: str = field(default="sgd", metadata=_opt(
+        "sgd (with momentum, the paper's) or adamw.", choices=("sgd", "adamw")))
+    lr: float = field(default=1e-3, metadata=_opt("Learning rate."))
+    momentum: float = field(default=0.9, metadata=_opt("SGD momentum."))
+    weight_decay: float = field(default=1e-4, metadata=_opt("Weight decay."))
+    patience: int = field(default=3, metadata=_opt(
+        "Stop after this many epochs without a better validation Spearman; the best epoch's "
+        "model is the result."))
+    augment: str = field(default="crop,flip", metadata=_opt(
+        "Training augmentation, comma-separated: crop (random 227 crops of the 256x256 resize "
+        "instead of the centre one), flip (random mirror); 'none' for none. Validation and "
+        "scoring always use the centre crop.", metavar="crop,flip|none"))
+    seed: int = field(default=0, metadata=_opt("Seed of initialisation, shuffling, augmentation."))
+    workers: int = field(default=1, metadata=_opt(
+        "Ray Train data-parallel workers (one GPU each where the cluster has GPUs)."))
+    gpus_per_worker: float | None = field(default=None, metadata=_opt(
+        "GPUs per worker (default: 1 where the cluster has GPUs, else 0: CPU training)."))
+    cpus_per_worker: float = field(default=1.0, metadata=_opt(
+        "CPUs Ray reserves per training worker."))
+    torch_threads: int | None = field(default=None, metadata=_opt(
+        "Torch intra-op threads per CPU worker (default: the node's cores / workers)."))
+    max_failures: int = field(default=2, metadata=_opt(
+        "Times Ray Train restarts the workers from the last epoch's checkpoint after a worker "
+        "or node dies, before the run fails."))
+    decode_batch_size: int = field(default=64, metadata=_opt("Rows per CPU decode task."))
+    io_threads: int = field(default=8, metadata=_opt(
+        "Threads per decode task fetching and decoding images."))
+    max_pixels: int = field(default=89_478_485, metadata=_opt(
+        "Images declaring more pixels than this are skipped as decompression bombs."))
+    jpeg_draft_factor: int = field(default=4, metadata=_opt(
+        "As for score: JPEGs this many times the input size decode at reduced scale; 0 off."))
+    rows_per_block: int = field(default=256, metadata=_opt("Manifest rows per decode block."))
+    overwrite: bool = field(default=False, metadata=_opt(
+        "Delete OUTPUT/NAME and train again from the start.", action="store_true"))
+    address: str | None = field(default=None, metadata=_opt(
+        "Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray)."))
+    storage_options: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
+        "fsspec/s3fs option KEY=VALUE for s3:// paths, repeatable, as for score.",
+        flag="--storage-option", action="append", metavar="KEY=VALUE"))
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        if self.augment.strip().lower() in ("", "none"):
+            return ()
+        return tuple(part.strip().lower() for part in self.augment.split(",") if part.strip())
+
+    def validated(self) -> "FinetuneConfig":
+        """Return self after checking every field; raises MemscoreError naming the first problem."""
+        from memscore.models import list_models
+        from memscore.splits import parse_fractions
+        from memscore.train_loop import BACKBONES
+
+        if not self.manifest:
+            raise MemscoreError("no manifest given")
+        if not self.output:
+            raise MemscoreError("no --output given")
+        if not self.name or "/" in self.name or self.name.startswith((".", "_")):
+            raise MemscoreError(f"--name {self.name!r}: use a plain folder name")
+        known = list_models()
+        if self.model not in known:
+            raise MemscoreError(f"unknown model {self.model!r}; choose from {', '.join(known)}")
+        if self.model not in BACKBONES:
+            raise MemscoreError(f"memscore does not fine-tune {self.model!r} yet")
+        if self.mode not in ("head", "full"):
+            raise MemscoreError(f"--mode must be head or full, not {self.mode!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise MemscoreError(f"--optimizer must be sgd or adamw, not {self.optimizer!r}")
+        unknown = set(self.augmentations) - {"crop", "flip"}
+        if unknown:
+            raise MemscoreError(f"--augment: unknown {', '.join(sorted(unknown))} "
+                                f"(crop, flip or none)")
+        if not self.split_column:
+            try:
+                parse_fractions(self.split_fractions)
+            except ValueError as exc:
+                raise MemscoreError(f"--split-fractions: {exc}") from None
+        for name in ("epochs", "batch_size", "workers", "patience", "decode_batch_size",
+                     "io_threads", "max_pixels", "rows_per_block"):
+            if getattr(self, name) < 1:
+                raise MemscoreError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("lr", "cpus_per_worker"):
+            if not getattr(self, name) > 0:
+                raise MemscoreError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("momentum", "weight_decay", "max_failures", "jpeg_draft_factor"):
+            if getattr(self, name) < 0:
+                raise MemscoreError(f"--{name.replace('_', '-')} must not be negative")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise MemscoreError("--gpus-per-worker must not be negative")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise MemscoreError("--torch-threads must be at least 1")
         return self
 
 
@@ -168,9 +318,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls=ScoreConfig) -> No
 
 
 def _value_type(f: dataclasses.Field, default: Any):
-    if f.name == "models":
-        return lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
     text = str(f.type)
+    if text.startswith("tuple[str, ...]"):  # comma-separated names (--model a,b)
+        return lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
     if "float" in text:
         return float
     if "int" in text:
@@ -179,7 +329,7 @@ def _value_type(f: dataclasses.Field, default: Any):
 
 
 def _default_text(default: Any) -> str:
-    if default in (None, False) or isinstance(default, Mapping):
+    if default is None or default is False or default == () or isinstance(default, Mapping):
         return ""
     if isinstance(default, tuple):
         default = ",".join(default)
@@ -200,5 +350,77 @@ def from_args(args: argparse.Namespace, config_cls=ScoreConfig):
                 value = parse_storage_options(value)
             except ValueError as exc:
                 raise MemscoreError(str(exc)) from None
+        elif isinstance(value, list):  # nargs=N gives a list; the configs are frozen: tuples
+            value = tuple(value)
         values[f.name] = value
     return config_cls(**values)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """One evaluation of predictions against ground truth. See ``memscore evaluate --help``.
+
+    Example:
+        >>> cfg = EvaluateConfig(predictions="scores/", truth="labels.csv",
+        ...                      truth_column="memorability", report="report/")
+        >>> cfg.prediction_column, cfg.bootstrap
+        ('memorability', 1000)
+    """
+
+    predictions: str = field(metadata=_opt(
+        "The predictions: a `memscore score` output folder (local or s3://), or one Parquet, "
+        "CSV or JSONL file.", positional=True))
+    truth: str = field(metadata=_opt(
+        "The ground truth: a CSV, Parquet (file or folder) or JSONL file, local or s3://.",
+        flag="--truth", required=True))
+    truth_column: str = field(metadata=_opt(
+        "Column of --truth holding the measured memorability (e.g. the hit rate).",
+        required=True))
+    report: str = field(metadata=_opt(
+        "Folder (local or s3://) for report.md, metrics.json, distribution.png and scatter.png "
+        "(files of those names there are replaced).", flag="--report", required=True))
+    prediction_column: str = field(default="memorability", metadata=_opt(
+        "Column of the predictions to evaluate (e.g. false_alarm, memorability_memnet)."))
+    path_column: str = field(default="path", metadata=_opt(
+        "Image path column, present in both the predictions and --truth: the join key unless "
+        "--key is given."))
+    key: str | None = field(default=None, metadata=_opt(
+        "Join on this column instead of --path-column (it must be in both files and unique in "
+        "each).", metavar="COLUMN"))
+    group_by: tuple[str, ...] = field(default=(), metadata=_opt(
+        "Also report the figures per value of this column (of --truth, else of the "
+        "predictions), e.g. category; several, comma-separated, each grouped on its own.",
+        metavar="COLUMN[,COLUMN]"))
+    split_half_columns: tuple[str, str] | None = field(default=None, metadata=_opt(
+        "Two columns of --truth scoring each image from two halves of the participants: their "
+        "Spearman rho (human consistency) and its Spearman-Brown correction are reported as "
+        "the ceiling beside the model's rho.", nargs=2, metavar=("A", "B")))
+    bootstrap: int = field(default=1000, metadata=_opt(
+        "Bootstrap resamples (of images) for the 95%% percentile interval of Spearman's rho; "
+        "0 skips the interval.", metavar="N"))
+    seed: int = field(default=0, metadata=_opt(
+        "Seed of the bootstrap's numpy random Generator (same seed, same interval)."))
+    storage_options: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
+        "fsspec/s3fs option KEY=VALUE for s3:// paths, repeatable; as for `memscore score`.",
+        flag="--storage-option", action="append", metavar="KEY=VALUE"))
+
+    def validated(self) -> "EvaluateConfig":
+        """Return self after checking every field; raises MemscoreError naming the first problem."""
+        for name, flag in (("predictions", "predictions"), ("truth", "--truth"),
+                           ("truth_column", "--truth-column"), ("report", "--report"),
+                           ("prediction_column", "--prediction-column"),
+                           ("path_column", "--path-column")):
+            if not getattr(self, name):
+                raise MemscoreError(f"no {flag} given")
+        if self.key is not None and not self.key:
+            raise MemscoreError("--key is empty")
+        if self.bootstrap < 0:
+            raise MemscoreError("--bootstrap must not be negative (0 skips the interval)")
+        if len(set(self.group_by)) != len(self.group_by):
+            raise MemscoreError(f"a column is named twice in --group-by {','.join(self.group_by)}")
+        if self.split_half_columns is not None:
+            if len(self.split_half_columns) != 2 or not all(self.split_half_columns):
+                raise MemscoreError("--split-half-columns takes two column names")
+            if self.split_half_columns[0] == self.split_half_columns[1]:
+                raise MemscoreError("--split-half-columns names the same column twice")
+        return self

@@ -1,0 +1,266 @@
+"""Fine-tuning with Ray Train on a real local Ray, CPU: learning, splits, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import memscore
+from memscore.checkpoint import read_checkpoint_info
+from memscore.config import FinetuneConfig, MemscoreError
+from memscore.finetune import ROW, SPLIT, finetune
+from memscore.metrics import spearman
+from memscore.models import get_model, get_model_weights
+from memscore.splits import assign_splits, normalise_split_column, parse_fractions
+from synthetic import write_tint_dataset
+from test_resume import ray_processes
+
+IMAGES = 160
+BAD_ROWS = [  # two unreadable images and two rows without a label, among the labelled ones
+    {"path": "images/missing.png", "memorability": "0.5", "category": "cool"},
+    {"path": "images/corrupt.png", "memorability": "0.6", "category": "warm"},
+    {"path": "images/img_0000.png", "memorability": "", "category": "cool"},
+    {"path": "images/img_0001.png", "memorability": "n/a", "category": "warm"},
+]
+
+
+def memnet_config(manifest: Path, output: Path, **overrides) -> FinetuneConfig:
+    settings = dict(name="tint", model="memnet", epochs=4, optimizer="adamw", lr=1e-3,
+                    batch_size=16, patience=8, rows_per_block=64, decode_batch_size=32)
+    settings.update(overrides)
+    return FinetuneConfig(str(manifest), output=str(output), **settings)
+
+
+@pytest.fixture(scope="module")
+def tint_run(tmp_path_factory, ray_local):
+    """MemNet trained from scratch on images whose label is the strength of their tint."""
+    folder = tmp_path_factory.mktemp("tint")
+    manifest = write_tint_dataset(folder, IMAGES, extra_rows=BAD_ROWS)
+    (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    config = memnet_config(manifest, folder / "runs")
+    summary = finetune(config)
+    return {"folder": folder, "manifest": manifest, "config": config, "summary": summary,
+            "run": folder / "runs" / "tint"}
+
+
+def test_memnet_from_scratch_learns_to_rank_what_its_random_start_ranks_wrongly(tint_run):
+    summary, run = tint_run["summary"], tint_run["run"]
+    validation = pq.read_table(run / "splits" / "validation.parquet")
+    # The same random start as the trainer's (seed 0, rank 0), scored on the validation images.
+    torch.manual_seed(0)
+    untrained = get_model("memnet", weights=None, mode="modern")
+    pre = get_model_weights("memnet").MODERN.transforms
+    with torch.inference_mode():
+        before = untrained(torch.stack([pre(Image.open(p).convert("RGB"))
+                                        for p in validation.column("path").to_pylist()]))
+    labels = validation.column("memorability").to_numpy()
+    assert spearman(before.numpy(), labels) < 0.5  # about -0.9: it ranks them the wrong way
+
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == list(range(len(history)))
+    assert summary["best"]["val_spearman"] > 0.8, history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert summary["pipeline"] == "MODERN" and summary["started_from"] == "scratch"
+
+
+def test_the_test_split_is_scored_with_the_best_checkpoint_and_evaluated(tint_run):
+    summary, run = tint_run["summary"], tint_run["run"]
+    test = summary["test"]
+    overall = test["metrics"]["overall"]
+    scores = pq.read_table(list((run / "test_scores").glob("*.parquet")))
+    truth = pq.read_table(run / "splits" / "test.parquet")
+    joined = scores.join(truth.select([ROW, "memorability"]), keys=ROW).filter(
+        pc.is_valid(pc.field("memorability_memnet")))
+    assert overall["n"] == joined.num_rows > 5
+    expected = spearman(joined.column("memorability_memnet").to_numpy(),
+                        joined.column("memorability").to_numpy())
+    assert overall["spearman"] == pytest.approx(expected, abs=1e-12)
+    with Image.open(run / "test_report" / "distribution.png") as image:
+        assert image.size[0] > 300
+    assert json.loads((run / "test_report" / "metrics.json").read_text())["overall"]["n"] \
+        == overall["n"]
+
+
+def test_rows_without_label_or_image_are_skipped_and_counted(tint_run):
+    summary, run = tint_run["summary"], tint_run["run"]
+    assert summary["rows_in"] == IMAGES + len(BAD_ROWS)
+    assert summary["rows_without_label"] == 2
+    splits = {s: pq.read_table(run / "splits" / f"{s}.parquet") for s in ("train", "validation",
+                                                                             "test")}
+    assert sum(t.num_rows for t in splits.values()) == IMAGES + 2  # labelled rows, each once
+    rows = pa.concat_tables(splits.values()).column(ROW).to_pylist()
+    assert sorted(rows) == sorted(set(rows))
+    test_errors = pq.read_table(list((run / "test_scores").glob("*.parquet"))).column("error")
+    image_errors = (sum(summary["rows_with_image_errors"].values())
+                    + test_errors.length() - test_errors.null_count)
+    assert image_errors == 2
+    kinds = {k for split in summary["image_error_kinds"].values() for k in split}
+    kinds |= {e.split(":")[0] for e in test_errors.drop_null().to_pylist()}
+    assert kinds == {"missing file", "not an image"}
+
+
+def test_a_checkpoint_scores_as_the_trainer_saw_it_on_validation(tint_run, tmp_path):
+    run = tint_run["run"]
+    info = read_checkpoint_info(str(run / "best"))
+    assert info["model"] == "memnet" and info["weights"] == "MODERN"
+    assert info["manifest_fingerprint"] and info["training"]["epochs"] == 4
+    seen = pq.read_table(run / "best" / "validation_predictions.parquet")
+    summary = memscore.score(memscore.ScoreConfig(
+        str(run / "splits" / "validation_images.parquet"), output=str(tmp_path / "scores"),
+        models=("memnet",), weights=str(run / "best")))
+    assert summary["rows_out"] == pq.read_metadata(
+        run / "splits" / "validation_images.parquet").num_rows
+    scored = pq.read_table(list((tmp_path / "scores").glob("*.parquet")))
+    joined = seen.join(scored.select([ROW, "memorability_memnet"]), keys=ROW)
+    assert joined.num_rows == seen.num_rows
+    np.testing.assert_allclose(joined.column("memorability_memnet").to_numpy(),
+                               joined.column("prediction").to_numpy(), atol=1e-5)
+    # and through the registry, strictly
+    model = memscore.get_model("memnet", weights=str(run / "best"))
+    assert model.mode == "modern"
+
+
+def test_the_split_is_a_stable_hash_of_the_path(tint_run):
+    run, config = tint_run["run"], tint_run["config"]
+    table = pa.concat_tables(pq.read_table(run / "splits" / f"{s}.parquet")
+                             for s in ("train", "validation", "test"))
+    original = pyarrow.csv.read_csv(tint_run["manifest"]).column("path").take(table.column(ROW))
+    again = assign_splits(original, parse_fractions(config.split_fractions), config.split_seed)
+    assert again.to_pylist() == table.column(SPLIT).to_pylist()
+    counts = {s: table.column(SPLIT).to_pylist().count(s) for s in ("train", "validation", "test")}
+    assert 0.7 < counts["train"] / table.num_rows < 0.9  # 0.8 of 162, give or take the hash
+
+
+def test_a_finished_run_is_reported_again_and_a_different_one_is_refused(tint_run):
+    clock = time.perf_counter()
+    again = finetune(tint_run["config"])
+    assert again["finished_at"] == tint_run["summary"]["finished_at"]
+    assert time.perf_counter() - clock < 30
+    other = memnet_config(tint_run["manifest"], tint_run["folder"] / "runs", lr=0.5)
+    with pytest.raises(MemscoreError, match="other settings \\(lr differ"):
+        finetune(other)
+
+
+def test_split_helpers_refuse_what_they_cannot_split():
+    assert parse_fractions("0.7,0.3,0") == (0.7, 0.3, 0.0)
+    for bad in ("0.5,0.5", "0.8,0.1,0.2", "1,0,0", "a,b,c"):
+        with pytest.raises(ValueError):
+            parse_fractions(bad)
+    assert normalise_split_column(pa.array(["Train", " val", "TEST", "dev"]), "s").to_pylist() \
+        == ["train", "validation", "test", "validation"]
+    with pytest.raises(ValueError, match="holds 'holdout'"):
+        normalise_split_column(pa.array(["train", "holdout"]), "s")
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    manifest = write_tint_dataset(tmp_path, 6)
+    cases = {
+        "unknown model 'nope'": dict(model="nope"),
+        "--mode must be head or full": dict(mode="half"),
+        "--augment: unknown rotate": dict(augment="crop,rotate"),
+        "--split-fractions": dict(split_fractions="0.9,0.2,0"),
+        "no --label-column 'score'": dict(label_column="score"),
+        "no --split-column 'fold'": dict(split_column="fold"),
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(MemscoreError, match=message):
+            finetune(FinetuneConfig(str(manifest), output=str(tmp_path / "o"),
+                                    **{"model": "memnet", **overrides}))
+
+
+def _run_cli(manifest: Path, output: Path, *extra: str, env=None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "memscore.cli", "finetune", str(manifest), "--output",
+               str(output), "--name", "two", "--model", "memnet", "--epochs", "3",
+               "--optimizer", "adamw", "--lr", "1e-3", "--batch-size", "8", "--workers", "2",
+               "--rows-per-block", "16", *extra]
+    return subprocess.Popen(command, env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_two_workers_killed_mid_run_resume_from_the_saved_epoch(tmp_path):
+    manifest = write_tint_dataset(tmp_path, 48, seed=1)
+    output = tmp_path / "runs"
+    snapshot = output / "two" / "ray_train" / "checkpoint_manager_snapshot.json"
+    ray_before = set(ray_processes())
+    # Rank 0 trains epoch 0, reports its checkpoint, then stalls at the start of epoch 1.
+    fault = {"MEMSCORE_INJECT_FAULT": f"train-epoch:stall-after-once:{tmp_path / 'fired'}"}
+    driver = _run_cli(manifest, output, env=fault)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and driver.poll() is None:
+        if snapshot.exists() and "checkpoint_" in snapshot.read_text():
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, driver.stdout.read()[-3000:]
+    assert snapshot.exists(), "no checkpoint within 400 s"
+    time.sleep(2)  # the snapshot is written after the checkpoint folder is complete
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    for pid in set(ray_processes()) - ray_before:  # the killed run's local Ray
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    history = json.loads((output / "two" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0]
+
+    again = _run_cli(manifest, output)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    summary = json.loads((output / "two" / "finetune.json").read_text())
+    assert summary["starts"] == [0, 1]  # the second start began at epoch 1, not 0
+    assert summary["resumed_from_epoch"] == 1
+    assert [h["epoch"] for h in summary["history"]] == [0, 1, 2]
+    assert summary["history"][0] == history[0]  # epoch 0 was not trained again
+    assert summary["workers"] == 2 and all(h["train_rows"] > 0 for h in summary["history"])
+    assert summary["best"]["val_spearman"] is not None
+
+
+@pytest.fixture(scope="module")
+def photo_manifest(tmp_path_factory, example_images):
+    """Real photos with made-up labels: enough to take a training step with ResMem."""
+    folder = tmp_path_factory.mktemp("photos")
+    more = Path(__file__).parent / "data" / "images"
+    photos = sorted(example_images) + sorted(p for p in more.iterdir()
+                                             if p.suffix in (".png", ".jpg"))
+    rows = [{"path": str(p), "memorability": 0.5 + 0.4 * (i % 5) / 4,
+             "split": ("train", "val")[i % 2]} for i, p in enumerate(photos[:8])]
+    manifest = folder / "labels.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    return manifest
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_head_mode_keeps_every_resnet_tensor_and_full_mode_retrains_it(mode, photo_manifest,
+                                                                       tmp_path, ray_local):
+    from safetensors.torch import load_file
+
+    summary = finetune(FinetuneConfig(
+        str(photo_manifest), output=str(tmp_path), name=mode, model="resmem", mode=mode,
+        split_column="split", epochs=1, batch_size=4, lr=0.01, augment="none"))
+    assert summary["started_from"] == "RETRAIN" and summary["rows_per_split"]["train"] == 4
+    trained = load_file(str(tmp_path / mode / "best" / "model.safetensors"))
+    published = get_model_weights("resmem").DEFAULT.load_state_dict()
+    assert trained.keys() == published.keys()
+    resnet = [k for k in published if k.startswith("features.")]
+    same = [k for k in resnet if torch.equal(trained[k], published[k])]
+    head_changed = not torch.equal(trained["fc6.weight"], published["fc6.weight"])
+    assert head_changed
+    if mode == "head":
+        assert same == resnet  # parameters and BatchNorm statistics, bit for bit
+    else:
+        assert len(same) < len(resnet) // 2

@@ -16,6 +16,9 @@ Format: ``MEMSCORE_INJECT_FAULT="<stage>:<mode>:<marker_path>"``, e.g.
   rest never comes, so a test can kill the driver mid-run at a moment it knows, whatever the
   machine's speed. (With ``predict`` it may stall the very task that carries the first block:
   Ray bundles blocks that queued while the model actor started.)
+- ``stall-once``: the first call creates the marker and blocks for an hour; every later call,
+  in any process, goes on. The marker names the stalled process's pid and, inside Ray, its node
+  id, so a multi-node test can remove exactly the node that holds a task in flight.
 
 The marker must be on a filesystem every process of the run can see (a local path for a
 single-machine Ray). Stages: ``"decode"`` (start of each decode task, ``run.decode_batch``) and
@@ -25,6 +28,7 @@ single-machine Ray). Stages: ``"decode"`` (start of each decode task, ``run.deco
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 __all__ = ["ENV_VAR", "maybe_inject"]
@@ -32,7 +36,7 @@ __all__ = ["ENV_VAR", "maybe_inject"]
 ENV_VAR = "MEMSCORE_INJECT_FAULT"
 
 
-_MODES = ("exit-once", "stall-after-once")
+_MODES = ("exit-once", "stall-after-once", "stall-once")
 
 
 def maybe_inject(stage: str) -> None:
@@ -53,7 +57,20 @@ def maybe_inject(stage: str) -> None:
         if mode == "stall-after-once":
             time.sleep(3600)
         return
-    os.write(fd, f"{stage} pid={os.getpid()}\n".encode())
+    os.write(fd, f"{stage} pid={os.getpid()}{_node_text()}\n".encode())
     os.close(fd)
     if mode == "exit-once":
         os._exit(1)
+    if mode == "stall-once":
+        time.sleep(3600)
+
+
+def _node_text() -> str:
+    """' node=<Ray node id>' inside a Ray worker, else ''."""
+    ray = sys.modules.get("ray")  # never import Ray here: a process without it has no node
+    if ray is None or not ray.is_initialized():
+        return ""
+    try:
+        return f" node={ray.get_runtime_context().get_node_id()}"
+    except Exception:  # not in a Ray worker: the pid alone
+        return ""

@@ -43,38 +43,66 @@ def decode_batch(table: pa.Table, **decode_kwargs) -> pa.Table:
     return DecodeImages(**decode_kwargs)(table)
 
 
-def plan_model_actors(config: ScoreConfig, cluster_gpus: float) -> dict[str, Any]:
+def plan_model_actors(config: ScoreConfig, cluster_gpus: float,
+                      autoscaling: bool = False) -> dict[str, Any]:
     """How many model actors, and what each asks Ray for.
 
-    GPU runs: one actor per ``gpus_per_actor`` GPUs among those used (all by default), so every
-    GPU holds one model. CPU runs: ``actors`` (default 1) actors, each taking one CPU slot in
+    ``cluster_gpus`` are the GPUs the cluster has now. With ``autoscaling`` (a run joining a
+    cluster), ``--num-gpus`` above that plans the GPU actors anyway and they wait for the
+    autoscaler to add GPU nodes; on a local Ray it is an error.
+
+    GPU runs: model actors go only where GPUs are (each asks for ``gpus_per_actor`` GPUs), one
+    per ``gpus_per_actor`` GPUs among those used (all by default), so every GPU holds one model;
+    ``actors`` sets the count instead (more than the GPUs present waits for more, e.g. from the
+    cluster autoscaler). CPU runs: ``actors`` (default 1) actors, each taking one CPU slot in
     Ray's accounting while torch uses every core, leaving the other slots to decode tasks.
+
+    The pool has a fixed size unless ``min_actors`` is given (an autoscaling range
+    ``min_actors..actors``). Fixed by default, both measured on Ray 2.60 with two GPU nodes:
+    a fixed pool survives losing a node (the lost actor waits to restart while the others go
+    on; its in-flight batches run once a GPU is free again, at the latest when the others are
+    released at the end), and an autoscaling pool stopped a loaded GPU actor when decoding fell
+    behind (utilisation 0.5) only to start a new one, loading the model again, 11 s later.
+
+    Returns:
+        ``actors`` (the pool's starting and largest size), ``min_actors``, and each actor's
+        ``num_gpus``, ``num_cpus`` and ``use_gpu``.
     """
     gpus = cluster_gpus if config.num_gpus is None else min(config.num_gpus, cluster_gpus)
     if config.num_gpus and config.num_gpus > cluster_gpus:
-        raise MemscoreError(
-            f"--num-gpus {config.num_gpus:g} but the cluster has {cluster_gpus:g} GPUs"
-        )
+        if not autoscaling:
+            raise MemscoreError(
+                f"--num-gpus {config.num_gpus:g} but the cluster has {cluster_gpus:g} GPUs"
+            )
+        # A launcher cluster whose GPU workers scale from zero has no GPU when the job starts:
+        # the pending GPU actors are the demand that makes the autoscaler start the nodes.
+        gpus = config.num_gpus
     if gpus > 0:
-        actors = max(1, int(gpus // config.gpus_per_actor))
-        return {"actors": actors, "num_gpus": config.gpus_per_actor, "num_cpus": 1,
-                "use_gpu": True}
-    return {"actors": config.actors or 1, "num_gpus": 0, "num_cpus": 1, "use_gpu": False}
+        actors = config.actors or max(1, int(gpus // config.gpus_per_actor))
+        plan = {"num_gpus": config.gpus_per_actor, "num_cpus": 1, "use_gpu": True}
+    else:
+        actors = config.actors or 1
+        plan = {"num_gpus": 0, "num_cpus": 1, "use_gpu": False}
+    return {"actors": actors, "min_actors": min(config.min_actors or actors, actors), **plan}
 
 
 def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
     """Which weights file each model uses; raises MemscoreError when one is missing."""
+    from memscore.checkpoint import read_checkpoint_info, state_dict_file
     from memscore.models._api import WeightsNotFoundError, is_checkpoint_path, weights_for
 
     records = []
     for name in config.models:
         try:
-            weights = weights_for(name, config.weights)
+            weights = weights_for(name, config.weights, config.storage_options)
             if is_checkpoint_path(config.weights):
-                fs, inner = storage.url_to_fs(config.weights, config.storage_options)
-                if not fs.isfile(inner):
-                    raise MemscoreError(f"--weights {config.weights}: no such checkpoint file")
-                path, chosen, licence = config.weights, "checkpoint", "the checkpoint's own"
+                try:
+                    path = state_dict_file(config.weights, config.storage_options)
+                except FileNotFoundError as exc:
+                    raise MemscoreError(f"--weights: {exc}") from None
+                info = read_checkpoint_info(config.weights, config.storage_options) or {}
+                chosen = "checkpoint"
+                licence = info.get("licence", "the checkpoint's own")
             else:
                 path, chosen = str(weights.path()), weights.name
                 licence = weights.meta.get("licence")
@@ -85,6 +113,7 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
             "weights": chosen,
             "weights_file": path,
             "output_column": weights.meta["output_column"],
+            "preprocessing": weights.name,  # the weights member whose pipeline scores it
             "licence": licence,
         })
     return records
@@ -101,7 +130,9 @@ def _init_ray(address: str | None) -> None:
         # One logical CPU more than there are cores: a resumed run adds Ray's checkpoint
         # filter actor, which holds a CPU while it mostly waits; on a 2-core machine the decode
         # tasks would otherwise never be scheduled (measured: the run hangs).
-        ray.init(num_cpus=local_cores() + 1, log_to_driver=True)
+        # No dashboard: nothing reads it on a one-machine run, and with ray[default] installed
+        # it would start several processes and hold memory for the whole run.
+        ray.init(num_cpus=local_cores() + 1, include_dashboard=False, log_to_driver=True)
 
 
 def _decode_task_memory(config: ScoreConfig, preprocess: dict) -> int:
@@ -113,8 +144,6 @@ def _decode_task_memory(config: ScoreConfig, preprocess: dict) -> int:
 def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snapshot,
                   plan: dict[str, Any]):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
-    from ray.data import ActorPoolStrategy
-
     from memscore.models._api import weights_for
     from memscore.predict import ScoreImages
 
@@ -123,7 +152,8 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
     # runs in parallel and overlaps the model from the first block on.
     dataset = resume.snapshot_dataset(snapshot, config.storage_options).repartition(
         target_num_rows_per_block=config.rows_per_block)
-    preprocess = {name: weights_for(name, config.weights).transforms for name in config.models}
+    preprocess = {name: weights_for(name, config.weights, config.storage_options).transforms
+                  for name in config.models}
     dataset = dataset.map_batches(
         decode_batch,
         fn_kwargs={
@@ -160,10 +190,38 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
         },
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        compute=ActorPoolStrategy(size=plan["actors"]),
+        compute=_actor_pool(plan),
         num_gpus=plan["num_gpus"],
         num_cpus=plan["num_cpus"],
     )
+
+
+def _actor_pool(plan: dict[str, Any]):
+    """The model stage's ActorPoolStrategy (see ``plan_model_actors``).
+
+    Two tasks in flight per actor (Ray Data's default for an actor that runs one call at a
+    time, stated here because the GPU's utilisation depends on it): one batch runs while the
+    next one's block is pulled to the actor's node, so a GPU does not wait on a transfer. A
+    decoded row is 227x227x3 uint8 = 151 KiB (MemNet's 256x256x3: 192 KiB), so at the default
+    ``--rows-per-block 256`` an actor holds 2 x 38 MiB of pixels. Decoded blocks waiting for a
+    free actor count against Ray Data's object-store budget, half of the object store (which
+    is 30% of a node's RAM by default): on a 64 GB node about 9 GiB, some 60,000 decoded rows,
+    enough queued per GPU to ride out slow S3 reads, and bounded, so decoding slows down
+    instead of spilling to disk when the GPUs fall behind. No object-store setting is needed.
+
+    Lost actors (a node gone, a process killed) are restarted by Ray Data's defaults
+    (``max_restarts=-1``, ``max_task_retries=-1``) and their tasks run again; a lost write
+    task's retry writes the same file name (Ray names it by write id and task index), so no
+    row is written twice (tests/test_multinode.py removes a GPU node mid-run).
+    """
+    from ray.data import ActorPoolStrategy
+
+    if plan["min_actors"] == plan["actors"]:
+        return ActorPoolStrategy(size=plan["actors"], max_tasks_in_flight_per_actor=2)
+    # An autoscaling range starts at its top, one actor per GPU, rather than growing from the
+    # minimum: the decode stage has work for all of them from the first blocks on.
+    return ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["actors"],
+                             initial_size=plan["actors"], max_tasks_in_flight_per_actor=2)
 
 
 def score(config: ScoreConfig) -> dict[str, Any]:
@@ -213,7 +271,13 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     context = DataContext.get_current()
     # A failed block must fail the run, never be skipped: per-row problems are already data.
     context.max_errored_blocks = 0
-    plan = plan_model_actors(config, ray.cluster_resources().get("GPU", 0))
+    waited = context.wait_for_min_actors_s
+    joined = bool(config.address or os.environ.get("RAY_ADDRESS"))
+    plan = plan_model_actors(config, ray.cluster_resources().get("GPU", 0), autoscaling=joined)
+    if joined and plan["use_gpu"] and plan["actors"] > ray.cluster_resources().get("GPU", 0):
+        # Waiting for GPU nodes to boot (minutes), but not for ever on a cluster that cannot
+        # grow: then the run fails with Ray's "Timed out while starting actors".
+        context.wait_for_min_actors_s = int(os.environ.get("MEMSCORE_WAIT_FOR_GPUS_S", 1800))
 
     # Hashing a 0.5 GB weights file takes seconds: do it while the cluster works.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -227,6 +291,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
                           config.storage_options)
         finally:
             context.checkpoint_config = None  # the context outlives this run in the process
+            context.wait_for_min_actors_s = waited
         wall = time.perf_counter() - clock
         for record, digest in zip(weights, hashes):
             record["weights_sha256"] = digest

@@ -9,8 +9,9 @@ A model's input pipeline is split where it is cheapest to ship data between mach
   (and normalised, where the weights say so).
 
 ``to_tensor(to_array(img))`` is bit-identical to the torchvision pipeline the published models
-were served with (``Resize((256, 256))``, ``CenterCrop(227)``, ``ToTensor()``): the PIL half uses
-torchvision's own transforms, and ``ToTensor`` is exactly ``uint8 -> float32 / 255``.
+were served with (``Resize((256, 256))``, ``CenterCrop(227)``, ``ToTensor()``): the PIL half makes
+the very Pillow calls torchvision's transforms make on PIL images (tested against them), without
+importing torch, and ``ToTensor`` is exactly ``uint8 -> float32 / 255``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,27 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["ImagePreprocess", "TenCropPreprocess"]
+
+
+def _resize(image, size: tuple[int, int]):
+    """torchvision ``F.resize(pil, [h, w])``, which is this Pillow call (bilinear, antialiased).
+
+    Written with Pillow alone so that the CPU decode workers never import torch: on a 2-core
+    machine each decode worker importing torchvision cost seconds of CPU at the start of every
+    run (while the model actor loads) and about 0.5 GB of memory per worker.
+    """
+    from PIL import Image
+
+    return image.resize((size[1], size[0]), Image.BILINEAR)
+
+
+def _center_crop(image, size: int):
+    """torchvision ``F.center_crop`` on a PIL image at least ``size`` on each side."""
+    width, height = image.size
+    if width < size or height < size:
+        raise ValueError(f"cannot centre-crop {size}x{size} from a {width}x{height} image")
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
 @dataclass(frozen=True)
@@ -52,13 +74,9 @@ class ImagePreprocess:
 
     def to_array(self, image) -> np.ndarray:
         """PIL image in mode RGB -> uint8 array of shape ``array_shape``."""
-        from torchvision.transforms import functional as F
-
         if image.mode != "RGB":
             raise ValueError(f"to_array expects an RGB image, got mode {image.mode}")
-        image = F.resize(image, list(self.resize))
-        image = F.center_crop(image, [self.crop, self.crop])
-        return np.asarray(image, dtype=np.uint8)
+        return np.asarray(_center_crop(_resize(image, self.resize), self.crop), dtype=np.uint8)
 
     def to_tensor(self, arrays: np.ndarray):
         """uint8 array (N, H, W, 3) -> float32 tensor (N, 3, H, W), as ``ToTensor`` computes it."""
@@ -117,11 +135,9 @@ class TenCropPreprocess:
 
     def to_array(self, image) -> np.ndarray:
         """PIL image in mode RGB -> uint8 RGB array of shape ``array_shape`` (no crop)."""
-        from torchvision.transforms import functional as F
-
         if image.mode != "RGB":
             raise ValueError(f"to_array expects an RGB image, got mode {image.mode}")
-        return np.asarray(F.resize(image, list(self.resize)), dtype=np.uint8)
+        return np.asarray(_resize(image, self.resize), dtype=np.uint8)
 
     def to_tensor(self, arrays: np.ndarray):
         """uint8 RGB array (N, H, W, 3) -> float32 tensor (N, 3, H, W), BGR, 0..255 (no /255)."""

@@ -758,3 +758,37 @@ def test_new_options_are_validated_and_survive_pickling():
     clone = pickle.loads(pickle.dumps(stage))
     assert (clone.max_inflight_pixels, clone.draft_factor, clone.confine_to) == (123, 2, "/data")
     assert clone._budget.total == 123 and clone._budget is not stage._budget
+
+
+@pytest.mark.parametrize("height,width", [(300, 400), (256, 256), (1000, 37), (227, 227),
+                                          (2000, 3000), (255, 257)])
+def test_the_pillow_half_of_preprocessing_equals_torchvision_pixel_for_pixel(height, width):
+    from torchvision.transforms import functional as F
+
+    from memscore.transforms import ImagePreprocess, TenCropPreprocess
+
+    image = Image.fromarray(np.random.default_rng(height * width).integers(
+        0, 256, (height, width, 3), dtype=np.uint8))
+    resized = F.resize(image, [256, 256])
+    assert np.array_equal(ImagePreprocess().to_array(image),
+                          np.asarray(F.center_crop(resized, [227, 227])))
+    assert np.array_equal(TenCropPreprocess().to_array(image), np.asarray(resized))
+
+
+def test_decoding_never_imports_torch():
+    # A decode worker that imported torch (through torchvision) spent seconds of CPU and ~0.5 GB
+    # at start, on the cores the model actor was loading on.
+    import subprocess
+    import sys
+
+    image = Path(__file__).resolve().parent.parent / "examples" / "images" / "camera.png"
+    code = ("import sys, pyarrow as pa\n"
+            "from memscore.decode import DecodeImages\n"
+            "from memscore.transforms import ImagePreprocess, TenCropPreprocess\n"
+            "pre = {'a': ImagePreprocess(resize=(256, 256), crop=227), 'b': TenCropPreprocess()}\n"
+            f"out = DecodeImages('path', pre)(pa.table({{'path': [{str(image)!r}]}}))\n"
+            "assert out.column('error').null_count == 1, out.column('error')\n"
+            "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -2,7 +2,8 @@
 
 Architecture (one job per module):
 
-- ``config``     ScoreConfig, the one validated options object (the CLI is generated from it).
+- ``config``     ScoreConfig, FinetuneConfig, EvaluateConfig: validated options objects (the
+                 CLI and jobs/ are generated from them).
 - ``manifest``   reader: finds and validates the manifest, reads its rows as a Ray Dataset.
 - ``decode``     CPU stage: fetch bytes (fsspec), decode with Pillow, to the model's uint8 input;
                  per-row failures become the row's ``error``.
@@ -12,14 +13,25 @@ Architecture (one job per module):
 - ``models``     the registry and the models, each with weights that carry preprocessing and meta.
 - ``transforms`` the preprocessing objects the weights carry.
 - ``storage``    fsspec/pyarrow filesystems for local and s3:// paths.
-- ``cli``        ``memscore score`` and ``memscore models``.
+- ``checkpoint`` memscore checkpoints: model.safetensors + memscore.json in a folder.
+- ``splits``     deterministic train/validation/test splits.
+- ``finetune``   the fine-tuning job: splits -> the shared decode stage -> Ray Train.
+- ``train_loop`` what each Ray Train worker runs.
+- ``metrics``    Spearman, Pearson, MSE, MAE, bootstrap intervals.
+- ``evaluate``   predictions against ground truth: figures, report, plots (``plots``).
+- ``verify``     every manifest row in an output exactly once.
+- ``cli``        ``memscore score|finetune|evaluate|verify|models``.
 
 Importing memscore imports neither torch nor Ray; they load when a model or a run needs them.
 """
 
-from memscore.config import MemscoreError, ScoreConfig
+from memscore.config import EvaluateConfig, FinetuneConfig, MemscoreError, ScoreConfig
 
-__all__ = ["MemscoreError", "ScoreConfig", "score", "list_models", "get_model", "__version__"]
+# The fine-tuning and evaluation jobs are `memscore.finetune.finetune` and
+# `memscore.evaluate.evaluate`: functions of those names here would be shadowed by the
+# submodules as soon as they are imported.
+__all__ = ["MemscoreError", "ScoreConfig", "FinetuneConfig", "EvaluateConfig", "score",
+           "list_models", "get_model", "__version__"]
 __version__ = "0.1.0"
 
 

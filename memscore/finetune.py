@@ -263,8 +263,9 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Train ``config.model`` on ``config.manifest``'s labels; returns the run summary.
 
     Example:
-        >>> import memscore
-        >>> summary = memscore.finetune(memscore.FinetuneConfig(
+        >>> from memscore import FinetuneConfig
+        >>> from memscore.finetune import finetune
+        >>> summary = finetune(FinetuneConfig(
         ...     "labelled.csv", output="runs/", name="lab-a", model="memnet", epochs=5))
         >>> summary["best"]["val_spearman"] > 0
         True

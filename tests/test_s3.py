@@ -279,3 +279,44 @@ def test_manifest_missing_fails_before_scoring(s3_endpoint, no_scoring):
                 manifest=manifest, output=f"s3://{bucket}/out/", path_column="uri",
                 storage_options={"endpoint_url": s3_endpoint.url}))
     assert not s3_endpoint.fs.exists(f"{bucket}/out")
+
+
+def test_finetune_reads_and_writes_s3_and_its_checkpoint_scores_from_s3(s3_endpoint, ray_local,
+                                                                        tmp_path):
+    """Labelled images on S3 -> Ray Train with its storage on S3 -> score with s3://.../best."""
+    from synthetic import write_tint_dataset
+
+    from memscore.checkpoint import read_checkpoint_info
+    from memscore.finetune import ROW, finetune
+
+    fs = s3_endpoint.fs
+    bucket = s3_endpoint.make_bucket()
+    manifest = write_tint_dataset(tmp_path, 24, seed=3)
+    fs.put(str(tmp_path / "images"), f"{bucket}/data/images", recursive=True)
+    fs.put_file(str(manifest), f"{bucket}/data/labels.csv")
+    options = {"endpoint_url": s3_endpoint.url, "key": TEST_ACCESS_KEY, "secret": TEST_SECRET}
+
+    summary = finetune(memscore.FinetuneConfig(
+        f"s3://{bucket}/data/labels.csv", output=f"s3://{bucket}/runs", name="s3", model="memnet",
+        epochs=2, batch_size=8, optimizer="adamw", split_fractions="0.6,0.4,0",
+        rows_per_block=8, storage_options=options))
+    assert summary["epochs_run"] == 2 and summary["rows_in"] == 24
+    run = f"{bucket}/runs/s3"
+    assert fs.exists(f"{run}/best/model.safetensors") and fs.exists(f"{run}/finetune.json")
+    assert any("checkpoint_" in p for p in fs.ls(f"{run}/ray_train"))  # Ray Train's own storage
+    assert read_checkpoint_info(f"s3://{run}/best", options)["model"] == "memnet"
+    fs.invalidate_cache()
+    for key in fs.find(run):  # the run's files, Ray Train's included, never hold the secret
+        assert TEST_SECRET.encode() not in fs.cat_file(key), f"secret in s3://{key}"
+
+    scored = memscore.score(memscore.ScoreConfig(
+        f"s3://{run}/splits/validation_images.parquet", output=f"s3://{bucket}/val_scores",
+        models=("memnet",), weights=f"s3://{run}/best", storage_options=options))
+    seen = pq.read_table(io.BytesIO(fs.cat_file(f"{run}/best/validation_predictions.parquet")))
+    fs.invalidate_cache()
+    table = pa.concat_tables(pq.read_table(io.BytesIO(fs.cat_file(key)))
+                             for key in fs.find(f"{bucket}/val_scores") if key.endswith(".parquet"))
+    assert scored["rows_out"] == seen.num_rows == table.num_rows
+    joined = seen.join(table.select([ROW, "memorability_memnet"]), keys=ROW)
+    assert max(abs(a - b) for a, b in zip(joined.column("prediction").to_pylist(),
+                                          joined.column("memorability_memnet").to_pylist())) < 1e-5

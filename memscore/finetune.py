@@ -96,23 +96,24 @@ def plan_start(config: FinetuneConfig) -> tuple[str, str, dict]:
         from memscore.models.m3m import locate_fcn_weights
 
         try:
-            locate_fcn_weights()
+            fcn = locate_fcn_weights()
         except FileNotFoundError as exc:
             raise MemscoreError(first_line(exc)) from None
-        start, kwargs = "resmem-init", {"init_from_resmem": True}
+        # the path found here goes to the workers, which may not see this process's environment
+        start, kwargs = "resmem-init", {"init_from_resmem": True, "segmentation_weights": fcn}
     return start, member.name, kwargs
 
 
 def _identity(config: FinetuneConfig, manifest: Manifest, pipeline: str) -> dict[str, Any]:
     """What makes a run this run; a re-run with another identity must not resume it. Epochs and
     patience may change, so a finished run can be trained further under the same name."""
-    from memscore.resume import _fingerprint
+    from memscore.resume import manifest_fingerprint
 
     keep = ("manifest", "label_column", "model", "mode", "weights", "path_column",
             "split_column", "split_fractions", "split_seed", "batch_size", "optimizer", "lr",
             "momentum", "weight_decay", "augment", "seed", "workers")
     identity = {key: getattr(config, key) for key in keep}
-    identity.update(manifest_fingerprint=_fingerprint(manifest), pipeline=pipeline)
+    identity.update(manifest_fingerprint=manifest_fingerprint(manifest), pipeline=pipeline)
     return identity
 
 
@@ -213,27 +214,14 @@ def _decoded(config: FinetuneConfig, split_file: str, manifest: Manifest, prepro
     """A split's rows decoded once by the scoring job's decode stage, held in the object store."""
     import ray.data
 
-    from memscore.run import decode_batch
+    from memscore.run import decode_stage
 
     paths, filesystem = storage.for_pyarrow(split_file, config.storage_options)
     dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(
         [manifest.path_column, ROW, config.label_column]).repartition(
         target_num_rows_per_block=config.rows_per_block)
-    dataset = dataset.map_batches(
-        decode_batch,
-        fn_kwargs={
-            "path_column": manifest.path_column,
-            "preprocess": {config.model: preprocess},
-            "base_dir": None,  # the split files hold resolved paths
-            "storage_options": dict(config.storage_options),
-            "max_pixels": config.max_pixels,
-            "max_inflight_pixels": 2 * config.max_pixels,
-            "io_threads": config.io_threads,
-            "draft_factor": config.jpeg_draft_factor,
-            "confine_to": (manifest.base_dir if manifest.kind == "images"
-                           and not storage.is_url(manifest.base_dir) else None),
-        },
-        batch_format="pyarrow", batch_size=config.decode_batch_size, num_cpus=1)
+    # the split files hold resolved paths: no base folder
+    dataset = decode_stage(dataset, config, manifest, {config.model: preprocess}, None)
     dataset = dataset.map_batches(
         _keep_for_training, fn_kwargs={"label_column": config.label_column,
                                        "pixels": pixels_column(config.model)},
@@ -251,12 +239,6 @@ def _error_counts(dataset) -> dict[str, int]:
             kind = text.split(":", 1)[0]
             kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
-
-
-def _init_ray(address: str | None) -> None:
-    from memscore.run import _init_ray as init
-
-    init(address)
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
@@ -308,6 +290,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     member = get_model_weights(config.model).verify(pipeline)
     # Decode to the whole 256x256 resize; the 227 crop is cut by the trainer (random or centre).
     preprocess = dataclasses.replace(member.transforms, crop=min(member.transforms.resize))
+
+    from memscore.run import _init_ray
 
     _init_ray(config.address)
     ray.data.DataContext.get_current().max_errored_blocks = 0

@@ -35,8 +35,8 @@ from memscore.config import MemscoreError, ScoreConfig
 from memscore.manifest import Manifest
 
 __all__ = ["ROW_COLUMN", "WORK_DIR", "Snapshot", "write_snapshot", "read_state", "write_state",
-           "run_identity", "snapshot_dataset", "checkpoint_config", "committed_rows",
-           "remove_work_dir"]
+           "run_identity", "manifest_fingerprint", "snapshot_dataset", "checkpoint_config",
+           "committed_rows", "remove_work_dir"]
 
 ROW_COLUMN = "manifest_row"
 WORK_DIR = "_memscore"
@@ -132,7 +132,7 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
     """What a run is; a resumed run must match it exactly."""
     return {
         "manifest": manifest.source,
-        "manifest_fingerprint": _fingerprint(manifest),
+        "manifest_fingerprint": manifest_fingerprint(manifest),
         "path_column": config.path_column,
         "id_column": config.id_column,
         "models": list(config.models),
@@ -141,7 +141,7 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
     }
 
 
-def _fingerprint(manifest: Manifest) -> str:
+def manifest_fingerprint(manifest: Manifest) -> str:
     """sha256 over the manifest's files with their sizes and modification stamps."""
     digest = hashlib.sha256()
     if manifest.kind == "images":

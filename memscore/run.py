@@ -31,7 +31,7 @@ from memscore.output import (
     write_summary,
 )
 
-__all__ = ["score", "decode_batch", "plan_model_actors"]
+__all__ = ["score", "decode_batch", "decode_stage", "plan_model_actors"]
 
 
 def decode_batch(table: pa.Table, **decode_kwargs) -> pa.Table:
@@ -135,32 +135,28 @@ def _init_ray(address: str | None) -> None:
         ray.init(num_cpus=local_cores() + 1, include_dashboard=False, log_to_driver=True)
 
 
-def _decode_task_memory(config: ScoreConfig, preprocess: dict) -> int:
+def _decode_task_memory(config, preprocess: dict) -> int:
     pixels = 2 * config.max_pixels * 3
     arrays = config.rows_per_block * sum(int(np.prod(p.array_shape)) for p in preprocess.values())
     return pixels + arrays + (64 << 20)  # + bytes read and Python's own
 
 
-def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snapshot,
-                  plan: dict[str, Any]):
-    """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
-    from memscore.models._api import weights_for
-    from memscore.predict import ScoreImages
+def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
+                 base_dir: str | None):
+    """``dataset`` -> the same rows decoded: the CPU decode stage, as Ray tasks.
 
-    # Ray merges small files into one read block, and one block is one decode task: cut the
-    # rows back into blocks of rows_per_block (a streaming repartition, no barrier) so decoding
-    # runs in parallel and overlaps the model from the first block on.
-    dataset = resume.snapshot_dataset(snapshot, config.storage_options).repartition(
-        target_num_rows_per_block=config.rows_per_block)
-    preprocess = {name: weights_for(name, config.weights, config.storage_options).transforms
-                  for name in config.models}
-    dataset = dataset.map_batches(
+    Shared by scoring and fine-tuning (one image pipeline). ``config`` is a ``ScoreConfig`` or
+    a ``FinetuneConfig`` (both carry the decode options); ``preprocess`` maps each model name to
+    the preprocessing whose uint8 arrays the stage adds; relative paths resolve against
+    ``base_dir`` (None: the paths are already resolved).
+    """
+    return dataset.map_batches(
         decode_batch,
         fn_kwargs={
             "max_inflight_pixels": 2 * config.max_pixels,
             "path_column": manifest.path_column,
             "preprocess": preprocess,
-            "base_dir": manifest.base_dir,
+            "base_dir": base_dir,
             "storage_options": dict(config.storage_options),
             "max_pixels": config.max_pixels,
             "io_threads": config.io_threads,
@@ -179,6 +175,22 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
         # decoding on GPU actors.
         memory=_decode_task_memory(config, preprocess),
     )
+
+
+def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snapshot,
+                  plan: dict[str, Any]):
+    """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
+    from memscore.models._api import weights_for
+    from memscore.predict import ScoreImages
+
+    # Ray merges small files into one read block, and one block is one decode task: cut the
+    # rows back into blocks of rows_per_block (a streaming repartition, no barrier) so decoding
+    # runs in parallel and overlaps the model from the first block on.
+    dataset = resume.snapshot_dataset(snapshot, config.storage_options).repartition(
+        target_num_rows_per_block=config.rows_per_block)
+    preprocess = {name: weights_for(name, config.weights, config.storage_options).transforms
+                  for name in config.models}
+    dataset = decode_stage(dataset, config, manifest, preprocess, manifest.base_dir)
     return dataset.map_batches(
         ScoreImages,
         fn_constructor_kwargs={

@@ -264,3 +264,34 @@ def test_head_mode_keeps_every_resnet_tensor_and_full_mode_retrains_it(mode, pho
         assert same == resnet  # parameters and BatchNorm statistics, bit for bit
     else:
         assert len(same) < len(resnet) // 2
+
+
+def test_m3m_trains_from_resmem_with_its_segmentation_branch_frozen(photo_manifest, tmp_path,
+                                                                   monkeypatch, ray_local):
+    from safetensors.torch import load_file
+    from torchvision.models.segmentation import fcn_resnet50
+
+    from memscore.models.m3m import FCN_ENV, FCN_FILENAME
+
+    torch.manual_seed(1)  # a stand-in for torchvision's published FCN file (no network here)
+    fcn = fcn_resnet50(weights=None, weights_backbone=None, num_classes=21,
+                       aux_loss=True).state_dict()
+    torch.save(fcn, tmp_path / FCN_FILENAME)
+    monkeypatch.setenv(FCN_ENV, str(tmp_path / FCN_FILENAME))  # the driver finds it ...
+
+    summary = finetune(FinetuneConfig(
+        str(photo_manifest), output=str(tmp_path / "runs"), name="m3m", model="m3m",
+        split_column="split", epochs=1, batch_size=4, lr=0.01, augment="none"))
+    assert summary["started_from"] == "resmem-init" and summary["epochs_run"] == 1
+    trained = load_file(str(tmp_path / "runs" / "m3m" / "best" / "model.safetensors"))
+    # ... and the workers loaded that file, and training left it (and the ResNet) untouched
+    for key, value in fcn.items():
+        if not key.startswith("aux_classifier."):
+            assert torch.equal(trained[f"segmentation.{key}"], value), key
+    published = get_model_weights("resmem").DEFAULT.load_state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in published.items()
+               if k.startswith("features."))
+    # fc6's columns for the segmentation features start at zero: a step moved them
+    assert trained["fc6.weight"][:, 9216 + 1000:].abs().sum() > 0
+    model = memscore.get_model("m3m", weights=str(tmp_path / "runs" / "m3m" / "best"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())

@@ -125,3 +125,29 @@ def test_the_job_entrypoint_takes_the_cli_options_and_fails_the_same_way(tmp_pat
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("name the image column with --path-column")
+
+
+def test_the_finetune_job_entrypoint_takes_the_cli_options_and_fails_the_same_way(tmp_path):
+    import subprocess
+    import sys
+
+    from memscore.config import FinetuneConfig, from_args
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs"))
+    import finetune as job
+
+    argv = ["l.csv", "--output", "runs", "--name", "lab-a", "--model", "memnet", "--mode",
+            "full", "--epochs", "3", "--lr", "0.01", "--augment", "none", "--workers", "2"]
+    from_job = from_args(job.parse_args(argv), FinetuneConfig)
+    assert from_job == from_args(build_parser().parse_args(["finetune", *argv]), FinetuneConfig)
+    assert (from_job.mode, from_job.epochs, from_job.augmentations, from_job.workers) == \
+        ("full", 3, (), 2)
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,score\nx.jpg,0.5\n")
+    result = subprocess.run([sys.executable, "jobs/finetune.py", str(labels), "--output",
+                             str(tmp_path / "runs"), "--model", "memnet"],
+                            capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("memscore: error:")
+    assert "no --label-column 'memorability'" in result.stderr

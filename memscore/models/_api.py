@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -25,6 +26,7 @@ __all__ = [
     "CheckpointKeyError",
     "register_model",
     "list_models",
+    "MODEL_MODULES",
     "get_model",
     "get_model_weights",
     "resolve_weights",
@@ -204,14 +206,43 @@ def build_with_weights(factory: Callable[[], Any], state_dict: Mapping[str, Any]
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22,
                 storage_options: Mapping[str, Any] | None = None) -> str:
-    """sha256 of a local file or any fsspec URL, read in chunks."""
+    """sha256 of a local file or any fsspec URL, read in chunks.
+
+    Digests are remembered in ``$MEMSCORE_CACHE`` (default ``~/.cache/memscore``), keyed by the
+    file's path, size and modification time (an object's ETag on S3), the way pip and the
+    Hugging Face hub avoid re-hashing: hashing ResMem's 0.5 GB file costs seconds of a core on
+    every run otherwise, while the model actors start on the same cores.
+    """
     import fsspec
 
+    fs, inner = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
+    info = fs.info(inner)
+    stamp = [info.get(k) for k in ("size", "mtime", "LastModified", "ETag", "ino")]
+    key = hashlib.sha256(repr((fs.unstrip_protocol(inner), stamp)).encode()).hexdigest()
+    cached = _sha256_cache_dir() / f"{key}.sha256"
+    try:
+        digest_hex = cached.read_text().strip()
+        if len(digest_hex) == 64:
+            return digest_hex
+    except OSError:
+        pass
     digest = hashlib.sha256()
-    with fsspec.open(str(path), "rb", **dict(storage_options or {})) as f:
+    with fs.open(inner, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+    try:  # a cache that cannot be written (read-only home) only costs the next run the hashing
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(digest.hexdigest())
+        os.replace(partial, cached)
+    except OSError:
+        pass
     return digest.hexdigest()
+
+
+def _sha256_cache_dir() -> Path:
+    root = os.environ.get("MEMSCORE_CACHE") or Path.home() / ".cache" / "memscore"
+    return Path(root) / "sha256"
 
 
 @dataclass(frozen=True)
@@ -227,7 +258,8 @@ def register_model(name: str, weights_enum: type[WeightsEnum]):
     """Decorator: register ``builder(*, weights=None)`` under ``name``; a second use of a name raises."""
 
     def wrap(builder):
-        if name in _MODELS:
+        builtin_elsewhere = name in MODEL_MODULES and builder.__module__ != MODEL_MODULES[name]
+        if name in _MODELS or builtin_elsewhere:
             raise ValueError(f"a model named {name!r} is already registered")
         _MODELS[name] = _Entry(builder, weights_enum)
         return builder
@@ -235,30 +267,51 @@ def register_model(name: str, weights_enum: type[WeightsEnum]):
     return wrap
 
 
+# The built-in models and the module that registers each one's builder. A model module imports
+# torch, so it is imported only when that model is built; the weights enums (preprocessing, meta,
+# files) are in ``memscore.models.weights``, which does not, so a job's driver never loads torch.
+MODEL_MODULES = {
+    "falseresmem": "memscore.models.falseresmem",
+    "m3m": "memscore.models.m3m",
+    "memnet": "memscore.models.memnet",
+    "resmem": "memscore.models.resmem",
+}
+
+
 def list_models() -> list[str]:
     """Names of the registered models, sorted."""
-    _import_model_modules()
-    return sorted(_MODELS)
+    return sorted(set(MODEL_MODULES) | set(_MODELS))
 
 
-def _entry(name: str) -> _Entry:
-    _import_model_modules()
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+
+
+def _builder(name: str) -> Callable[..., Any]:
+    if name not in _MODELS and name in MODEL_MODULES:
+        importlib.import_module(MODEL_MODULES[name])  # registers the builder
     try:
-        return _MODELS[name]
+        return _MODELS[name].builder
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_MODELS))}") from None
+        raise _unknown(name) from None
 
 
 def get_model_weights(name: str) -> type[WeightsEnum]:
-    """The weights enum of model ``name``."""
-    return _entry(name).weights_enum
+    """The weights enum of model ``name`` (imports no torch for the built-in models)."""
+    if name in _MODELS:
+        return _MODELS[name].weights_enum
+    if name in MODEL_MODULES:
+        from memscore.models.weights import WEIGHTS_OF
+
+        return WEIGHTS_OF[name]
+    raise _unknown(name)
 
 
 def resolve_weights(name: str, weights: Any = "DEFAULT") -> WeightsEnum | None:
     """Turn ``weights`` (None, a member, or a member's name) into the model's weights member."""
     if weights is None:
         return None
-    return _entry(name).weights_enum.verify(weights)
+    return get_model_weights(name).verify(weights)
 
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
@@ -277,7 +330,7 @@ def weights_for(name: str, weights: Any,
     A memscore checkpoint (``memscore finetune``'s output) names its member in its JSON; a plain
     state_dict file uses DEFAULT's. A checkpoint of another model is a ``ValueError``.
     """
-    enum_cls = _entry(name).weights_enum
+    enum_cls = get_model_weights(name)
     if weights is None:
         return enum_cls.DEFAULT
     if not is_checkpoint_path(weights):
@@ -314,20 +367,11 @@ def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
         >>> model.eval() is model
         True
     """
-    entry = _entry(name)
+    builder = _builder(name)
     if is_checkpoint_path(weights):  # a checkpoint file or memscore checkpoint folder
         options = kwargs.get("storage_options")
-        model = entry.builder(weights=weights_for(name, weights, options), checkpoint=weights,
+        model = builder(weights=weights_for(name, weights, options), checkpoint=weights,
                               **kwargs)
     else:
-        model = entry.builder(weights=resolve_weights(name, weights), **kwargs)
+        model = builder(weights=resolve_weights(name, weights), **kwargs)
     return model.eval()
-
-
-def _import_model_modules() -> None:
-    # Model modules register themselves on import; importing them here (not in
-    # memscore/__init__) keeps `import memscore` free of torch.
-    from memscore.models import resmem  # noqa: F401
-    from memscore.models import falseresmem  # noqa: F401
-    from memscore.models import memnet  # noqa: F401
-    from memscore.models import m3m  # noqa: F401

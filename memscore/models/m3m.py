@@ -35,8 +35,6 @@ from torchvision.models.segmentation import FCN_ResNet50_Weights, fcn_resnet50
 
 from memscore.models._api import (
     CheckpointKeyError,
-    Weights,
-    WeightsEnum,
     WeightsNotFoundError,
     build_from_checkpoint,
     build_with_weights,
@@ -51,7 +49,8 @@ from memscore.models.resmem import (
     _head,
     _head_layers,
 )
-from memscore.transforms import ImagePreprocess
+from memscore.models.weights import M3M_NO_WEIGHTS_MESSAGE as NO_WEIGHTS_MESSAGE
+from memscore.models.weights import M3M_Weights
 
 __all__ = [
     "FCN_ENV",
@@ -82,10 +81,6 @@ FCN_FILENAME = os.path.basename(urlparse(FCN_URL).path)  # fcn_resnet50_coco-116
 FCN_ENV = "MEMSCORE_FCN_WEIGHTS"
 _AUX_PREFIX = "aux_classifier."  # the published file's auxiliary head, which M3M never runs
 
-NO_WEIGHTS_MESSAGE = (
-    "M3M has no published weights: train one with `memscore finetune --model m3m` or pass a "
-    "checkpoint file (local or s3://) with --weights CHECKPOINT"
-)
 
 
 def _seg_reducer() -> nn.Sequential:
@@ -264,41 +259,6 @@ def m3m_for_training(segmentation_weights: str | Path | None = None, *,
         False
     """
     return _build_for_training(segmentation_weights, init_from_resmem, storage_options)
-
-
-def _no_published_weights() -> Path:
-    raise WeightsNotFoundError(NO_WEIGHTS_MESSAGE)
-
-
-class M3M_Weights(WeightsEnum):
-    """M3M's pipeline (ResMem's preprocessing). No weights file: give a checkpoint."""
-
-    TRAINED = Weights(
-        locate=_no_published_weights,
-        transforms=ImagePreprocess(resize=(256, 256), crop=227),
-        meta={
-            "output_column": "memorability_m3m",
-            "score_range": (0.0, 1.0),
-            "variant": "memscore's M3M: ResMem's two branches plus a frozen torchvision "
-            "fcn_resnet50 (COCO, 21 VOC classes) whose class probabilities a small CNN reduces "
-            "to 1024 features before ResMem's head",
-            "input_size": (3, 227, 227),
-            "source": "none published: train with `memscore finetune --model m3m`, pass the "
-            f"checkpoint with --weights CHECKPOINT; segmentation branch from {FCN_URL}",
-            "licence": "no published M3M weights; a checkpoint you train carries the licence of "
-            "what it was initialised from: the University of Chicago non-commercial licence "
-            "when initialised from ResMem (the default), plus the terms of torchvision's FCN "
-            "weights (torchvision is BSD-3-Clause; its docs note that pretrained weights may "
-            "also carry the terms of their training data, here COCO)",
-            "paper": "Needell & Bainbridge, 'Embracing New Techniques in Deep Learning for "
-            "Estimating Image Memorability', Computational Brain & Behavior, 2022 (M3M: ResMem "
-            "plus a semantic-segmentation branch)",
-            "notes": "the paper reports Spearman 0.68 for its M3M on held-out LaMem+MemCat; its "
-            "segmentation layers were not published, so this is a reimplementation whose "
-            "scores are those of the checkpoint you train",
-        },
-    )
-    DEFAULT = TRAINED
 
 
 @register_model("m3m", M3M_Weights)

@@ -45,14 +45,14 @@ from torch import nn
 
 from memscore.models._api import (
     CheckpointKeyError,
-    Weights,
-    WeightsEnum,
-    WeightsNotFoundError,
     build_with_weights,
     load_state_dict_file,
     register_model,
 )
-from memscore.transforms import ImagePreprocess, TenCropPreprocess
+from memscore.models.weights import MEMNET_CROP_SIZE as CROP_SIZE
+from memscore.models.weights import MEMNET_INPUT_SIZE as INPUT_SIZE
+from memscore.models.weights import MEMNET_NO_WEIGHTS_MESSAGE as NO_WEIGHTS_MESSAGE
+from memscore.models.weights import MemNet_Weights
 
 __all__ = [
     "CAFFE_MEAN_BGR",
@@ -69,14 +69,8 @@ __all__ = [
 
 MODES = ("legacy", "modern")
 CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)  # ImageNet mean on 0..255, Caffe's B, G, R order
-INPUT_SIZE = 256  # the legacy model's input side, and the mean image's
-CROP_SIZE = 227
 OUTPUT_MEAN, OUTPUT_SCALE, OUTPUT_BIAS = 0.7626, 2.0, 0.65
 
-NO_WEIGHTS_MESSAGE = (
-    "MemNet has no downloadable weights here: train one with `memscore finetune` or pass a "
-    "checkpoint file (local or s3://) with --weights PATH"
-)
 
 # The keys of pretorched-x's converted state_dict (memnet_lamem-a92fdac2.pth), read off
 # pretorched/models/memnet.py in alexandonian/pretorched-x (commit 799b6aab): the layers are
@@ -205,55 +199,6 @@ def from_pretorched_state_dict(state_dict: Mapping[str, Any], mode: str = "legac
         out["mean"] = torch.as_tensor(mean, dtype=torch.float32).expand(
             3, INPUT_SIZE, INPUT_SIZE).clone()
     return out
-
-
-def _no_published_weights() -> Path:
-    raise WeightsNotFoundError(NO_WEIGHTS_MESSAGE)
-
-
-_PAPER = ("Khosla, Raju, Torralba & Oliva, 'Understanding and Predicting Image Memorability at a "
-          "Large Scale', ICCV 2015")
-_LICENCE = "no published weights shipped; checkpoints carry their own"
-
-
-class MemNet_Weights(WeightsEnum):
-    """The two MemNet pipelines. Neither has a weights file: give a checkpoint to the builder."""
-
-    LEGACY = Weights(
-        locate=_no_published_weights,
-        transforms=TenCropPreprocess(resize=(INPUT_SIZE, INPUT_SIZE), crop=CROP_SIZE),
-        meta={
-            "output_column": "memorability_memnet",
-            "score_range": (0.0, 1.0),
-            "mode": "legacy",
-            "variant": "the original Caffe serving path: 256x256 BGR 0..255 minus the mean "
-            "image, ten 227x227 crops averaged, clip((y - 0.7626) * 2 + 0.65, 0, 1)",
-            "input_size": (3, INPUT_SIZE, INPUT_SIZE),
-            "crop_size": CROP_SIZE,
-            "mean": "the checkpoint's `mean` buffer (3x256x256, BGR, 0..255); a new model's and "
-            "from_pretorched_state_dict's default is the per-channel ImageNet Caffe mean "
-            "(B, G, R) = (104.0, 117.0, 123.0) on the 0..255 scale",
-            "source": "none: pass a checkpoint (local or s3://)",
-            "licence": _LICENCE,
-            "paper": _PAPER,
-        },
-    )
-    MODERN = Weights(
-        locate=_no_published_weights,
-        transforms=ImagePreprocess(resize=(INPUT_SIZE, INPUT_SIZE), crop=CROP_SIZE),
-        meta={
-            "output_column": "memorability_memnet",
-            "score_range": (0.0, 1.0),
-            "mode": "modern",
-            "variant": "single 227x227 centre crop of a 256x256 resize, RGB 0..1, sigmoid output "
-            "(as the paper's PyTorch reimplementations)",
-            "input_size": (3, CROP_SIZE, CROP_SIZE),
-            "source": "none: pass a checkpoint (local or s3://)",
-            "licence": _LICENCE,
-            "paper": _PAPER,
-        },
-    )
-    DEFAULT = LEGACY
 
 
 @register_model("memnet", MemNet_Weights)

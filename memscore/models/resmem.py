@@ -15,15 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet152
 
-from memscore.models._api import (
-    Weights,
-    WeightsEnum,
-    build_from_checkpoint,
-    build_with_weights,
-    package_file,
-    register_model,
-)
-from memscore.transforms import ImagePreprocess
+from memscore.models._api import build_from_checkpoint, build_with_weights, register_model
+from memscore.models.weights import ResMem_Weights
 
 __all__ = ["ResMem", "ResMem_Weights", "resmem"]
 
@@ -92,33 +85,6 @@ class ResMem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _head(self, torch.cat((_alexnet_features(self, x), self.features(x)), dim=1))
-
-
-_RESMEM_PREPROCESS = ImagePreprocess(resize=(256, 256), crop=227)
-
-
-class ResMem_Weights(WeightsEnum):
-    RETRAIN = Weights(
-        locate=package_file(
-            "resmem",
-            "model.pt",
-            install_hint="run `pip install resmem` (a 489 MB wheel that carries the weights)",
-        ),
-        transforms=_RESMEM_PREPROCESS,
-        meta={
-            "output_column": "memorability",
-            "score_range": (0.0, 1.0),
-            "variant": "ResMemRetrain: the ResNet-152 backbone was retrained with the head",
-            "source": "PyPI package resmem (resmem/model.pt)",
-            "licence": "University of Chicago non-commercial licence (see the resmem package)",
-            "paper": "Needell & Bainbridge, 'Embracing New Techniques in Deep Learning for "
-            "Estimating Image Memorability', Computational Brain & Behavior, 2022",
-            "metrics": {"spearman_lamem_memcat": "0.66-0.68 (paper, held-out LaMem+MemCat)"},
-            "input_size": (3, 227, 227),
-            "notes": "scores rarely fall below about 0.41",
-        },
-    )
-    DEFAULT = RETRAIN
 
 
 @register_model("resmem", ResMem_Weights)

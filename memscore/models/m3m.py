@@ -82,7 +82,6 @@ FCN_ENV = "MEMSCORE_FCN_WEIGHTS"
 _AUX_PREFIX = "aux_classifier."  # the published file's auxiliary head, which M3M never runs
 
 
-
 def _seg_reducer() -> nn.Sequential:
     # 21 x 227 x 227 class probabilities -> 1024 features. Two stride-2 convolutions (21 -> 32
     # -> 64 channels; 227 -> 114 -> 57) let the reducer learn local class co-occurrences at a

@@ -35,7 +35,7 @@ M3M_NO_WEIGHTS_MESSAGE = (
     "checkpoint file (local or s3://) with --weights CHECKPOINT"
 )
 # torchvision's FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.url, written out so that this module
-# needs no torchvision (tests/test_m3m.py checks the two agree).
+# needs no torchvision (tests/test_models.py checks the two agree).
 M3M_FCN_URL = "https://download.pytorch.org/models/fcn_resnet50_coco-1167a1af.pth"
 
 

@@ -186,7 +186,6 @@ def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output
 def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
     """The snapshot as a Ray Dataset: one read block per part (the unit of a decode task)."""
     import ray.data
-
     from ray.data import DataContext
 
     paths, filesystem = storage.for_pyarrow(list(snapshot.files), storage_options)

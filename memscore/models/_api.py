@@ -371,7 +371,7 @@ def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
     if is_checkpoint_path(weights):  # a checkpoint file or memscore checkpoint folder
         options = kwargs.get("storage_options")
         model = builder(weights=weights_for(name, weights, options), checkpoint=weights,
-                              **kwargs)
+                        **kwargs)
     else:
         model = builder(weights=resolve_weights(name, weights), **kwargs)
     return model.eval()

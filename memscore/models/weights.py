@@ -94,8 +94,8 @@ def _no_memnet_weights() -> Path:
     raise WeightsNotFoundError(MEMNET_NO_WEIGHTS_MESSAGE)
 
 
-_MEMNET_PAPER = ("Khosla, Raju, Torralba & Oliva, 'Understanding and Predicting Image Memorability at a "
-          "Large Scale', ICCV 2015")
+_MEMNET_PAPER = ("Khosla, Raju, Torralba & Oliva, 'Understanding and Predicting Image "
+                 "Memorability at a Large Scale', ICCV 2015")
 _MEMNET_LICENCE = "no published weights shipped; checkpoints carry their own"
 
 
@@ -104,7 +104,8 @@ class MemNet_Weights(WeightsEnum):
 
     LEGACY = Weights(
         locate=_no_memnet_weights,
-        transforms=TenCropPreprocess(resize=(MEMNET_INPUT_SIZE, MEMNET_INPUT_SIZE), crop=MEMNET_CROP_SIZE),
+        transforms=TenCropPreprocess(resize=(MEMNET_INPUT_SIZE, MEMNET_INPUT_SIZE),
+                                     crop=MEMNET_CROP_SIZE),
         meta={
             "output_column": "memorability_memnet",
             "score_range": (0.0, 1.0),
@@ -123,7 +124,8 @@ class MemNet_Weights(WeightsEnum):
     )
     MODERN = Weights(
         locate=_no_memnet_weights,
-        transforms=ImagePreprocess(resize=(MEMNET_INPUT_SIZE, MEMNET_INPUT_SIZE), crop=MEMNET_CROP_SIZE),
+        transforms=ImagePreprocess(resize=(MEMNET_INPUT_SIZE, MEMNET_INPUT_SIZE),
+                                   crop=MEMNET_CROP_SIZE),
         meta={
             "output_column": "memorability_memnet",
             "score_range": (0.0, 1.0),

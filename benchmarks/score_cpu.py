@@ -98,8 +98,8 @@ def start_ray() -> None:
     ``ray.init`` returns while the worker processes it prestarts are still importing Python
     (seconds of both cores here), so a task runs on every CPU first. Ray Data's first dataset
     on a cluster starts three helper actors (``datasets_stats_actor``, ``AutoscalingCoordinator``,
-    ``ActorLocationTracker``: detached, kept for every later job), about 3 s of a core each
-    here: a two-row dataset with an actor pool starts them.
+    ``ActorLocationTracker``: detached, kept for every later job), about 3 s in all here: a
+    two-row dataset with an actor pool starts them.
     """
     import ray
     import ray.data

@@ -178,7 +178,9 @@ def main(args: argparse.Namespace) -> None:
     for r in rounds:
         r["b"] = (r["b_before"] + r["b_after"]) / 2
         r["c_over_b"] = r["b"] / r["c"]
-    median = sorted(rounds, key=lambda r: r["c_over_b"])[len(rounds) // 2]
+        r["c_ray_over_b"] = r["b"] / (r["c"] + r["ray"])  # (c'): Ray started by the run itself
+    middle = sorted(range(len(rounds)), key=lambda i: rounds[i]["c_over_b"])[len(rounds) // 2]
+    median = rounds[middle]
     rate = {"a": n / t_a, "b": n / median["b"], "c": n / median["c"]}
     diff_ab = float(np.abs(s_a - s_b).max())
     diff_ac = max(float(np.abs(s_a - r["scores"]).max()) for r in rounds)
@@ -197,13 +199,12 @@ def main(args: argparse.Namespace) -> None:
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for number, r in enumerate(rounds, 1):
-        with_ray = r["b"] / (r["c"] + r["ray"])
         lines.append(f"| {number} | {n / r['b_before']:.2f} | {n / r['c']:.2f} | "
                      f"{n / r['b_after']:.2f} | {r['c_over_b']:.2f} | {r['ray']:.1f} s | "
-                     f"{with_ray:.2f} |")
+                     f"{r['c_ray_over_b']:.2f} |")
     lines += [
         "",
-        f"The median round ({rounds.index(median) + 1}), and (a):",
+        f"The median round ({middle + 1}), and (a):",
         "",
         "| | what | seconds | images/s |",
         "| --- | --- | ---: | ---: |",
@@ -215,7 +216,7 @@ def main(args: argparse.Namespace) -> None:
         f"- **(c)/(a) = {rate['c'] / rate['a']:.2f}**",
         f"- **(c)/(b) = {rate['c'] / rate['b']:.2f}** (median of {len(rounds)} rounds: "
         + ", ".join(f"{r['c_over_b']:.2f}" for r in rounds) + ")",
-        f"- (c')/(b) = {median['b'] / (median['c'] + median['ray']):.2f} in that round "
+        f"- (c')/(b) = {median['c_ray_over_b']:.2f} in that round "
         "(Ray started by the run itself)",
         f"- Scores agree: max |a-b| = {diff_ab:.2e}, max |a-c| = {diff_ac:.2e}",
         f"- (c)'s own summary: {median['summary']['rows_out']} rows, "

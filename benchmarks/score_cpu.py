@@ -92,7 +92,7 @@ class _PassThrough:
         return batch
 
 
-def start_ray() -> None:
+def start_ray() -> int:
     """Start Ray as a job finds it on a running cluster, so that (c) times memscore, not this.
 
     ``ray.init`` returns while the worker processes it prestarts are still importing Python
@@ -105,7 +105,9 @@ def start_ray() -> None:
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    ray.init(include_dashboard=False)
+    from memscore.run import init_ray
+
+    init_ray(None)  # as `memscore score` starts its local Ray: one logical CPU more than cores
     warm_up = ray.remote(num_cpus=1)(lambda: None)
     ray.get([warm_up.remote() for _ in range(int(ray.cluster_resources()["CPU"]))])
     ray.data.range(2).map_batches(_PassThrough, compute=ActorPoolStrategy(size=1)).materialize()
@@ -113,9 +115,11 @@ def start_ray() -> None:
     missing = {"datasets_stats_actor", "AutoscalingCoordinator", "ActorLocationTracker"} - helpers
     if missing:  # a newer Ray: then (c) includes their start, and the Markdown would be wrong
         raise SystemExit(f"Ray Data did not start its helper actors {sorted(missing)}")
+    return int(ray.cluster_resources()["CPU"])
 
 
-def bench_end_to_end(paths: list[str], batch_size: int, workdir: Path) -> tuple[float, float, np.ndarray, dict]:
+def bench_end_to_end(paths: list[str], batch_size: int,
+                     workdir: Path) -> tuple[float, float, np.ndarray, dict, int]:
     """(c): memscore.score on a CSV manifest, Ray already up (``start_ray``, timed separately)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -128,7 +132,7 @@ def bench_end_to_end(paths: list[str], batch_size: int, workdir: Path) -> tuple[
     manifest = workdir / "manifest.csv"
     pacsv.write_csv(pa.table({"path": paths, "row": list(range(len(paths)))}), manifest)
     start = time.perf_counter()
-    start_ray()
+    ray_cpus = start_ray()
     ray_start = time.perf_counter() - start
     start = time.perf_counter()
     summary = memscore.score(memscore.ScoreConfig(
@@ -136,7 +140,8 @@ def bench_end_to_end(paths: list[str], batch_size: int, workdir: Path) -> tuple[
     elapsed = time.perf_counter() - start
     table = pq.read_table(workdir / "out").sort_by("row")
     ray.shutdown()
-    return elapsed, ray_start, table.column("memorability").to_numpy().astype(np.float32), summary
+    scores = table.column("memorability").to_numpy().astype(np.float32)
+    return elapsed, ray_start, scores, summary, ray_cpus
 
 
 def machine() -> str:
@@ -167,7 +172,7 @@ def main(args: argparse.Namespace) -> None:
         # The machine's speed drifts (shared cores), so each (c) is compared with the mean of
         # the (b) just before it and the one just after, and the rounds' median is reported.
         for number in range(args.rounds):
-            t_c, t_ray, s_c, summary = bench_end_to_end(paths, args.batch_size,
+            t_c, t_ray, s_c, summary, ray_cpus = bench_end_to_end(paths, args.batch_size,
                                                         workdir / f"round{number}")
             t_b_after, _ = bench_model_stage(paths, args.batch_size)
             rounds.append({"b_before": t_b_before, "b_after": t_b_after, "c": t_c,
@@ -195,6 +200,8 @@ def main(args: argparse.Namespace) -> None:
         f"- Machine: {machine()}",
         f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; "
         f"images: {n} rows cycling through the {len(set(paths))} files of examples/images",
+        f"- Ray as `memscore score` starts it on this machine: {ray_cpus} logical CPUs on "
+        f"{cores()} cores (the model actor holds one; torch uses every core)",
         "",
         "| round | (b) before, images/s | (c) images/s | (b) after | (c)/(b) | Ray start (not in (c)) | (c')/(b) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -291,9 +291,9 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     # Decode to the whole 256x256 resize; the 227 crop is cut by the trainer (random or centre).
     preprocess = dataclasses.replace(member.transforms, crop=min(member.transforms.resize))
 
-    from memscore.run import _init_ray
+    from memscore.run import init_ray
 
-    _init_ray(config.address)
+    init_ray(config.address)
     ray.data.DataContext.get_current().max_errored_blocks = 0
     decoded = {split: _decoded(config, files[split], manifest, preprocess)
                for split in ("train", "validation")}

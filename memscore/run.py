@@ -31,7 +31,7 @@ from memscore.output import (
     write_summary,
 )
 
-__all__ = ["score", "decode_batch", "decode_stage", "plan_model_actors"]
+__all__ = ["score", "init_ray", "decode_batch", "decode_stage", "plan_model_actors"]
 
 
 def decode_batch(table: pa.Table, **decode_kwargs) -> pa.Table:
@@ -119,7 +119,9 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
     return records
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start Ray on this machine the
+    way every memscore job does; nothing if Ray is already initialised in this process."""
     import ray
 
     if ray.is_initialized():
@@ -279,7 +281,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         resume.write_state(config.output, identity, snapshot, config.storage_options)
     done_before = resume.committed_rows(config.output, config.storage_options)
 
-    _init_ray(config.address)
+    init_ray(config.address)
     context = DataContext.get_current()
     # A failed block must fail the run, never be skipped: per-row problems are already data.
     context.max_errored_blocks = 0

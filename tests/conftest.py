@@ -26,7 +26,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # 3 logical CPUs on 2 cores, as memscore starts its own local Ray (see run._init_ray).
+        # 3 logical CPUs on 2 cores, as memscore starts its own local Ray (see run.init_ray).
         ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

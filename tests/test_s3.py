@@ -244,7 +244,7 @@ def no_scoring(monkeypatch):
         raise AssertionError("scoring started; the error should have been raised before")
 
     monkeypatch.setattr(memscore.run, "build_dataset", refuse)
-    monkeypatch.setattr(memscore.run, "_init_ray", refuse)
+    monkeypatch.setattr(memscore.run, "init_ray", refuse)
 
 
 def test_output_bucket_missing_fails_before_scoring(s3_endpoint, s3_images, no_scoring, capsys):

@@ -172,8 +172,8 @@ def main(args: argparse.Namespace) -> None:
         # The machine's speed drifts (shared cores), so each (c) is compared with the mean of
         # the (b) just before it and the one just after, and the rounds' median is reported.
         for number in range(args.rounds):
-            t_c, t_ray, s_c, summary, ray_cpus = bench_end_to_end(paths, args.batch_size,
-                                                        workdir / f"round{number}")
+            t_c, t_ray, s_c, summary, ray_cpus = bench_end_to_end(
+                paths, args.batch_size, workdir / f"round{number}")
             t_b_after, _ = bench_model_stage(paths, args.batch_size)
             rounds.append({"b_before": t_b_before, "b_after": t_b_after, "c": t_c,
                            "ray": t_ray, "scores": s_c, "summary": summary})

@@ -31,7 +31,7 @@ from memscore.output import (
     write_summary,
 )
 
-__all__ = ["score", "init_ray", "decode_batch", "decode_stage", "plan_model_actors"]
+__all__ = ["score", "init_ray", "start_local_ray", "decode_batch", "decode_stage", "plan_model_actors"]
 
 
 def decode_batch(table: pa.Table, **decode_kwargs) -> pa.Table:
@@ -129,12 +129,19 @@ def init_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)
     else:
-        # One logical CPU more than there are cores: a resumed run adds Ray's checkpoint
-        # filter actor, which holds a CPU while it mostly waits; on a 2-core machine the decode
-        # tasks would otherwise never be scheduled (measured: the run hangs).
-        # No dashboard: nothing reads it on a one-machine run, and with ray[default] installed
-        # it would start several processes and hold memory for the whole run.
-        ray.init(num_cpus=local_cores() + 1, include_dashboard=False, log_to_driver=True)
+        start_local_ray()
+
+
+def start_local_ray(*, log_to_driver: bool = True) -> None:
+    """Start the embedded one-machine Ray that memscore's jobs (and its tests) run on."""
+    import ray
+
+    # One logical CPU more than there are cores: a resumed run adds Ray's checkpoint
+    # filter actor, which holds a CPU while it mostly waits; on a 2-core machine the decode
+    # tasks would otherwise never be scheduled (measured: the run hangs).
+    # No dashboard: nothing reads it on a one-machine run, and with ray[default] installed
+    # it would start several processes and hold memory for the whole run.
+    ray.init(num_cpus=local_cores() + 1, include_dashboard=False, log_to_driver=log_to_driver)
 
 
 def _decode_task_memory(config, preprocess: dict) -> int:

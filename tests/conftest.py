@@ -25,9 +25,11 @@ def ray_local():
     """One real local Ray for the whole session (starting Ray costs ~10 s on 2 cores)."""
     import ray
 
+    from memscore.run import start_local_ray
+
     if not ray.is_initialized():
-        # 3 logical CPUs on 2 cores, as memscore starts its own local Ray (see run.init_ray).
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        # memscore's own local Ray, with the workers' output kept out of the test log.
+        start_local_ray(log_to_driver=False)
     yield ray
     ray.shutdown()
 

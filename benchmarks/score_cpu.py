@@ -144,6 +144,33 @@ def bench_end_to_end(paths: list[str], batch_size: int,
     return elapsed, ray_start, scores, summary, ray_cpus
 
 
+def cpu_ticks() -> list[int] | None:
+    """The machine-wide CPU counters of /proc/stat (Linux), None elsewhere."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of CPU time the hypervisor gave to other guests between two ``cpu_ticks``.
+
+    On a shared VM this swings from 0 to over 70% within minutes (measured here), and a phase
+    that lost CPU to the host says nothing about memscore, so every phase reports it.
+    """
+    if before is None or after is None or len(before) < 8:
+        return None
+    delta = [b - a for a, b in zip(before, after)][:8]  # user..steal; guest is inside user
+    return delta[7] / sum(delta) if sum(delta) else None
+
+
+def with_steal(bench, *args):
+    """``bench(*args)``'s result, and the steal share while it ran."""
+    before = cpu_ticks()
+    result = bench(*args)
+    return result, steal_share(before, cpu_ticks())
+
+
 def machine() -> str:
     model = "unknown CPU"
     try:
@@ -157,6 +184,26 @@ def machine() -> str:
     return f"{model}, {cores()} cores, {memory:.0f} GiB RAM, no GPU, {platform.platform()}"
 
 
+def percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.0f}%"
+
+
+def steal_note(rounds: list[dict], limit: float = 0.02) -> str:
+    """Which rounds lost more than ``limit`` of the machine to other guests, and the median of
+    the rest: those rounds measure the host as much as memscore."""
+    if any(share is None for r in rounds for share in r["steal"]):
+        return "Steal not measured (no /proc/stat here)."
+    stolen = [max(r["steal"]) > limit for r in rounds]
+    if not any(stolen):
+        return f"No round lost more than {percent(limit)} of the CPU to steal."
+    hit = [str(number) for number, lost in enumerate(stolen, 1) if lost]
+    clean = [r["c_over_b"] for r, lost in zip(rounds, stolen) if not lost]
+    rest = (f"median (c)/(b) of the other {len(clean)}: {float(np.median(clean)):.2f}"
+            if clean else "no round was free of it")
+    return (f"Rounds with more than {percent(limit)} steal in a phase: {', '.join(hit)}; "
+            f"{rest}.")
+
+
 def main(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -167,17 +214,18 @@ def main(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="memscore-bench-"))
     rounds = []
     try:
-        t_a, s_a = bench_package(paths)
-        t_b_before, s_b = bench_model_stage(paths, args.batch_size)
+        (t_a, s_a), steal_a = with_steal(bench_package, paths)
+        (t_b_before, s_b), steal_b_before = with_steal(bench_model_stage, paths, args.batch_size)
         # The machine's speed drifts (shared cores), so each (c) is compared with the mean of
         # the (b) just before it and the one just after, and the rounds' median is reported.
         for number in range(args.rounds):
-            t_c, t_ray, s_c, summary, ray_cpus = bench_end_to_end(
-                paths, args.batch_size, workdir / f"round{number}")
-            t_b_after, _ = bench_model_stage(paths, args.batch_size)
+            (t_c, t_ray, s_c, summary, ray_cpus), steal_c = with_steal(
+                bench_end_to_end, paths, args.batch_size, workdir / f"round{number}")
+            (t_b_after, _), steal_b_after = with_steal(bench_model_stage, paths, args.batch_size)
             rounds.append({"b_before": t_b_before, "b_after": t_b_after, "c": t_c,
-                           "ray": t_ray, "scores": s_c, "summary": summary})
-            t_b_before = t_b_after
+                           "ray": t_ray, "scores": s_c, "summary": summary,
+                           "steal": (steal_b_before, steal_c, steal_b_after)})
+            t_b_before, steal_b_before = t_b_after, steal_b_after
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for r in rounds:
@@ -203,13 +251,13 @@ def main(args: argparse.Namespace) -> None:
         f"- Ray as `memscore score` starts it on this machine: {ray_cpus} logical CPUs on "
         f"{cores()} cores (the model actor holds one; torch uses every core)",
         "",
-        "| round | (b) before, images/s | (c) images/s | (b) after | (c)/(b) | Ray start (not in (c)) | (c')/(b) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| round | (b) before, images/s | (c) images/s | (b) after | (c)/(b) | Ray start (not in (c)) | (c')/(b) | steal (b) / (c) / (b) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for number, r in enumerate(rounds, 1):
         lines.append(f"| {number} | {n / r['b_before']:.2f} | {n / r['c']:.2f} | "
                      f"{n / r['b_after']:.2f} | {r['c_over_b']:.2f} | {r['ray']:.1f} s | "
-                     f"{r['c_ray_over_b']:.2f} |")
+                     f"{r['c_ray_over_b']:.2f} | {' / '.join(map(percent, r['steal']))} |")
     lines += [
         "",
         f"The median round ({middle + 1}), and (a):",
@@ -224,6 +272,7 @@ def main(args: argparse.Namespace) -> None:
         f"- **(c)/(a) = {rate['c'] / rate['a']:.2f}**",
         f"- **(c)/(b) = {rate['c'] / rate['b']:.2f}** (median of {len(rounds)} rounds: "
         + ", ".join(f"{r['c_over_b']:.2f}" for r in rounds) + ")",
+        f"- Hypervisor steal in (a): {percent(steal_a)}. " + steal_note(rounds),
         f"- (c')/(b) = {median['c_ray_over_b']:.2f} in that round "
         "(Ray started by the run itself)",
         f"- Scores agree: max |a-b| = {diff_ab:.2e}, max |a-c| = {diff_ac:.2e}",

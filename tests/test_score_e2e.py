@@ -225,3 +225,58 @@ def test_models_command_lists_weights_and_licence(capsys):
     text = capsys.readouterr().out
     assert "resmem" in text and "RETRAIN" in text and "non-commercial" in text
     assert "column=memorability" in text
+
+
+def _run_on_a_terminal(argv: list[str], timeout: float = 300) -> tuple[int, str]:
+    """Run ``argv`` with a 160-column pseudo-terminal as stdin, stdout and stderr, as a user's
+    shell would; return its exit code and everything it drew."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    leader, follower = pty.openpty()
+    # A fresh pty is 0 columns wide, and tqdm draws nothing in no columns.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    proc = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    drawn = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    break
+                if not chunk:
+                    break
+                drawn += chunk
+            elif proc.poll() is not None:  # exited, and nothing else is writing
+                break
+        else:
+            proc.kill()
+        code = proc.wait(timeout=30)
+    finally:
+        os.close(leader)
+    return code, drawn.decode("utf-8", errors="replace")
+
+
+def test_score_on_a_terminal_draws_ray_progress_bars(tmp_path, example_images):
+    """Ray Data's progress bars stay on: on a terminal, the model stage's bar counts the rows."""
+    import re
+
+    code, drawn = _run_on_a_terminal(
+        [sys.executable, "-m", "memscore.cli", "score", str(example_images[0].parent),
+         "--output", str(tmp_path / "out")])
+    assert code == 0, drawn[-3000:]
+    assert "tqdm is not installed" not in drawn
+    # e.g. "- MapBatches(ScoreImages): Tasks: 0; ... 100%|█████| 5.00/5.00 [00:21<00:00, ...]"
+    bars = re.findall(r"MapBatches\(ScoreImages\)[^\r\n]*?(\d+)%\|", drawn)
+    assert bars and bars[-1] == "100", drawn[-3000:]
+    n = len(example_images)
+    assert f"memscore: {n} rows, {n} scored, 0 errors" in drawn

@@ -104,7 +104,7 @@ def time_set(paths: list[Path], rows: int, repeats: int, draft_factor: int) -> d
     stage = DecodeImages("path", preprocess, io_threads=1, draft_factor=draft_factor)
     table = pa.table({"path": [str(paths[i % len(paths)]) for i in range(rows)]})
     out = stage(table)  # warm-up: imports, page cache, Pillow's plugin registry
-    errors = [e for e in out.column("error").to_pylist() if e]
+    errors = [e for e in out.column("memscore_error").to_pylist() if e]
     if errors:
         raise SystemExit(f"decode errors in the benchmark set: {errors[:3]}")
     cpu, wall = [], []

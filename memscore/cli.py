@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--manifest", required=True, help="the run's manifest")
     check.add_argument("--path-column", help="the manifest's path column (default: the run's)")
     check.add_argument("--id-column", help="match rows by this column (default: the run's "
-                       "--id-column, else manifest_row)")
+                       "--id-column, else memscore_row)")
     check.add_argument("--storage-option", dest="storage_options", action="append",
                        metavar="KEY=VALUE", help="fsspec/s3fs option, as for score")
     evaluation = commands.add_parser(

@@ -102,7 +102,7 @@ class ScoreConfig:
     id_column: str | None = field(default=None, metadata=_opt(
         "Manifest column of unique row ids, checked up front (duplicates are refused) and used "
         "by `memscore verify`. Without it rows are identified by their position "
-        "(manifest_row)."))
+        "(memscore_row)."))
     rows_per_block: int = field(default=256, metadata=_opt(
         "Manifest rows per read block: the unit a decode task takes, and what an interrupted "
         "run redoes at most per block in flight. Ray does not split a block, so smaller blocks "

@@ -50,6 +50,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from memscore.columns import ERROR as ERROR_COLUMN
+from memscore.columns import HEIGHT as HEIGHT_COLUMN
+from memscore.columns import PIXELS_PREFIX, pixels_column
+from memscore.columns import WIDTH as WIDTH_COLUMN
+
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
 
@@ -72,10 +77,6 @@ __all__ = [
     "resolve_path",
 ]
 
-ERROR_COLUMN = "error"
-WIDTH_COLUMN = "width"
-HEIGHT_COLUMN = "height"
-PIXELS_PREFIX = "__memscore_pixels"  # internal tensor columns, dropped before writing
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
 DEFAULT_MAX_BYTES = 512 * 2**20
@@ -109,11 +110,6 @@ _UNSUPPORTED_PROTOCOLS = ("http", "https")
 # inside it at once can leave each other's filter installed or removed. Every use in this module
 # (only around ``Image.open``, which parses the header, not the pixels) takes this lock.
 _WARNINGS_LOCK = threading.Lock()
-
-
-def pixels_column(name: str) -> str:
-    """Name of the internal tensor column holding the pixels for preprocess entry ``name``."""
-    return f"{PIXELS_PREFIX}_{name}"
 
 
 class ImageDecodeError(Exception):

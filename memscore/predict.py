@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from memscore.columns import MODEL as MODEL_COLUMN
 from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, PIXELS_PREFIX, WIDTH_COLUMN, pixels_column
 from memscore.faults import maybe_inject
 
 __all__ = ["ScoreImages", "MODEL_COLUMN", "output_columns", "pick_device", "local_cores"]
 
-MODEL_COLUMN = "model"
 log = logging.getLogger(__name__)
 
 

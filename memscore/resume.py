@@ -2,14 +2,14 @@
 
 Every run works in ``<output>/_memscore/`` (Parquet readers skip ``_`` folders):
 
-- ``manifest/part-NNNNNN.parquet``: the manifest's rows, in order, each with ``manifest_row``
+- ``manifest/part-NNNNNN.parquet``: the manifest's rows, in order, each with ``memscore_row``
   (its 0-based position in the manifest: the stable row id, so duplicated paths stay separate
   rows), cut into blocks of ``rows_per_block`` rows. Ray Data reads this snapshot, not the
   manifest: one reader for every manifest kind, an exact row count, a deterministic ``--limit``,
   and an input that cannot change under a resumed run.
 - ``state.json``: written once the snapshot is complete; what the run is (manifest fingerprint,
   models, options), so that ``--resume`` refuses to continue a different run.
-- ``checkpoint/``: Ray Data's ``CheckpointConfig`` files, the ``manifest_row`` ids of rows whose
+- ``checkpoint/``: Ray Data's ``CheckpointConfig`` files, the ``memscore_row`` ids of rows whose
   output file is committed. Ray writes a ``.pending`` id file before each output file and
   renames it after, and on restart deletes output files of pending ids and skips committed ids:
   every row ends up in the output exactly once.
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from memscore import storage
+from memscore import columns, storage
 from memscore.config import MemscoreError, ScoreConfig
 from memscore.manifest import Manifest
 
@@ -38,7 +38,7 @@ __all__ = ["ROW_COLUMN", "WORK_DIR", "Snapshot", "write_snapshot", "read_state",
            "run_identity", "manifest_fingerprint", "snapshot_dataset", "checkpoint_config",
            "committed_rows", "remove_work_dir"]
 
-ROW_COLUMN = "manifest_row"
+ROW_COLUMN = columns.ROW
 WORK_DIR = "_memscore"
 _STATE = "state.json"
 # Parallel PUTs when the snapshot goes to S3: thousands of small parts, each a round trip.

@@ -1,6 +1,6 @@
 """``memscore verify``: does an output hold every manifest row exactly once?
 
-Rows are matched by ``--id-column`` where the run had one, else by ``manifest_row`` (each row's
+Rows are matched by ``--id-column`` where the run had one, else by ``memscore_row`` (each row's
 position in the manifest). A run made with ``--limit N`` is checked against the first N rows.
 """
 

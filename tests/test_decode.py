@@ -404,7 +404,7 @@ def test_missing_path_column_and_clashing_columns_are_config_errors():
     with pytest.raises(KeyError):
         stage(pa.table({"other": ["x"]}))
     with pytest.raises(ValueError, match="already has"):
-        stage(pa.table({"path": ["x"], "error": ["y"]}))
+        stage(pa.table({"path": ["x"], "memscore_error": ["y"]}))
 
 
 # ------------------------------------------------------------------- hostile and odd files
@@ -583,8 +583,8 @@ for name, kw in (("draft", {}), ("full", {"draft_factor": 0})):
     table, second = run(huge, **kw)
     result["t_" + name] = min(first[0], second[0])  # wall
     result["cpu_" + name] = min(first[1], second[1])  # CPU: steadier on a busy machine
-    assert table["error"][0].as_py() is None, table["error"][0]
-    result["size_" + name] = [table["width"][0].as_py(), table["height"][0].as_py()]
+    assert table["memscore_error"][0].as_py() is None, table["memscore_error"][0]
+    result["size_" + name] = [table["memscore_width"][0].as_py(), table["memscore_height"][0].as_py()]
     np.save(f"{out_dir}/{name}.npy", table.column(table.column_names[-1]).combine_chunks().to_numpy()[0])
 print(json.dumps(result))
 """
@@ -787,7 +787,7 @@ def test_decoding_never_imports_torch():
             "from memscore.transforms import ImagePreprocess, TenCropPreprocess\n"
             "pre = {'a': ImagePreprocess(resize=(256, 256), crop=227), 'b': TenCropPreprocess()}\n"
             f"out = DecodeImages('path', pre)(pa.table({{'path': [{str(image)!r}]}}))\n"
-            "assert out.column('error').null_count == 1, out.column('error')\n"
+            "assert out.column('memscore_error').null_count == 1, out.column('memscore_error')\n"
             "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -125,8 +125,8 @@ def score_output(tmp_path) -> Path:
     table = pa.table({
         "path": [_path(i) for i in range(N)],
         "memorability": pa.array([_prediction(i) for i in range(N)], pa.float32()),
-        "error": [("decode failed: broken" if i < 2 else None) for i in range(N)],
-        "manifest_row": pa.array(range(N), pa.int64()),
+        "memscore_error": [("decode failed: broken" if i < 2 else None) for i in range(N)],
+        "memscore_row": pa.array(range(N), pa.int64()),
     })
     pq.write_table(table.slice(0, 20), out / "part-00000.parquet")
     pq.write_table(table.slice(20), out / "part-00001.parquet")
@@ -326,7 +326,7 @@ def test_nothing_matching_is_one_line_showing_a_key_from_each_side(score_output,
     ({"truth_column": "nope"}, "no column 'nope' (columns: path, hr, category, half_a, half_b); "
                                "name it with --truth-column"),
     ({"prediction_column": "false_alarm"},
-     "no column 'false_alarm' (columns: path, memorability, error, manifest_row); name it with "
+     "no column 'false_alarm' (columns: path, memorability, memscore_error, memscore_row); name it with "
      "--prediction-column"),
     ({"key": "image_id"}, "no column 'image_id'"),
     ({"group_by": ("scene",)}, "--group-by scene: neither --truth nor the predictions"),

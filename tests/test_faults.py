@@ -100,7 +100,7 @@ def test_model_actor_dies_mid_batch_and_the_run_still_completes(example_images, 
     table = pq.read_table(output).sort_by("id")
     assert table.column("id").to_pylist() == list(range(len(paths)))  # none lost, none twice
     assert table.column("path").to_pylist() == paths
-    assert table.column("error").null_count == table.num_rows, table.column("error").to_pylist()
+    assert table.column("memscore_error").null_count == table.num_rows, table.column("memscore_error").to_pylist()
     for path, value in zip(paths, table.column("memorability").to_pylist()):
         expected = reference_scores[Path(path).name]
         assert value is not None and abs(value - expected) <= 1e-5, (path, value, expected)
@@ -280,7 +280,7 @@ def test_image_reads_survive_transient_s3_errors(s3_endpoint, image_bucket):
     _, urls = image_bucket
     table = pa.table({"uri": urls * 2})
     expected = _decoder(s3_endpoint.url)(table)  # straight to moto: the reference pixels
-    assert expected.column("error").null_count == table.num_rows
+    assert expected.column("memscore_error").null_count == table.num_rows
 
     with FaultProxy(s3_endpoint.url, every_nth(3, 10, is_object_request)) as proxy:
         clock = time.perf_counter()
@@ -290,8 +290,8 @@ def test_image_reads_survive_transient_s3_errors(s3_endpoint, image_bucket):
     injected = proxy.injected()
     print(f"\nimage reads: {injected} injected over {len(proxy.log)} requests, {wall:.2f} s")
     assert injected.get("503", 0) > 0 and injected.get("drop", 0) == 1, proxy.log
-    assert got.column("error").to_pylist() == [None] * table.num_rows
-    assert got.column("width").equals(expected.column("width"))
+    assert got.column("memscore_error").to_pylist() == [None] * table.num_rows
+    assert got.column("memscore_width").equals(expected.column("memscore_width"))
     column = pixels_column("resmem")
     assert np.array_equal(got.column(column).combine_chunks().to_numpy_ndarray(),
                           expected.column(column).combine_chunks().to_numpy_ndarray())

@@ -104,7 +104,7 @@ def test_rows_without_label_or_image_are_skipped_and_counted(tint_run):
     assert sum(t.num_rows for t in splits.values()) == IMAGES + 2  # labelled rows, each once
     rows = pa.concat_tables(splits.values()).column(ROW).to_pylist()
     assert sorted(rows) == sorted(set(rows))
-    test_errors = pq.read_table(list((run / "test_scores").glob("*.parquet"))).column("error")
+    test_errors = pq.read_table(list((run / "test_scores").glob("*.parquet"))).column("memscore_error")
     image_errors = (sum(summary["rows_with_image_errors"].values())
                     + test_errors.length() - test_errors.null_count)
     assert image_errors == 2

@@ -257,12 +257,12 @@ def test_score_images_with_a_checkpoint(checkpoint, expected, pixels):
 
     table = pa.table({
         "id": pa.array([1, 2, 3], pa.int64()),
-        "error": pa.array([None, "missing file: x", None], pa.string()),
-        "width": pa.array([10, None, 10], pa.int32()),
-        "height": pa.array([10, None, 10], pa.int32()),
+        "memscore_error": pa.array([None, "missing file: x", None], pa.string()),
+        "memscore_width": pa.array([10, None, 10], pa.int32()),
+        "memscore_height": pa.array([10, None, 10], pa.int32()),
     }).append_column(pixels_column("m3m"), ArrowTensorArray.from_numpy(pixels[[0, 1, 1]]))
     out = ScoreImages(("m3m",), weights=str(checkpoint))(table)
-    assert out.column_names == ["id", "memorability_m3m", "error", "model", "width", "height"]
+    assert out.column_names == ["id", "memorability_m3m", "memscore_error", "memscore_model", "memscore_width", "memscore_height"]
     scores = out.column("memorability_m3m").to_pylist()
     assert scores[1] is None
     np.testing.assert_allclose([scores[0], scores[2]], expected.numpy(), atol=1e-6)

@@ -70,7 +70,7 @@ def test_resmem_parity_with_the_published_package(example_images, reference_scor
     decoded = DecodeImages("path", {"resmem": weights.transforms})(table)
     scored = ScoreImages(("resmem",))(decoded)
     ours = dict(zip([p.name for p in example_images], scored.column("memorability").to_pylist()))
-    assert scored.column("error").null_count == len(example_images)
+    assert scored.column("memscore_error").null_count == len(example_images)
     for name, expected in reference_scores.items():
         assert abs(ours[name] - expected) <= 1e-5, (name, ours[name], expected)
     # and the scores look like ResMem's: inside its usual band
@@ -131,16 +131,16 @@ def test_score_images_leaves_error_rows_unscored_and_keeps_columns():
     pixels = np.random.default_rng(0).integers(0, 255, (3, 227, 227, 3), dtype=np.uint8)
     table = pa.table({
         "id": pa.array([1, None, 3], pa.int64()),
-        "error": pa.array([None, "missing file: x", None], pa.string()),
-        "width": pa.array([10, None, 10], pa.int32()),
-        "height": pa.array([10, None, 10], pa.int32()),
+        "memscore_error": pa.array([None, "missing file: x", None], pa.string()),
+        "memscore_width": pa.array([10, None, 10], pa.int32()),
+        "memscore_height": pa.array([10, None, 10], pa.int32()),
     }).append_column(pixels_column("resmem"), ArrowTensorArray.from_numpy(pixels))
     out = ScoreImages(("resmem",))(table)
-    assert out.column_names == ["id", "memorability", "error", "model", "width", "height"]
+    assert out.column_names == ["id", "memorability", "memscore_error", "memscore_model", "memscore_width", "memscore_height"]
     assert out.column("id").equals(table.column("id"))
     scores = out.column("memorability").to_pylist()
     assert scores[1] is None and scores[0] is not None and scores[2] is not None
-    assert out.column("model").to_pylist() == ["resmem"] * 3
+    assert out.column("memscore_model").to_pylist() == ["resmem"] * 3
     with torch.inference_mode():
         expected = get_model("resmem")(weights.transforms.to_tensor(pixels[[0, 2]])).numpy()
     np.testing.assert_allclose([scores[0], scores[2]], expected, atol=1e-6)

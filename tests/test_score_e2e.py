@@ -21,7 +21,7 @@ from memscore import cli
 import badimages
 
 # What memscore appends to the manifest's columns, in order.
-ADDED = ["manifest_row", "memorability", "error", "model", "width", "height"]
+ADDED = ["memscore_row", "memorability", "memscore_error", "memscore_model", "memscore_width", "memscore_height"]
 
 
 def metadata_table(paths: list[str], *, with_list: bool = True) -> pa.Table:
@@ -50,12 +50,12 @@ def read_output(output) -> pa.Table:
 
 
 def check_scores(table: pa.Table, reference_scores: dict[str, float]) -> None:
-    assert table.column("error").null_count == table.num_rows, table.column("error").to_pylist()
+    assert table.column("memscore_error").null_count == table.num_rows, table.column("memscore_error").to_pylist()
     for path, score in zip(table.column("path").to_pylist(),
                            table.column("memorability").to_pylist()):
         expected = reference_scores[path.rsplit("/", 1)[-1]]
         assert abs(score - expected) <= 1e-5, (path, score, expected)
-    assert set(table.column("model").to_pylist()) == {"resmem"}
+    assert set(table.column("memscore_model").to_pylist()) == {"resmem"}
     assert table.schema.field("memorability").type == pa.float32()
 
 
@@ -70,13 +70,13 @@ def test_folder_of_images(ray_local, tmp_path, example_images, reference_scores)
     shutil.copy(example_images[0], secret)
     (folder / "link.png").symlink_to(secret)  # a link out of the scanned folder
     summary = run(folder, tmp_path / "out")
-    table = pq.read_table(tmp_path / "out").sort_by("manifest_row")
+    table = pq.read_table(tmp_path / "out").sort_by("memscore_row")
     assert table.column_names == ["path"] + ADDED
     assert table.num_rows == len(example_images) + 1
     link = table.filter(pc.equal(table.column("path"), str(folder / "link.png")))
-    assert link.column("error")[0].as_py().startswith("outside input folder:")
+    assert link.column("memscore_error")[0].as_py().startswith("outside input folder:")
     assert link.column("memorability")[0].as_py() is None
-    check_scores(table.filter(pc.is_null(table.column("error"))), reference_scores)
+    check_scores(table.filter(pc.is_null(table.column("memscore_error"))), reference_scores)
     assert summary["rows_in"] == summary["rows_out"] == len(example_images) + 1
     assert summary["rows_scored"] == len(example_images)
     on_disk = json.loads((tmp_path / "out" / "_memscore.json").read_text())
@@ -117,8 +117,8 @@ def test_manifest_formats_keep_every_column_and_type(fmt, ray_local, tmp_path, e
     assert meta.equals(expected.sort_by("id"))
     check_scores(table, reference_scores)
     sizes = [Image.open(images / p.rsplit("/", 1)[-1]).size for p in table.column("path").to_pylist()]
-    assert table.column("width").to_pylist() == [w for w, _ in sizes]
-    assert table.column("height").to_pylist() == [h for _, h in sizes]
+    assert table.column("memscore_width").to_pylist() == [w for w, _ in sizes]
+    assert table.column("memscore_height").to_pylist() == [h for _, h in sizes]
 
 
 def test_bad_images_become_error_rows_and_good_ones_are_scored(ray_local, tmp_path, example_images,
@@ -133,7 +133,7 @@ def test_bad_images_become_error_rows_and_good_ones_are_scored(ray_local, tmp_pa
     summary = run(manifest, tmp_path / "out", decode_batch_size=7, batch_size=4)
     table = read_output(tmp_path / "out")
     assert table.column("id").to_pylist() == list(range(len(rows)))  # none lost, none doubled
-    for path, kind, error, score in zip(rows, kinds, table.column("error").to_pylist(),
+    for path, kind, error, score in zip(rows, kinds, table.column("memscore_error").to_pylist(),
                                         table.column("memorability").to_pylist()):
         if kind is None:
             assert error is None and 0 < score < 1, (path, error)

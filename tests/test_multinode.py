@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -402,14 +403,36 @@ def test_losing_a_gpu_node_mid_run_still_gives_every_row_once(gpu_cluster, tmp_p
 
 
 # ------------------------------------------------------------------------ ray job submit
+@dataclass
+class Head:
+    url: str  # the dashboard and job API
+    token: str  # what `ray get-auth-token` prints on the head
+    client_env: dict[str, str]  # a submitting machine that has the token (README, On a cluster)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """``ray start --head`` on 127.0.0.1 with the job server; -> its dashboard URL."""
-    ray_cli = Path(sys.executable).with_name("ray")
+    """``ray start --head`` on 127.0.0.1 with the job server and token authentication on.
+
+    Ray 2.60 turns token authentication on for a head by itself once ``~/.ray/auth_token``
+    exists there (a local ``ray.init()`` writes one): here the head gets a home of its own where
+    ``ray get-auth-token --generate`` writes it, and RAY_AUTH_MODE is left unset (the tests'
+    "disabled" removed), so Ray decides as on a cluster's head. The submitting machine is given
+    the token the README's way: ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``.
+    """
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head_env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                                                                 "RAY_AUTH_TOKEN_PATH")}
+    head_env["HOME"] = str(tmp_path / "head-home")
+    generated = subprocess.run([ray_cli, "get-auth-token", "--generate"], env=head_env,
+                               capture_output=True, text=True, timeout=60)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert (tmp_path / "head-home" / ".ray" / "auth_token").is_file()
     with private_ray_tmpdir() as tmp:
+        head_env["RAY_TMPDIR"] = tmp
         port, dashboard = free_port(), free_port()
         started = subprocess.run(
-            [str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+            [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
              "--num-cpus=3", "--num-gpus=0",  # 3 on 2 cores, as memscore's local Ray
              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}",
@@ -417,31 +440,45 @@ def ray_head(tmp_path):
              f"--dashboard-agent-listen-port={free_port()}",
              f"--ray-client-server-port={free_port()}",
              "--disable-usage-stats"],
-            env=os.environ.copy(), capture_output=True, text=True, timeout=180)
+            env=head_env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
+        assert "Token authentication is enabled" in started.stdout + started.stderr
         # The clean-up finds this Ray's processes by their RAY_TMPDIR: prove that it can.
         assert len(processes_with_env("RAY_TMPDIR", tmp)) >= 3  # GCS, raylet, dashboard...
-        url = f"http://127.0.0.1:{dashboard}"
-        yield url
+        # On the head: `ray get-auth-token` (README) prints the token, and only the token.
+        token = subprocess.run([ray_cli, "get-auth-token"], env=head_env, capture_output=True,
+                               text=True, timeout=60, check=True).stdout
+        client_home = tmp_path / "client-home"  # no ~/.ray/auth_token of its own
+        client_home.mkdir()
+        client_env = {**os.environ, "HOME": str(client_home), "RAY_AUTH_MODE": "token",
+                      "RAY_AUTH_TOKEN": token}
+        yield Head(f"http://127.0.0.1:{dashboard}", token, client_env)
         # `ray stop` would stop every Ray on the machine; private_ray_tmpdir ends only ours.
 
 
-def submit(url: str, *job_args: str) -> str:
+def submit(head: Head, *job_args: str, env: dict[str, str] | None = None,
+           expect_ok: bool = True) -> subprocess.CompletedProcess | str:
+    """``ray job submit`` of ``jobs/score.py`` from a machine with ``env`` (the head's token by
+    default) -> the submission id, or with ``expect_ok=False`` the finished ``ray`` process."""
     ray_cli = Path(sys.executable).with_name("ray")
     submission_id = f"memscore-{uuid.uuid4().hex[:8]}"
     entrypoint = shlex.join([sys.executable, "jobs/score.py", *job_args])
     done = subprocess.run(
-        [str(ray_cli), "job", "submit", "--address", url, "--working-dir", str(ROOT),
+        [str(ray_cli), "job", "submit", "--address", head.url, "--working-dir", str(ROOT),
          "--submission-id", submission_id, "--no-wait", "--", *shlex.split(entrypoint)],
-        capture_output=True, text=True, timeout=120)
+        env=head.client_env if env is None else env, capture_output=True, text=True,
+        timeout=120)
+    if not expect_ok:
+        return done
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return submission_id
 
 
-def wait_for_job(url: str, submission_id: str, timeout_s: float = 300):
+def wait_for_job(head: Head, submission_id: str, timeout_s: float = 300):
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(url)
+    # This process runs with RAY_AUTH_MODE=disabled (conftest): the token goes in the header.
+    client = JobSubmissionClient(head.url, headers={"Authorization": f"Bearer {head.token}"})
     deadline = time.monotonic() + timeout_s
     while True:
         status = client.get_job_status(submission_id)
@@ -456,11 +493,21 @@ def wait_for_job(url: str, submission_id: str, timeout_s: float = 300):
 @needs_dashboard
 def test_ray_job_submit_runs_the_job_and_a_bad_manifest_fails_it(ray_head, tmp_path,
                                                                  example_images):
+    """On a head with token authentication on: without the token (the tests' own
+    RAY_AUTH_MODE=disabled, or a token but no RAY_AUTH_MODE=token) ``ray job submit`` fails
+    with AuthenticationError; with the README's two variables it runs the job."""
     from ray.job_submission import JobStatus
 
     rows = 10
     manifest = write_manifest(tmp_path, example_images, rows)
     out = tmp_path / "out"
+    for env in ({**ray_head.client_env, "RAY_AUTH_MODE": "disabled"},
+                {k: v for k, v in ray_head.client_env.items() if k != "RAY_AUTH_MODE"}):
+        refused = submit(ray_head, str(manifest), "--output", str(out), env=env,
+                         expect_ok=False)
+        assert refused.returncode != 0, refused.stdout[-2000:]
+        assert "AuthenticationError" in refused.stdout + refused.stderr, refused.stderr[-3000:]
+    assert not out.exists()
     clock = time.perf_counter()
     good = submit(ray_head, str(manifest), "--output", str(out), "--rows-per-block", "5",
                   "--batch-size", "5", "--decode-batch-size", "5")

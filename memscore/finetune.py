@@ -291,9 +291,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     # Decode to the whole 256x256 resize; the 227 crop is cut by the trainer (random or centre).
     preprocess = dataclasses.replace(member.transforms, crop=min(member.transforms.resize))
 
+    from memscore.cluster_check import check_shared_storage
     from memscore.run import init_ray
 
     init_ray(config.address)
+    check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only
     ray.data.DataContext.get_current().max_errored_blocks = 0
     decoded = {split: _decoded(config, files[split], manifest, preprocess)
                for split in ("train", "validation")}

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from memscore import resume, storage
+from memscore.cluster_check import check_shared_storage
 from memscore.config import MemscoreError, ScoreConfig
 from memscore.manifest import Manifest, open_manifest
 from memscore.models._api import file_sha256
@@ -289,6 +290,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     done_before = resume.committed_rows(config.output, config.storage_options)
 
     init_ray(config.address)
+    check_shared_storage(config.output, manifest, config.storage_options)  # >1 node only
     context = DataContext.get_current()
     # A failed block must fail the run, never be skipped: per-row problems are already data.
     context.max_errored_blocks = 0

@@ -7,7 +7,10 @@
   declared-but-absent GPU should do.
 * Losing a worker node mid-run (``Cluster.remove_node`` kills its raylet, workers and object
   store, as a reclaimed spot node) must still give every manifest row exactly once.
-* A real ``ray start --head`` and ``ray job submit`` of ``jobs/score.py``.
+* A real ``ray start --head`` with token authentication on (as a head turns it on once it
+  has ``~/.ray/auth_token``) and ``ray job submit`` of ``jobs/score.py`` with its token.
+* A node that does not see a local folder (started in a private mount namespace) stops a
+  run before any work: local ``--output`` and image paths are each node's own disk.
 
 Other agents and CI jobs may run Ray on this machine at the same time, so each cluster here
 lives in a private ``RAY_TMPDIR``: ``ray.init()`` elsewhere never finds it through
@@ -147,7 +150,8 @@ def assert_every_row_once(out: Path, manifest: Path, rows: int) -> pa.Table:
     assert table.num_rows == rows
     assert table.column("memscore_row").to_pylist() == list(range(rows))  # each id once
     assert table.column("key").to_pylist() == [f"k{i:03d}" for i in range(rows)]
-    assert table.column("memscore_error").null_count == rows, table.column("memscore_error").to_pylist()
+    errors = table.column("memscore_error")
+    assert errors.null_count == rows, errors.to_pylist()
     report = verify(str(out), str(manifest))
     assert report.ok, report.lines()
     assert report.counts == {"missing": 0, "duplicated": 0, "unexpected": 0}
@@ -260,6 +264,95 @@ def test_stall_once_stalls_the_first_call_only(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+# ----------------------------------------------------------------------- shared storage
+def _can_hide_a_folder() -> str | None:
+    """Why a node cannot be given a private mount namespace here (None: it can)."""
+    if shutil.which("unshare") is None:
+        return "needs util-linux's unshare"
+    tried = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                            "mount -t tmpfs memscore-test /tmp"], capture_output=True, text=True)
+    return None if tried.returncode == 0 else f"cannot mount in a private namespace: {tried.stderr}"
+
+
+_NO_BLIND_NODE = _can_hide_a_folder()
+
+
+@contextlib.contextmanager
+def cluster_with_a_blind_node(hidden: Path):
+    """A head and a second node on this machine; the second one does not see ``hidden``.
+
+    ``ray.cluster_utils.Cluster`` nodes share this machine's filesystem, so the second node is
+    started with ``ray start`` inside a private mount namespace (``unshare --mount``) with an
+    empty tmpfs mounted over ``hidden``: its raylet and every worker process it starts see an
+    empty folder there, as a machine without the shared mount would, while the head and the
+    driver (this process) see the real folder. Nothing in memscore knows it is being tested.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the session's local Ray, if a test before started it
+    with private_ray_tmpdir():
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": False, "object_store_memory": 100 << 20})
+        try:
+            ray_cli = str(Path(sys.executable).with_name("ray"))
+            started = subprocess.run(
+                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                 'mount -t tmpfs memscore-test "$0" && exec "$@"', str(hidden),
+                 ray_cli, "start", f"--address={cluster.address}", "--num-cpus=1",
+                 f"--object-store-memory={100 << 20}",
+                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+                env=os.environ.copy(), capture_output=True, text=True, timeout=180)
+            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
+            ray.init(address=cluster.address, log_to_driver=False)
+            deadline = time.monotonic() + 120
+            while sum(n["Alive"] for n in ray.nodes()) < 2:
+                assert time.monotonic() < deadline, "the second node did not join"
+                time.sleep(0.5)
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()  # the blind node's processes end with private_ray_tmpdir
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_NO_BLIND_NODE is not None, reason=str(_NO_BLIND_NODE))
+def test_a_node_that_does_not_see_the_output_or_the_images_stops_the_run_first(
+        tmp_path, example_images):
+    """On two nodes, a local ``--output`` or image folder that one node does not see stops the
+    run before any work, with one line naming the node and saying to use s3:// or a shared
+    filesystem (without the check, the blind node's tasks write to, and read from, its own
+    disk: a row count mismatch or every row a missing file)."""
+    import ray
+
+    hidden = tmp_path / "nfs"  # "mounted" on the head only
+    hidden.mkdir()
+    (hidden / "images").mkdir()
+    for image in example_images:
+        shutil.copy(image, hidden / "images" / image.name)
+    rows = 6
+    on_every_node = write_manifest(tmp_path, example_images, rows)
+    on_the_head_only = write_manifest(hidden, sorted((hidden / "images").iterdir()), rows)
+    with cluster_with_a_blind_node(hidden) as cluster:
+        for manifest, out, what in (
+                (on_every_node, hidden / "out", f"the output folder {hidden / 'out'}"),
+                (on_the_head_only, tmp_path / "out", f"the image {hidden / 'images'}")):
+            with pytest.raises(memscore.MemscoreError) as error:
+                join(run_with_deadline(
+                    lambda: memscore.score(small_run(manifest, out, cluster.address)), 300),
+                    "the scoring run")
+            message = str(error.value)
+            print(f"\n{message}")
+            blind = next(n for n in ray.nodes() if n["NodeID"] != cluster.head_node.node_id)
+            assert "\n" not in message
+            assert message.startswith(f"node {blind['NodeManagerAddress']} "
+                                      f"({blind['NodeID'][:8]}) cannot see {what}"), message
+            assert "use s3:// or a shared filesystem" in message
+            # Stopped before any work: no Parquet, and the probe file is gone again.
+            assert not output_files(str(out), {}), output_files(str(out), {})
+            assert not list(out.glob("_memscore_probe_*"))
 
 
 # ----------------------------------------------------------------------- the GPU cluster

@@ -13,6 +13,7 @@ Architecture (one job per module):
 - ``models``     the registry and the models, each with weights that carry preprocessing and meta.
 - ``transforms`` the preprocessing objects the weights carry.
 - ``storage``    fsspec/pyarrow filesystems for local and s3:// paths.
+- ``cluster_check`` before a run on several nodes: every node sees the local output and images.
 - ``checkpoint`` memscore checkpoints: model.safetensors + memscore.json in a folder.
 - ``splits``     deterministic train/validation/test splits.
 - ``finetune``   the fine-tuning job: splits -> the shared decode stage -> Ray Train.

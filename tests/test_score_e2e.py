@@ -121,6 +121,81 @@ def test_manifest_formats_keep_every_column_and_type(fmt, ray_local, tmp_path, e
     assert table.column("memscore_height").to_pylist() == [h for _, h in sizes]
 
 
+def _img2dataset_metadata(paths: list[str]) -> pa.Table:
+    """The columns img2dataset writes beside each image (its parquet output), plus the path."""
+    n = len(paths)
+    return pa.table({
+        "key": [f"{i:09d}" for i in range(n)],
+        "url": [f"https://example.org/{i}.jpg" for i in range(n)],
+        "caption": [f"a photo, number {i}" for i in range(n)],
+        "status": ["success"] * n,
+        "error_message": pa.array([None] * n, pa.string()),
+        "width": pa.array([256] * n, pa.int64()),
+        "height": pa.array([256] * n, pa.int64()),
+        "original_width": pa.array([512 + i for i in range(n)], pa.int64()),
+        "original_height": pa.array([384 + i for i in range(n)], pa.int64()),
+        "exif": [json.dumps({"Image Orientation": "Horizontal (normal)"})] * n,
+        "sha256": [f"{i:064x}" for i in range(n)],
+        "path": paths,
+    })
+
+
+def _laion_metadata(paths: list[str]) -> pa.Table:
+    n = len(paths)
+    return pa.table({
+        "URL": [f"https://example.org/{i}.jpg" for i in range(n)],
+        "TEXT": [f"caption {i}" for i in range(n)],
+        "WIDTH": pa.array([640.0] * n), "HEIGHT": pa.array([480.0] * n),
+        "similarity": pa.array([0.31] * n), "punsafe": pa.array([0.01] * n),
+        "pwatermark": pa.array([0.2] * n), "path": paths,
+    })
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [_img2dataset_metadata, _laion_metadata])
+def test_real_dataset_metadata_scores_with_no_option_and_comes_back_unchanged(
+        make, ray_local, tmp_path, example_images, reference_scores):
+    original = make([str(p) for p in example_images])
+    manifest = tmp_path / "metadata.parquet"
+    pq.write_table(original, manifest)
+    summary = run(manifest, tmp_path / "out")
+    table = pq.read_table(tmp_path / "out").sort_by("memscore_row")
+    assert summary["rows_out"] == original.num_rows
+    assert table.column_names == original.column_names + ADDED
+    assert table.select(original.column_names).equals(original)  # every column, every value
+    check_scores(table, reference_scores)
+
+
+@pytest.mark.slow
+def test_a_ground_truth_memorability_column_is_scored_with_a_column_prefix(
+        ray_local, tmp_path, example_images, reference_scores, capsys):
+    labels = tmp_path / "labels.csv"
+    truth = [0.61, 0.84, 0.72, 0.55, 0.93, 0.68][:len(example_images)]
+    labels.write_text("path,memorability\n" + "".join(
+        f"{p},{t}\n" for p, t in zip(example_images, truth)))
+    assert cli.main(["score", str(labels), "--output", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "'memorability' would be overwritten" in err and "--column-prefix pred_" in err
+    assert cli.main(["score", str(labels), "--output", str(tmp_path / "out"),
+                     "--column-prefix", "pred_"]) == 0
+    table = pq.read_table(tmp_path / "out").sort_by("memscore_row")
+    assert table.column_names == ["path", "memorability", "memscore_row", "pred_memorability",
+                                  *ADDED[2:]]
+    assert table.column("memorability").to_pylist() == truth  # the labels, untouched
+    scored = table.drop_columns(["memorability"]).rename_columns(
+        ["path", "memscore_row", "memorability", *ADDED[2:]])
+    check_scores(scored, reference_scores)
+    summary = json.loads((tmp_path / "out" / "_memscore.json").read_text())
+    assert summary["models"][0]["output_column"] == "pred_memorability"
+    # and evaluate reads the prefixed column against the labels
+    assert cli.main(["evaluate", str(tmp_path / "out"), "--truth", str(labels),
+                     "--truth-column", "memorability", "--prediction-column",
+                     "pred_memorability", "--report", str(tmp_path / "report"),
+                     "--bootstrap", "0"]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["counts"]["evaluated"] == len(example_images)
+
+
 def test_bad_images_become_error_rows_and_good_ones_are_scored(ray_local, tmp_path, example_images,
                                                                reference_scores):
     bad = badimages.write_all(tmp_path / "bad")
@@ -183,7 +258,7 @@ def test_bad_manifests_stop_with_one_line(tmp_path, capsys, example_images):
     empty_pq = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"path": pa.array([], pa.string())}), empty_pq)
     assert "no rows" in _cli_error(capsys, "score", str(empty_pq), "--output", out)
-    for reserved in ("memorability", "error", "width"):
+    for reserved in ("memorability", "memscore_error", "memscore_width", "memscore_future"):
         clash = tmp_path / f"clash_{reserved}.csv"
         clash.write_text(f"path,{reserved}\n{example_images[0]},1\n")
         assert f"'{reserved}' would be overwritten" in _cli_error(

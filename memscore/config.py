@@ -88,11 +88,18 @@ class ScoreConfig:
     max_pixels: int = field(default=89_478_485, metadata=_opt(
         "Images declaring more pixels than this are refused as decompression bombs "
         "(Pillow's default limit)."))
-    jpeg_draft_factor: int = field(default=4, metadata=_opt(
-        "JPEGs at least this many times the model's input size on both sides are decoded at "
-        "reduced scale (Pillow's draft mode; never below twice the input size): measured on an "
-        "8000x8000 photo, 7x faster and 248 -> 9 MiB of memory, score changed by 1.4e-4. "
-        "0 decodes every pixel, exactly as the reference pipeline."))
+    fast_decode: bool = field(default=False, metadata=_opt(
+        "Decode JPEGs at least 4 times the model's input size on both sides at reduced scale "
+        "(libjpeg's DCT scaling, Pillow's draft mode; never below twice the input size): faster "
+        "and less memory for large photos, but scores then differ slightly from the published "
+        "package's (docs/scaling.md has the figures). Default: every pixel decoded, as the "
+        "published package does.", action="store_true"))
+    exif_transpose: bool = field(default=False, metadata=_opt(
+        "Turn each image upright by its EXIF orientation tag before scoring (memscore_width/"
+        "memscore_height then report the upright size). The published package ignores the "
+        "tag, so by default images are scored as stored, and a photo stored sideways scores "
+        "as the package scores it.",
+        action="store_true"))
     overwrite: bool = field(default=False, metadata=_opt(
         "Delete whatever is in --output before writing.", action="store_true"))
     resume: bool = field(default=False, metadata=_opt(
@@ -136,8 +143,6 @@ class ScoreConfig:
                      "rows_per_block"):
             if getattr(self, name) < 1:
                 raise MemscoreError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.jpeg_draft_factor < 0:
-            raise MemscoreError("--jpeg-draft-factor must not be negative (0 turns it off)")
         if self.limit is not None and self.limit < 1:
             raise MemscoreError("--limit must be at least 1")
         if self.num_gpus is not None and self.num_gpus < 0:
@@ -233,8 +238,12 @@ class FinetuneConfig:
         "Threads per decode task fetching and decoding images."))
     max_pixels: int = field(default=89_478_485, metadata=_opt(
         "Images declaring more pixels than this are skipped as decompression bombs."))
-    jpeg_draft_factor: int = field(default=4, metadata=_opt(
-        "As for score: JPEGs this many times the input size decode at reduced scale; 0 off."))
+    fast_decode: bool = field(default=False, metadata=_opt(
+        "As for score: decode large JPEGs at reduced scale (faster, slightly different "
+        "pixels). Train and score with the same setting.", action="store_true"))
+    exif_transpose: bool = field(default=False, metadata=_opt(
+        "As for score: turn images upright by their EXIF orientation tag. Train and score "
+        "with the same setting.", action="store_true"))
     rows_per_block: int = field(default=256, metadata=_opt("Manifest rows per decode block."))
     overwrite: bool = field(default=False, metadata=_opt(
         "Delete OUTPUT/NAME and train again from the start.", action="store_true"))
@@ -287,7 +296,7 @@ class FinetuneConfig:
         for name in ("lr", "cpus_per_worker"):
             if not getattr(self, name) > 0:
                 raise MemscoreError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("momentum", "weight_decay", "max_failures", "jpeg_draft_factor"):
+        for name in ("momentum", "weight_decay", "max_failures"):
             if getattr(self, name) < 0:
                 raise MemscoreError(f"--{name.replace('_', '-')} must not be negative")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:

@@ -11,20 +11,30 @@ A row that cannot be decoded never fails the batch: it gets an ``error`` string
 width/height, and all-zero pixels. Rows out == rows in, in the same order, and every input column
 is passed through untouched.
 
-Decoding choices, beyond the reference ``.convert('RGB')``:
+Decoding choices. By default a file decodes to the very pixels the published packages' own recipe
+gives (``Image.open(path).convert('RGB')``: every pixel, in the stored orientation; for animated
+GIF/APNG/WebP the first frame), with one departure: 16-bit and 32-bit greyscale modes are scaled
+to 8 bits, where Pillow's own convert clips them and turns a 16-bit photo white, so the
+reference's score there means nothing (see ``_to_rgb``).
 
-* EXIF orientation is applied (``ImageOps.exif_transpose``); images without the tag are unchanged.
-* Animated GIF/APNG/WebP: the first frame, which is what ``Image.open(...).convert('RGB')`` gives.
-* 16-bit and 32-bit greyscale modes are scaled to 8 bits (Pillow's own convert clips them, which
-  turns a 16-bit photo white). See ``_to_rgb``.
-* JPEG draft mode, only for large JPEGs (see ``DecodeImages(draft_factor=...)``): a JPEG at least
-  ``draft_factor`` times the largest resize target on both sides is decoded by libjpeg at 1/2, 1/4
-  or 1/8 scale, never below twice the target. This bounds memory and time for big photos and
-  changes their pixels slightly (mean abs difference ~1 grey level after the 227 crop, measured on
-  an 8000x8000 JPEG); every smaller image stays bit-identical to the reference pipeline. The
-  ``width``/``height`` columns always report the full-resolution size (after EXIF rotation), not
-  the draft's.
-* Decompression bombs are refused from the declared size, before any pixel is decoded. PNG text
+Two options depart from the reference on purpose, both off by default (``DecodeImages``):
+
+* ``exif_transpose``: apply the EXIF orientation tag (``ImageOps.exif_transpose``), so a photo
+  stored sideways is scored upright; images without the tag are unchanged. The reference ignores
+  the tag. The size columns then report the displayed orientation, else the stored one.
+* ``fast_decode``: JPEG draft mode for large JPEGs: a JPEG at least ``DRAFT_FACTOR`` (4) times
+  the largest resize target on both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, never
+  below twice the target. Less memory and time for big photos, slightly different pixels;
+  smaller images stay bit-identical. The ``memscore_width``/``memscore_height`` columns report
+  the full-resolution size, not the draft's.
+
+The measured effect of both on scores, time and memory is in ``docs/scaling.md``.
+
+Limits and errors:
+
+* Decompression bombs are refused from the declared size (``max_pixels``), before any pixel is
+  decoded. Pillow's own process-wide ``Image.MAX_IMAGE_PIXELS`` is raised to ``max_pixels`` where
+  it is lower (never lowered), so a limit above Pillow's default takes effect. PNG text
   chunks (zTXt/iTXt) that decompress past Pillow's ``PngImagePlugin.MAX_TEXT_CHUNK`` /
   ``MAX_TEXT_MEMORY`` are "decompression bomb" errors too.
 * Truncated files are errors (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its default, False).
@@ -61,7 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from memscore.transforms import ImagePreprocess
 
 __all__ = [
-    "DEFAULT_DRAFT_FACTOR",
+    "DRAFT_FACTOR",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_INFLIGHT_PIXELS",
     "DEFAULT_MAX_PIXELS",
@@ -81,7 +91,8 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
 DEFAULT_MAX_BYTES = 512 * 2**20
 DEFAULT_MAX_INFLIGHT_PIXELS = 2 * DEFAULT_MAX_PIXELS
-DEFAULT_DRAFT_FACTOR = 4
+#: fast_decode: JPEGs at least this many times the largest resize side on both sides are drafted.
+DRAFT_FACTOR = 4
 #: Formats whose decoder supports ``Image.draft`` scaling (libjpeg's DCT scaling).
 _DRAFT_FORMATS = ("JPEG", "MPO")
 
@@ -110,6 +121,8 @@ _UNSUPPORTED_PROTOCOLS = ("http", "https")
 # inside it at once can leave each other's filter installed or removed. Every use in this module
 # (only around ``Image.open``, which parses the header, not the pixels) takes this lock.
 _WARNINGS_LOCK = threading.Lock()
+# Guards raising Pillow's process-wide Image.MAX_IMAGE_PIXELS (see _allow_in_pillow).
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 class ImageDecodeError(Exception):
@@ -187,10 +200,30 @@ def _text_bomb(exc: BaseException, where: str) -> ImageDecodeError | None:
     return None
 
 
+def _allow_in_pillow(max_pixels: int) -> None:
+    """Raise Pillow's ``Image.MAX_IMAGE_PIXELS`` to at least ``max_pixels``; never lower it.
+
+    ``Image.open`` checks that process-wide limit before memscore's own ``max_pixels`` check
+    (it warns above it, which is an error here, and raises above twice it), so without this a
+    ``max_pixels`` above Pillow's default (89.5 megapixels) would still refuse those images. The
+    decode stage's own check stays the one that decides: the global only stops being in its way.
+    In a Ray decode worker this is a per-process setting of that worker.
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or limit >= max_pixels:  # the common case: no lock taken
+        return
+    with _PILLOW_LIMIT_LOCK:
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _open_image(data: bytes, max_pixels: int) -> "_PILImage.Image":
     """bytes -> lazily opened PIL image (header parsed, no pixels decoded), its size checked."""
     from PIL import Image, UnidentifiedImageError
 
+    _allow_in_pillow(max_pixels)
     if not data:
         raise ImageDecodeError("empty file", "0 bytes")
     try:
@@ -217,23 +250,24 @@ def _open_image(data: bytes, max_pixels: int) -> "_PILImage.Image":
     return image
 
 
-def _draft(image: "_PILImage.Image", draft_to: int, draft_factor: int) -> None:
-    """JPEG draft mode (in place) when the image is >= draft_factor * draft_to on both sides.
+def _draft(image: "_PILImage.Image", draft_to: int) -> None:
+    """JPEG draft mode (in place) when the image is >= DRAFT_FACTOR * draft_to on both sides.
 
     Asks libjpeg for the largest 1/2, 1/4, 1/8 reduction that keeps both sides >= 2 * draft_to.
     The target is one side for both axes, so an EXIF rotation cannot make one side too small.
     """
-    if draft_factor <= 0 or draft_to <= 0 or image.format not in _DRAFT_FORMATS:
+    if draft_to <= 0 or image.format not in _DRAFT_FORMATS:
         return
-    if min(image.size) >= draft_factor * draft_to:
+    if min(image.size) >= DRAFT_FACTOR * draft_to:
         try:
             image.draft("RGB", (2 * draft_to, 2 * draft_to))
         except Exception:  # a decoder that cannot draft: decode at full size
             pass
 
 
-def _load_rgb(image: "_PILImage.Image") -> "_PILImage.Image":
-    """Opened image -> decoded RGB image (first frame, EXIF-transposed, wide modes scaled)."""
+def _load_rgb(image: "_PILImage.Image", exif_transpose: bool = False) -> "_PILImage.Image":
+    """Opened image -> decoded RGB image (first frame, wide modes scaled; EXIF-transposed if
+    ``exif_transpose``)."""
     from PIL import Image
 
     try:
@@ -249,7 +283,8 @@ def _load_rgb(image: "_PILImage.Image") -> "_PILImage.Image":
             if isinstance(exc, EOFError) or "truncat" in message.lower():
                 raise ImageDecodeError("truncated", f"{image.format}: {message or type(exc).__name__}") from None
             raise ImageDecodeError("decode failed", f"{type(exc).__name__}: {message} ({image.format})") from None
-        image = _exif_transpose(image)
+        if exif_transpose:
+            image = _exif_transpose(image)
         return _to_rgb(image)
     except ImageDecodeError:
         raise
@@ -262,25 +297,25 @@ def read_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_to: int = 0,
-    draft_factor: int = DEFAULT_DRAFT_FACTOR,
+    exif_transpose: bool = False,
 ) -> "_PILImage.Image":
-    """bytes -> RGB PIL image (EXIF-transposed, first frame, 16-bit scaled).
+    """bytes -> RGB PIL image (first frame, 16-bit scaled), as the reference decodes it by default.
 
-    ``draft_to`` > 0 enables JPEG draft mode for JPEGs at least ``draft_factor * draft_to`` pixels
+    ``draft_to`` > 0 enables JPEG draft mode for JPEGs at least ``DRAFT_FACTOR * draft_to`` pixels
     on both sides (the result then keeps both sides >= ``2 * draft_to``, and is smaller than the
-    file's full size). Off by default here; ``DecodeImages`` turns it on from its preprocessing.
+    file's full size); ``DecodeImages(fast_decode=True)`` sets it from its preprocessing.
+    ``exif_transpose`` applies the EXIF orientation tag. Both off by default, as in the reference.
 
     Raises:
         ImageDecodeError: kinds "empty file", "not an image", "decompression bomb", "truncated",
             "decode failed".
 
-    Note: Pillow's own ``Image.MAX_IMAGE_PIXELS`` check still applies in ``Image.open`` (its warning
-    is turned into an error here), so a ``max_pixels`` above that global only takes effect if the
-    global is raised too (or set to None).
+    Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` is raised to ``max_pixels`` where it is lower,
+    so a ``max_pixels`` above Pillow's default takes effect.
     """
     image = _open_image(data, max_pixels)
-    _draft(image, draft_to, draft_factor)
-    return _load_rgb(image)
+    _draft(image, draft_to)
+    return _load_rgb(image, exif_transpose)
 
 
 class _PixelBudget:
@@ -407,17 +442,22 @@ class DecodeImages:
             declared (post-draft) pixel count fits, and give it back once their arrays are made.
             An image larger than the whole budget decodes alone. Bounds peak memory to roughly
             ``max_inflight_pixels`` x (bytes per pixel of the decode) whatever ``io_threads`` is.
-        draft_factor: JPEGs at least ``draft_factor`` x the largest ``resize`` side of any
+        fast_decode: JPEGs at least ``DRAFT_FACTOR`` (4) x the largest ``resize`` side of any
             preprocess entry on both sides decode in libjpeg draft mode (1/2, 1/4 or 1/8 scale,
-            never below twice that side): less memory and time, slightly different pixels.
-            Smaller images are untouched (bit-identical to the reference). 0 disables it. The
-            ``width``/``height`` columns report the full-resolution size either way.
+            never below twice that side): less memory and time, slightly different pixels, so
+            scores no longer equal the published package's. Smaller images are untouched. Off by
+            default: every pixel is decoded, as the reference does. The size columns report the
+            full-resolution size either way.
+        exif_transpose: apply the EXIF orientation tag before preprocessing, so the size columns
+            and the pixels are the displayed orientation. Off by default: the reference ignores
+            the tag, and the size columns report the stored orientation.
         confine_to: a local folder. When set, a local path (plain or ``file://``) whose real path
             (symlinks resolved) is not inside the folder's real path is an "outside input folder"
             error, and the file read is the checked real path. Remote URLs are not affected.
 
-    Returns (from ``__call__``) the input table, untouched, with ``width``, ``height`` (int32),
-    ``error`` (string) and the pixel columns appended.
+    Returns (from ``__call__``) the input table, untouched, with ``memscore_width``,
+    ``memscore_height`` (int32: the decoded size, stored orientation unless ``exif_transpose``),
+    ``memscore_error`` (string) and the pixel columns appended.
     """
 
     def __init__(
@@ -431,7 +471,8 @@ class DecodeImages:
         io_threads: int = 8,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS,
-        draft_factor: int = DEFAULT_DRAFT_FACTOR,
+        fast_decode: bool = False,
+        exif_transpose: bool = False,
         confine_to: str | None = None,
     ):
         if not preprocess:
@@ -440,8 +481,6 @@ class DecodeImages:
             raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         if max_inflight_pixels < 1:
             raise ValueError(f"max_inflight_pixels must be >= 1, got {max_inflight_pixels}")
-        if draft_factor < 0:
-            raise ValueError(f"draft_factor must be >= 0 (0 disables draft mode), got {draft_factor}")
         if confine_to is not None and _protocol(str(confine_to)) not in (None, *_LOCAL_PROTOCOLS):
             raise ValueError(f"confine_to must be a local folder, got {confine_to!r}")
         self.path_column = path_column
@@ -452,10 +491,12 @@ class DecodeImages:
         self.io_threads = int(io_threads)
         self.max_bytes = int(max_bytes)
         self.max_inflight_pixels = int(max_inflight_pixels)
-        self.draft_factor = int(draft_factor)
+        self.fast_decode = bool(fast_decode)
+        self.exif_transpose = bool(exif_transpose)
         self.confine_to = None if confine_to is None else str(confine_to)
-        # the side draft mode keeps twice of: the largest resize side over all entries
-        self._draft_to = max(max(pre.resize) for pre in self.preprocess.values())
+        # the side draft mode keeps twice of: the largest resize side over all entries; 0: no draft
+        self._draft_to = (max(max(pre.resize) for pre in self.preprocess.values())
+                          if self.fast_decode else 0)
         # Filesystems are built lazily in __call__ and never pickled, so the instance ships to
         # Ray workers without fsspec/s3fs objects; the locks are recreated on unpickling.
         self._filesystems: dict[str, Any] = {}
@@ -588,11 +629,11 @@ class DecodeImages:
             image = _open_image(data, self.max_pixels)
             del data  # the image keeps its own reference to the bytes
             full_w, full_h = image.size  # before draft: the size reported
-            _draft(image, self._draft_to, self.draft_factor)
+            _draft(image, self._draft_to)
             stored_w, stored_h = image.size  # what will be decoded
             held = self._budget.acquire(stored_w * stored_h)
             try:
-                image = _load_rgb(image)
+                image = _load_rgb(image, self.exif_transpose)
                 if (stored_w, stored_h) == (full_w, full_h):  # no draft: the decoded size
                     full_w, full_h = image.size
                 elif image.size == (stored_h, stored_w):  # drafted, then EXIF-rotated by 90 degrees

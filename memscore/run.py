@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from memscore import resume, storage
 from memscore.cluster_check import check_shared_storage
+from memscore.columns import score_column
 from memscore.config import MemscoreError, ScoreConfig
 from memscore.manifest import Manifest, open_manifest
 from memscore.models._api import file_sha256
@@ -28,6 +29,7 @@ from memscore.output import (
     package_versions,
     prepare_output,
     read_summary,
+    remove_summary,
     write_parquet,
     write_summary,
 )
@@ -113,7 +115,7 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
             "model": name,
             "weights": chosen,
             "weights_file": path,
-            "output_column": weights.meta["output_column"],
+            "output_column": score_column(weights.meta["output_column"], config.column_prefix),
             "preprocessing": weights.name,  # the weights member whose pipeline scores it
             "licence": licence,
         })
@@ -207,6 +209,7 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
         fn_constructor_kwargs={
             "models": tuple(config.models),
             "weights": config.weights,
+            "column_prefix": config.column_prefix,
             "use_gpu": plan["use_gpu"],
             "torch_threads": config.torch_threads,
             "storage_options": dict(config.storage_options),
@@ -270,7 +273,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     started = dt.datetime.now(dt.timezone.utc)
     config = config.validated()
     weights = _weights_record(config)
-    added = output_columns(config.models)
+    added = output_columns(config.models, config.column_prefix)
     manifest = open_manifest(config.manifest, path_column=config.path_column,
                              storage_options=config.storage_options,
                              reserved_columns=(*added, resume.ROW_COLUMN))
@@ -278,10 +281,26 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         raise MemscoreError(f"{config.manifest}: no --id-column {config.id_column!r} "
                             f"(columns: {', '.join(manifest.columns)})")
     mode = prepare_output(config.output, overwrite=config.overwrite, resume=config.resume,
-                          storage_options=config.storage_options)
-    if mode == "complete":
-        return read_summary(config.output, config.storage_options)
+                          storage_options=config.storage_options, inputs=(config.manifest,))
     identity = resume.run_identity(manifest, config)
+    if mode == "complete":
+        finished = read_summary(config.output, config.storage_options)
+        if finished.get("status") == "complete":
+            resume.check_same_run(finished.get("run") or {}, identity, config.output,
+                                  finished=True)
+            return finished
+        # A run that ended short of complete (rows missing) is finished from its checkpoint;
+        # its summary goes, so that only a complete run ever has one.
+        if resume.read_state(config.output, config.storage_options) is None:
+            raise MemscoreError(
+                f"--output {config.output} holds a run that ended with status "
+                f"{finished.get('status')!r} and no state to resume from; give --overwrite")
+        remove_summary(config.output, config.storage_options)
+        mode = "resume"
+    # Before anything is written into the output: a cluster whose nodes cannot all see it
+    # (or the images) stops here, leaving nothing to clean up.
+    init_ray(config.address)
+    check_shared_storage(config.output, manifest, config.storage_options)  # >1 node only
     if mode == "resume":
         snapshot = resume.check_same_run(resume.read_state(config.output, config.storage_options),
                                          identity, config.output)
@@ -290,8 +309,6 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         resume.write_state(config.output, identity, snapshot, config.storage_options)
     done_before = resume.committed_rows(config.output, config.storage_options)
 
-    init_ray(config.address)
-    check_shared_storage(config.output, manifest, config.storage_options)  # >1 node only
     context = DataContext.get_current()
     # A failed block must fail the run, never be skipped: per-row problems are already data.
     context.max_errored_blocks = 0
@@ -320,16 +337,18 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         for record, digest in zip(weights, hashes):
             record["weights_sha256"] = digest
 
-    counts = count_output(config.output, config.storage_options, added[:len(config.models)])
+    counts = count_output(config.output, config.storage_options, added[:len(config.models)],
+                          expected_rows=snapshot.rows)
     recorded = asdict(config)
     recorded["storage_options"] = storage.redact(config.storage_options)
     done_now = counts["rows_out"] - done_before
     summary = {
-        "status": "complete" if counts["rows_out"] == snapshot.rows else "row count mismatch",
+        "status": "complete" if counts["complete"] else "rows missing or duplicated",
         "manifest": config.manifest,
         "output": config.output,
         "models": weights,
         "rows_in": snapshot.rows,
+        "non_image_files_skipped": manifest.skipped_files,
         **counts,
         "resumed": mode == "resume",
         "rows_done_before_resume": done_before,
@@ -342,11 +361,14 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         "gpus_per_actor": plan["num_gpus"],
         "versions": package_versions(),
         "config": recorded,
+        "run": identity,  # what --resume compares a later command with
     }
     write_summary(config.output, summary, config.storage_options)
-    if counts["rows_out"] != snapshot.rows:
+    if not counts["complete"]:
         raise MemscoreError(
-            f"{config.output}: {counts['rows_out']} rows written for {snapshot.rows} manifest rows"
-        )
+            f"{config.output}: {counts['rows_out']} rows written for {snapshot.rows} manifest "
+            f"rows: {counts['rows_missing']} missing (e.g. {resume.ROW_COLUMN} "
+            f"{counts['missing_examples']}), {counts['rows_duplicated']} duplicated (e.g. "
+            f"{counts['duplicated_examples']}); run again with --resume")
     resume.remove_work_dir(config.output, config.storage_options)
     return summary

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore.columns import MODEL as MODEL_COLUMN
+from memscore.columns import score_column
 from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, PIXELS_PREFIX, WIDTH_COLUMN, pixels_column
 from memscore.faults import maybe_inject
 
@@ -31,11 +32,13 @@ __all__ = ["ScoreImages", "MODEL_COLUMN", "output_columns", "pick_device", "loca
 log = logging.getLogger(__name__)
 
 
-def output_columns(models: tuple[str, ...]) -> list[str]:
-    """The columns memscore adds to every row, in output order."""
+def output_columns(models: tuple[str, ...], column_prefix: str = "") -> list[str]:
+    """The columns memscore adds to every row, in output order: one score column per model
+    (its weights' ``output_column``, after ``column_prefix``), then the bookkeeping columns."""
     from memscore.models import get_model_weights
 
-    scores = [get_model_weights(name).DEFAULT.meta["output_column"] for name in models]
+    scores = [score_column(get_model_weights(name).DEFAULT.meta["output_column"], column_prefix)
+              for name in models]
     return scores + [ERROR_COLUMN, MODEL_COLUMN, WIDTH_COLUMN, HEIGHT_COLUMN]
 
 
@@ -73,11 +76,12 @@ class ScoreImages:
         torch_threads: intra-op threads on the CPU (default: every core of the machine; Ray
             would otherwise pin an actor that asked for one CPU to one thread).
         storage_options: fsspec options for a remote checkpoint.
+        column_prefix: put before each score column's name (``pred_`` -> ``pred_memorability``).
     """
 
     def __init__(self, models: tuple[str, ...], weights: str | None = None, *,
                  use_gpu: bool = False, torch_threads: int | None = None,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, column_prefix: str = "") -> None:
         import torch
 
         from memscore.models import get_model
@@ -96,8 +100,10 @@ class ScoreImages:
             else:
                 model = get_model(name, weights=chosen)
             model = model.to(self.device, memory_format=torch.channels_last)
-            self._runners.append((name, chosen.transforms, chosen.meta["output_column"], model))
-        self._added = output_columns(self.models)
+            self._runners.append((name, chosen.transforms,
+                                  score_column(chosen.meta["output_column"], column_prefix),
+                                  model))
+        self._added = output_columns(self.models, column_prefix)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         maybe_inject("predict")  # test-only fault hook: a no-op unless MEMSCORE_INJECT_FAULT is set

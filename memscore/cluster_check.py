@@ -105,7 +105,7 @@ def _first_local_images(manifest: Manifest) -> list[str]:
     from memscore.decode import ImageDecodeError, resolve_path
 
     found: list[str] = []
-    for table in manifest.iter_tables(limit=_ROWS):
+    for table in manifest.read_all(limit=_ROWS):
         for path in table.column(manifest.path_column).to_pylist():
             try:
                 local = _local(resolve_path(path, manifest.base_dir))

@@ -186,7 +186,7 @@ def _read_truth(config: EvaluateConfig, key: str,
                                 f"{_names(columns)}); name it with {flag}")
     wanted.update({c: c for c in config.group_by if c in columns})
     tables = [pa.table({new: t.column(old) for new, old in wanted.items()})
-              for t in manifest.iter_tables()]
+              for t in manifest.read_all()]
     table = pa.concat_tables(tables)
     for new in (_TRUTH, _HALF_A, _HALF_B):
         if new in table.column_names:
@@ -249,7 +249,7 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
         _check_prediction_columns(config, key, groups, manifest.columns)
         table = pa.concat_tables(
             pa.table({new: t.column(old) for new, old in wanted.items()})
-            for t in manifest.iter_tables())
+            for t in manifest.read_all())
     _floats(table.column(_PRED), name=config.prediction_column, source=source)
     return table, provenance, warnings
 

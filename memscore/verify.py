@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from memscore import storage
 from memscore.config import MemscoreError
-from memscore.manifest import open_manifest
+from memscore.manifest import open_manifest, read_restarting
 from memscore.output import SUMMARY_FILE, output_files, read_output_columns
 from memscore.resume import ROW_COLUMN, read_state
 
@@ -73,12 +73,14 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     id_column = id_column or run.get("id_column")
     source = open_manifest(manifest, path_column=path_column, storage_options=options)
     key = id_column or ROW_COLUMN
+    limit = run.get("limit")
     if id_column:
-        expected = pa.chunked_array([t.column(id_column) for t in source.iter_tables(run.get("limit"))])
+        expected = read_restarting(lambda: pa.chunked_array(
+            [t.column(id_column) for t in source.iter_tables(limit)]))
         manifest_rows = len(expected)
         expected = expected.combine_chunks()
     else:
-        manifest_rows = sum(t.num_rows for t in source.iter_tables(run.get("limit")))
+        manifest_rows = read_restarting(lambda: sum(t.num_rows for t in source.iter_tables(limit)))
         expected = pa.array(range(manifest_rows), pa.int64())
 
     files = output_files(output, options)

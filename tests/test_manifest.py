@@ -47,7 +47,7 @@ def test_csv_column_of_mixed_types_is_read_as_text(tmp_path):
     source = tmp_path / "m.csv"
     rows = "".join(f"img{i}.jpg,{i}\n" for i in range(100_000)) + "last.jpg,abc\n"
     source.write_text("path,value\n" + rows)
-    table = snapshot_table(source, tmp_path, rows_per_block=50_000)
+    table = snapshot_table(source, tmp_path, rows_per_file=50_000)
     assert table.num_rows == 100_001
     assert table.schema.field("value").type == pa.string()
     assert table.column("value")[-1].as_py() == "abc" and table.column("value")[0].as_py() == "0"
@@ -101,7 +101,7 @@ def test_limit_takes_the_first_rows_across_files(tmp_path):
     for part in range(3):
         pq.write_table(pa.table({"path": [f"{part}-{i}.jpg" for i in range(4)]}),
                        folder / f"part{part}.parquet")
-    table = snapshot_table(folder, tmp_path, limit=6, rows_per_block=4)
+    table = snapshot_table(folder, tmp_path, limit=6, rows_per_file=4)
     assert table.column("path").to_pylist() == [f"0-{i}.jpg" for i in range(4)] + ["1-0.jpg", "1-1.jpg"]
 
 
@@ -157,3 +157,39 @@ def test_a_folder_of_only_table_files_is_a_table_manifest(tmp_path):
     manifest = open_manifest(str(csvs))
     assert manifest.kind == "csv"
     assert sum(t.num_rows for t in manifest.iter_tables()) == 2
+
+
+def test_streamed_csv_widens_a_column_that_changes_type_in_a_later_block(tmp_path, monkeypatch):
+    """The CSV reader streams in blocks and infers types from the first; a word in a later
+    block makes the column text, bytes that are not UTF-8 make it binary, as a whole-file read
+    would, and no row is lost or doubled by the re-read."""
+    import memscore.manifest
+
+    monkeypatch.setattr(memscore.manifest, "_CSV_BLOCK_BYTES", 4096)  # many blocks
+    source = tmp_path / "m.csv"
+    lines = [f"img{i}.jpg,{i},{i * 0.5}\n".encode() for i in range(5000)]
+    lines[3000] = b"odd.jpg,seven,1.5\n"
+    lines[4000] = b"odder.jpg,caf\xe9,2.5\n"
+    source.write_bytes(b"path,value,score\n" + b"".join(lines))
+    table = snapshot_table(source, tmp_path, rows_per_file=1000)
+    assert table.num_rows == 5000
+    assert table.column(ROW_COLUMN).to_pylist() == list(range(5000))
+    assert table.schema.field("value").type == pa.binary()
+    assert table.schema.field("score").type == pa.float64()  # untouched
+    assert table.column("value")[3000].as_py() == b"seven"
+    assert table.column("value")[4000].as_py() == b"caf\xe9"
+    assert table.column("path")[4999].as_py() == "img4999.jpg"
+
+
+def test_streamed_jsonl_with_a_type_change_in_a_later_block(tmp_path, monkeypatch):
+    import memscore.manifest
+
+    monkeypatch.setattr(memscore.manifest, "_CSV_BLOCK_BYTES", 4096)
+    source = tmp_path / "m.jsonl"
+    rows = [{"path": f"img{i}.jpg", "value": i} for i in range(3000)]
+    rows[2500]["value"] = "many"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = snapshot_table(source, tmp_path, rows_per_file=1000)
+    assert table.num_rows == 3000
+    assert table.column("value")[2500].as_py() == "many"
+    assert table.column("value")[0].as_py() == "0"

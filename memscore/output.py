@@ -146,14 +146,19 @@ def _check_apart(output: str, inputs: tuple[str, ...], storage_options) -> None:
                 f"apart from the images and the manifest")
 
 
-def write_parquet(dataset, output: str, storage_options: Mapping[str, Any]) -> None:
+def write_parquet(dataset, output: str, storage_options: Mapping[str, Any],
+                  rows_per_file: int) -> None:
     from ray.data.datasource import FilenameProvider
 
     target, filesystem = storage.for_pyarrow(output, storage_options)
     # Named memscore-part_<write id>_<task>.parquet: deterministic per write task, as Ray's
     # checkpointing needs, and recognisably memscore's, so --overwrite can tell them apart.
     names = FilenameProvider(dataset_uuid=PART_PREFIX, file_format="parquet")
-    dataset.write_parquet(target, filesystem=filesystem, filename_provider=names)
+    # min_rows_per_file: Ray buffers scored blocks until a file's worth is there, then one
+    # write task writes the file and commits its row ids (CheckpointConfig): few large files,
+    # each committed as soon as it is complete.
+    dataset.write_parquet(target, filesystem=filesystem, filename_provider=names,
+                          min_rows_per_file=rows_per_file)
 
 
 def output_files(output: str, storage_options: Mapping[str, Any]) -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 
 from memscore import columns, storage
 from memscore.config import MemscoreError, ScoreConfig
-from memscore.manifest import Manifest
+from memscore.manifest import Manifest, read_restarting
 
 __all__ = ["ROW_COLUMN", "WORK_DIR", "Snapshot", "write_snapshot", "read_state", "write_state",
            "run_identity", "manifest_fingerprint", "snapshot_dataset", "checkpoint_config",
@@ -56,11 +57,16 @@ class Snapshot:
 
 
 def write_snapshot(manifest: Manifest, output: str, config: ScoreConfig) -> Snapshot:
-    """Copy the manifest's rows (the first ``limit``) into ``_memscore/manifest/``, numbered."""
+    """Copy the manifest's rows (the first ``limit``) into ``_memscore/manifest/``, numbered,
+    in parts of ``rows_per_file`` rows. Streams: the driver holds a few parts at a time."""
+    return read_restarting(lambda: _write_snapshot(manifest, output, config))
+
+
+def _write_snapshot(manifest: Manifest, output: str, config: ScoreConfig) -> Snapshot:
     options = config.storage_options
     fs, folder = storage.url_to_fs(_work(output, "manifest"), options)
     if fs.exists(folder):
-        fs.rm(folder, recursive=True)  # a snapshot cut short by a kill: start it again
+        fs.rm(folder, recursive=True)  # a snapshot cut short by a kill (or a widened column)
     if not storage.is_url(output):
         fs.makedirs(folder, exist_ok=True)
     ids: list[pa.ChunkedArray] = []
@@ -72,8 +78,8 @@ def write_snapshot(manifest: Manifest, output: str, config: ScoreConfig) -> Snap
             pq.write_table(table, f)
 
     with ThreadPoolExecutor(_WRITE_THREADS) as pool:
-        writes = []
-        for block in _blocks(manifest.iter_tables(config.limit), config.rows_per_block):
+        writes: deque = deque()
+        for block in _blocks(manifest.iter_tables(config.limit), config.rows_per_file):
             if rows == 0:
                 _check_path_column(block, manifest)
             block = block.append_column(ROW_COLUMN, pa.array(range(rows, rows + block.num_rows),
@@ -81,6 +87,8 @@ def write_snapshot(manifest: Manifest, output: str, config: ScoreConfig) -> Snap
             if config.id_column:
                 ids.append(block.column(config.id_column))
             writes.append(pool.submit(put, len(files), block))
+            while len(writes) > _WRITE_THREADS:  # bounded: reading waits for slow writes
+                writes.popleft().result()
             files.append(storage.join(_work(output, "manifest"), f"part-{len(files):06d}.parquet"))
             rows += block.num_rows
         for write in writes:

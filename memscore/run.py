@@ -329,7 +329,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
                                                              config.storage_options)
         try:
             write_parquet(build_dataset(config, manifest, snapshot, plan), config.output,
-                          config.storage_options)
+                          config.storage_options, config.rows_per_file)
         finally:
             context.checkpoint_config = None  # the context outlives this run in the process
             context.wait_for_min_actors_s = waited

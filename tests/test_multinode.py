@@ -138,7 +138,8 @@ def small_run(manifest: Path, out: Path, address: str) -> memscore.ScoreConfig:
     # Blocks and batches of 2 rows: enough tasks in flight to spread over the nodes; one torch
     # thread per actor, as two actors share this machine's two cores.
     return memscore.ScoreConfig(str(manifest), output=str(out), address=address,
-                                rows_per_block=2, decode_batch_size=2, batch_size=2,
+                                rows_per_block=2, rows_per_file=2, decode_batch_size=2,
+                                batch_size=2,
                                 torch_threads=1)
 
 

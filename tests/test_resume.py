@@ -33,7 +33,8 @@ def write_manifest(tmp_path: Path, example_images, rows: int = ROWS) -> Path:
 
 def cli_command(manifest: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "memscore.cli", "score", str(manifest), "--output", str(out),
-            "--rows-per-block", "3", "--decode-batch-size", "3", "--batch-size", "3", *extra]
+            "--rows-per-block", "3", "--rows-per-file", "3", "--decode-batch-size", "3",
+            "--batch-size", "3", *extra]
 
 
 def ray_processes() -> list[int]:
@@ -204,7 +205,7 @@ def test_memscore_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_p
 
     manifest = tmp_path / "m.csv"
     manifest.write_text("path\n" + f"{example_images[0]}\n" * 7)
-    config = memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o"), rows_per_block=3)
+    config = memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o"), rows_per_file=3)
     snapshot = write_snapshot(open_manifest(str(manifest)), str(tmp_path / "o"), config)
     assert snapshot.rows == 7 and len(snapshot.files) == 3  # blocks of 3, 3 and 1
     table = pa.concat_tables(pq.read_table(f) for f in snapshot.files)

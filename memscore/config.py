@@ -90,15 +90,15 @@ class ScoreConfig:
         "(Pillow's default limit)."))
     fast_decode: bool = field(default=False, metadata=_opt(
         "Decode JPEGs at least 4 times the model's input size on both sides at reduced scale "
-        "(libjpeg's DCT scaling, Pillow's draft mode; never below twice the input size): faster "
-        "and less memory for large photos, but scores then differ slightly from the published "
-        "package's (docs/scaling.md has the figures). Default: every pixel decoded, as the "
-        "published package does.", action="store_true"))
+        "(libjpeg's DCT scaling, Pillow's draft mode; never below twice the input size). "
+        "Measured on one core: 1-4 MP photos 1.8x faster, 12 MP 3.7x and 51 -> 7 MiB; scores "
+        "then move by up to 8e-3 from the published package's. Default: every pixel decoded, "
+        "as the published package does.", action="store_true"))
     exif_transpose: bool = field(default=False, metadata=_opt(
         "Turn each image upright by its EXIF orientation tag before scoring (memscore_width/"
         "memscore_height then report the upright size). The published package ignores the "
-        "tag, so by default images are scored as stored, and a photo stored sideways scores "
-        "as the package scores it.",
+        "tag, so by default images are scored as stored, as the package scores them. Measured: "
+        "sideways 4 MP photos decode 15 percent slower and score up to 0.1 differently.",
         action="store_true"))
     overwrite: bool = field(default=False, metadata=_opt(
         "Delete whatever is in --output before writing.", action="store_true"))

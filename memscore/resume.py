@@ -146,6 +146,9 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
         "models": list(config.models),
         "weights": config.weights,
         "column_prefix": config.column_prefix,
+        # decode options change scores: one output never mixes two decodes
+        "fast_decode": config.fast_decode,
+        "exif_transpose": config.exif_transpose,
         "limit": config.limit,
     }
 

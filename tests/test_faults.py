@@ -297,6 +297,17 @@ def test_image_reads_survive_transient_s3_errors(s3_endpoint, image_bucket):
                           expected.column(column).combine_chunks().to_numpy_ndarray())
 
 
+def test_each_image_is_one_get_and_no_head(s3_endpoint, image_bucket):
+    """One S3 request per image: a ranged GET, no HEAD for the size first."""
+    _, urls = image_bucket
+    with FaultProxy(s3_endpoint.url, lambda method, path: None) as proxy:
+        got = _decoder(proxy.url)(pa.table({"uri": urls}))
+    assert got.column("memscore_error").null_count == len(urls)
+    on_objects = [(method, path) for method, path, _ in proxy.log
+                  if is_object_request(method, path)]
+    assert sorted(m for m, _ in on_objects) == ["GET"] * len(urls), proxy.log
+
+
 def test_manifest_read_and_output_writes_survive_transient_s3_errors(s3_endpoint, image_bucket):
     bucket, urls = image_bucket
     with s3_endpoint.fs.open(f"{bucket}/manifest.parquet", "wb") as f:

@@ -4,8 +4,13 @@
 writes goes to ``OUTPUT/NAME/``::
 
     splits/{train,validation,test}.parquet   the manifest's rows (every column, image paths
-                                             resolved) with memscore_row and memscore_split
-    splits/{validation,test}_images.parquet  the same without the label column, to score
+                                             resolved) with memscore_row, memscore_split
+                                             and labelled_row (memscore_row again, under a
+                                             name that passes through scoring)
+    splits/{validation,test}_images.parquet  the same without the label column and the
+                                             memscore_ columns (scoring adds its own), to score
+    splits/test_labels.parquet               the test rows without the memscore_ columns: the
+                                             ground truth `memscore evaluate` reads
     ray_train/                               Ray Train's run: per-epoch checkpoints (resume)
     best/                                    the best epoch's memscore checkpoint, scoreable
                                              with `memscore score --weights OUTPUT/NAME/best`
@@ -36,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
-from memscore.config import FinetuneConfig, MemscoreError, first_line
+from memscore.config import FinetuneConfig, MemscoreError, first_line, training_start
 from memscore.decode import ERROR_COLUMN, ImageDecodeError, pixels_column, resolve_path
 from memscore.manifest import Manifest, open_manifest
 from memscore.splits import (
@@ -47,11 +52,19 @@ from memscore.splits import (
 )
 from memscore.train_loop import LABEL, ROW, TrainSpec
 
-__all__ = ["finetune", "ROW", "SPLIT", "plan_start"]
+__all__ = ["finetune", "ROW", "SPLIT", "LABELLED_ROW", "plan_start"]
 
 SPLIT = "memscore_split"
 SUMMARY_FILE = "finetune.json"
 _STATE_FILE = "state.json"
+_PATH = "__memscore_path"  # the resolved image path, kept beside the pixels to name failures
+# memscore_row under a name that passes through `memscore score` (whose own memscore_row is the
+# row's place in the file it scores): in every split file, the key that joins scores to labels.
+LABELLED_ROW = "labelled_row"
+# A run whose best validation Spearman stays below this ends with a warning: the model ranks
+# the validation images hardly better than chance (or worse), whatever its loss did.
+LOW_SPEARMAN = 0.1
+_TRAINING_DEFAULTED = ("optimizer", "lr", "batch_size")
 
 
 def plan_start(config: FinetuneConfig) -> tuple[str, str, dict]:
@@ -144,15 +157,51 @@ def _prepare_run_dir(config: FinetuneConfig, run_dir: str, identity: dict) -> st
     return "fresh"
 
 
-def _labelled_table(config: FinetuneConfig, manifest: Manifest) -> tuple[pa.Table, dict]:
-    """The manifest with its row ids, resolved paths, float labels and splits; and the counts
-    of rows left out for want of a label."""
-    table = pa.concat_tables(list(manifest.iter_tables()), promote_options="permissive")
+def _label_values(column: pa.ChunkedArray, config: FinetuneConfig) -> tuple[np.ndarray, list]:
+    """The labels as float64 (NaN where unusable) and, per row, what is wrong with its label
+    (None when nothing). A text column (a CSV column Arrow read as text because some values are
+    not numbers, "abc" beside "0.71") is parsed value by value."""
     try:
-        labels = pc.cast(table.column(config.label_column), pa.float64())
+        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False).astype(float)
+        values = np.where(pc.is_null(column).to_numpy(zero_copy_only=False), np.nan, values)
+        problems = [None] * len(values)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise MemscoreError(f"{config.manifest}: --label-column {config.label_column!r} is "
-                            f"{table.schema.field(config.label_column).type}, not numbers") from None
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            raise MemscoreError(f"{config.manifest}: --label-column {config.label_column!r} is "
+                                f"{column.type}, not numbers") from None
+        parsed = [_parse_label(value) for value in column.to_pylist()]
+        values = np.array([value for value, _ in parsed], dtype=float)
+        problems = [problem for _, problem in parsed]
+    for i in np.flatnonzero(~np.isfinite(values)):
+        if problems[i] is None:
+            problems[i] = "no label" if np.isnan(values[i]) else "non-finite label"
+    return values, problems
+
+
+def _parse_label(value: Any) -> tuple[float, str | None]:
+    import pyarrow.csv
+
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    # what Arrow reads as null in a column of numbers ("", "n/a", "NA", "null" ...) is no
+    # label here too, whether or not another row's "abc" made the column text
+    if value is None or value.strip() in pyarrow.csv.ConvertOptions().null_values:
+        return math.nan, "no label"
+    try:
+        return float(value), None
+    except ValueError:
+        return math.nan, "non-numeric label"
+
+
+def _labelled_table(config: FinetuneConfig, manifest: Manifest) -> tuple[pa.Table, dict, dict]:
+    """The manifest's labelled rows with their row ids, resolved paths, float64 labels (in the
+    label column) and splits; the counts of rows left out for want of a usable label; and those
+    rows' problems per split, ``{split: {kind: [rows, example path]}}``."""
+    table = pa.concat_tables(manifest.read_all(), promote_options="permissive")
+    values, problems = _label_values(table.column(config.label_column), config)
+    table = table.set_column(table.column_names.index(config.label_column), config.label_column,
+                             pa.array(values, pa.float64()))
     table = table.append_column(ROW, pa.array(np.arange(table.num_rows), pa.int64()))
     paths = table.column(manifest.path_column).to_pylist()
     table = table.set_column(table.column_names.index(manifest.path_column), manifest.path_column,
@@ -168,11 +217,44 @@ def _labelled_table(config: FinetuneConfig, manifest: Manifest) -> tuple[pa.Tabl
         splits = assign_splits(pa.array(paths, pa.string()),
                                parse_fractions(config.split_fractions), config.split_seed)
     table = table.append_column(SPLIT, splits)
-    values = labels.to_numpy(zero_copy_only=False)
-    usable = np.isfinite(np.where(pc.is_null(labels).to_numpy(zero_copy_only=False), np.nan,
-                                  values.astype(float)))
-    counts = {"rows_in": table.num_rows, "rows_without_label": int((~usable).sum())}
-    return table.filter(pa.array(usable)), counts
+    usable = np.array([problem is None for problem in problems], dtype=bool)
+    kinds: dict[str, int] = {}
+    by_split: dict[str, dict[str, list]] = {split: {} for split in SPLITS}
+    resolved = table.column(manifest.path_column).to_pylist()
+    split_names = table.column(SPLIT).to_pylist()
+    for i in np.flatnonzero(~usable):
+        kinds[problems[i]] = kinds.get(problems[i], 0) + 1
+        _tally(by_split[split_names[i]], problems[i], resolved[i])
+    counts = {"rows_in": table.num_rows, "rows_without_label": int((~usable).sum()),
+              "label_problem_kinds": kinds}
+    return table.filter(pa.array(usable)), counts, by_split
+
+
+def _tally(problems: dict[str, list], kind: str, example: Any, rows: int = 1) -> None:
+    entry = problems.setdefault(kind, [0, example])
+    entry[0] += rows
+
+
+def _nothing_to_train(config: FinetuneConfig, rows: dict[str, int], usable: dict[str, int],
+                      problems: list[dict[str, list]]) -> MemscoreError:
+    """The one-line error of a run left with no training or no validation rows: how many rows
+    each split had and kept, and the commonest reason rows were dropped, with an example path
+    as memscore resolved it (a relative path resolves against the manifest's folder)."""
+    tally: dict[str, list] = {}
+    for split_problems in problems:
+        for kind, (count, example) in split_problems.items():
+            _tally(tally, kind, example, count)
+    empty = " and ".join(f"no {split} rows" for split in ("train", "validation")
+                         if not usable[split])
+    text = (f"{config.manifest}: {empty} to fine-tune with: {usable['train']} of "
+            f"{rows['train']} train and {usable['validation']} of {rows['validation']} "
+            f"validation rows are usable")
+    if tally:
+        kind, (count, example) = max(tally.items(), key=lambda item: item[1][0])
+        text += f"; commonest problem: {kind} ({count} rows), e.g. {example}"
+    else:
+        text += " (the split gave none: check --split-column or --split-fractions)"
+    return MemscoreError(text)
 
 
 def _resolved(path: Any, base_dir: str | None) -> Any:
@@ -187,11 +269,14 @@ def _write_splits(table: pa.Table, config: FinetuneConfig, run_dir: str) -> dict
     if not storage.is_url(run_dir):
         fs.makedirs(f"{path}/splits", exist_ok=True)
     files = {}
+    table = table.append_column(LABELLED_ROW, table.column(ROW))
     for split in SPLITS:
         part = table.filter(pc.equal(table.column(SPLIT), split))
         for name, data in ((split, part),
-                           (f"{split}_images", part.drop_columns([config.label_column]))):
-            if name == "train_images":
+                           (f"{split}_images",
+                            part.drop_columns([config.label_column, ROW, SPLIT])),
+                           (f"{split}_labels", part.drop_columns([ROW, SPLIT]))):
+            if name in ("train_images", "train_labels", "validation_labels"):
                 continue
             with fs.open(f"{path}/splits/{name}.parquet", "wb") as f:
                 pq.write_table(data, f)
@@ -199,15 +284,17 @@ def _write_splits(table: pa.Table, config: FinetuneConfig, run_dir: str) -> dict
     return files
 
 
-def _keep_for_training(table: pa.Table, label_column: str, pixels: str) -> pa.Table:
+def _keep_for_training(table: pa.Table, label_column: str, pixels: str,
+                       path_column: str) -> pa.Table:
     return pa.table({ROW: table.column(ROW),
                      LABEL: pc.cast(table.column(label_column), pa.float32()),
                      pixels: table.column(pixels),
-                     ERROR_COLUMN: table.column(ERROR_COLUMN)})
+                     ERROR_COLUMN: table.column(ERROR_COLUMN),
+                     _PATH: table.column(path_column)})
 
 
 def _drop_failed(table: pa.Table) -> pa.Table:
-    return table.filter(pc.is_null(table.column(ERROR_COLUMN)))
+    return table.filter(pc.is_null(table.column(ERROR_COLUMN))).drop_columns([_PATH])
 
 
 def _decoded(config: FinetuneConfig, split_file: str, manifest: Manifest, preprocess):
@@ -224,20 +311,23 @@ def _decoded(config: FinetuneConfig, split_file: str, manifest: Manifest, prepro
     dataset = decode_stage(dataset, config, manifest, {config.model: preprocess}, None)
     dataset = dataset.map_batches(
         _keep_for_training, fn_kwargs={"label_column": config.label_column,
-                                       "pixels": pixels_column(config.model)},
+                                       "pixels": pixels_column(config.model),
+                                       "path_column": manifest.path_column},
         batch_format="pyarrow")
     return dataset.materialize()
 
 
-def _error_counts(dataset) -> dict[str, int]:
+def _image_errors(dataset) -> dict[str, list]:
+    """``{kind: [rows, example path]}`` of the decoded rows whose image failed."""
     import ray
 
-    errors = pa.concat_tables(ray.get(dataset.select_columns([ERROR_COLUMN]).to_arrow_refs()))
-    kinds: dict[str, int] = {}
-    for text in errors.column(ERROR_COLUMN).to_pylist():
+    errors = pa.concat_tables(ray.get(dataset.select_columns(
+        [ERROR_COLUMN, _PATH]).to_arrow_refs()))
+    kinds: dict[str, list] = {}
+    for text, path in zip(errors.column(ERROR_COLUMN).to_pylist(),
+                          errors.column(_PATH).to_pylist()):
         if text is not None:
-            kind = text.split(":", 1)[0]
-            kinds[kind] = kinds.get(kind, 0) + 1
+            _tally(kinds, text.split(":", 1)[0], path)
     return kinds
 
 
@@ -262,9 +352,13 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     clock = time.perf_counter()
     config = config.validated()
     start, pipeline, start_kwargs = plan_start(config)
+    defaulted = [name for name in _TRAINING_DEFAULTED if getattr(config, name) is None]
+    config = config.with_training_defaults(start)
+    training_defaults = {"start": training_start(start), "defaulted": defaulted,
+                         **{name: getattr(config, name) for name in _TRAINING_DEFAULTED}}
     manifest = open_manifest(config.manifest, path_column=config.path_column,
                              storage_options=config.storage_options,
-                             reserved_columns=(ROW, SPLIT))
+                             reserved_columns=(ROW, SPLIT, LABELLED_ROW))
     for option, column in (("--label-column", config.label_column),
                            ("--split-column", config.split_column)):
         if column and column not in manifest.columns:
@@ -277,13 +371,13 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         fs, path = storage.url_to_fs(run_dir, config.storage_options)
         return json.loads(fs.cat_file(f"{path}/{SUMMARY_FILE}"))
 
-    table, counts = _labelled_table(config, manifest)
+    table, counts, label_problems = _labelled_table(config, manifest)
     files = _write_splits(table, config, run_dir)
     split_rows = {s: int(pc.sum(pc.equal(table.column(SPLIT), s)).as_py() or 0) for s in SPLITS}
+    all_rows = {s: split_rows[s] + sum(n for n, _ in label_problems[s].values()) for s in SPLITS}
     if split_rows["train"] == 0 or split_rows["validation"] == 0:
-        raise MemscoreError(f"{config.manifest}: the train split has {split_rows['train']} and the "
-                            f"validation split {split_rows['validation']} labelled rows; both "
-                            f"need some")
+        raise _nothing_to_train(config, all_rows, split_rows,
+                                [label_problems["train"], label_problems["validation"]])
 
     from memscore.models import get_model_weights
 
@@ -299,7 +393,13 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     ray.data.DataContext.get_current().max_errored_blocks = 0
     decoded = {split: _decoded(config, files[split], manifest, preprocess)
                for split in ("train", "validation")}
-    skipped = {split: _error_counts(data) for split, data in decoded.items()}
+    errors = {split: _image_errors(data) for split, data in decoded.items()}
+    skipped = {split: {kind: n for kind, (n, _) in kinds.items()} for split, kinds in errors.items()}
+    kept = {split: split_rows[split] - sum(skipped[split].values()) for split in skipped}
+    if not kept["train"] or not kept["validation"]:
+        raise _nothing_to_train(config, all_rows, kept,
+                                [label_problems["train"], label_problems["validation"],
+                                 errors["train"], errors["validation"]])
     usable = {split: data.map_batches(_drop_failed, batch_format="pyarrow")
               for split, data in decoded.items()}
 
@@ -357,6 +457,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     test = None
     if split_rows["test"] and best_info:
         test = _score_and_evaluate_test(config, run_dir, files, member)
+    warnings = _warnings(config, best_info.get("metrics"), len(history))
     summary = {
         "status": "complete",
         "manifest": config.manifest,
@@ -370,7 +471,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         "rows_per_split": split_rows,
         "rows_with_image_errors": {s: sum(k.values()) for s, k in skipped.items()},
         "image_error_kinds": skipped,
-        "rows_trained": split_rows["train"] - sum(skipped["train"].values()),
+        "rows_trained": kept["train"],
         "epochs_requested": config.epochs,
         "epochs_run": len(history),
         "early_stopped": bool(final.get("early_stopped")),
@@ -379,6 +480,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         "best": best_info.get("metrics"),
         "history": history,
         "test": test,
+        "warnings": warnings,
+        "training_defaults": training_defaults,
         "workers": config.workers,
         "gpus_per_worker": gpus_per_worker,
         "wall_time_s": round(time.perf_counter() - clock, 3),
@@ -391,6 +494,23 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     fs.pipe_file(f"{path}/{SUMMARY_FILE}",
                  (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
     return summary
+
+
+def _warnings(config: FinetuneConfig, best: dict | None, epochs_run: int) -> list[str]:
+    """What the user should know about a finished run: today, a model that did not learn."""
+    rho = (best or {}).get("val_spearman")
+    if rho is not None and rho >= LOW_SPEARMAN:
+        return []
+    settings = (f"--optimizer {config.optimizer} --lr {config.lr:g} --batch-size "
+                f"{config.batch_size}, {epochs_run} epochs")
+    if rho is None:
+        found = ("validation Spearman was undefined in every epoch (constant predictions, or "
+                 "fewer than 3 validation rows)")
+    else:
+        found = (f"the best validation Spearman is {rho:.3f} (epoch {best.get('epoch')}), below "
+                 f"{LOW_SPEARMAN}")
+    return [f"{found}: the model has not learnt to rank the validation images ({settings}); "
+            f"check the labels, or train longer or with other settings"]
 
 
 def _train_worker_entry(config: dict) -> None:
@@ -426,7 +546,7 @@ def _score_and_evaluate_test(config: FinetuneConfig, run_dir: str, files: dict, 
                       storage_options=config.storage_options))
     report = storage.join(run_dir, "test_report")
     metrics = evaluate(EvaluateConfig(
-        scores, truth=files["test"], truth_column=config.label_column, report=report,
-        prediction_column=member.meta["output_column"], key=ROW,
+        scores, truth=files["test_labels"], truth_column=config.label_column, report=report,
+        prediction_column=member.meta["output_column"], key=LABELLED_ROW,
         storage_options=config.storage_options))
     return {"scores": scores, "report": report, "metrics": metrics}

@@ -19,7 +19,8 @@ import pyarrow as pa
 from memscore import storage
 from memscore.config import MemscoreError, first_line
 
-__all__ = ["Manifest", "open_manifest", "ColumnWidened", "read_restarting", "IMAGE_EXTENSIONS", "check_reserved_columns"]
+__all__ = ["Manifest", "open_manifest", "ColumnWidened", "read_restarting", "IMAGE_EXTENSIONS",
+           "check_reserved_columns"]
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
@@ -279,6 +280,8 @@ def check_reserved_columns(columns, reserved, source: str) -> None:
     The bookkeeping columns all start with ``memscore_``; a clash with a score column (a
     ground-truth ``memorability``) is resolved with ``--column-prefix``.
     """
+    if not reserved:  # read, not scored (ground truth, a manifest to verify against)
+        return
     clash = [c for c in columns if c in reserved or c.startswith(("__memscore", "memscore_"))]
     if clash:
         raise MemscoreError(

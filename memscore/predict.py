@@ -5,6 +5,12 @@ in ``__init__`` on the actor (never in the driver), and ``__call__`` scores a py
 ``torch.inference_mode()``. It works without Ray too: ``ScoreImages(("resmem",))(table)``.
 Rows whose decode failed (``error`` not null) are not run through the model; their score is null.
 
+Ray hands the stage whole decoded blocks (``--rows-per-block`` rows) and ``__call__`` runs the
+forward in chunks of ``batch_size`` decodable rows: Ray's own batching would cut each block into
+``batch_size``-row slices, copying their pixel columns, with a call per slice. Measured on cheap
+rows (all errors, no forward; ``benchmarks/SCALE_RESULTS.md``), the per-slice overhead was a
+large share of the actor's time.
+
 The models and their input batches are in ``torch.channels_last`` (NHWC) memory, on the CPU and
 on CUDA: oneDNN's and cuDNN's convolutions run faster on it than on NCHW, and the decoded NHWC
 pixels are in that layout already. ResMem's forward, CPU time on one thread of a shared 2-core
@@ -77,15 +83,22 @@ class ScoreImages:
             would otherwise pin an actor that asked for one CPU to one thread).
         storage_options: fsspec options for a remote checkpoint.
         column_prefix: put before each score column's name (``pred_`` -> ``pred_memorability``).
+        batch_size: at most this many rows per forward pass; a call's decodable rows are
+            scored in chunks of it, in order (None: all of them at once).
     """
 
     def __init__(self, models: tuple[str, ...], weights: str | None = None, *,
                  use_gpu: bool = False, torch_threads: int | None = None,
-                 storage_options: dict | None = None, column_prefix: str = "") -> None:
+                 storage_options: dict | None = None, column_prefix: str = "",
+                 batch_size: int | None = None) -> None:
         import torch
 
         from memscore.models import get_model
         from memscore.models._api import is_checkpoint_path, weights_for
+
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
 
         self.device = pick_device(use_gpu)
         if self.device.type == "cpu":
@@ -120,11 +133,14 @@ class ScoreImages:
         for name, preprocess, column, model in self._runners:
             scores = np.zeros(table.num_rows, dtype=np.float32)
             rows = np.flatnonzero(ok)
+            step = self.batch_size or max(1, rows.size)
             if rows.size:
-                pixels = _to_numpy(table.column(pixels_column(name)))[rows]
+                block = _to_numpy(table.column(pixels_column(name)))
+            for start in range(0, rows.size, step):
+                chunk = rows[start:start + step]
                 with torch.inference_mode():
-                    batch = self._to_device(preprocess, pixels)
-                    scores[rows] = model(batch).float().reshape(-1).cpu().numpy()
+                    batch = self._to_device(preprocess, block[chunk])
+                    scores[chunk] = model(batch).float().reshape(-1).cpu().numpy()
             bad = ok & ~np.isfinite(scores)
             for i in np.flatnonzero(bad):  # a model must never emit NaN as a score
                 new_errors[i] = f"model failed: {name} gave a non-finite score"
@@ -152,6 +168,8 @@ class ScoreImages:
 
 
 def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    if column.num_chunks == 1:  # a whole decoded block: a view, no copy of its pixels
+        return column.chunk(0).to_numpy()
     return np.concatenate([chunk.to_numpy() for chunk in column.chunks])
 
 

@@ -213,9 +213,14 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
             "use_gpu": plan["use_gpu"],
             "torch_threads": config.torch_threads,
             "storage_options": dict(config.storage_options),
+            "batch_size": config.batch_size,
         },
         batch_format="pyarrow",
-        batch_size=config.batch_size,
+        # Whole decoded blocks per call, the forward in --batch-size chunks inside it (see
+        # predict.py): no copy of each block's pixels into batch_size slices and one call per
+        # block, not one per slice. A --batch-size above the block size still has Ray merge
+        # blocks to fill a forward pass.
+        batch_size=None if config.batch_size <= config.rows_per_block else config.batch_size,
         compute=_actor_pool(plan),
         num_gpus=plan["num_gpus"],
         num_cpus=plan["num_cpus"],

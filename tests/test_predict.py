@@ -84,3 +84,23 @@ def test_on_cuda_batches_are_pinned_then_copied_without_blocking(monkeypatch):
     (batch,) = seen
     assert batch.device.type == "cuda" and batch.is_contiguous(memory_format=torch.channels_last)
     assert out.column("memorability").null_count == 0
+
+
+def test_a_block_is_scored_in_batch_size_chunks_of_its_decodable_rows():
+    """Ray hands the stage whole blocks; the forward runs on at most batch_size decodable
+    rows at a time, skipping error rows, and the scores are those of one pass over all."""
+    table = _table(5)
+    errors = pa.array([None, "missing file: x", None, None, None], pa.string())
+    table = table.set_column(0, "memscore_error", errors)
+    whole = ScoreImages(("resmem",))
+    chunked = ScoreImages(("resmem",), batch_size=2)
+    (_, _, _, model), = chunked._runners
+    seen = _inputs_seen(model)
+    out = chunked(table)
+    assert [b.shape[0] for b in seen] == [2, 2]  # rows 0, 2 then 3, 4
+    expected = whole(table).column("memorability").to_numpy(zero_copy_only=False)
+    got = out.column("memorability").to_numpy(zero_copy_only=False)
+    assert np.isnan(got[1]) and out.column("memscore_error")[1].as_py() == "missing file: x"
+    np.testing.assert_allclose(np.delete(got, 1), np.delete(expected, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        ScoreImages(("resmem",), batch_size=0)

@@ -143,6 +143,24 @@ class ScoreConfig:
         "Finish an interrupted run in --output: only rows without committed output are scored, "
         "and every manifest row ends up in the output exactly once. Starts a new run where "
         "--output is empty.", action="store_true"))
+    retry_errors: bool = field(default=False, metadata=_opt(
+        "With --resume: score again the rows whose committed error is of a kind that may "
+        "pass (unreadable, decode failed: what older memscore versions committed for network "
+        "errors, and permission denied or archived objects since fixed). Their rows are "
+        "taken out of the output files and the checkpoint first.", action="store_true"))
+    transient_retry_s: float = field(default=600.0, metadata=_opt(
+        "Seconds a decode task keeps reading again (backoff 1 s doubling to 60 s, a new S3 "
+        "client each time) rows that failed for a reason that says nothing about the image: "
+        "network and S3 5xx/throttling errors past the client's own retries, expired or "
+        "missing credentials, EIO on a mount, out of memory. Past it the run stops with one "
+        "line and resumes with --resume; such rows never become error rows. 600 rides out a "
+        "ten-minute outage; a cause that stays (revoked credentials) stops the run after it."))
+    max_error_fraction: float = field(default=0.5, metadata=_opt(
+        "Stop the run, with one line naming the commonest error kinds, once more than this "
+        "fraction of the rows it decoded are errors (judged from 1,000 rows on, or all of a "
+        "smaller run). 0.5: a misconfigured run (paths resolving against the wrong folder, "
+        "a missing mount) is nearly all errors, while real collections, even scraped ones "
+        "listing failed downloads, stay well below half. 1 turns the check off."))
     column_prefix: str = field(default="", metadata=_opt(
         "Put this before each score column's name (pred_ -> pred_memorability), for a manifest "
         "that already has a column of that name, such as measured memorability."))
@@ -189,6 +207,13 @@ class ScoreConfig:
             raise MemscoreError(f"a model is named twice in {','.join(self.models)}")
         if self.overwrite and self.resume:
             raise MemscoreError("--overwrite and --resume contradict each other; choose one")
+        if self.retry_errors and not self.resume:
+            raise MemscoreError("--retry-errors re-scores rows of a run in --output: give "
+                                "--resume too")
+        if not self.transient_retry_s >= 0:
+            raise MemscoreError("--transient-retry-s must not be negative")
+        if not 0 <= self.max_error_fraction <= 1:
+            raise MemscoreError("--max-error-fraction must be between 0 and 1")
         for name in ("batch_size", "decode_batch_size", "io_threads", "max_pixels",
                      "rows_per_block", "rows_per_file"):
             if getattr(self, name) < 1:

@@ -6,7 +6,11 @@ over them too). For every row it reads the file's bytes (local paths and any fss
 (``Image.open(path).convert('RGB')``), and runs each model's ``ImagePreprocess.to_array`` on the
 result, so several models can share one decode.
 
-A row that cannot be decoded never fails the batch: it gets an ``error`` string
+A failure that says nothing about the image (the network, S3 5xx or throttling past the
+client's retries, expired or missing credentials, ``MemoryError``) is not a row error: the row is
+read again with backoff for up to ``transient_retry_s``, then the batch fails with
+``TransientFailure`` (see ``remote_read_error``). A row that cannot be decoded for a reason in the
+image itself never fails the batch: it gets an ``error`` string
 ``"{kind}: {detail}"`` with one of a small set of stable kinds (see ``ERROR_KINDS``), null
 width/height, and all-zero pixels. Rows out == rows in, in the same order, and every input column
 is passed through untouched.
@@ -48,11 +52,14 @@ Limits and errors:
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import random
 import re
 import stat
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -77,7 +84,13 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ERROR_COLUMN",
     "ERROR_KINDS",
+    "DEFAULT_TRANSIENT_RETRY_S",
     "HEIGHT_COLUMN",
+    "RETRYABLE_KINDS",
+    "TransientError",
+    "TransientFailure",
+    "local_read_error",
+    "remote_read_error",
     "PIXELS_PREFIX",
     "WIDTH_COLUMN",
     "DecodeImages",
@@ -234,12 +247,16 @@ def _open_image(data: bytes, max_pixels: int) -> "_PILImage.Image":
         raise ImageDecodeError("decompression bomb", str(exc)) from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image", f"Pillow cannot identify the format ({len(data)} bytes)") from None
+    except MemoryError:
+        raise  # transient: says nothing about the image (see DecodeImages)
     except Exception as exc:
         raise _text_bomb(exc, "in the header") or ImageDecodeError(
             "not an image", f"{type(exc).__name__}: {exc}"
         ) from None
     try:
         width, height = image.size
+    except MemoryError:
+        raise
     except Exception as exc:
         raise ImageDecodeError("decode failed", f"{type(exc).__name__}: {exc}") from None
     if width * height > max_pixels:
@@ -286,7 +303,7 @@ def _load_rgb(image: "_PILImage.Image", exif_transpose: bool = False) -> "_PILIm
         if exif_transpose:
             image = _exif_transpose(image)
         return _to_rgb(image)
-    except ImageDecodeError:
+    except (ImageDecodeError, MemoryError):
         raise
     except Exception as exc:
         raise ImageDecodeError("decode failed", f"{type(exc).__name__}: {exc}") from None
@@ -413,8 +430,118 @@ def resolve_path(path: str, base_dir: str | None) -> str:
     return resolved
 
 
-def _local_error(exc: OSError, shown: str) -> ImageDecodeError:
-    """The row error for an OSError from stat/open of a local path."""
+# ------------------------------------------------------------------- transient or a fact
+# A failure either says something about the image (missing, not an image, truncated, ...): it
+# becomes the row's error, committed for good. Or it says nothing about the image (the network,
+# the storage service, credentials, memory): then the row is read again, with backoff, within
+# the decode task for up to ``transient_retry_s``, and past that the task (and the run) fails
+# with ``TransientFailure``, leaving the row uncommitted for ``--resume``.
+
+#: Local errnos that describe the storage path rather than the file: network filesystems (NFS,
+#: FUSE mounts of buckets, Lustre) report a failed backend as EIO, ESTALE, ETIMEDOUT ...; and a
+#: process out of file descriptors or memory says nothing about the image either. A disk with
+#: a bad sector also gives EIO: the run then stops naming the file, which is a disk to fix (or a
+#: file to delete: a missing file is a row), not an image to null silently.
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "EIO", "ESTALE", "ETIMEDOUT", "ENOTCONN", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED",
+        "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH", "ENETRESET", "EAGAIN", "EINTR",
+        "ENOMEM", "ENFILE", "EMFILE", "ENOBUFS", "EREMOTEIO", "ENOLINK", "ECOMM", "EBUSY")
+    if hasattr(errno, name))
+
+#: S3 error codes (from the botocore error s3fs chains as the cause) that are facts about the
+#: object, though s3fs maps them to errors that are transient otherwise.
+_S3_FACTS = {
+    # memscore's one request is a ranged GET from byte 0; S3 answers 416 for a 0-byte object
+    "InvalidRange": ("empty file", "0 bytes"),
+    # archived (Glacier/Deep Archive) and not restored: --retry-errors reads it once restored
+    "InvalidObjectState": ("unreadable", "archived object, not restored (InvalidObjectState)"),
+    "KeyTooLongError": ("unsupported path", "key too long"),
+    "InvalidURI": ("unsupported path", "invalid URI"),
+    "InvalidBucketName": ("unsupported path", "invalid bucket name"),
+}
+
+#: Error kinds ``--resume --retry-errors`` scores again: those an older memscore committed for
+#: failures that may have said nothing about the image (a 5xx or dropped connection past the
+#: client's retries was "unreadable", a MemoryError "decode failed"), and those that can change
+#: (permission denied, an archived object restored).
+RETRYABLE_KINDS = ("unreadable", "decode failed")
+
+#: Seconds a decode task keeps retrying transient failures (``DecodeImages.transient_retry_s``).
+DEFAULT_TRANSIENT_RETRY_S = 600.0
+_FIRST_BACKOFF_S = 1.0
+_MAX_BACKOFF_S = 60.0
+
+
+class TransientError(Exception):
+    """One row failed for a reason that says nothing about the image (internal to the stage)."""
+
+    def __init__(self, path: str, cause: BaseException | str):
+        self.path = path
+        if isinstance(cause, BaseException):
+            lines = str(cause).strip().splitlines()
+            cause = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        self.cause = " ".join(str(cause).split())[:_MAX_DETAIL]
+        super().__init__(f"{path}: {self.cause}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.cause))
+
+
+class TransientFailure(RuntimeError):
+    """Raised by a decode task whose rows kept failing transiently past ``transient_retry_s``.
+
+    It fails the task and so the run (``memscore.run.score`` reports it as one line); nothing of
+    the task is committed, so ``--resume`` reads those rows again once the cause is fixed.
+    ``str(exc)`` is one line naming the wait, an example path and its cause.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0],))
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code of the botocore ClientError in ``exc``'s cause chain, if any."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            return (response.get("Error") or {}).get("Code")
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def remote_read_error(exc: BaseException, path: str) -> ImageDecodeError | TransientError:
+    """Classify an exception of a remote (fsspec) read: the row's error where it is a fact about
+    the object, else a ``TransientError``.
+
+    Facts: a missing object or bucket (``FileNotFoundError``), a "directory", and the S3 codes of
+    ``_S3_FACTS`` (an empty object's 416, an archived object, an invalid key). Everything else is
+    transient: connection errors and 5xx/throttling that outlasted the client's retries, 403s
+    (s3fs maps AccessDenied, ExpiredToken, InvalidAccessKeyId ... to ``PermissionError``: expired
+    or revoked credentials fail every row alike), botocore's ``NoCredentialsError`` (not even an
+    OSError), timeouts, ``MemoryError``.
+    """
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return ImageDecodeError("missing file", path)
+    if isinstance(exc, IsADirectoryError):
+        return ImageDecodeError("not a file", f"is a directory: {path}")
+    code = _s3_code(exc)
+    fact = _S3_FACTS.get(code or "")
+    if fact is not None:
+        return ImageDecodeError(fact[0], f"{fact[1]}: {path}")
+    error = TransientError(path, exc)
+    if code and code not in error.cause:  # ExpiredToken says more than "Access Denied"
+        error = TransientError(path, f"{error.cause} ({code})")
+    return error
+
+
+def local_read_error(exc: OSError, shown: str) -> ImageDecodeError | TransientError:
+    """Classify an OSError from stat/open/read of a local path: the row's error (missing,
+    permission denied, a directory ...) or a ``TransientError`` (``_TRANSIENT_ERRNOS``)."""
     if isinstance(exc, FileNotFoundError):
         return ImageDecodeError("missing file", shown)
     if isinstance(exc, NotADirectoryError):
@@ -423,7 +550,10 @@ def _local_error(exc: OSError, shown: str) -> ImageDecodeError:
         return ImageDecodeError("unreadable", f"permission denied: {shown}")
     if isinstance(exc, IsADirectoryError):
         return ImageDecodeError("not a file", f"is a directory: {shown}")
+    if exc.errno in _TRANSIENT_ERRNOS:
+        return TransientError(shown, exc)
     return ImageDecodeError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}: {shown}")
+
 
 
 # ----------------------------------------------------------------------------------------- stage
@@ -454,6 +584,12 @@ class DecodeImages:
         confine_to: a local folder. When set, a local path (plain or ``file://``) whose real path
             (symlinks resolved) is not inside the folder's real path is an "outside input folder"
             error, and the file read is the checked real path. Remote URLs are not affected.
+        transient_retry_s: how long rows whose read failed for a reason that says nothing about
+            the image (``remote_read_error``, ``local_read_error``: network and 5xx errors past
+            the client's own retries, 403/expired or missing credentials, EIO on a mount,
+            ``MemoryError``) are read again, with exponential backoff from 1 s to 60 s, a new
+            client each round. Past it, ``TransientFailure`` fails the task: such a row is
+            never committed as an error. Facts about the image stay row errors.
 
     Returns (from ``__call__``) the input table, untouched, with ``memscore_width``,
     ``memscore_height`` (int32: the decoded size, stored orientation unless ``exif_transpose``),
@@ -474,6 +610,7 @@ class DecodeImages:
         fast_decode: bool = False,
         exif_transpose: bool = False,
         confine_to: str | None = None,
+        transient_retry_s: float = DEFAULT_TRANSIENT_RETRY_S,
     ):
         if not preprocess:
             raise ValueError("preprocess must name at least one ImagePreprocess")
@@ -494,6 +631,10 @@ class DecodeImages:
         self.fast_decode = bool(fast_decode)
         self.exif_transpose = bool(exif_transpose)
         self.confine_to = None if confine_to is None else str(confine_to)
+        if not transient_retry_s >= 0:
+            raise ValueError(f"transient_retry_s must be >= 0, got {transient_retry_s}")
+        self.transient_retry_s = float(transient_retry_s)
+        self._fresh_clients = False
         # the side draft mode keeps twice of: the largest resize side over all entries; 0: no draft
         self._draft_to = (max(max(pre.resize) for pre in self.preprocess.values())
                           if self.fast_decode else 0)
@@ -522,6 +663,15 @@ class DecodeImages:
 
         if "::" in protocol:  # chained URLs (e.g. simplecache::s3://) carry per-URL options
             return storage.url_to_fs(path, self.storage_options)
+        if self._fresh_clients:  # retrying: a new client, which looks up credentials again
+            with self._fs_lock:
+                fs = self._filesystems.get(protocol)
+                if fs is None:
+                    fs, inner = storage.url_to_fs(
+                        path, {**self.storage_options, "skip_instance_cache": True})
+                    self._filesystems[protocol] = fs
+                    return fs, inner
+            return fs, fs._strip_protocol(path)
         with self._fs_lock:
             fs = self._filesystems.get(protocol)
             if fs is None:
@@ -547,7 +697,7 @@ class DecodeImages:
         try:
             st = os.stat(path)
         except OSError as exc:
-            raise _local_error(exc, shown) from None
+            raise local_read_error(exc, shown) from None
         self._check_regular(st.st_mode, shown)
         self._check_size(st.st_size, shown)
         try:
@@ -555,13 +705,13 @@ class DecodeImages:
             # the fstat below then refuses it. No effect on regular files.
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise _local_error(exc, shown) from None
+            raise local_read_error(exc, shown) from None
         with os.fdopen(fd, "rb") as f:
             self._check_regular(os.fstat(fd).st_mode, shown)
             try:
                 data = f.read(self.max_bytes + 1)
             except OSError as exc:
-                raise ImageDecodeError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}: {shown}") from None
+                raise local_read_error(exc, shown) from None
         return data
 
     @staticmethod
@@ -591,14 +741,8 @@ class DecodeImages:
         fs, inner = self._filesystem(path, protocol)
         try:
             return fs.cat_file(inner, start=0, end=self.max_bytes + 1)
-        except FileNotFoundError:
-            raise ImageDecodeError("missing file", path) from None
-        except IsADirectoryError:
-            raise ImageDecodeError("not a file", f"is a directory: {path}") from None
-        except PermissionError as exc:
-            raise ImageDecodeError("unreadable", f"permission denied: {path} ({exc})") from None
-        except OSError as exc:
-            raise ImageDecodeError("unreadable", f"{type(exc).__name__}: {exc}: {path}") from None
+        except Exception as exc:  # NoCredentialsError is no OSError: classify everything
+            raise remote_read_error(exc, path) from None
 
     def _read_bytes(self, path: str) -> bytes:
         protocol = _protocol(path)
@@ -644,11 +788,61 @@ class DecodeImages:
             return full_w, full_h, None
         except ImageDecodeError as exc:
             error = str(exc)
+        except TransientError as exc:  # read again by __call__, never committed as an error
+            error = exc
+        except MemoryError as exc:  # says nothing about the image: transient too
+            error = TransientError(str(path), exc)
         except Exception as exc:  # any other per-row problem: never fail the batch
             error = str(ImageDecodeError("decode failed", f"{type(exc).__name__}: {exc}"))
         for arr in out.values():
             arr[index] = 0  # to_array may have filled some columns before failing
         return None, None, error
+
+    def _decode_rows(self, indices: list[int], paths: list, out: dict[str, np.ndarray],
+                     results: list) -> list:
+        """Decode the rows at ``indices`` (in ``io_threads`` threads) into ``results``."""
+        todo = [paths[i] for i in indices]
+        if len(indices) <= 1 or self.io_threads == 1:
+            done = [self._decode_row(i, p, out) for i, p in zip(indices, todo)]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.io_threads, len(indices)),
+                                    thread_name_prefix="memscore-decode") as pool:
+                done = list(pool.map(self._decode_row, indices, todo, [out] * len(indices)))
+        for i, result in zip(indices, done):
+            results[i] = result
+        return results
+
+    def _retry_transient(self, paths: list, out: dict[str, np.ndarray], results: list) -> list:
+        """Read the rows that failed transiently again, with exponential backoff (1 s doubling
+        to 60 s, jittered), until they succeed or become facts; past ``transient_retry_s`` of
+        waiting raise ``TransientFailure``, which fails the task."""
+        waiting = [i for i, r in enumerate(results) if isinstance(r[2], TransientError)]
+        if not waiting:
+            return results
+        started = time.monotonic()
+        delay = _FIRST_BACKOFF_S
+        self._fresh_clients = True  # rotated credentials, a replaced endpoint: a new client
+        try:
+            while waiting:
+                waited = time.monotonic() - started
+                if waited >= self.transient_retry_s:
+                    example = results[waiting[0]][2]
+                    raise TransientFailure(
+                        f"reading images failed for {waited:.0f} s after retries "
+                        f"(--transient-retry-s {self.transient_retry_s:g}), {len(waiting)} of "
+                        f"{len(paths)} rows of a decode task: {example}")
+                time.sleep(min(delay * random.uniform(0.5, 1.0),
+                               max(0.0, self.transient_retry_s - waited)))
+                delay = min(2 * delay, _MAX_BACKOFF_S)
+                with self._fs_lock:
+                    self._filesystems.clear()
+                results = self._decode_rows(waiting, paths, out, results)
+                waiting = [i for i in waiting if isinstance(results[i][2], TransientError)]
+        finally:
+            self._fresh_clients = False
+            with self._fs_lock:
+                self._filesystems.clear()
+        return results
 
     # ---------------------------------------------------------------------------------- batch
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -664,13 +858,8 @@ class DecodeImages:
         paths = table.column(self.path_column).to_pylist()
         n = len(paths)
         out = {name: np.zeros((n, *pre.array_shape), dtype=np.uint8) for name, pre in self.preprocess.items()}
-        if n == 0:
-            results = []
-        elif self.io_threads == 1 or n == 1:
-            results = [self._decode_row(i, p, out) for i, p in enumerate(paths)]
-        else:
-            with ThreadPoolExecutor(max_workers=min(self.io_threads, n), thread_name_prefix="memscore-decode") as pool:
-                results = list(pool.map(self._decode_row, range(n), paths, [out] * n))
+        results = self._decode_rows(list(range(n)), paths, out, [None] * n)
+        results = self._retry_transient(paths, out, results)
 
         widths = pa.array([r[0] for r in results], type=pa.int32())
         heights = pa.array([r[1] for r in results], type=pa.int32())

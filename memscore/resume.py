@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from memscore.manifest import Manifest, read_restarting
 
 __all__ = ["ROW_COLUMN", "WORK_DIR", "Snapshot", "write_snapshot", "read_state", "write_state",
            "run_identity", "manifest_fingerprint", "snapshot_dataset", "checkpoint_config",
-           "committed_rows", "remove_work_dir"]
+           "committed_rows", "remove_work_dir", "drop_error_rows", "apply_retry_plan"]
 
 ROW_COLUMN = columns.ROW
 WORK_DIR = "_memscore"
@@ -274,3 +275,126 @@ def remove_work_dir(output: str, storage_options: Mapping[str, Any]) -> None:
     fs, folder = storage.url_to_fs(_work(output), storage_options)
     if fs.exists(folder):
         fs.rm(folder, recursive=True)
+
+
+# ----------------------------------------------------------------------------- --retry-errors
+_RETRY_DIR = "retry-errors"  # in _memscore/: the rewritten files, then plan.json
+_PLAN = "plan.json"
+
+
+def drop_error_rows(output: str, storage_options: Mapping[str, Any], kinds: tuple[str, ...],
+                    *, rebuild_checkpoint: bool = False) -> int:
+    """Take the rows whose committed ``memscore_error`` is of one of ``kinds`` out of the output
+    files and the checkpoint, so that the resumed run scores them again. Returns their count.
+
+    Only memscore's own files are touched: each output file holding such rows is rewritten
+    without them (deleted when none is left), and its checkpoint id file (Ray's
+    ``<write id>_<task>.parquet`` in ``_memscore/checkpoint/``, whose name begins the data
+    file's) is rewritten with the ids the new file holds. ``rebuild_checkpoint`` (a finished
+    run, whose checkpoint went with its work folder): an id file is written for every output
+    file. Files without such rows are found from their footers' null counts, not read.
+
+    Crash-safe as a redo log: the new files are written under ``_memscore/retry-errors/``, then
+    ``plan.json`` naming each (new file, target); only then are targets replaced. A run killed
+    before the plan leaves the output as it was; after it, ``apply_retry_plan`` (every resume
+    calls it) finishes the replacement.
+    """
+    import pyarrow.dataset as pads
+
+    from memscore.output import output_files
+
+    fs, _ = storage.url_to_fs(output, storage_options)
+    _, retry = storage.url_to_fs(_work(output, _RETRY_DIR), storage_options)
+    _, checkpoint = storage.url_to_fs(_work(output, "checkpoint"), storage_options)
+    if fs.exists(retry):
+        fs.rm(retry, recursive=True)  # a plan never written: the output was not touched
+    filesystem = storage.pyarrow_filesystem_of(fs)
+    names = ([p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint, detail=False)]
+             if fs.exists(checkpoint) else [])
+    ckpt_names = [n for n in names if n.endswith(".parquet") and ".pending." not in n]
+    # data files of an unfinished write: Ray deletes them when the run starts
+    pending = tuple(n[: -len(".pending.parquet")] for n in names
+                    if n.endswith(".pending.parquet"))
+    kinds_re = "^(" + "|".join(re.escape(k) for k in kinds) + "):"
+    plan: list[dict[str, str]] = []
+    dropped = 0
+    if not storage.is_url(output):  # an object store has no folders to make
+        fs.makedirs(checkpoint, exist_ok=True)
+        fs.makedirs(retry, exist_ok=True)
+    for path in output_files(output, storage_options):
+        name = path.rsplit("/", 1)[-1]
+        if pending and name.startswith(pending):
+            continue
+        errors_possible = _may_hold_errors(pq.ParquetFile(path, filesystem=filesystem).metadata)
+        ckpt = next((n for n in ckpt_names if name.startswith(n[: -len(".parquet")])),
+                    name)  # Ray's rule: the id file's stem begins the data file's name
+        if not errors_possible:
+            if rebuild_checkpoint:
+                ids = pads.dataset(path, filesystem=filesystem).to_table(columns=[ROW_COLUMN])
+                _write_parquet(fs, f"{checkpoint}/{ckpt}", ids)
+            continue
+        table = pq.read_table(path, filesystem=filesystem)
+        retried = pc.fill_null(pc.match_substring_regex(table.column(columns.ERROR), kinds_re),
+                               False)
+        count = pc.sum(pc.cast(retried, "int64")).as_py() or 0
+        kept = table.filter(pc.invert(retried))
+        if not count:
+            if rebuild_checkpoint:
+                _write_parquet(fs, f"{checkpoint}/{ckpt}", kept.select([ROW_COLUMN]))
+            continue
+        dropped += count
+        if kept.num_rows == 0:
+            plan += [{"delete": path}, {"delete": f"{checkpoint}/{ckpt}"}]
+            continue
+        _write_parquet(fs, f"{retry}/data-{name}", kept)
+        _write_parquet(fs, f"{retry}/ids-{ckpt}", kept.select([ROW_COLUMN]))
+        plan += [{"move": f"{retry}/data-{name}", "to": path},
+                 {"move": f"{retry}/ids-{ckpt}", "to": f"{checkpoint}/{ckpt}"}]
+    if plan:
+        fs.pipe_file(f"{retry}/{_PLAN}", json.dumps(plan, indent=1).encode())
+    return dropped
+
+
+def _may_hold_errors(meta) -> bool:
+    """Whether a Parquet footer leaves room for a non-null ``memscore_error``: false when every
+    row group's statistics count as many nulls as rows."""
+    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if columns.ERROR not in leaves:
+        return False
+    index = leaves.index(columns.ERROR)
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(index).statistics
+        if stats is None or not stats.has_null_count or (
+                stats.null_count != meta.row_group(group).num_rows):
+            return True
+    return False
+
+
+def apply_retry_plan(output: str, storage_options: Mapping[str, Any]) -> bool:
+    """Finish a ``drop_error_rows`` replacement, if one is pending; idempotent. -> whether one
+    was."""
+    fs, retry = storage.url_to_fs(_work(output, _RETRY_DIR), storage_options)
+    plan_file = f"{retry}/{_PLAN}"
+    if not fs.exists(plan_file):
+        if fs.exists(retry):
+            fs.rm(retry, recursive=True)  # new files of a plan never written
+        return False
+    for step in json.loads(fs.cat_file(plan_file)):
+        if "delete" in step:
+            if fs.exists(step["delete"]):
+                fs.rm_file(step["delete"])
+        elif fs.exists(step["move"]):  # else moved before a kill
+            if not storage.is_url(output):
+                import os
+
+                os.replace(step["move"], step["to"])  # atomic on one local filesystem
+            else:
+                fs.copy(step["move"], step["to"])
+                fs.rm_file(step["move"])
+    fs.rm(retry, recursive=True)  # the plan last: until then a kill replays it
+    return True
+
+
+def _write_parquet(fs, path: str, table: pa.Table) -> None:
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)

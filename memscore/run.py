@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -20,7 +21,9 @@ import pyarrow as pa
 from memscore import resume, storage
 from memscore.cluster_check import check_shared_storage
 from memscore.columns import score_column
-from memscore.config import MemscoreError, ScoreConfig
+from memscore.config import MemscoreError, ScoreConfig, first_line
+from memscore.decode import RETRYABLE_KINDS
+from memscore.error_fraction import start_counter
 from memscore.manifest import Manifest, open_manifest
 from memscore.models._api import file_sha256
 from memscore.predict import local_cores
@@ -37,13 +40,21 @@ from memscore.output import (
 __all__ = ["score", "init_ray", "start_local_ray", "decode_batch", "decode_stage", "plan_model_actors"]
 
 
-def decode_batch(table: pa.Table, **decode_kwargs) -> pa.Table:
-    """The CPU decode stage as a plain function, so Ray runs it as stateless tasks anywhere."""
-    from memscore.decode import DecodeImages
+def decode_batch(table: pa.Table, error_counter=None, **decode_kwargs) -> pa.Table:
+    """The CPU decode stage as a plain function, so Ray runs it as stateless tasks anywhere.
+
+    ``error_counter``: the run's ``error_fraction`` actor, told each block's errors (None: no
+    check)."""
+    from memscore.decode import ERROR_COLUMN, DecodeImages
     from memscore.faults import maybe_inject
 
     maybe_inject("decode")
-    return DecodeImages(**decode_kwargs)(table)
+    table = DecodeImages(**decode_kwargs)(table)
+    if error_counter is not None:
+        from memscore.error_fraction import report
+
+        report(error_counter, table.column(ERROR_COLUMN))
+    return table
 
 
 def plan_model_actors(config: ScoreConfig, cluster_gpus: float,
@@ -154,17 +165,28 @@ def _decode_task_memory(config, preprocess: dict) -> int:
 
 
 def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
-                 base_dir: str | None):
+                 base_dir: str | None, error_counter=None):
     """``dataset`` -> the same rows decoded: the CPU decode stage, as Ray tasks.
 
     Shared by scoring and fine-tuning (one image pipeline). ``config`` is a ``ScoreConfig`` or
     a ``FinetuneConfig`` (both carry the decode options); ``preprocess`` maps each model name to
     the preprocessing whose uint8 arrays the stage adds; relative paths resolve against
-    ``base_dir`` (None: the paths are already resolved).
+    ``base_dir`` (None: the paths are already resolved). ``error_counter``: an
+    ``error_fraction.start_counter`` actor the tasks report their errors to (None: no limit).
+
+    A task whose rows keep failing transiently (``decode.TransientFailure``, after
+    ``transient_retry_s`` of backoff inside the task) fails, and with it the run. Ray itself
+    does not retry it: Ray Data's tasks retry system failures (a lost node) without limit, and
+    ``retry_exceptions`` would share that unbounded count, so expired credentials would retry
+    for ever. The bounded retry is the task's own.
     """
+    from memscore.decode import DEFAULT_TRANSIENT_RETRY_S
+
     return dataset.map_batches(
         decode_batch,
         fn_kwargs={
+            "error_counter": error_counter,
+            "transient_retry_s": getattr(config, "transient_retry_s", DEFAULT_TRANSIENT_RETRY_S),
             "max_inflight_pixels": 2 * config.max_pixels,
             "path_column": manifest.path_column,
             "preprocess": preprocess,
@@ -191,7 +213,7 @@ def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
 
 
 def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snapshot,
-                  plan: dict[str, Any]):
+                  plan: dict[str, Any], error_counter=None):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
     from memscore.models._api import weights_for
     from memscore.predict import ScoreImages
@@ -203,7 +225,8 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
         target_num_rows_per_block=config.rows_per_block)
     preprocess = {name: weights_for(name, config.weights, config.storage_options).transforms
                   for name in config.models}
-    dataset = decode_stage(dataset, config, manifest, preprocess, manifest.base_dir)
+    dataset = decode_stage(dataset, config, manifest, preprocess, manifest.base_dir,
+                           error_counter)
     return dataset.map_batches(
         ScoreImages,
         fn_constructor_kwargs={
@@ -255,6 +278,70 @@ def _actor_pool(plan: dict[str, Any]):
                              initial_size=plan["actors"], max_tasks_in_flight_per_actor=2)
 
 
+def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -> bool:
+    """``--resume --retry-errors`` on a finished run: make it an interrupted run again (its
+    snapshot, state and checkpoint, which went when it finished) without the rows whose error
+    kind is in ``RETRYABLE_KINDS``. False, touching nothing, when there are none.
+
+    The summary goes only after the new checkpoint and the replacement plan are written, so
+    a kill before leaves a finished run, and one after an interrupted run whose plan every
+    resume completes."""
+    snapshot = resume.write_snapshot(manifest, config.output, config)
+    resume.write_state(config.output, identity, snapshot, config.storage_options)
+    dropped = resume.drop_error_rows(config.output, config.storage_options, RETRYABLE_KINDS,
+                                     rebuild_checkpoint=True)
+    if not dropped:
+        resume.remove_work_dir(config.output, config.storage_options)
+        return False
+    return True  # the caller removes the summary, then applies the plan
+
+
+_STOPPED_RE = re.compile(
+    r"^memscore\.(decode\.TransientFailure|error_fraction\.ErrorFractionExceeded): (.+)$",
+    re.MULTILINE)
+
+
+def run_stopped(exc: BaseException) -> str | None:
+    """The one line for a run that failed because a decode task gave up on transient failures
+    (``decode.TransientFailure``) or passed ``--max-error-fraction``; None for anything else.
+
+    Ray wraps a task's exception: on the driver, Ray Data raises
+    ``RayTaskError(UserCodeException)``, which has lost the original exception object
+    (exceptions travel pickled, without ``__cause__``) but whose text is the remote traceback,
+    ending the original with ``memscore.decode.TransientFailure: <message>``. So the chain
+    (``cause``, ``__cause__``, ``__context__``) is searched for the exception itself (a local
+    run of the stage, or a Ray that keeps it), then the chain's texts for that line.
+    """
+    from memscore.decode import TransientFailure
+    from memscore.error_fraction import ErrorFractionExceeded
+
+    chain: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or any(current is seen for seen in chain) or len(chain) > 50:
+            continue
+        chain.append(current)
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    line = transient = None
+    for current in chain:
+        # the original, not Ray's subclass of it (whose str() is a whole traceback)
+        if type(current) in (TransientFailure, ErrorFractionExceeded):
+            line, transient = first_line(current), isinstance(current, TransientFailure)
+            break
+    for current in chain if line is None else ():
+        match = _STOPPED_RE.search(str(current))
+        if match:
+            line, transient = match.group(2).strip(), match.group(1) == "decode.TransientFailure"
+            break
+    if line is None:
+        return None
+    if transient:
+        return f"{line}; fix it and run the same command with --resume (committed rows are kept)"
+    return (f"{line}; fix the cause and score again (--overwrite), or raise "
+            f"--max-error-fraction (1 turns the check off) and --resume")
+
+
 def score(config: ScoreConfig) -> dict[str, Any]:
     """Score every row of ``config.manifest`` and write Parquet plus a summary to ``config.output``.
 
@@ -288,12 +375,15 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     mode = prepare_output(config.output, overwrite=config.overwrite, resume=config.resume,
                           storage_options=config.storage_options, inputs=(config.manifest,))
     identity = resume.run_identity(manifest, config)
+    reopened = False
     if mode == "complete":
         finished = read_summary(config.output, config.storage_options)
         if finished.get("status") == "complete":
             resume.check_same_run(finished.get("run") or {}, identity, config.output,
                                   finished=True)
-            return finished
+            if not (config.retry_errors and _reopen(config, manifest, identity)):
+                return finished
+            reopened = True
         # A run that ended short of complete (rows missing) is finished from its checkpoint;
         # its summary goes, so that only a complete run ever has one.
         if resume.read_state(config.output, config.storage_options) is None:
@@ -309,6 +399,11 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if mode == "resume":
         snapshot = resume.check_same_run(resume.read_state(config.output, config.storage_options),
                                          identity, config.output)
+        resume.apply_retry_plan(config.output, config.storage_options)  # one a kill cut short
+        if config.retry_errors and not reopened:
+            resume.committed_rows(config.output, config.storage_options)  # repairs renames
+            resume.drop_error_rows(config.output, config.storage_options, RETRYABLE_KINDS)
+            resume.apply_retry_plan(config.output, config.storage_options)
     else:
         snapshot = resume.write_snapshot(manifest, config.output, config)
         resume.write_state(config.output, identity, snapshot, config.storage_options)
@@ -332,12 +427,20 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         clock = time.perf_counter()
         context.checkpoint_config = resume.checkpoint_config(config.output,
                                                              config.storage_options)
+        counter = start_counter(config.max_error_fraction, snapshot.rows - done_before)
         try:
-            write_parquet(build_dataset(config, manifest, snapshot, plan), config.output,
-                          config.storage_options, config.rows_per_file)
+            write_parquet(build_dataset(config, manifest, snapshot, plan, counter),
+                          config.output, config.storage_options, config.rows_per_file)
+        except Exception as exc:
+            stopped = run_stopped(exc)
+            if stopped is None:
+                raise
+            raise MemscoreError(stopped) from None
         finally:
             context.checkpoint_config = None  # the context outlives this run in the process
             context.wait_for_min_actors_s = waited
+            if counter is not None:
+                ray.kill(counter)
         wall = time.perf_counter() - clock
         for record, digest in zip(weights, hashes):
             record["weights_sha256"] = digest

@@ -123,8 +123,9 @@ ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDe
 class FaultProxy:
     """An HTTP proxy in front of the moto server that injects S3 faults.
 
-    ``decide(method, path)`` -> None (forward), ``"503"`` (SlowDown), ``"403"`` (AccessDenied) or
-    ``"drop"`` (close the connection without an answer). ``log`` records (method, path, action).
+    ``decide(method, path)`` -> None (forward), ``"503"`` (SlowDown), ``"403"`` (AccessDenied),
+    ``"403:<Code>"`` (a 403 with that S3 error code, e.g. ExpiredToken) or ``"drop"`` (close
+    the connection without an answer). ``log`` records (method, path, action).
     """
 
     def __init__(self, upstream: str, decide: Callable[[str, str], str | None]):
@@ -181,6 +182,10 @@ class FaultProxy:
                     return self._error(503, "Slow Down", SLOW_DOWN)
                 if action == "403":
                     return self._error(403, "Forbidden", ACCESS_DENIED)
+                if action.startswith("403:") if action else False:  # 403 with that S3 code
+                    code = action[4:].encode()
+                    return self._error(403, "Forbidden", ACCESS_DENIED.replace(
+                        b"AccessDenied", code))
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 if body or "content-length" in {k.lower() for k in headers}:
                     headers["Content-Length"] = str(len(body))

@@ -102,8 +102,11 @@ class ScoreConfig:
         "against the manifest's folder."))
     batch_size: int = field(default=32, metadata=_opt(
         "Images per model forward pass on each model actor."))
-    decode_batch_size: int = field(default=64, metadata=_opt(
-        "Rows per CPU decode task."))
+    decode_batch_size: int = field(default=256, metadata=_opt(
+        "Rows per call of the decode function in a CPU decode task (a task decodes one block "
+        "of --rows-per-block rows). Default: the whole block in one call, which starts the "
+        "task's --io-threads once per block; 64 made cheap rows 1.2-1.6x slower end to end "
+        "(benchmarks/SCALE_RESULTS.md)."))
     limit: int | None = field(default=None, metadata=_opt(
         "Score only the first N manifest rows (a trial run)."))
     num_gpus: float | None = field(default=None, metadata=_opt(

@@ -1,4 +1,4 @@
-"""Scale benchmark: `memscore score` on cheap-row manifests of growing size, and the WebDataset reader.
+"""Scale benchmark: `memscore score` on cheap-row manifests of growing size; the WebDataset reader.
 
 "Cheap rows" are manifest rows whose image does not exist: each comes out as a ``missing file``
 error row, so no model time is spent (the model actor still starts and sees every batch) and
@@ -175,6 +175,7 @@ def run_score(manifest: Path, output: Path, extra: list[str], timeout: float) ->
     work = output / "_memscore"
     most = {"snapshot_parts": 0, "checkpoint_files": 0}
     peak_kib = 0
+    peak_at = None
     load_before = os.getloadavg()[0]
     cpu0, steal0 = _cpu_times()
     started = time.time()
@@ -186,6 +187,8 @@ def run_score(manifest: Path, output: Path, extra: list[str], timeout: float) ->
         while proc.poll() is None:
             hwm = _status_kib(proc.pid, "VmHWM")
             if hwm:
+                if hwm > peak_kib:
+                    peak_at = time.time()  # when the driver's RSS last grew past its peak
                 peak_kib = max(peak_kib, hwm)
             now = time.perf_counter()
             if now - last_scan > 1.0:
@@ -195,8 +198,8 @@ def run_score(manifest: Path, output: Path, extra: list[str], timeout: float) ->
                     names = [e.name for e in os.scandir(work / "checkpoint")]
                 except FileNotFoundError:
                     names = []
-                most["checkpoint_files"] = max(
-                    most["checkpoint_files"], sum(not n.endswith(".pending.parquet") for n in names))
+                done = sum(not n.endswith(".pending.parquet") for n in names)
+                most["checkpoint_files"] = max(most["checkpoint_files"], done)
                 last_scan = now
             if now - clock > timeout:
                 proc.kill()
@@ -224,6 +227,10 @@ def run_score(manifest: Path, output: Path, extra: list[str], timeout: float) ->
             "pipeline_s": marks["execution_finished"] - marks["execution_started"],
             "finish_s": started + wall - marks["execution_finished"],
         }
+        if peak_at is not None:
+            bounds = [("start", marks["ray_started"]), ("snapshot", marks["execution_started"]),
+                      ("pipeline", marks["execution_finished"]), ("finish", float("inf"))]
+            result["peak_rss_phase"] = next(name for name, end in bounds if peak_at <= end)
     summary = output / "_memscore.json"
     if summary.exists():
         data = json.loads(summary.read_text())
@@ -312,7 +319,8 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cores = len(os.sched_getaffinity(0))
-    return f"{platform.node()}: {cores} cores ({model}), {mem:.0f} GiB RAM, Python {platform.python_version()}"
+    return (f"{platform.node()}: {cores} cores ({model}), {mem:.0f} GiB RAM, "
+            f"Python {platform.python_version()}")
 
 
 def _versions() -> str:
@@ -326,7 +334,8 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
         "# Scale benchmark: cheap rows through `memscore score`",
         "",
         f"Machine: {machine()}. {_versions()}.",
-        f"Started {began}, finished {dt.datetime.now().astimezone().isoformat(timespec='seconds')}.",
+        f"Started {began}, finished "
+        f"{dt.datetime.now().astimezone().isoformat(timespec='seconds')}.",
         "",
         f"Command: `python benchmarks/scale.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`"
         .replace("``", "`(defaults)`"),
@@ -339,8 +348,10 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
         "the manifest copied to `_memscore/manifest/`; pipeline = Ray Data's execution (decode, "
         "model stage, writes; the model actor's start and load overlap it); finish = the "
         "count read back, the summary, removing `_memscore/`, shutdown. RSS is the driver "
-        "process's own peak (VmHWM), not Ray's workers. Snapshot parts and checkpoint files are "
-        "the most seen during the run (memscore deletes `_memscore/` at the end). Exactly once: "
+        "process's own peak (VmHWM), not Ray's workers, with the phase in which it was "
+        "reached. Snapshot parts and checkpoint files are the most seen by a scan once a "
+        "second (memscore deletes `_memscore/` at the end, so a "
+        "run shorter than a file's lifetime can show 0). Exactly once: "
         "the summary's check and `memscore verify`. Load: the 1-minute load average before "
         "and after the run (the machine is shared); steal: the hypervisor's share of CPU time.",
         "",
@@ -357,9 +368,10 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
     ]
     for r in runs:
         if r.get("returncode") != 0:
-            lines.append(f"| {r['format']} | {r['rows']:,} | {r['wall_s']:.1f} | failed "
-                         f"(exit {r.get('returncode')}{', timed out' if r.get('timed_out') else ''}; "
-                         f"see {Path(r['log']).name}) |" + " |" * 13)
+            timed = ", timed out" if r.get("timed_out") else ""
+            why = f"failed (exit {r.get('returncode')}{timed})"
+            cells = [r["format"], f"{r['rows']:,}", f"{r['wall_s']:.1f}", why] + [""] * 12
+            lines.append("| " + " | ".join(cells) + " |")
             continue
         p = r.get("phases", {})
         pipe = p.get("pipeline_s")
@@ -371,11 +383,13 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
         if r.get("verify_line") is not None:
             once += f" (verify {r['verify_s']:.0f} s)"
         pipe_rate = f"{r['rows'] / pipe:,.0f}" if pipe else "?"
+        peak_phase = f" ({r['peak_rss_phase']})" if r.get("peak_rss_phase") else ""
         lines.append(
             f"| {r['format']} | {r['rows']:,} | {r['wall_s']:.1f} | {r['rows'] / r['wall_s']:,.0f} "
             f"| {f('start_s')} | {f('snapshot_s')} | {f('pipeline_s')} "
             f"| {pipe_rate} | {f('finish_s')} "
-            f"| {r['driver_peak_rss_mib']:.0f} | {r['output_files']} | {r['snapshot_parts']} "
+            f"| {r['driver_peak_rss_mib']:.0f}{peak_phase} | {r['output_files']} "
+            f"| {r['snapshot_parts']} "
             f"| {r['checkpoint_files']} | {once} | {r['load_before']:.1f} -> {r['load_after']:.1f} "
             f"| {100 * r['steal']:.0f}% |")
     ok = [r for r in runs if r.get("returncode") == 0]
@@ -384,7 +398,8 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
         if len(same) >= 2:
             a, b = same[0], same[-1]
             marginal = (b["rows"] - a["rows"]) / max(1e-9, b["wall_s"] - a["wall_s"])
-            lines += ["", f"{fmt}: {b['rows']:,} rows at {b['rows'] / b['wall_s'] / (a['rows'] / a['wall_s']):.2f}x "
+            ratio = (b["rows"] / b["wall_s"]) / (a["rows"] / a["wall_s"])
+            lines += ["", f"{fmt}: {b['rows']:,} rows at {ratio:.2f}x "
                       f"the rows/s of {a['rows']:,}; marginal cost {marginal:,.0f} rows/s "
                       f"(the extra rows over the extra wall time)."]
     lines += ["", "## WebDataset", ""]
@@ -396,7 +411,8 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
             f"alone was measured: `memscore.webdataset.iter_shard` over {wds['shards']} shards of "
             f"{wds['samples']:,} samples ({wds['mib']:.1f} MiB: small JPEGs of 96-320 px, each "
             f"with .json and .txt members), in this process, no Ray: {wds['wall_s']:.2f} s, "
-            f"{wds['rows'] / wds['wall_s']:,.0f} samples/s, {wds['mib'] / wds['wall_s']:.0f} MiB/s; "
+            f"{wds['rows'] / wds['wall_s']:,.0f} samples/s, "
+            f"{wds['mib'] / wds['wall_s']:.0f} MiB/s; "
             f"{wds['rows']:,} rows, {wds['errors']} error rows. Decoding and scoring those "
             f"samples is not included.")
     return "\n".join(lines) + "\n"
@@ -411,7 +427,8 @@ def main(args: argparse.Namespace) -> int:
     extra = shlex.split(args.score_args)
     # Every row is an error row on purpose: a memscore that stops runs with too many errors
     # must be told not to.
-    helptext = subprocess.run(["memscore", "score", "--help"], capture_output=True, text=True).stdout
+    helptext = subprocess.run(["memscore", "score", "--help"], capture_output=True,
+                              text=True).stdout
     if "--max-error-fraction" in helptext and "--max-error-fraction" not in extra:
         extra += ["--max-error-fraction", "1"]
     args.extra = extra
@@ -431,7 +448,8 @@ def main(args: argparse.Namespace) -> int:
                 made = time.perf_counter() - clock
                 output = work / f"out-{rows}-{fmt}"
                 shutil.rmtree(output, ignore_errors=True)
-                result = {"rows": rows, "format": fmt, "manifest_mib": manifest.stat().st_size / 2**20,
+                result = {"rows": rows, "format": fmt,
+                          "manifest_mib": manifest.stat().st_size / 2**20,
                           "generate_s": made,
                           **run_score(manifest, output, extra, args.timeout)}
                 if result["returncode"] == 0 and not args.no_verify:

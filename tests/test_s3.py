@@ -287,7 +287,7 @@ def test_finetune_reads_and_writes_s3_and_its_checkpoint_scores_from_s3(s3_endpo
     from synthetic import write_tint_dataset
 
     from memscore.checkpoint import read_checkpoint_info
-    from memscore.finetune import ROW, finetune
+    from memscore.finetune import LABELLED_ROW, ROW, finetune
 
     fs = s3_endpoint.fs
     bucket = s3_endpoint.make_bucket()
@@ -317,6 +317,10 @@ def test_finetune_reads_and_writes_s3_and_its_checkpoint_scores_from_s3(s3_endpo
     table = pa.concat_tables(pq.read_table(io.BytesIO(fs.cat_file(key)))
                              for key in fs.find(f"{bucket}/val_scores") if key.endswith(".parquet"))
     assert scored["rows_out"] == seen.num_rows == table.num_rows
-    joined = seen.join(table.select([ROW, "memorability_memnet"]), keys=ROW)
+    # the scored split carries the labelled row's id as labelled_row (scoring numbers its own
+    # rows memscore_row)
+    joined = seen.join(table.select([LABELLED_ROW, "memorability_memnet"]).rename_columns(
+        [ROW, "memorability_memnet"]), keys=ROW)
+    assert joined.num_rows == seen.num_rows
     assert max(abs(a - b) for a, b in zip(joined.column("prediction").to_pylist(),
                                           joined.column("memorability_memnet").to_pylist())) < 1e-5

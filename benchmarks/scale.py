@@ -405,6 +405,8 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
     lines += ["", "## WebDataset", ""]
     if wds is None:
         lines.append("Not measured (`--webdataset-samples 0`).")
+    elif "failed" in wds:
+        lines.append(f"The reader measurement failed: {wds['failed']}")
     else:
         lines.append(
             f"The WebDataset reader is not wired into `memscore score` yet, so only the reader "
@@ -459,8 +461,12 @@ def main(args: argparse.Namespace) -> int:
                 print(json.dumps({k: v for k, v in result.items() if k != "command"}), flush=True)
                 shutil.rmtree(output, ignore_errors=True)
                 manifest.unlink()
-        wds = (measure_webdataset(work / "webdataset", args.webdataset_samples, args.seed)
-               if args.webdataset_samples else None)
+        wds = None
+        if args.webdataset_samples:
+            try:
+                wds = measure_webdataset(work / "webdataset", args.webdataset_samples, args.seed)
+            except Exception as exc:  # the runs above are not lost for it
+                wds = {"failed": f"{type(exc).__name__}: {exc}"}
         if wds:
             print(json.dumps(wds), flush=True)
     finally:

@@ -189,49 +189,57 @@ def count_output(output: str, storage_options: Mapping[str, Any],
     """Rows, scored rows and error kinds, read back from the Parquet files just written, and
     whether every row id ``0 .. expected_rows - 1`` is there exactly once (``complete``).
 
-    Ids are counted, not rows: one row lost and another written twice must not pass.
+    Ids are counted, not rows: one row lost and another written twice must not pass. Files
+    are read one by one (a few at a time, by a thread pool): the driver holds one byte per
+    expected row (how often each id was seen, up to 2) and one file's columns, not the output.
     """
     import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
 
     files = output_files(output, storage_options)
-    table = (read_output_columns(output, files, [ROW_COLUMN, ERROR_COLUMN, *score_columns],
-                                 storage_options) if files else None)
-    if table is None or table.num_rows == 0:
-        return {"rows_out": 0, "rows_scored": 0, "rows_with_errors": 0, "error_kinds": {},
-                "complete": expected_rows == 0, "rows_missing": expected_rows,
-                "rows_duplicated": 0, "missing_examples": list(range(min(expected_rows, 5))),
-                "duplicated_examples": []}
-    ids = table.column(ROW_COLUMN)
-    counts = pc.value_counts(ids)
-    doubled = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    present = counts.field("values")
-    in_range = pc.and_(pc.greater_equal(present, 0), pc.less(present, expected_rows))
-    distinct_in_range = pc.sum(pc.cast(in_range, "int64")).as_py() or 0
-    missing = expected_rows - distinct_in_range
-    missing_examples: list[int] = []
-    if missing:  # only then pay for the set difference
-        have = np.asarray(pc.filter(present, in_range).to_numpy(zero_copy_only=False))
-        missing_examples = np.setdiff1d(np.arange(expected_rows), have)[:5].tolist()
-    errors = table.column(ERROR_COLUMN)
-    kinds = pc.value_counts(pc.utf8_slice_codeunits(
-        pc.fill_null(errors, ""), 0, 200)).to_pylist()
+    fs, _ = storage.url_to_fs(output, storage_options)
+    wanted = [ROW_COLUMN, ERROR_COLUMN, *score_columns]
+    seen = np.zeros(expected_rows, dtype=np.uint8)
+    outside: list[int] = []  # ids no manifest row has
     by_kind: dict[str, int] = {}
-    for item in kinds:
-        text = item["values"]
-        if text:
-            kind = text.split(":", 1)[0]
-            by_kind[kind] = by_kind.get(kind, 0) + item["counts"]
-    scored = min(table.num_rows - table.column(c).null_count for c in score_columns)
+    totals = {"rows": 0, "errors": 0, "scored": None}
+
+    def one_file(path: str):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=wanted)
+        ids, counts = np.unique(table.column(ROW_COLUMN).to_numpy(), return_counts=True)
+        errors = table.column(ERROR_COLUMN).drop_null()
+        kinds = pc.value_counts(pc.utf8_slice_codeunits(errors, 0, 200)).to_pylist()
+        scored = min(table.num_rows - table.column(c).null_count for c in score_columns)
+        return table.num_rows, ids, counts, len(errors), kinds, scored
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for rows, ids, counts, errors, kinds, scored in pool.map(one_file, files):
+            totals["rows"] += rows
+            totals["errors"] += errors
+            totals["scored"] = scored + (totals["scored"] or 0)
+            inside = (ids >= 0) & (ids < expected_rows)
+            outside.extend(ids[~inside][:5].tolist())
+            ids, counts = ids[inside], counts[inside]
+            seen[ids] = np.minimum(seen[ids].astype(np.int64) + counts, 2).astype(np.uint8)
+            for item in kinds:
+                kind = item["values"].split(":", 1)[0]
+                by_kind[kind] = by_kind.get(kind, 0) + item["counts"]
+    missing = np.flatnonzero(seen == 0)
+    doubled = np.flatnonzero(seen > 1)
     return {
-        "rows_out": table.num_rows,
-        "rows_scored": scored,
-        "rows_with_errors": table.num_rows - errors.null_count,
+        "rows_out": totals["rows"],
+        "rows_scored": totals["scored"] or 0,
+        "rows_with_errors": totals["errors"],
         "error_kinds": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])[:10]),
-        "complete": (missing == 0 and len(doubled) == 0 and table.num_rows == expected_rows),
-        "rows_missing": missing,
+        "complete": (len(missing) == 0 and len(doubled) == 0 and not outside
+                     and totals["rows"] == expected_rows),
+        "rows_missing": len(missing),
         "rows_duplicated": len(doubled),
-        "missing_examples": missing_examples,
-        "duplicated_examples": doubled[:5].to_pylist(),
+        "missing_examples": missing[:5].tolist(),
+        "duplicated_examples": doubled[:5].tolist(),
     }
 
 

@@ -13,6 +13,7 @@ import platform
 from importlib import metadata
 from typing import Any, Mapping
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore import storage
@@ -189,8 +190,8 @@ def count_output(output: str, storage_options: Mapping[str, Any],
     """Rows, scored rows and error kinds, read back from the Parquet files just written, and
     whether every row id ``0 .. expected_rows - 1`` is there exactly once (``complete``).
 
-    Ids are counted, not rows: one row lost and another written twice must not pass. Files
-    are read one by one (a few at a time, by a thread pool): the driver holds one byte per
+    Ids are counted, not rows: one row lost and another written twice must not pass; ids
+    outside the range are ``unexpected``. Files are read one by one (a few at a time, by a thread pool): the driver holds one byte per
     expected row (how often each id was seen, up to 2) and one file's columns, not the output.
     """
     import numpy as np
@@ -200,7 +201,7 @@ def count_output(output: str, storage_options: Mapping[str, Any],
     fs, _ = storage.url_to_fs(output, storage_options)
     wanted = [ROW_COLUMN, ERROR_COLUMN, *score_columns]
     seen = np.zeros(expected_rows, dtype=np.uint8)
-    outside: list[int] = []  # ids no manifest row has
+    outside = {"rows": 0, "examples": []}  # ids no manifest row has
     by_kind: dict[str, int] = {}
     totals = {"rows": 0, "errors": 0, "scored": None}
 
@@ -208,11 +209,18 @@ def count_output(output: str, storage_options: Mapping[str, Any],
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=wanted)
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            missing = [c for c in (ROW_COLUMN, *score_columns) if c not in names]
+            if missing:
+                raise MemscoreError(f"{output}: {path} has no column {missing[0]!r}")
+            table = parquet.read(columns=[c for c in wanted if c in names])
         ids, counts = np.unique(table.column(ROW_COLUMN).to_numpy(), return_counts=True)
-        errors = table.column(ERROR_COLUMN).drop_null()
+        errors = (table.column(ERROR_COLUMN).drop_null() if ERROR_COLUMN in names
+                  else pa.array([], pa.string()))
         kinds = pc.value_counts(pc.utf8_slice_codeunits(errors, 0, 200)).to_pylist()
-        scored = min(table.num_rows - table.column(c).null_count for c in score_columns)
+        scored = min((table.num_rows - table.column(c).null_count for c in score_columns),
+                     default=0)
         return table.num_rows, ids, counts, len(errors), kinds, scored
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -221,7 +229,8 @@ def count_output(output: str, storage_options: Mapping[str, Any],
             totals["errors"] += errors
             totals["scored"] = scored + (totals["scored"] or 0)
             inside = (ids >= 0) & (ids < expected_rows)
-            outside.extend(ids[~inside][:5].tolist())
+            outside["rows"] += int((~inside).sum())
+            outside["examples"] = (outside["examples"] + ids[~inside][:5].tolist())[:5]
             ids, counts = ids[inside], counts[inside]
             seen[ids] = np.minimum(seen[ids].astype(np.int64) + counts, 2).astype(np.uint8)
             for item in kinds:
@@ -234,12 +243,14 @@ def count_output(output: str, storage_options: Mapping[str, Any],
         "rows_scored": totals["scored"] or 0,
         "rows_with_errors": totals["errors"],
         "error_kinds": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])[:10]),
-        "complete": (len(missing) == 0 and len(doubled) == 0 and not outside
+        "complete": (len(missing) == 0 and len(doubled) == 0 and not outside["rows"]
                      and totals["rows"] == expected_rows),
         "rows_missing": len(missing),
         "rows_duplicated": len(doubled),
+        "rows_unexpected": outside["rows"],
         "missing_examples": missing[:5].tolist(),
         "duplicated_examples": doubled[:5].tolist(),
+        "unexpected_examples": outside["examples"],
     }
 
 

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from memscore import storage
 from memscore.config import MemscoreError
 from memscore.manifest import open_manifest, read_restarting
-from memscore.output import SUMMARY_FILE, output_files, read_output_columns
+from memscore.output import SUMMARY_FILE, count_output, output_files, read_output_columns
 from memscore.resume import ROW_COLUMN, read_state
 
 __all__ = ["VerifyReport", "verify"]
@@ -74,18 +74,23 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     source = open_manifest(manifest, path_column=path_column, storage_options=options)
     key = id_column or ROW_COLUMN
     limit = run.get("limit")
-    if id_column:
-        expected = read_restarting(lambda: pa.chunked_array(
-            [t.column(id_column) for t in source.iter_tables(limit)]))
-        manifest_rows = len(expected)
-        expected = expected.combine_chunks()
-    else:
-        manifest_rows = read_restarting(lambda: sum(t.num_rows for t in source.iter_tables(limit)))
-        expected = pa.array(range(manifest_rows), pa.int64())
-
     files = output_files(output, options)
     if not files:
         raise MemscoreError(f"{output}: no Parquet files")
+    if not id_column:  # ids are positions: tallied file by file, in bounded memory
+        manifest_rows = read_restarting(lambda: sum(t.num_rows for t in source.iter_tables(limit)))
+        tally = count_output(output, options, [], expected_rows=manifest_rows)
+        return VerifyReport(
+            manifest_rows=manifest_rows, output_rows=tally["rows_out"], key=key,
+            missing=tally["missing_examples"], duplicated=tally["duplicated_examples"],
+            unexpected=tally["unexpected_examples"],
+            counts={"missing": tally["rows_missing"], "duplicated": tally["rows_duplicated"],
+                    "unexpected": tally["rows_unexpected"]},
+            summary_present=bool(run.get("finished")))
+    expected = read_restarting(lambda: pa.chunked_array(
+        [t.column(id_column) for t in source.iter_tables(limit)]))
+    manifest_rows = len(expected)
+    expected = expected.combine_chunks()
     got = read_output_columns(output, files, [key], options).column(key)
 
     counts = pc.value_counts(got)

@@ -174,6 +174,11 @@ class ScoreConfig:
     rows_per_block: int = field(default=256, metadata=_opt(
         "Rows per decode task: Ray does not split a block, so smaller blocks let decoding "
         "overlap the model sooner and spread over more CPUs."))
+    precision: str = field(default="fp32", metadata=_opt(
+        "The model stage's arithmetic: fp32 gives the published packages' scores; tf32 (CUDA "
+        "only), bf16 and fp16 (torch.autocast) are faster on GPUs and move scores (published "
+        "ResMem, measured on the CPU: bf16 up to 3e-3, fp16 up to 6.3e-4; "
+        "benchmarks/GPU_RESULTS.md).", choices=("fp32", "tf32", "bf16", "fp16")))
     rows_per_file: int = field(default=100_000, metadata=_opt(
         "Rows per output Parquet file (and per manifest snapshot part): the unit of commit. "
         "A file is written, with its rows' checkpoint, as soon as this many rows are scored; "
@@ -223,6 +228,9 @@ class ScoreConfig:
                 raise MemscoreError(f"--{name.replace('_', '-')} must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise MemscoreError("--limit must be at least 1")
+        if self.precision not in ("fp32", "tf32", "bf16", "fp16"):
+            raise MemscoreError(f"--precision must be fp32, tf32, bf16 or fp16, not "
+                                f"{self.precision!r}")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise MemscoreError("--num-gpus must not be negative")
         if self.gpus_per_actor <= 0:

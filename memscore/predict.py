@@ -33,9 +33,16 @@ from memscore.columns import score_column
 from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, PIXELS_PREFIX, WIDTH_COLUMN, pixels_column
 from memscore.faults import maybe_inject
 
-__all__ = ["ScoreImages", "MODEL_COLUMN", "output_columns", "pick_device", "local_cores"]
+__all__ = ["ScoreImages", "PRECISIONS", "MODEL_COLUMN", "output_columns", "pick_device", "local_cores"]
 
 log = logging.getLogger(__name__)
+
+
+#: The model stage's arithmetic. fp32 is the default: the published packages' scores. The
+#: others are faster on GPUs and move scores (measured on the CPU with the published ResMem
+#: weights, 10 crops, benchmarks/GPU_RESULTS.md: bf16 up to 3e-3, fp16 up to 6.3e-4; TF32
+#: exists on CUDA only); a GPU run of benchmarks/score_gpu.py gives their speed.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 def output_columns(models: tuple[str, ...], column_prefix: str = "") -> list[str]:
@@ -85,12 +92,14 @@ class ScoreImages:
         column_prefix: put before each score column's name (``pred_`` -> ``pred_memorability``).
         batch_size: at most this many rows per forward pass; a call's decodable rows are
             scored in chunks of it, in order (None: all of them at once).
+        precision: "fp32" (the published scores), "tf32" (CUDA's TF32 matrix units for
+            float32 work), "bf16" or "fp16" (``torch.autocast``); see ``PRECISIONS``.
     """
 
     def __init__(self, models: tuple[str, ...], weights: str | None = None, *,
                  use_gpu: bool = False, torch_threads: int | None = None,
                  storage_options: dict | None = None, column_prefix: str = "",
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, precision: str = "fp32") -> None:
         import torch
 
         from memscore.models import get_model
@@ -98,7 +107,11 @@ class ScoreImages:
 
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not "
+                             f"{precision!r}")
         self.batch_size = batch_size
+        self._autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
         self.device = pick_device(use_gpu)
         if self.device.type == "cpu":
@@ -106,8 +119,8 @@ class ScoreImages:
         else:
             # PyTorch lets cuDNN run float32 convolutions in TF32 by default (10-bit mantissa):
             # faster, but not the published float32 scores, which are the default here.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         self.models = tuple(models)
         self._runners = []
         for name in self.models:
@@ -138,7 +151,9 @@ class ScoreImages:
                 block = _to_numpy(table.column(pixels_column(name)))
             for start in range(0, rows.size, step):
                 chunk = rows[start:start + step]
-                with torch.inference_mode():
+                with torch.inference_mode(), torch.autocast(
+                        self.device.type, dtype=self._autocast,
+                        enabled=self._autocast is not None):
                     batch = self._to_device(preprocess, block[chunk])
                     scores[chunk] = model(batch).float().reshape(-1).cpu().numpy()
             bad = ok & ~np.isfinite(scores)

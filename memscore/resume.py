@@ -150,6 +150,7 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
         # decode options change scores: one output never mixes two decodes
         "fast_decode": config.fast_decode,
         "exif_transpose": config.exif_transpose,
+        "precision": config.precision,
         "limit": config.limit,
     }
 

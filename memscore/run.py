@@ -237,6 +237,7 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
             "torch_threads": config.torch_threads,
             "storage_options": dict(config.storage_options),
             "batch_size": config.batch_size,
+            "precision": config.precision,
         },
         batch_format="pyarrow",
         # Whole decoded blocks per call, the forward in --batch-size chunks inside it (see

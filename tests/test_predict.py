@@ -104,3 +104,21 @@ def test_a_block_is_scored_in_batch_size_chunks_of_its_decodable_rows():
     np.testing.assert_allclose(np.delete(got, 1), np.delete(expected, 1), atol=1e-5)
     with pytest.raises(ValueError, match="batch_size"):
         ScoreImages(("resmem",), batch_size=0)
+
+
+@pytest.mark.slow
+def test_precision_other_than_fp32_is_an_option_that_moves_scores_a_little(example_images):
+    """bf16/fp16 autocast score the example photos with the published ResMem weights close to
+    fp32 but not equal to it: an explicit departure, off by default."""
+    from memscore.decode import DecodeImages
+    from memscore.models import resolve_weights
+
+    decoded = DecodeImages("path", {"resmem": resolve_weights("resmem", "DEFAULT").transforms})(
+        pa.table({"path": [str(p) for p in example_images]}))
+    fp32 = ScoreImages(("resmem",))(decoded).column("memorability").to_numpy()
+    for precision, bound in (("bf16", 2e-2), ("fp16", 5e-3)):
+        other = ScoreImages(("resmem",), precision=precision)(decoded)
+        diff = np.abs(other.column("memorability").to_numpy() - fp32)
+        assert 0 < diff.max() < bound, (precision, diff)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ScoreImages(("resmem",), precision="int8")

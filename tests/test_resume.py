@@ -163,7 +163,8 @@ def test_resume_refuses_a_different_run_and_finishes_a_complete_one_at_once(
     # An interrupted run (state present, no summary) with other options is refused.
     state = {"manifest": str(manifest), "manifest_fingerprint": "x", "path_column": "path",
              "id_column": None, "models": ["resmem"], "weights": None, "column_prefix": "",
-             "fast_decode": False, "exif_transpose": False, "limit": 2,
+             "fast_decode": False, "exif_transpose": False, "precision": "fp32",
+             "limit": 2,
              "snapshot_files": [], "rows": 2}
     (out / "_memscore.json").unlink()
     (out / "_memscore").mkdir()

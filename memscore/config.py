@@ -160,8 +160,8 @@ class ScoreConfig:
         "ten-minute outage; a cause that stays (revoked credentials) stops the run after it."))
     max_error_fraction: float = field(default=0.5, metadata=_opt(
         "Stop the run, with one line naming the commonest error kinds, once more than this "
-        "fraction of the rows it decoded are errors (judged from 1,000 rows on, or all of a "
-        "smaller run). 0.5: a misconfigured run (paths resolving against the wrong folder, "
+        "fraction of the rows it decoded are errors (judged from 1,000 rows on; a smaller "
+        "run is never stopped, its error rows are the report). 0.5: a misconfigured run (paths resolving against the wrong folder, "
         "a missing mount) is nearly all errors, while real collections, even scraped ones "
         "listing failed downloads, stay well below half. 1 turns the check off."))
     column_prefix: str = field(default="", metadata=_opt(

@@ -3,8 +3,8 @@
 The classic case is a manifest whose relative paths resolve against the wrong folder: every row
 becomes ``missing file`` and a run that reports success has scored nothing. Each decode task
 reports its block's row count and error kinds (with one example each) to one small Ray actor,
-``ErrorCounter``, and gets back a message once, over at least ``min_rows`` decoded rows of this
-run, the error fraction passes the limit; the task then raises ``ErrorFractionExceeded``, which
+``ErrorCounter``, and gets back a message once, over at least ``min_rows`` decoded rows of
+this run (smaller runs are never stopped), the error fraction passes the limit; the task then raises ``ErrorFractionExceeded``, which
 fails the run (``memscore.run.score`` reports it as one line).
 
 Cost: one actor call per decode block (64 rows by default), a few hundred bytes each; at
@@ -27,9 +27,11 @@ __all__ = ["DEFAULT_MAX_ERROR_FRACTION", "MIN_ROWS", "ErrorFractionExceeded", "E
 #: failed downloads (img2dataset keeps them as rows: 10-30% in LAION-style downloads) stays
 #: well below one half. 1 turns the check off.
 DEFAULT_MAX_ERROR_FRACTION = 0.5
-#: Rows decoded before the fraction is judged (or all the run's rows, when fewer): enough
-#: that a fraction over 0.5 is not chance (one block of bad files in a row does not stop a
-#: run), and a few seconds of decoding, so a broken run stops early.
+#: Rows decoded before the fraction is judged: enough that a fraction over 0.5 is not chance
+#: (one block of bad files in a row does not stop a run), and a few seconds of decoding, so a
+#: broken large run stops early. A run of fewer rows is never stopped: it ends in seconds or
+#: minutes anyway, and its error rows, each naming its problem, are the report (a one-image
+#: run of a bad file must give that row, not a failed run).
 MIN_ROWS = 1000
 
 
@@ -47,9 +49,9 @@ class ErrorTally:
     """The run's counts (plain class, so it is tested without Ray; ``start_counter`` runs it as
     an actor). ``add`` returns None while all is well, else the one-line message."""
 
-    def __init__(self, max_fraction: float, rows_to_score: int, min_rows: int = MIN_ROWS):
+    def __init__(self, max_fraction: float, min_rows: int = MIN_ROWS):
         self.max_fraction = float(max_fraction)
-        self.min_rows = max(1, min(int(min_rows), int(rows_to_score)))
+        self.min_rows = max(1, int(min_rows))
         self.rows = 0
         self.errors = 0
         self.kinds: dict[str, int] = {}
@@ -83,10 +85,10 @@ def start_counter(max_fraction: float, rows_to_score: int, min_rows: int = MIN_R
     """An ``ErrorTally`` actor for this run (no CPU reserved), or None when the check is off."""
     import ray
 
-    if max_fraction >= 1 or rows_to_score <= 0:
+    if max_fraction >= 1 or rows_to_score < min_rows:  # off, or a run too small to stop
         return None
     actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ErrorTally)
-    return actor.remote(max_fraction, rows_to_score, min_rows)
+    return actor.remote(max_fraction, min_rows)
 
 
 def report(counter, errors) -> None:

@@ -242,9 +242,10 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
         batch_format="pyarrow",
         # Whole decoded blocks per call, the forward in --batch-size chunks inside it (see
         # predict.py): no copy of each block's pixels into batch_size slices and one call per
-        # block, not one per slice. A --batch-size above the block size still has Ray merge
-        # blocks to fill a forward pass.
-        batch_size=None if config.batch_size <= config.rows_per_block else config.batch_size,
+        # block, not one per slice (blocks are --rows-per-block rows, so a batch of that size
+        # is a block as it is). A --batch-size above the block size still has Ray merge
+        # blocks to fill a forward pass. (Ray wants a number here for GPU stages.)
+        batch_size=max(config.batch_size, config.rows_per_block),
         compute=_actor_pool(plan),
         num_gpus=plan["num_gpus"],
         num_cpus=plan["num_cpus"],

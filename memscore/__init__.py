@@ -6,7 +6,7 @@ Architecture (one job per module):
                  CLI and jobs/ are generated from them).
 - ``manifest``   reader: finds and validates the manifest, reads its rows as a Ray Dataset.
 - ``decode``     CPU stage: fetch bytes (fsspec), decode with Pillow, to the model's uint8 input;
-                 per-row failures become the row's ``error``.
+                 per-row failures become the row's ``memscore_error``.
 - ``error_fraction`` ``--max-error-fraction``: the run's error count, an actor decode tasks report to.
 - ``predict``    model stage: ScoreImages, the callable class run as a Ray actor pool.
 - ``output``     writer: output folder rules, Parquet, the ``_memscore.json`` run summary.

@@ -10,7 +10,7 @@ A failure that says nothing about the image (the network, S3 5xx or throttling p
 client's retries, expired or missing credentials, ``MemoryError``) is not a row error: the row is
 read again with backoff for up to ``transient_retry_s``, then the batch fails with
 ``TransientFailure`` (see ``remote_read_error``). A row that cannot be decoded for a reason in the
-image itself never fails the batch: it gets an ``error`` string
+image itself never fails the batch: it gets a ``memscore_error`` string
 ``"{kind}: {detail}"`` with one of a small set of stable kinds (see ``ERROR_KINDS``), null
 width/height, and all-zero pixels. Rows out == rows in, in the same order, and every input column
 is passed through untouched.

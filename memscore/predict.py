@@ -3,7 +3,7 @@
 ``ScoreImages`` is the callable class Ray Data runs as an actor pool: the model is built once,
 in ``__init__`` on the actor (never in the driver), and ``__call__`` scores a pyarrow batch under
 ``torch.inference_mode()``. It works without Ray too: ``ScoreImages(("resmem",))(table)``.
-Rows whose decode failed (``error`` not null) are not run through the model; their score is null.
+Rows whose decode failed (``memscore_error`` not null) are not run through the model; their score is null.
 
 Ray hands the stage whole decoded blocks (``--rows-per-block`` rows) and ``__call__`` runs the
 forward in chunks of ``batch_size`` decodable rows: Ray's own batching would cut each block into

@@ -41,7 +41,6 @@ import datetime as dt
 import io
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -53,6 +52,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# describe the machine as the other benchmarks do (run as a script, this folder is on sys.path)
+from score_cpu import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Rows generated (and written) at a time: the generator's memory does not grow with the size.
@@ -308,21 +310,6 @@ def measure_webdataset(folder: Path, samples: int, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------- report
-def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cores = len(os.sched_getaffinity(0))
-    return (f"{platform.node()}: {cores} cores ({model}), {mem:.0f} GiB RAM, "
-            f"Python {platform.python_version()}")
-
-
 def _versions() -> str:
     from importlib import metadata
 

@@ -52,6 +52,19 @@ def ray_processes() -> list[int]:
     return pids
 
 
+def kill_run(driver: subprocess.Popen, ray_before: set[int]) -> None:
+    """SIGKILL a `memscore score` driver started with ``start_new_session`` and its process
+    group. The local Ray it started (GCS, raylet, workers) lives in process groups of its own
+    and outlives it, as after a real kill; end it too so it holds no memory."""
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    for pid in set(ray_processes()) - ray_before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def data_files(out: Path) -> list[str]:
     return output_files(str(out), {})
 
@@ -72,15 +85,7 @@ def test_sigkill_the_driver_mid_run_then_resume(tmp_path, example_images, refere
         time.sleep(0.2)
     assert driver.poll() is None, "the run ended before it could be killed"
     assert data_files(out), "no output file within 300 s"
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its process group
-    driver.wait()
-    # The local Ray that driver started (GCS, raylet, the stalled actor) lives in process groups
-    # of its own and outlives it, as after a real kill; end it so it holds no memory.
-    for pid in set(ray_processes()) - ray_before:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_run(driver, ray_before)
     assert not (out / "_memscore.json").exists()
 
     # Without --resume an interrupted output is refused, with a hint.
@@ -258,13 +263,7 @@ def test_a_large_run_commits_as_it_goes_and_a_kill_keeps_the_committed_files(tmp
     while not data_files(out) and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert driver.poll() is None, "the run ended before its first file could be seen"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    for pid in set(ray_processes()) - ray_before:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_run(driver, ray_before)
     kept = pq.read_table(data_files(out)[0]).num_rows if data_files(out) else 0
     assert 0 < kept < rows
 

@@ -34,6 +34,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def image_bucket(s3_endpoint, example_images):
+    """A bucket of the module's own with the example images under images/ on the S3
+    endpoint; -> (bucket, [s3 urls])."""
+    bucket = s3_endpoint.make_bucket("images")
+    urls = []
+    for path in example_images:
+        s3_endpoint.fs.put_file(str(path), f"{bucket}/images/{path.name}")
+        urls.append(f"s3://{bucket}/images/{path.name}")
+    return bucket, urls
+
+
 @pytest.fixture(scope="session")
 def example_images() -> list[Path]:
     images = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".png", ".jpg"))

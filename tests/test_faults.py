@@ -262,17 +262,6 @@ def is_object_request(method: str, path: str) -> bool:
     return len(key) == 2 and key[1] != ""
 
 
-@pytest.fixture(scope="module")
-def image_bucket(s3_endpoint, example_images):
-    """A bucket with the example images under images/; -> (bucket, [s3 urls])."""
-    bucket = s3_endpoint.make_bucket("faults")
-    urls = []
-    for path in example_images:
-        s3_endpoint.fs.put_file(str(path), f"{bucket}/images/{path.name}")
-        urls.append(f"s3://{bucket}/images/{path.name}")
-    return bucket, urls
-
-
 def _decoder(endpoint_url: str) -> DecodeImages:
     from memscore.models import resolve_weights
 

@@ -199,13 +199,8 @@ def _window(seconds: float, action: str = "503"):
 
 
 @pytest.fixture(scope="module")
-def image_urls(s3_endpoint, example_images):
-    bucket = s3_endpoint.make_bucket("transient")
-    urls = []
-    for path in example_images:
-        s3_endpoint.fs.put_file(str(path), f"{bucket}/images/{path.name}")
-        urls.append(f"s3://{bucket}/images/{path.name}")
-    return urls
+def image_urls(image_bucket):
+    return image_bucket[1]
 
 
 @pytest.mark.parametrize("action", ["503", "drop"])

@@ -10,7 +10,8 @@ manifest that already has such a column (ground truth named ``memorability``) is
 
 from __future__ import annotations
 
-__all__ = ["ROW", "ERROR", "MODEL", "WIDTH", "HEIGHT", "BOOKKEEPING", "PIXELS_PREFIX", "IMAGE",
+__all__ = ["ROW", "ERROR", "MODEL", "WIDTH", "HEIGHT", "BOOKKEEPING", "INTERNAL_PREFIX", "PIXELS_PREFIX", "IMAGE",
+           "is_internal",
            "pixels_column", "score_column"]
 
 #: The row's 0-based position in the manifest: its stable id (duplicated paths stay apart).
@@ -26,11 +27,18 @@ HEIGHT = "memscore_height"
 #: The bookkeeping columns after the scores, in output order.
 BOOKKEEPING = (ERROR, MODEL, WIDTH, HEIGHT)
 
+#: Every internal column between memscore's stages starts with this; none is ever written.
+INTERNAL_PREFIX = "__memscore"
 #: Internal tensor columns between the decode and model stages; never written.
 PIXELS_PREFIX = "__memscore_pixels"
 #: Internal column of a WebDataset sample's image member (its bytes; ``IMAGE + "_ext"`` holds the
 #: member's extension): read from the shard, decoded, never written (see ``memscore.webdataset``).
 IMAGE = "__memscore_image"
+
+
+def is_internal(name: str) -> bool:
+    """Whether ``name`` is one of memscore's internal stage columns (never written)."""
+    return name.startswith(INTERNAL_PREFIX)
 
 
 def pixels_column(name: str) -> str:

@@ -29,8 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore.columns import MODEL as MODEL_COLUMN
+from memscore.columns import is_internal
 from memscore.columns import score_column
-from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, PIXELS_PREFIX, WIDTH_COLUMN, pixels_column
+from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, WIDTH_COLUMN, pixels_column
 from memscore.faults import maybe_inject
 
 __all__ = ["ScoreImages", "PRECISIONS", "MODEL_COLUMN", "output_columns", "pick_device", "local_cores"]
@@ -165,7 +166,8 @@ class ScoreImages:
         table = _set(table, ERROR_COLUMN, pa.array(new_errors, type=pa.string()))
         table = _set(table, MODEL_COLUMN, pa.array([",".join(self.models)] * table.num_rows,
                                                    type=pa.string()))
-        table = table.drop_columns([c for c in table.column_names if c.startswith(PIXELS_PREFIX)])
+        # pixels, and a WebDataset sample's image bytes: internal, never written
+        table = table.drop_columns([c for c in table.column_names if is_internal(c)])
         return table.select([c for c in table.column_names if c not in self._added] + self._added)
 
     def _to_device(self, preprocess, pixels: np.ndarray):

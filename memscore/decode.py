@@ -62,7 +62,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -94,6 +94,7 @@ __all__ = [
     "PIXELS_PREFIX",
     "WIDTH_COLUMN",
     "DecodeImages",
+    "decode_image_bytes",
     "ImageDecodeError",
     "pixels_column",
     "read_image",
@@ -333,6 +334,65 @@ def read_image(
     image = _open_image(data, max_pixels)
     _draft(image, draft_to)
     return _load_rgb(image, exif_transpose)
+
+
+def decode_image_bytes(
+    data: bytes,
+    preprocess: "Mapping[str, ImagePreprocess]",
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_to: int = 0,
+    exif_transpose: bool = False,
+    budget: "_PixelBudget | None" = None,
+) -> tuple[int, int, dict[str, np.ndarray]]:
+    """One image's bytes -> ``(width, height, {name: uint8 pixels})``: a row of ``DecodeImages``.
+
+    This is the decode of every row of the batch job (``DecodeImages`` calls it once it has the
+    bytes), so anything else that has an image's bytes in hand (``memscore serve``'s uploads)
+    gets the same pixels, and hence the same scores.
+
+    Args:
+        data: the file's bytes.
+        preprocess: name -> ``ImagePreprocess``; one array of its ``array_shape`` each.
+        max_pixels: a larger declared size is a "decompression bomb" error, before any decoding.
+        draft_to: JPEG draft mode's target side (``read_image``); 0 decodes every pixel.
+        exif_transpose: apply the EXIF orientation tag first.
+        budget: a ``DecodeImages`` instance's pixel budget, held while the pixels exist.
+
+    Returns:
+        The decoded size (the full-resolution size under draft mode; the displayed orientation
+        with ``exif_transpose``, else the stored one) and the pixel arrays.
+
+    Raises:
+        ImageDecodeError: "empty file", "not an image", "truncated", "decompression bomb",
+            "decode failed".
+
+    Example:
+        >>> from memscore.models import get_model_weights
+        >>> pre = {"resmem": get_model_weights("resmem").DEFAULT.transforms}
+        >>> with open("examples/images/chelsea.png", "rb") as f:
+        ...     width, height, arrays = decode_image_bytes(f.read(), pre)
+        >>> width, height, arrays["resmem"].shape
+        (451, 300, (227, 227, 3))
+    """
+    image = _open_image(data, max_pixels)
+    del data  # the image keeps its own reference to the bytes
+    full_w, full_h = image.size  # before draft: the size reported
+    _draft(image, draft_to)
+    stored_w, stored_h = image.size  # what will be decoded
+    held = budget.acquire(stored_w * stored_h) if budget is not None else 0
+    try:
+        image = _load_rgb(image, exif_transpose)
+        if (stored_w, stored_h) == (full_w, full_h):  # no draft: the decoded size
+            full_w, full_h = image.size
+        elif image.size == (stored_h, stored_w):  # drafted, then EXIF-rotated by 90 degrees
+            full_w, full_h = full_h, full_w
+        arrays = {name: pre.to_array(image) for name, pre in preprocess.items()}
+        del image
+    finally:
+        if budget is not None:
+            budget.release(held)
+    return full_w, full_h, arrays
 
 
 class _PixelBudget:
@@ -767,25 +827,13 @@ class DecodeImages:
             if path is None:
                 raise ImageDecodeError("missing path", "the path column is null")
             resolved = resolve_path(path, self.base_dir)
-            data = self._read_bytes(resolved)
-            image = _open_image(data, self.max_pixels)
-            del data  # the image keeps its own reference to the bytes
-            full_w, full_h = image.size  # before draft: the size reported
-            _draft(image, self._draft_to)
-            stored_w, stored_h = image.size  # what will be decoded
-            held = self._budget.acquire(stored_w * stored_h)
-            try:
-                image = _load_rgb(image, self.exif_transpose)
-                if (stored_w, stored_h) == (full_w, full_h):  # no draft: the decoded size
-                    full_w, full_h = image.size
-                elif image.size == (stored_h, stored_w):  # drafted, then EXIF-rotated by 90 degrees
-                    full_w, full_h = full_h, full_w
-                for name, pre in self.preprocess.items():
-                    out[name][index] = pre.to_array(image)
-                del image
-            finally:
-                self._budget.release(held)
-            return full_w, full_h, None
+            width, height, arrays = decode_image_bytes(
+                self._read_bytes(resolved), self.preprocess, max_pixels=self.max_pixels,
+                draft_to=self._draft_to, exif_transpose=self.exif_transpose,
+                budget=self._budget)
+            for name, array in arrays.items():
+                out[name][index] = array
+            return width, height, None
         except ImageDecodeError as exc:
             error = str(exc)
         except TransientError as exc:  # read again by __call__, never committed as an error

@@ -1,4 +1,4 @@
-"""``memscore`` command line: ``memscore score ...`` and ``memscore models``.
+"""``memscore`` command line: ``memscore score ...``, ``memscore serve`` and ``memscore models``.
 
 The options of ``score`` are generated from ``ScoreConfig``'s fields, so they map onto it one to
 one. A ``MemscoreError`` (a problem the user can fix) prints as one line and exits with 2.
@@ -13,7 +13,7 @@ from memscore.config import (EvaluateConfig, FinetuneConfig, MemscoreError, Scor
                              add_arguments, first_line, from_args)
 
 __all__ = ["main", "guarded", "add_debug_flag", "build_parser", "format_summary_line", "score_command", "finetune_command",
-           "evaluate_command"]
+           "evaluate_command", "serve_command"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
         "distribution.png, scatter.png and report.md.",
     )
     add_arguments(evaluation, EvaluateConfig)
-    for command in (score, tune, listing, check, evaluation):
+    from memscore.serve.config import ServeConfig
+
+    server = commands.add_parser(
+        "serve",
+        help="serve the models over HTTP on Ray Serve: a page to drop images on, POST /score",
+        description="Start a web server that scores uploaded images with --model: GET / (a "
+        "page), POST /score (multipart 'file' fields -> JSON), GET /healthz, GET /models, "
+        "GET /metrics. Same decoding and scores as `memscore score`. Runs on a local Ray "
+        "unless --address or RAY_ADDRESS names a cluster; Ctrl-C stops it.",
+    )
+    add_arguments(server, ServeConfig)
+    for command in (score, tune, listing, check, evaluation, server):
         add_debug_flag(command)
     return parser
 
@@ -143,7 +154,7 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"models": _models, "verify": _verify, "finetune": finetune_command,
-                "evaluate": evaluate_command, "score": score_command}
+                "evaluate": evaluate_command, "score": score_command, "serve": serve_command}
     return guarded(commands[args.command], args)
 
 
@@ -207,6 +218,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
         print(f"memscore: warning: {warning}", file=sys.stderr)
     print(summary_line(result))
     return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Run ``serve`` from parsed arguments until Ctrl-C: 0 once stopped, or one error line and 2."""
+    from memscore.serve.config import ServeConfig
+    from memscore.serve.launch import serve_forever
+
+    return serve_forever(from_args(args, ServeConfig))
 
 
 if __name__ == "__main__":

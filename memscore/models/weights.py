@@ -61,6 +61,7 @@ class ResMem_Weights(WeightsEnum):
             "metrics": {"spearman_lamem_memcat": "0.66-0.68 (paper, held-out LaMem+MemCat)"},
             "input_size": (3, 227, 227),
             "notes": "scores rarely fall below about 0.41",
+            "usual_min": 0.41,  # the floor of the note above, for displays (memscore serve's page)
         },
     )
     DEFAULT = RETRAIN

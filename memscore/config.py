@@ -524,9 +524,17 @@ class EvaluateConfig:
         required=True))
     report: str = field(metadata=_opt(
         "Folder (local or s3://) for report.md, metrics.json, distribution.png and scatter.png "
-        "(files of those names there are replaced).", flag="--report", required=True))
-    prediction_column: str = field(default="memorability", metadata=_opt(
-        "Column of the predictions to evaluate (e.g. false_alarm, memorability_memnet)."))
+        "(with --trace-columns also layers.png; files of those names there are replaced).",
+        flag="--report", required=True))
+    prediction_column: str | None = field(default=None, metadata=_opt(
+        "Scalar column of the predictions to evaluate (e.g. false_alarm, memorability_memnet, "
+        "clip_sae_loss). Default: memorability, or none when --trace-columns is given.",
+        metavar="COLUMN"))
+    trace_columns: tuple[str, ...] = field(default=(), metadata=_opt(
+        "List columns (one value per layer, as the <encoder>-traces models write) to report "
+        "Spearman's rho per layer for, with a layers.png of the curves; comma-separated, or "
+        "'all' for every list-of-numbers column of the predictions.",
+        metavar="COLUMN[,COLUMN]|all"))
     path_column: str = field(default="path", metadata=_opt(
         "Image path column, present in both the predictions and --truth: the join key unless "
         "--key is given."))
@@ -553,15 +561,30 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _fix_paths(self, ("predictions", "truth", "report"))
         _as_tuple(self, "group_by")
+        _as_tuple(self, "trace_columns")
+        if self.prediction_column is None and not self.trace_columns:
+            object.__setattr__(self, "prediction_column", "memorability")
 
     def validated(self) -> "EvaluateConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""
         for name, flag in (("predictions", "predictions"), ("truth", "--truth"),
                            ("truth_column", "--truth-column"), ("report", "--report"),
-                           ("prediction_column", "--prediction-column"),
                            ("path_column", "--path-column")):
             if not getattr(self, name):
                 raise MemscoreError(f"no {flag} given")
+        if self.prediction_column is not None and not self.prediction_column:
+            raise MemscoreError("--prediction-column is empty")
+        if len(set(self.trace_columns)) != len(self.trace_columns):
+            raise MemscoreError(f"a column is named twice in --trace-columns "
+                                f"{','.join(self.trace_columns)}")
+        if "all" in self.trace_columns and len(self.trace_columns) > 1:
+            raise MemscoreError("--trace-columns all takes no other names")
+        if self.prediction_column in self.trace_columns:
+            raise MemscoreError(f"{self.prediction_column!r} is named both as --prediction-column "
+                                f"(a scalar column) and in --trace-columns (list columns)")
+        if self.prediction_column is None and (self.group_by or self.split_half_columns):
+            raise MemscoreError("--group-by and --split-half-columns report the figures of "
+                                "--prediction-column: name a scalar column there too")
         if self.key is not None and not self.key:
             raise MemscoreError("--key is empty")
         if self.bootstrap < 0:

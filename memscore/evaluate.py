@@ -7,6 +7,15 @@ figures as tables, the images linked), ``distribution.png`` (density of predicti
 density of ground truth) and ``scatter.png`` (truth against prediction, Spearman's rho in the
 title).
 
+Trace columns (``--trace-columns``: list columns with one value per layer, as the
+``<encoder>-traces`` models write them) get Spearman's rho with its bootstrap interval at every
+layer, in ``metrics.json`` under ``traces`` and as tables in ``report.md``, and ``layers.png``:
+one panel per feature, one curve per encoder, layers on the x axis as Takmaz et al. (2025) plot
+them. A column's number of layers is its most common list length; a row whose list is null (the
+image was not scored) or of another length is left out of that column's figures and counted
+(another length also gives a warning: which layer is missing cannot be known); a null or NaN
+value inside a list leaves that row out of that layer only (each layer has its own ``n``).
+
 Nothing is dropped silently: predictions without ground truth, ground truth without a
 prediction, rows excluded for a null prediction (an image that could not be scored) or a null
 label, and null keys are all counted. A key that occurs twice on either side is an error
@@ -21,6 +30,12 @@ Example (``memscore evaluate scores/ --truth labels.csv --truth-column memorabil
     result = evaluate(EvaluateConfig(predictions="scores/", truth="labels.csv",
                                      truth_column="memorability", report="report/"))
     result["overall"]["spearman"], result["overall"]["spearman_ci95"]  # 0.64, [0.62, 0.66]
+
+    # The traces of a `--model clip-traces` run, and the autoencoder's loss, layer by layer:
+    result = evaluate(EvaluateConfig(predictions="scores/", truth="labels.csv",
+                                     truth_column="memorability", report="report/",
+                                     prediction_column="clip_sae_loss", trace_columns="all"))
+    result["traces"]["clip_cls_mean"]["strongest"]  # {"index": 1, "layer": 1, "spearman": 0.36}
 """
 
 from __future__ import annotations
@@ -39,12 +54,19 @@ from memscore.config import EvaluateConfig, MemscoreError, first_line
 __all__ = ["evaluate", "REPORT_FILES", "MAX_GROUPS", "summary_line"]
 
 REPORT_FILES = {"report": "report.md", "metrics": "metrics.json",
-                "distribution": "distribution.png", "scatter": "scatter.png"}
+                "distribution": "distribution.png", "scatter": "scatter.png",
+                "layers": "layers.png"}
 # A --group-by column with more values than this is almost surely the wrong column (a path,
 # an id); each group costs a bootstrap.
 MAX_GROUPS = 1000
 
 _KEY, _PRED, _TRUTH, _HALF_A, _HALF_B = "__key", "__pred", "__truth", "__half_a", "__half_b"
+_ROW = "__row"  # each prediction row's position: list columns cannot pass through a join
+# Where a feature's list index is not its layer on the x axis: the change from hidden state i to
+# i+1 is drawn at layer i + 1 and labelled "i-(i+1)", as the paper's figure draws it.
+_LAYER_OFFSET = {"cls_delta": 1}
+# Status of a row's list in a trace column.
+_LIST_OK, _LIST_NULL, _LIST_OTHER_LENGTH = 0, 1, 2
 _PARQUET = (".parquet", ".pq")
 
 
@@ -52,18 +74,21 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``config.predictions`` against ``config.truth``; write and return the report.
 
     Returns the contents of ``metrics.json`` (with NaN as None): ``counts``, ``overall`` and
-    ``groups`` figures (see ``memscore.metrics.summary``; with ``split_half`` where
-    ``--split-half-columns`` is given), inputs, provenance and warnings. Raises
-    ``MemscoreError`` with one line for every problem the user can fix.
+    ``groups`` figures of the scalar prediction column (see ``memscore.metrics.summary``; with
+    ``split_half`` where ``--split-half-columns`` is given; ``overall`` is None when only trace
+    columns are evaluated), ``traces`` (per trace column: counts, and per layer ``index``,
+    ``layer``, ``n``, ``spearman``, ``spearman_ci95``), inputs, provenance and warnings.
+    Raises ``MemscoreError`` with one line for every problem the user can fix.
     """
     config = config.validated()
     options = dict(config.storage_options)
     key = config.key or config.path_column
+    scalar = config.prediction_column is not None
     _prepare_report(config.report, options)
 
     truth, truth_columns = _read_truth(config, key, options)
     pred_groups = [c for c in config.group_by if c not in truth_columns]
-    pred, provenance, warnings = _read_predictions(config, key, pred_groups, options)
+    pred, traces, provenance, warnings = _read_predictions(config, key, pred_groups, options)
 
     counts = {"predictions_rows": pred.num_rows, "truth_rows": truth.num_rows}
     pred, counts["predictions_null_key"] = _drop_null_keys(pred)
@@ -80,32 +105,45 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     counts["predictions_without_truth"] = pred.num_rows - joined.num_rows
     counts["truth_without_prediction"] = truth.num_rows - joined.num_rows
 
-    prediction = _floats(joined.column(_PRED))
     label = _floats(joined.column(_TRUTH))
-    has_prediction = np.isfinite(prediction)
-    valid = has_prediction & np.isfinite(label)
-    counts["excluded_null_prediction"] = int((~has_prediction).sum())
-    counts["excluded_null_truth"] = int((has_prediction & ~np.isfinite(label)).sum())
-    counts["evaluated"] = int(valid.sum())
+    rows = joined.column(_ROW).to_numpy()
+    trace_figures = {}
+    for name, (column, model) in traces.items():
+        figures, warning = _trace_figures(name, column, rows, label, config)
+        trace_figures[name] = {**figures, "model": model}
+        warnings += [warning] if warning else []
 
-    halves = None
-    if config.split_half_columns:
-        halves = (_floats(joined.column(_HALF_A))[valid], _floats(joined.column(_HALF_B))[valid])
-    prediction, label = prediction[valid], label[valid]
-    overall = _figures(prediction, label, halves, config)
-    groups = {}
-    for column in config.group_by:
-        groups[column] = {
-            name: _figures(prediction[mask], label[mask],
-                           None if halves is None else (halves[0][mask], halves[1][mask]),
-                           config)
-            for name, mask in _group_masks(joined.column(column).filter(pa.array(valid)),
-                                           column)
-        }
+    overall, groups, prediction = None, {}, np.empty(0)
+    if scalar:
+        prediction = _floats(joined.column(_PRED))
+        has_prediction = np.isfinite(prediction)
+        valid = has_prediction & np.isfinite(label)
+        counts["excluded_null_prediction"] = int((~has_prediction).sum())
+        counts["excluded_null_truth"] = int((has_prediction & ~np.isfinite(label)).sum())
+        counts["evaluated"] = int(valid.sum())
+
+        halves = None
+        if config.split_half_columns:
+            halves = (_floats(joined.column(_HALF_A))[valid],
+                      _floats(joined.column(_HALF_B))[valid])
+        prediction, label = prediction[valid], label[valid]
+        # One decision for all groups: a loss is on another scale than memorability.
+        same_scale = metrics.on_one_scale(prediction, label)
+        overall = _figures(prediction, label, halves, config, same_scale)
+        overall["on_truth_scale"] = same_scale
+        for column in config.group_by:
+            groups[column] = {
+                name: _figures(prediction[mask], label[mask],
+                               None if halves is None else (halves[0][mask], halves[1][mask]),
+                               config, same_scale)
+                for name, mask in _group_masks(joined.column(column).filter(pa.array(valid)),
+                                               column)
+            }
 
     result = {
         "predictions": config.predictions,
         "prediction_column": config.prediction_column,
+        "trace_columns": list(traces),
         "truth": config.truth,
         "truth_column": config.truth_column,
         "key": key,
@@ -115,11 +153,12 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "groups": groups,
         "group_by": list(config.group_by),
         "split_half_columns": list(config.split_half_columns or []) or None,
+        "traces": trace_figures,
         "bootstrap": {"resamples": config.bootstrap, "seed": config.seed,
                       "interval": "95% percentile bootstrap over images"},
         "warnings": warnings,
         "report": config.report,
-        "files": dict(REPORT_FILES),
+        "files": _report_files(scalar, bool(traces)),
         "versions": _versions(),
     }
     result = _jsonable(result)
@@ -128,17 +167,31 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
 
 def summary_line(result: Mapping[str, Any]) -> str:
-    """One line for the terminal: rows evaluated, rho with its interval, r, MSE, the report."""
+    """One line for the terminal: rows evaluated, rho with its interval, r, MSE, the strongest
+    layer of the trace columns, the report."""
     overall, counts = result["overall"], result["counts"]
-    lo, hi = overall["spearman_ci95"]
-    text = (f"memscore: evaluated {counts['evaluated']} of {counts['matched']} matched rows: "
-            f"Spearman rho {_fmt(overall['spearman'])}")
-    if lo is not None:
-        text += f" [{_fmt(lo)}, {_fmt(hi)}]"
-    text += f", Pearson r {_fmt(overall['pearson'])}, MSE {_fmt(overall['mse'], 4, 'g')}"
-    if "split_half" in overall:
-        text += f", split-half ceiling {_fmt(overall['split_half']['spearman'])}"
-    return text + f" -> {result['report']}"
+    parts = []
+    if overall is not None:
+        lo, hi = overall["spearman_ci95"]
+        text = (f"evaluated {counts['evaluated']} of {counts['matched']} matched rows: "
+                f"Spearman rho {_fmt(overall['spearman'])}")
+        if lo is not None:
+            text += f" [{_fmt(lo)}, {_fmt(hi)}]"
+        text += f", Pearson r {_fmt(overall['pearson'])}, MSE {_fmt(overall['mse'], 4, 'g')}"
+        if "split_half" in overall:
+            text += f", split-half ceiling {_fmt(overall['split_half']['spearman'])}"
+        parts.append(text)
+    traces = result.get("traces") or {}
+    if traces:
+        text = f"{len(traces)} trace column(s) of {counts['matched']} matched rows"
+        strongest = [(abs(t["strongest"]["spearman"]), name, t["strongest"])
+                     for name, t in traces.items() if t["strongest"] is not None]
+        if strongest:
+            _, name, best = max(strongest, key=lambda item: item[0])
+            text += (f", strongest {name} at layer {_layer_text(name, traces[name], best)}: "
+                     f"rho {_fmt(best['spearman'])}")
+        parts.append(text)
+    return f"memscore: {'; '.join(parts)} -> {result['report']}"
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -195,8 +248,13 @@ def _read_truth(config: EvaluateConfig, key: str,
 
 
 def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
-                      options: Mapping[str, Any]) -> tuple[pa.Table, dict | None, list[str]]:
-    """(key, prediction, the groups --truth lacks) renamed; the run's model; warnings."""
+                      options: Mapping[str, Any]):
+    """The predictions and what made them.
+
+    Returns (a table of the key, the scalar prediction and the groups --truth lacks, renamed,
+    and each row's position as ``_ROW``; {trace column: (its list column in row position order,
+    the model that wrote it)}; the scalar column's model; warnings).
+    """
     source = config.predictions
     try:
         fs, path = storage.url_to_fs(source, options)
@@ -205,9 +263,11 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
         raise MemscoreError(f"cannot open {source}: {first_line(exc)}") from None
     if not exists:
         raise MemscoreError(f"{source}: no such file or folder")
-    wanted = {_KEY: key, _PRED: config.prediction_column, **{c: c for c in groups}}
+    wanted = {_KEY: key, **{c: c for c in groups}}
+    if config.prediction_column is not None:
+        wanted[_PRED] = config.prediction_column
     warnings: list[str] = []
-    provenance = None
+    summary = None
     if is_dir or path.lower().endswith(_PARQUET):
         import pyarrow.dataset as pads
 
@@ -218,22 +278,22 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
             if not files:
                 raise MemscoreError(f"{source}: no Parquet files (expected a `memscore score` "
                                     f"output folder)")
-            provenance, warning = _run_summary(source, config.prediction_column, options)
+            summary, warning = _read_run_summary(source, options)
             warnings += [warning] if warning else []
         else:
             files = [path]
         try:
             data = pads.dataset(files, filesystem=storage.pyarrow_filesystem_of(fs),
                                 format="parquet")
-            columns = tuple(data.schema.names)
-            _check_prediction_columns(config, key, groups, columns)
-            read = data.to_table(columns=list(dict.fromkeys(wanted.values())))
+            schema = data.schema
+            _check_prediction_columns(config, key, groups, schema.names)
+            trace_names = _trace_names(config, schema)
+            read = data.to_table(columns=list(dict.fromkeys([*wanted.values(), *trace_names])))
         except MemscoreError:
             raise
         except Exception as exc:
             raise MemscoreError(f"{source}: cannot read the predictions: "
                                 f"{first_line(exc)[:300]}") from None
-        table = pa.table({new: read.column(old) for new, old in wanted.items()})
     else:
         from memscore.manifest import open_manifest
 
@@ -247,11 +307,52 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
         if manifest.kind == "images":
             raise MemscoreError(f"{source}: a folder of images, not predictions")
         _check_prediction_columns(config, key, groups, manifest.columns)
-        table = pa.concat_tables(
-            pa.table({new: t.column(old) for new, old in wanted.items()})
-            for t in manifest.read_all())
-    _floats(table.column(_PRED), name=config.prediction_column, source=source)
-    return table, provenance, warnings
+        read = pa.concat_tables(manifest.read_all(), promote_options="permissive")
+        trace_names = _trace_names(config, read.schema)
+    table = pa.table({**{new: read.column(old) for new, old in wanted.items()},
+                      _ROW: pa.array(np.arange(read.num_rows, dtype=np.int64))})
+    if _PRED in table.column_names:
+        if _is_list(table.schema.field(_PRED).type):
+            raise MemscoreError(f"{source}: column {config.prediction_column!r} is a list "
+                                f"column (one value per layer): name it in --trace-columns")
+        _floats(table.column(_PRED), name=config.prediction_column, source=source)
+    traces = {name: (read.column(name), _model_of(summary, name)) for name in trace_names}
+    provenance = (_model_of(summary, config.prediction_column)
+                  if config.prediction_column is not None else None)
+    return table, traces, provenance, warnings
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind))
+
+
+def _is_number_list(kind: pa.DataType) -> bool:
+    if not _is_list(kind):
+        return False
+    value = kind.value_type
+    return pa.types.is_floating(value) or pa.types.is_integer(value)
+
+
+def _trace_names(config: EvaluateConfig, schema: pa.Schema) -> list[str]:
+    """--trace-columns, with ``all`` resolved, each checked to be a list of numbers."""
+    source = config.predictions
+    if tuple(config.trace_columns) == ("all",):
+        names = [f.name for f in schema if _is_number_list(f.type)]
+        if not names:
+            raise MemscoreError(f"{source}: --trace-columns all: no list column of numbers "
+                                f"(columns: {_names(schema.names)})")
+        return names
+    for name in config.trace_columns:
+        if name not in schema.names:
+            raise MemscoreError(f"{source}: no column {name!r} (columns: "
+                                f"{_names(schema.names)}); name it with --trace-columns")
+        kind = schema.field(name).type
+        if not _is_number_list(kind):
+            raise MemscoreError(f"{source}: column {name!r} is {kind}, not a list of numbers; "
+                                f"--trace-columns takes list columns (a scalar column goes to "
+                                f"--prediction-column)")
+    return list(config.trace_columns)
 
 
 def _check_prediction_columns(config: EvaluateConfig, key: str, groups: list[str],
@@ -260,7 +361,7 @@ def _check_prediction_columns(config: EvaluateConfig, key: str, groups: list[str
     if key not in columns:
         raise MemscoreError(f"{source}: no column {key!r} (columns: {_names(columns)}); "
                             f"{_key_hint(config)}")
-    if config.prediction_column not in columns:
+    if config.prediction_column is not None and config.prediction_column not in columns:
         raise MemscoreError(f"{source}: no column {config.prediction_column!r} (columns: "
                             f"{_names(columns)}); name it with --prediction-column")
     for column in groups:
@@ -269,9 +370,9 @@ def _check_prediction_columns(config: EvaluateConfig, key: str, groups: list[str
                                 f"this column")
 
 
-def _run_summary(source: str, column: str,
-                 options: Mapping[str, Any]) -> tuple[dict | None, str | None]:
-    """The model behind ``column`` from the run's ``_memscore.json``, or a warning."""
+def _read_run_summary(source: str,
+                      options: Mapping[str, Any]) -> tuple[Mapping | None, str | None]:
+    """The run's ``_memscore.json``, or a warning saying why there is none."""
     from memscore.output import SUMMARY_FILE, read_summary
 
     try:
@@ -284,11 +385,20 @@ def _run_summary(source: str, column: str,
     warning = None
     if summary.get("status") not in (None, "complete"):
         warning = f"{source}: the run's status is {summary.get('status')!r}"
-    for record in summary.get("models") or []:
-        if isinstance(record, Mapping) and record.get("output_column") == column:
+    return summary, warning
+
+
+def _model_of(summary: Mapping | None, column: str) -> dict | None:
+    """The record of the model that wrote ``column`` in the run summary, or None. A model
+    that writes several columns lists them as ``output_columns``."""
+    for record in (summary or {}).get("models") or []:
+        if not isinstance(record, Mapping):
+            continue
+        written = record.get("output_columns") or [record.get("output_column")]
+        if column in written:
             return {k: record.get(k) for k in ("model", "weights", "weights_file",
-                                                "weights_sha256")}, warning
-    return None, warning
+                                                "weights_sha256")}
+    return None
 
 
 def _key_hint(config: EvaluateConfig) -> str:
@@ -390,8 +500,10 @@ def _group_masks(column: pa.ChunkedArray, name: str):
 
 # --- figures and files ------------------------------------------------------------------------
 
-def _figures(prediction: np.ndarray, label: np.ndarray, halves, config: EvaluateConfig) -> dict:
-    figures = metrics.summary(prediction, label, bootstrap=config.bootstrap, seed=config.seed)
+def _figures(prediction: np.ndarray, label: np.ndarray, halves, config: EvaluateConfig,
+             same_scale: bool = True) -> dict:
+    figures = metrics.summary(prediction, label, bootstrap=config.bootstrap, seed=config.seed,
+                              same_scale=same_scale)
     if halves is not None:
         a, b = halves
         both = np.isfinite(a) & np.isfinite(b)
@@ -404,6 +516,86 @@ def _figures(prediction: np.ndarray, label: np.ndarray, halves, config: Evaluate
                                  "spearman_ci95": interval,
                                  "spearman_brown": metrics.spearman_brown(rho)}
     return figures
+
+
+def _layer_values(column) -> tuple[np.ndarray, np.ndarray, int, dict[int, int]]:
+    """A list column as (values[row, layer] float64 with NaN for a null or missing value,
+    status[row], the column's number of layers, {list length: rows}).
+
+    The number of layers is the most common length of the non-null lists (the longest of equally
+    common ones). A null list has status ``_LIST_NULL``; a list of another length
+    ``_LIST_OTHER_LENGTH`` and NaN values: which of its layers is missing cannot be known.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False)
+    seen, counts = np.unique(lengths[lengths >= 0], return_counts=True)
+    length = int(seen[counts == counts.max()].max()) if seen.size else 0
+    status = np.full(len(column), _LIST_OTHER_LENGTH, dtype=np.int8)
+    status[lengths < 0] = _LIST_NULL
+    same = lengths == length
+    status[same] = _LIST_OK
+    values = np.full((len(column), length), np.nan)
+    if length and same.any():
+        kept = column.filter(pa.array(same))
+        values[same] = _floats(pc.list_flatten(kept)).reshape(-1, length)
+    return values, status, length, {int(k): int(v) for k, v in zip(seen, counts)}
+
+
+def _encoder_and_feature(column: str) -> tuple[str, str]:
+    """``clip_attention_entropy`` -> ("clip", "attention_entropy"): the traces models name
+    their columns ``<encoder>_<feature>``; a name without ``_`` is a feature of no encoder."""
+    encoder, _, feature = column.partition("_")
+    return (encoder, feature) if feature else ("", column)
+
+
+def _trace_figures(name: str, column, rows: np.ndarray, label: np.ndarray,
+                   config: EvaluateConfig) -> tuple[dict, str | None]:
+    """Spearman's rho of each layer of one trace column with the ground truth.
+
+    ``rows`` are the matched rows' positions in ``column``, ``label`` their ground truth.
+    Returns the figures and a warning where lists of another length were left out.
+    """
+    values, status, length, lengths = _layer_values(column)
+    values, status = values[rows], status[rows]
+    has_truth = np.isfinite(label)
+    listed = status == _LIST_OK
+    valid = listed & has_truth
+    counts = {"matched": int(rows.size),
+              "excluded_null_list": int((status == _LIST_NULL).sum()),
+              "excluded_other_length": int((status == _LIST_OTHER_LENGTH).sum()),
+              "excluded_null_truth": int((listed & ~has_truth).sum()),
+              "evaluated": int(valid.sum())}
+    encoder, feature = _encoder_and_feature(name)
+    offset = _LAYER_OFFSET.get(feature, 0)
+    values, truth = values[valid], label[valid]
+    layers = []
+    for index in range(length):
+        present = np.isfinite(values[:, index])
+        x, y = values[present, index], truth[present]
+        rho = metrics.spearman(x, y)
+        interval = ([math.nan, math.nan] if config.bootstrap < 1 or not math.isfinite(rho) else
+                    metrics.percentile_interval(metrics.bootstrap_spearman(
+                        x, y, resamples=config.bootstrap, seed=config.seed)))
+        layers.append({"index": index, "layer": index + offset, "n": int(present.sum()),
+                       "excluded_missing_value": int((~present).sum()),
+                       "spearman": rho, "spearman_ci95": interval})
+    finite = [layer for layer in layers if math.isfinite(layer["spearman"])]
+    strongest = max(finite, key=lambda layer: abs(layer["spearman"]), default=None)
+    figures = {
+        "encoder": encoder, "feature": feature, "layers_in_column": length,
+        "list_lengths": {str(k): v for k, v in lengths.items()}, "counts": counts,
+        "layers": layers,
+        "strongest": None if strongest is None else
+        {k: strongest[k] for k in ("index", "layer", "spearman", "spearman_ci95")},
+    }
+    warning = None
+    if counts["excluded_other_length"]:
+        others = ", ".join(f"{k} ({v:,})" for k, v in lengths.items() if k != length)
+        warning = (f"{name}: {counts['excluded_other_length']:,} matched row(s) have lists of "
+                   f"another length than the column's {length} layers (lengths seen in the "
+                   f"predictions: {others}); they are left out of its figures")
+    return figures, warning
 
 
 def _jsonable(value):
@@ -431,21 +623,61 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
+def _report_files(scalar: bool, traces: bool) -> dict[str, str]:
+    """The files this evaluation writes: the scalar column's figures, the traces' curves."""
+    names = ["report", "metrics"] + (["distribution", "scatter"] if scalar else []) \
+        + (["layers"] if traces else [])
+    return {name: REPORT_FILES[name] for name in names}
+
+
+def _curves(traces: Mapping[str, Any]) -> list[dict]:
+    """The traces' per-layer figures as ``plots.layers_png`` curves."""
+    curves = []
+    for name, figures in traces.items():
+        layers = figures["layers"]
+        nan = math.nan
+
+        def floats(values):
+            return [nan if v is None else v for v in values]
+
+        curve = {"feature": figures["feature"], "encoder": figures["encoder"],
+                 "x": [layer["layer"] for layer in layers],
+                 "rho": floats(layer["spearman"] for layer in layers),
+                 "lo": floats(layer["spearman_ci95"][0] for layer in layers),
+                 "hi": floats(layer["spearman_ci95"][1] for layer in layers)}
+        if _LAYER_OFFSET.get(figures["feature"]):
+            curve["ticks"] = {layer["layer"]: _layer_text(name, figures, layer)
+                              for layer in layers}
+        curves.append(curve)
+    return curves
+
+
+def _layer_text(name: str, figures: Mapping[str, Any], layer: Mapping[str, Any]) -> str:
+    """A layer as the paper labels it: its number, or "i-(i+1)" for a change between two."""
+    if _LAYER_OFFSET.get(figures["feature"]):
+        return f"{layer['index']}-{layer['index'] + 1}"
+    return str(layer["layer"])
+
+
 def _write_report(config: EvaluateConfig, result: dict, prediction: np.ndarray,
                   label: np.ndarray, options: Mapping[str, Any]) -> None:
-    from memscore.plots import distribution_png, scatter_png
+    from memscore.plots import distribution_png, layers_png, scatter_png
 
     overall = result["overall"]
-    files = {
-        REPORT_FILES["distribution"]: distribution_png(
+    files = {}
+    if overall is not None:
+        files[REPORT_FILES["distribution"]] = distribution_png(
             prediction, label, prediction_label=f"prediction ({config.prediction_column})",
-            truth_label=f"ground truth ({config.truth_column})"),
-        REPORT_FILES["scatter"]: scatter_png(
+            truth_label=f"ground truth ({config.truth_column})")
+        files[REPORT_FILES["scatter"]] = scatter_png(
             label, prediction, rho=overall["spearman"], interval=overall["spearman_ci95"],
-            truth_label=config.truth_column, prediction_label=config.prediction_column),
-        REPORT_FILES["metrics"]: (json.dumps(result, indent=2, allow_nan=False) + "\n").encode(),
-        REPORT_FILES["report"]: _markdown(result).encode(),
-    }
+            truth_label=config.truth_column, prediction_label=config.prediction_column)
+    if result["traces"]:
+        files[REPORT_FILES["layers"]] = layers_png(_curves(result["traces"]),
+                                                   truth_label=config.truth_column)
+    files[REPORT_FILES["metrics"]] = (json.dumps(result, indent=2, allow_nan=False)
+                                      + "\n").encode()
+    files[REPORT_FILES["report"]] = _markdown(result).encode()
     try:
         fs, path = storage.url_to_fs(config.report, options)
         for name, data in files.items():  # report.md last: it links the others
@@ -469,6 +701,7 @@ def _cell(text: str) -> str:
 def _markdown(result: dict) -> str:
     counts = result["counts"]
     model = result["model"]
+    scalar = result["overall"] is not None
     ceiling = result["split_half_columns"] is not None
     lines = ["# memscore evaluation", ""]
     made_by = ""
@@ -476,9 +709,13 @@ def _markdown(result: dict) -> str:
         made_by = f" (model `{model['model']}`, weights `{model['weights']}`"
         made_by += f", sha256 `{model['weights_sha256'][:12]}`)" if model.get("weights_sha256") \
             else ")"
+    lines.append(f"- Predictions: `{_cell(result['predictions'])}`")
+    if scalar:
+        lines[-1] += f", column `{_cell(result['prediction_column'])}`{made_by}"
+    if result["traces"]:
+        lines[-1] += ("; trace columns " + ", ".join(f"`{_cell(name)}`"
+                                                     for name in result["traces"]))
     lines += [
-        f"- Predictions: `{_cell(result['predictions'])}`, column "
-        f"`{_cell(result['prediction_column'])}`{made_by}",
         f"- Ground truth: `{_cell(result['truth'])}`, column `{_cell(result['truth_column'])}`",
         f"- Joined on `{_cell(result['key'])}`; Spearman's rho with a "
         f"{result['bootstrap']['interval']} ({result['bootstrap']['resamples']} resamples, "
@@ -500,10 +737,25 @@ def _markdown(result: dict) -> str:
               ("predictions_null_key", "predictions with an empty key (not joined)"),
               ("truth_null_key", "ground truth with an empty key (not joined)")]
     for name, label in labels:
-        if counts[name] or not name.endswith("null_key"):
+        if name in counts and (counts[name] or not name.endswith("null_key")):
             lines.append(f"| {label} | {counts[name]:,} |")
-    lines.append(f"| **evaluated** | **{counts['evaluated']:,}** |")
+    if scalar:
+        lines.append(f"| **evaluated** | **{counts['evaluated']:,}** |")
+        lines += _scalar_markdown(result, ceiling)
+    if result["traces"]:
+        lines += _traces_markdown(result)
+    lines += [f"Every figure is in [{REPORT_FILES['metrics']}]({REPORT_FILES['metrics']}).", ""]
+    return "\n".join(lines)
 
+
+def _rho_text(figures: Mapping[str, Any]) -> str:
+    rho = _fmt(figures["spearman"])
+    if figures["spearman_ci95"][0] is not None:
+        rho += f" [{_fmt(figures['spearman_ci95'][0])}, {_fmt(figures['spearman_ci95'][1])}]"
+    return rho
+
+
+def _scalar_markdown(result: dict, ceiling: bool) -> list[str]:
     header = ["", "n", "Spearman ρ [95% CI]"]
     if ceiling:
         header.append("split-half ρ / Spearman-Brown")
@@ -511,10 +763,7 @@ def _markdown(result: dict) -> str:
                "truth mean", "truth below lowest prediction"]
 
     def row(name: str, f: dict) -> str:
-        rho = _fmt(f["spearman"])
-        if f["spearman_ci95"][0] is not None:
-            rho += f" [{_fmt(f['spearman_ci95'][0])}, {_fmt(f['spearman_ci95'][1])}]"
-        cells = [_cell(name), _fmt(f["n"]), rho]
+        cells = [_cell(name), _fmt(f["n"]), _rho_text(f)]
         if ceiling:
             half = f["split_half"]
             cells.append(f"{_fmt(half['spearman'])} / {_fmt(half['spearman_brown'])}")
@@ -529,12 +778,59 @@ def _markdown(result: dict) -> str:
                 "| --- | " + " | ".join(["---:"] * (len(header) - 1)) + " |",
                 *(row(name, f) for name, f in rows)]
 
-    lines += ["", "## Figures", ""] + table([("all", result["overall"])])
+    lines = ["", "## Figures", ""]
+    if not result["overall"]["on_truth_scale"]:
+        lines += [f"`{_cell(result['prediction_column'])}` is on another scale than the ground "
+                  f"truth (not a memorability score): its rank correlation is the figure; MSE, "
+                  f"MAE and the truth below its lowest value are not shown.", ""]
+    lines += table([("all", result["overall"])])
     for column, groups in result["groups"].items():
         lines += ["", f"### By `{_cell(column)}`", ""] + table(groups.items())
     lines += ["", "## Distributions", "",
               f"![Density of predictions over density of ground truth]"
               f"({REPORT_FILES['distribution']})", "",
-              f"![Ground truth against prediction]({REPORT_FILES['scatter']})", "",
-              f"Every figure is in [{REPORT_FILES['metrics']}]({REPORT_FILES['metrics']}).", ""]
-    return "\n".join(lines)
+              f"![Ground truth against prediction]({REPORT_FILES['scatter']})", ""]
+    return lines
+
+
+def _traces_markdown(result: dict) -> list[str]:
+    """The trace columns: one line each, then per feature a table of layers by encoder."""
+    traces = result["traces"]
+    lines = ["", "## Per-layer traces", "",
+             f"Spearman's rho of each layer's value with `{_cell(result['truth_column'])}`. "
+             f"A row whose list is null or of another length than the column's is left out of "
+             f"that column; a missing value inside a list leaves the row out of that layer only "
+             f"(its n is then shown).", "",
+             "| column | layers | evaluated | null list | other length | no ground truth | "
+             "strongest layer: ρ [95% CI] |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, t in traces.items():
+        c, best = t["counts"], t["strongest"]
+        strongest = "–" if best is None else f"{_layer_text(name, t, best)}: {_rho_text(best)}"
+        lines.append(f"| `{_cell(name)}` | {t['layers_in_column']} | {c['evaluated']:,} | "
+                     f"{c['excluded_null_list']:,} | {c['excluded_other_length']:,} | "
+                     f"{c['excluded_null_truth']:,} | {strongest} |")
+    features: dict[str, list[str]] = {}
+    for name, t in traces.items():
+        features.setdefault(t["feature"], []).append(name)
+    for feature, names in features.items():
+        rows: dict[float, dict[str, str]] = {}
+        labels: dict[float, str] = {}
+        for name in names:
+            t = traces[name]
+            for layer in t["layers"]:
+                text = _rho_text(layer)
+                if layer["n"] != t["counts"]["evaluated"]:
+                    text += f" (n {layer['n']:,})"
+                rows.setdefault(layer["layer"], {})[name] = text
+                labels[layer["layer"]] = _layer_text(name, t, layer)
+        heads = [traces[n]["encoder"] or n for n in names]
+        lines += ["", f"### `{_cell(feature)}`", "",
+                  "| layer | " + " | ".join(f"{_cell(h)} ρ [95% CI]" for h in heads) + " |",
+                  "| ---: | " + " | ".join(["---:"] * len(names)) + " |"]
+        for position in sorted(rows):
+            cells = [rows[position].get(name, "") for name in names]
+            lines.append(f"| {labels[position]} | " + " | ".join(cells) + " |")
+    lines += ["", f"![Spearman's rho per layer, per feature and encoder]"
+                  f"({REPORT_FILES['layers']})", ""]
+    return lines

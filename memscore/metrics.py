@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["MIN_N", "rankdata", "pearson", "spearman", "mse", "mae", "bootstrap_spearman",
-           "percentile_interval", "spearman_brown", "summary"]
+           "percentile_interval", "spearman_brown", "on_one_scale", "summary"]
 
 MIN_N = 3  # fewer pairs than this give no correlation (two points always correlate +-1)
 
@@ -185,15 +185,38 @@ def spearman_brown(r: float, factor: float = 2.0) -> float:
     return float(factor * r / (1.0 + (factor - 1.0) * r))
 
 
+def on_one_scale(prediction: np.ndarray, truth: np.ndarray) -> bool:
+    """Whether the predictions are on the ground truth's scale: every prediction lies within
+    one width of the truth's range (0..1, widened to take in the truth) of that range.
+
+    A memorability model's scores are (overshoot included); an autoencoder's loss in the
+    hundreds is not, and then MSE, MAE and the truth below the lowest prediction mean nothing.
+
+    Example:
+        >>> truth = np.array([0.4, 0.9])
+        >>> on_one_scale(np.array([0.5, 1.3]), truth), on_one_scale(np.array([120.0]), truth)
+        (True, False)
+    """
+    prediction = np.asarray(prediction, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    low = min([0.0] + ([float(truth.min())] if truth.size else []))
+    high = max([1.0] + ([float(truth.max())] if truth.size else []))
+    span = high - low
+    return bool(prediction.size == 0 or (prediction.min() >= low - span
+                                         and prediction.max() <= high + span))
+
+
 def summary(prediction: np.ndarray, truth: np.ndarray, *, bootstrap: int = 1000,
-            seed: int = 0) -> dict:
+            seed: int = 0, same_scale: bool = True) -> dict:
     """Every figure of one evaluation, for paired predictions and ground truth.
 
     Keys: n, spearman, spearman_ci95 ([lo, hi], percentile bootstrap over images; nans when
     ``bootstrap`` is 0), pearson, mse, mae, pred_min, pred_max, pred_mean, pred_std,
     truth_min, truth_max, truth_mean, truth_std, truth_share_below_pred_min (the share of
     images whose true score is below the lowest prediction: where a model's scores have a
-    floor, as ResMem's near 0.41, this is how much of the truth lies under it).
+    floor, as ResMem's near 0.41, this is how much of the truth lies under it). With
+    ``same_scale`` False (predictions on another scale, see ``on_one_scale``) mse, mae and
+    truth_share_below_pred_min are nan: they compare numbers of different units.
     """
     p = np.asarray(prediction, dtype=np.float64)
     t = np.asarray(truth, dtype=np.float64)
@@ -215,8 +238,8 @@ def summary(prediction: np.ndarray, truth: np.ndarray, *, bootstrap: int = 1000,
         "spearman": rho,
         "spearman_ci95": interval,
         "pearson": pearson(p, t),
-        "mse": mse(p, t),
-        "mae": mae(p, t),
+        "mse": mse(p, t) if same_scale else nan,
+        "mae": mae(p, t) if same_scale else nan,
         "pred_min": pred_min,
         "pred_max": stat(np.max, p),
         "pred_mean": stat(np.mean, p),
@@ -225,5 +248,5 @@ def summary(prediction: np.ndarray, truth: np.ndarray, *, bootstrap: int = 1000,
         "truth_max": stat(np.max, t),
         "truth_mean": stat(np.mean, t),
         "truth_std": std(t),
-        "truth_share_below_pred_min": float(np.mean(t < pred_min)) if n else nan,
+        "truth_share_below_pred_min": float(np.mean(t < pred_min)) if n and same_scale else nan,
     }

@@ -241,7 +241,8 @@ def test_report_files_are_consistent_and_the_pngs_are_real_images(score_output, 
                                                                   tmp_path):
     result = evaluate(_config(score_output, truth_csv, tmp_path))
     report = tmp_path / "report"
-    assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES.values())
+    assert sorted(p.name for p in report.iterdir()) == sorted(result["files"].values())
+    assert set(result["files"].values()) == set(REPORT_FILES.values()) - {"layers.png"}
     assert json.loads((report / "metrics.json").read_text()) == result
     text = (report / "report.md").read_text()
     overall = result["overall"]
@@ -357,7 +358,7 @@ def test_predictions_and_report_on_s3(s3_endpoint, score_output, truth_csv, tmp_
     assert result["counts"]["evaluated"] == 35 and result["model"]["model"] == "resmem"
     s3_endpoint.fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in s3_endpoint.fs.ls(f"{bucket}/eval/report"))
-    assert names == sorted(REPORT_FILES.values())
+    assert names == sorted(result["files"].values())
     assert json.loads(s3_endpoint.fs.cat_file(f"{bucket}/eval/report/metrics.json")) == result
 
 
@@ -369,12 +370,14 @@ def test_every_config_field_is_an_option_and_back():
     args = parser.parse_args(["scores/", "--truth", "t.csv", "--truth-column", "hr", "--report",
                               "r/", "--prediction-column", "false_alarm", "--path-column", "file",
                               "--key", "id", "--group-by", "category,scene",
+                              "--trace-columns", "clip_cls_mean,dinov2_attention_entropy",
                               "--split-half-columns", "a", "b", "--bootstrap", "10", "--seed",
                               "3", "--storage-option", "anon=true"])
     assert from_args(args, EvaluateConfig) == EvaluateConfig(
         predictions="scores/", truth="t.csv", truth_column="hr", report="r/",
         prediction_column="false_alarm", path_column="file", key="id",
         group_by=("category", "scene"), split_half_columns=("a", "b"), bootstrap=10, seed=3,
+        trace_columns=("clip_cls_mean", "dinov2_attention_entropy"),
         storage_options={"anon": True})
     dests = {action.dest for action in parser._actions} - {"help"}
     assert dests == {f.name for f in dataclasses.fields(EvaluateConfig)}
@@ -411,3 +414,229 @@ def test_the_job_entrypoint_takes_the_cli_options(score_output, truth_csv, tmp_p
     assert job.main(args) == 0
     assert (tmp_path / "job" / "report.md").exists()
     assert job.main(job.parse_args([*argv[:3], "--truth-column", "nope", *argv[5:]])) == 2
+
+
+# --- trace columns: one value per layer -------------------------------------------------------
+
+TRACE_N = 60
+
+
+def _trace_truth(i: int) -> float:
+    return round(0.4 + 0.5 * ((i * 17) % TRACE_N) / TRACE_N, 3)
+
+
+def _planted_layers(i: int, length: int, weights, seed: int) -> list[float]:
+    """Layer k = weights[k] * truth + noise: a planted correlation whose sign and strength
+    change with the layer (weight 0: pure noise; None: the same value for every image)."""
+    rng = np.random.default_rng(seed * 1000 + i)
+    noise = rng.normal(0, 0.1, length)
+    return [0.25 if w is None else w * _trace_truth(i) + noise[k]
+            for k, w in enumerate(weights[:length])]
+
+
+@pytest.fixture
+def traces_output(tmp_path) -> tuple[Path, Path, dict]:
+    """A traces run's output (list<float32> columns, a scalar autoencoder loss) and its truth.
+
+    Rows 0 and 1 have null lists (not scored), row 2 a short clip_cls_mean list, row 3 a null
+    value at clip_cls_mean's layer 2, row 4 no ground truth.
+    """
+    out = tmp_path / "traces"
+    out.mkdir()
+    cls_mean, delta, entropy, loss = [], [], [], []
+    for i in range(TRACE_N):
+        mean = _planted_layers(i, 5, [None, 3.0, -1.0, 0.0, 0.5], seed=1)
+        if i == 2:
+            mean = mean[:3]
+        if i == 3:
+            mean[2] = None
+        cls_mean.append(None if i < 2 else mean)
+        delta.append(None if i < 2 else _planted_layers(i, 4, [0.2, -2.0, 1.0, 0.0], seed=2))
+        entropy.append(None if i < 2 else _planted_layers(i, 4, [-0.5, 0.0, 1.5, 4.0], seed=3))
+        loss.append(None if i < 2 else 80.0 + 120.0 * _trace_truth(i) + (i % 7) * 4.0)
+    floats = pa.list_(pa.float32())
+    table = pa.table({
+        "path": [_path(i) for i in range(TRACE_N)],
+        "clip_cls_mean": pa.array(cls_mean, floats),
+        "clip_cls_delta": pa.array(delta, floats),
+        "dinov2_attention_entropy": pa.array(entropy, floats),
+        "clip_sae_loss": pa.array(loss, pa.float32()),
+        "memscore_error": [("decode failed" if i < 2 else None) for i in range(TRACE_N)],
+    })
+    pq.write_table(table.slice(0, 25), out / "part-00000.parquet")
+    pq.write_table(table.slice(25), out / "part-00001.parquet")
+    (out / "_memscore.json").write_text(json.dumps({"status": "complete", "models": [
+        {"model": "clip-traces", "weights": "openai/clip-vit-base-patch32",
+         "output_columns": ["clip_cls_mean", "clip_cls_delta"]},
+        {"model": "clip-sae", "weights": "/runs/sae/best", "output_column": "clip_sae_loss"}]}))
+    truth = tmp_path / "truth.csv"
+    truth.write_text("path,hr\n" + "".join(
+        f"{_path(i)},{'' if i == 4 else _trace_truth(i)}\n" for i in range(TRACE_N)))
+    columns = {name: table.column(name).to_pylist()
+               for name in ("clip_cls_mean", "clip_cls_delta", "dinov2_attention_entropy")}
+    return out, truth, columns
+
+
+def _expected_layer_rhos(lists, length: int) -> list[tuple[int, float]]:
+    """(n, scipy's rho) per layer, from the lists as written: rows with a list of ``length``
+    values and a ground truth, each layer without its null values."""
+    expected = []
+    for k in range(length):
+        pairs = [(lst[k], _trace_truth(i)) for i, lst in enumerate(lists)
+                 if lst is not None and len(lst) == length and i != 4 and lst[k] is not None]
+        x, y = np.array(pairs, dtype=np.float64).T
+        constant = np.ptp(x) == 0  # scipy warns and gives nan; memscore reports null
+        expected.append((len(pairs), float("nan") if constant else stats.spearmanr(x, y).statistic))
+    return expected
+
+
+def test_each_layer_of_a_trace_column_is_scipys_spearman(traces_output, tmp_path):
+    out, truth, columns = traces_output
+    result = evaluate(EvaluateConfig(str(out), str(truth), "hr", str(tmp_path / "r"),
+                                     prediction_column="clip_sae_loss", trace_columns="all",
+                                     bootstrap=300, seed=2))
+    traces = result["traces"]
+    assert list(traces) == ["clip_cls_mean", "clip_cls_delta", "dinov2_attention_entropy"]
+    for name, length in (("clip_cls_mean", 5), ("clip_cls_delta", 4),
+                         ("dinov2_attention_entropy", 4)):
+        figures = traces[name]
+        assert figures["layers_in_column"] == length
+        for layer, (n, rho) in zip(figures["layers"], _expected_layer_rhos(columns[name],
+                                                                           length)):
+            assert layer["n"] == n, (name, layer["index"])
+            if np.isnan(rho):
+                assert layer["spearman"] is None and layer["spearman_ci95"] == [None, None]
+                continue
+            assert layer["spearman"] == pytest.approx(rho, abs=1e-12), (name, layer["index"])
+            lo, hi = layer["spearman_ci95"]
+            assert lo <= layer["spearman"] <= hi
+    # The planted correlations: layer 0 of cls_mean is constant, layer 1 strong, 3 noise.
+    mean = traces["clip_cls_mean"]
+    assert mean["layers"][0]["spearman"] is None
+    assert mean["layers"][1]["spearman"] > 0.9 and abs(mean["layers"][3]["spearman"]) < 0.5
+    assert mean["strongest"]["index"] == 1
+    assert traces["clip_cls_delta"]["strongest"]["spearman"] < -0.9
+    assert mean["encoder"] == "clip" and mean["feature"] == "cls_mean"
+    assert mean["model"]["model"] == "clip-traces"
+    # Rows left out, and why: null lists, a short list, a missing truth, a missing value.
+    assert mean["counts"] == {"matched": 60, "excluded_null_list": 2, "excluded_other_length": 1,
+                              "excluded_null_truth": 1, "evaluated": 56}
+    assert mean["list_lengths"] == {"3": 1, "5": 57}
+    assert [layer["n"] for layer in mean["layers"]] == [56, 56, 55, 56, 56]
+    assert traces["clip_cls_delta"]["counts"]["evaluated"] == 57
+    assert any("clip_cls_mean: 1 matched row(s) have lists of another length than the "
+               "column's 5 layers (lengths seen in the predictions: 3 (1))" in w
+               for w in result["warnings"])
+    # The change from layer i to i+1 is layer i + 1, as the paper draws it.
+    assert [(layer["index"], layer["layer"]) for layer in traces["clip_cls_delta"]["layers"]] \
+        == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    # The scalar column beside them: the usual figures, on its own scale.
+    valid = [i for i in range(2, TRACE_N) if i != 4]
+    loss = np.array([np.float32(80.0 + 120.0 * _trace_truth(i) + (i % 7) * 4.0) for i in valid],
+                    dtype=np.float64)
+    assert result["overall"]["spearman"] == pytest.approx(
+        stats.spearmanr(loss, [_trace_truth(i) for i in valid]).statistic, abs=1e-12)
+    assert result["model"]["model"] == "clip-sae"
+    # A loss is not a memorability score: no MSE against one.
+    assert result["overall"]["on_truth_scale"] is False
+    assert result["overall"]["mse"] is None and result["overall"]["mae"] is None
+
+
+def test_trace_report_lists_every_layer_and_draws_the_curves(traces_output, tmp_path):
+    out, truth, _ = traces_output
+    report = tmp_path / "r"
+    result = evaluate(EvaluateConfig(str(out), str(truth), "hr", str(report),
+                                     prediction_column="clip_sae_loss", trace_columns="all",
+                                     bootstrap=100))
+    assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES.values())
+    assert json.loads((report / "metrics.json").read_text()) == result
+    text = (report / "report.md").read_text()
+    assert "## Per-layer traces" in text and "](layers.png)" in text
+    assert "| `clip_cls_mean` | 5 | 56 | 2 | 1 | 1 | 1: " in text
+    assert "### `cls_mean`" in text and "| layer | clip ρ [95% CI] |" in text
+    mean = result["traces"]["clip_cls_mean"]["layers"]
+    for layer in mean[1:]:
+        assert f"| {layer['layer']} | {_rho_text_of(layer)}" in text
+    assert f"| 0 | – |" in text  # the constant layer: no rho
+    assert "(n 55)" in text  # the layer with a missing value says its n
+    assert "is on another scale than the ground truth" in text
+    for label in ("0-1", "1-2", "2-3", "3-4"):
+        assert f"| {label} | " in text
+    assert "### `attention_entropy`" in text and "| layer | dinov2 ρ [95% CI] |" in text
+    for name in ("layers.png", "scatter.png", "distribution.png"):
+        data = (report / name).read_bytes()
+        Image.open(io.BytesIO(data)).verify()
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "PNG" and image.width >= 500 and image.height >= 400, name
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 20, name
+
+
+def _rho_text_of(layer: dict) -> str:
+    lo, hi = layer["spearman_ci95"]
+    return f"{layer['spearman']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def test_traces_alone_and_named_columns(traces_output, tmp_path, capsys):
+    out, truth, _ = traces_output
+    result = evaluate(EvaluateConfig(str(out), str(truth), "hr", str(tmp_path / "t"),
+                                     trace_columns="dinov2_attention_entropy", bootstrap=50))
+    assert result["prediction_column"] is None and result["overall"] is None
+    assert list(result["traces"]) == ["dinov2_attention_entropy"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
+        "layers.png", "metrics.json", "report.md"]
+    assert "## Figures" not in (tmp_path / "t" / "report.md").read_text()
+    assert main(["evaluate", str(out), "--truth", str(truth), "--truth-column", "hr",
+                 "--report", str(tmp_path / "cli"), "--trace-columns", "all",
+                 "--bootstrap", "20"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("memscore: 3 trace column(s) of 60 matched rows, strongest ")
+    assert "\n" not in line
+
+
+def test_trace_columns_from_json_lines(tmp_path):
+    """Lists read from JSON lines (no memscore run): ints and floats, nulls in lists."""
+    rng = np.random.default_rng(4)
+    truth = rng.random(30)
+    lines = [json.dumps({"path": f"{i}.jpg", "hr": float(truth[i]),
+                         "x_depth": [float(truth[i] + rng.normal(0, 0.2)), int(i % 3),
+                                     None if i == 0 else float(-truth[i])]})
+             for i in range(30)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    result = evaluate(EvaluateConfig(str(tmp_path / "p.jsonl"), str(tmp_path / "p.jsonl"), "hr",
+                                     str(tmp_path / "j"), trace_columns="x_depth", bootstrap=0))
+    layers = result["traces"]["x_depth"]["layers"]
+    assert layers[2]["spearman"] == pytest.approx(-1.0) and layers[2]["n"] == 29
+    values = [json.loads(line)["x_depth"][1] for line in lines]
+    assert layers[1]["spearman"] == pytest.approx(stats.spearmanr(values, truth).statistic)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trace_columns": "clip_sae_loss"},
+     "column 'clip_sae_loss' is float, not a list of numbers; --trace-columns takes list columns"),
+    ({"trace_columns": "clip_nope"}, "no column 'clip_nope'"),
+    ({"prediction_column": "clip_cls_mean"},
+     "column 'clip_cls_mean' is a list column (one value per layer): name it in --trace-columns"),
+    ({"trace_columns": "all,clip_cls_mean"}, "--trace-columns all takes no other names"),
+    ({"trace_columns": "all", "group_by": ("path",)},
+     "--group-by and --split-half-columns report the figures of --prediction-column"),
+    ({"trace_columns": "clip_cls_mean", "prediction_column": "clip_cls_mean"},
+     "named both as --prediction-column"),
+])
+def test_trace_column_errors_are_one_line(traces_output, tmp_path, change, message):
+    out, truth, _ = traces_output
+    with pytest.raises(MemscoreError) as caught:
+        evaluate(EvaluateConfig(str(out), str(truth), "hr", str(tmp_path / "e"), **change))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_all_finds_no_list_column_in_a_scalar_run(score_output, truth_csv, tmp_path):
+    with pytest.raises(MemscoreError, match="--trace-columns all: no list column of numbers"):
+        evaluate(_config(score_output, truth_csv, tmp_path, trace_columns="all"))
+
+
+def test_predictions_off_the_truths_scale_get_their_own_axis():
+    truth = np.linspace(0.3, 0.95, 50)
+    assert metrics.on_one_scale(truth * 0.9 + 0.1, truth)
+    assert metrics.on_one_scale(np.array([-0.4, 1.6]), truth)  # a regression model's overshoot
+    assert not metrics.on_one_scale(80 + 100 * truth, truth)  # an autoencoder's loss

@@ -98,6 +98,7 @@ def format_summary_line(summary: dict) -> str:
 def _registry() -> list[dict]:
     """Every weights member of every registered model, as ``memscore models`` shows it."""
     from memscore.models import get_model_weights, list_models
+    from memscore.models._api import output_columns_of
 
     rows = []
     for name in list_models():
@@ -106,7 +107,8 @@ def _registry() -> list[dict]:
             meta = member.meta
             rows.append({"model": name, "weights": member.name,
                          "default": member is enum.DEFAULT,
-                         "output_column": meta["output_column"],
+                         # several for a traces model: <encoder>_cls_mean, ...
+                         "output_column": ",".join(output_columns_of(meta)),
                          "input_size": list(meta.get("input_size", ())),
                          "source": meta.get("source"), "licence": meta.get("licence"),
                          "paper": meta.get("paper")})

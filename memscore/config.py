@@ -39,11 +39,11 @@ def _fix_paths(config, paths: tuple[str, ...], weights: str | None = None) -> No
 
     Relative paths are the user's, relative to where they typed the command; every later
     reader (Ray's writers and checkpointing, tasks on other processes) needs them whole.
-    ``weights`` names a field that holds either a weights member name or a path: it is a path
-    when it looks like one (a ``/``, a URL, a checkpoint suffix) or names something that exists.
+    ``weights`` names a field that holds either a weights member name or a path (or, for
+    several models, ``MODEL=VALUE,MODEL=VALUE``; see ``split_model_weights``): a value is a
+    path when it names something that exists or looks like one (a ``/``, a checkpoint suffix),
+    except a Hugging Face model id (``owner/name``, nothing of that name here), which stays.
     """
-    import os
-
     from memscore.storage import absolute
 
     for name in paths:
@@ -52,11 +52,52 @@ def _fix_paths(config, paths: tuple[str, ...], weights: str | None = None) -> No
             object.__setattr__(config, name, absolute(str(value)))
     value = getattr(config, weights) if weights else None
     if value:
-        from memscore.models._api import is_checkpoint_path
-
         value = str(value)
-        if is_checkpoint_path(value) or os.path.exists(os.path.expanduser(value)):
-            object.__setattr__(config, weights, absolute(value))
+        per_model = split_model_weights(value)
+        if per_model is None:
+            value = _fixed_weights_path(value)
+        else:
+            value = ",".join(f"{model}={_fixed_weights_path(path)}"
+                             for model, path in per_model.items())
+        object.__setattr__(config, weights, value)
+
+
+def _fixed_weights_path(value: str) -> str:
+    import os
+
+    from memscore.models._api import is_checkpoint_path
+    from memscore.models.encoders import is_hf_model_id
+    from memscore.storage import absolute, is_url
+
+    if os.path.exists(os.path.expanduser(value)):
+        return absolute(value)
+    if is_url(value) or is_hf_model_id(value):  # a URL, or a Hugging Face model id
+        return value
+    return absolute(value) if is_checkpoint_path(value) else value
+
+
+def split_model_weights(value: str | None) -> dict[str, str] | None:
+    """``MODEL=WEIGHTS,MODEL=WEIGHTS`` -> {model: weights}; None when ``value`` is one weights
+    value (a member name, a path, a model id), not such a list.
+
+    It is a list only when every comma-separated part is ``NAME=VALUE`` with NAME a registered
+    model, so a path that holds ``=`` or ``,`` is still read as a path.
+    """
+    from memscore.models import list_models
+
+    if not value or "=" not in value:
+        return None
+    known = set(list_models())
+    pairs = [part.split("=", 1) for part in value.split(",")]
+    if not all(len(pair) == 2 and pair[0].strip() in known for pair in pairs):
+        return None
+    result: dict[str, str] = {}
+    for model, weights in pairs:
+        model = model.strip()
+        if model in result:
+            raise MemscoreError(f"--weights names {model} twice")
+        result[model] = weights.strip()
+    return result
 
 
 def _as_tuple(config, name: str) -> None:
@@ -96,7 +137,11 @@ class ScoreConfig:
         "Weights of the model: a member name of its weights enum (default: DEFAULT, the "
         "published weights), or a checkpoint file of its state_dict (.safetensors or a torch "
         "file read with weights_only=True; local or s3://), scored with the DEFAULT "
-        "preprocessing."))
+        "preprocessing. For a traces model (clip-traces ...): a Hugging Face model id from "
+        "the local cache (default: the paper's) or a save_pretrained folder with its "
+        "preprocessor_config.json, local or s3://. With several models, give each its own "
+        "as MODEL=WEIGHTS,MODEL=WEIGHTS (models not named keep their default).",
+        metavar="WEIGHTS|MODEL=WEIGHTS[,...]"))
     path_column: str = field(default="path", metadata=_opt(
         "Manifest column holding each image's path or s3:// URL; relative paths resolve "
         "against the manifest's folder."))
@@ -248,9 +293,25 @@ class ScoreConfig:
                 self.column_prefix.startswith("memscore_")):
             raise MemscoreError(f"--column-prefix {self.column_prefix!r}: use letters, digits, "
                                 f"'_', '-' or '.', not starting with memscore_")
-        if self.weights is not None and len(self.models) > 1:
-            raise MemscoreError("--weights applies to one model; run models with own weights separately")
+        self.model_weights()  # --weights fits the models
         return self
+
+    def model_weights(self) -> dict[str, str | None]:
+        """Each model's ``--weights`` (None: its default); raises MemscoreError when
+        ``--weights`` is one value for several models, or names a model not scored."""
+        per_model = split_model_weights(self.weights)
+        if per_model is None:
+            if self.weights is not None and len(self.models) > 1:
+                raise MemscoreError(
+                    f"--weights {self.weights} is one value for {len(self.models)} models; give "
+                    f"each model its own as MODEL=WEIGHTS,MODEL=WEIGHTS (e.g. "
+                    f"{self.models[0]}={self.weights})")
+            return {name: self.weights for name in self.models}
+        unknown = [name for name in per_model if name not in self.models]
+        if unknown:
+            raise MemscoreError(f"--weights names {', '.join(unknown)}, which --model does not "
+                                f"score ({', '.join(self.models)})")
+        return {name: per_model.get(name) for name in self.models}
 
 
 # What --optimizer, --lr and --batch-size default to, by where training starts; measured on

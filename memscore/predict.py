@@ -1,4 +1,9 @@
-"""Model stage: decoded pixel batches in, one score column per model out.
+"""Model stage: decoded pixel batches in, each model's output columns out.
+
+Most models write one float32 score column; a model whose weights' meta declares
+``output_columns`` (the ``<encoder>-traces`` models: six list<float32> columns, one value per
+layer) returns a dict of column -> values from its forward, and each becomes a column of that
+type (``memscore.models._api.output_columns_of``).
 
 ``ScoreImages`` is the callable class Ray Data runs as an actor pool: the model is built once,
 in ``__init__`` on the actor (never in the driver), and ``__call__`` scores a pyarrow batch under
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +40,8 @@ from memscore.columns import score_column
 from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, WIDTH_COLUMN, pixels_column
 from memscore.faults import maybe_inject
 
-__all__ = ["ScoreImages", "PRECISIONS", "MODEL_COLUMN", "output_columns", "pick_device", "local_cores"]
+__all__ = ["ScoreImages", "PRECISIONS", "MODEL_COLUMN", "output_columns", "output_types",
+           "model_weights", "pick_device", "local_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +53,44 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
-def output_columns(models: tuple[str, ...], column_prefix: str = "") -> list[str]:
-    """The columns memscore adds to every row, in output order: one score column per model
-    (its weights' ``output_column``, after ``column_prefix``), then the bookkeeping columns."""
+def output_types(models: tuple[str, ...], column_prefix: str = "") -> dict[str, pa.DataType]:
+    """The columns the models write, name (after ``column_prefix``) -> Arrow type, in output
+    order: each model's columns as its weights declare them (``output_columns_of``)."""
     from memscore.models import get_model_weights
+    from memscore.models._api import output_columns_of
 
-    scores = [score_column(get_model_weights(name).DEFAULT.meta["output_column"], column_prefix)
-              for name in models]
-    return scores + [ERROR_COLUMN, MODEL_COLUMN, WIDTH_COLUMN, HEIGHT_COLUMN]
+    types = {}
+    for name in models:
+        for column, kind in output_columns_of(get_model_weights(name).DEFAULT.meta).items():
+            types[score_column(column, column_prefix)] = _ARROW_TYPES[kind]()
+    return types
+
+
+def output_columns(models: tuple[str, ...], column_prefix: str = "") -> list[str]:
+    """The columns memscore adds to every row, in output order: the models' columns (one score
+    each, or a traces model's six, after ``column_prefix``), then the bookkeeping columns."""
+    return [*output_types(models, column_prefix), ERROR_COLUMN, MODEL_COLUMN, WIDTH_COLUMN,
+            HEIGHT_COLUMN]
+
+
+_ARROW_TYPES = {"float32": pa.float32, "list<float32>": lambda: pa.list_(pa.float32())}
+
+
+def model_weights(models: tuple[str, ...], weights) -> dict[str, str | None]:
+    """Each model's ``--weights``: ``weights`` is None (every model's default), one value for a
+    single model, or a mapping of model name -> value (others: their default)."""
+    if weights is None:
+        return {name: None for name in models}
+    if isinstance(weights, str):
+        if len(models) != 1:
+            raise ValueError(f"one --weights value for {len(models)} models: give each its own "
+                             f"as MODEL=WEIGHTS,MODEL=WEIGHTS")
+        return {models[0]: weights}
+    unknown = sorted(set(weights) - set(models))
+    if unknown:
+        raise ValueError(f"--weights names {', '.join(unknown)}, which is not among the models "
+                         f"scored ({', '.join(models)})")
+    return {name: weights.get(name) for name in models}
 
 
 def pick_device(want_gpu: bool):
@@ -84,8 +121,10 @@ class ScoreImages:
 
     Args:
         models: registered model names, e.g. ``("resmem",)``.
-        weights: weights member name, or a checkpoint file (local or URL), for a single model
-            (default: each model's DEFAULT).
+        weights: for a single model, its weights member name or a checkpoint file (local or
+            URL), or for a traces model a Hugging Face model id or folder; for several, a
+            mapping of model name -> such a value (default: each model's DEFAULT; see
+            ``model_weights``).
         use_gpu: score on CUDA when torch sees a GPU.
         torch_threads: intra-op threads on the CPU (default: every core of the machine; Ray
             would otherwise pin an actor that asked for one CPU to one thread).
@@ -97,14 +136,16 @@ class ScoreImages:
             float32 work), "bf16" or "fp16" (``torch.autocast``); see ``PRECISIONS``.
     """
 
-    def __init__(self, models: tuple[str, ...], weights: str | None = None, *,
+    def __init__(self, models: tuple[str, ...],
+                 weights: str | Mapping[str, str | None] | None = None, *,
                  use_gpu: bool = False, torch_threads: int | None = None,
                  storage_options: dict | None = None, column_prefix: str = "",
                  batch_size: int | None = None, precision: str = "fp32") -> None:
         import torch
 
         from memscore.models import get_model
-        from memscore.models._api import is_checkpoint_path, weights_for
+        from memscore.models._api import (FolderWeights, is_checkpoint_path,
+                                          output_columns_of, weights_for)
 
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -124,17 +165,20 @@ class ScoreImages:
             torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         self.models = tuple(models)
         self._runners = []
-        for name in self.models:
-            chosen = weights_for(name, weights, storage_options)
-            if is_checkpoint_path(weights):
+        for name, given in model_weights(self.models, weights).items():
+            chosen = weights_for(name, given, storage_options)
+            if isinstance(chosen, FolderWeights):  # a traces model: the folder decides all
+                model = get_model(name, weights=chosen, storage_options=storage_options)
+            elif is_checkpoint_path(given):
                 # the member picks the pipeline (MemNet's mode); the checkpoint the tensors
-                model = get_model(name, weights=weights, storage_options=storage_options)
+                model = get_model(name, weights=given, storage_options=storage_options)
             else:
                 model = get_model(name, weights=chosen)
             model = model.to(self.device, memory_format=torch.channels_last)
-            self._runners.append((name, chosen.transforms,
-                                  score_column(chosen.meta["output_column"], column_prefix),
-                                  model))
+            # model output key -> (output column, Arrow type)
+            columns = {key: (score_column(key, column_prefix), _ARROW_TYPES[kind]())
+                       for key, kind in output_columns_of(chosen.meta).items()}
+            self._runners.append((name, chosen.transforms, columns, model))
         self._added = output_columns(self.models, column_prefix)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -144,9 +188,10 @@ class ScoreImages:
         errors = table.column(ERROR_COLUMN)
         ok = pc.is_null(errors).to_numpy(zero_copy_only=False)
         new_errors = errors.to_pylist()
-        for name, preprocess, column, model in self._runners:
-            scores = np.zeros(table.num_rows, dtype=np.float32)
+        values: dict[str, tuple[np.ndarray | None, pa.DataType]] = {}
+        for name, preprocess, columns, model in self._runners:
             rows = np.flatnonzero(ok)
+            outputs: dict[str, np.ndarray | None] = {key: None for key in columns}
             step = self.batch_size or max(1, rows.size)
             if rows.size:
                 block = _to_numpy(table.column(pixels_column(name)))
@@ -156,13 +201,27 @@ class ScoreImages:
                         self.device.type, dtype=self._autocast,
                         enabled=self._autocast is not None):
                     batch = self._to_device(preprocess, block[chunk])
-                    scores[chunk] = model(batch).float().reshape(-1).cpu().numpy()
-            bad = ok & ~np.isfinite(scores)
+                    result = model(batch)
+                if not isinstance(result, dict):  # a scoring model: one score per image
+                    result = {next(iter(columns)): result.reshape(-1)}
+                for key, value in result.items():
+                    value = value.float().cpu().numpy().reshape(len(chunk), -1)
+                    if outputs[key] is None:  # one row per table row, zeros where unscored
+                        outputs[key] = np.zeros((table.num_rows, value.shape[1]), np.float32)
+                    outputs[key][chunk] = value
+            bad = np.zeros_like(ok)
+            for out in outputs.values():
+                if out is not None:
+                    bad |= ok & ~np.isfinite(out).all(axis=1)
             for i in np.flatnonzero(bad):  # a model must never emit NaN as a score
                 new_errors[i] = f"model failed: {name} gave a non-finite score"
             ok &= ~bad
-            table = _set(table, column, pa.array(scores, type=pa.float32(), mask=~ok))
-        # A row with an error has no score from any model, so one error column holds for all.
+            for key, (column, arrow_type) in columns.items():
+                values[column] = (outputs[key], arrow_type)
+        # A row with an error has no score from any model, so one error column holds for all:
+        # every model's columns are masked with the rows left after the last model.
+        for column, (out, arrow_type) in values.items():
+            table = _set(table, column, _column(out, arrow_type, ok))
         table = _set(table, ERROR_COLUMN, pa.array(new_errors, type=pa.string()))
         table = _set(table, MODEL_COLUMN, pa.array([",".join(self.models)] * table.num_rows,
                                                    type=pa.string()))
@@ -182,6 +241,21 @@ class ScoreImages:
         if self.device.type != "cuda":
             return batch
         return batch.pin_memory().to(self.device, non_blocking=True)
+
+
+def _column(values: np.ndarray | None, arrow_type: pa.DataType, ok: np.ndarray) -> pa.Array:
+    """One output column: ``values`` ``[rows, k]`` (None: no row was scored), null where not
+    ``ok``; float32 takes ``k == 1``, list<float32> a list of the ``k`` values per row."""
+    rows = ok.size
+    if pa.types.is_list(arrow_type):
+        if values is None:
+            values = np.zeros((rows, 0), np.float32)
+        lengths = np.where(ok, values.shape[1], 0)
+        offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[ok].reshape(-1)),
+                                        type=arrow_type, mask=pa.array(~ok))
+    scores = np.zeros(rows, np.float32) if values is None else values[:, 0]
+    return pa.array(scores, type=arrow_type, mask=~ok)
 
 
 def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:

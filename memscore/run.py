@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from memscore import resume, storage
 from memscore.cluster_check import check_shared_storage
-from memscore.columns import score_column
+from memscore.columns import BOOKKEEPING, score_column
 from memscore.config import MemscoreError, ScoreConfig, first_line
 from memscore.decode import RETRYABLE_KINDS
 from memscore.error_fraction import start_counter
@@ -101,34 +101,48 @@ def plan_model_actors(config: ScoreConfig, cluster_gpus: float,
 
 
 def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
-    """Which weights file each model uses; raises MemscoreError when one is missing."""
+    """Which weights file each model uses; raises MemscoreError when one is missing.
+
+    A traces model's weights are a folder (``FolderWeights``): its record names the folder
+    and, already, its ``weights_sha256`` (over its tensors and settings), which a resumed run
+    must match (``score``), instead of one file hashed while the run goes."""
     from memscore.checkpoint import read_checkpoint_info, state_dict_file
-    from memscore.models._api import WeightsNotFoundError, is_checkpoint_path, weights_for
+    from memscore.models._api import (FolderWeights, WeightsNotFoundError, is_checkpoint_path,
+                                      output_columns_of, weights_for)
 
     records = []
-    for name in config.models:
+    for name, given in config.model_weights().items():
+        extra = {}
         try:
-            weights = weights_for(name, config.weights, config.storage_options)
-            if is_checkpoint_path(config.weights):
+            weights = weights_for(name, given, config.storage_options)
+            if isinstance(weights, FolderWeights):
+                path, chosen = weights.folder, weights.name
+                licence = weights.meta.get("licence")
+                extra = {"weights_source": weights.source,
+                         "weights_sha256": weights.sha256(config.storage_options)}
+            elif is_checkpoint_path(given):
                 try:
-                    path = state_dict_file(config.weights, config.storage_options)
+                    path = state_dict_file(given, config.storage_options)
                 except FileNotFoundError as exc:
                     raise MemscoreError(f"--weights: {exc}") from None
-                info = read_checkpoint_info(config.weights, config.storage_options) or {}
+                info = read_checkpoint_info(given, config.storage_options) or {}
                 chosen = "checkpoint"
                 licence = info.get("licence", "the checkpoint's own")
             else:
                 path, chosen = str(weights.path()), weights.name
                 licence = weights.meta.get("licence")
         except (ValueError, WeightsNotFoundError) as exc:
-            raise MemscoreError(str(exc)) from None
+            raise MemscoreError(first_line(exc)) from None
+        columns = [score_column(c, config.column_prefix) for c in output_columns_of(weights.meta)]
         records.append({
             "model": name,
             "weights": chosen,
             "weights_file": path,
-            "output_column": score_column(weights.meta["output_column"], config.column_prefix),
+            **({"output_column": columns[0]} if len(columns) == 1 else
+               {"output_columns": columns}),
             "preprocessing": weights.name,  # the weights member whose pipeline scores it
             "licence": licence,
+            **extra,
         })
     return records
 
@@ -223,15 +237,15 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
     # runs in parallel and overlaps the model from the first block on.
     dataset = resume.snapshot_dataset(snapshot, config.storage_options).repartition(
         target_num_rows_per_block=config.rows_per_block)
-    preprocess = {name: weights_for(name, config.weights, config.storage_options).transforms
-                  for name in config.models}
+    preprocess = {name: weights_for(name, given, config.storage_options).transforms
+                  for name, given in config.model_weights().items()}
     dataset = decode_stage(dataset, config, manifest, preprocess, manifest.base_dir,
                            error_counter)
     return dataset.map_batches(
         ScoreImages,
         fn_constructor_kwargs={
             "models": tuple(config.models),
-            "weights": config.weights,
+            "weights": config.model_weights(),
             "column_prefix": config.column_prefix,
             "use_gpu": plan["use_gpu"],
             "torch_threads": config.torch_threads,
@@ -377,6 +391,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     mode = prepare_output(config.output, overwrite=config.overwrite, resume=config.resume,
                           storage_options=config.storage_options, inputs=(config.manifest,))
     identity = resume.run_identity(manifest, config)
+    folders = {r["model"]: r["weights_sha256"] for r in weights if "weights_source" in r}
+    if folders:  # a folder's contents, not only its name, make the run (traces models)
+        identity["weights_sha256"] = folders
     reopened = False
     if mode == "complete":
         finished = read_summary(config.output, config.storage_options)
@@ -424,8 +441,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
 
     # Hashing a 0.5 GB weights file takes seconds: do it while the cluster works.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        hashes = pool.map(lambda path: file_sha256(path, storage_options=config.storage_options),
-                          [record["weights_file"] for record in weights])
+        hashes = pool.map(lambda record: record.get("weights_sha256") or file_sha256(
+            record["weights_file"], storage_options=config.storage_options), weights)
         clock = time.perf_counter()
         context.checkpoint_config = resume.checkpoint_config(config.output,
                                                              config.storage_options)
@@ -447,7 +464,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         for record, digest in zip(weights, hashes):
             record["weights_sha256"] = digest
 
-    counts = count_output(config.output, config.storage_options, added[:len(config.models)],
+    counts = count_output(config.output, config.storage_options,
+                          [c for c in added if c not in BOOKKEEPING],
                           expected_rows=snapshot.rows)
     recorded = asdict(config)
     recorded["storage_options"] = storage.redact(config.storage_options)

@@ -17,7 +17,8 @@ from memscore.models import (
     get_model_weights,
     list_models,
 )
-from memscore.models._api import load_state_dict_file, load_state_dict_strict, register_model
+from memscore.models._api import (FolderWeightsEnum, load_state_dict_file, load_state_dict_strict,
+                                  register_model, weights_for)
 from memscore.decode import pixels_column
 from memscore.predict import ScoreImages
 
@@ -42,21 +43,38 @@ def test_importing_memscore_imports_neither_torch_nor_the_weights_packages():
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_every_registered_model_runs_on_real_images_within_its_range(name, example_images):
+def test_every_registered_model_runs_on_real_images_within_its_range(name, example_images,
+                                                                     tmp_path):
     weights = get_model_weights(name).DEFAULT
     try:
         model = get_model(name, weights=weights)
     except WeightsNotFoundError:
-        # no published weights (MemNet): the DEFAULT pipeline on a randomly initialised model
         torch.manual_seed(0)
-        model = get_model(name, weights=None)
+        if isinstance(weights, FolderWeightsEnum):
+            # weights are a Hugging Face folder, none cached here: a tiny seeded encoder's
+            # folder (tests/hf_encoders.py), read the way --weights FOLDER is
+            from hf_encoders import make_encoder_folder
+
+            folder = make_encoder_folder(weights.meta["encoder"], tmp_path / "encoder")
+            weights = weights_for(name, str(folder))
+            model = get_model(name, weights=weights)
+        else:
+            # no published weights (MemNet): the DEFAULT pipeline on a randomly initialised model
+            model = get_model(name, weights=None)
     batch = torch.stack([weights.transforms(Image.open(p).convert("RGB")) for p in example_images])
     with torch.inference_mode():
         scores = model(batch)
+    assert weights.meta["licence"] and weights.meta["paper"]
+    if "output_columns" in weights.meta:  # several columns, one value per layer (the traces)
+        assert set(scores) == set(weights.meta["output_columns"])
+        for column, values in scores.items():
+            assert values.dtype == torch.float32 and values.shape[0] == len(example_images)
+            assert values.shape[1] >= 1 and torch.isfinite(values).all(), column
+        return
     low, high = weights.meta["score_range"]
     assert scores.shape == (len(example_images),)
     assert torch.all((scores >= low) & (scores <= high))
-    assert weights.meta["output_column"] and weights.meta["licence"] and weights.meta["paper"]
+    assert weights.meta["output_column"]
 
 
 def test_resmem_parity_with_the_published_package(example_images, reference_scores):

@@ -22,6 +22,10 @@ from memscore.transforms import ImagePreprocess
 __all__ = [
     "Weights",
     "WeightsEnum",
+    "FolderWeights",
+    "FolderWeightsEnum",
+    "COLUMN_TYPES",
+    "output_columns_of",
     "WeightsNotFoundError",
     "CheckpointKeyError",
     "register_model",
@@ -101,6 +105,70 @@ class WeightsEnum(enum.Enum):
 
     def load_state_dict(self) -> dict:
         return self.value.load_state_dict()
+
+
+@dataclass(frozen=True)
+class FolderWeights:
+    """Weights named at run time by a folder: a Hugging Face model id or a ``save_pretrained``
+    folder, local or a URL. What ``weights_for`` gives for a model whose weights enum is a
+    ``FolderWeightsEnum`` (the ``<encoder>-traces`` models): the folder itself holds the tensors,
+    the architecture's config and the preprocessing settings, so they are read from it, not
+    declared in advance.
+
+    Args:
+        name: ``DEFAULT`` when the folder is the model's default (its enum's DEFAULT source),
+            else ``folder``; what a run's summary records as the weights.
+        source: ``--weights`` as given (the model id or the path), or the default's id.
+        folder: where the folder is: a local path, or a URL.
+        transforms: the preprocessing the folder's own settings describe.
+        meta: the model's facts (its enum's DEFAULT member's meta).
+        digest: ``digest(folder, storage_options) -> str``, the sha256 of the files that decide
+            the model's outputs (a module-level function, so the object pickles).
+    """
+
+    name: str
+    source: str
+    folder: str
+    transforms: Any
+    meta: Mapping[str, Any]
+    digest: Callable[..., str]
+
+    def path(self) -> str:
+        return self.folder
+
+    def sha256(self, storage_options: Mapping[str, Any] | None = None) -> str:
+        return self.digest(self.folder, storage_options)
+
+
+class FolderWeightsEnum(WeightsEnum):
+    """Weights enum of a model whose weights are a folder named at run time (``FolderWeights``).
+
+    Its ``DEFAULT`` member carries the model's meta and the preprocessing of its default folder
+    (what a randomly initialised model, ``get_model(name, weights=None)``, is given); ``bind``
+    turns a ``--weights`` value (None: the default) into ``FolderWeights``, reading the folder's
+    own settings, and raises ``WeightsNotFoundError`` or ``ValueError`` with one line.
+    """
+
+    @classmethod
+    def bind(cls, weights: str | None,
+             storage_options: Mapping[str, Any] | None = None) -> FolderWeights:
+        raise NotImplementedError(f"{cls.__name__} does not say how to read a folder")
+
+
+#: The Arrow types a model's output columns may have, as ``output_columns_of`` names them:
+#: a score, or one value per layer (``list<float32>``, the traces).
+COLUMN_TYPES = ("float32", "list<float32>")
+
+
+def output_columns_of(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The columns a model with these weights' ``meta`` writes, name -> type (``COLUMN_TYPES``),
+    before any ``--column-prefix``: ``meta["output_columns"]`` where the model writes several
+    (the traces), else its one float32 score, ``meta["output_column"]``."""
+    columns = dict(meta.get("output_columns") or {meta["output_column"]: "float32"})
+    unknown = {name: kind for name, kind in columns.items() if kind not in COLUMN_TYPES}
+    if unknown:
+        raise ValueError(f"output column types {unknown} are not among {COLUMN_TYPES}")
+    return columns
 
 
 def package_file(package: str, filename: str, install_hint: str) -> Callable[[], Path]:
@@ -275,6 +343,9 @@ MODEL_MODULES = {
     "m3m": "memscore.models.m3m",
     "memnet": "memscore.models.memnet",
     "resmem": "memscore.models.resmem",
+    "clip-traces": "memscore.models.traces",
+    "dinov2-traces": "memscore.models.traces",
+    "siglip2-traces": "memscore.models.traces",
 }
 
 
@@ -328,9 +399,16 @@ def weights_for(name: str, weights: Any,
     """The weights member whose preprocessing and meta apply.
 
     A memscore checkpoint (``memscore finetune``'s output) names its member in its JSON; a plain
-    state_dict file uses DEFAULT's. A checkpoint of another model is a ``ValueError``.
+    state_dict file uses DEFAULT's. A checkpoint of another model is a ``ValueError``. A model
+    with folder weights (``FolderWeightsEnum``) gets ``FolderWeights`` for the folder
+    ``weights`` names (None or ``DEFAULT``: its default), read from the folder.
     """
     enum_cls = get_model_weights(name)
+    if issubclass(enum_cls, FolderWeightsEnum):  # the folder's own settings, read now
+        if isinstance(weights, FolderWeights):
+            return weights
+        default = weights is None or weights == "DEFAULT" or weights is enum_cls.DEFAULT
+        return enum_cls.bind(None if default else str(weights), storage_options)
     if weights is None:
         return enum_cls.DEFAULT
     if not is_checkpoint_path(weights):
@@ -359,7 +437,8 @@ def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
         name: a name from ``list_models()``.
         weights: a member of the model's weights enum, its name (``"DEFAULT"``), a checkpoint
             (a state_dict file or a ``memscore finetune`` checkpoint folder, local or URL), or
-            ``None`` for random initialisation.
+            ``None`` for random initialisation. Models with folder weights (the traces) take a
+            Hugging Face model id or a ``save_pretrained`` folder, or ``FolderWeights``.
 
     Example:
         >>> import memscore
@@ -368,6 +447,10 @@ def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
         True
     """
     builder = _builder(name)
+    if issubclass(get_model_weights(name), FolderWeightsEnum):
+        if weights is not None:
+            weights = weights_for(name, weights, kwargs.get("storage_options"))
+        return builder(weights=weights, **kwargs).eval()
     if is_checkpoint_path(weights):  # a checkpoint file or memscore checkpoint folder
         options = kwargs.get("storage_options")
         model = builder(weights=weights_for(name, weights, options), checkpoint=weights,

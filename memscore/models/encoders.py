@@ -55,6 +55,7 @@ __all__ = [
     "preprocess_of",
     "folder_digest",
     "load_encoder",
+    "random_encoder",
     "representation",
     "is_hf_model_id",
 ]
@@ -546,7 +547,11 @@ def load_encoder(encoder: str, weights: str | None = None,
 
     model_class = getattr(transformers, architecture.model_class)
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # no load report of the text tower left out
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    # No load report of the text tower left out, no progress bar per model actor: the
+    # loading info below is checked instead.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         model, info = model_class.from_pretrained(
             path, attn_implementation="eager", local_files_only=True,
@@ -558,6 +563,8 @@ def load_encoder(encoder: str, weights: str | None = None,
                          f"{architecture.model_class}: {first_line(exc)}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, keys))[:5])}"
                 for kind, keys in info.items()
                 if kind in ("missing_keys", "mismatched_keys") and keys]
@@ -565,6 +572,24 @@ def load_encoder(encoder: str, weights: str | None = None,
         raise ValueError(f"--weights {folder} is not a complete {architecture.model_class}: "
                          + "; ".join(problems))
     return model.eval(), preprocess
+
+
+def random_encoder(encoder: str):
+    """``encoder``'s Base-size architecture, randomly initialised (eval mode, eager attention).
+
+    The architectures of the paper's folders, built from transformers' configs, whose defaults
+    are those models' (CLIP ViT-B/32; SigLIP base/16-224; DINOv2-base, whose config also says
+    ``image_size=518``: its position embeddings are interpolated to a 224-pixel input as the
+    real model's are). For measuring speed and for tests; no weights are read.
+    """
+    _check_encoder(encoder)
+    import transformers
+
+    config = {"clip": lambda: transformers.CLIPVisionConfig(),
+              "dinov2": lambda: transformers.Dinov2Config(image_size=518),
+              "siglip2": lambda: transformers.SiglipVisionConfig()}[encoder]()
+    model_class = getattr(transformers, ARCHITECTURES[encoder].model_class)
+    return model_class._from_config(config, attn_implementation="eager").eval()
 
 
 def representation(encoder: str, model, pixel_values):

@@ -10,9 +10,12 @@ ResMem_Weights`` works).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any, Mapping
 
-from memscore.models._api import Weights, WeightsEnum, WeightsNotFoundError, package_file
+from memscore.models._api import (FolderWeights, FolderWeightsEnum, Weights, WeightsEnum,
+                                  WeightsNotFoundError, package_file)
 from memscore.transforms import ImagePreprocess, TenCropPreprocess
 
 __all__ = [
@@ -20,6 +23,11 @@ __all__ = [
     "M3M_Weights",
     "MemNet_Weights",
     "ResMem_Weights",
+    "CLIPTraces_Weights",
+    "DINOv2Traces_Weights",
+    "SigLIP2Traces_Weights",
+    "TRACE_FEATURES",
+    "trace_columns",
     "WEIGHTS_OF",
 ]
 
@@ -177,10 +185,132 @@ class M3M_Weights(WeightsEnum):
     DEFAULT = TRAINED
 
 
+# ------------------------------------------------------------------- memorability traces
+#: The per-layer features of the traces models, in column order, each a list<float32> column
+#: ``<encoder>_<feature>`` (memscore/models/traces.py computes them). With ``hs`` the hidden
+#: states 0..L (0: the embeddings; L: the last block, before any post-layernorm) and ``att``
+#: the attention maps of blocks 1..L: cls_mean, cls_max, cls_maxabs (L+1 values: token 0's
+#: mean, max, max |.|); cls_delta (L: 1 - cos(hs[i][0], hs[i+1][0])); attention_entropy (L:
+#: entropy in bits of token 0's attention row, mean over heads, token 0 itself dropped,
+#: renormalised); patch_uniformity (L+1: mean cosine similarity between distinct patch tokens).
+TRACE_FEATURES = ("cls_mean", "cls_max", "cls_maxabs", "cls_delta", "attention_entropy",
+                  "patch_uniformity")
+
+_TRACES_PAPER = ("Takmaz et al., 'Traces of Image Memorability in Vision "
+                 "Encoders: Activations, Attention Distributions and Autoencoder Losses', "
+                 "ICCV 2025 workshop (code: github.com/ecekt/image_memorability_memvis)")
+
+
+def trace_columns(encoder: str) -> dict[str, str]:
+    """The columns ``<encoder>-traces`` writes, name -> type."""
+    return {f"{encoder}_{feature}": "list<float32>" for feature in TRACE_FEATURES}
+
+
+def _bind_encoder(enum_cls, weights: str | None,
+                  storage_options: Mapping[str, Any] | None) -> FolderWeights:
+    """``FolderWeights`` of the encoder ``enum_cls`` is for: the folder found and checked (its
+    listing and config.json) and its preprocessing read, without loading the model."""
+    from memscore.models import encoders
+
+    encoder = enum_cls.DEFAULT.meta["encoder"]
+    folder = encoders.locate_folder(encoder, weights)
+    encoders.check_folder(encoder, folder, storage_options)
+    return FolderWeights(
+        name="DEFAULT" if weights is None else "folder",
+        source=encoders.ENCODERS[encoder] if weights is None else weights,
+        folder=folder,
+        transforms=encoders.preprocess_of(encoder, folder, storage_options),
+        meta=enum_cls.DEFAULT.meta,
+        digest=encoders.folder_digest)
+
+
+def _traces_weights(encoder: str, processor: Mapping[str, Any], meta: Mapping[str, Any]):
+    from memscore.models.encoders import ENCODERS, HFImagePreprocess, locate_folder
+
+    model_id = ENCODERS[encoder]
+    return Weights(
+        locate=partial(locate_folder, encoder, None),
+        # The paper's folder's preprocessing, for a model built without a folder (random
+        # weights: get_model(..., weights=None)). A folder's own preprocessor_config.json is
+        # what applies to its weights (FolderWeights.transforms).
+        transforms=HFImagePreprocess.from_config(processor, source=f"{model_id} (defaults)"),
+        meta={
+            "encoder": encoder,
+            "output_columns": trace_columns(encoder),
+            "hf_model_id": model_id,
+            "source": f"Hugging Face {model_id}, from the local Hugging Face cache (memscore "
+            f"downloads nothing), or --weights: another model id or a save_pretrained folder "
+            f"with its preprocessor_config.json, local or s3://",
+            "preprocessing": "the folder's own image processor (its Pillow pipeline, "
+            "reproduced exactly)",
+            "paper": _TRACES_PAPER,
+            "input_size": (3, 224, 224),
+            **meta,
+        },
+    )
+
+
+_IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+class CLIPTraces_Weights(FolderWeightsEnum):
+    """CLIP ViT-B/32's vision tower (``CLIPVisionModel``): 50 tokens, CLS + 7x7 patches of 32 px."""
+
+    PAPER = _traces_weights("clip", {"image_processor_type": "CLIPImageProcessor"}, {
+        "model_class": "CLIPVisionModel",
+        "tokens": "50: CLS + 49 patches",
+        "licence": "the folder's own; openai/clip-vit-base-patch32: OpenAI's CLIP, MIT licence",
+    })
+    DEFAULT = PAPER
+
+    @classmethod
+    def bind(cls, weights=None, storage_options=None):
+        return _bind_encoder(cls, weights, storage_options)
+
+
+class DINOv2Traces_Weights(FolderWeightsEnum):
+    """DINOv2-base (``Dinov2Model``): 257 tokens, CLS + 16x16 patches of 14 px, no registers."""
+
+    PAPER = _traces_weights("dinov2", {
+        "image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 256},
+        "crop_size": {"height": 224, "width": 224}, "resample": 3, **_IMAGENET}, {
+        "model_class": "Dinov2Model",
+        "tokens": "257: CLS + 256 patches, no registers",
+        "licence": "the folder's own; facebook/dinov2-base: Apache-2.0",
+    })
+    DEFAULT = PAPER
+
+    @classmethod
+    def bind(cls, weights=None, storage_options=None):
+        return _bind_encoder(cls, weights, storage_options)
+
+
+class SigLIP2Traces_Weights(FolderWeightsEnum):
+    """SigLIP2 base/16-224 loaded as the paper does (``SiglipVisionModel``): 196 patch tokens
+    and no CLS token."""
+
+    PAPER = _traces_weights("siglip2", {"image_processor_type": "SiglipImageProcessor"}, {
+        "model_class": "SiglipVisionModel",
+        "tokens": "196 patches, no CLS",
+        "notes": "SigLIP has no CLS token: as the paper's code does, token 0 (the top-left "
+        "patch) is treated as 'CLS' for cls_* and attention_entropy, and tokens 1.. are the "
+        "patches of patch_uniformity",
+        "licence": "the folder's own; google/siglip2-base-patch16-224: Apache-2.0",
+    })
+    DEFAULT = PAPER
+
+    @classmethod
+    def bind(cls, weights=None, storage_options=None):
+        return _bind_encoder(cls, weights, storage_options)
+
+
 # The registry's table of built-in models: name -> weights enum (see ``_api.MODEL_MODULES``).
 WEIGHTS_OF = {
     "falseresmem": FalseResMem_Weights,
     "m3m": M3M_Weights,
     "memnet": MemNet_Weights,
     "resmem": ResMem_Weights,
+    "clip-traces": CLIPTraces_Weights,
+    "dinov2-traces": DINOv2Traces_Weights,
+    "siglip2-traces": SigLIP2Traces_Weights,
 }

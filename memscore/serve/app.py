@@ -37,7 +37,7 @@ from memscore.config import MemscoreError, first_line
 from memscore.serve.config import ServeConfig, parse_replicas
 from memscore.serve.model import ModelSet, describe_models
 
-__all__ = ["build", "Ingress", "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT", "FILE_FIELD",
+__all__ = ["build", "deployment_options", "Ingress", "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT", "FILE_FIELD",
            "MAX_FILES"]
 
 log = logging.getLogger("ray.serve")
@@ -127,12 +127,14 @@ class Ingress:
 
     @app.get("/models")
     async def models(self) -> dict:
-        """The served models (weights, sha256, score column and range) and the registry, as
-        ``memscore models --json`` shows it."""
+        """The served models (weights, sha256, score column and range), where and when a
+        replica loaded them (``loaded_at``: Unix time), and the registry, as ``memscore models
+        --json`` shows it."""
         from memscore.cli import _registry
 
         served = await self._describe()
         return {"served": served["models"], "device": served["device"],
+                "load_s": served["load_s"], "loaded_at": served["loaded_at"],
                 "max_upload_mb": self.config.max_upload_mb, "registry": _registry()}
 
     @app.get("/healthz")
@@ -314,6 +316,43 @@ def _cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
 
 
+def deployment_options(config: ServeConfig, cluster_gpus: float) -> dict[str, dict[str, Any]]:
+    """What each deployment asks Ray Serve for: ``{"model": ..., "ingress": ...}``, each the
+    keyword arguments of ``Deployment.options``, plus ``use_gpu`` for the model.
+
+    A model replica takes ``gpus_per_replica`` GPUs (default: one where the cluster has GPUs,
+    else none, and it scores on the CPU) and one CPU slot. ``replicas`` N is a fixed count;
+    MIN-MAX an autoscaling range, where a replica counts as busy once it holds a full batch.
+
+    Example:
+        >>> options = deployment_options(ServeConfig(replicas="1-4"), cluster_gpus=8)
+        >>> options["model"]["ray_actor_options"], options["model"]["autoscaling_config"]
+        ({'num_cpus': 1, 'num_gpus': 1.0}, {'min_replicas': 1, 'max_replicas': 4, \
+'target_ongoing_requests': 32})
+    """
+    low, high = parse_replicas(config.replicas)
+    gpus = config.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus > 0 else 0.0
+    model: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": gpus},
+        # room for a full batch running and the next one gathering
+        "max_ongoing_requests": 2 * config.max_batch_size,
+        "use_gpu": gpus > 0,
+    }
+    if low == high:
+        model["num_replicas"] = low
+    else:
+        model["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
+                                       "target_ongoing_requests": config.max_batch_size}
+    ingress = {
+        "ray_actor_options": {"num_cpus": 1},
+        # each request mostly waits on the model replicas: let many in at once
+        "max_ongoing_requests": max(256, 4 * config.max_batch_size * high),
+    }
+    return {"model": model, "ingress": ingress}
+
+
 def build(args: dict[str, Any] | ServeConfig) -> serve.Application:
     """The application: ``Ingress`` in front of one ``ModelSet`` deployment.
 
@@ -339,28 +378,12 @@ def build(args: dict[str, Any] | ServeConfig) -> serve.Application:
         config = ServeConfig(**args)
     config = config.validated()
     describe_models(config.models, config.weights)  # a missing weights file: one line, now
-    low, high = parse_replicas(config.replicas)
-    gpus = config.gpus_per_replica
-    if gpus is None:
-        gpus = 1.0 if _cluster_gpus() > 0 else 0.0
-    if low == high:
-        scaling: dict[str, Any] = {"num_replicas": low}
-    else:
-        # a replica is busy when it holds a full batch: start another past that
-        scaling = {"autoscaling_config": {"min_replicas": low, "max_replicas": high,
-                                          "target_ongoing_requests": config.max_batch_size}}
+    options = deployment_options(config, _cluster_gpus())
+    use_gpu = options["model"].pop("use_gpu")
     model_set = serve.deployment(ModelSet, name=MODEL_DEPLOYMENT).options(
-        ray_actor_options={"num_cpus": 1, "num_gpus": gpus},
-        # room for a full batch running and the next one gathering
-        max_ongoing_requests=2 * config.max_batch_size,
-        **scaling,
-    ).bind(config.models, config.weights, use_gpu=gpus > 0, torch_threads=config.torch_threads,
+        **options["model"],
+    ).bind(config.models, config.weights, use_gpu=use_gpu, torch_threads=config.torch_threads,
            precision=config.precision, max_batch_size=config.max_batch_size,
            batch_wait_s=config.batch_wait_ms / 1000)
-    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT).options(
-        ray_actor_options={"num_cpus": 1},
-        # each request waits on the model replicas: the ingress only decodes, so let many in
-        max_ongoing_requests=max(256, 4 * config.max_batch_size * high),
-    )
+    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT).options(**options["ingress"])
     return ingress.bind(model_set, config)
-

@@ -28,14 +28,14 @@ log = logging.getLogger("ray.serve")
 def describe_models(models: tuple[str, ...], weights: str | None = None,
                     with_sha256: bool = False) -> list[dict[str, Any]]:
     """What a client needs to know of each served model: its weights, their file (and sha256),
-    the score column and the scores' range. Raises MemscoreError when a weights file is missing.
+    its output columns (``output_column``: the one score, where it has one) and the scores'
+    range. Raises MemscoreError when a weights file is missing.
 
     Example:
         >>> describe_models(("resmem",))[0]["output_column"]
         'memorability'
     """
     from memscore.checkpoint import state_dict_file
-    from memscore.columns import score_column
     from memscore.models._api import (WeightsNotFoundError, file_sha256, is_checkpoint_path,
                                       weights_for)
 
@@ -50,8 +50,11 @@ def describe_models(models: tuple[str, ...], weights: str | None = None,
         except (ValueError, FileNotFoundError, WeightsNotFoundError) as exc:
             raise MemscoreError(f"{name}: {exc}") from None
         meta = member.meta
+        # a model writes one score (output_column) or several columns (output_columns: the
+        # encoder traces, one list per image)
+        columns = list(meta.get("output_columns") or [meta["output_column"]])
         record = {"model": name, "weights": chosen, "weights_file": path,
-                  "output_column": score_column(meta["output_column"]),
+                  "output_column": meta.get("output_column"), "output_columns": columns,
                   "score_range": list(meta.get("score_range", (0.0, 1.0))),
                   "usual_min": meta.get("usual_min"), "notes": meta.get("notes"),
                   "licence": meta.get("licence")}

@@ -209,6 +209,11 @@ def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output
     return Snapshot(tuple(state["snapshot_files"]), int(state["rows"]))
 
 
+#: The CPU share Ray accounts for memscore's bookkeeping stages: reading the snapshot, cutting
+#: it into decode blocks, writing output files. See ``run.build_dataset``.
+LIGHT_STAGE_CPUS = 0.25
+
+
 def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
     """The snapshot as a Ray Dataset: one read block per part (the unit of a decode task)."""
     import ray.data
@@ -221,7 +226,11 @@ def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
     context = DataContext.get_current()
     chosen, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths))
+        # A light CPU share: reading the snapshot is cheap, and a whole CPU held by a read
+        # that backpressure keeps alive for most of a long run starves the writer (run.py,
+        # LIGHT_STAGE_CPUS).
+        return ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths),
+                                     ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
     finally:
         context.use_datasource_v2 = chosen
 

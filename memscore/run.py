@@ -235,8 +235,8 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
     # Ray merges small files into one read block, and one block is one decode task: cut the
     # rows back into blocks of rows_per_block (a streaming repartition, no barrier) so decoding
     # runs in parallel and overlaps the model from the first block on.
-    dataset = resume.snapshot_dataset(snapshot, config.storage_options).repartition(
-        target_num_rows_per_block=config.rows_per_block)
+    dataset = _light(resume.snapshot_dataset(snapshot, config.storage_options).repartition(
+        target_num_rows_per_block=config.rows_per_block))
     preprocess = {name: weights_for(name, given, config.storage_options).transforms
                   for name, given in config.model_weights().items()}
     dataset = decode_stage(dataset, config, manifest, preprocess, manifest.base_dir,
@@ -264,6 +264,23 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
         num_gpus=plan["num_gpus"],
         num_cpus=plan["num_cpus"],
     )
+
+
+def _light(dataset):
+    """``dataset`` with its last stage (the streaming repartition) asking Ray for a light CPU
+    share, ``resume.LIGHT_STAGE_CPUS``, as the snapshot read does.
+
+    Why: Ray Data reserves each stage's resources in pipeline order, upstream first, and a stage
+    left without a reservation waits for what is unreserved. The read and the repartition
+    only move small tables; at a whole CPU each, with a decode task and the model actor, they
+    took everything a one-machine Ray has (the writer's side of this is in
+    ``output.write_parquet``). The repartition's CPU request has no public setter in Ray 2.60
+    (the version pyproject pins): its logical operator's ``ray_remote_args`` is set here, and
+    tests/test_scale_pipeline.py checks that the plan carries it.
+    """
+    operator = dataset._logical_plan.dag
+    operator.ray_remote_args["num_cpus"] = resume.LIGHT_STAGE_CPUS
+    return dataset
 
 
 def _actor_pool(plan: dict[str, Any]):

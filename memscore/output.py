@@ -158,8 +158,16 @@ def write_parquet(dataset, output: str, storage_options: Mapping[str, Any],
     # min_rows_per_file: Ray buffers scored blocks until a file's worth is there, then one
     # write task writes the file and commits its row ids (CheckpointConfig): few large files,
     # each committed as soon as it is complete.
+    # No CPU in Ray's accounting: Ray Data reserves resources stage by stage, upstream first,
+    # and a stage that gets no reservation may start a task only when its CPU request fits in
+    # what is left unreserved. On a small machine nothing was left for the writer (one CPU,
+    # then a quarter: still more than the few hundredths left), so nothing was written until
+    # the read had ended: a 10-million-row run committed no file in 13 minutes, with 4.4
+    # million scored rows queued before the writer (docs/scaling.md). A write task encodes a
+    # file's worth of metadata and scores: little CPU, and there is one per --rows-per-file
+    # rows. With no CPU request, object-store budget alone paces it.
     dataset.write_parquet(target, filesystem=filesystem, filename_provider=names,
-                          min_rows_per_file=rows_per_file)
+                          min_rows_per_file=rows_per_file, ray_remote_args={"num_cpus": 0})
 
 
 def output_files(output: str, storage_options: Mapping[str, Any]) -> list[str]:
@@ -185,14 +193,58 @@ def read_output_columns(output: str, files: list[str], columns: list[str],
     return data.to_table(columns=columns)
 
 
+class _IdSpace:
+    """The row ids a run must write, as positions ``0 .. total - 1`` of a tally.
+
+    A manifest's ids are its row positions, ``0 .. rows - 1``. WebDataset ids are
+    ``shard << 32 | sample`` (``webdataset.sample_id``) with ``sample < samples[shard]``: the
+    position is the shard's offset plus the sample's index."""
+
+    def __init__(self, expected):
+        import numpy as np
+
+        self.per_shard = None if isinstance(expected, (int, np.integer)) else \
+            np.asarray(list(expected), dtype=np.int64)
+        if self.per_shard is None:
+            self.total = int(expected)
+        else:
+            self.offsets = np.concatenate([[0], np.cumsum(self.per_shard)])
+            self.total = int(self.offsets[-1])
+
+    def positions(self, ids):
+        """(inside: bool mask of ``ids`` that are expected, their positions)."""
+        import numpy as np
+
+        if self.per_shard is None:
+            inside = (ids >= 0) & (ids < self.total)
+            return inside, ids[inside]
+        shard, sample = ids >> 32, ids & 0xFFFFFFFF
+        inside = (ids >= 0) & (shard < len(self.per_shard))
+        inside[inside] &= sample[inside] < self.per_shard[shard[inside]]
+        return inside, self.offsets[shard[inside]] + sample[inside]
+
+    def ids(self, positions):
+        """Positions back to row ids."""
+        import numpy as np
+
+        if self.per_shard is None:
+            return positions
+        shard = np.searchsorted(self.offsets, positions, side="right") - 1
+        return (shard << 32) | (positions - self.offsets[shard])
+
+
 def count_output(output: str, storage_options: Mapping[str, Any],
-                 score_columns: list[str], expected_rows: int) -> dict[str, Any]:
+                 score_columns: list[str], expected_rows) -> dict[str, Any]:
     """Rows, scored rows and error kinds, read back from the Parquet files just written, and
-    whether every row id ``0 .. expected_rows - 1`` is there exactly once (``complete``).
+    whether every expected row id is there exactly once (``complete``).
+
+    ``expected_rows``: a manifest's row count N (ids ``0 .. N-1``), or a WebDataset run's list
+    of samples per shard (ids ``shard << 32 | 0 .. samples - 1``).
 
     Ids are counted, not rows: one row lost and another written twice must not pass; ids
-    outside the range are ``unexpected``. Files are read one by one (a few at a time, by a thread pool): the driver holds one byte per
-    expected row (how often each id was seen, up to 2) and one file's columns, not the output.
+    outside the range are ``unexpected``. Files are read a few at a time by a thread pool: the
+    driver holds one byte per expected row (how often each id was seen, up to 2) and one
+    file's columns per thread, not the output.
     """
     import numpy as np
     from concurrent.futures import ThreadPoolExecutor
@@ -200,7 +252,8 @@ def count_output(output: str, storage_options: Mapping[str, Any],
     files = output_files(output, storage_options)
     fs, _ = storage.url_to_fs(output, storage_options)
     wanted = [ROW_COLUMN, ERROR_COLUMN, *score_columns]
-    seen = np.zeros(expected_rows, dtype=np.uint8)
+    space = _IdSpace(expected_rows)
+    seen = np.zeros(space.total, dtype=np.uint8)
     outside = {"rows": 0, "examples": []}  # ids no manifest row has
     by_kind: dict[str, int] = {}
     totals = {"rows": 0, "errors": 0, "scored": None}
@@ -228,11 +281,12 @@ def count_output(output: str, storage_options: Mapping[str, Any],
             totals["rows"] += rows
             totals["errors"] += errors
             totals["scored"] = scored + (totals["scored"] or 0)
-            inside = (ids >= 0) & (ids < expected_rows)
-            outside["rows"] += int((~inside).sum())
+            inside, positions = space.positions(ids)
+            outside["rows"] += int(counts[~inside].sum())
             outside["examples"] = (outside["examples"] + ids[~inside][:5].tolist())[:5]
-            ids, counts = ids[inside], counts[inside]
-            seen[ids] = np.minimum(seen[ids].astype(np.int64) + counts, 2).astype(np.uint8)
+            counts = counts[inside]
+            seen[positions] = np.minimum(seen[positions].astype(np.int64) + counts,
+                                         2).astype(np.uint8)
             for item in kinds:
                 kind = item["values"].split(":", 1)[0]
                 by_kind[kind] = by_kind.get(kind, 0) + item["counts"]
@@ -244,12 +298,12 @@ def count_output(output: str, storage_options: Mapping[str, Any],
         "rows_with_errors": totals["errors"],
         "error_kinds": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])[:10]),
         "complete": (len(missing) == 0 and len(doubled) == 0 and not outside["rows"]
-                     and totals["rows"] == expected_rows),
+                     and totals["rows"] == space.total),
         "rows_missing": len(missing),
         "rows_duplicated": len(doubled),
         "rows_unexpected": outside["rows"],
-        "missing_examples": missing[:5].tolist(),
-        "duplicated_examples": doubled[:5].tolist(),
+        "missing_examples": space.ids(missing[:5]).tolist(),
+        "duplicated_examples": space.ids(doubled[:5]).tolist(),
         "unexpected_examples": outside["examples"],
     }
 

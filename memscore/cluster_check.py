@@ -105,6 +105,8 @@ def _first_local_images(manifest: Manifest) -> list[str]:
     from memscore.decode import ImageDecodeError, resolve_path
 
     found: list[str] = []
+    if manifest.kind == "webdataset":  # the shards are what every node reads
+        return [p for p in manifest.files if _local(p) and os.path.isfile(_local(p))][:_IMAGES]
     for table in manifest.read_all(limit=_ROWS):
         for path in table.column(manifest.path_column).to_pylist():
             try:

@@ -650,6 +650,11 @@ class DecodeImages:
             ``MemoryError``) are read again, with exponential backoff from 1 s to 60 s, a new
             client each round. Past it, ``TransientFailure`` fails the task: such a row is
             never committed as an error. Facts about the image stay row errors.
+        bytes_column: a column holding each row's image bytes, read instead of a path (a
+            WebDataset sample's image member, ``columns.IMAGE``). The table then comes with its
+            ``memscore_error`` column (the shard reader's per-sample errors): a row with an
+            error is passed through undecoded, keeping it. The bytes column is dropped once
+            decoded.
 
     Returns (from ``__call__``) the input table, untouched, with ``memscore_width``,
     ``memscore_height`` (int32: the decoded size, stored orientation unless ``exif_transpose``),
@@ -671,6 +676,7 @@ class DecodeImages:
         exif_transpose: bool = False,
         confine_to: str | None = None,
         transient_retry_s: float = DEFAULT_TRANSIENT_RETRY_S,
+        bytes_column: str | None = None,
     ):
         if not preprocess:
             raise ValueError("preprocess must name at least one ImagePreprocess")
@@ -681,6 +687,7 @@ class DecodeImages:
         if confine_to is not None and _protocol(str(confine_to)) not in (None, *_LOCAL_PROTOCOLS):
             raise ValueError(f"confine_to must be a local folder, got {confine_to!r}")
         self.path_column = path_column
+        self.bytes_column = bytes_column
         self.preprocess = dict(preprocess)
         self.base_dir = base_dir
         self.storage_options = dict(storage_options or {})
@@ -821,14 +828,28 @@ class DecodeImages:
         return data
 
     # -------------------------------------------------------------------------------- per row
+    def _row_bytes(self, item: Any) -> bytes:
+        """A row's image bytes: read from its path, or (``bytes_column``) the item itself."""
+        if self.bytes_column is not None:
+            if item is None:
+                raise ImageDecodeError("no image", "the sample has no image member")
+            if len(item) > self.max_bytes:
+                raise ImageDecodeError("too large",
+                                       f"{len(item)} bytes > max_bytes {self.max_bytes}")
+            if not item:
+                raise ImageDecodeError("empty file", "0 bytes")
+            return item
+        if item is None:
+            raise ImageDecodeError("missing path", "the path column is null")
+        return self._read_bytes(resolve_path(item, self.base_dir))
+
     def _decode_row(self, index: int, path: Any, out: dict[str, np.ndarray]):
-        """-> (width, height, None) or (None, None, error string). Writes pixels into ``out``."""
+        """-> (width, height, None) or (None, None, error string). Writes pixels into ``out``.
+
+        ``path`` is the row's path, or its image bytes when ``bytes_column`` is set."""
         try:
-            if path is None:
-                raise ImageDecodeError("missing path", "the path column is null")
-            resolved = resolve_path(path, self.base_dir)
             width, height, arrays = decode_image_bytes(
-                self._read_bytes(resolved), self.preprocess, max_pixels=self.max_pixels,
+                self._row_bytes(path), self.preprocess, max_pixels=self.max_pixels,
                 draft_to=self._draft_to, exif_transpose=self.exif_transpose,
                 budget=self._budget)
             for name, array in arrays.items():
@@ -896,19 +917,34 @@ class DecodeImages:
     def __call__(self, table: pa.Table) -> pa.Table:
         from ray.data.extensions import ArrowTensorArray
 
-        if self.path_column not in table.column_names:
-            raise KeyError(f"path column {self.path_column!r} not in the table: {table.column_names}")
+        source = self.bytes_column or self.path_column
+        if source not in table.column_names:
+            raise KeyError(f"{'bytes' if self.bytes_column else 'path'} column {source!r} not in "
+                           f"the table: {table.column_names}")
         added = [WIDTH_COLUMN, HEIGHT_COLUMN, ERROR_COLUMN, *map(pixels_column, self.preprocess)]
+        given_errors = None
+        if self.bytes_column is not None and ERROR_COLUMN in table.column_names:
+            given_errors = table.column(ERROR_COLUMN).to_pylist()
+            table = table.drop_columns([ERROR_COLUMN])
         clash = [c for c in added if c in table.column_names]
         if clash:
             raise ValueError(f"input table already has columns the decode stage adds: {clash}")
 
-        paths = table.column(self.path_column).to_pylist()
+        paths = table.column(source).to_pylist()
         n = len(paths)
         out = {name: np.zeros((n, *pre.array_shape), dtype=np.uint8) for name, pre in self.preprocess.items()}
-        results = self._decode_rows(list(range(n)), paths, out, [None] * n)
+        todo = list(range(n))
+        results: list = [None] * n
+        if given_errors is not None:  # the reader's per-sample errors stand; those rows wait
+            todo = [i for i in todo if given_errors[i] is None]
+            for i in range(n):
+                if given_errors[i] is not None:
+                    results[i] = (None, None, given_errors[i])
+        results = self._decode_rows(todo, paths, out, results)
         results = self._retry_transient(paths, out, results)
 
+        if self.bytes_column is not None:  # decoded: the bytes need not travel on to the model
+            table = table.drop_columns([self.bytes_column])
         widths = pa.array([r[0] for r in results], type=pa.int32())
         heights = pa.array([r[1] for r in results], type=pa.int32())
         errors = pa.array([r[2] for r in results], type=pa.string())

@@ -48,8 +48,10 @@ class Manifest:
 
     Attributes:
         source: what the user gave.
-        kind: "csv", "parquet", "jsonl" or "images" (a folder or glob of image files).
-        files: the manifest files (or, for "images", the image files), full paths or URLs.
+        kind: "csv", "parquet", "jsonl", "images" (a folder or glob of image files) or
+            "webdataset" (tar shards; see ``open_manifest``).
+        files: the manifest files (for "images" the image files, for "webdataset" the
+            shards), full paths or URLs.
         base_dir: folder that relative image paths resolve against.
         columns: the manifest's column names (for "images": just the path column).
         path_column: column holding the image path.
@@ -248,9 +250,26 @@ def _csv_options(path: str) -> dict:
 
 def open_manifest(source: str, *, path_column: str = "path",
                   storage_options: Mapping[str, Any] | None = None,
-                  reserved_columns: tuple[str, ...] = ()) -> Manifest:
-    """Find and validate the manifest at ``source``; raises ``MemscoreError`` on any problem."""
+                  reserved_columns: tuple[str, ...] = (),
+                  webdataset: bool = False) -> Manifest:
+    """Find and validate the manifest at ``source``; raises ``MemscoreError`` on any problem.
+
+    ``webdataset``: WebDataset shards (``webdataset.is_webdataset``) are a manifest of kind
+    "webdataset" whose ``files`` are the shards (``webdataset.expand_shards``); its rows are
+    read by ``webdataset.read_shards``, not ``iter_tables``. Without it (commands that read a
+    manifest's rows in the driver) shards are refused with one line.
+    """
     options = dict(storage_options or {})
+    from memscore import webdataset as wds
+
+    if wds.is_webdataset(source, options):
+        if not webdataset:
+            raise MemscoreError(f"{source}: WebDataset shards can be scored (memscore score), "
+                                f"not read here; give a table manifest or a folder of images")
+        shards = wds.expand_shards(source, options)
+        base = storage.absolute(source).split("{")[0].rstrip("/")
+        return Manifest(source, "webdataset", tuple(shards), base, (wds.KEY, wds.URL), wds.KEY,
+                        options)
     try:
         fs, root = storage.url_to_fs(source, options)
     except Exception as exc:

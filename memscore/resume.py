@@ -53,8 +53,12 @@ def _work(output: str, *parts: str) -> str:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The rows a run scores: parts of the manifest copied into ``_memscore/manifest/``, or for
+    WebDataset the shards themselves (``rows`` None: known once every shard is read, from
+    ``shard_counts``)."""
+
     files: tuple[str, ...]
-    rows: int
+    rows: int | None
 
 
 def write_snapshot(manifest: Manifest, output: str, config: ScoreConfig) -> Snapshot:
@@ -156,18 +160,30 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
 
 
 def manifest_fingerprint(manifest: Manifest) -> str:
-    """sha256 over the manifest's files with their sizes and modification stamps."""
+    """sha256 over the manifest's files (a table manifest's files, or WebDataset shards) with
+    their sizes and modification stamps; over the image paths of a scanned folder."""
     digest = hashlib.sha256()
     if manifest.kind == "images":
         for path in manifest.files:
             digest.update(path.encode() + b"\0")
         return digest.hexdigest()
-    for path in manifest.files:
+
+    def stamp(path: str) -> str:
         fs, inner = storage.url_to_fs(path, manifest.storage_options)
         info = fs.info(inner)
-        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified")
-        digest.update(f"{path}\0{info.get('size')}\0{stamp}\0".encode())
+        when = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+        return f"{path}\0{info.get('size')}\0{when}\0"
+
+    # thousands of shards on S3: a HEAD each, many at a time rather than one after another
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        for text in pool.map(stamp, manifest.files):
+            digest.update(text.encode())
     return digest.hexdigest()
+
+
+def shard_counts_folder(output: str) -> str:
+    """Where a WebDataset run's read tasks record each shard's sample count."""
+    return _work(output, "shards")
 
 
 def write_state(output: str, identity: Mapping[str, Any], snapshot: Snapshot,
@@ -175,6 +191,7 @@ def write_state(output: str, identity: Mapping[str, Any], snapshot: Snapshot,
     state = {**identity, "snapshot_files": list(snapshot.files), "rows": snapshot.rows,
              "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     fs, path = storage.url_to_fs(_work(output, _STATE), storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a WebDataset run writes no snapshot
     fs.pipe_file(path, json.dumps(state, indent=2).encode())
 
 
@@ -206,7 +223,8 @@ def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output
                 f"{'run' if finished else 'resume'} it with the same options or use --overwrite")
     if finished:
         return None
-    return Snapshot(tuple(state["snapshot_files"]), int(state["rows"]))
+    rows = state["rows"]  # None: WebDataset shards, whose rows are known once read
+    return Snapshot(tuple(state["snapshot_files"]), None if rows is None else int(rows))
 
 
 #: The CPU share Ray accounts for memscore's bookkeeping stages: reading the snapshot, cutting
@@ -227,10 +245,10 @@ def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
     chosen, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
         # A light CPU share: reading the snapshot is cheap, and a whole CPU held by a read
-        # that backpressure keeps alive for most of a long run starves the writer (run.py,
-        # LIGHT_STAGE_CPUS).
+        # that backpressure keeps alive for most of a long run is a CPU the decode tasks lack
+        # (run._light).
         return ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths),
-                                     ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
+                                     num_cpus=LIGHT_STAGE_CPUS)
     finally:
         context.use_datasource_v2 = chosen
 

@@ -20,10 +20,10 @@ import pyarrow as pa
 
 from memscore import resume, storage
 from memscore.cluster_check import check_shared_storage
-from memscore.columns import BOOKKEEPING, score_column
+from memscore.columns import BOOKKEEPING, IMAGE, score_column
 from memscore.config import MemscoreError, ScoreConfig, first_line
 from memscore.decode import RETRYABLE_KINDS
-from memscore.error_fraction import start_counter
+from memscore.error_fraction import MIN_ROWS, start_counter
 from memscore.manifest import Manifest, open_manifest
 from memscore.models._api import file_sha256
 from memscore.predict import local_cores
@@ -203,6 +203,8 @@ def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
             "transient_retry_s": getattr(config, "transient_retry_s", DEFAULT_TRANSIENT_RETRY_S),
             "max_inflight_pixels": 2 * config.max_pixels,
             "path_column": manifest.path_column,
+            # a WebDataset sample's image member travels in its row
+            "bytes_column": IMAGE if manifest.kind == "webdataset" else None,
             "preprocess": preprocess,
             "base_dir": base_dir,
             "storage_options": dict(config.storage_options),
@@ -235,8 +237,11 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
     # Ray merges small files into one read block, and one block is one decode task: cut the
     # rows back into blocks of rows_per_block (a streaming repartition, no barrier) so decoding
     # runs in parallel and overlaps the model from the first block on.
-    dataset = _light(resume.snapshot_dataset(snapshot, config.storage_options).repartition(
-        target_num_rows_per_block=config.rows_per_block))
+    if manifest.kind == "webdataset":
+        dataset = _shards_dataset(config, manifest)
+    else:
+        dataset = resume.snapshot_dataset(snapshot, config.storage_options)
+    dataset = _light(dataset.repartition(target_num_rows_per_block=config.rows_per_block))
     preprocess = {name: weights_for(name, given, config.storage_options).transforms
                   for name, given in config.model_weights().items()}
     dataset = decode_stage(dataset, config, manifest, preprocess, manifest.base_dir,
@@ -264,6 +269,29 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
         num_gpus=plan["num_gpus"],
         num_cpus=plan["num_cpus"],
     )
+
+
+def _shards_dataset(config: ScoreConfig, manifest: Manifest):
+    """WebDataset shards as sample rows (``webdataset.read_shards``): one read task per shard,
+    each recording its shard's sample count in the run's work folder once read to its end."""
+    from memscore.predict import output_columns
+    from memscore.webdataset import read_shards, scan_members
+
+    options = {
+        "reserved_columns": tuple(output_columns(config.models, config.column_prefix)),
+        # one type per text member column in every output file (bytes that are not UTF-8
+        # become U+FFFD; README)
+        "text_as_string": True,
+    }
+    # Ray writes blocks of several shards into one file, which takes one schema: every row
+    # gets the member columns of the first samples (img2dataset's are the same in every
+    # sample); a member first seen later is left out, and counted in the summary.
+    members = scan_members(list(manifest.files), config.storage_options, **options)
+    return read_shards(
+        list(manifest.files), config.storage_options,
+        counts_folder=resume.shard_counts_folder(config.output),
+        # reading a shard is sequential I/O and tar headers: a light share, as the snapshot's
+        num_cpus=resume.LIGHT_STAGE_CPUS, members=members, **options)
 
 
 def _light(dataset):
@@ -319,7 +347,7 @@ def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -
     The summary goes only after the new checkpoint and the replacement plan are written, so
     a kill before leaves a finished run, and one after an interrupted run whose plan every
     resume completes."""
-    snapshot = resume.write_snapshot(manifest, config.output, config)
+    snapshot = _new_snapshot(manifest, config)
     resume.write_state(config.output, identity, snapshot, config.storage_options)
     dropped = resume.drop_error_rows(config.output, config.storage_options, RETRYABLE_KINDS,
                                      rebuild_checkpoint=True)
@@ -327,6 +355,40 @@ def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -
         resume.remove_work_dir(config.output, config.storage_options)
         return False
     return True  # the caller removes the summary, then applies the plan
+
+
+def _new_snapshot(manifest: Manifest, config: ScoreConfig) -> resume.Snapshot:
+    """The rows this run scores: the manifest copied into the work folder, or the shards."""
+    if manifest.kind == "webdataset":
+        return resume.Snapshot(manifest.files, None)
+    return resume.write_snapshot(manifest, config.output, config)
+
+
+def _check_webdataset_options(config: ScoreConfig, manifest: Manifest) -> None:
+    if manifest.kind != "webdataset":
+        return
+    if config.limit is not None:
+        raise MemscoreError(
+            f"{config.manifest}: --limit cannot cut WebDataset shards (a row's id is its place "
+            f"in its shard); name fewer shards instead, e.g. shards/{{000000..000009}}.tar")
+    if config.id_column:
+        raise MemscoreError(f"{config.manifest}: --id-column is for table manifests; WebDataset "
+                            f"rows are keyed by shard and sample (__url__, __key__)")
+
+
+def _shard_counts(config: ScoreConfig, manifest: Manifest, dropped: dict) -> list[int]:
+    """Each shard's sample count, as its read task recorded it (every shard was read to its
+    end once the pipeline has finished); ``dropped`` receives the members left out."""
+    from memscore.webdataset import read_shard_counts
+
+    counts = read_shard_counts(resume.shard_counts_folder(config.output), list(manifest.files),
+                               config.storage_options, dropped)
+    unread = [url for url, n in zip(manifest.files, counts) if n is None]
+    if unread:
+        raise MemscoreError(
+            f"{config.output}: {len(unread)} of {len(counts)} shards have no recorded sample "
+            f"count (e.g. {unread[0]}), so the output cannot be checked; run again with --resume")
+    return counts
 
 
 _STOPPED_RE = re.compile(
@@ -401,7 +463,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     added = output_columns(config.models, config.column_prefix)
     manifest = open_manifest(config.manifest, path_column=config.path_column,
                              storage_options=config.storage_options,
-                             reserved_columns=(*added, resume.ROW_COLUMN))
+                             reserved_columns=(*added, resume.ROW_COLUMN), webdataset=True)
+    _check_webdataset_options(config, manifest)
     if config.id_column and config.id_column not in manifest.columns:
         raise MemscoreError(f"{config.manifest}: no --id-column {config.id_column!r} "
                             f"(columns: {', '.join(manifest.columns)})")
@@ -441,7 +504,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             resume.drop_error_rows(config.output, config.storage_options, RETRYABLE_KINDS)
             resume.apply_retry_plan(config.output, config.storage_options)
     else:
-        snapshot = resume.write_snapshot(manifest, config.output, config)
+        snapshot = _new_snapshot(manifest, config)
         resume.write_state(config.output, identity, snapshot, config.storage_options)
     done_before = resume.committed_rows(config.output, config.storage_options)
 
@@ -463,7 +526,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         clock = time.perf_counter()
         context.checkpoint_config = resume.checkpoint_config(config.output,
                                                              config.storage_options)
-        counter = start_counter(config.max_error_fraction, snapshot.rows - done_before)
+        # (shards: rows unknown until read; the tally's own minimum decides when it judges)
+        counter = start_counter(config.max_error_fraction,
+                                MIN_ROWS if snapshot.rows is None else snapshot.rows - done_before)
         try:
             write_parquet(build_dataset(config, manifest, snapshot, plan, counter),
                           config.output, config.storage_options, config.rows_per_file)
@@ -481,9 +546,15 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         for record, digest in zip(weights, hashes):
             record["weights_sha256"] = digest
 
+    shards = None
+    if manifest.kind == "webdataset":
+        dropped: dict[str, int] = {}
+        per_shard = _shard_counts(config, manifest, dropped)
+        snapshot = resume.Snapshot(snapshot.files, sum(per_shard))
+        shards = [{"url": url, "samples": n} for url, n in zip(manifest.files, per_shard)]
     counts = count_output(config.output, config.storage_options,
                           [c for c in added if c not in BOOKKEEPING],
-                          expected_rows=snapshot.rows)
+                          expected_rows=snapshot.rows if shards is None else per_shard)
     recorded = asdict(config)
     recorded["storage_options"] = storage.redact(config.storage_options)
     done_now = counts["rows_out"] - done_before
@@ -508,6 +579,10 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         "config": recorded,
         "run": identity,  # what --resume compares a later command with
     }
+    if shards is not None:  # what `memscore verify` checks a WebDataset output against
+        summary["shards"] = shards
+        # members that first appeared after the samples that set the columns: samples each
+        summary["members_left_out"] = dropped
     write_summary(config.output, summary, config.storage_options)
     if not counts["complete"]:
         raise MemscoreError(

@@ -2,6 +2,12 @@
 
 Rows are matched by ``--id-column`` where the run had one, else by ``memscore_row`` (each row's
 position in the manifest). A run made with ``--limit N`` is checked against the first N rows.
+
+WebDataset shards: rows are matched by ``memscore_row`` (``shard << 32 | sample``) against each
+shard's sample count, as the run's read tasks recorded it when they read the shard to its end
+(the summary's ``shards``, or the work folder of an unfinished run): reading every shard again
+here would cost what the run's read cost. The shards the source names now must be the ones the
+run read.
 """
 
 from __future__ import annotations
@@ -71,7 +77,10 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     run = _run_options(output, options)
     path_column = path_column or run.get("path_column") or "path"
     id_column = id_column or run.get("id_column")
-    source = open_manifest(manifest, path_column=path_column, storage_options=options)
+    source = open_manifest(manifest, path_column=path_column, storage_options=options,
+                           webdataset=True)
+    if source.kind == "webdataset":
+        return _verify_shards(output, source, run, options)
     key = id_column or ROW_COLUMN
     limit = run.get("limit")
     files = output_files(output, options)
@@ -109,3 +118,37 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
                 "unexpected": len(unexpected)},
         summary_present=bool(run.get("finished")),
     )
+
+
+def _verify_shards(output: str, source, run: Mapping[str, Any],
+                   options: Mapping[str, Any]) -> VerifyReport:
+    from memscore.output import read_summary
+    from memscore.resume import shard_counts_folder
+    from memscore.webdataset import read_shard_counts
+
+    shards = list(source.files)
+    if run.get("finished"):
+        recorded = read_summary(output, options).get("shards")
+        if recorded is None:
+            raise MemscoreError(f"{output}: the run did not read WebDataset shards")
+        urls = [item["url"] for item in recorded]
+        if urls != shards:
+            raise MemscoreError(
+                f"{output}: the run read {len(urls)} shards, {source.source} names "
+                f"{len(shards)} (or others); give the shards the run was given")
+        counts = [int(item["samples"]) for item in recorded]
+    else:
+        counts = read_shard_counts(shard_counts_folder(output), shards, options)
+        unread = sum(n is None for n in counts)
+        if unread:
+            raise MemscoreError(
+                f"{output}: {unread} of {len(shards)} shards have not been read to their end "
+                f"by the run yet, so their samples are not known; finish the run with --resume")
+    tally = count_output(output, options, [], expected_rows=counts)
+    return VerifyReport(
+        manifest_rows=sum(counts), output_rows=tally["rows_out"], key=ROW_COLUMN,
+        missing=tally["missing_examples"], duplicated=tally["duplicated_examples"],
+        unexpected=tally["unexpected_examples"],
+        counts={"missing": tally["rows_missing"], "duplicated": tally["rows_duplicated"],
+                "unexpected": tally["rows_unexpected"]},
+        summary_present=bool(run.get("finished")))

@@ -128,6 +128,9 @@ __all__ = [
     "read_shard",
     "unify_tables",
     "read_shards",
+    "scan_members",
+    "write_shard_count",
+    "read_shard_counts",
 ]
 
 #: The sample's key and its shard, as the webdataset library names them.
@@ -323,8 +326,9 @@ def is_webdataset(source: str, storage_options: Mapping[str, Any] | None = None)
     """Whether ``source`` names WebDataset shards (what ``open_manifest`` can ask first).
 
     True for a path, glob or brace pattern whose names end in ``.tar`` (``.tar.gz``, ``.tgz``),
-    and for a folder holding shard files and nothing else (``_memscore*`` entries and hidden
-    files aside). Only the folder case touches the storage (one listing); a source that cannot
+    and for a folder holding shard files and no image files (``_memscore*`` entries and hidden
+    files aside): img2dataset's output folder has a ``.parquet`` and a ``_stats.json`` beside
+    each shard. Only the folder case touches the storage (one listing); a source that cannot
     be listed is not a WebDataset here, and the manifest module reports it as before.
     """
     names = expand_braces(source.rstrip("/"))
@@ -340,7 +344,9 @@ def is_webdataset(source: str, storage_options: Mapping[str, Any] | None = None)
                  if not _memscores_own(p[len(root):]) and not p.rsplit("/", 1)[-1].startswith(".")]
     except Exception:
         return False
-    return bool(files) and all(_is_shard_name(p) for p in files)
+    shards = [p for p in files if _is_shard_name(p)]
+    return bool(shards) and not any(
+        p.rsplit(".", 1)[-1].lower() in IMAGE_MEMBERS for p in files if "." in p)
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -531,8 +537,12 @@ class _TableBuilder:
     """Finished groups -> one table: fixed columns, then member columns (missing -> null)."""
 
     def __init__(self, url: str, shard_index: int, image_members: tuple[str, ...],
-                 reserved: frozenset):
+                 reserved: frozenset, text_as_string: bool = False,
+                 members: tuple[str, ...] | None = None, dropped: dict | None = None):
         self.url = url
+        self.text_as_string = text_as_string
+        self.fixed_members = members
+        self.dropped = dropped if dropped is not None else {}
         self.shard_index = shard_index
         self.image_members = image_members
         self.reserved = reserved
@@ -575,9 +585,15 @@ class _TableBuilder:
     def flush(self) -> pa.Table:
         n = len(self.ids)
         names = sorted({name for row in self.members for name in row})
+        if self.fixed_members is not None:  # one schema for every table of the run
+            for name in set(names) - set(self.fixed_members):
+                self.dropped[name] = self.dropped.get(name, 0) + sum(
+                    name in row for row in self.members)
+            names = sorted(self.fixed_members)
         data = {KEY: pa.array(self.keys, pa.string()), URL: pa.array([self.url] * n, pa.string())}
         for name in names:
-            data[name] = _member_column(name, [row.get(name) for row in self.members])
+            data[name] = _member_column(name, [row.get(name) for row in self.members],
+                                        self.text_as_string)
         data[columns.ROW] = pa.array(self.ids, pa.int64())
         data[columns.ERROR] = pa.array(self.errors, pa.string())
         data[IMAGE] = pa.array(self.images, pa.binary())
@@ -586,14 +602,19 @@ class _TableBuilder:
         return pa.table(data)
 
 
-def _member_column(name: str, values: list) -> pa.Array:
-    """Member bytes -> a string column for text members that are all UTF-8, else binary."""
+def _member_column(name: str, values: list, text_as_string: bool = False) -> pa.Array:
+    """Member bytes -> a string column for text members that are all UTF-8, else binary.
+
+    ``text_as_string``: a text member is a string column whatever its bytes, the bytes that are
+    not UTF-8 replaced by U+FFFD, so that every table of a run has one type for it."""
     array = pa.array(values, pa.binary())
     if name.rsplit(".", 1)[-1] in TEXT_MEMBERS:
         try:
             return array.cast(pa.string())  # validates UTF-8
         except (pa.ArrowInvalid, pa.ArrowTypeError):
-            pass
+            if text_as_string:
+                return pa.array([None if v is None else v.decode("utf-8", "replace")
+                                 for v in values], pa.string())
     return array
 
 
@@ -601,7 +622,9 @@ def iter_shard(url: str, storage_options: Mapping[str, Any] | None = None, shard
                *, max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
                max_member_bytes: int = DEFAULT_MAX_BYTES,
                image_members: tuple[str, ...] = IMAGE_MEMBERS,
-               reserved_columns: Iterable[str] = ()) -> Iterator[pa.Table]:
+               reserved_columns: Iterable[str] = (),
+               text_as_string: bool = False, members: Iterable[str] | None = None,
+               dropped: dict | None = None) -> Iterator[pa.Table]:
     """One shard's samples as a stream of tables, in tar order, in bounded memory.
 
     Args:
@@ -614,6 +637,16 @@ def iter_shard(url: str, storage_options: Mapping[str, Any] | None = None, shard
         max_member_bytes: larger members make their sample a "too large" error row, unread.
         image_members: extensions that can be the scored image, in order of preference.
         reserved_columns: more names no member may take (the run's score columns).
+        text_as_string: text members (``TEXT_MEMBERS``) are always strings, bytes that are not
+            UTF-8 replaced by U+FFFD (``memscore score`` uses this: its output files must
+            agree on each column's type); else such a column is binary in a table where a
+            value is not UTF-8.
+        members: the member columns of every table, whatever the samples hold (missing ->
+            null; with ``text_as_string``, one type per column): Ray Data writes blocks of
+            several shards into one file, which needs one schema. Other members are left out
+            and counted in ``dropped`` (extension -> samples). None: the members each table's
+            samples hold.
+        dropped: where the members left out are counted.
 
     Yields:
         Tables as the module docstring describes; their member columns may differ (see
@@ -626,7 +659,8 @@ def iter_shard(url: str, storage_options: Mapping[str, Any] | None = None, shard
     reserved = frozenset((KEY, URL, *columns.BOOKKEEPING, columns.ROW, *reserved_columns))
     image_members = tuple(e.lower().lstrip(".") for e in image_members)
     shard = _Shard(url, storage_options, max_member_bytes, image_members, reserved)
-    builder = _TableBuilder(url, shard_index, image_members, reserved)
+    builder = _TableBuilder(url, shard_index, image_members, reserved, text_as_string,
+                            None if members is None else tuple(members), dropped)
     for group in shard.groups():
         builder.add(group)
         if builder.nbytes >= max_table_bytes:
@@ -682,11 +716,12 @@ def _datasource_class():
     class WebDatasetShards(Datasource):
         """One read task per shard; each yields ``iter_shard``'s tables as blocks."""
 
-        def __init__(self, shards, storage_options, reader_options):
+        def __init__(self, shards, storage_options, reader_options, counts_folder=None):
             super().__init__()
             self.shards = list(shards)
             self.storage_options = dict(storage_options or {})
             self.reader_options = dict(reader_options)
+            self.counts_folder = counts_folder
 
         def estimate_inmemory_data_size(self):
             return None  # unknown without a request per shard
@@ -694,10 +729,18 @@ def _datasource_class():
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             # each task carries its shard and the options, not the whole list of shards
             storage_options, reader_options = self.storage_options, self.reader_options
+            counts_folder = self.counts_folder
             tasks = []
             for index, url in enumerate(self.shards):
                 def read(url=url, index=index):
-                    return iter_shard(url, storage_options, index, **reader_options)
+                    samples, dropped = 0, {}
+                    for table in iter_shard(url, storage_options, index, dropped=dropped,
+                                            **reader_options):
+                        samples += table.num_rows
+                        yield table
+                    if counts_folder is not None:  # the shard was read to its end
+                        write_shard_count(counts_folder, index, url, samples, storage_options,
+                                          dropped)
 
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                      input_files=(url,))
@@ -707,7 +750,69 @@ def _datasource_class():
     return WebDatasetShards
 
 
+def scan_members(shards: list[str], storage_options: Mapping[str, Any] | None = None,
+                 samples: int = 1000, max_shards: int = 8, **reader_options) -> tuple[str, ...]:
+    """The member columns of the first ``samples`` samples (in up to ``max_shards`` shards):
+    what ``memscore score`` writes for every row (``iter_shard``'s ``members``).
+
+    img2dataset's shards hold the same members in every sample (``jpg``, ``txt``, ``json``);
+    a member that first appears later in a run is left out and counted in the summary."""
+    found: set[str] = set()
+    seen = 0
+    fixed = set(columns.BOOKKEEPING) | {KEY, URL, columns.ROW, IMAGE, IMAGE_EXT}
+    for index, url in enumerate(shards[:max_shards]):
+        try:
+            for table in iter_shard(url, storage_options, index, **reader_options):
+                found.update(c for c in table.column_names if c not in fixed)
+                seen += table.num_rows
+                if seen >= samples:
+                    return tuple(sorted(found))
+        except OSError:
+            continue  # the run's read task will report it
+    return tuple(sorted(found))
+
+
+def write_shard_count(folder: str, index: int, url: str, samples: int,
+                      storage_options: Mapping[str, Any] | None = None,
+                      dropped: Mapping[str, int] | None = None) -> None:
+    """Record that shard ``index`` (``url``) holds ``samples`` rows (and which members were left
+    out of how many samples, ``iter_shard``'s ``dropped``): ``folder/<index>.json``."""
+    import json
+
+    fs, path = storage.url_to_fs(f"{folder.rstrip('/')}/{index:09d}.json", storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # local folders must exist; S3 has none
+    record = {"shard": index, "url": url, "samples": samples, "dropped": dict(dropped or {})}
+    fs.pipe_file(path, json.dumps(record).encode())
+
+
+def read_shard_counts(folder: str, shards: list[str],
+                      storage_options: Mapping[str, Any] | None = None,
+                      dropped: dict | None = None) -> list[int | None]:
+    """Each shard's recorded sample count (``write_shard_count``), None where none is; a
+    record naming another URL for its index (the listing changed) is None too. ``dropped``
+    (a dict) receives the members left out, summed over the shards."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, root = storage.url_to_fs(folder, storage_options)
+    counts: list[int | None] = [None] * len(shards)
+    if not fs.exists(root):
+        return counts
+    files = [p for p in fs.find(root) if p.endswith(".json")]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for record in pool.map(lambda p: json.loads(fs.cat_file(p)), files):
+            index = record.get("shard")
+            if isinstance(index, int) and 0 <= index < len(shards) \
+                    and record.get("url") == shards[index]:
+                counts[index] = int(record["samples"])
+                if dropped is not None:
+                    for name, n in (record.get("dropped") or {}).items():
+                        dropped[name] = dropped.get(name, 0) + n
+    return counts
+
+
 def read_shards(shards: list[str], storage_options: Mapping[str, Any] | None = None,
+                counts_folder: str | None = None, num_cpus: float | None = None,
                 **reader_options):
     """The shards as a Ray Dataset of sample rows: one read task per shard, in list order.
 
@@ -723,9 +828,14 @@ def read_shards(shards: list[str], storage_options: Mapping[str, Any] | None = N
     Args:
         shards: shard URLs or paths.
         storage_options: fsspec options.
+        counts_folder: where each read task records its shard's sample count once it has read
+            the shard to its end (``write_shard_count``): the run's completeness check needs
+            each shard's row count, known only by reading it. None: not recorded.
+        num_cpus: each read task's CPU request to Ray (None: Ray's default, 1).
         **reader_options: ``iter_shard``'s keyword options.
     """
     import ray.data
 
-    datasource = _datasource_class()(shards, storage_options, reader_options)
-    return ray.data.read_datasource(datasource, override_num_blocks=max(1, len(shards)))
+    datasource = _datasource_class()(shards, storage_options, reader_options, counts_folder)
+    return ray.data.read_datasource(datasource, override_num_blocks=max(1, len(shards)),
+                                    num_cpus=num_cpus)

@@ -1,4 +1,4 @@
-"""Scale benchmark: `memscore score` on cheap-row manifests of growing size; the WebDataset reader.
+"""Scale benchmark: `memscore score` on cheap-row manifests of growing size, and on WebDataset shards.
 
 "Cheap rows" are manifest rows whose image does not exist: each comes out as a ``missing file``
 error row, so no model time is spent (the model actor still starts and sees every batch) and
@@ -22,9 +22,10 @@ start, Ray's start and the model load are included), and records:
 - exactly once: the summary's ``complete`` and ``memscore verify OUT --manifest MANIFEST``, which
   matches every manifest row with one output row.
 
-The model load is measured apart once (``ScoreImages(("resmem",))`` in a fresh process), as is
-the WebDataset reader (``memscore.webdataset.iter_shard``) on ``--webdataset-samples`` samples
-of real small images in 4 shards: that reader is not wired into ``memscore score`` yet.
+The model load is measured apart once (``ScoreImages(("resmem",))`` in a fresh process).
+WebDataset (``--webdataset-samples`` samples of real small images in 4 shards): the reader alone
+(``memscore.webdataset.iter_shard``), then ``memscore score`` on the shards end to end, model
+time included, and ``memscore verify``.
 
 The machine is assumed shared: the table records the load average and the CPU steal share of
 each run; compare rows measured in one invocation.
@@ -293,10 +294,13 @@ def make_shards(folder: Path, samples: int, seed: int, shards: int = 4) -> list[
     return paths
 
 
-def measure_webdataset(folder: Path, samples: int, seed: int) -> dict:
+def measure_webdataset(folder: Path, samples: int, seed: int, extra: list[str],
+                       timeout: float) -> dict:
+    """The reader alone (in this process), then ``memscore score SHARDS`` end to end (decode
+    and ResMem's forward on every sample, as one process) and ``memscore verify``."""
     from memscore.webdataset import iter_shard
 
-    shards = make_shards(folder, samples, seed)
+    shards = make_shards(folder / "shards", samples, seed)
     size = sum(p.stat().st_size for p in shards)
     clock = time.perf_counter()
     rows = errors = 0
@@ -305,8 +309,13 @@ def measure_webdataset(folder: Path, samples: int, seed: int) -> dict:
             rows += table.num_rows
             errors += table.num_rows - table.column("memscore_error").null_count
     wall = time.perf_counter() - clock
+    output = folder / "out"
+    score = run_score(folder / "shards", output, extra, timeout)
+    if score["returncode"] == 0:
+        ok, took, line = run_verify(folder / "shards", output)
+        score.update(verified=ok, verify_s=took, verify_line=line)
     return {"samples": samples, "rows": rows, "errors": errors, "shards": len(shards),
-            "mib": size / 2**20, "wall_s": wall}
+            "mib": size / 2**20, "wall_s": wall, "score": score}
 
 
 # ------------------------------------------------------------------------------- report
@@ -396,14 +405,30 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
         lines.append(f"The reader measurement failed: {wds['failed']}")
     else:
         lines.append(
-            f"The WebDataset reader is not wired into `memscore score` yet, so only the reader "
-            f"alone was measured: `memscore.webdataset.iter_shard` over {wds['shards']} shards of "
-            f"{wds['samples']:,} samples ({wds['mib']:.1f} MiB: small JPEGs of 96-320 px, each "
-            f"with .json and .txt members), in this process, no Ray: {wds['wall_s']:.2f} s, "
+            f"{wds['shards']} shards of {wds['samples']:,} samples ({wds['mib']:.1f} MiB: small "
+            f"JPEGs of 96-320 px, each with .json and .txt members). The reader alone "
+            f"(`memscore.webdataset.iter_shard`, in this process, no Ray): {wds['wall_s']:.2f} s, "
             f"{wds['rows'] / wds['wall_s']:,.0f} samples/s, "
-            f"{wds['mib'] / wds['wall_s']:.0f} MiB/s; "
-            f"{wds['rows']:,} rows, {wds['errors']} error rows. Decoding and scoring those "
-            f"samples is not included.")
+            f"{wds['mib'] / wds['wall_s']:.0f} MiB/s; {wds['rows']:,} rows, {wds['errors']} "
+            f"error rows.")
+        r = wds["score"]
+        if r.get("returncode") != 0:
+            lines += ["", f"`memscore score` on the shards failed (exit {r.get('returncode')}; "
+                      f"log {r.get('log')})."]
+        else:
+            p = r.get("phases", {})
+            pipe = p.get("pipeline_s")
+            once = "yes" if r.get("complete") and r.get("verified", True) else "NO"
+            lines += ["", (
+                f"`memscore score SHARDS --output OUT` end to end (decode and ResMem's "
+                f"float32 forward on the CPU for every sample, one process): "
+                f"{r['wall_s']:.1f} s wall, {wds['samples'] / r['wall_s']:.1f} samples/s"
+                + (f" ({wds['samples'] / pipe:.1f} in the pipeline, {pipe:.1f} s)" if pipe
+                   else "")
+                + f"; {r.get('rows_scored', '?')} scored of {r.get('rows_out', '?')} rows; "
+                f"driver peak RSS {r['driver_peak_rss_mib']:.0f} MiB; {r['output_files']} "
+                f"output file(s); exactly once: {once}; load {r['load_before']:.1f} -> "
+                f"{r['load_after']:.1f}. The model's forward is the cost here, not the reader.")]
     return "\n".join(lines) + "\n"
 
 
@@ -451,11 +476,12 @@ def main(args: argparse.Namespace) -> int:
         wds = None
         if args.webdataset_samples:
             try:
-                wds = measure_webdataset(work / "webdataset", args.webdataset_samples, args.seed)
+                wds = measure_webdataset(work / "webdataset", args.webdataset_samples, args.seed,
+                                         extra, args.timeout)
             except Exception as exc:  # the runs above are not lost for it
                 wds = {"failed": f"{type(exc).__name__}: {exc}"}
         if wds:
-            print(json.dumps(wds), flush=True)
+            print(json.dumps(wds, default=str), flush=True)
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)

@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from memscore.config import (EvaluateConfig, FinetuneConfig, MemscoreError, ScoreConfig,
-                             add_arguments, first_line, from_args)
+                             TrainSAEConfig, add_arguments, first_line, from_args)
 
 __all__ = ["main", "guarded", "add_debug_flag", "build_parser", "format_summary_line", "score_command", "finetune_command",
-           "evaluate_command", "serve_command"]
+           "evaluate_command", "serve_command", "train_sae_command"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the same --name resumes an interrupted run.",
     )
     add_arguments(tune, FinetuneConfig)
+    sae = commands.add_parser(
+        "train-sae",
+        help="train the memorability traces paper's sparse autoencoder with Ray Train",
+        description="Compute --encoder's representation of every image of MANIFEST (the "
+        "scoring job's decode stage and encoder actors), z-score them per dimension, train "
+        "the paper's sparse autoencoder on them and write the run to OUTPUT/NAME; score with "
+        "the result via `memscore score IMAGES --model ENCODER-sae --weights OUTPUT/NAME/best`. "
+        "The same command with the same --name resumes an interrupted run.",
+    )
+    add_arguments(sae, TrainSAEConfig)
     listing = commands.add_parser("models", help="list the registered models, their weights "
                                   "and licences")
     listing.add_argument("--json", action="store_true", help="print the registry as JSON")
@@ -79,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unless --address or RAY_ADDRESS names a cluster; Ctrl-C stops it.",
     )
     add_arguments(server, ServeConfig)
-    for command in (score, tune, listing, check, evaluation, server):
+    for command in (score, tune, sae, listing, check, evaluation, server):
         add_debug_flag(command)
     return parser
 
@@ -156,7 +166,8 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"models": _models, "verify": _verify, "finetune": finetune_command,
-                "evaluate": evaluate_command, "score": score_command, "serve": serve_command}
+                "evaluate": evaluate_command, "score": score_command, "serve": serve_command,
+                "train-sae": train_sae_command}
     return guarded(commands[args.command], args)
 
 
@@ -199,6 +210,14 @@ def finetune_command(args: argparse.Namespace) -> int:
     print(f"memscore: {summary['epochs_run']} epochs, best epoch {best.get('epoch')} "
           f"(validation Spearman {best.get('val_spearman')}), test Spearman "
           f"{test.get('spearman')} -> {summary['best_checkpoint']}")
+    return 0
+
+
+def train_sae_command(args: argparse.Namespace) -> int:
+    """Run ``train_sae`` from parsed arguments: a result line and 0, or one error line and 2."""
+    from memscore.train_sae import summary_line, train_sae
+
+    print(summary_line(_run_job(train_sae, TrainSAEConfig, args)))
     return 0
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = ["MemscoreError", "first_line", "ScoreConfig", "FinetuneConfig", "EvaluateConfig",
-           "add_arguments", "from_args"]
+           "TrainSAEConfig", "SAE_ENCODERS", "add_arguments", "from_args"]
 
 
 class MemscoreError(Exception):
@@ -657,4 +657,134 @@ class EvaluateConfig:
                 raise MemscoreError("--split-half-columns takes two column names")
             if self.split_half_columns[0] == self.split_half_columns[1]:
                 raise MemscoreError("--split-half-columns names the same column twice")
+        return self
+
+
+#: The encoders ``memscore train-sae`` trains on (``memscore.models.encoders.ENCODERS``).
+SAE_ENCODERS = ("clip", "dinov2", "siglip2")
+
+
+@dataclass(frozen=True)
+class TrainSAEConfig:
+    """One autoencoder training run (Takmaz et al. 2025). See ``memscore train-sae --help``.
+
+    The defaults are the paper's: 100 latents, l1 weight 1e-5, AdamW at lr 1e-4, 5 epochs,
+    batch size 1.
+
+    Example:
+        >>> cfg = TrainSAEConfig("memcat.csv", output="runs/", encoder="clip", name="clip-a")
+        >>> (cfg.latents, cfg.l1, cfg.lr, cfg.epochs, cfg.batch_size)
+        (100, 1e-05, 0.0001, 5, 1)
+    """
+
+    manifest: str = field(metadata=_opt(
+        "The training images: a CSV, Parquet (file or folder), JSONL file, a folder of images "
+        "or a glob, local or s3:// (as for score).", positional=True))
+    output: str = field(metadata=_opt(
+        "Folder (local or s3://) that holds runs; this run writes to OUTPUT/NAME: "
+        "representations/ (every image's encoder vector), ray_train/ (per-epoch checkpoints), "
+        "history.json, best/ (the memscore checkpoint to score with --model ENCODER-sae) and "
+        "train_sae.json.", flag="--output", required=True))
+    encoder: str = field(metadata=_opt(
+        "The vision encoder whose representations the autoencoder learns.",
+        flag="--encoder", required=True, choices=SAE_ENCODERS, metavar="clip|dinov2|siglip2"))
+    name: str = field(default="sae", metadata=_opt(
+        "Run name. The same command with the same name resumes an interrupted run from its "
+        "last epoch (the representations are not computed again); a finished run is "
+        "reported, not redone."))
+    weights: str | None = field(default=None, metadata=_opt(
+        "The encoder's weights: a Hugging Face model id from the local cache (default: the "
+        "paper's, e.g. openai/clip-vit-base-patch32) or a save_pretrained folder with its "
+        "preprocessor_config.json, local or s3://.", metavar="ENCODER"))
+    path_column: str = field(default="path", metadata=_opt(
+        "Manifest column holding each image's path or s3:// URL."))
+    latents: int = field(default=100, metadata=_opt("Hidden units of the autoencoder."))
+    l1: float = field(default=1e-5, metadata=_opt(
+        "Weight of the sparsity term, |fc1 output before the ReLU| summed."))
+    lr: float = field(default=1e-4, metadata=_opt("AdamW learning rate."))
+    weight_decay: float = field(default=0.01, metadata=_opt(
+        "AdamW weight decay (torch's default, which the paper used)."))
+    epochs: int = field(default=5, metadata=_opt(
+        "Epochs to train; a finished run trained further with more epochs goes on from its "
+        "last one."))
+    batch_size: int = field(default=1, metadata=_opt(
+        "Images per optimisation step on each worker: --workers N with --batch-size B takes "
+        "the same steps as one worker with N x B."))
+    seed: int = field(default=0, metadata=_opt(
+        "Seed of the initialisation and of each epoch's shuffle."))
+    workers: int = field(default=1, metadata=_opt(
+        "Ray Train data-parallel workers (one GPU each where the cluster has GPUs)."))
+    gpus_per_worker: float | None = field(default=None, metadata=_opt(
+        "GPUs per training worker (default: 1 where the cluster has GPUs, else 0: CPU)."))
+    cpus_per_worker: float = field(default=1.0, metadata=_opt(
+        "CPUs Ray reserves per training worker."))
+    torch_threads: int | None = field(default=None, metadata=_opt(
+        "Torch intra-op threads per CPU worker or encoder actor (default: the node's cores, "
+        "shared among the training workers)."))
+    max_failures: int = field(default=2, metadata=_opt(
+        "Times Ray Train restarts the workers from the last epoch's checkpoint after a worker "
+        "or node dies, before the run fails."))
+    actors: int | None = field(default=None, metadata=_opt(
+        "Encoder actors computing the representations (default: one per GPU where the "
+        "cluster has GPUs, else 1 using every core)."))
+    encode_batch_size: int = field(default=32, metadata=_opt(
+        "Images per encoder forward pass on each encoder actor."))
+    decode_batch_size: int = field(default=256, metadata=_opt("Rows per CPU decode task call."))
+    io_threads: int = field(default=8, metadata=_opt(
+        "Threads per decode task fetching and decoding images."))
+    max_pixels: int = field(default=89_478_485, metadata=_opt(
+        "Images declaring more pixels than this are skipped as decompression bombs."))
+    fast_decode: bool = field(default=False, metadata=_opt(
+        "As for score: decode large JPEGs at reduced scale (faster, slightly different "
+        "pixels). Train and score with the same setting.", action="store_true"))
+    exif_transpose: bool = field(default=False, metadata=_opt(
+        "As for score: turn images upright by their EXIF orientation tag. Train and score "
+        "with the same setting.", action="store_true"))
+    rows_per_block: int = field(default=256, metadata=_opt("Manifest rows per decode block."))
+    overwrite: bool = field(default=False, metadata=_opt(
+        "Delete OUTPUT/NAME and train again from the start.", action="store_true"))
+    address: str | None = field(default=None, metadata=_opt(
+        "Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray)."))
+    storage_options: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
+        "fsspec/s3fs option KEY=VALUE for s3:// paths, repeatable, as for score.",
+        flag="--storage-option", action="append", metavar="KEY=VALUE"))
+
+    def __post_init__(self) -> None:
+        import os
+
+        from memscore.storage import absolute
+
+        _fix_paths(self, ("manifest", "output"))
+        # A local encoder folder made whole (a relative one is the user's, from where they typed
+        # the command); a Hugging Face id (owner/name) or a URL stays as given.
+        if self.weights and os.path.isdir(os.path.expanduser(str(self.weights))):
+            object.__setattr__(self, "weights", absolute(str(self.weights)))
+
+    def validated(self) -> "TrainSAEConfig":
+        """Return self after checking every field; raises MemscoreError naming the first problem."""
+        if not self.manifest:
+            raise MemscoreError("no manifest given")
+        if not self.output:
+            raise MemscoreError("no --output given")
+        if not self.name or "/" in self.name or self.name.startswith((".", "_")):
+            raise MemscoreError(f"--name {self.name!r}: use a plain folder name")
+        if self.encoder not in SAE_ENCODERS:
+            raise MemscoreError(f"--encoder must be one of {', '.join(SAE_ENCODERS)}, not "
+                                f"{self.encoder!r}")
+        for flag, value in (("--latents", self.latents), ("--epochs", self.epochs),
+                            ("--batch-size", self.batch_size), ("--workers", self.workers),
+                            ("--encode-batch-size", self.encode_batch_size),
+                            ("--decode-batch-size", self.decode_batch_size),
+                            ("--io-threads", self.io_threads),
+                            ("--rows-per-block", self.rows_per_block)):
+            if value < 1:
+                raise MemscoreError(f"{flag} must be at least 1, not {value}")
+        if not self.lr > 0:
+            raise MemscoreError(f"--lr must be positive, not {self.lr}")
+        if self.l1 < 0 or self.weight_decay < 0:
+            raise MemscoreError("--l1 and --weight-decay must not be negative")
+        if self.actors is not None and self.actors < 1:
+            raise MemscoreError(f"--actors must be at least 1, not {self.actors}")
+        if self.max_failures < 0:
+            raise MemscoreError("--max-failures must not be negative")
         return self

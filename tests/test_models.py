@@ -56,6 +56,13 @@ def test_every_registered_model_runs_on_real_images_within_its_range(name, examp
             from hf_encoders import make_encoder_folder
 
             folder = make_encoder_folder(weights.meta["encoder"], tmp_path / "encoder")
+            if name.endswith("-sae"):  # weights are a train-sae checkpoint over that encoder
+                from hf_encoders import TINY
+                from memscore.models.sae import SparseAutoencoder, save_sae_checkpoint
+
+                folder = save_sae_checkpoint(
+                    str(tmp_path / "sae"), SparseAutoencoder(TINY["hidden_size"], 8),
+                    encoder=weights.meta["encoder"], encoder_weights=str(folder))
             weights = weights_for(name, str(folder))
             model = get_model(name, weights=weights)
         else:

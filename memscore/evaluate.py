@@ -177,7 +177,9 @@ def summary_line(result: Mapping[str, Any]) -> str:
                 f"Spearman rho {_fmt(overall['spearman'])}")
         if lo is not None:
             text += f" [{_fmt(lo)}, {_fmt(hi)}]"
-        text += f", Pearson r {_fmt(overall['pearson'])}, MSE {_fmt(overall['mse'], 4, 'g')}"
+        text += f", Pearson r {_fmt(overall['pearson'])}"
+        if overall["mse"] is not None:  # none for a column on another scale (a loss)
+            text += f", MSE {_fmt(overall['mse'], 4, 'g')}"
         if "split_half" in overall:
             text += f", split-half ceiling {_fmt(overall['split_half']['spearman'])}"
         parts.append(text)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -242,12 +243,18 @@ def test_training_lowers_the_loss_and_writes_a_scoreable_checkpoint(sae_run):
 @pytest.mark.slow
 def test_the_scored_loss_is_the_reconstruction_error_recomputed_from_the_checkpoint(
         sae_run, tmp_path):
-    from memscore.config import ScoreConfig
+    from scipy import stats
+
+    from memscore.config import EvaluateConfig, ScoreConfig
+    from memscore.evaluate import evaluate
     from memscore.run import score
 
     out = tmp_path / "scores"
-    summary = score(ScoreConfig(str(sae_run["manifest"]), output=str(out), models=("clip-sae",),
-                                weights=str(sae_run["run"] / "best"), rows_per_block=16))
+    # Beside the encoder's traces, as a user would run them: one decode, one output.
+    summary = score(ScoreConfig(
+        str(sae_run["manifest"]), output=str(out), models=("clip-sae", "clip-traces"),
+        weights=f"clip-sae={sae_run['run'] / 'best'},clip-traces={sae_run['encoder']}",
+        rows_per_block=16))
     assert summary["rows_scored"] == IMAGES and summary["models"][0]["weights_sha256"]
     table = pq.read_table(out).sort_by(ROW)
     assert table.schema.field("clip_sae_loss").type == pa.float32()
@@ -263,6 +270,31 @@ def test_the_scored_loss_is_the_reconstruction_error_recomputed_from_the_checkpo
     reconstruction = np.maximum(z @ t["fc1.weight"].T + t["fc1.bias"], 0) @ t["fc2.weight"].T \
         + t["fc2.bias"]
     np.testing.assert_allclose(scored[rows], ((reconstruction - z) ** 2).sum(1), rtol=1e-4)
+
+    # evaluate on the real output: the loss's figures and every trace layer's rho, as scipy's.
+    result = evaluate(EvaluateConfig(str(out), str(sae_run["manifest"]), "memorability",
+                                     str(tmp_path / "report"), prediction_column="clip_sae_loss",
+                                     trace_columns="all", bootstrap=50))
+    truth = {p: float(m) for p, m in zip(*[pa.csv.read_csv(sae_run["manifest"]).column(c)
+                                           .to_pylist() for c in ("path", "memorability")])}
+    labels = np.array([truth[table.column("path")[i].as_py()] for i in rows])
+    assert result["overall"]["spearman"] == pytest.approx(
+        stats.spearmanr(scored[rows], labels).statistic, abs=1e-12)
+    assert sorted(result["traces"]) == sorted(f"clip_{f}" for f in (
+        "cls_mean", "cls_max", "cls_maxabs", "cls_delta", "attention_entropy",
+        "patch_uniformity"))
+    for name, figures in result["traces"].items():
+        values = np.array([table.column(name)[i].as_py() for i in rows], dtype=np.float64)
+        assert figures["counts"]["evaluated"] == IMAGES
+        assert figures["layers_in_column"] == values.shape[1]
+        for layer in figures["layers"]:
+            column = values[:, layer["index"]]
+            if np.ptp(column) == 0:  # the embeddings' CLS: the same for every image
+                assert layer["spearman"] is None
+            else:
+                assert layer["spearman"] == pytest.approx(
+                    stats.spearmanr(column, labels).statistic, abs=1e-12), (name, layer)
+    assert (tmp_path / "report" / "layers.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

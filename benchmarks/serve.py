@@ -92,17 +92,20 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
                                env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit("memscore serve exited:\n" + (workdir / "serve.log").read_text())
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("memscore serve was not healthy within 300 s")
+    try:
+        while time.time() < deadline:
+            if process.poll() is not None:
+                raise SystemExit("memscore serve exited:\n" + (workdir / "serve.log").read_text())
+            try:
+                if requests.get(f"{url}/healthz", timeout=30).status_code == 200:
+                    return process, url
+            except (requests.ConnectionError, requests.Timeout):  # starting; a busy machine
+                pass
+            time.sleep(0.5)
+        raise SystemExit("memscore serve was not healthy within 300 s")
+    except BaseException:
+        stop_server(process)
+        raise
 
 
 def stop_server(process: subprocess.Popen) -> None:

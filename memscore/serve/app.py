@@ -29,16 +29,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from ray import serve
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.datastructures import UploadFile
 
 from memscore.config import MemscoreError, first_line
 from memscore.serve.config import ServeConfig, parse_replicas
 from memscore.serve.model import ModelSet, describe_models
 
-__all__ = ["build", "deployment_options", "Ingress", "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT", "FILE_FIELD",
-           "MAX_FILES"]
+__all__ = ["build", "deployment_options", "Ingress", "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT",
+           "FILE_FIELD", "MAX_FILES"]
 
 log = logging.getLogger("ray.serve")
 
@@ -127,14 +127,15 @@ class Ingress:
 
     @app.get("/models")
     async def models(self) -> dict:
-        """The served models (weights, sha256, score column and range), where and when a
-        replica loaded them (``loaded_at``: Unix time), and the registry, as ``memscore models
-        --json`` shows it."""
+        """The served models (weights, sha256, score columns and range), where a model replica
+        runs (``device``, ``node_id``, the ``gpu_ids`` Ray gave it) and when it loaded them
+        (``loaded_at``: Unix time), and the registry, as ``memscore models --json`` shows it."""
         from memscore.cli import _registry
 
         served = await self._describe()
-        return {"served": served["models"], "device": served["device"],
-                "load_s": served["load_s"], "loaded_at": served["loaded_at"],
+        return {"served": served["models"],
+                **{key: served[key] for key in ("device", "node_id", "gpu_ids", "load_s",
+                                                "loaded_at")},
                 "max_upload_mb": self.config.max_upload_mb, "registry": _registry()}
 
     @app.get("/healthz")

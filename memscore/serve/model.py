@@ -90,6 +90,11 @@ class ModelSet:
                                           batch_size=max_batch_size)
                         for name in self.models}
         self.device = str(next(iter(self.scorers.values())).device)
+        import ray
+
+        context = ray.get_runtime_context()
+        self.node_id = context.get_node_id()
+        self.gpu_ids = [str(i) for i in context.get_accelerator_ids().get("GPU", [])]
         self.info = describe_models(self.models, weights, with_sha256=True)
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -99,9 +104,10 @@ class ModelSet:
                  self.load_s)
 
     def describe(self) -> dict[str, Any]:
-        """The served models (with their weights' sha256), the device and the load time."""
-        return {"models": self.info, "device": self.device, "load_s": self.load_s,
-                "loaded_at": self.loaded_at}
+        """The served models (with their weights' sha256), the device torch scores on, the
+        node and the GPUs Ray gave this replica, and when it loaded the models."""
+        return {"models": self.info, "device": self.device, "node_id": self.node_id,
+                "gpu_ids": self.gpu_ids, "load_s": self.load_s, "loaded_at": self.loaded_at}
 
     async def score(self, pixels: dict[str, np.ndarray], models: tuple[str, ...]) -> dict:
         """One image's pixels (``pixels[name]``: the uint8 array of model ``name``'s

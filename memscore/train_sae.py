@@ -520,8 +520,8 @@ def train_sae_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             (loss * world).backward()  # DDP averages: the step's summed gradient
             optimizer.step()
-            total += float(loss)
-            reconstruction += float(recon)
+            total += float(loss.detach())
+            reconstruction += float(recon.detach())
         sums = _gather({"loss": np.array([total]), "reconstruction": np.array([reconstruction])})
         bare.eval()
         metrics = {

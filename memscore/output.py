@@ -233,6 +233,20 @@ class _IdSpace:
         return (shard << 32) | (positions - self.offsets[shard])
 
 
+def _bounded_map(pool, fn, items, window: int):
+    """``pool.map(fn, items)`` in order, with at most ``window`` results pending: ``map``
+    submits every item at once, and results pile up faster than they are consumed."""
+    from collections import deque
+
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def count_output(output: str, storage_options: Mapping[str, Any],
                  score_columns: list[str], expected_rows) -> dict[str, Any]:
     """Rows, scored rows and error kinds, read back from the Parquet files just written, and
@@ -271,13 +285,16 @@ def count_output(output: str, storage_options: Mapping[str, Any],
         ids, counts = np.unique(table.column(ROW_COLUMN).to_numpy(), return_counts=True)
         errors = (table.column(ERROR_COLUMN).drop_null() if ERROR_COLUMN in names
                   else pa.array([], pa.string()))
-        kinds = pc.value_counts(pc.utf8_slice_codeunits(errors, 0, 200)).to_pylist()
+        # the kind is the text before the first ":"; counted here, per file, so that what a
+        # file hands back is a few kinds, not its (often all distinct) error strings
+        kind_of = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
+        kinds = {item["values"]: item["counts"] for item in pc.value_counts(kind_of).to_pylist()}
         scored = min((table.num_rows - table.column(c).null_count for c in score_columns),
                      default=0)
         return table.num_rows, ids, counts, len(errors), kinds, scored
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for rows, ids, counts, errors, kinds, scored in pool.map(one_file, files):
+        for rows, ids, counts, errors, kinds, scored in _bounded_map(pool, one_file, files, 16):
             totals["rows"] += rows
             totals["errors"] += errors
             totals["scored"] = scored + (totals["scored"] or 0)
@@ -287,9 +304,8 @@ def count_output(output: str, storage_options: Mapping[str, Any],
             counts = counts[inside]
             seen[positions] = np.minimum(seen[positions].astype(np.int64) + counts,
                                          2).astype(np.uint8)
-            for item in kinds:
-                kind = item["values"].split(":", 1)[0]
-                by_kind[kind] = by_kind.get(kind, 0) + item["counts"]
+            for kind, n in kinds.items():
+                by_kind[kind] = by_kind.get(kind, 0) + n
     missing = np.flatnonzero(seen == 0)
     doubled = np.flatnonzero(seen > 1)
     return {

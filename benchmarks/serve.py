@@ -5,7 +5,8 @@ web-sized JPEGs and PNGs, a function of ``--images`` and ``--seed``) and, one af
 
 (a) scores the folder with ``memscore score FOLDER --output OUT`` (defaults) and reads its
     images/s from the run summary (the pipeline's wall time, which includes starting the model
-    actor and loading the model, but not Ray's start);
+    actor and loading the model, but not Ray's start), once before (b) and once after, since
+    whatever else runs on the machine drifts; the ratio uses their mean;
 (b) starts ``memscore serve`` (defaults: one model replica), waits for ``/healthz``, sends two
     warm-up requests, then at each concurrency of ``--concurrency`` (1, 8, 32) sends
     ``max(images, 2 x concurrency)`` requests of one image each (``POST /score``, the images
@@ -18,7 +19,7 @@ against the batch job's (the largest difference is reported). The client threads
 same cores as the server, as a browser or script on the same machine would; the machine's
 load average before and after is reported, since other processes share it.
 
-    python benchmarks/serve.py                       # ~5 minutes on 2 cores -> SERVE_RESULTS.md
+    python benchmarks/serve.py                       # ~6 minutes on 2 cores -> SERVE_RESULTS.md
     python benchmarks/serve.py --images 12 --concurrency 1,8 --results /tmp/serve.md
 """
 
@@ -62,14 +63,16 @@ def _memscore() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "memscore.cli"]
 
 
-def run_batch(folder: Path, workdir: Path) -> tuple[dict, dict[str, float]]:
+def run_batch(folder: Path, workdir: Path, name: str) -> tuple[dict, dict[str, float]]:
     """``memscore score`` on the folder -> (its run summary, {file name: memorability})."""
     import pyarrow.parquet as pq
 
-    out = workdir / "scores"
-    subprocess.run(_memscore() + ["score", str(folder), "--output", str(out)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    out = workdir / name
+    done = subprocess.run(_memscore() + ["score", str(folder), "--output", str(out)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if done.returncode != 0:
+        raise SystemExit(f"memscore score failed ({done.returncode}):\n{done.stderr[-3000:]}")
     table = pq.read_table(out, columns=["path", "memorability"])
     scores = dict(zip((Path(p).name for p in table.column("path").to_pylist()),
                       table.column("memorability").to_pylist()))
@@ -148,8 +151,40 @@ def load(url: str, paths: list[Path], concurrency: int, requests_n: int) -> dict
             "scores": {name: image["memorability"] for name, _, image in results}}
 
 
-def report(args, images: list[dict], batch: dict, levels: list[dict], diff: float,
-           loads: tuple) -> list[str]:
+def costs(paths: list[Path], forwards: int = 8) -> dict:
+    """Where a request's CPU time goes, in core-seconds, measured in this process on one
+    thread: the mean decode (the ingress's ``decode_image_bytes``) over every image, and the
+    median of ResMem's forward at batch 1 (``ScoreImages``) over ``forwards`` of them. One
+    thread, because two threads' synchronisation on a machine that other processes keep busy
+    costs more than the work (measured here: 6-7 s a forward on 2 threads against 0.7-1.2 s
+    on one)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from memscore.columns import ERROR, HEIGHT, WIDTH, pixels_column
+    from memscore.decode import decode_image_bytes
+    from memscore.models import get_model_weights
+    from memscore.predict import ScoreImages
+
+    preprocess = {"resmem": get_model_weights("resmem").DEFAULT.transforms}
+    arrays, started = [], time.perf_counter()
+    for path in paths:
+        arrays.append(decode_image_bytes(path.read_bytes(), preprocess)[2]["resmem"])
+    decode = (time.perf_counter() - started) / len(paths)
+    scorer = ScoreImages(("resmem",), torch_threads=1)
+    times = []
+    for array in arrays[:forwards + 1]:
+        table = pa.table({WIDTH: pa.nulls(1, pa.int32()), HEIGHT: pa.nulls(1, pa.int32()),
+                          ERROR: pa.nulls(1, pa.string()),
+                          pixels_column("resmem"): ArrowTensorArray.from_numpy(array[None])})
+        started = time.perf_counter()
+        scorer(table)
+        times.append(time.perf_counter() - started)
+    return {"decode_s": decode, "forward_s": float(np.median(times[1:]))}  # [0]: warm-up
+
+
+def report(args, images: list[dict], batches: list[dict], levels: list[dict], diff: float,
+           loads: tuple, cost: dict) -> list[str]:
     from importlib.metadata import version
 
     kinds = {}
@@ -157,7 +192,10 @@ def report(args, images: list[dict], batch: dict, levels: list[dict], diff: floa
         kinds.setdefault(image["kind"], []).append(image["megapixels"])
     mix = ", ".join(f"{len(mp)} {kind} ({min(mp):.1f}-{max(mp):.1f} MP)"
                     for kind, mp in sorted(kinds.items()))
-    rate = batch["images_per_s"]
+    rates = [batch["images_per_s"] for batch in batches]
+    rate = float(np.mean(rates))
+    shown_rates = " and ".join(f"{r:.2f}" for r in rates)
+    walls = " and ".join(f"{batch['wall_time_s']:.1f}" for batch in batches)
     lines = [
         "# memscore serve: requests/s and latency against the batch job",
         "",
@@ -168,10 +206,10 @@ def report(args, images: list[dict], batch: dict, levels: list[dict], diff: floa
         "",
         f"Images: {len(images)} ({mix}), made by `score_cpu.py`'s `make_images`.",
         "",
-        f"Batch job (`memscore score`, defaults): **{rate:.2f} images/s** over "
-        f"{batch['rows_scored']} images, as its run summary reports it ({batch['wall_time_s']:.1f} "
-        "s of pipeline, which includes starting the model actor and loading the model; Ray's "
-        "start is not included).",
+        f"Batch job (`memscore score`, defaults), run before and after the server: "
+        f"{shown_rates} images/s over {batches[0]['rows_scored']} images, **{rate:.2f} "
+        f"images/s** on average, as its run summary reports it (pipeline wall times {walls} s, "
+        "which include starting the model actor and loading the model; Ray's start is not).",
         "",
         "`memscore serve` (defaults: ResMem, one model replica, batches of up to 32, 10 ms "
         "batch wait), single-image requests, each client thread with its own connection:",
@@ -190,6 +228,14 @@ def report(args, images: list[dict], batch: dict, levels: list[dict], diff: floa
         f"Served scores against the batch job's: largest difference {diff:.1e} "
         "(the contract is 1e-6).",
         "",
+        f"Where a request's CPU time goes (measured last, in the benchmark's process, on one "
+        f"thread): decoding an image of this set with `decode_image_bytes` takes "
+        f"{cost['decode_s']:.2f} core-seconds on average, ResMem's forward at batch 1 "
+        f"{cost['forward_s']:.2f}. On {os.cpu_count()} cores that allows at most "
+        f"{os.cpu_count() / (cost['decode_s'] + cost['forward_s']):.1f} images/s with nothing "
+        "else running; the ingress, the model replica, Ray Serve's proxy and the clients "
+        "share them with whatever else runs on the machine.",
+        "",
     ]
     return lines
 
@@ -203,18 +249,22 @@ def main(args: argparse.Namespace) -> None:
         folder.mkdir()
         images = make_images(folder, args.images, args.seed)
         paths = [Path(image["path"]) for image in images]
-        batch, batch_scores = run_batch(folder, workdir)
+        # the batch job before and after the server: what else runs on the machine drifts
+        first, batch_scores = run_batch(folder, workdir, "scores_before")
         process, url = start_server(workdir)
         try:
             load(url, paths[:2], 1, 2)  # warm-up: the first forward allocates
             levels = [load(url, paths, c, max(len(paths), 2 * c)) for c in concurrencies]
         finally:
             stop_server(process)
+        second, _ = run_batch(folder, workdir, "scores_after")
+        after = os.getloadavg()[0]
+        cost = costs(paths)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     diff = max(abs(level["scores"][name] - batch_scores[name])
                for level in levels for name in level["scores"])
-    lines = report(args, images, batch, levels, diff, (before, os.getloadavg()[0]))
+    lines = report(args, images, [first, second], levels, diff, (before, after), cost)
     Path(args.results).write_text("\n".join(lines))
     print("\n".join(lines))
 

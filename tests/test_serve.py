@@ -205,10 +205,10 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def batch_scores(example_images):
-    """The batch job's scores of the example images: its decode stage and model stage (the
-    same ``DecodeImages`` and ``ScoreImages`` that ``memscore score`` runs on Ray Data), in
-    batches of 32 as there -> {file name: row}."""
+def batch_job():
+    """The batch job's two stages without Ray: ``DecodeImages`` and ``ScoreImages``, which
+    ``memscore score`` runs on Ray Data, in batches of 32 as there; -> ``score(paths,
+    **decode_options)`` -> {file name: output row}."""
     import pyarrow as pa
 
     from memscore.decode import DecodeImages
@@ -216,9 +216,20 @@ def batch_scores(example_images):
     from memscore.predict import ScoreImages
 
     preprocess = {name: get_model_weights(name).DEFAULT.transforms for name in MODELS}
-    table = pa.table({"path": [str(path) for path in example_images]})
-    scored = ScoreImages(MODELS, batch_size=32)(DecodeImages("path", preprocess)(table))
-    return {Path(row["path"]).name: row for row in scored.to_pylist()}
+    scorer = ScoreImages(MODELS, batch_size=32)
+
+    def score(paths, **decode_options) -> dict[str, dict]:
+        table = pa.table({"path": [str(path) for path in paths]})
+        scored = scorer(DecodeImages("path", preprocess, **decode_options)(table))
+        return {Path(row["path"]).name: row for row in scored.to_pylist()}
+
+    return score
+
+
+@pytest.fixture(scope="module")
+def batch_scores(batch_job, example_images):
+    """The batch job's scores of the example images -> {file name: row}."""
+    return batch_job(example_images)
 
 
 def _post(url: str, files: list[tuple[str, bytes]], query: str = ""):
@@ -327,6 +338,34 @@ def test_32_requests_at_once_are_all_answered_in_batches(server, example_images,
             break
         assert time.time() < deadline, f"batch-size metrics not exported: {totals}"
         time.sleep(2)
+
+
+@pytest.mark.slow
+def test_decode_options_as_query_parameters_give_the_batch_jobs_scores_with_them(
+        server, batch_job, tmp_path, example_images):
+    from PIL import Image
+
+    from badimages import write_exif_rotated_jpeg
+
+    rotated = write_exif_rotated_jpeg(tmp_path)
+    big = tmp_path / "big.jpg"  # 4x the model's 256-pixel resize on both sides: drafted
+    with Image.open(example_images[0]) as image:
+        image.convert("RGB").resize((2048, 1536)).save(big, quality=90)
+    for path, query, option in ((rotated, "?exif_transpose=true", "exif_transpose"),
+                                (big, "?fast_decode=true", "fast_decode")):
+        plain, with_option = batch_job([path])[path.name], batch_job([path], **{option: True})
+        [image] = _post(server.url, [_read(path)], query).json()["images"]
+        _check_scores(image, with_option[path.name])
+        [default] = _post(server.url, [_read(path)]).json()["images"]
+        _check_scores(default, plain)
+        assert image["memorability"] != default["memorability"], option  # the option acted
+    # fast decode reports the full size, as the batch job does; the EXIF orientation turns
+    # the stored size round
+    assert (image["width"], image["height"]) == (default["width"], default["height"]) == \
+        (2048, 1536)
+    [upright] = _post(server.url, [_read(rotated)], "?exif_transpose=true").json()["images"]
+    [stored] = _post(server.url, [_read(rotated)]).json()["images"]
+    assert (upright["width"], upright["height"]) == (stored["height"], stored["width"])
 
 
 def _multipart(files) -> tuple[bytes, str]:

@@ -733,11 +733,20 @@ def _datasource_class():
             tasks = []
             for index, url in enumerate(self.shards):
                 def read(url=url, index=index):
+                    from memscore.decode import TransientFailure
+
                     samples, dropped = 0, {}
-                    for table in iter_shard(url, storage_options, index, dropped=dropped,
-                                            **reader_options):
-                        samples += table.num_rows
-                        yield table
+                    try:
+                        for table in iter_shard(url, storage_options, index, dropped=dropped,
+                                                **reader_options):
+                            samples += table.num_rows
+                            yield table
+                    except OSError as exc:
+                        # the storage failed, not the shard's content: the run stops with one
+                        # line, and --resume reads the shard again (its committed rows kept)
+                        raise TransientFailure(
+                            f"reading shard {url} failed after {samples} samples: "
+                            f"{first_line(exc)}") from None
                     if counts_folder is not None:  # the shard was read to its end
                         write_shard_count(counts_folder, index, url, samples, storage_options,
                                           dropped)

@@ -234,3 +234,32 @@ def test_an_img2dataset_folder_is_read_as_shards(tmp_path, example_images):
     assert manifest.kind == "webdataset" and len(manifest.files) == 3
     with pytest.raises(MemscoreError, match="WebDataset shards can be scored"):
         open_manifest(str(tmp_path / "out"))  # a command that reads rows in the driver
+
+
+def test_a_storage_failure_reading_a_shard_stops_the_run_as_transient(tmp_path, example_images,
+                                                                      monkeypatch):
+    """An OSError from the storage while a shard is read (a connection lost past the client's
+    retries) is no fact about the shard: the read task fails with TransientFailure, which the
+    run reports as one line to --resume, never as rows."""
+    from memscore import webdataset
+    from memscore.decode import TransientFailure
+    from memscore.run import run_stopped
+
+    write_shards(tmp_path / "shards", example_images)
+    real = webdataset.iter_shard
+
+    def cut_off(url, *args, **kwargs):
+        tables = real(url, *args, **kwargs)
+        yield next(tables)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(webdataset, "iter_shard", cut_off)
+    shard = str(tmp_path / "shards" / "000000.tar")
+    task, = webdataset._datasource_class()([shard], None, {"max_table_bytes": 1}, None) \
+        .get_read_tasks(1)
+    blocks = task.read_fn()
+    assert next(iter(blocks)).num_rows == 1
+    with pytest.raises(TransientFailure, match="reading shard .*000000.tar failed after 1 "
+                                               "samples: .*Connection reset") as caught:
+        list(blocks)
+    assert "fix it and run the same command with --resume" in run_stopped(caught.value)

@@ -19,6 +19,21 @@ from s3server import s3_endpoint  # noqa: F401, E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 warnings.filterwarnings("ignore", message=".*pretrained.*", category=UserWarning)
 
+# Fixtures that start something heavy (a Ray cluster, an S3 server, a memscore server, a
+# browser): every test that uses one, directly or through another fixture, is slow, so the fast
+# tier (`pytest -m "not slow"`) stays fast without each test remembering its marker.
+HEAVY_FIXTURES = frozenset({
+    "ray_local", "s3_endpoint", "image_bucket",  # conftest.py, s3server.py
+    "gpu_cluster", "ray_head",  # test_multinode.py: ray.cluster_utils.Cluster, `ray start`
+    "server", "browser",  # test_serve.py: `memscore serve` in a subprocess, headless chromium
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def ray_local():

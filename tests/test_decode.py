@@ -643,6 +643,7 @@ def test_draft_mode_bounds_memory_and_time_for_huge_jpegs(draft_probe):
     assert 0 < mad < 2.0
 
 
+@pytest.mark.slow
 def test_draft_mode_barely_moves_the_score(draft_probe):
     import torch
 

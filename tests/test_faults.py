@@ -69,6 +69,7 @@ def test_maybe_inject_exits_once(tmp_path):
 
 
 # ------------------------------------------------------------------------ model actor death
+@pytest.mark.slow
 def test_model_actor_dies_mid_batch_and_the_run_still_completes(example_images, reference_scores,
                                                                 tmp_path):
     """The model actor exits (as if killed) on its first batch; Ray Data restarts the actor and

@@ -236,6 +236,7 @@ def _run_cli(manifest: Path, output: Path, *extra: str, env=None) -> subprocess.
                             start_new_session=True)
 
 
+@pytest.mark.slow
 def test_two_workers_killed_mid_run_resume_from_the_saved_epoch(tmp_path):
     manifest = write_tint_dataset(tmp_path, 48, seed=1)
     output = tmp_path / "runs"

@@ -42,7 +42,14 @@ def test_importing_memscore_imports_neither_torch_nor_the_weights_packages():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("name", list_models())
+# Building ResMem (ResNet-152 from its file) or M3M (ResNet-152 and an FCN-ResNet50) takes
+# seconds on 2 cores: those two run in the slow tier; every other registered model, a new one
+# included, in the fast tier.
+HEAVY_TO_BUILD = {"resmem", "m3m"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
+                                  if name in HEAVY_TO_BUILD else name for name in list_models()])
 def test_every_registered_model_runs_on_real_images_within_its_range(name, example_images,
                                                                      tmp_path):
     weights = get_model_weights(name).DEFAULT
@@ -84,6 +91,7 @@ def test_every_registered_model_runs_on_real_images_within_its_range(name, examp
     assert weights.meta["output_column"]
 
 
+@pytest.mark.slow
 def test_resmem_parity_with_the_published_package(example_images, reference_scores):
     """memscore's own ResMem, its own preprocessing split, vs the `resmem` package: within 1e-5."""
     weights = get_model_weights("resmem").DEFAULT
@@ -151,6 +159,7 @@ def test_missing_weights_package_is_a_clear_error(monkeypatch):
         locate()
 
 
+@pytest.mark.slow
 def test_score_images_leaves_error_rows_unscored_and_keeps_columns():
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray

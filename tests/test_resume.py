@@ -69,6 +69,7 @@ def data_files(out: Path) -> list[str]:
     return output_files(str(out), {})
 
 
+@pytest.mark.slow
 def test_sigkill_the_driver_mid_run_then_resume(tmp_path, example_images, reference_scores):
     manifest = write_manifest(tmp_path, example_images)
     out = tmp_path / "out"
@@ -194,6 +195,7 @@ def test_resume_refuses_a_different_run_and_finishes_a_complete_one_at_once(
     assert verify(str(cut), str(manifest)).ok
 
 
+@pytest.mark.slow
 def test_duplicated_ids_are_refused_naming_an_example(tmp_path, example_images):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path,key\n{example_images[0]},a\n{example_images[1]},b\n"
@@ -204,6 +206,33 @@ def test_duplicated_ids_are_refused_naming_an_example(tmp_path, example_images):
     with pytest.raises(memscore.MemscoreError, match="no --id-column 'nope'"):
         memscore.score(memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o2"),
                                             id_column="nope"))
+
+
+def test_the_snapshot_refuses_ids_that_repeat_across_its_parts_or_are_empty(tmp_path,
+                                                                           example_images):
+    """The id checks without Ray (memscore.score makes the snapshot once Ray is up: the test
+    above); a missing --id-column is refused before Ray starts."""
+    from memscore.manifest import open_manifest
+    from memscore.resume import write_snapshot
+
+    manifest = tmp_path / "m.csv"
+    config = memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o"), rows_per_file=2,
+                                  id_column="key")
+    # 'a' in the first part and the last
+    manifest.write_text("path,key\n" + "".join(f"{path},{key}\n" for path, key
+                                               in zip(example_images, "abcda")))
+    with pytest.raises(memscore.MemscoreError,
+                       match=r"m.csv: --id-column 'key' is not unique: 1 values repeat, "
+                             r"e.g. 'a' \(2 times\)"):
+        write_snapshot(open_manifest(str(manifest)), str(tmp_path / "o"), config)
+    pq.write_table(pa.table({"path": [str(p) for p in example_images[:3]],
+                             "key": pa.array([1, None, 3], pa.int64())}), tmp_path / "m.parquet")
+    with pytest.raises(memscore.MemscoreError, match="--id-column 'key' has 1 empty values"):
+        write_snapshot(open_manifest(str(tmp_path / "m.parquet")), str(tmp_path / "o"), config)
+    with pytest.raises(memscore.MemscoreError, match="no --id-column 'nope'"):
+        memscore.score(memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o2"),
+                                            id_column="nope"))
+    assert not (tmp_path / "o2").exists()
 
 
 def test_memscore_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_path, example_images):

@@ -341,6 +341,7 @@ def _run_on_a_terminal(argv: list[str], timeout: float = 300) -> tuple[int, str]
     return code, drawn.decode("utf-8", errors="replace")
 
 
+@pytest.mark.slow
 def test_score_on_a_terminal_draws_ray_progress_bars(tmp_path, example_images):
     """Ray Data's progress bars stay on: on a terminal, the model stage's bar counts the rows."""
     import re

@@ -10,12 +10,16 @@ manifest that already has such a column (ground truth named ``memorability``) is
 
 from __future__ import annotations
 
-__all__ = ["ROW", "ERROR", "MODEL", "WIDTH", "HEIGHT", "BOOKKEEPING", "INTERNAL_PREFIX", "PIXELS_PREFIX", "IMAGE",
+__all__ = ["ROW", "SPLIT", "REPRESENTATION", "ERROR", "MODEL", "WIDTH", "HEIGHT", "BOOKKEEPING", "INTERNAL_PREFIX", "PIXELS_PREFIX", "IMAGE",
            "is_internal",
            "pixels_column", "score_column"]
 
 #: The row's 0-based position in the manifest: its stable id (duplicated paths stay apart).
 ROW = "memscore_row"
+#: Fine-tuning's split of a labelled row: ``train``, ``validation`` or ``test``.
+SPLIT = "memscore_split"
+#: train-sae's representation vectors: list<float32> of d values, null where the image failed.
+REPRESENTATION = "memscore_representation"
 #: Null when the row was scored, else ``"<kind>: <detail>"``.
 ERROR = "memscore_error"
 #: The model(s) that scored the row, comma-separated.

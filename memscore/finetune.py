@@ -42,7 +42,9 @@ import pyarrow.parquet as pq
 
 from memscore import storage
 from memscore.config import FinetuneConfig, MemscoreError, first_line, training_start
-from memscore.decode import ERROR_COLUMN, ImageDecodeError, pixels_column, resolve_path
+from memscore.columns import ERROR as ERROR_COLUMN
+from memscore.columns import ROW, SPLIT, pixels_column
+from memscore.decode import ImageDecodeError, resolve_path
 from memscore.manifest import Manifest, open_manifest
 from memscore.splits import (
     SPLITS,
@@ -50,11 +52,10 @@ from memscore.splits import (
     normalise_split_column,
     parse_fractions,
 )
-from memscore.train_loop import LABEL, ROW, TrainSpec
+from memscore.train_loop import LABEL, TrainSpec
 
 __all__ = ["finetune", "ROW", "SPLIT", "LABELLED_ROW", "plan_start"]
 
-SPLIT = "memscore_split"
 SUMMARY_FILE = "finetune.json"
 _STATE_FILE = "state.json"
 _PATH = "__memscore_path"  # the resolved image path, kept beside the pixels to name failures

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from memscore import storage
 from memscore.config import MemscoreError, first_line
-from memscore.decode import ERROR_COLUMN
+from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.resume import ROW_COLUMN, WORK_DIR
 
 __all__ = ["SUMMARY_FILE", "PART_PREFIX", "is_own_entry", "prepare_output", "output_files",

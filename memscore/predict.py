@@ -37,7 +37,10 @@ import pyarrow.compute as pc
 from memscore.columns import MODEL as MODEL_COLUMN
 from memscore.columns import is_internal
 from memscore.columns import score_column
-from memscore.decode import ERROR_COLUMN, HEIGHT_COLUMN, WIDTH_COLUMN, pixels_column
+from memscore.columns import ERROR as ERROR_COLUMN
+from memscore.columns import HEIGHT as HEIGHT_COLUMN
+from memscore.columns import WIDTH as WIDTH_COLUMN
+from memscore.columns import pixels_column
 from memscore.faults import maybe_inject
 
 __all__ = ["ScoreImages", "PRECISIONS", "MODEL_COLUMN", "output_columns", "output_types",

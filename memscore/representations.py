@@ -22,12 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memscore.columns import ERROR, is_internal, pixels_column
+from memscore.columns import ERROR, REPRESENTATION, is_internal, pixels_column
 
 __all__ = ["REPRESENTATION", "EncodeImages", "representation_dataset"]
 
-#: The column of the vectors: list<float32> of d values, null where the image failed.
-REPRESENTATION = "memscore_representation"
 
 
 class EncodeImages:

@@ -45,7 +45,8 @@ def decode_batch(table: pa.Table, error_counter=None, **decode_kwargs) -> pa.Tab
 
     ``error_counter``: the run's ``error_fraction`` actor, told each block's errors (None: no
     check)."""
-    from memscore.decode import ERROR_COLUMN, DecodeImages
+    from memscore.columns import ERROR as ERROR_COLUMN
+    from memscore.decode import DecodeImages
     from memscore.faults import maybe_inject
 
     maybe_inject("decode")

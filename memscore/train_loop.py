@@ -31,8 +31,9 @@ import numpy as np
 __all__ = ["TrainSpec", "train_worker", "BACKBONES", "freeze_backbone", "crop_batch",
            "build_start_model", "LABEL", "ROW"]
 
+from memscore.columns import ROW  # the row's 0-based position in the labelled manifest
+
 LABEL = "__memscore_label"  # the label column, as float32, under a name no manifest uses
-ROW = "memscore_row"  # the row's 0-based position in the labelled manifest
 _STATE_FILE = "training_state.pt"
 
 # What `--mode head` freezes: the ImageNet backbone (the paper's "ResMem" trains the AlexNet

@@ -50,9 +50,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
-from memscore.columns import ERROR, ROW
+from memscore.columns import ERROR, REPRESENTATION, ROW
 from memscore.config import MemscoreError, TrainSAEConfig, first_line
-from memscore.representations import REPRESENTATION
 
 __all__ = ["train_sae", "summary_line", "SAESpec", "train_sae_worker", "zscore_statistics",
            "SUMMARY_FILE", "sae_model_name", "sae_output_column"]

@@ -4,6 +4,8 @@ Architecture (one job per module):
 
 - ``config``     ScoreConfig, FinetuneConfig, EvaluateConfig: validated options objects (the
                  CLI and jobs/ are generated from them).
+- ``errors``     MemscoreError (a problem the user can fix) and ``first_line``, its one-line form.
+- ``columns``    the names of the columns memscore adds (``memscore_row``, ``memscore_error``, ...).
 - ``manifest``   reader: finds and validates the manifest, reads its rows as a Ray Dataset.
 - ``decode``     CPU stage: fetch bytes (fsspec), decode with Pillow, to the model's uint8 input;
                  per-row failures become the row's ``memscore_error``.
@@ -27,7 +29,8 @@ Architecture (one job per module):
 Importing memscore imports neither torch nor Ray; they load when a model or a run needs them.
 """
 
-from memscore.config import EvaluateConfig, FinetuneConfig, MemscoreError, ScoreConfig
+from memscore.config import EvaluateConfig, FinetuneConfig, ScoreConfig
+from memscore.errors import MemscoreError
 
 # The fine-tuning and evaluation jobs are `memscore.finetune.finetune` and
 # `memscore.evaluate.evaluate`: functions of those names here would be shadowed by the

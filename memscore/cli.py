@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memscore.config import (EvaluateConfig, FinetuneConfig, MemscoreError, ScoreConfig,
-                             TrainSAEConfig, add_arguments, first_line, from_args)
+from memscore.config import (EvaluateConfig, FinetuneConfig, ScoreConfig, TrainSAEConfig, add_arguments,
+                             from_args)
+from memscore.errors import MemscoreError, first_line
 
 __all__ = ["main", "guarded", "add_debug_flag", "build_parser", "format_summary_line", "score_command", "finetune_command",
            "evaluate_command", "serve_command", "train_sae_command"]

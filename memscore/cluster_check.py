@@ -25,7 +25,7 @@ import uuid
 from typing import Any, Mapping
 
 from memscore import storage
-from memscore.config import MemscoreError, first_line
+from memscore.errors import MemscoreError, first_line
 from memscore.manifest import Manifest
 
 __all__ = ["check_shared_storage", "PROBE_PREFIX"]

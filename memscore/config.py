@@ -13,21 +13,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+# Re-exported: they lived here before memscore.errors, and users import them from here.
+from memscore.errors import MemscoreError, first_line
+
 __all__ = ["MemscoreError", "first_line", "ScoreConfig", "FinetuneConfig", "EvaluateConfig",
            "TrainSAEConfig", "SAE_ENCODERS", "add_arguments", "from_args"]
-
-
-class MemscoreError(Exception):
-    """A problem the user can fix (bad manifest, clashing column, output exists ...).
-
-    The CLI prints it as one line and exits non-zero; no traceback.
-    """
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message: enough to name a problem on one line."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _opt(help: str, *, flag: str | None = None, positional: bool = False, **argparse_kwargs):

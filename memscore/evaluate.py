@@ -49,7 +49,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore import metrics, storage
-from memscore.config import EvaluateConfig, MemscoreError, first_line
+from memscore.config import EvaluateConfig
+from memscore.errors import MemscoreError, first_line
 
 __all__ = ["evaluate", "REPORT_FILES", "MAX_GROUPS", "summary_line"]
 

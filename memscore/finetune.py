@@ -41,7 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
-from memscore.config import FinetuneConfig, MemscoreError, first_line, training_start
+from memscore.config import FinetuneConfig, training_start
+from memscore.errors import MemscoreError, first_line
 from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.columns import ROW, SPLIT, pixels_column
 from memscore.decode import ImageDecodeError, resolve_path

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 
 from memscore import storage
-from memscore.config import MemscoreError, first_line
+from memscore.errors import MemscoreError, first_line
 
 __all__ = ["Manifest", "open_manifest", "ColumnWidened", "read_restarting", "IMAGE_EXTENSIONS",
            "check_reserved_columns"]

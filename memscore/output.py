@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore import storage
-from memscore.config import MemscoreError, first_line
+from memscore.errors import MemscoreError, first_line
 from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.resume import ROW_COLUMN, WORK_DIR
 

@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import columns, storage
-from memscore.config import MemscoreError, ScoreConfig
+from memscore.config import ScoreConfig
+from memscore.errors import MemscoreError
 from memscore.manifest import Manifest, read_restarting
 
 __all__ = ["ROW_COLUMN", "WORK_DIR", "Snapshot", "write_snapshot", "read_state", "write_state",

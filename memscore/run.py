@@ -21,7 +21,8 @@ import pyarrow as pa
 from memscore import resume, storage
 from memscore.cluster_check import check_shared_storage
 from memscore.columns import BOOKKEEPING, IMAGE, score_column
-from memscore.config import MemscoreError, ScoreConfig, first_line
+from memscore.config import ScoreConfig
+from memscore.errors import MemscoreError, first_line
 from memscore.decode import RETRYABLE_KINDS
 from memscore.error_fraction import MIN_ROWS, start_counter
 from memscore.manifest import Manifest, open_manifest

@@ -51,7 +51,8 @@ import pyarrow.parquet as pq
 
 from memscore import storage
 from memscore.columns import ERROR, REPRESENTATION, ROW
-from memscore.config import MemscoreError, TrainSAEConfig, first_line
+from memscore.config import TrainSAEConfig
+from memscore.errors import MemscoreError, first_line
 
 __all__ = ["train_sae", "summary_line", "SAESpec", "train_sae_worker", "zscore_statistics",
            "SUMMARY_FILE", "sae_model_name", "sae_output_column"]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore import storage
-from memscore.config import MemscoreError
+from memscore.errors import MemscoreError
 from memscore.manifest import open_manifest, read_restarting
 from memscore.output import SUMMARY_FILE, count_output, output_files, read_output_columns
 from memscore.resume import ROW_COLUMN, read_state

@@ -105,7 +105,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import pyarrow as pa
 
 from memscore import columns, storage
-from memscore.config import MemscoreError, first_line
+from memscore.errors import MemscoreError, first_line
 from memscore.decode import DEFAULT_MAX_BYTES, ImageDecodeError
 from memscore.manifest import IMAGE_EXTENSIONS
 

@@ -557,7 +557,7 @@ def load_encoder(encoder: str, weights: str | None = None,
             path, attn_implementation="eager", local_files_only=True,
             output_loading_info=True)
     except Exception as exc:  # OSError, ValueError, safetensors' own error for a bad file...
-        from memscore.config import first_line
+        from memscore.errors import first_line
 
         raise ValueError(f"--weights {folder}: transformers could not load a "
                          f"{architecture.model_class}: {first_line(exc)}") from None

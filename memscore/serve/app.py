@@ -33,7 +33,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from memscore.config import MemscoreError, first_line
+from memscore.errors import MemscoreError, first_line
 from memscore.serve.config import ServeConfig, parse_replicas
 from memscore.serve.model import ModelSet, describe_models
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from memscore.config import MemscoreError, _as_tuple, _fix_paths, _opt
+from memscore.config import _as_tuple, _fix_paths, _opt
+from memscore.errors import MemscoreError
 
 __all__ = ["ServeConfig", "parse_replicas"]
 

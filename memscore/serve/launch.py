@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 
-from memscore.config import MemscoreError
+from memscore.errors import MemscoreError
 from memscore.serve.config import ServeConfig, parse_replicas
 from memscore.serve.model import describe_models
 

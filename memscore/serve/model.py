@@ -18,7 +18,7 @@ import numpy as np
 from ray import serve
 
 from memscore.columns import ERROR, HEIGHT, MODEL, WIDTH, pixels_column
-from memscore.config import MemscoreError
+from memscore.errors import MemscoreError
 
 __all__ = ["ModelSet", "describe_models"]
 

@@ -12,7 +12,9 @@ Architecture (one job per module):
 - ``error_fraction`` ``--max-error-fraction``: the run's error count, an actor decode tasks report to.
 - ``predict``    model stage: ScoreImages, the callable class run as a Ray actor pool.
 - ``output``     writer: output folder rules, Parquet, the ``_memscore.json`` run summary.
-- ``run``        the job: wires the stages together and plans GPU/CPU model actors.
+- ``pipeline``   the stages scoring, fine-tuning and train-sae share: the decode stage as Ray
+                 tasks, the model actor plan and pool, starting or joining Ray.
+- ``run``        the scoring job: wires manifest, decode, model and writer together.
 - ``models``     the registry and the models, each with weights that carry preprocessing and meta.
 - ``transforms`` the preprocessing objects the weights carry.
 - ``storage``    fsspec/pyarrow filesystems for local and s3:// paths.
@@ -41,21 +43,67 @@ __version__ = "0.1.0"
 
 
 def score(config: ScoreConfig) -> dict:
-    """Run the scoring job; see ``memscore.run.score``."""
+    """Score every row of ``config.manifest``; write Parquet files and ``_memscore.json``.
+
+    Starts Ray on this machine, or joins the cluster at ``config.address`` (or
+    ``RAY_ADDRESS``). Every option is checked first: a bad one stops with one line before any
+    Ray work. A bad image is an error value in its row (``memscore_error``), not a failure.
+
+    Args:
+        config: the run's options; ``memscore score --help`` explains each.
+
+    Returns:
+        The run summary, as written to ``_memscore.json`` in ``config.output``.
+
+    Raises:
+        MemscoreError: one line for each problem the user can fix (no such manifest, a
+            manifest without its path column, an output folder that is not empty, ...).
+
+    Example:
+        >>> import memscore
+        >>> summary = memscore.score(memscore.ScoreConfig("examples/images", output="scores/"))
+        >>> summary["status"], summary["rows_in"], summary["rows_scored"]
+        ('complete', 5, 5)
+    """
     from memscore.run import score as _score
 
     return _score(config)
 
 
 def list_models() -> list[str]:
-    """Names of the registered models."""
+    """Names of the registered models, sorted: what ``ScoreConfig(models=...)`` takes.
+
+    Example:
+        >>> import memscore
+        >>> memscore.list_models()  # doctest: +ELLIPSIS
+        [..., 'falseresmem', 'm3m', 'memnet', 'resmem', ...]
+    """
     from memscore.models import list_models as _list_models
 
     return _list_models()
 
 
 def get_model(name: str, *, weights="DEFAULT", **kwargs):
-    """Build a registered model with its weights, in eval mode; see ``memscore.models.get_model``."""
+    """Build registered model ``name`` with ``weights`` loaded strictly, in eval mode.
+
+    Args:
+        name: a name from ``list_models()``.
+        weights: a member of the model's weights enum or its name (``"DEFAULT"``: the
+            published weights), a checkpoint (a state_dict file or a ``memscore finetune``
+            checkpoint folder, local or URL), or ``None`` for random initialisation.
+        **kwargs: passed to the model's builder (``memscore.models.get_model``).
+
+    Example:
+        >>> import torch, memscore
+        >>> from PIL import Image
+        >>> from memscore.models import get_model_weights
+        >>> model = memscore.get_model("resmem")
+        >>> preprocess = get_model_weights("resmem").DEFAULT.transforms
+        >>> with torch.inference_mode():
+        ...     score = model(preprocess(Image.open("examples/images/chelsea.png"))[None])
+        >>> 0.4 < score.item() < 1
+        True
+    """
     from memscore.models import get_model as _get_model
 
     return _get_model(name, weights=weights, **kwargs)

@@ -21,7 +21,7 @@ Format: ``MEMSCORE_INJECT_FAULT="<stage>:<mode>:<marker_path>"``, e.g.
   id, so a multi-node test can remove exactly the node that holds a task in flight.
 
 The marker must be on a filesystem every process of the run can see (a local path for a
-single-machine Ray). Stages: ``"decode"`` (start of each decode task, ``run.decode_batch``) and
+single-machine Ray). Stages: ``"decode"`` (start of each decode task, ``pipeline.decode_batch``) and
 ``"predict"`` (start of ``ScoreImages.__call__``).
 """
 

@@ -19,7 +19,7 @@ writes goes to ``OUTPUT/NAME/``::
                                              `memscore score`, and `memscore evaluate`'s report
     finetune.json                            the run summary, written last
 
-Images go through the same manifest reader and the same decode stage (``run.decode_batch``)
+Images go through the same manifest reader and the same decode stage (``pipeline.decode_batch``)
 as scoring, once: the decoded 256x256 arrays are materialised in Ray's object store and every
 epoch reads them from there. The driver only plans, counts and reports; the decoding runs as
 Ray tasks and the training on Ray Train workers.
@@ -303,7 +303,7 @@ def _decoded(config: FinetuneConfig, split_file: str, manifest: Manifest, prepro
     """A split's rows decoded once by the scoring job's decode stage, held in the object store."""
     import ray.data
 
-    from memscore.run import decode_stage
+    from memscore.pipeline import decode_stage
 
     paths, filesystem = storage.for_pyarrow(split_file, config.storage_options)
     dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(
@@ -388,7 +388,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     preprocess = dataclasses.replace(member.transforms, crop=min(member.transforms.resize))
 
     from memscore.cluster_check import check_shared_storage
-    from memscore.run import init_ray
+    from memscore.pipeline import init_ray
 
     init_ray(config.address)
     check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only

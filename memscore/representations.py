@@ -2,7 +2,7 @@
 
 ``memscore train-sae`` needs, for every training image, the vector the paper's autoencoder reads
 (``encoders.representation``). They are computed as images are scored: the manifest's rows go
-through the shared CPU decode stage (``run.decode_stage``, with the encoder folder's own
+through the shared CPU decode stage (``pipeline.decode_stage``, with the encoder folder's own
 preprocessing) and then through ``EncodeImages``, a model actor pool that loads the encoder once
 per actor (``encoders.load_encoder``) and returns each row's vector, or null with the row's
 error. ``representation_dataset`` builds that Ray Dataset; ``EncodeImages`` also runs without Ray.
@@ -112,12 +112,12 @@ def representation_dataset(dataset, config, manifest, encoder: str, weights: str
     with ``memscore_representation``: the shared decode stage, then an ``EncodeImages`` pool.
 
     ``config`` carries the decode options (``TrainSAEConfig``, like ``FinetuneConfig`` for
-    ``run.decode_stage``); paths must be resolved already. ``actors`` actors, one GPU each
+    ``pipeline.decode_stage``); paths must be resolved already. ``actors`` actors, one GPU each
     where ``use_gpu``, else one CPU slot each (torch uses ``torch_threads`` or every core).
     """
     from ray.data import ActorPoolStrategy
 
-    from memscore.run import decode_stage
+    from memscore.pipeline import decode_stage
 
     dataset = decode_stage(dataset, config, manifest, {encoder: preprocess}, None)
     return dataset.map_batches(

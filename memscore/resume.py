@@ -247,7 +247,7 @@ def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
     try:
         # A light CPU share: reading the snapshot is cheap, and a whole CPU held by a read
         # that backpressure keeps alive for most of a long run is a CPU the decode tasks lack
-        # (run._light).
+        # (pipeline._light).
         return ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths),
                                      num_cpus=LIGHT_STAGE_CPUS)
     finally:

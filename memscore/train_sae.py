@@ -118,7 +118,7 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     from memscore.manifest import open_manifest
     from memscore.output import package_versions
     from memscore.predict import local_cores
-    from memscore.run import init_ray
+    from memscore.pipeline import init_ray
 
     clock = time.perf_counter()
     config = config.validated()

@@ -13,7 +13,7 @@ from memscore import storage
 from memscore.cli import build_parser
 from memscore.config import MemscoreError, ScoreConfig, add_arguments, from_args
 from memscore.predict import pick_device
-from memscore.run import plan_model_actors
+from memscore.pipeline import plan_model_actors
 
 
 def test_every_config_field_is_an_option_and_back():

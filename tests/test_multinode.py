@@ -232,7 +232,7 @@ def tasks(**filters):
 def test_the_model_pool_is_fixed_unless_given_a_range(gpus, change, pool):
     import dataclasses
 
-    from memscore.run import _actor_pool, plan_model_actors
+    from memscore.pipeline import _actor_pool, plan_model_actors
 
     plan = plan_model_actors(dataclasses.replace(memscore.ScoreConfig("m", output="o"),
                                                  **change).validated(), gpus)

@@ -66,7 +66,7 @@ def serve_forever(config: ServeConfig) -> int:
     from ray import serve
 
     from memscore.predict import local_cores
-    from memscore.run import init_ray
+    from memscore.pipeline import init_ray
     from memscore.serve.app import build
 
     config = config.validated()

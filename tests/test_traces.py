@@ -389,3 +389,19 @@ def test_bad_weights_are_one_line_before_any_ray_work(tmp_path, folders, capsys,
         assert code == 2, (args, err)
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.slow  # no Ray, but two Base-size CLIP towers built and run: ~20 s on 2 cores
+def test_the_benchmark_script_runs(tmp_path):
+    import subprocess
+    import sys
+
+    results = tmp_path / "traces.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "traces_cpu.py"),
+                           "--batch", "1", "--rounds", "1", "--encoders", "clip",
+                           "--results", str(results)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    table = [line for line in results.read_text().splitlines() if line.startswith("| clip")]
+    assert [line.split(" | ")[2] for line in table] == [
+        "plain (sdpa)", "plain (eager)", "traces", "trace math"]

@@ -21,10 +21,12 @@ Architecture (one job per module):
 - ``cluster_check`` before a run on several nodes: every node sees the local output and images.
 - ``checkpoint`` memscore checkpoints: model.safetensors + memscore.json in a folder.
 - ``splits``     deterministic train/validation/test splits.
-- ``finetune``   the fine-tuning job: splits -> the shared decode stage -> Ray Train.
+- ``finetuning`` the fine-tuning job (``memscore.finetune``): splits -> the shared decode
+                 stage -> Ray Train.
 - ``train_loop`` what each Ray Train worker runs.
 - ``metrics``    Spearman, Pearson, MSE, MAE, bootstrap intervals.
-- ``evaluate``   predictions against ground truth: figures, report, plots (``plots``).
+- ``evaluation`` the evaluation job (``memscore.evaluate``): predictions against ground truth:
+                 figures, report, plots (``plots``).
 - ``verify``     every manifest row in an output exactly once.
 - ``cli``        ``memscore score|finetune|evaluate|verify|models``.
 
@@ -34,10 +36,11 @@ Importing memscore imports neither torch nor Ray; they load when a model or a ru
 from memscore.config import EvaluateConfig, FinetuneConfig, ScoreConfig
 from memscore.errors import MemscoreError
 
-# The fine-tuning and evaluation jobs are `memscore.finetune.finetune` and
-# `memscore.evaluate.evaluate`: functions of those names here would be shadowed by the
-# submodules as soon as they are imported.
+# The jobs' modules are named for what they do (`finetuning`, `evaluation`), not for the
+# functions, so that `memscore.finetune` and `memscore.evaluate` stay these functions once the
+# modules are imported (a submodule is set as an attribute of its package on import).
 __all__ = ["MemscoreError", "ScoreConfig", "FinetuneConfig", "EvaluateConfig", "score",
+           "finetune", "evaluate",
            "list_models", "get_model", "__version__"]
 __version__ = "0.1.0"
 
@@ -68,6 +71,54 @@ def score(config: ScoreConfig) -> dict:
     from memscore.run import score as _score
 
     return _score(config)
+
+
+def finetune(config: FinetuneConfig) -> dict:
+    """Fine-tune a model on a labelled manifest with Ray Train; score and evaluate its test split.
+
+    Args:
+        config: the run's options; ``memscore finetune --help`` explains each.
+
+    Returns:
+        The run summary, as written to ``finetune.json`` in the run's folder.
+
+    Raises:
+        MemscoreError: one line for each problem the user can fix, before any Ray work.
+
+    Example (``memscore.finetuning.finetune``'s docstring runs one)::
+
+        import memscore
+        summary = memscore.finetune(memscore.FinetuneConfig("labels.csv", output="runs/",
+                                                            model="memnet"))
+    """
+    from memscore.finetuning import finetune as _finetune
+
+    return _finetune(config)
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Evaluate predictions against ground truth: figures, ``report.md``, ``metrics.json``, plots.
+
+    Args:
+        config: the predictions, the truth and how to join them, the report folder;
+            ``memscore evaluate --help`` explains each option.
+
+    Returns:
+        The figures, as written to ``metrics.json`` in ``config.report``.
+
+    Raises:
+        MemscoreError: one line for each problem the user can fix.
+
+    Example (``memscore.evaluation.evaluate``'s docstring runs one)::
+
+        import memscore
+        result = memscore.evaluate(memscore.EvaluateConfig("scores/", truth="labels.csv",
+                                                           truth_column="memorability",
+                                                           report="report/"))
+    """
+    from memscore.evaluation import evaluate as _evaluate
+
+    return _evaluate(config)
 
 
 def list_models() -> list[str]:

@@ -201,7 +201,7 @@ def _run_job(job, config_cls, args: argparse.Namespace):
 
 def finetune_command(args: argparse.Namespace) -> int:
     """Run ``finetune`` from parsed arguments: a result line and 0, or one error line and 2."""
-    from memscore.finetune import finetune
+    from memscore.finetuning import finetune
 
     summary = _run_job(finetune, FinetuneConfig, args)
     for warning in summary.get("warnings", []):
@@ -233,7 +233,7 @@ def score_command(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """Run ``evaluate`` from parsed arguments: a result line and 0, or one error line and 2."""
-    from memscore.evaluate import evaluate, summary_line
+    from memscore.evaluation import evaluate, summary_line
 
     result = _run_job(evaluate, EvaluateConfig, args)
     for warning in result["warnings"]:

@@ -21,7 +21,7 @@ from scipy import stats
 from memscore import metrics
 from memscore.cli import build_parser, main
 from memscore.config import EvaluateConfig, MemscoreError, add_arguments, from_args
-from memscore.evaluate import REPORT_FILES, evaluate
+from memscore.evaluation import REPORT_FILES, evaluate
 from memscore.plots import gaussian_kde
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ import memscore
 from memscore.checkpoint import read_checkpoint_info
 from memscore.cli import main
 from memscore.config import TRAINING_DEFAULTS, FinetuneConfig, MemscoreError
-from memscore.finetune import LABELLED_ROW, ROW, SPLIT, finetune
+from memscore.finetuning import LABELLED_ROW, ROW, SPLIT, finetune
 from memscore.metrics import spearman
 from memscore.models import get_model, get_model_weights
 from memscore.splits import assign_splits, normalise_split_column, parse_fractions

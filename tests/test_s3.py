@@ -287,7 +287,7 @@ def test_finetune_reads_and_writes_s3_and_its_checkpoint_scores_from_s3(s3_endpo
     from synthetic import write_tint_dataset
 
     from memscore.checkpoint import read_checkpoint_info
-    from memscore.finetune import LABELLED_ROW, ROW, finetune
+    from memscore.finetuning import LABELLED_ROW, ROW, finetune
 
     fs = s3_endpoint.fs
     bucket = s3_endpoint.make_bucket()

@@ -246,7 +246,7 @@ def test_the_scored_loss_is_the_reconstruction_error_recomputed_from_the_checkpo
     from scipy import stats
 
     from memscore.config import EvaluateConfig, ScoreConfig
-    from memscore.evaluate import evaluate
+    from memscore.evaluation import evaluate
     from memscore.run import score
 
     out = tmp_path / "scores"

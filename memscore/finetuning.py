@@ -535,7 +535,7 @@ def _read_json(path: str, storage_options) -> Any:
 def _score_and_evaluate_test(config: FinetuneConfig, run_dir: str, files: dict, member) -> dict:
     """Score the test split with the best checkpoint (the scoring job itself) and evaluate it."""
     from memscore.config import EvaluateConfig, ScoreConfig
-    from memscore.evaluate import evaluate
+    from memscore.evaluation import evaluate
     from memscore.run import score
 
     scores = storage.join(run_dir, "test_scores")

@@ -25,7 +25,7 @@ Example (``memscore evaluate scores/ --truth labels.csv --truth-column memorabil
 --report report/`` from Python)::
 
     from memscore.config import EvaluateConfig
-    from memscore.evaluate import evaluate
+    from memscore.evaluation import evaluate
 
     result = evaluate(EvaluateConfig(predictions="scores/", truth="labels.csv",
                                      truth_column="memorability", report="report/"))

@@ -24,6 +24,24 @@ def _opt(help: str, *, flag: str | None = None, positional: bool = False, **argp
     return {"help": help, "flag": flag, "positional": positional, "argparse": argparse_kwargs}
 
 
+def _fields_as_args(cls):
+    """Give a config class's docstring an ``Args:`` section, a field's help text each, before
+    its example: the help is written once, for ``--help`` and for ``help(ScoreConfig)``."""
+    import textwrap
+
+    entries = []
+    for spec in dataclasses.fields(cls):
+        text = spec.metadata.get("help")
+        if text:
+            entries.append(textwrap.fill(f"{spec.name}: {text}", width=92,
+                                         initial_indent=" " * 8, subsequent_indent=" " * 12))
+    args = "    Args:\n" + "\n".join(entries) + "\n\n"
+    doc = cls.__doc__ or ""
+    at = doc.find("    Example:")
+    cls.__doc__ = doc[:at] + args + doc[at:] if at >= 0 else doc.rstrip() + "\n\n" + args
+    return cls
+
+
 def _fix_paths(config, paths: tuple[str, ...], weights: str | None = None) -> None:
     """Make ``config``'s local path fields absolute (``~`` expanded) when the config is made.
 
@@ -101,6 +119,7 @@ def _as_tuple(config, name: str) -> None:
     object.__setattr__(config, name, value)
 
 
+@_fields_as_args
 @dataclass(frozen=True)
 class ScoreConfig:
     """Everything one scoring run needs. See ``memscore score --help`` for each field.
@@ -334,6 +353,7 @@ def training_start(start: str) -> str:
     return "scratch" if start == "scratch" else "pretrained"
 
 
+@_fields_as_args
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Everything one fine-tuning run needs. See ``memscore finetune --help`` for each field.
@@ -553,6 +573,7 @@ def from_args(args: argparse.Namespace, config_cls=ScoreConfig):
     return config_cls(**values)
 
 
+@_fields_as_args
 @dataclass(frozen=True)
 class EvaluateConfig:
     """One evaluation of predictions against ground truth. See ``memscore evaluate --help``.
@@ -654,6 +675,7 @@ class EvaluateConfig:
 SAE_ENCODERS = ("clip", "dinov2", "siglip2")
 
 
+@_fields_as_args
 @dataclass(frozen=True)
 class TrainSAEConfig:
     """One autoencoder training run (Takmaz et al. 2025). See ``memscore train-sae --help``.

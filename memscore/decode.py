@@ -659,6 +659,17 @@ class DecodeImages:
     Returns (from ``__call__``) the input table, untouched, with ``memscore_width``,
     ``memscore_height`` (int32: the decoded size, stored orientation unless ``exif_transpose``),
     ``memscore_error`` (string) and the pixel columns appended.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from memscore.models import get_model_weights
+        >>> preprocess = {"resmem": get_model_weights("resmem").DEFAULT.transforms}
+        >>> decode = DecodeImages("path", preprocess)
+        >>> table = decode(pa.table({"path": ["examples/images/chelsea.png", "nowhere.jpg"]}))
+        >>> table.column("memscore_width").to_pylist(), table.column("memscore_error").to_pylist()
+        ([451, None], [None, 'missing file: nowhere.jpg'])
+        >>> table.column(pixels_column("resmem")).type.shape  # uint8, the model's input size
+        (227, 227, 3)
     """
 
     def __init__(

@@ -254,10 +254,30 @@ def open_manifest(source: str, *, path_column: str = "path",
                   webdataset: bool = False) -> Manifest:
     """Find and validate the manifest at ``source``; raises ``MemscoreError`` on any problem.
 
-    ``webdataset``: WebDataset shards (``webdataset.is_webdataset``) are a manifest of kind
-    "webdataset" whose ``files`` are the shards (``webdataset.expand_shards``); its rows are
-    read by ``webdataset.read_shards``, not ``iter_tables``. Without it (commands that read a
-    manifest's rows in the driver) shards are refused with one line.
+    Args:
+        source: a CSV, Parquet (file or folder), JSONL file, a folder of images (searched
+            recursively by extension), a glob, or WebDataset shards; a local path or URL.
+        path_column: the column holding each image's path (a folder of images gets one).
+        storage_options: fsspec options (e.g. S3 endpoint and credentials).
+        reserved_columns: names the manifest may not have (the columns a run adds); one is
+            refused with one line.
+        webdataset: WebDataset shards (``webdataset.is_webdataset``) are a manifest of kind
+            "webdataset" whose ``files`` are the shards (``webdataset.expand_shards``); its
+            rows are read by ``webdataset.read_shards``, not ``iter_tables``. Without it
+            (commands that read a manifest's rows in the driver) shards are refused with one
+            line.
+
+    Example:
+        >>> images = open_manifest("examples/images")
+        >>> images.kind, len(images.files), images.columns
+        ('images', 5, ('path',))
+        >>> with open("labels.csv", "w") as f:
+        ...     _ = f.write("file,hr\\nexamples/images/rocket.jpg,0.8\\n")
+        >>> open_manifest("labels.csv", path_column="file").columns
+        ('file', 'hr')
+        >>> open_manifest("labels.csv")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        memscore.errors.MemscoreError: labels.csv: no column 'path' (columns: file, hr); ...
     """
     options = dict(storage_options or {})
     from memscore import webdataset as wds

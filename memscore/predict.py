@@ -137,6 +137,24 @@ class ScoreImages:
             scored in chunks of it, in order (None: all of them at once).
         precision: "fp32" (the published scores), "tf32" (CUDA's TF32 matrix units for
             float32 work), "bf16" or "fp16" (``torch.autocast``); see ``PRECISIONS``.
+
+    Returns (from ``__call__``, on a table from ``DecodeImages``): the table without its pixel
+    columns, with each model's score column(s) and ``memscore_model``; a row with an error
+    keeps it and gets null scores.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from memscore.decode import DecodeImages
+        >>> from memscore.models import get_model_weights
+        >>> preprocess = {"resmem": get_model_weights("resmem").DEFAULT.transforms}
+        >>> decode = DecodeImages("path", preprocess)
+        >>> decoded = decode(pa.table({"path": ["examples/images/chelsea.png", "nowhere.jpg"]}))
+        >>> scored = ScoreImages(("resmem",))(decoded)
+        >>> scored.column_names  # doctest: +NORMALIZE_WHITESPACE
+        ['path', 'memorability', 'memscore_error', 'memscore_model', 'memscore_width',
+         'memscore_height']
+        >>> [score is None for score in scored.column("memorability").to_pylist()]
+        [False, True]
     """
 
     def __init__(self, models: tuple[str, ...],

@@ -72,7 +72,28 @@ def _run_options(output: str, storage_options: Mapping[str, Any]) -> dict[str, A
 def verify(output: str, manifest: str, *, path_column: str | None = None,
            id_column: str | None = None,
            storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
-    """Compare ``output`` with ``manifest`` row by row; see the module docstring."""
+    """Compare ``output`` with ``manifest`` row by row; see the module docstring.
+
+    Args:
+        output: a ``memscore score`` output folder, finished or not (local or s3://).
+        manifest: the manifest the run scored, as given to ``memscore score``.
+        path_column: the manifest's path column (default: the run's, else ``path``).
+        id_column: match rows by this column (default: the run's ``--id-column``, else each
+            row's position, ``memscore_row``).
+        storage_options: fsspec options (e.g. S3 endpoint and credentials).
+
+    Returns:
+        A ``VerifyReport``: the counts and first examples of missing, duplicated and
+        unexpected rows; ``ok`` when every manifest row is in the output exactly once.
+
+    Example:
+        >>> import memscore
+        >>> from memscore.verify import verify
+        >>> _ = memscore.score(memscore.ScoreConfig("examples/images", output="scores/"))
+        >>> report = verify("scores/", "examples/images")
+        >>> report.ok, report.manifest_rows, report.output_rows, report.key
+        (True, 5, 5, 'memscore_row')
+    """
     options = dict(storage_options or {})
     run = _run_options(output, options)
     path_column = path_column or run.get("path_column") or "path"

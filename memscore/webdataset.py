@@ -268,10 +268,17 @@ def expand_shards(source: str, storage_options: Mapping[str, Any] | None = None)
         MemscoreError: (one line) nothing matches, a named shard is missing, or the source
             cannot be listed.
 
-    Example::
-
-        shards = expand_shards("s3://bucket/laion/{00000..00099}.tar")
-        tables = [read_shard(url, None, i) for i, url in enumerate(shards)]
+    Example (``s3://bucket/laion/{00000..00099}.tar`` reads the same way):
+        >>> import os, tarfile
+        >>> os.mkdir("shards")
+        >>> for i in range(3):  # one sample each, its image member 00000i.jpg
+        ...     with tarfile.open(f"shards/{i:05d}.tar", "w") as tar:
+        ...         tar.add("examples/images/rocket.jpg", arcname=f"{i:05d}.jpg")
+        >>> [os.path.basename(url) for url in expand_shards("shards/{00000..00001}.tar")]
+        ['00000.tar', '00001.tar']
+        >>> shards = expand_shards("shards")
+        >>> len(shards), read_shard(shards[2], shard_index=2).num_rows
+        (3, 1)
     """
     options = dict(storage_options or {})
     source = storage.absolute(source)

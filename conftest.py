@@ -1,0 +1,45 @@
+"""The examples in memscore's docstrings, run by pytest's doctest collection (pyproject.toml:
+``--doctest-modules``, testpaths ``tests`` and ``memscore``).
+
+Each example runs in a scratch folder of its own that links ``examples`` to the repository's, so
+``examples/images`` resolves as it does from the repository root and whatever an example writes
+(``scores/``, ``runs/``, ``labels.csv``) is thrown away. Examples that start Ray or build a
+published model are marked slow, as the tests that do (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from _pytest.doctest import DoctestItem
+
+ROOT = Path(__file__).resolve().parent
+
+# Doctest names (module.object) whose example starts Ray, Ray Train, or builds ResNet-152.
+SLOW_DOCTESTS = frozenset({
+    "memscore.score", "memscore.run.score",  # a scoring run on a local Ray
+    "memscore.finetune", "memscore.finetuning.finetune",  # Ray Train
+    "memscore.verify.verify",  # scores the examples first
+    "memscore.get_model", "memscore.models._api.get_model",  # ResMem's ResNet-152
+    "memscore.predict.ScoreImages",  # ResMem's ResNet-152
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if isinstance(item, DoctestItem) and item.name in SLOW_DOCTESTS:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _doctests_run_in_a_scratch_folder(request):
+    if not isinstance(request.node, DoctestItem):
+        return  # a test of tests/: its own fixtures decide
+    scratch = request.getfixturevalue("tmp_path")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    (scratch / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
+    monkeypatch.chdir(scratch)
+    # Ray's embedded instance: token auth prints a warning per start and nothing needs it.
+    monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from memscore.errors import first_line
 from memscore.transforms import ImagePreprocess
 
 __all__ = [
@@ -227,7 +228,7 @@ def load_state_dict_file(path: str | Path, storage_options: Mapping[str, Any] | 
     except Exception as exc:  # torch raises UnpicklingError with a long text; keep the gist
         raise ValueError(
             f"{path} is not a plain tensor checkpoint (refused by torch.load(weights_only=True)): "
-            f"{str(exc).splitlines()[0]}"
+            f"{first_line(exc)}"
         ) from exc
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")

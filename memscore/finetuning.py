@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
+from memscore.run_folder import prepare_run_folder
 from memscore.config import FinetuneConfig, training_start
 from memscore.errors import MemscoreError, first_line
 from memscore.columns import ERROR as ERROR_COLUMN
@@ -58,7 +59,6 @@ from memscore.train_loop import LABEL, TrainSpec
 __all__ = ["finetune", "ROW", "SPLIT", "LABELLED_ROW", "plan_start"]
 
 SUMMARY_FILE = "finetune.json"
-_STATE_FILE = "state.json"
 _PATH = "__memscore_path"  # the resolved image path, kept beside the pixels to name failures
 # memscore_row under a name that passes through `memscore score` (whose own memscore_row is the
 # row's place in the file it scores): in every split file, the key that joins scores to labels.
@@ -134,29 +134,10 @@ def _identity(config: FinetuneConfig, manifest: Manifest, pipeline: str) -> dict
 
 def _prepare_run_dir(config: FinetuneConfig, run_dir: str, identity: dict) -> str:
     """'fresh', 'resume' or 'complete'; refuses to mix two different runs in one folder."""
-    fs, path = storage.url_to_fs(run_dir, config.storage_options)
-    if config.overwrite and fs.exists(path):
-        fs.rm(path, recursive=True)
-    state_path = f"{path}/{_STATE_FILE}"
-    if fs.exists(state_path):
-        saved = json.loads(fs.cat_file(state_path))
-        changed = [k for k in identity if saved.get(k) != identity[k]]
-        if changed:
-            raise MemscoreError(
-                f"{run_dir} holds a run with other settings ({', '.join(changed)} differ); "
-                f"choose another --name or pass --overwrite")
-        if fs.exists(f"{path}/{SUMMARY_FILE}"):
-            summary = json.loads(fs.cat_file(f"{path}/{SUMMARY_FILE}"))
-            if summary.get("epochs_requested", 0) >= config.epochs or summary.get("early_stopped"):
-                return "complete"
-        return "resume"
-    if fs.exists(path) and fs.ls(path):
-        raise MemscoreError(f"{run_dir} exists and is not a memscore finetune run; choose another "
-                            f"--name or pass --overwrite")
-    if not storage.is_url(run_dir):
-        fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(state_path, (json.dumps(identity, indent=2) + "\n").encode())
-    return "fresh"
+    return prepare_run_folder(
+        run_dir, identity, job="finetune", summary_file=SUMMARY_FILE,
+        is_complete=lambda summary: summary.get("epochs_requested", 0) >= config.epochs or bool(summary.get("early_stopped")),
+        overwrite=config.overwrite, storage_options=config.storage_options)
 
 
 def _label_values(column: pa.ChunkedArray, config: FinetuneConfig) -> tuple[np.ndarray, list]:

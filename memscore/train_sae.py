@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
+from memscore.run_folder import prepare_run_folder
 from memscore.columns import ERROR, REPRESENTATION, ROW
 from memscore.config import TrainSAEConfig
 from memscore.errors import MemscoreError, first_line
@@ -58,7 +59,6 @@ __all__ = ["train_sae", "summary_line", "SAESpec", "train_sae_worker", "zscore_s
            "SUMMARY_FILE", "sae_model_name", "sae_output_column"]
 
 SUMMARY_FILE = "train_sae.json"
-_STATE_FILE = "state.json"
 _TRAINING_STATE = "training_state.pt"
 _REPRESENTATIONS = "representations"
 _COMPLETE = "_complete.json"
@@ -279,29 +279,10 @@ def _identity(config: TrainSAEConfig, manifest, encoder: dict) -> dict[str, Any]
 
 def _prepare_run_dir(config: TrainSAEConfig, run_dir: str, identity: dict) -> str:
     """'fresh', 'resume' or 'complete'; refuses to mix two different runs in one folder."""
-    fs, path = storage.url_to_fs(run_dir, config.storage_options)
-    if config.overwrite and fs.exists(path):
-        fs.rm(path, recursive=True)
-    state_path = f"{path}/{_STATE_FILE}"
-    if fs.exists(state_path):
-        saved = json.loads(fs.cat_file(state_path))
-        changed = [k for k in identity if saved.get(k) != identity[k]]
-        if changed:
-            raise MemscoreError(
-                f"{run_dir} holds a run with other settings ({', '.join(changed)} differ); "
-                f"choose another --name or pass --overwrite")
-        if fs.exists(f"{path}/{SUMMARY_FILE}"):
-            summary = json.loads(fs.cat_file(f"{path}/{SUMMARY_FILE}"))
-            if summary.get("epochs_run", 0) >= config.epochs:
-                return "complete"
-        return "resume"
-    if fs.exists(path) and fs.ls(path):
-        raise MemscoreError(f"{run_dir} exists and is not a memscore train-sae run; choose "
-                            f"another --name or pass --overwrite")
-    if not storage.is_url(run_dir):
-        fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(state_path, (json.dumps(identity, indent=2) + "\n").encode())
-    return "fresh"
+    return prepare_run_folder(
+        run_dir, identity, job="train-sae", summary_file=SUMMARY_FILE,
+        is_complete=lambda summary: summary.get("epochs_run", 0) >= config.epochs,
+        overwrite=config.overwrite, storage_options=config.storage_options)
 
 
 def _images_table(config: TrainSAEConfig, manifest) -> pa.Table:

@@ -401,3 +401,30 @@ def test_a_manifest_without_numeric_labels_stops_with_one_line(tmp_path):
     assert "\n" not in message and "0 of " in message
     assert "commonest problem: non-numeric label (" in message
     assert f"e.g. {tmp_path}/images/img_00" in message
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_memscore_run(tmp_path):
+    """--overwrite deletes a run folder memscore made (it holds state.json), never another."""
+    from memscore.errors import MemscoreError
+    from memscore.run_folder import prepare_run_folder
+
+    theirs = tmp_path / "runs" / "mine"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("keep me")
+    with pytest.raises(MemscoreError, match="not a memscore finetune run"):
+        prepare_run_folder(str(theirs), {"lr": 1}, job="finetune", summary_file="f.json",
+                           is_complete=lambda s: True, overwrite=True)
+    assert (theirs / "notes.txt").read_text() == "keep me"
+
+    ours = tmp_path / "runs" / "ours"
+    assert prepare_run_folder(str(ours), {"lr": 1}, job="finetune", summary_file="f.json",
+                              is_complete=lambda s: True) == "fresh"
+    (ours / "f.json").write_text("{}")
+    assert prepare_run_folder(str(ours), {"lr": 1}, job="finetune", summary_file="f.json",
+                              is_complete=lambda s: True) == "complete"
+    with pytest.raises(MemscoreError, match="lr differ"):
+        prepare_run_folder(str(ours), {"lr": 2}, job="finetune", summary_file="f.json",
+                           is_complete=lambda s: True)
+    assert prepare_run_folder(str(ours), {"lr": 2}, job="finetune", summary_file="f.json",
+                              is_complete=lambda s: True, overwrite=True) == "fresh"
+    assert not (ours / "f.json").exists()

@@ -329,6 +329,15 @@ def expand_shards(source: str, storage_options: Mapping[str, Any] | None = None)
     return sorted(_full(source, p) for p in found)
 
 
+_FILE_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".parquet", ".pq", ".jsonl", ".ndjson",
+                  ".json", *(f".{ext}" for ext in IMAGE_MEMBERS))
+
+
+def _names_a_file(source: str) -> bool:
+    """Whether ``source``'s last name ends like a table or image file (not a folder)."""
+    return source.rstrip("/").rsplit("/", 1)[-1].lower().endswith(_FILE_SUFFIXES)
+
+
 def is_webdataset(source: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``source`` names WebDataset shards (what ``open_manifest`` can ask first).
 
@@ -342,6 +351,8 @@ def is_webdataset(source: str, storage_options: Mapping[str, Any] | None = None)
     if all(_is_shard_name(name) for name in names):
         return True
     if len(names) > 1 or globlib.has_magic(source):
+        return False
+    if _names_a_file(source):  # a manifest or image file: no request to ask
         return False
     try:
         fs, root = storage.url_to_fs(storage.absolute(source), storage_options)

@@ -41,7 +41,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
+from memscore.run_folder import json_default as _json_default
 from memscore.run_folder import prepare_run_folder
+from memscore.run_folder import read_json as _read_json
 from memscore.config import FinetuneConfig, training_start
 from memscore.errors import MemscoreError, first_line
 from memscore.columns import ERROR as ERROR_COLUMN
@@ -520,17 +522,6 @@ def _train_worker_entry(config: dict) -> None:
     from memscore.train_loop import train_worker
 
     train_worker(config)
-
-
-def _json_default(value: Any):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
-
-
-def _read_json(path: str, storage_options) -> Any:
-    fs, inner = storage.url_to_fs(path, storage_options)
-    return json.loads(fs.cat_file(inner)) if fs.exists(inner) else None
 
 
 def _score_and_evaluate_test(config: FinetuneConfig, run_dir: str, files: dict, member) -> dict:

@@ -9,12 +9,13 @@ folder only when it holds that file: a folder memscore did not make is never del
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, Mapping
 
 from memscore import storage
 from memscore.errors import MemscoreError
 
-__all__ = ["STATE_FILE", "prepare_run_folder"]
+__all__ = ["STATE_FILE", "prepare_run_folder", "read_json", "json_default"]
 
 STATE_FILE = "state.json"
 
@@ -71,3 +72,16 @@ def prepare_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
         fs.makedirs(path, exist_ok=True)
     fs.pipe_file(state_path, (json.dumps(identity, indent=2) + "\n").encode())
     return "fresh"
+
+
+def json_default(value: Any):
+    """``json.dumps``'s ``default`` for a job's summaries: a NaN or infinite metric is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def read_json(path: str, storage_options: Mapping[str, Any] | None) -> Any:
+    """The JSON file at ``path`` (local or URL), or None when there is none."""
+    fs, inner = storage.url_to_fs(path, dict(storage_options or {}))
+    return json.loads(fs.cat_file(inner)) if fs.exists(inner) else None

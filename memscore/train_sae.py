@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import math
 import os
 import tempfile
 import time
@@ -50,7 +49,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
+from memscore.run_folder import json_default as _json_default
 from memscore.run_folder import prepare_run_folder
+from memscore.run_folder import read_json as _read_json
 from memscore.columns import ERROR, REPRESENTATION, ROW
 from memscore.config import TrainSAEConfig
 from memscore.errors import MemscoreError, first_line
@@ -378,17 +379,6 @@ def _nothing_to_train(config: TrainSAEConfig, counts: dict) -> str:
 
 def _train_worker_entry(config: dict) -> None:
     train_sae_worker(config)
-
-
-def _json_default(value: Any):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
-
-
-def _read_json(path: str, storage_options) -> Any:
-    fs, inner = storage.url_to_fs(path, storage_options)
-    return json.loads(fs.cat_file(inner)) if fs.exists(inner) else None
 
 
 # --- each Ray Train worker --------------------------------------------------------------------

@@ -20,6 +20,20 @@ __all__ = ["MemscoreError", "first_line", "ScoreConfig", "FinetuneConfig", "Eval
            "TrainSAEConfig", "SAE_ENCODERS", "add_arguments", "from_args"]
 
 
+def check_model_names(models) -> None:
+    """Refuse, with one line, no model, an unknown model or a model named twice."""
+    from memscore.models import list_models
+
+    if not models:
+        raise MemscoreError("no --model given")
+    known = list_models()
+    for name in models:
+        if name not in known:
+            raise MemscoreError(f"unknown model {name!r}; choose from {', '.join(known)}")
+    if len(set(models)) != len(models):
+        raise MemscoreError(f"a model is named twice in {','.join(models)}")
+
+
 def _opt(help: str, *, flag: str | None = None, positional: bool = False, **argparse_kwargs):
     return {"help": help, "flag": flag, "positional": positional, "argparse": argparse_kwargs}
 
@@ -253,20 +267,11 @@ class ScoreConfig:
 
     def validated(self) -> "ScoreConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""
-        from memscore.models import list_models
-
         if not self.manifest:
             raise MemscoreError("no manifest given")
         if not self.output:
             raise MemscoreError("no --output given")
-        if not self.models:
-            raise MemscoreError("no --model given")
-        known = list_models()
-        for name in self.models:
-            if name not in known:
-                raise MemscoreError(f"unknown model {name!r}; choose from {', '.join(known)}")
-        if len(set(self.models)) != len(self.models):
-            raise MemscoreError(f"a model is named twice in {','.join(self.models)}")
+        check_model_names(self.models)
         if self.overwrite and self.resume:
             raise MemscoreError("--overwrite and --resume contradict each other; choose one")
         if self.retry_errors and not self.resume:

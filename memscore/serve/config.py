@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from memscore.config import _as_tuple, _fix_paths, _opt
+from memscore.config import _as_tuple, _fix_paths, _opt, check_model_names
 from memscore.errors import MemscoreError
 
 __all__ = ["ServeConfig", "parse_replicas"]
@@ -94,17 +94,9 @@ class ServeConfig:
 
     def validated(self) -> "ServeConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""
-        from memscore.models import list_models
         from memscore.predict import PRECISIONS
 
-        if not self.models:
-            raise MemscoreError("no --model given")
-        known = list_models()
-        for name in self.models:
-            if name not in known:
-                raise MemscoreError(f"unknown model {name!r}; choose from {', '.join(known)}")
-        if len(set(self.models)) != len(self.models):
-            raise MemscoreError(f"a model is named twice in {','.join(self.models)}")
+        check_model_names(self.models)
         if self.weights is not None and len(self.models) > 1:
             raise MemscoreError("--weights applies to one model; serve models with own weights "
                                 "separately")

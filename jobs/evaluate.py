@@ -11,23 +11,12 @@ on the same cluster and read its output where it was written:
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from memscore.cli import add_debug_flag, guarded, evaluate_command
-from memscore.config import EvaluateConfig, add_arguments
+from memscore.cli import job_entrypoint
+from memscore.config import EvaluateConfig
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, EvaluateConfig)
-    add_debug_flag(parser)
-    return parser.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> int:
-    return guarded(evaluate_command, args)
-
+parse_args, main = job_entrypoint(EvaluateConfig, __doc__)
 
 if __name__ == "__main__":
     sys.exit(main(parse_args()))

@@ -12,23 +12,12 @@ Re-submitting the same command resumes the run from its last epoch.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from memscore.cli import add_debug_flag, guarded, finetune_command
-from memscore.config import FinetuneConfig, add_arguments
+from memscore.cli import job_entrypoint
+from memscore.config import FinetuneConfig
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, FinetuneConfig)
-    add_debug_flag(parser)
-    return parser.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> int:
-    return guarded(finetune_command, args)
-
+parse_args, main = job_entrypoint(FinetuneConfig, __doc__)
 
 if __name__ == "__main__":
     sys.exit(main(parse_args()))

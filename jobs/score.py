@@ -11,23 +11,12 @@ Inside a Ray job, RAY_ADDRESS is set by Ray, so the run joins the cluster it was
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from memscore.cli import add_debug_flag, guarded, score_command
-from memscore.config import ScoreConfig, add_arguments
+from memscore.cli import job_entrypoint
+from memscore.config import ScoreConfig
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, ScoreConfig)
-    add_debug_flag(parser)
-    return parser.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> int:
-    return guarded(score_command, args)
-
+parse_args, main = job_entrypoint(ScoreConfig, __doc__)
 
 if __name__ == "__main__":
     sys.exit(main(parse_args()))

@@ -14,7 +14,7 @@ from memscore.config import (EvaluateConfig, FinetuneConfig, ScoreConfig, TrainS
 from memscore.errors import MemscoreError, first_line
 
 __all__ = ["main", "guarded", "add_debug_flag", "build_parser", "format_summary_line", "score_command", "finetune_command",
-           "evaluate_command", "serve_command", "train_sae_command"]
+           "evaluate_command", "serve_command", "train_sae_command", "job_entrypoint"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +248,39 @@ def serve_command(args: argparse.Namespace) -> int:
     from memscore.serve.launch import serve_forever
 
     return serve_forever(from_args(args, ServeConfig))
+
+
+def job_entrypoint(config_cls, doc: str):
+    """``(parse_args, main)`` of a Ray job script (``jobs/*.py``) for ``config_cls``'s command.
+
+    A job script takes exactly the options of its ``memscore`` command (its parser is built
+    from the same config fields) and runs the same code, so ``ray job submit -- python
+    jobs/score.py ...`` and ``memscore score ...`` are one program; only the script's
+    docstring, its ``--help`` text, is its own.
+
+    Args:
+        config_cls: ``ScoreConfig``, ``FinetuneConfig``, ``EvaluateConfig`` or
+            ``TrainSAEConfig``.
+        doc: the script's docstring; its first line is the parser's description.
+
+    Example:
+        >>> parse_args, main = job_entrypoint(ScoreConfig, "Score images.")
+        >>> parse_args(["examples/images", "--output", "scores/"]).output
+        'scores/'
+    """
+    command = {ScoreConfig: score_command, FinetuneConfig: finetune_command,
+               EvaluateConfig: evaluate_command, TrainSAEConfig: train_sae_command}[config_cls]
+
+    def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+        parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+        add_arguments(parser, config_cls)
+        add_debug_flag(parser)
+        return parser.parse_args(argv)
+
+    def main(args: argparse.Namespace) -> int:
+        return guarded(command, args)
+
+    return parse_args, main
 
 
 if __name__ == "__main__":

@@ -85,11 +85,21 @@ def finetune(config: FinetuneConfig) -> dict:
     Raises:
         MemscoreError: one line for each problem the user can fix, before any Ray work.
 
-    Example (``memscore.finetuning.finetune``'s docstring runs one)::
-
-        import memscore
-        summary = memscore.finetune(memscore.FinetuneConfig("labels.csv", output="runs/",
-                                                            model="memnet"))
+    Example (five labelled images, so it runs in a minute; a real run has thousands):
+        >>> import memscore
+        >>> labels = {"astronaut.png": (0.82, "train"), "camera.png": (0.64, "train"),
+        ...           "chelsea.png": (0.91, "validation"), "coffee.png": (0.58, "validation"),
+        ...           "rocket.jpg": (0.77, "validation")}
+        >>> with open("labels.csv", "w") as f:
+        ...     _ = f.write("path,memorability,split\\n")
+        ...     _ = f.writelines(f"examples/images/{name},{label},{split}\\n"
+        ...                      for name, (label, split) in labels.items())
+        >>> summary = memscore.finetune(memscore.FinetuneConfig(
+        ...     "labels.csv", output="runs/", name="lab-a", model="memnet", split_column="split",
+        ...     epochs=2))
+        >>> summary["status"], summary["rows_trained"], summary["epochs_run"]
+        ('complete', 2, 2)
+        >>> model = memscore.get_model("memnet", weights=summary["best_checkpoint"])
     """
     from memscore.finetuning import finetune as _finetune
 
@@ -109,12 +119,21 @@ def evaluate(config: EvaluateConfig) -> dict:
     Raises:
         MemscoreError: one line for each problem the user can fix.
 
-    Example (``memscore.evaluation.evaluate``'s docstring runs one)::
-
-        import memscore
-        result = memscore.evaluate(memscore.EvaluateConfig("scores/", truth="labels.csv",
-                                                           truth_column="memorability",
-                                                           report="report/"))
+    Example:
+        >>> import pyarrow as pa, pyarrow.parquet as pq
+        >>> import memscore
+        >>> pq.write_table(pa.table({"path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
+        ...                          "memorability": [0.71, 0.93, 0.80, 0.62, 0.75]}),
+        ...                "scores.parquet")
+        >>> with open("truth.csv", "w") as f:
+        ...     _ = f.write("path,hr\\na.jpg,0.64\\nb.jpg,0.88\\nc.jpg,0.79\\n"
+        ...                 "d.jpg,0.55\\ne.jpg,0.81\\n")
+        >>> result = memscore.evaluate(memscore.EvaluateConfig("scores.parquet", truth="truth.csv",
+        ...     truth_column="hr", report="report/"))
+        >>> result["counts"]["evaluated"], result["overall"]["spearman"]
+        (5, 0.9)
+        >>> sorted(result["files"])  # report/metrics.json, report.md, scatter.png ...
+        ['distribution', 'metrics', 'report', 'scatter']
     """
     from memscore.evaluation import evaluate as _evaluate
 

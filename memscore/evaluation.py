@@ -85,22 +85,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         config: the predictions, the truth and how to join them, the report folder;
             ``memscore evaluate --help`` explains each option.
 
-    Example:
-        >>> import pyarrow as pa, pyarrow.parquet as pq
-        >>> from memscore import EvaluateConfig
-        >>> from memscore.evaluation import evaluate
-        >>> pq.write_table(pa.table({"path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
-        ...                          "memorability": [0.71, 0.93, 0.80, 0.62, 0.75]}),
-        ...                "scores.parquet")
-        >>> with open("truth.csv", "w") as f:
-        ...     _ = f.write("path,hr\\na.jpg,0.64\\nb.jpg,0.88\\nc.jpg,0.79\\n"
-        ...                 "d.jpg,0.55\\ne.jpg,0.81\\n")
-        >>> result = evaluate(EvaluateConfig("scores.parquet", truth="truth.csv",
-        ...                                  truth_column="hr", report="report/"))
-        >>> result["counts"]["evaluated"], result["overall"]["spearman"]
-        (5, 0.9)
-        >>> sorted(result["files"])  # report/metrics.json, report.md, scatter.png ...
-        ['distribution', 'metrics', 'report', 'scatter']
+    Example: ``memscore.evaluate``, which calls this, runs one.
     """
     config = config.validated()
     options = dict(config.storage_options)

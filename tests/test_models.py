@@ -21,6 +21,7 @@ from memscore.models._api import (FolderWeightsEnum, load_state_dict_file, load_
                                   register_model, weights_for)
 from memscore.decode import pixels_column
 from memscore.predict import ScoreImages
+from pickle_payload import TouchesMarker
 
 
 def test_registry_lists_resmem_and_rejects_unknown_and_duplicate_names():
@@ -122,18 +123,16 @@ def test_resmem_weights_say_what_they_are():
     assert (pre.resize, pre.crop, pre.mean, pre.std) == ((256, 256), 227, None, None)
 
 
-class _Payload:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("echo pwned > /dev/null",))
-
-
 def test_a_pickled_checkpoint_with_code_is_refused(tmp_path):
+    marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pt"
-    torch.save({"weight": torch.zeros(1), "x": _Payload()}, path, pickle_module=pickle)
+    torch.save({"weight": torch.zeros(1), "x": TouchesMarker(marker)}, path, pickle_module=pickle)
     with pytest.raises(ValueError, match="weights_only"):
         load_state_dict_file(path)
+    assert not marker.exists(), "memscore's loader ran the checkpoint's code"
+    # the control: an unguarded torch.load of the same file does run it
+    torch.load(path, weights_only=False)
+    assert marker.exists()
 
 
 def test_safetensors_checkpoints_load(tmp_path):

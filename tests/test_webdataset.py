@@ -4,7 +4,6 @@ one test of the Ray Data read path (slow)."""
 
 from __future__ import annotations
 
-import builtins
 import io
 import json
 import pickle
@@ -19,18 +18,9 @@ from memscore.config import MemscoreError
 from memscore.webdataset import (IMAGE, IMAGE_EXT, KEY, READ_ERROR_KINDS, URL, expand_braces,
                                  expand_shards, is_webdataset, iter_shard, read_shard,
                                  read_shards, sample_id, split_sample_id, unify_tables)
+from pickle_payload import TouchesMarker
 
 ROW, ERROR = columns.ROW, columns.ERROR
-
-
-class _WritesMarker:
-    """Unpickling this calls ``open(marker, "w")``: the file appears iff something unpickled it."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (builtins.open, (self.marker, "w"))
 
 
 def write_tar(path: Path, members, *, mode: str = "w") -> Path:
@@ -55,9 +45,9 @@ def sample_members(example_images, marker: Path, start: int = 0):
         members.append((f"{key}.json", json.dumps({"name": image.name, "i": i}).encode()))
         members.append((f"{key}.cls", str(i % 3).encode()))
         if i == 0:
-            members.append((f"{key}.pth", pickle.dumps(_WritesMarker(marker))))
+            members.append((f"{key}.pth", pickle.dumps(TouchesMarker(marker))))
         if i == 1:
-            members.append((f"{key}.pkl", pickle.dumps(_WritesMarker(marker))))
+            members.append((f"{key}.pkl", pickle.dumps(TouchesMarker(marker))))
         if i == 2:
             members.append((f"{key}.seg.png", example_images[1].read_bytes()))
     return members
@@ -113,9 +103,9 @@ def test_one_row_per_sample(shard, example_images, marker):
     # the pickled members are their bytes: never unpickled ...
     assert not marker.exists()
     payload = table.column("pth").to_pylist()[0]
-    assert payload == pickle.dumps(_WritesMarker(marker))
+    assert payload == pickle.dumps(TouchesMarker(marker))
     # ... and the payload is real: unpickling it does write the marker
-    pickle.loads(payload).close()
+    pickle.loads(payload)
     assert marker.exists()
 
 
@@ -425,7 +415,7 @@ def test_shards_on_s3(s3_endpoint, shard_folder, tmp_path):
 
 # -------------------------------------------------------------------------------------- Ray
 @pytest.mark.slow
-def test_read_shards_with_ray(ray_local, shard_folder):
+def test_read_shards_with_ray(ray_local, shard_folder, marker):
     shards = expand_shards(str(shard_folder))
     dataset = read_shards(shards)
     got = sorted(dataset.take_all(), key=lambda r: r[ROW])
@@ -434,6 +424,9 @@ def test_read_shards_with_ray(ray_local, shard_folder):
     assert [r[KEY] for r in got] == expected.column(KEY).to_pylist()
     assert [r[IMAGE] for r in got] == expected.column(IMAGE).to_pylist()
     assert [r["txt"] for r in got] == expected.column("txt").to_pylist()
+    # the .pth members went through Ray's workers and object store as bytes, never unpickled
+    assert [r["pth"] for r in got] == expected.column("pth").to_pylist()
+    assert not marker.exists()
 
 
 @pytest.mark.slow

@@ -624,7 +624,7 @@ def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
     versions = {}
-    for name in ("memscore", "numpy", "pyarrow", "matplotlib"):
+    for name in ("memscore", "numpy", "scipy", "pyarrow", "matplotlib"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -34,8 +34,6 @@ Y = np.array([0.70, 0.80, 0.65, 0.50, 0.95, 0.70, 0.70, 0.40, 0.85, 0.60, 0.60, 
 # --- metrics ----------------------------------------------------------------------------------
 
 def test_metrics_equal_scipy_and_numpy_on_a_table_with_ties():
-    np.testing.assert_array_equal(metrics.rankdata(X), stats.rankdata(X))
-    np.testing.assert_array_equal(metrics.rankdata(Y), stats.rankdata(Y))
     assert metrics.spearman(X, Y) == pytest.approx(stats.spearmanr(X, Y).statistic, abs=1e-12)
     assert metrics.pearson(X, Y) == pytest.approx(stats.pearsonr(X, Y).statistic, abs=1e-12)
     assert metrics.mse(X, Y) == pytest.approx(np.mean((X - Y) ** 2), abs=1e-12)
@@ -70,15 +68,21 @@ def test_bootstrap_interval_is_deterministic_for_a_seed_and_contains_rho():
     assert lo < metrics.spearman(x, y) < hi and hi - lo < 0.3
 
 
-def test_undefined_figures_are_nan_not_errors():
+def test_undefined_figures_are_nan_not_errors_nor_warnings(recwarn):
     assert math.isnan(metrics.spearman([0.1, 0.2], [0.3, 0.4]))  # fewer than 3 pairs
+    assert math.isnan(metrics.pearson([0.1, 0.2], [0.3, 0.4]))  # scipy raises below 2
     assert math.isnan(metrics.spearman([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]))  # constant
     assert math.isnan(metrics.pearson([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]))
+    assert math.isnan(metrics.spearman([0.1, 0.2, 0.3], [0.7, 0.7, 0.7]))
+    # Nearly constant (a spread of 1e-15 around 1): r exists; scipy's warning stays inside.
+    assert metrics.pearson(1 + np.array([0.0, 1.0, 3.0]) * 1e-15, X[:3]) == pytest.approx(
+        stats.pearsonr(np.array([0.0, 1.0, 3.0]), X[:3]).statistic, abs=0.05)
     empty = metrics.summary(np.array([]), np.array([]))
     assert empty["n"] == 0 and math.isnan(empty["mse"])
     assert all(map(math.isnan, empty["spearman_ci95"]))
     assert metrics.spearman_brown(0.6) == pytest.approx(1.2 / 1.6)
     assert math.isnan(metrics.spearman_brown(float("nan")))
+    assert not recwarn.list, [str(w.message) for w in recwarn]
 
 
 def test_kde_is_scipys_gaussian_kde_with_scotts_bandwidth():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -23,10 +24,16 @@ from memscore.output import output_files
 from memscore.verify import verify
 from memscore.webdataset import sample_id
 
+from pickle_payload import TouchesMarker
 from test_resume import kill_run, ray_processes
 
 NOT_UTF8 = b"caf\xe9"  # latin-1, as some scraped captions are
-PICKLE = b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01."  # never to be unpickled
+
+
+def unpickled_marker(folder: Path) -> Path:
+    """The file the .pth members of ``write_shards(folder, ...)`` create if anything unpickles
+    them (pickle_payload.TouchesMarker)."""
+    return folder.parent / "UNPICKLED"
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -38,11 +45,13 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_shards(folder: Path, images: list[Path]) -> dict:
     """Three shards; -> what each row must be: {(shard, key): (image name or None, error kind)}.
 
-    000000: five samples, one per example image, with txt, json and a .pth member.
+    000000: five samples, one per example image, with txt, json and a .pth member (a pickle
+    that creates ``unpickled_marker(folder)`` when loaded).
     000001: two good samples, one with no image, one key repeated after another (duplicate).
     000002: a good sample, then a member cut short (truncated shard).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    payload = pickle.dumps(TouchesMarker(unpickled_marker(folder)))
     expect: dict = {}
     with tarfile.open(folder / "000000.tar", "w") as tar:
         for i, image in enumerate(images):
@@ -50,7 +59,7 @@ def write_shards(folder: Path, images: list[Path]) -> dict:
             add(tar, f"{key}.{image.suffix.lstrip('.')}", image.read_bytes())
             add(tar, f"{key}.txt", image.name.encode() if i else NOT_UTF8)
             add(tar, f"{key}.json", json.dumps({"name": image.name}).encode())
-            add(tar, f"{key}.pth", PICKLE)
+            add(tar, f"{key}.pth", payload)
             expect[(0, key)] = (image.name, None)
     with tarfile.open(folder / "000001.tar", "w") as tar:
         add(tar, "b000.jpg", images[0].read_bytes())
@@ -134,7 +143,10 @@ def test_shards_are_scored_one_row_per_sample_with_members_kept(
     assert rows["a000"]["txt"] == "caf\ufffd"  # not UTF-8: replaced, the column stays text
     assert rows["a001"]["txt"] == example_images[1].name
     assert json.loads(rows["a002"]["json"]) == {"name": example_images[2].name}
-    assert rows["a003"]["pth"] == PICKLE  # its bytes, never unpickled
+    # the .pth member: its bytes, never unpickled by the decode tasks or the writer
+    marker = unpickled_marker(tmp_path / "shards")
+    assert rows["a003"]["pth"] == pickle.dumps(TouchesMarker(marker))
+    assert not marker.exists()
 
     report = verify(str(out), str(tmp_path / "shards"))  # the folder names the same shards
     assert report.ok and report.manifest_rows == report.output_rows == 11
@@ -146,6 +158,9 @@ def test_shards_are_scored_one_row_per_sample_with_members_kept(
         manifest=str(tmp_path / "shards" / "{000000..000002}.tar"), output=str(out),
         rows_per_file=4, rows_per_block=3, decode_batch_size=3, batch_size=3, resume=True))
     assert again["finished_at"] == summary["finished_at"]
+    # the control: unpickling that member does create the marker
+    pickle.loads(rows["a003"]["pth"])
+    assert marker.exists()
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ without the y = x line.
 
 matplotlib is imported inside the functions and drawn through its Agg canvas directly (no
 pyplot, no global backend or figure state), so importing memscore never imports it and
-figures can be drawn from any thread. The densities are Gaussian kernel density estimates
-with Scott's bandwidth, computed here in numpy.
+figures can be drawn from any thread. The densities are scipy's Gaussian kernel density
+estimates with Scott's bandwidth (scipy imported inside, too).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["gaussian_kde", "distribution_png", "scatter_png", "layers_png"]
 
 # Up to this many values the density is summed over every value exactly; above it over a fine
 # histogram of them (bins of a twentieth of the bandwidth: the difference is far below what a
-# plot shows, and 1M values take milliseconds, not a 1M x 512 matrix).
+# plot shows; the figures in gaussian_kde).
 _EXACT_KDE_MAX = 5000
 # Up to this many points the scatter draws each one; above it a hexagonal-bin count (a 100k
 # point scatter is a solid blot and slow to draw).
@@ -36,16 +36,18 @@ _PREDICTION_COLOUR = "tab:blue"
 
 
 def gaussian_kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
-    """Gaussian KDE of ``values`` at ``grid`` with Scott's bandwidth (as scipy's default).
+    """``scipy.stats.gaussian_kde`` of ``values`` at ``grid``, with Scott's bandwidth.
 
     The bandwidth is ``std(values, ddof=1) * n ** (-1/5)``. Returns None where no density
-    exists (fewer than two values, or all equal).
+    exists (fewer than two values, or all equal), where scipy would raise.
 
     Example:
         >>> d = gaussian_kde(np.array([0.4, 0.5, 0.7]), np.linspace(0, 1, 5))
         >>> d.shape
         (5,)
     """
+    from scipy import stats  # lazily, as matplotlib: importing scipy.stats takes about 0.5 s
+
     values = np.asarray(values, dtype=np.float64)
     grid = np.asarray(grid, dtype=np.float64)
     n = values.size
@@ -55,20 +57,21 @@ def gaussian_kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
     if not bandwidth > 0:
         return None
     if n <= _EXACT_KDE_MAX:
-        centres, weights = values, np.ones(n)
-    else:
-        low, high = float(values.min()), float(values.max())
-        bins = int(min(100_000, max(1, math.ceil((high - low) / (bandwidth / 20)))))
-        weights, edges = np.histogram(values, bins=bins, range=(low, high))
-        centres = (edges[:-1] + edges[1:]) / 2
-        keep = weights > 0
-        centres, weights = centres[keep], weights[keep].astype(np.float64)
-    density = np.zeros_like(grid)
-    step = max(1, 2_000_000 // max(grid.size, 1))  # bounded memory for the exact sum
-    for start in range(0, centres.size, step):
-        z = (grid[:, None] - centres[None, start:start + step]) / bandwidth
-        density += np.exp(-0.5 * z * z) @ weights[start:start + step]
-    return density / (n * bandwidth * math.sqrt(2 * math.pi))
+        return stats.gaussian_kde(values)(grid)  # Scott's rule is scipy's default
+    # Over _EXACT_KDE_MAX values, scipy's kernel sum over every value costs n x grid: 2.6 s for
+    # 100,000 values and 14.3 s for 1,000,000 on 512 points (2-core x86), and a figure has
+    # two densities. Over the histogram's centres, weighted by their counts, with the values'
+    # own bandwidth, it takes 0.13 s, within 8.6e-4 of the exact density (peak 3.1) at 20,000.
+    low, high = float(values.min()), float(values.max())
+    bins = int(min(100_000, max(1, math.ceil((high - low) / (bandwidth / 20)))))
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    keep = counts > 0  # min and max fall in the first and last bins: two centres at least
+    centres, counts = centres[keep], counts[keep].astype(np.float64)
+    # scipy's bandwidth is a factor times the (weighted) spread of the points it is given:
+    # the factor that makes it the values' own Scott bandwidth.
+    spread = math.sqrt(float(np.cov(centres, aweights=counts)))
+    return stats.gaussian_kde(centres, bw_method=bandwidth / spread, weights=counts)(grid)
 
 
 def _axis_range(*arrays: np.ndarray) -> tuple[float, float]:

@@ -94,7 +94,8 @@ def test_kde_is_scipys_gaussian_kde_with_scotts_bandwidth():
     large = rng.beta(8, 3, 20_000)  # summed over a fine histogram
     np.testing.assert_allclose(gaussian_kde(large, grid), stats.gaussian_kde(large)(grid),
                                rtol=2e-3, atol=1e-3)
-    assert gaussian_kde(np.array([0.5, 0.5]), grid) is None
+    assert gaussian_kde(np.array([0.5, 0.5]), grid) is None  # scipy raises on both
+    assert gaussian_kde(np.array([0.5]), grid) is None
 
 
 # --- a score output and ground truth on disk --------------------------------------------------

@@ -386,6 +386,13 @@ class GpuCluster:
             ray.shutdown()
 
 
+def cluster_yaml_head_resources() -> dict:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    return config["available_node_types"][config["head_node_type"]]["resources"]
+
+
 @pytest.fixture(scope="module")
 def gpu_cluster():
     import ray
@@ -394,7 +401,8 @@ def gpu_cluster():
     ray.shutdown()  # the session's local Ray, if a test before started it
     with private_ray_tmpdir():
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0,  # the head does no decoding and no inference
+            # the head offers what cluster.yaml's head declares (no CPU): no decoding, no model
+            "num_cpus": cluster_yaml_head_resources()["CPU"],
             "include_dashboard": True,  # the state API
             "dashboard_host": "127.0.0.1",
             "dashboard_port": free_port(),

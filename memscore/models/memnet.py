@@ -91,6 +91,11 @@ def ten_crop(x: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
     (0, 0), (0, 29), (29, 0), (29, 29) and (14, 14); the centre offset is torchvision
     ``CenterCrop``'s, ``int(round((H - size) / 2))``.
     """
+    # Not torchvision.transforms.v2.functional.ten_crop: its first five crops are these, but
+    # it takes the other five from the mirrored image rather than mirroring these five, and as
+    # 256 - 227 = 29 is odd its mirrored centre crop starts one column right of Caffe's
+    # (column 15, not 14). The ten-crop mean of a random-init legacy MemNet's fc8 moved by up
+    # to 5.2e-3 (on outputs of about 0.08, 8 random images): a different score, not float noise.
     n, c, h, w = x.shape
     if h < size or w < size:
         raise ValueError(f"ten_crop needs at least {size}x{size} images, got {h}x{w}")

@@ -22,7 +22,7 @@ SLOW_DOCTESTS = frozenset({
     "memscore.score", "memscore.run.score",  # a scoring run on a local Ray
     "memscore.finetune", "memscore.finetuning.finetune",  # Ray Train
     "memscore.verify.verify",  # scores the examples first
-    "memscore.get_model", "memscore.models._api.get_model",  # ResMem's ResNet-152
+    "memscore.get_model", "memscore.models.registry.get_model",  # ResMem's ResNet-152
     "memscore.predict.ScoreImages",  # ResMem's ResNet-152
 })
 

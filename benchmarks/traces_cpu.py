@@ -101,10 +101,10 @@ def time_once(fn, device) -> float:
 def measure(encoder: str, args, device) -> dict:
     import torch
 
+    from memscore.models import get_model_weights
     from memscore.models.traces import EncoderTraces, compute_traces
-    from memscore.models.weights import WEIGHTS_OF
 
-    preprocess = WEIGHTS_OF[f"{encoder}-traces"].DEFAULT.transforms
+    preprocess = get_model_weights(f"{encoder}-traces").DEFAULT.transforms
     pixels = batch_of_photos(preprocess, args.batch).to(device)
     eager = build(encoder, args.seed, "eager").to(device)
     sdpa = build(encoder, args.seed, "sdpa").to(device)

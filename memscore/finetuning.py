@@ -77,13 +77,20 @@ def plan_start(config: FinetuneConfig) -> tuple[str, str, dict]:
     single-crop pipeline, else its first single-crop member: MemNet trains its modern one)."""
     from memscore.checkpoint import read_checkpoint_info
     from memscore.models import WeightsNotFoundError, get_model_weights
-    from memscore.models._api import is_checkpoint_path
+    from memscore.models.registry import check_checkpoint, is_checkpoint
     from memscore.transforms import ImagePreprocess
 
     enum_cls = get_model_weights(config.model)
     start, member = config.weights, None
+    # "scratch" and the enum's member names are names; anything else is a checkpoint
+    checkpoint = start not in (None, "scratch") and is_checkpoint(config.model, start)
+    if checkpoint:
+        try:
+            check_checkpoint(config.model, start, config.storage_options)
+        except ValueError as exc:
+            raise MemscoreError(first_line(exc)) from None
     try:
-        if start is not None and is_checkpoint_path(start):
+        if checkpoint:
             info = read_checkpoint_info(start, config.storage_options)
             if info is not None:
                 if info["model"] != config.model:

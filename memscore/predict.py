@@ -165,8 +165,8 @@ class ScoreImages:
         import torch
 
         from memscore.models import get_model
-        from memscore.models._api import (FolderWeights, is_checkpoint_path,
-                                          output_columns_of, weights_for)
+        from memscore.models._api import FolderWeights, output_columns_of
+        from memscore.models.registry import is_checkpoint, weights_for
 
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -190,7 +190,7 @@ class ScoreImages:
             chosen = weights_for(name, given, storage_options)
             if isinstance(chosen, FolderWeights):  # a traces model: the folder decides all
                 model = get_model(name, weights=chosen, storage_options=storage_options)
-            elif is_checkpoint_path(given):
+            elif is_checkpoint(name, given):
                 # the member picks the pipeline (MemNet's mode); the checkpoint the tensors
                 model = get_model(name, weights=given, storage_options=storage_options)
             else:

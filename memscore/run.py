@@ -57,8 +57,8 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
     and, already, its ``weights_sha256`` (over its tensors and settings), which a resumed run
     must match (``score``), instead of one file hashed while the run goes."""
     from memscore.checkpoint import read_checkpoint_info, state_dict_file
-    from memscore.models._api import (FolderWeights, WeightsNotFoundError, is_checkpoint_path,
-                                      output_columns_of, weights_for)
+    from memscore.models._api import FolderWeights, WeightsNotFoundError, output_columns_of
+    from memscore.models.registry import is_checkpoint, weights_for
 
     records = []
     for name, given in config.model_weights().items():
@@ -70,7 +70,7 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
                 licence = weights.meta.get("licence")
                 extra = {"weights_source": weights.source,
                          "weights_sha256": weights.sha256(config.storage_options)}
-            elif is_checkpoint_path(given):
+            elif is_checkpoint(name, given):
                 try:
                     path = state_dict_file(given, config.storage_options)
                 except FileNotFoundError as exc:
@@ -100,7 +100,7 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
 def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snapshot,
                   plan: dict[str, Any], error_counter=None):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
-    from memscore.models._api import weights_for
+    from memscore.models.registry import weights_for
     from memscore.predict import ScoreImages
 
     # Ray merges small files into one read block, and one block is one decode task: cut the

@@ -76,17 +76,17 @@ class TrainSpec:
 def build_start_model(spec: TrainSpec):
     """The model training starts from: published weights, a checkpoint, or random init."""
     from memscore.models import get_model, get_model_weights
-    from memscore.models._api import is_checkpoint_path
+    from memscore.models.registry import is_checkpoint
 
     member = get_model_weights(spec.model).verify(spec.pipeline)
     kwargs = dict(spec.start_kwargs)
-    if is_checkpoint_path(spec.start):
-        return get_model(spec.model, weights=spec.start, storage_options=spec.storage_options,
-                         **kwargs)
     if spec.start in ("scratch", "resmem-init"):  # resmem-init: M3M's start_kwargs say how
         if "mode" in member.meta:  # MemNet: the pipeline picks the architecture's input
             kwargs.setdefault("mode", member.meta["mode"])
         return get_model(spec.model, weights=None, **kwargs)
+    if is_checkpoint(spec.model, spec.start):
+        return get_model(spec.model, weights=spec.start, storage_options=spec.storage_options,
+                         **kwargs)
     return get_model(spec.model, weights=spec.start, **kwargs)
 
 

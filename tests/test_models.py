@@ -17,8 +17,8 @@ from memscore.models import (
     get_model_weights,
     list_models,
 )
-from memscore.models._api import (FolderWeightsEnum, load_state_dict_file, load_state_dict_strict,
-                                  register_model, weights_for)
+from memscore.models._api import FolderWeightsEnum, load_state_dict_file, load_state_dict_strict
+from memscore.models.registry import register_model, weights_for
 from memscore.decode import pixels_column
 from memscore.predict import ScoreImages
 from pickle_payload import TouchesMarker
@@ -215,7 +215,7 @@ def test_planning_a_scoring_run_imports_no_torch():
     code = (
         "import sys\n"
         "from memscore.config import ScoreConfig\n"
-        "from memscore.models._api import weights_for\n"
+        "from memscore.models.registry import weights_for\n"
         "from memscore.predict import output_columns\n"
         "from memscore.run import _weights_record\n"
         "config = ScoreConfig('x.csv', output='out', models=('resmem', 'falseresmem', 'memnet', "

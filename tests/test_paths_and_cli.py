@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -69,6 +70,7 @@ def test_relative_paths_and_home_are_resolved_where_the_config_is_made(tmp_path,
         str(tmp_path / "home" / "m.csv"), str(tmp_path / "home" / "out"), "RETRAIN")
     remote = memscore.ScoreConfig("s3://b/m.csv", output="s3://b/out/")
     assert (remote.manifest, remote.output) == ("s3://b/m.csv", "s3://b/out/")
+    (tmp_path / "runs" / "old" / "best").mkdir(parents=True)
     tune = memscore.FinetuneConfig("labels.csv", output="runs", weights="runs/old/best")
     assert (tune.manifest, tune.output, tune.weights) == (
         str(tmp_path / "labels.csv"), str(tmp_path / "runs"), str(tmp_path / "runs/old/best"))
@@ -77,6 +79,102 @@ def test_relative_paths_and_home_are_resolved_where_the_config_is_made(tmp_path,
                                      report="report/")
     assert (report.predictions, report.truth, report.report) == (
         str(tmp_path / "scores"), str(tmp_path / "home" / "t.csv"), str(tmp_path / "report"))
+
+
+def _memnet_checkpoint(folder: Path):
+    """What `memscore finetune` leaves in best/ (``save_checkpoint``), for a seeded MemNet
+    trained with its MODERN pipeline; -> the model."""
+    import torch
+
+    from memscore.checkpoint import save_checkpoint
+    from memscore.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("memnet", weights=None, mode="modern")
+    save_checkpoint(str(folder), model.state_dict(), {"model": "memnet", "weights": "MODERN"})
+    return model
+
+
+def test_weights_are_a_member_name_exactly_else_a_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from memscore.models import get_model, get_model_weights
+    from memscore.models.registry import is_checkpoint, weights_for
+
+    monkeypatch.chdir(tmp_path)
+    trained = _memnet_checkpoint(tmp_path / "best")
+    (tmp_path / "DEFAULT").mkdir()  # a folder named like a member
+    memnet = get_model_weights("memnet")
+
+    # exactly a member's name (case-sensitive) is that member, whatever folders are here
+    assert weights_for("memnet", "DEFAULT") is memnet.LEGACY
+    assert weights_for("memnet", "MODERN") is memnet.MODERN
+    assert not is_checkpoint("memnet", "MODERN") and not is_checkpoint("memnet", memnet.MODERN)
+    # anything else is a checkpoint: a lower-case name, a pathlib.Path, the relative best/
+    assert is_checkpoint("memnet", "modern") and is_checkpoint("memnet", Path("MODERN"))
+    assert weights_for("memnet", "best") is memnet.MODERN  # the member its memscore.json names
+    model = get_model("memnet", weights="best")
+    assert model.mode == "modern"
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+    def weights(value, models="memnet"):
+        return memscore.ScoreConfig("m.csv", output="o", models=models, weights=value).weights
+
+    assert weights("best") == str(tmp_path / "best")  # made whole where the config is made
+    assert weights("DEFAULT") == "DEFAULT"  # the member, not the folder
+    assert weights("./DEFAULT") == str(tmp_path / "DEFAULT")  # the folder
+    assert weights(Path("DEFAULT")) == str(tmp_path / "DEFAULT")
+    assert weights("memnet=best,resmem=RETRAIN", "memnet,resmem") == \
+        f"memnet={tmp_path / 'best'},resmem=RETRAIN"
+    assert memscore.FinetuneConfig("l.csv", output="r", model="memnet",
+                                   weights="best").weights == str(tmp_path / "best")
+
+
+def test_weights_that_are_neither_a_member_nor_a_path_are_one_line_naming_both(
+        tmp_path, monkeypatch, capsys, example_images):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(example_images[0].parent, tmp_path / "images")
+    commands = {
+        "score": ["score", "images", "--output", "scores", "--weights", "best"],
+        "finetune": ["finetune", "labels.csv", "--output", "runs", "--name", "a",
+                     "--model", "memnet", "--weights", "best"],
+        "serve": ["serve", "--weights", "best"],
+    }
+    names = {"score": "resmem (DEFAULT, RETRAIN)", "finetune": "memnet (DEFAULT, LEGACY, MODERN)",
+             "serve": "resmem (DEFAULT, RETRAIN)"}
+    for command, argv in commands.items():
+        assert cli.main(argv) == 2, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("memscore: error: "), (command, err)
+        assert err[0].endswith(f"--weights 'best': no such checkpoint file or folder, and not a "
+                               f"weights name of {names[command]}"), (command, err)
+    assert not (tmp_path / "scores").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_finetune_checkpoint_folder_scores_from_the_cli_by_its_relative_name(
+        ray_local, tmp_path, monkeypatch, capsys, example_images):
+    import torch
+    from PIL import Image
+
+    from memscore.models import get_model_weights
+
+    monkeypatch.chdir(tmp_path)
+    trained = _memnet_checkpoint(tmp_path / "best").eval()
+    assert cli.main(["score", str(example_images[0].parent), "--output", "scores", "--model",
+                     "memnet", "--weights", "best"]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "scores" / "_memscore.json").read_text())
+    assert summary["models"][0]["weights"] == "checkpoint"
+    assert summary["models"][0]["preprocessing"] == "MODERN"  # the checkpoint's own pipeline
+    assert summary["models"][0]["weights_file"] == str(tmp_path / "best" / "model.safetensors")
+    scored = pq.read_table(tmp_path / "scores")
+    assert scored.num_rows == len(example_images)
+    preprocess = get_model_weights("memnet").MODERN.transforms
+    with torch.inference_mode():
+        expected = [trained(preprocess(Image.open(p).convert("RGB"))[None]).item()
+                    for p in scored.column("path").to_pylist()]
+    np.testing.assert_allclose(scored.column("memorability_memnet").to_numpy(), expected,
+                               atol=1e-5)
 
 
 def test_a_list_field_given_one_name_is_one_name():

@@ -30,7 +30,7 @@ from memscore.columns import ERROR, ROW
 from memscore.config import MemscoreError, TrainSAEConfig, add_arguments, from_args
 from memscore.decode import DecodeImages
 from memscore.models import CheckpointKeyError, WeightsNotFoundError
-from memscore.models._api import weights_for
+from memscore.models.registry import weights_for
 from memscore.models.sae import (TENSOR_KEYS, SparseAutoencoder, load_sae, save_sae_checkpoint,
                                  training_loss)
 from memscore.representations import REPRESENTATION, EncodeImages

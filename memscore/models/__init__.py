@@ -1,6 +1,7 @@
 """The model zoo: each model in its own module, registered by name with its weights.
 
-``list_models()`` and ``get_model(name, weights=...)`` are the entry points; see ``_api``.
+``list_models()`` and ``get_model(name, weights=...)`` are the entry points (``registry``); the
+weights objects and their loading are in ``_api``, each model's weights enum in ``weights``.
 """
 
 from memscore.models._api import (
@@ -8,9 +9,13 @@ from memscore.models._api import (
     Weights,
     WeightsEnum,
     WeightsNotFoundError,
+)
+from memscore.models.registry import (
     get_model,
+    get_model_builder,
     get_model_weights,
     list_models,
+    register_model,
     resolve_weights,
 )
 
@@ -20,7 +25,9 @@ __all__ = [
     "WeightsEnum",
     "WeightsNotFoundError",
     "get_model",
+    "get_model_builder",
     "get_model_weights",
     "list_models",
+    "register_model",
     "resolve_weights",
 ]

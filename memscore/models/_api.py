@@ -1,10 +1,11 @@
-"""The model registry and the weights objects, in the manner of torchvision's ``models/_api.py``.
+"""The weights objects and their loading, in the manner of torchvision's ``models/_api.py``.
 
 A weights object ties together the file that holds the parameters, the preprocessing those
 parameters were trained with, and what a user must know about them (output column, score range,
-licence, paper). A model module registers a builder ``name(*, weights=None)``; ``get_model``
-finds it by name. Loading is always strict and never unpickles code: torch files go through
-``torch.load(weights_only=True)``, ``.safetensors`` through safetensors.
+licence, paper). Loading is always strict and never unpickles code: torch files go through
+``torch.load(weights_only=True)``, ``.safetensors`` through safetensors. This module knows no
+model: each model's weights enum is in ``weights.py``, the registry of names in ``registry.py``,
+and both import from here, never the other way.
 """
 
 from __future__ import annotations
@@ -29,18 +30,11 @@ __all__ = [
     "output_columns_of",
     "WeightsNotFoundError",
     "CheckpointKeyError",
-    "register_model",
-    "list_models",
-    "MODEL_MODULES",
-    "get_model",
-    "get_model_weights",
-    "resolve_weights",
+    "package_file",
     "load_state_dict_file",
     "load_state_dict_strict",
     "build_with_weights",
     "build_from_checkpoint",
-    "is_checkpoint_path",
-    "weights_for",
     "file_sha256",
 ]
 
@@ -81,16 +75,27 @@ class WeightsEnum(enum.Enum):
     """Base class of each model's weights enum; members are ``Weights``, ``DEFAULT`` aliases one."""
 
     @classmethod
+    def names(cls) -> list[str]:
+        """Every member's name, aliases included, DEFAULT first: what ``--weights`` takes."""
+        return sorted(cls.__members__, key=lambda name: (name != "DEFAULT", name))
+
+    @classmethod
+    def member_named(cls, name: Any) -> "WeightsEnum | None":
+        """The member ``name`` is exactly the name of (case-sensitive, aliases included), else
+        None: a value that names no member is a checkpoint. Only a ``str`` names a member; a
+        ``pathlib.Path`` is always a path."""
+        return cls.__members__.get(name) if isinstance(name, str) else None
+
+    @classmethod
     def verify(cls, obj: Any) -> "WeightsEnum":
         if isinstance(obj, cls):
             return obj
         if isinstance(obj, str):
-            try:
-                return cls[obj.split(".")[-1]]
-            except KeyError:
-                raise ValueError(
-                    f"unknown weights {obj!r} for {cls.__name__}; choose from {[m.name for m in cls]}"
-                ) from None
+            member = cls.member_named(obj)
+            if member is None:
+                raise ValueError(f"unknown weights {obj!r} for {cls.__name__}; choose from "
+                                 f"{', '.join(cls.names())}")
+            return member
         raise TypeError(f"weights must be a {cls.__name__} member or its name, got {obj!r}")
 
     @property
@@ -314,151 +319,8 @@ def _sha256_cache_dir() -> Path:
     return Path(root) / "sha256"
 
 
-@dataclass(frozen=True)
-class _Entry:
-    builder: Callable[..., Any]
-    weights_enum: type[WeightsEnum]
-
-
-_MODELS: dict[str, _Entry] = {}
-
-
-def register_model(name: str, weights_enum: type[WeightsEnum]):
-    """Decorator: register ``builder(*, weights=None)`` under ``name``; a second use of a name raises."""
-
-    def wrap(builder):
-        builtin_elsewhere = name in MODEL_MODULES and builder.__module__ != MODEL_MODULES[name]
-        if name in _MODELS or builtin_elsewhere:
-            raise ValueError(f"a model named {name!r} is already registered")
-        _MODELS[name] = _Entry(builder, weights_enum)
-        return builder
-
-    return wrap
-
-
-# The built-in models and the module that registers each one's builder. A model module imports
-# torch, so it is imported only when that model is built; the weights enums (preprocessing, meta,
-# files) are in ``memscore.models.weights``, which does not, so a job's driver never loads torch.
-MODEL_MODULES = {
-    "falseresmem": "memscore.models.falseresmem",
-    "m3m": "memscore.models.m3m",
-    "memnet": "memscore.models.memnet",
-    "resmem": "memscore.models.resmem",
-    "clip-traces": "memscore.models.traces",
-    "dinov2-traces": "memscore.models.traces",
-    "siglip2-traces": "memscore.models.traces",
-    "clip-sae": "memscore.models.sae",
-    "dinov2-sae": "memscore.models.sae",
-    "siglip2-sae": "memscore.models.sae",
-}
-
-
-def list_models() -> list[str]:
-    """Names of the registered models, sorted."""
-    return sorted(set(MODEL_MODULES) | set(_MODELS))
-
-
-def _unknown(name: str) -> ValueError:
-    return ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
-
-
-def _builder(name: str) -> Callable[..., Any]:
-    if name not in _MODELS and name in MODEL_MODULES:
-        importlib.import_module(MODEL_MODULES[name])  # registers the builder
-    try:
-        return _MODELS[name].builder
-    except KeyError:
-        raise _unknown(name) from None
-
-
-def get_model_weights(name: str) -> type[WeightsEnum]:
-    """The weights enum of model ``name`` (imports no torch for the built-in models)."""
-    if name in _MODELS:
-        return _MODELS[name].weights_enum
-    if name in MODEL_MODULES:
-        from memscore.models.weights import WEIGHTS_OF
-
-        return WEIGHTS_OF[name]
-    raise _unknown(name)
-
-
-def resolve_weights(name: str, weights: Any = "DEFAULT") -> WeightsEnum | None:
-    """Turn ``weights`` (None, a member, or a member's name) into the model's weights member."""
-    if weights is None:
-        return None
-    return get_model_weights(name).verify(weights)
-
-
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
-
-
-def is_checkpoint_path(weights: Any) -> bool:
-    """Whether ``--weights`` names a checkpoint file (a path or URL) rather than a weights member."""
-    return isinstance(weights, str) and (
-        "/" in weights or "://" in weights or weights.lower().endswith(_CHECKPOINT_SUFFIXES))
-
-
-def weights_for(name: str, weights: Any,
-                storage_options: Mapping[str, Any] | None = None) -> WeightsEnum:
-    """The weights member whose preprocessing and meta apply.
-
-    A memscore checkpoint (``memscore finetune``'s output) names its member in its JSON; a plain
-    state_dict file uses DEFAULT's. A checkpoint of another model is a ``ValueError``. A model
-    with folder weights (``FolderWeightsEnum``) gets ``FolderWeights`` for the folder
-    ``weights`` names (None or ``DEFAULT``: its default), read from the folder.
-    """
-    enum_cls = get_model_weights(name)
-    if issubclass(enum_cls, FolderWeightsEnum):  # the folder's own settings, read now
-        if isinstance(weights, FolderWeights):
-            return weights
-        default = weights is None or weights == "DEFAULT" or weights is enum_cls.DEFAULT
-        return enum_cls.bind(None if default else str(weights), storage_options)
-    if weights is None:
-        return enum_cls.DEFAULT
-    if not is_checkpoint_path(weights):
-        return enum_cls.verify(weights)
-    from memscore.checkpoint import read_checkpoint_info
-
-    info = read_checkpoint_info(weights, storage_options)
-    if info is None:
-        return enum_cls.DEFAULT
-    if info["model"] != name:
-        raise ValueError(f"{weights} is a checkpoint of {info['model']!r}, not of {name!r}")
-    return enum_cls.verify(info["weights"])
-
-
 def build_from_checkpoint(factory: Callable[[], Any], checkpoint: str | Path,
                           storage_options: Mapping[str, Any] | None = None):
     """``factory()`` given the tensors of a checkpoint file (local or URL), strictly."""
     return build_with_weights(factory, load_state_dict_file(checkpoint, storage_options),
                               source=str(checkpoint))
-
-
-def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
-    """Build registered model ``name`` with ``weights`` loaded strictly, in eval mode.
-
-    Args:
-        name: a name from ``list_models()``.
-        weights: a member of the model's weights enum, its name (``"DEFAULT"``), a checkpoint
-            (a state_dict file or a ``memscore finetune`` checkpoint folder, local or URL), or
-            ``None`` for random initialisation. Models with folder weights (the traces) take a
-            Hugging Face model id or a ``save_pretrained`` folder, or ``FolderWeights``.
-
-    Example:
-        >>> import memscore
-        >>> model = memscore.get_model("resmem", weights=None)
-        >>> model.eval() is model
-        True
-    """
-    builder = _builder(name)
-    if issubclass(get_model_weights(name), FolderWeightsEnum):
-        if weights is not None:
-            weights = weights_for(name, weights, kwargs.get("storage_options"))
-        return builder(weights=weights, **kwargs).eval()
-    if is_checkpoint_path(weights):  # a checkpoint file or memscore checkpoint folder
-        options = kwargs.get("storage_options")
-        model = builder(weights=weights_for(name, weights, options), checkpoint=weights,
-                        **kwargs)
-    else:
-        model = builder(weights=resolve_weights(name, weights), **kwargs)
-    return model.eval()

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
-from memscore.models._api import build_from_checkpoint, build_with_weights, register_model
+from memscore.models._api import build_from_checkpoint, build_with_weights
+from memscore.models.registry import register_model
 from memscore.models.resmem import _alexnet_features, _alexnet_layers, _head, _head_layers
 from memscore.models.weights import FalseResMem_Weights
 

@@ -40,8 +40,8 @@ from memscore.models._api import (
     build_with_weights,
     load_state_dict_file,
     load_state_dict_strict,
-    register_model,
 )
+from memscore.models.registry import register_model
 from memscore.models.resmem import (
     ResMem_Weights,
     _alexnet_features,

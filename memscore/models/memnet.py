@@ -47,8 +47,8 @@ from memscore.models._api import (
     CheckpointKeyError,
     build_with_weights,
     load_state_dict_file,
-    register_model,
 )
+from memscore.models.registry import register_model
 from memscore.models.weights import MEMNET_CROP_SIZE as CROP_SIZE
 from memscore.models.weights import MEMNET_INPUT_SIZE as INPUT_SIZE
 from memscore.models.weights import MEMNET_NO_WEIGHTS_MESSAGE as NO_WEIGHTS_MESSAGE

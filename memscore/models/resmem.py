@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet152
 
-from memscore.models._api import build_from_checkpoint, build_with_weights, register_model
+from memscore.models._api import build_from_checkpoint, build_with_weights
+from memscore.models.registry import register_model
 from memscore.models.weights import ResMem_Weights
 
 __all__ = ["ResMem", "ResMem_Weights", "resmem"]

@@ -29,7 +29,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from memscore.models._api import FolderWeights, register_model
+from memscore.models._api import FolderWeights
+from memscore.models.registry import register_model
 from memscore.models.weights import CLIPSAE_Weights, DINOv2SAE_Weights, SigLIP2SAE_Weights
 
 __all__ = ["SparseAutoencoder", "EncoderSAE", "STD_EPS", "DEFAULT_LATENTS", "DEFAULT_L1",

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memscore.models._api import FolderWeights, register_model
+from memscore.models._api import FolderWeights
+from memscore.models.registry import register_model
 from memscore.models.weights import (TRACE_FEATURES, CLIPTraces_Weights, DINOv2Traces_Weights,
                                      SigLIP2Traces_Weights)
 

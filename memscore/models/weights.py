@@ -5,7 +5,7 @@ apart from the architectures (``resmem.py``, ``memnet.py``, ...) because this mo
 torch: the driver of a scoring job plans the decode stage (preprocessing), names the output
 columns and checks the weights files from here, and only the model actors import torch and
 build the networks. Each model module re-exports its enum (``from memscore.models.resmem import
-ResMem_Weights`` works).
+ResMem_Weights`` works); ``registry.py`` maps the models' names to these enums.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ __all__ = [
     "DINOv2SAE_Weights",
     "SigLIP2SAE_Weights",
     "sae_digest",
-    "WEIGHTS_OF",
 ]
 
 MEMNET_INPUT_SIZE = 256  # the legacy model's input side, and the mean image's
@@ -427,17 +426,3 @@ class SigLIP2SAE_Weights(FolderWeightsEnum):
     def bind(cls, weights=None, storage_options=None):
         return _bind_sae(cls, weights, storage_options)
 
-
-# The registry's table of built-in models: name -> weights enum (see ``_api.MODEL_MODULES``).
-WEIGHTS_OF = {
-    "falseresmem": FalseResMem_Weights,
-    "m3m": M3M_Weights,
-    "memnet": MemNet_Weights,
-    "resmem": ResMem_Weights,
-    "clip-traces": CLIPTraces_Weights,
-    "dinov2-traces": DINOv2Traces_Weights,
-    "siglip2-traces": SigLIP2Traces_Weights,
-    "clip-sae": CLIPSAE_Weights,
-    "dinov2-sae": DINOv2SAE_Weights,
-    "siglip2-sae": SigLIP2SAE_Weights,
-}

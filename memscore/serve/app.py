@@ -106,7 +106,7 @@ class Ingress:
     """
 
     def __init__(self, model_set, config: ServeConfig) -> None:
-        from memscore.models._api import weights_for
+        from memscore.models.registry import weights_for
         from memscore.predict import local_cores
 
         self.model_set = model_set

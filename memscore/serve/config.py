@@ -52,8 +52,8 @@ class ServeConfig:
         "together in each model replica and give one score each.", flag="--model",
         metavar="NAME[,NAME]"))
     weights: str | None = field(default=None, metadata=_opt(
-        "Weights of a single model: a member name of its weights enum (default: the published "
-        "weights) or a checkpoint (local or s3://), as for `memscore score`."))
+        "Weights of a single model: exactly a member name of its weights enum (default: the "
+        "published weights), else a checkpoint (local or s3://), as for `memscore score`."))
     host: str = field(default="127.0.0.1", metadata=_opt(
         "Address to listen on. 0.0.0.0 makes the server reachable from other machines: it has "
         "no authentication, so put it behind your cluster's proxy."))
@@ -88,8 +88,8 @@ class ServeConfig:
         "server). The server's HTTP proxy runs on the head node."))
 
     def __post_init__(self) -> None:
-        _fix_paths(self, (), weights="weights")
         _as_tuple(self, "models")
+        _fix_paths(self, (), weights="weights", models=self.models)
         object.__setattr__(self, "replicas", str(self.replicas))
 
     def validated(self) -> "ServeConfig":

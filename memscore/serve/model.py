@@ -36,14 +36,14 @@ def describe_models(models: tuple[str, ...], weights: str | None = None,
         'memorability'
     """
     from memscore.checkpoint import state_dict_file
-    from memscore.models._api import (WeightsNotFoundError, file_sha256, is_checkpoint_path,
-                                      weights_for)
+    from memscore.models._api import WeightsNotFoundError, file_sha256
+    from memscore.models.registry import is_checkpoint, weights_for
 
     records = []
     for name in models:
         try:
             member = weights_for(name, weights)
-            if is_checkpoint_path(weights):
+            if is_checkpoint(name, weights):
                 path, chosen = state_dict_file(weights), "checkpoint"
             else:
                 path, chosen = str(member.path()), member.name

@@ -1,0 +1,226 @@
+"""The model registry: one table of names, each with its weights enum and its builder.
+
+The built-in models are declared here with the module that registers each one's builder
+(``@register_model``). A model module imports torch, so it is imported only when that model is
+built; the weights enums (preprocessing, meta, files) are in ``weights.py``, which does not, so a
+job's driver plans a run, names its columns and checks its weights without torch.
+
+``--weights`` (and ``get_model``'s ``weights``) is read by one rule: a value that is exactly the
+name of a member of the model's weights enum (``DEFAULT``, ``RETRAIN`` ...; case-sensitive) is
+that member; anything else is a checkpoint, a file or folder, local or a URL (a ``pathlib.Path``
+always is). A folder named like a member is given as ``./DEFAULT``. Models with folder weights
+(the traces and autoencoders) take a folder or a Hugging Face model id instead of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from memscore.models._api import FolderWeights, FolderWeightsEnum, WeightsEnum
+from memscore.models.weights import (CLIPSAE_Weights, CLIPTraces_Weights, DINOv2SAE_Weights,
+                                     DINOv2Traces_Weights, FalseResMem_Weights, M3M_Weights,
+                                     MemNet_Weights, ResMem_Weights, SigLIP2SAE_Weights,
+                                     SigLIP2Traces_Weights)
+
+__all__ = [
+    "register_model",
+    "list_models",
+    "get_model_builder",
+    "get_model_weights",
+    "get_model",
+    "resolve_weights",
+    "weights_member",
+    "is_checkpoint",
+    "check_checkpoint",
+    "weights_for",
+]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    weights_enum: type[WeightsEnum]
+    module: str  # the module whose import registers the builder
+    builder: Callable[..., Any] | None = None  # None: a built-in whose module is not imported yet
+
+
+def _builtin(weights_enum: type[WeightsEnum], module: str) -> _Entry:
+    return _Entry(weights_enum, f"memscore.models.{module}")
+
+
+# The registry. The built-in models are here from the start, builder to come; a model of a
+# user's own (``register_model``) joins with its builder.
+_MODELS: dict[str, _Entry] = {
+    "falseresmem": _builtin(FalseResMem_Weights, "falseresmem"),
+    "m3m": _builtin(M3M_Weights, "m3m"),
+    "memnet": _builtin(MemNet_Weights, "memnet"),
+    "resmem": _builtin(ResMem_Weights, "resmem"),
+    "clip-traces": _builtin(CLIPTraces_Weights, "traces"),
+    "dinov2-traces": _builtin(DINOv2Traces_Weights, "traces"),
+    "siglip2-traces": _builtin(SigLIP2Traces_Weights, "traces"),
+    "clip-sae": _builtin(CLIPSAE_Weights, "sae"),
+    "dinov2-sae": _builtin(DINOv2SAE_Weights, "sae"),
+    "siglip2-sae": _builtin(SigLIP2SAE_Weights, "sae"),
+}
+
+
+def register_model(name: str, weights_enum: type[WeightsEnum]):
+    """Decorator: register ``builder(*, weights=None, checkpoint=None, **kwargs)`` under
+    ``name`` with its weights enum; a name already taken raises ``ValueError``.
+
+    Example:
+        >>> from memscore.models import register_model, get_model_weights
+        >>> register_model("resmem", get_model_weights("resmem"))(lambda **kw: None)
+        Traceback (most recent call last):
+        ...
+        ValueError: a model named 'resmem' is already registered
+    """
+
+    def wrap(builder):
+        entry = _MODELS.get(name)
+        builtin_slot = (entry is not None and entry.builder is None
+                        and entry.module == builder.__module__
+                        and entry.weights_enum is weights_enum)
+        if entry is not None and not builtin_slot:
+            raise ValueError(f"a model named {name!r} is already registered")
+        _MODELS[name] = _Entry(weights_enum, builder.__module__, builder)
+        return builder
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Names of the registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; registered models: "
+                         f"{', '.join(list_models())}") from None
+
+
+def get_model_builder(name: str) -> Callable[..., Any]:
+    """The builder of model ``name`` (importing its module, and so torch, for a built-in)."""
+    if _entry(name).builder is None:
+        importlib.import_module(_MODELS[name].module)  # registers the builder
+    return _MODELS[name].builder
+
+
+def get_model_weights(name: str) -> type[WeightsEnum]:
+    """The weights enum of model ``name`` (imports no torch for the built-in models)."""
+    return _entry(name).weights_enum
+
+
+def resolve_weights(name: str, weights: Any = "DEFAULT") -> WeightsEnum | None:
+    """Turn ``weights`` (None, a member, or a member's name) into the model's weights member."""
+    if weights is None:
+        return None
+    return get_model_weights(name).verify(weights)
+
+
+def weights_member(name: str, weights: Any) -> WeightsEnum | None:
+    """The member of model ``name``'s weights enum that ``weights`` is, or is exactly the name
+    of; None for anything else (a checkpoint, a folder, a model id, None).
+
+    Example:
+        >>> weights_member("resmem", "DEFAULT").name, weights_member("resmem", "best")
+        ('RETRAIN', None)
+    """
+    if isinstance(weights, WeightsEnum):
+        return get_model_weights(name).verify(weights)
+    return get_model_weights(name).member_named(weights)
+
+
+def is_checkpoint(name: str, weights: Any) -> bool:
+    """Whether ``weights`` given for model ``name`` names a checkpoint (a file or folder, local
+    or a URL): anything but None, ``FolderWeights`` and the enum's members and their names."""
+    return (weights is not None and not isinstance(weights, FolderWeights)
+            and weights_member(name, weights) is None)
+
+
+def check_checkpoint(name: str, weights: Any,
+                     storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` with one line when checkpoint ``weights`` is not there: a value that
+    is neither a member's name nor a file or folder is named with both readings."""
+    from memscore import storage
+
+    fs, inner = storage.url_to_fs(str(weights), storage_options)
+    if fs.exists(inner):
+        return
+    message = f"--weights {str(weights)!r}: no such checkpoint file or folder"
+    if not storage.is_url(str(weights)):
+        message += (f", and not a weights name of {name} "
+                    f"({', '.join(get_model_weights(name).names())})")
+    raise ValueError(message)
+
+
+def weights_for(name: str, weights: Any,
+                storage_options: Mapping[str, Any] | None = None) -> WeightsEnum | FolderWeights:
+    """The weights member whose preprocessing and meta apply to ``weights``.
+
+    A member or its name is itself; None is DEFAULT. Anything else is a checkpoint: a memscore
+    checkpoint (``memscore finetune``'s output) names its member in its JSON, a plain state_dict
+    file takes DEFAULT's; a checkpoint of another model, or one that is not there, is a
+    ``ValueError``. A model with folder weights (``FolderWeightsEnum``) gets ``FolderWeights``
+    for the folder or model id ``weights`` names (None or a member: its default), read from the
+    folder.
+    """
+    enum_cls = get_model_weights(name)
+    if issubclass(enum_cls, FolderWeightsEnum):  # the folder's own settings, read now
+        if isinstance(weights, FolderWeights):
+            return weights
+        member = weights_member(name, weights)
+        if member is not None and member is not enum_cls.DEFAULT:
+            raise ValueError(f"{name}: weights {member.name} are not its default; give a folder")
+        default = weights is None or member is not None
+        return enum_cls.bind(None if default else str(weights), storage_options)
+    if weights is None:
+        return enum_cls.DEFAULT
+    member = weights_member(name, weights)
+    if member is not None:
+        return member
+    check_checkpoint(name, weights, storage_options)
+    from memscore.checkpoint import read_checkpoint_info
+
+    info = read_checkpoint_info(str(weights), storage_options)
+    if info is None:
+        return enum_cls.DEFAULT
+    if info["model"] != name:
+        raise ValueError(f"{weights} is a checkpoint of {info['model']!r}, not of {name!r}")
+    return enum_cls.verify(info["weights"])
+
+
+def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
+    """Build registered model ``name`` with ``weights`` loaded strictly, in eval mode.
+
+    Args:
+        name: a name from ``list_models()``.
+        weights: a member of the model's weights enum or exactly its name (``"DEFAULT"``,
+            case-sensitive); anything else is a checkpoint: a state_dict file or a
+            ``memscore finetune`` checkpoint folder, local or URL (a folder named like a member
+            is ``"./DEFAULT"``; a ``pathlib.Path`` is always a checkpoint); ``None`` for random
+            initialisation. Models with folder weights (the traces) take a Hugging Face model
+            id or a ``save_pretrained`` folder, or ``FolderWeights``.
+        **kwargs: passed to the model's builder (``storage_options`` for a remote checkpoint).
+
+    Example:
+        >>> import memscore
+        >>> model = memscore.get_model("resmem", weights=None)
+        >>> model.eval() is model
+        True
+    """
+    builder = get_model_builder(name)
+    if issubclass(get_model_weights(name), FolderWeightsEnum):
+        if weights is not None:
+            weights = weights_for(name, weights, kwargs.get("storage_options"))
+        return builder(weights=weights, **kwargs).eval()
+    if is_checkpoint(name, weights):  # a checkpoint file or memscore checkpoint folder
+        member = weights_for(name, weights, kwargs.get("storage_options"))
+        model = builder(weights=member, checkpoint=str(weights), **kwargs)
+    else:
+        model = builder(weights=resolve_weights(name, weights), **kwargs)
+    return model.eval()

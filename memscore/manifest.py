@@ -146,6 +146,9 @@ class Manifest:
             raise MemscoreError(f"{path}: cannot read the manifest: {first_line(exc)[:300]}") from None
 
     def _csv_tables(self, stream, path: str):
+        # Not a pyarrow.dataset scan: it, too, takes a CSV column's type from the first block,
+        # and a later value that does not convert (150,000 numbers, then "unknown") stops the
+        # scan with a conversion error; here the column widens and the read restarts.
         import pyarrow.csv as pacsv
 
         reader = pacsv.open_csv(
@@ -205,7 +208,11 @@ def _jsonl_tables(stream):
 
 
 def _read_json_mixed(data: bytes) -> pa.Table:
-    """JSON lines with a column of mixed types: such columns become the values' JSON text."""
+    """JSON lines with a column of mixed types: such columns become the values' JSON text.
+
+    pyarrow's JSON reader, and so ``pyarrow.dataset(format="json")``, refuses such a file
+    outright ("changed from int64 to string"); a user's tag column of 1, "x", [1, 2] is data.
+    """
     import json
 
     rows = [json.loads(line) for line in data.splitlines() if line.strip()]
@@ -223,6 +230,15 @@ def _read_json_mixed(data: bytes) -> pa.Table:
 
 
 def _cast_like(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
+    """``table`` (of a later manifest file) cast to the first file's ``schema``; one line naming
+    the file and column where it cannot be.
+
+    Not ``pyarrow.dataset``'s unification: a later file whose image column is named ``file``,
+    not ``path``, reads there as rows with a null path (every one an error row), and a type
+    that does not cast fails without the file's name; ``pa.unify_schemas`` would add ``file``
+    as a third column. The first file's schema is what a streamed read can know without
+    opening every file first (CSV and JSON lines have no footer to read a schema from).
+    """
     if table.schema.names != schema.names:
         raise MemscoreError(
             f"{path}: columns {table.schema.names} differ from the first manifest file's "
@@ -338,7 +354,16 @@ def _full(source: str, fs, path: str) -> str:
 
 
 def _find_files(source: str, fs, root: str) -> tuple[str, list[str], str, int]:
-    """(kind, files, base folder, non-image files skipped) for what the user named."""
+    """(kind, files, base folder, non-image files skipped) for what the user named.
+
+    Not ``pyarrow.dataset``'s discovery: given a folder it reads every file as the one format
+    it is told (a photo folder with a ``captions.csv`` fails on the first JPEG as CSV), where
+    memscore decides between images and tables from the names; and it skips every name
+    starting with ``_`` or ``.`` (a camera's ``_DSC0001.JPG``, a user's ``_part.parquet``),
+    or with ``ignore_prefixes=[]`` none (it then fails reading a Hadoop ``.crc`` file as
+    Parquet), where memscore leaves out only its own ``_memscore*`` entries and the table
+    writers' markers. The listing itself is fsspec's (``find``, ``glob``), in sorted order.
+    """
     if globlib.has_magic(root):
         matches = sorted(p for p in fs.glob(root) if fs.isfile(p))
         if not matches:

@@ -95,6 +95,18 @@ def test_parquet_folder_files_of_different_types_name_the_column(tmp_path):
     assert snapshot_table(folder, tmp_path).column("n").to_pylist() == [1, 2]
 
 
+def test_a_later_file_with_other_column_names_stops_with_one_line(tmp_path):
+    """Its rows are not read with a null path (what pyarrow.dataset's unification gives)."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(pa.table({"path": ["a.jpg"], "n": [1]}), folder / "a.parquet")
+    pq.write_table(pa.table({"file": ["b.jpg"], "n": [2]}), folder / "b.parquet")
+    with pytest.raises(memscore.MemscoreError,
+                       match=r"b.parquet: columns \['file', 'n'\] differ from the first "
+                             r"manifest file's \['path', 'n'\]"):
+        snapshot_table(folder, tmp_path)
+
+
 def test_limit_takes_the_first_rows_across_files(tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()

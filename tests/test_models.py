@@ -200,10 +200,41 @@ def test_weights_digest_is_sha256_and_recomputed_when_the_file_changes(tmp_path,
     weights.write_bytes(b"b" * 10_000)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert file_sha256(weights) == hashlib.sha256(b"b" * 10_000).hexdigest()
+    assert len(list((tmp_path / "cache" / "sha256").iterdir())) == 2  # under a key of its own
 
     # A cache folder that cannot be written costs only the hashing.
     monkeypatch.setenv("MEMSCORE_CACHE", str(weights))  # a file, so no folder can be made in it
     assert file_sha256(weights) == hashlib.sha256(b"b" * 10_000).hexdigest()
+
+
+def test_weights_digest_of_an_s3_object_is_remembered_by_its_etag(s3_endpoint, tmp_path,
+                                                                    monkeypatch):
+    import hashlib
+
+    import fsspec
+
+    from memscore.models._api import file_sha256
+
+    monkeypatch.setenv("MEMSCORE_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "sha256"
+    bucket = s3_endpoint.make_bucket("digest")
+    url = f"s3://{bucket}/best/model.safetensors"
+    options = s3_endpoint.storage_options
+    s3_endpoint.fs.pipe_file(url, b"a" * 10_000)
+    assert file_sha256(url, storage_options=options) == hashlib.sha256(b"a" * 10_000).hexdigest()
+    assert len(list(cache.iterdir())) == 1
+
+    # Its folder listed first (as state_dict_file lists a checkpoint folder), whose entries
+    # carry other fields than a HEAD's: still the same key, the digest is not computed again.
+    fs, _ = fsspec.core.url_to_fs(url, **options)
+    fs.ls(f"{bucket}/best")
+    assert file_sha256(url, storage_options=options) == hashlib.sha256(b"a" * 10_000).hexdigest()
+    assert len(list(cache.iterdir())) == 1
+
+    # Same size, new content: a new ETag, a new key, the new digest.
+    s3_endpoint.fs.pipe_file(url, b"b" * 10_000)
+    assert file_sha256(url, storage_options=options) == hashlib.sha256(b"b" * 10_000).hexdigest()
+    assert len(list(cache.iterdir())) == 2
 
 
 def test_planning_a_scoring_run_imports_no_torch():

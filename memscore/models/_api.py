@@ -282,17 +282,16 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22,
                 storage_options: Mapping[str, Any] | None = None) -> str:
     """sha256 of a local file or any fsspec URL, read in chunks.
 
-    Digests are remembered in ``$MEMSCORE_CACHE`` (default ``~/.cache/memscore``), keyed by the
-    file's path, size and modification time (an object's ETag on S3), the way pip and the
-    Hugging Face hub avoid re-hashing: hashing ResMem's 0.5 GB file costs seconds of a core on
-    every run otherwise, while the model actors start on the same cores.
+    Digests are remembered in ``$MEMSCORE_CACHE`` (default ``~/.cache/memscore``), keyed by
+    fsspec's ``ukey`` of the file (a hash of its ``info``: size, modification time and inode
+    of a local file; size and ETag of an S3 object), the way pip and the Hugging Face hub avoid
+    re-hashing: hashing ResMem's 0.5 GB file costs seconds of a core on every run otherwise,
+    while the model actors start on the same cores.
     """
     import fsspec
 
     fs, inner = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
-    info = fs.info(inner)
-    stamp = [info.get(k) for k in ("size", "mtime", "LastModified", "ETag", "ino")]
-    key = hashlib.sha256(repr((fs.unstrip_protocol(inner), stamp)).encode()).hexdigest()
+    key = _sha256_cache_key(fs, inner)
     cached = _sha256_cache_dir() / f"{key}.sha256"
     try:
         digest_hex = cached.read_text().strip()
@@ -312,6 +311,21 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22,
     except OSError:
         pass
     return digest.hexdigest()
+
+
+def _sha256_cache_key(fs, inner: str) -> str:
+    """The cache key of file ``inner`` on ``fs``: its URL and fsspec's ``ukey``.
+
+    ``ukey`` hashes ``fs.info``, which changes with the content (a local file's mtime and size,
+    an S3 object's ETag). On S3 ``info`` is a HEAD request, or an entry of a cached listing of
+    the folder, whose fields differ (s3fs 2026.9: ``Key``/``Size`` and another time zone), so
+    one unchanged object had two keys depending on whether its folder had been listed (a
+    checkpoint folder is, by ``state_dict_file``): dropping the cached listing first gives the
+    HEAD's key every time, for one request. The URL keeps two filesystems' keys apart in one
+    cache folder.
+    """
+    fs.invalidate_cache(inner)
+    return hashlib.sha256(f"{fs.unstrip_protocol(inner)}\0{fs.ukey(inner)}".encode()).hexdigest()
 
 
 def _sha256_cache_dir() -> Path:

@@ -31,7 +31,6 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -340,11 +339,9 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     Example: ``memscore.finetune``, which calls this, runs one.
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from memscore.output import package_versions
-    from memscore.predict import local_cores
+    from memscore.training import fit, worker_plan
 
     clock = time.perf_counter()
     config = config.validated()
@@ -400,14 +397,9 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     usable = {split: data.map_batches(_drop_failed, batch_format="pyarrow")
               for split, data in decoded.items()}
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    gpus_per_worker = (1.0 if gpus else 0.0) if config.gpus_per_worker is None \
-        else config.gpus_per_worker
-    threads = config.torch_threads or (None if gpus_per_worker else
-                                       max(1, local_cores() // config.workers))
-    train_path, train_fs = storage.for_pyarrow(run_dir, config.storage_options)
-    if not storage.is_url(run_dir):
-        train_path = os.path.abspath(train_path)
+    gpus_per_worker, threads = worker_plan(ray.cluster_resources().get("GPU", 0),
+                                           config.workers, config.gpus_per_worker,
+                                           config.torch_threads)
     spec = TrainSpec(
         model=config.model, pipeline=pipeline, start=start, mode=config.mode,
         pixels_column=pixels_column(config.model), epochs=config.epochs,
@@ -422,30 +414,13 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                          "manifest_fingerprint": identity["manifest_fingerprint"],
                          "started_from": start, "versions": package_versions()},
     )
-    trainer = TorchTrainer(
-        train_loop_per_worker=_train_worker_entry,
-        train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": config.cpus_per_worker,
-                                                           **({"GPU": gpus_per_worker}
-                                                              if gpus_per_worker else {})}),
-        run_config=RunConfig(
-            name="ray_train", storage_path=train_path, storage_filesystem=train_fs,
-            # The latest epoch only: it is what a resumed run needs; the best model is kept
-            # apart in best/ (written by the trainer when validation improves).
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-        ),
-        datasets=usable,
-        # Validation whole on every worker: each scores its share of rows and the predictions
-        # are gathered, so every worker sees all of them (streaming_split(equal=True) could
-        # drop rows to even the shards).
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # Ray wraps the worker's error; keep its first line
-        raise MemscoreError(f"training failed: {first_line(exc)}") from exc
+    result = fit(_train_worker_entry, spec, run_dir=run_dir, workers=config.workers,
+                 cpus_per_worker=config.cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                 max_failures=config.max_failures, datasets=usable,
+                 # Validation whole on every worker: each scores its share of rows and the
+                 # predictions are gathered, so every worker sees all of them
+                 # (streaming_split(equal=True) could drop rows to even the shards).
+                 datasets_to_split=["train"], storage_options=config.storage_options)
     history = _read_json(storage.join(run_dir, "history.json"), config.storage_options) or []
     best_info = _read_json(storage.join(run_dir, "best", "memscore.json"),
                            config.storage_options) or {}

@@ -20,8 +20,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +32,6 @@ __all__ = ["TrainSpec", "train_worker", "BACKBONES", "freeze_backbone", "crop_ba
 from memscore.columns import ROW  # the row's 0-based position in the labelled manifest
 
 LABEL = "__memscore_label"  # the label column, as float32, under a name no manifest uses
-_STATE_FILE = "training_state.pt"
 
 # What `--mode head` freezes: the ImageNet backbone (the paper's "ResMem" trains the AlexNet
 # branch and the head on a frozen ResNet; "ResMemRetrain" is `--mode full`). For MemNet, which
@@ -217,6 +214,7 @@ def train_worker(config: dict) -> None:
     from memscore.metrics import spearman
     from memscore.models import get_model_weights
     from memscore.predict import local_cores
+    from memscore.training import report_epoch, restore_state
 
     spec: TrainSpec = config["spec"]
     context = ray.train.get_context()
@@ -231,16 +229,7 @@ def train_worker(config: dict) -> None:
     frozen = freeze_backbone(model, spec.model, spec.mode)
     state = {"epoch": 0, "best_spearman": None, "best_epoch": None, "bad_epochs": 0,
              "history": [], "starts": []}
-    optimizer_state = None
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as folder:
-            saved = torch.load(os.path.join(folder, _STATE_FILE), map_location="cpu",
-                               weights_only=True)
-        model.load_state_dict(saved.pop("model"), strict=True)
-        optimizer_state = saved.pop("optimizer")
-        state.update(saved)
-    state["starts"] = list(state["starts"]) + [state["epoch"]]
+    optimizer_state = restore_state(model, state)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     model = ray.train.torch.prepare_model(model)  # device, and DDP when world > 1
@@ -309,13 +298,8 @@ def train_worker(config: dict) -> None:
         report = {**metrics, "best_val_spearman": _finite_or_none(state["best_spearman"]),
                   "best_epoch": state["best_epoch"], "early_stopped": stop,
                   "starts": state["starts"]}
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if rank == 0:
-                torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                            **state}, os.path.join(folder, _STATE_FILE))
-                _write_history(spec, state["history"])
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(report, checkpoint=checkpoint)
+        if rank == 0:
+            _write_history(spec, state["history"])
+        report_epoch(report, bare, optimizer, state, rank)
         if stop:
             break

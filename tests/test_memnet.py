@@ -13,6 +13,9 @@ from memscore.models import CheckpointKeyError, WeightsNotFoundError, get_model,
 from memscore.models.memnet import (
     CAFFE_MEAN_BGR,
     NO_WEIGHTS_MESSAGE,
+    OUTPUT_BIAS,
+    OUTPUT_MEAN,
+    OUTPUT_SCALE,
     PRETORCHED_KEYS,
     MemNet,
     MemNet_Weights,
@@ -172,15 +175,13 @@ def test_default_weights_do_not_pretend_to_exist():
     assert str(info.value) == NO_WEIGHTS_MESSAGE
     with pytest.raises(WeightsNotFoundError, match="--weights PATH"):
         get_model("memnet", weights="MODERN")
-    for member in (MemNet_Weights.LEGACY, MemNet_Weights.MODERN):
-        meta = member.meta
-        assert meta["output_column"] == "memorability_memnet"
-        assert meta["score_range"] == (0.0, 1.0)
-        assert meta["licence"] == "no published weights shipped; checkpoints carry their own"
-        assert "Khosla" in meta["paper"] and "ICCV 2015" in meta["paper"]
-    assert MemNet_Weights.LEGACY.meta["input_size"] == (3, 256, 256)
-    assert "(104.0, 117.0, 123.0)" in MemNet_Weights.LEGACY.meta["mean"]
-    assert MemNet_Weights.MODERN.meta["input_size"] == (3, 227, 227)
+
+
+def test_the_legacy_meta_states_the_mean_and_mapping_the_code_uses():
+    """`memscore models` shows these texts: they must name the constants the model applies."""
+    meta = MemNet_Weights.LEGACY.meta
+    assert str(CAFFE_MEAN_BGR) in meta["mean"]
+    assert f"clip((y - {OUTPUT_MEAN}) * {OUTPUT_SCALE:g} + {OUTPUT_BIAS}, 0, 1)" in meta["variant"]
 
 
 def test_random_init_through_the_registry():

@@ -114,13 +114,46 @@ def test_resmem_parity_with_the_published_package(example_images, reference_scor
     assert min(ours.values()) > 0.41
 
 
-def test_resmem_weights_say_what_they_are():
+def test_resmem_preprocessing_is_the_published_packages_transformer(example_images):
+    """memscore's two halves of ResMem's preprocessing (Pillow in the decode stage, torch in the
+    model stage) give the tensors of the `resmem` package's own ``transformer``, exactly; the
+    slow parity test above compares the scores."""
+    import pyarrow as pa
+    from resmem import transformer  # the reference; memscore itself never imports it
+
+    from memscore.decode import DecodeImages
+
     weights = get_model_weights("resmem").DEFAULT
-    assert weights.name == "RETRAIN"
-    assert "ResMemRetrain" in weights.meta["variant"]
-    assert "non-commercial" in weights.meta["licence"]
-    pre = weights.transforms
-    assert (pre.resize, pre.crop, pre.mean, pre.std) == ((256, 256), 227, None, None)
+    table = pa.table({"path": [str(p) for p in example_images]})
+    column = DecodeImages("path", {"resmem": weights.transforms})(table).column(
+        pixels_column("resmem"))
+    ours = weights.transforms.to_tensor(np.concatenate([c.to_numpy() for c in column.chunks]))
+    theirs = torch.stack([transformer(Image.open(p).convert("RGB")) for p in example_images])
+    assert ours.shape == theirs.shape
+    assert torch.equal(ours, theirs), (ours - theirs).abs().max().item()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_the_weights_meta_describes_the_pipeline_memscore_runs(name, example_images):
+    """``memscore models`` and the docs show each weights' meta: its input size must be what
+    the preprocessing feeds the model, and its licence, paper and source must be there."""
+    image = Image.open(example_images[0]).convert("RGB")
+    for member in get_model_weights(name):
+        pre = member.transforms
+        fed = pre.to_tensor(pre.to_array(image)[None])
+        assert tuple(fed.shape[1:]) == member.meta["input_size"], member
+        assert member.meta["licence"] and member.meta["paper"] and member.meta["source"], member
+
+
+def test_scoring_every_model_in_one_pass_loses_no_column():
+    """Each model writes columns of its own: scored together, no model's column (or one of
+    memscore's bookkeeping columns) is written over by another's."""
+    from memscore.predict import output_columns, output_types
+
+    every = tuple(list_models())
+    assert list(output_types(every)) == [c for name in every for c in output_types((name,))]
+    together = output_columns(every)
+    assert len(set(together)) == len(together)
 
 
 def test_a_pickled_checkpoint_with_code_is_refused(tmp_path):

@@ -102,7 +102,8 @@ def _local(path: str) -> str | None:
 def _first_local_images(manifest: Manifest) -> list[str]:
     """Up to ``_IMAGES`` local image files among the manifest's first rows that the driver
     can read (one it cannot read is that row's error, not a cluster problem)."""
-    from memscore.decode import ImageDecodeError, resolve_path
+    from memscore.fetch import resolve_path
+    from memscore.row_errors import ImageDecodeError
 
     found: list[str] = []
     if manifest.kind == "webdataset":  # the shards are what every node reads

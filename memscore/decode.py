@@ -1,18 +1,20 @@
-"""The CPU decode stage: image paths -> (width, height, error, uint8 pixel arrays).
+"""The CPU decode stage: a row's image bytes -> (width, height, error, uint8 pixel arrays).
 
 ``DecodeImages`` is a Ray Data ``map_batches`` callable over pyarrow tables (and a plain function
-over them too). For every row it reads the file's bytes (local paths and any fsspec URL, e.g.
-``s3://``, the same way), decodes them with Pillow as the published models' reference pipeline does
+over them too). For every row it gets the image's bytes from ``memscore.fetch`` (local paths and
+any fsspec URL, e.g. ``s3://``, the same way; or the bytes a WebDataset row carries), decodes
+them with Pillow as the published models' reference pipeline does
 (``Image.open(path).convert('RGB')``), and runs each model's ``ImagePreprocess.to_array`` on the
-result, so several models can share one decode.
+result, so several models can share one decode. ``decode_image_bytes`` is that decode for one
+image's bytes, shared with ``memscore serve``.
 
-A failure that says nothing about the image (the network, S3 5xx or throttling past the
-client's retries, expired or missing credentials, ``MemoryError``) is not a row error: the row is
-read again with backoff for up to ``transient_retry_s``, then the batch fails with
-``TransientFailure`` (see ``remote_read_error``). A row that cannot be decoded for a reason in the
-image itself never fails the batch: it gets a ``memscore_error`` string
-``"{kind}: {detail}"`` with one of a small set of stable kinds (see ``ERROR_KINDS``), null
-width/height, and all-zero pixels. Rows out == rows in, in the same order, and every input column
+A row that cannot be read or decoded for a reason in the image itself never fails the batch: it
+gets a ``memscore_error`` string ``"{kind}: {detail}"`` with one of a small set of stable kinds
+(``ERROR_KINDS``, ``memscore.row_errors``), null width/height, and all-zero pixels. A failure
+that says nothing about the image (the network, storage, credentials, ``MemoryError`` while
+decoding) is no row error: the rows are read and decoded again with backoff for up to
+``transient_retry_s``, then the batch fails with ``TransientFailure`` (``memscore.fetch`` draws
+that line and runs the retries). Rows out == rows in, in the same order, and every input column
 is passed through untouched.
 
 Decoding choices. By default a file decodes to the very pixels the published packages' own recipe
@@ -34,7 +36,7 @@ Two options depart from the reference on purpose, both off by default (``DecodeI
 
 The measured effect of both on scores, time and memory is in ``docs/scaling.md``.
 
-Limits and errors:
+Limits and errors (the reading limits, ``max_bytes`` and ``confine_to``, are ``memscore.fetch``'s):
 
 * Decompression bombs are refused from the declared size (``max_pixels``), before any pixel is
   decoded. Pillow's own process-wide ``Image.MAX_IMAGE_PIXELS`` is raised to ``max_pixels`` where
@@ -46,20 +48,12 @@ Limits and errors:
   coded data decodes, the rest grey); what Pillow accepts is accepted.
 * Memory: the pixels being decoded at once by one stage instance are bounded by
   ``max_inflight_pixels`` (declared, post-draft pixel counts), whatever ``io_threads`` is.
-* ``confine_to`` (a local folder): local paths whose real path (symlinks resolved) lies outside it
-  are "outside input folder" errors.
 """
 
 from __future__ import annotations
 
-import errno
 import io
-import os
-import random
-import re
-import stat
 import threading
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Mapping
@@ -71,6 +65,15 @@ from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.columns import HEIGHT as HEIGHT_COLUMN
 from memscore.columns import PIXELS_PREFIX, pixels_column
 from memscore.columns import WIDTH as WIDTH_COLUMN
+from memscore.fetch import (DEFAULT_MAX_BYTES, DEFAULT_TRANSIENT_RETRY_S, RowFetcher,
+                            TransientError, retry_transient)
+from memscore.row_errors import ImageDecodeError
+
+# Kept for existing imports (``from memscore.decode import ...``): these names now live in
+# memscore.fetch (reading a row's bytes, transient or a fact) and memscore.row_errors.
+from memscore.fetch import (RETRYABLE_KINDS, TransientFailure, local_read_error,  # noqa: F401
+                            remote_read_error, resolve_path)
+from memscore.row_errors import ERROR_KINDS  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
@@ -103,33 +106,11 @@ __all__ = [
 
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
-DEFAULT_MAX_BYTES = 512 * 2**20
 DEFAULT_MAX_INFLIGHT_PIXELS = 2 * DEFAULT_MAX_PIXELS
 #: fast_decode: JPEGs at least this many times the largest resize side on both sides are drafted.
 DRAFT_FACTOR = 4
 #: Formats whose decoder supports ``Image.draft`` scaling (libjpeg's DCT scaling).
 _DRAFT_FORMATS = ("JPEG", "MPO")
-
-#: Every error kind the stage produces; the run summary groups errors by these.
-ERROR_KINDS = (
-    "missing path",
-    "missing file",
-    "not a file",
-    "unreadable",
-    "empty file",
-    "too large",
-    "not an image",
-    "truncated",
-    "decompression bomb",
-    "unsupported path",
-    "decode failed",
-    "outside input folder",
-)
-
-_MAX_DETAIL = 300
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-_LOCAL_PROTOCOLS = ("file", "local")
-_UNSUPPORTED_PROTOCOLS = ("http", "https")
 
 # ``warnings.catch_warnings`` swaps the process-wide filter list and is not thread-safe: two threads
 # inside it at once can leave each other's filter installed or removed. Every use in this module
@@ -137,21 +118,6 @@ _UNSUPPORTED_PROTOCOLS = ("http", "https")
 _WARNINGS_LOCK = threading.Lock()
 # Guards raising Pillow's process-wide Image.MAX_IMAGE_PIXELS (see _allow_in_pillow).
 _PILLOW_LIMIT_LOCK = threading.Lock()
-
-
-class ImageDecodeError(Exception):
-    """A row that cannot be decoded. ``str(exc) == f"{kind}: {detail}"``, one short line."""
-
-    def __init__(self, kind: str, detail: str = ""):
-        detail = " ".join(str(detail).split())  # one line
-        if len(detail) > _MAX_DETAIL:
-            detail = detail[: _MAX_DETAIL - 3] + "..."
-        self.kind = kind
-        self.detail = detail
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-
-    def __reduce__(self):
-        return (type(self), (self.kind, self.detail))
 
 
 # --------------------------------------------------------------------------------------- decode
@@ -444,178 +410,6 @@ class _PixelBudget:
             self._cond.notify_all()
 
 
-# ----------------------------------------------------------------------------------------- paths
-def _protocol(path: str) -> str | None:
-    """'s3' for 's3://b/k', 'simplecache::s3' style chains kept whole; None for plain paths."""
-    match = _URL_RE.match(path)
-    if match:
-        return match.group(0)[:-3].lower()
-    if "::" in path:  # fsspec chained URL, e.g. "simplecache::s3://b/k"
-        return path.split("://", 1)[0].lower()
-    return None
-
-
-def _is_unsupported(protocol: str | None) -> bool:
-    return protocol is not None and any(p in _UNSUPPORTED_PROTOCOLS for p in protocol.split("::"))
-
-
-def resolve_path(path: str, base_dir: str | None) -> str:
-    """Resolve a manifest path.
-
-    Relative local paths resolve against ``base_dir`` (the manifest's folder, itself local or an
-    ``s3://`` URL); absolute paths and URLs (``s3://``, ``gs://``, ``file://``) are returned
-    unchanged. ``http://`` and ``https://`` raise ``ImageDecodeError('unsupported path', ...)``:
-    the stage does not fetch web URLs.
-    """
-    if not isinstance(path, str):
-        raise ImageDecodeError("unsupported path", f"expected a string, got {type(path).__name__}")
-    if not path.strip():
-        raise ImageDecodeError("missing path", "the path is an empty string")
-    protocol = _protocol(path)
-    if _is_unsupported(protocol):
-        raise ImageDecodeError(
-            "unsupported path", f"{protocol}:// URLs are not fetched; download the images first ({path})"
-        )
-    if protocol is not None or os.path.isabs(path) or not base_dir:
-        return path
-    base_protocol = _protocol(base_dir)
-    if base_protocol is None:
-        resolved = os.path.join(base_dir, path)
-    else:
-        resolved = base_dir.rstrip("/") + "/" + path.lstrip("/")
-    if _is_unsupported(base_protocol):
-        raise ImageDecodeError(
-            "unsupported path", f"{base_protocol}:// URLs are not fetched; download the images first ({resolved})"
-        )
-    return resolved
-
-
-# ------------------------------------------------------------------- transient or a fact
-# A failure either says something about the image (missing, not an image, truncated, ...): it
-# becomes the row's error, committed for good. Or it says nothing about the image (the network,
-# the storage service, credentials, memory): then the row is read again, with backoff, within
-# the decode task for up to ``transient_retry_s``, and past that the task (and the run) fails
-# with ``TransientFailure``, leaving the row uncommitted for ``--resume``.
-
-#: Local errnos that describe the storage path rather than the file: network filesystems (NFS,
-#: FUSE mounts of buckets, Lustre) report a failed backend as EIO, ESTALE, ETIMEDOUT ...; and a
-#: process out of file descriptors or memory says nothing about the image either. A disk with
-#: a bad sector also gives EIO: the run then stops naming the file, which is a disk to fix (or a
-#: file to delete: a missing file is a row), not an image to null silently.
-_TRANSIENT_ERRNOS = frozenset(
-    getattr(errno, name) for name in (
-        "EIO", "ESTALE", "ETIMEDOUT", "ENOTCONN", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED",
-        "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH", "ENETRESET", "EAGAIN", "EINTR",
-        "ENOMEM", "ENFILE", "EMFILE", "ENOBUFS", "EREMOTEIO", "ENOLINK", "ECOMM", "EBUSY")
-    if hasattr(errno, name))
-
-#: S3 error codes (from the botocore error s3fs chains as the cause) that are facts about the
-#: object, though s3fs maps them to errors that are transient otherwise.
-_S3_FACTS = {
-    # memscore's one request is a ranged GET from byte 0; S3 answers 416 for a 0-byte object
-    "InvalidRange": ("empty file", "0 bytes"),
-    # archived (Glacier/Deep Archive) and not restored: --retry-errors reads it once restored
-    "InvalidObjectState": ("unreadable", "archived object, not restored (InvalidObjectState)"),
-    "KeyTooLongError": ("unsupported path", "key too long"),
-    "InvalidURI": ("unsupported path", "invalid URI"),
-    "InvalidBucketName": ("unsupported path", "invalid bucket name"),
-}
-
-#: Error kinds ``--resume --retry-errors`` scores again: those an older memscore committed for
-#: failures that may have said nothing about the image (a 5xx or dropped connection past the
-#: client's retries was "unreadable", a MemoryError "decode failed"), and those that can change
-#: (permission denied, an archived object restored).
-RETRYABLE_KINDS = ("unreadable", "decode failed")
-
-#: Seconds a decode task keeps retrying transient failures (``DecodeImages.transient_retry_s``).
-DEFAULT_TRANSIENT_RETRY_S = 600.0
-_FIRST_BACKOFF_S = 1.0
-_MAX_BACKOFF_S = 60.0
-
-
-class TransientError(Exception):
-    """One row failed for a reason that says nothing about the image (internal to the stage)."""
-
-    def __init__(self, path: str, cause: BaseException | str):
-        self.path = path
-        if isinstance(cause, BaseException):
-            lines = str(cause).strip().splitlines()
-            cause = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-        self.cause = " ".join(str(cause).split())[:_MAX_DETAIL]
-        super().__init__(f"{path}: {self.cause}")
-
-    def __reduce__(self):
-        return (type(self), (self.path, self.cause))
-
-
-class TransientFailure(RuntimeError):
-    """Raised by a decode task whose rows kept failing transiently past ``transient_retry_s``.
-
-    It fails the task and so the run (``memscore.run.score`` reports it as one line); nothing of
-    the task is committed, so ``--resume`` reads those rows again once the cause is fixed.
-    ``str(exc)`` is one line naming the wait, an example path and its cause.
-    """
-
-    def __init__(self, message: str):
-        super().__init__(message)
-
-    def __reduce__(self):
-        return (type(self), (self.args[0],))
-
-
-def _s3_code(exc: BaseException) -> str | None:
-    """The S3 error code of the botocore ClientError in ``exc``'s cause chain, if any."""
-    seen = 0
-    while exc is not None and seen < 5:
-        response = getattr(exc, "response", None)
-        if isinstance(response, dict):
-            return (response.get("Error") or {}).get("Code")
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-def remote_read_error(exc: BaseException, path: str) -> ImageDecodeError | TransientError:
-    """Classify an exception of a remote (fsspec) read: the row's error where it is a fact about
-    the object, else a ``TransientError``.
-
-    Facts: a missing object or bucket (``FileNotFoundError``), a "directory", and the S3 codes of
-    ``_S3_FACTS`` (an empty object's 416, an archived object, an invalid key). Everything else is
-    transient: connection errors and 5xx/throttling that outlasted the client's retries, 403s
-    (s3fs maps AccessDenied, ExpiredToken, InvalidAccessKeyId ... to ``PermissionError``: expired
-    or revoked credentials fail every row alike), botocore's ``NoCredentialsError`` (not even an
-    OSError), timeouts, ``MemoryError``.
-    """
-    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
-        return ImageDecodeError("missing file", path)
-    if isinstance(exc, IsADirectoryError):
-        return ImageDecodeError("not a file", f"is a directory: {path}")
-    code = _s3_code(exc)
-    fact = _S3_FACTS.get(code or "")
-    if fact is not None:
-        return ImageDecodeError(fact[0], f"{fact[1]}: {path}")
-    error = TransientError(path, exc)
-    if code and code not in error.cause:  # ExpiredToken says more than "Access Denied"
-        error = TransientError(path, f"{error.cause} ({code})")
-    return error
-
-
-def local_read_error(exc: OSError, shown: str) -> ImageDecodeError | TransientError:
-    """Classify an OSError from stat/open/read of a local path: the row's error (missing,
-    permission denied, a directory ...) or a ``TransientError`` (``_TRANSIENT_ERRNOS``)."""
-    if isinstance(exc, FileNotFoundError):
-        return ImageDecodeError("missing file", shown)
-    if isinstance(exc, NotADirectoryError):
-        return ImageDecodeError("missing file", f"a parent is not a directory: {shown}")
-    if isinstance(exc, PermissionError):
-        return ImageDecodeError("unreadable", f"permission denied: {shown}")
-    if isinstance(exc, IsADirectoryError):
-        return ImageDecodeError("not a file", f"is a directory: {shown}")
-    if exc.errno in _TRANSIENT_ERRNOS:
-        return TransientError(shown, exc)
-    return ImageDecodeError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}: {shown}")
-
-
-
 # ----------------------------------------------------------------------------------------- stage
 class DecodeImages:
     """Ray Data ``map_batches`` callable (``batch_format='pyarrow'``); also usable as a plain function.
@@ -695,172 +489,51 @@ class DecodeImages:
             raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         if max_inflight_pixels < 1:
             raise ValueError(f"max_inflight_pixels must be >= 1, got {max_inflight_pixels}")
-        if confine_to is not None and _protocol(str(confine_to)) not in (None, *_LOCAL_PROTOCOLS):
-            raise ValueError(f"confine_to must be a local folder, got {confine_to!r}")
+        # reading a row's bytes: path rules, local and remote reads, transient or a fact
+        self.fetcher = RowFetcher(base_dir=base_dir, storage_options=storage_options,
+                                  max_bytes=max_bytes, confine_to=confine_to,
+                                  bytes_given=bytes_column is not None)
         self.path_column = path_column
         self.bytes_column = bytes_column
         self.preprocess = dict(preprocess)
-        self.base_dir = base_dir
-        self.storage_options = dict(storage_options or {})
         self.max_pixels = int(max_pixels)
         self.io_threads = int(io_threads)
-        self.max_bytes = int(max_bytes)
         self.max_inflight_pixels = int(max_inflight_pixels)
         self.fast_decode = bool(fast_decode)
         self.exif_transpose = bool(exif_transpose)
-        self.confine_to = None if confine_to is None else str(confine_to)
         if not transient_retry_s >= 0:
             raise ValueError(f"transient_retry_s must be >= 0, got {transient_retry_s}")
         self.transient_retry_s = float(transient_retry_s)
-        self._fresh_clients = False
         # the side draft mode keeps twice of: the largest resize side over all entries; 0: no draft
         self._draft_to = (max(max(pre.resize) for pre in self.preprocess.values())
                           if self.fast_decode else 0)
-        # Filesystems are built lazily in __call__ and never pickled, so the instance ships to
-        # Ray workers without fsspec/s3fs objects; the locks are recreated on unpickling.
-        self._filesystems: dict[str, Any] = {}
-        self._fs_lock = threading.Lock()
+        # The fetcher pickles without its filesystems, so the instance ships to Ray workers
+        # without fsspec/s3fs objects; the budget (a lock) is recreated on unpickling.
         self._budget = _PixelBudget(self.max_inflight_pixels)
+
+    # The reading options, as given; the fetcher holds them.
+    base_dir = property(lambda self: self.fetcher.base_dir)
+    storage_options = property(lambda self: self.fetcher.storage_options)
+    max_bytes = property(lambda self: self.fetcher.max_bytes)
+    confine_to = property(lambda self: self.fetcher.confine_to)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_filesystems"] = {}
-        del state["_fs_lock"]
         del state["_budget"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._fs_lock = threading.Lock()
         self._budget = _PixelBudget(self.max_inflight_pixels)
 
-    # -------------------------------------------------------------------------------- reading
-    def _filesystem(self, path: str, protocol: str):
-        """(fsspec filesystem, path inside it), the filesystem cached per protocol."""
-        from memscore import storage  # its S3 defaults (retries with backoff) apply here too
-
-        if "::" in protocol:  # chained URLs (e.g. simplecache::s3://) carry per-URL options
-            return storage.url_to_fs(path, self.storage_options)
-        if self._fresh_clients:  # retrying: a new client, which looks up credentials again
-            with self._fs_lock:
-                fs = self._filesystems.get(protocol)
-                if fs is None:
-                    fs, inner = storage.url_to_fs(
-                        path, {**self.storage_options, "skip_instance_cache": True})
-                    self._filesystems[protocol] = fs
-                    return fs, inner
-            return fs, fs._strip_protocol(path)
-        with self._fs_lock:
-            fs = self._filesystems.get(protocol)
-            if fs is None:
-                fs, inner = storage.url_to_fs(path, self.storage_options)
-                self._filesystems[protocol] = fs
-                return fs, inner
-        return fs, fs._strip_protocol(path)
-
-    def _confined(self, path: str) -> str:
-        """-> the real path of local ``path``, if inside ``confine_to``; else "outside input folder"."""
-        from fsspec.implementations.local import LocalFileSystem
-
-        root = os.path.realpath(LocalFileSystem._strip_protocol(self.confine_to))
-        real = os.path.realpath(path)
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-            raise ImageDecodeError("outside input folder", f"{path} resolves to {real}, outside {root}")
-        return real
-
-    def _read_local(self, path: str) -> bytes:
-        shown = path  # error messages name the path as given
-        if self.confine_to is not None:
-            path = self._confined(path)  # read what was checked, not the symlink again
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise local_read_error(exc, shown) from None
-        self._check_regular(st.st_mode, shown)
-        self._check_size(st.st_size, shown)
-        try:
-            # O_NONBLOCK: if the path was swapped for a FIFO since the stat, open must not hang;
-            # the fstat below then refuses it. No effect on regular files.
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise local_read_error(exc, shown) from None
-        with os.fdopen(fd, "rb") as f:
-            self._check_regular(os.fstat(fd).st_mode, shown)
-            try:
-                data = f.read(self.max_bytes + 1)
-            except OSError as exc:
-                raise local_read_error(exc, shown) from None
-        return data
-
-    @staticmethod
-    def _check_regular(mode: int, path: str) -> None:
-        if stat.S_ISREG(mode):
-            return
-        if stat.S_ISDIR(mode):
-            what = "is a directory"
-        elif stat.S_ISFIFO(mode):
-            what = "is a FIFO (named pipe)"
-        elif stat.S_ISSOCK(mode):
-            what = "is a socket"
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            what = "is a device"
-        else:
-            what = "is not a regular file"
-        raise ImageDecodeError("not a file", f"{what}: {path}")
-
-    def _check_size(self, size: int | None, path: str) -> None:
-        if size is not None and size > self.max_bytes:
-            raise ImageDecodeError("too large", f"{size} bytes > max_bytes {self.max_bytes}: {path}")
-
-    def _read_remote(self, path: str, protocol: str) -> bytes:
-        """One ranged GET of at most ``max_bytes + 1`` bytes: no HEAD first (``fs.open`` asks
-        for the size with one), which would double the request cost and halve the request
-        rate S3 allows per prefix. A longer object shows as more than ``max_bytes``."""
-        fs, inner = self._filesystem(path, protocol)
-        try:
-            return fs.cat_file(inner, start=0, end=self.max_bytes + 1)
-        except Exception as exc:  # NoCredentialsError is no OSError: classify everything
-            raise remote_read_error(exc, path) from None
-
-    def _read_bytes(self, path: str) -> bytes:
-        protocol = _protocol(path)
-        if protocol is None or protocol in _LOCAL_PROTOCOLS:
-            if protocol is not None:
-                from fsspec.implementations.local import LocalFileSystem
-
-                path = LocalFileSystem._strip_protocol(path)
-            data = self._read_local(path)
-        else:
-            data = self._read_remote(path, protocol)
-        if len(data) > self.max_bytes:
-            raise ImageDecodeError("too large", f"more than max_bytes {self.max_bytes} bytes: {path}")
-        if not data:
-            raise ImageDecodeError("empty file", f"0 bytes: {path}")
-        return data
-
     # -------------------------------------------------------------------------------- per row
-    def _row_bytes(self, item: Any) -> bytes:
-        """A row's image bytes: read from its path, or (``bytes_column``) the item itself."""
-        if self.bytes_column is not None:
-            if item is None:
-                raise ImageDecodeError("no image", "the sample has no image member")
-            if len(item) > self.max_bytes:
-                raise ImageDecodeError("too large",
-                                       f"{len(item)} bytes > max_bytes {self.max_bytes}")
-            if not item:
-                raise ImageDecodeError("empty file", "0 bytes")
-            return item
-        if item is None:
-            raise ImageDecodeError("missing path", "the path column is null")
-        return self._read_bytes(resolve_path(item, self.base_dir))
-
     def _decode_row(self, index: int, path: Any, out: dict[str, np.ndarray]):
         """-> (width, height, None) or (None, None, error string). Writes pixels into ``out``.
 
         ``path`` is the row's path, or its image bytes when ``bytes_column`` is set."""
         try:
             width, height, arrays = decode_image_bytes(
-                self._row_bytes(path), self.preprocess, max_pixels=self.max_pixels,
+                self.fetcher.row_bytes(path), self.preprocess, max_pixels=self.max_pixels,
                 draft_to=self._draft_to, exif_transpose=self.exif_transpose,
                 budget=self._budget)
             for name, array in arrays.items():
@@ -893,35 +566,16 @@ class DecodeImages:
         return results
 
     def _retry_transient(self, paths: list, out: dict[str, np.ndarray], results: list) -> list:
-        """Read the rows that failed transiently again, with exponential backoff (1 s doubling
-        to 60 s, jittered), until they succeed or become facts; past ``transient_retry_s`` of
-        waiting raise ``TransientFailure``, which fails the task."""
-        waiting = [i for i, r in enumerate(results) if isinstance(r[2], TransientError)]
-        if not waiting:
-            return results
-        started = time.monotonic()
-        delay = _FIRST_BACKOFF_S
-        self._fresh_clients = True  # rotated credentials, a replaced endpoint: a new client
-        try:
-            while waiting:
-                waited = time.monotonic() - started
-                if waited >= self.transient_retry_s:
-                    example = results[waiting[0]][2]
-                    raise TransientFailure(
-                        f"reading images failed for {waited:.0f} s after retries "
-                        f"(--transient-retry-s {self.transient_retry_s:g}), {len(waiting)} of "
-                        f"{len(paths)} rows of a decode task: {example}")
-                time.sleep(min(delay * random.uniform(0.5, 1.0),
-                               max(0.0, self.transient_retry_s - waited)))
-                delay = min(2 * delay, _MAX_BACKOFF_S)
-                with self._fs_lock:
-                    self._filesystems.clear()
-                results = self._decode_rows(waiting, paths, out, results)
-                waiting = [i for i in waiting if isinstance(results[i][2], TransientError)]
-        finally:
-            self._fresh_clients = False
-            with self._fs_lock:
-                self._filesystems.clear()
+        """Read and decode the rows that failed transiently again (``fetch.retry_transient``:
+        backoff, a new client each round), until they succeed or become facts; past
+        ``transient_retry_s`` of waiting ``TransientFailure`` fails the task."""
+        def read_again(indices: list[int]) -> dict[int, TransientError]:
+            self._decode_rows(indices, paths, out, results)
+            return {i: results[i][2] for i in indices if isinstance(results[i][2], TransientError)}
+
+        waiting = {i: r[2] for i, r in enumerate(results) if isinstance(r[2], TransientError)}
+        retry_transient(waiting, read_again, fetcher=self.fetcher,
+                        retry_s=self.transient_retry_s, rows=len(paths))
         return results
 
     # ---------------------------------------------------------------------------------- batch

@@ -47,7 +47,8 @@ from memscore.config import FinetuneConfig, training_start
 from memscore.errors import MemscoreError, first_line
 from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.columns import ROW, SPLIT, pixels_column
-from memscore.decode import ImageDecodeError, resolve_path
+from memscore.fetch import resolve_path
+from memscore.row_errors import ImageDecodeError
 from memscore.manifest import Manifest, open_manifest
 from memscore.splits import (
     SPLITS,

@@ -130,13 +130,13 @@ def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
     ``base_dir`` (None: the paths are already resolved). ``error_counter``: an
     ``error_fraction.start_counter`` actor the tasks report their errors to (None: no limit).
 
-    A task whose rows keep failing transiently (``decode.TransientFailure``, after
+    A task whose rows keep failing transiently (``fetch.TransientFailure``, after
     ``transient_retry_s`` of backoff inside the task) fails, and with it the run. Ray itself
     does not retry it: Ray Data's tasks retry system failures (a lost node) without limit, and
     ``retry_exceptions`` would share that unbounded count, so expired credentials would retry
     for ever. The bounded retry is the task's own.
     """
-    from memscore.decode import DEFAULT_TRANSIENT_RETRY_S
+    from memscore.fetch import DEFAULT_TRANSIENT_RETRY_S
 
     return dataset.map_batches(
         decode_batch,

@@ -20,7 +20,7 @@ from memscore.cluster_check import check_shared_storage
 from memscore.columns import BOOKKEEPING, score_column
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError, first_line
-from memscore.decode import RETRYABLE_KINDS
+from memscore.fetch import RETRYABLE_KINDS
 from memscore.error_fraction import MIN_ROWS, start_counter
 from memscore.manifest import Manifest, open_manifest
 from memscore.models._api import file_sha256
@@ -216,22 +216,22 @@ def _shard_counts(config: ScoreConfig, manifest: Manifest, dropped: dict) -> lis
 
 
 _STOPPED_RE = re.compile(
-    r"^memscore\.(decode\.TransientFailure|error_fraction\.ErrorFractionExceeded): (.+)$",
+    r"^memscore\.(fetch\.TransientFailure|error_fraction\.ErrorFractionExceeded): (.+)$",
     re.MULTILINE)
 
 
 def run_stopped(exc: BaseException) -> str | None:
     """The one line for a run that failed because a decode task gave up on transient failures
-    (``decode.TransientFailure``) or passed ``--max-error-fraction``; None for anything else.
+    (``fetch.TransientFailure``) or passed ``--max-error-fraction``; None for anything else.
 
     Ray wraps a task's exception: on the driver, Ray Data raises
     ``RayTaskError(UserCodeException)``, which has lost the original exception object
     (exceptions travel pickled, without ``__cause__``) but whose text is the remote traceback,
-    ending the original with ``memscore.decode.TransientFailure: <message>``. So the chain
+    ending the original with ``memscore.fetch.TransientFailure: <message>``. So the chain
     (``cause``, ``__cause__``, ``__context__``) is searched for the exception itself (a local
     run of the stage, or a Ray that keeps it), then the chain's texts for that line.
     """
-    from memscore.decode import TransientFailure
+    from memscore.fetch import TransientFailure
     from memscore.error_fraction import ErrorFractionExceeded
 
     chain: list[BaseException] = []
@@ -251,7 +251,7 @@ def run_stopped(exc: BaseException) -> str | None:
     for current in chain if line is None else ():
         match = _STOPPED_RE.search(str(current))
         if match:
-            line, transient = match.group(2).strip(), match.group(1) == "decode.TransientFailure"
+            line, transient = match.group(2).strip(), match.group(1) == "fetch.TransientFailure"
             break
     if line is None:
         return None

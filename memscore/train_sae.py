@@ -264,7 +264,8 @@ def _prepare_run_dir(config: TrainSAEConfig, run_dir: str, identity: dict) -> st
 
 def _images_table(config: TrainSAEConfig, manifest) -> pa.Table:
     """memscore_row and the resolved path of every manifest row."""
-    from memscore.decode import ImageDecodeError, resolve_path
+    from memscore.fetch import resolve_path
+    from memscore.row_errors import ImageDecodeError
 
     def resolved(value):
         try:

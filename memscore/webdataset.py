@@ -106,8 +106,9 @@ import pyarrow as pa
 
 from memscore import columns, storage
 from memscore.errors import MemscoreError, first_line
-from memscore.decode import DEFAULT_MAX_BYTES, ImageDecodeError
+from memscore.fetch import DEFAULT_MAX_BYTES
 from memscore.manifest import IMAGE_EXTENSIONS
+from memscore.row_errors import ImageDecodeError
 
 __all__ = [
     "KEY",
@@ -751,7 +752,7 @@ def _datasource_class():
             tasks = []
             for index, url in enumerate(self.shards):
                 def read(url=url, index=index):
-                    from memscore.decode import TransientFailure
+                    from memscore.fetch import TransientFailure
 
                     samples, dropped = 0, {}
                     try:

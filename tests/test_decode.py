@@ -17,16 +17,15 @@ from PIL import Image, ImageOps
 
 from memscore.decode import (
     ERROR_COLUMN,
-    ERROR_KINDS,
     HEIGHT_COLUMN,
     PIXELS_PREFIX,
     WIDTH_COLUMN,
     DecodeImages,
-    ImageDecodeError,
     pixels_column,
     read_image,
-    resolve_path,
 )
+from memscore.fetch import resolve_path
+from memscore.row_errors import ERROR_KINDS, ImageDecodeError
 from memscore.transforms import ImagePreprocess
 
 try:
@@ -402,7 +401,7 @@ def test_stage_pickles_after_use(tmp_path):
     stage = DecodeImages("path", {"resmem": PRE}, storage_options={"anon": True})
     stage(pa.table({"path": [f"file://{good}"]}))
     clone = pickle.loads(pickle.dumps(stage))
-    assert clone._filesystems == {}
+    assert clone.fetcher._filesystems == {}
     out = clone(pa.table({"path": [good]}))
     assert out[ERROR_COLUMN][0].as_py() is None
 

@@ -26,8 +26,10 @@ import pytest
 import memscore
 from memscore import resume
 from memscore.cli import main as cli_main
-from memscore.decode import (DecodeImages, ImageDecodeError, TransientError, TransientFailure,
-                             local_read_error, remote_read_error)
+from memscore.decode import DecodeImages
+from memscore.fetch import (RowFetcher, TransientError, TransientFailure, local_read_error,
+                            remote_read_error)
+from memscore.row_errors import ImageDecodeError
 from memscore.error_fraction import ErrorFractionExceeded, ErrorTally
 from memscore.run import run_stopped
 from test_faults import FaultProxy, is_object_request
@@ -105,22 +107,22 @@ def test_local_read_errors(exc, kind):
 
 # ------------------------------------------------------------------ the stage's own retries
 class _Flaky:
-    """Patches DecodeImages._read_bytes: each path fails ``failures`` times with ``exc``."""
+    """Patches RowFetcher.read_bytes: each path fails ``failures`` times with ``exc``."""
 
     def __init__(self, monkeypatch, exc: BaseException, failures: int):
         self.calls: dict[str, int] = {}
         self.lock = threading.Lock()
-        original = DecodeImages._read_bytes
+        original = RowFetcher.read_bytes
 
-        def read(stage, path):
+        def read(fetcher, path):
             with self.lock:
                 self.calls[path] = self.calls.get(path, 0) + 1
                 failing = self.calls[path] <= failures
             if failing:
                 raise remote_read_error(exc, path)
-            return original(stage, path)
+            return original(fetcher, path)
 
-        monkeypatch.setattr(DecodeImages, "_read_bytes", read)
+        monkeypatch.setattr(RowFetcher, "read_bytes", read)
 
 
 def _stage(**kwargs) -> DecodeImages:
@@ -257,7 +259,7 @@ def test_run_stopped_finds_the_cause_in_ray_chains():
     # what Ray Data raises on the driver: the original object is gone, its traceback text stays
     from ray.exceptions import UserCodeException
 
-    text = ("Traceback (most recent call last):\n  File \"x\", line 1, in f\nmemscore.decode."
+    text = ("Traceback (most recent call last):\n  File \"x\", line 1, in f\nmemscore.fetch."
             "TransientFailure: reading images failed for 2 s after retries: s3://b/k: "
             "PermissionError: denied\n\nThe above exception was the direct cause of ...")
     remote = RayTaskError("decode_batch", text, UserCodeException("UDF failed"))

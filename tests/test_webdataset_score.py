@@ -257,7 +257,7 @@ def test_a_storage_failure_reading_a_shard_stops_the_run_as_transient(tmp_path, 
     retries) is no fact about the shard: the read task fails with TransientFailure, which the
     run reports as one line to --resume, never as rows."""
     from memscore import webdataset
-    from memscore.decode import TransientFailure
+    from memscore.fetch import TransientFailure
     from memscore.run import run_stopped
 
     write_shards(tmp_path / "shards", example_images)

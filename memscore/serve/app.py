@@ -264,7 +264,8 @@ class Ingress:
 
     async def _decode(self, name: str, data: bytes, preprocess: dict, max_pixels: int,
                       draft_to: int, exif_transpose: bool):
-        from memscore.decode import ImageDecodeError, decode_image_bytes
+        from memscore.decode import decode_image_bytes
+        from memscore.row_errors import ImageDecodeError
 
         decode = functools.partial(decode_image_bytes, data, preprocess, max_pixels=max_pixels,
                                    draft_to=draft_to, exif_transpose=exif_transpose)

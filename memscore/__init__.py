@@ -7,8 +7,11 @@ Architecture (one job per module):
 - ``errors``     MemscoreError (a problem the user can fix) and ``first_line``, its one-line form.
 - ``columns``    the names of the columns memscore adds (``memscore_row``, ``memscore_error``, ...).
 - ``manifest``   reader: finds and validates the manifest, reads its rows as a Ray Dataset.
-- ``decode``     CPU stage: fetch bytes (fsspec), decode with Pillow, to the model's uint8 input;
-                 per-row failures become the row's ``memscore_error``.
+- ``fetch``      a row's bytes (local or fsspec): path rules, hardened reads, and which failures
+                 are the row's error and which are transient (read again, then the run stops).
+- ``decode``     CPU stage: the bytes from ``fetch`` decoded with Pillow, to the model's uint8
+                 input; per-row failures become the row's ``memscore_error``.
+- ``row_errors`` ``ImageDecodeError`` and ``ERROR_KINDS``: a row's one-line error.
 - ``error_fraction`` ``--max-error-fraction``: the run's error count, an actor decode tasks report to.
 - ``predict``    model stage: ScoreImages, the callable class run as a Ray actor pool.
 - ``output``     writer: output folder rules, Parquet, the ``_memscore.json`` run summary.

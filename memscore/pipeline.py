@@ -180,8 +180,8 @@ def _light(dataset):
     took everything a one-machine Ray has (the writer's side of this is in
     ``output.write_parquet``). The repartition's CPU request has no public setter in Ray 2.60
     (the version pyproject pins): its logical operator's ``ray_remote_args`` is set here.
-    tests/test_resume.py's ``test_a_large_run_commits_as_it_goes...`` fails without it (no
-    file is committed before the read ends).
+    What it is for is tested end to end by tests/test_resume.py's
+    ``test_a_large_run_commits_as_it_goes...`` (files committed while the read still runs).
     """
     operator = dataset._logical_plan.dag
     operator.ray_remote_args["num_cpus"] = resume.LIGHT_STAGE_CPUS

@@ -39,13 +39,21 @@ def _opt(help: str, *, flag: str | None = None, positional: bool = False, **argp
     return {"help": help, "flag": flag, "positional": positional, "argparse": argparse_kwargs}
 
 
+def _fields_in_help_order(config_cls) -> list[dataclasses.Field]:
+    """A config's fields as ``--help`` lists them: its own first, then those it shares with
+    another job's config (keyword-only fields of a base class, which ``dataclasses.fields``
+    would list first)."""
+    fields = dataclasses.fields(config_cls)
+    return [f for f in fields if not f.kw_only] + [f for f in fields if f.kw_only]
+
+
 def _fields_as_args(cls):
     """Give a config class's docstring an ``Args:`` section, a field's help text each, before
     its example: the help is written once, for ``--help`` and for ``help(ScoreConfig)``."""
     import textwrap
 
     entries = []
-    for spec in dataclasses.fields(cls):
+    for spec in _fields_in_help_order(cls):
         text = spec.metadata.get("help")
         if text:
             entries.append(textwrap.fill(f"{spec.name}: {text}", width=92,
@@ -363,9 +371,63 @@ def training_start(start: str) -> str:
     return "scratch" if start == "scratch" else "pretrained"
 
 
+@dataclass(frozen=True, kw_only=True)
+class _TrainingRunOptions:
+    """The options ``memscore finetune`` and ``memscore train-sae`` share: the Ray Train
+    worker group (``memscore.training``), the decode stage both feed it from, and the run."""
+
+    workers: int = field(default=1, metadata=_opt(
+        "Ray Train data-parallel workers (one GPU each where the cluster has GPUs)."))
+    gpus_per_worker: float | None = field(default=None, metadata=_opt(
+        "GPUs per worker (default: 1 where the cluster has GPUs, else 0: CPU training)."))
+    cpus_per_worker: float = field(default=1.0, metadata=_opt(
+        "CPUs Ray reserves per training worker."))
+    max_failures: int = field(default=2, metadata=_opt(
+        "Times Ray Train restarts the workers from the last epoch's checkpoint after a worker "
+        "or node dies, before the run fails."))
+    io_threads: int = field(default=8, metadata=_opt(
+        "Threads per decode task fetching and decoding images."))
+    max_pixels: int = field(default=89_478_485, metadata=_opt(
+        "Images declaring more pixels than this are skipped as decompression bombs."))
+    fast_decode: bool = field(default=False, metadata=_opt(
+        "As for score: decode large JPEGs at reduced scale (faster, slightly different "
+        "pixels). Train and score with the same setting.", action="store_true"))
+    exif_transpose: bool = field(default=False, metadata=_opt(
+        "As for score: turn images upright by their EXIF orientation tag. Train and score "
+        "with the same setting.", action="store_true"))
+    rows_per_block: int = field(default=256, metadata=_opt("Manifest rows per decode block."))
+    overwrite: bool = field(default=False, metadata=_opt(
+        "Delete OUTPUT/NAME and train again from the start.", action="store_true"))
+    address: str | None = field(default=None, metadata=_opt(
+        "Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray)."))
+    storage_options: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
+        "fsspec/s3fs option KEY=VALUE for s3:// paths, repeatable, as for score.",
+        flag="--storage-option", action="append", metavar="KEY=VALUE"))
+
+
+    def _check_run_options(self) -> None:
+        """Check the run's name and the shared options; MemscoreError names the first problem."""
+        if not self.manifest:
+            raise MemscoreError("no manifest given")
+        if not self.output:
+            raise MemscoreError("no --output given")
+        if not self.name or "/" in self.name or self.name.startswith((".", "_")):
+            raise MemscoreError(f"--name {self.name!r}: use a plain folder name")
+        for name in ("workers", "io_threads", "max_pixels", "rows_per_block"):
+            if getattr(self, name) < 1:
+                raise MemscoreError(f"--{name.replace('_', '-')} must be at least 1, not "
+                                    f"{getattr(self, name)}")
+        if not self.cpus_per_worker > 0:
+            raise MemscoreError(f"--cpus-per-worker must be positive, not {self.cpus_per_worker}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise MemscoreError("--gpus-per-worker must not be negative")
+        if self.max_failures < 0:
+            raise MemscoreError("--max-failures must not be negative")
+
+
 @_fields_as_args
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(_TrainingRunOptions):
     """Everything one fine-tuning run needs. See ``memscore finetune --help`` for each field.
 
     ``optimizer``, ``lr`` and ``batch_size`` left at None take ``TRAINING_DEFAULTS`` for where
@@ -431,37 +493,9 @@ class FinetuneConfig:
         "instead of the centre one), flip (random mirror); 'none' for none. Validation and "
         "scoring always use the centre crop.", metavar="crop,flip|none"))
     seed: int = field(default=0, metadata=_opt("Seed of initialisation, shuffling, augmentation."))
-    workers: int = field(default=1, metadata=_opt(
-        "Ray Train data-parallel workers (one GPU each where the cluster has GPUs)."))
-    gpus_per_worker: float | None = field(default=None, metadata=_opt(
-        "GPUs per worker (default: 1 where the cluster has GPUs, else 0: CPU training)."))
-    cpus_per_worker: float = field(default=1.0, metadata=_opt(
-        "CPUs Ray reserves per training worker."))
     torch_threads: int | None = field(default=None, metadata=_opt(
         "Torch intra-op threads per CPU worker (default: the node's cores / workers)."))
-    max_failures: int = field(default=2, metadata=_opt(
-        "Times Ray Train restarts the workers from the last epoch's checkpoint after a worker "
-        "or node dies, before the run fails."))
     decode_batch_size: int = field(default=64, metadata=_opt("Rows per CPU decode task."))
-    io_threads: int = field(default=8, metadata=_opt(
-        "Threads per decode task fetching and decoding images."))
-    max_pixels: int = field(default=89_478_485, metadata=_opt(
-        "Images declaring more pixels than this are skipped as decompression bombs."))
-    fast_decode: bool = field(default=False, metadata=_opt(
-        "As for score: decode large JPEGs at reduced scale (faster, slightly different "
-        "pixels). Train and score with the same setting.", action="store_true"))
-    exif_transpose: bool = field(default=False, metadata=_opt(
-        "As for score: turn images upright by their EXIF orientation tag. Train and score "
-        "with the same setting.", action="store_true"))
-    rows_per_block: int = field(default=256, metadata=_opt("Manifest rows per decode block."))
-    overwrite: bool = field(default=False, metadata=_opt(
-        "Delete OUTPUT/NAME and train again from the start.", action="store_true"))
-    address: str | None = field(default=None, metadata=_opt(
-        "Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray)."))
-    storage_options: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
-        "fsspec/s3fs option KEY=VALUE for s3:// paths, repeatable, as for score.",
-        flag="--storage-option", action="append", metavar="KEY=VALUE"))
-
     @property
     def augmentations(self) -> tuple[str, ...]:
         if self.augment.strip().lower() in ("", "none"):
@@ -485,12 +519,7 @@ class FinetuneConfig:
         from memscore.splits import parse_fractions
         from memscore.train_loop import BACKBONES
 
-        if not self.manifest:
-            raise MemscoreError("no manifest given")
-        if not self.output:
-            raise MemscoreError("no --output given")
-        if not self.name or "/" in self.name or self.name.startswith((".", "_")):
-            raise MemscoreError(f"--name {self.name!r}: use a plain folder name")
+        self._check_run_options()
         known = list_models()
         if self.model not in known:
             raise MemscoreError(f"unknown model {self.model!r}; choose from {', '.join(known)}")
@@ -509,18 +538,14 @@ class FinetuneConfig:
                 parse_fractions(self.split_fractions)
             except ValueError as exc:
                 raise MemscoreError(f"--split-fractions: {exc}") from None
-        for name in ("epochs", "batch_size", "workers", "patience", "decode_batch_size",
-                     "io_threads", "max_pixels", "rows_per_block"):
+        for name in ("epochs", "batch_size", "patience", "decode_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MemscoreError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("lr", "cpus_per_worker"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise MemscoreError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("momentum", "weight_decay", "max_failures"):
+        if self.lr is not None and not self.lr > 0:
+            raise MemscoreError("--lr must be positive")
+        for name in ("momentum", "weight_decay"):
             if getattr(self, name) < 0:
                 raise MemscoreError(f"--{name.replace('_', '-')} must not be negative")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise MemscoreError("--gpus-per-worker must not be negative")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise MemscoreError("--torch-threads must be at least 1")
         return self
@@ -532,7 +557,7 @@ def _flag(f: dataclasses.Field) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls=ScoreConfig) -> None:
     """Add one argparse option per config field, with the field's help text."""
-    for f in dataclasses.fields(config_cls):
+    for f in _fields_in_help_order(config_cls):
         meta = f.metadata
         kwargs = dict(meta["argparse"])
         default = None if f.default is dataclasses.MISSING else f.default
@@ -689,7 +714,7 @@ SAE_ENCODERS = ("clip", "dinov2", "siglip2")
 
 @_fields_as_args
 @dataclass(frozen=True)
-class TrainSAEConfig:
+class TrainSAEConfig(_TrainingRunOptions):
     """One autoencoder training run (Takmaz et al. 2025). See ``memscore train-sae --help``.
 
     The defaults are the paper's: 100 latents, l1 weight 1e-5, AdamW at lr 1e-4, 5 epochs,
@@ -736,43 +761,15 @@ class TrainSAEConfig:
         "the same steps as one worker with N x B."))
     seed: int = field(default=0, metadata=_opt(
         "Seed of the initialisation and of each epoch's shuffle."))
-    workers: int = field(default=1, metadata=_opt(
-        "Ray Train data-parallel workers (one GPU each where the cluster has GPUs)."))
-    gpus_per_worker: float | None = field(default=None, metadata=_opt(
-        "GPUs per training worker (default: 1 where the cluster has GPUs, else 0: CPU)."))
-    cpus_per_worker: float = field(default=1.0, metadata=_opt(
-        "CPUs Ray reserves per training worker."))
     torch_threads: int | None = field(default=None, metadata=_opt(
         "Torch intra-op threads per CPU worker or encoder actor (default: the node's cores, "
         "shared among the training workers)."))
-    max_failures: int = field(default=2, metadata=_opt(
-        "Times Ray Train restarts the workers from the last epoch's checkpoint after a worker "
-        "or node dies, before the run fails."))
     actors: int | None = field(default=None, metadata=_opt(
         "Encoder actors computing the representations (default: one per GPU where the "
         "cluster has GPUs, else 1 using every core)."))
     encode_batch_size: int = field(default=32, metadata=_opt(
         "Images per encoder forward pass on each encoder actor."))
     decode_batch_size: int = field(default=256, metadata=_opt("Rows per CPU decode task call."))
-    io_threads: int = field(default=8, metadata=_opt(
-        "Threads per decode task fetching and decoding images."))
-    max_pixels: int = field(default=89_478_485, metadata=_opt(
-        "Images declaring more pixels than this are skipped as decompression bombs."))
-    fast_decode: bool = field(default=False, metadata=_opt(
-        "As for score: decode large JPEGs at reduced scale (faster, slightly different "
-        "pixels). Train and score with the same setting.", action="store_true"))
-    exif_transpose: bool = field(default=False, metadata=_opt(
-        "As for score: turn images upright by their EXIF orientation tag. Train and score "
-        "with the same setting.", action="store_true"))
-    rows_per_block: int = field(default=256, metadata=_opt("Manifest rows per decode block."))
-    overwrite: bool = field(default=False, metadata=_opt(
-        "Delete OUTPUT/NAME and train again from the start.", action="store_true"))
-    address: str | None = field(default=None, metadata=_opt(
-        "Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray)."))
-    storage_options: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
-        "fsspec/s3fs option KEY=VALUE for s3:// paths, repeatable, as for score.",
-        flag="--storage-option", action="append", metavar="KEY=VALUE"))
-
     def __post_init__(self) -> None:
         import os
 
@@ -786,21 +783,14 @@ class TrainSAEConfig:
 
     def validated(self) -> "TrainSAEConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""
-        if not self.manifest:
-            raise MemscoreError("no manifest given")
-        if not self.output:
-            raise MemscoreError("no --output given")
-        if not self.name or "/" in self.name or self.name.startswith((".", "_")):
-            raise MemscoreError(f"--name {self.name!r}: use a plain folder name")
+        self._check_run_options()
         if self.encoder not in SAE_ENCODERS:
             raise MemscoreError(f"--encoder must be one of {', '.join(SAE_ENCODERS)}, not "
                                 f"{self.encoder!r}")
         for flag, value in (("--latents", self.latents), ("--epochs", self.epochs),
-                            ("--batch-size", self.batch_size), ("--workers", self.workers),
+                            ("--batch-size", self.batch_size),
                             ("--encode-batch-size", self.encode_batch_size),
-                            ("--decode-batch-size", self.decode_batch_size),
-                            ("--io-threads", self.io_threads),
-                            ("--rows-per-block", self.rows_per_block)):
+                            ("--decode-batch-size", self.decode_batch_size)):
             if value < 1:
                 raise MemscoreError(f"{flag} must be at least 1, not {value}")
         if not self.lr > 0:
@@ -809,6 +799,4 @@ class TrainSAEConfig:
             raise MemscoreError("--l1 and --weight-decay must not be negative")
         if self.actors is not None and self.actors < 1:
             raise MemscoreError(f"--actors must be at least 1, not {self.actors}")
-        if self.max_failures < 0:
-            raise MemscoreError("--max-failures must not be negative")
         return self

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from memscore.config import _as_tuple, _fix_paths, _opt, check_model_names
+from memscore.config import _as_tuple, _fields_as_args, _fix_paths, _opt, check_model_names
 from memscore.errors import MemscoreError
 
 __all__ = ["ServeConfig", "parse_replicas"]
@@ -37,6 +37,7 @@ def parse_replicas(text: str | int) -> tuple[int, int]:
     return low, high
 
 
+@_fields_as_args
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything ``memscore serve`` needs. See ``memscore serve --help`` for each field.

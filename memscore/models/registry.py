@@ -69,6 +69,11 @@ def register_model(name: str, weights_enum: type[WeightsEnum]):
     """Decorator: register ``builder(*, weights=None, checkpoint=None, **kwargs)`` under
     ``name`` with its weights enum; a name already taken raises ``ValueError``.
 
+    Args:
+        name: the model's name, as ``--model`` and ``get_model`` take it.
+        weights_enum: its ``WeightsEnum`` (the weights ``--weights`` may name, their
+            preprocessing and meta).
+
     Example:
         >>> from memscore.models import register_model, get_model_weights
         >>> register_model("resmem", get_model_weights("resmem"))(lambda **kw: None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from memscore.metrics import spearman
 from memscore.models import get_model, get_model_weights
 from memscore.splits import assign_splits, normalise_split_column, parse_fractions
 from synthetic import write_tint_dataset
-from test_resume import ray_processes
+from processes import kill_after_first_train_checkpoint, ray_processes
 
 IMAGES = 160
 BAD_ROWS = [  # two unreadable images and three rows without a usable label
@@ -240,26 +239,11 @@ def _run_cli(manifest: Path, output: Path, *extra: str, env=None) -> subprocess.
 def test_two_workers_killed_mid_run_resume_from_the_saved_epoch(tmp_path):
     manifest = write_tint_dataset(tmp_path, 48, seed=1)
     output = tmp_path / "runs"
-    snapshot = output / "two" / "ray_train" / "checkpoint_manager_snapshot.json"
     ray_before = set(ray_processes())
     # Rank 0 trains epoch 0, reports its checkpoint, then stalls at the start of epoch 1.
     fault = {"MEMSCORE_INJECT_FAULT": f"train-epoch:stall-after-once:{tmp_path / 'fired'}"}
     driver = _run_cli(manifest, output, env=fault)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and driver.poll() is None:
-        if snapshot.exists() and "checkpoint_" in snapshot.read_text():
-            break
-        time.sleep(0.5)
-    assert driver.poll() is None, driver.stdout.read()[-3000:]
-    assert snapshot.exists(), "no checkpoint within 400 s"
-    time.sleep(2)  # the snapshot is written after the checkpoint folder is complete
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    for pid in set(ray_processes()) - ray_before:  # the killed run's local Ray
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_after_first_train_checkpoint(driver, output / "two", ray_before)
     history = json.loads((output / "two" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 import memscore
 from memscore import cli
+from processes import kill_run, ray_processes
 from memscore.output import output_files
 from memscore.verify import verify
 
@@ -35,34 +35,6 @@ def cli_command(manifest: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "memscore.cli", "score", str(manifest), "--output", str(out),
             "--rows-per-block", "3", "--rows-per-file", "3", "--decode-batch-size", "3",
             "--batch-size", "3", *extra]
-
-
-def ray_processes() -> list[int]:
-    """Pids of Ray's processes on this machine (GCS, raylet, workers, agents)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"ray/" in cmdline or cmdline.startswith(b"ray::"):
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_run(driver: subprocess.Popen, ray_before: set[int]) -> None:
-    """SIGKILL a `memscore score` driver started with ``start_new_session`` and its process
-    group. The local Ray it started (GCS, raylet, workers) lives in process groups of its own
-    and outlives it, as after a real kill; end it too so it holds no memory."""
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    for pid in set(ray_processes()) - ray_before:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def data_files(out: Path) -> list[str]:

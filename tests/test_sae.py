@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from safetensors.torch import load_file
 
 from hf_encoders import make_encoder_folder, reference_pixels
 from memscore.checkpoint import read_checkpoint_info
-from memscore.cli import build_parser, main
+from memscore.cli import build_parser
 from memscore.columns import ERROR, ROW
 from memscore.config import MemscoreError, TrainSAEConfig, add_arguments, from_args
 from memscore.decode import DecodeImages
@@ -36,7 +35,7 @@ from memscore.models.sae import (TENSOR_KEYS, SparseAutoencoder, load_sae, save_
 from memscore.representations import REPRESENTATION, EncodeImages
 from memscore.train_sae import train_sae, zscore_statistics
 from synthetic import write_tint_dataset
-from test_resume import kill_run, ray_processes
+from processes import kill_after_first_train_checkpoint, ray_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = 40
@@ -322,21 +321,12 @@ def test_a_killed_run_resumes_from_its_saved_epoch_and_ends_as_an_uninterrupted_
                str(sae_run["encoder"]), "--epochs", str(config.epochs), "--batch-size",
                str(config.batch_size), "--rows-per-block", "16", "--decode-batch-size", "16"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    snapshot = output / "one" / "ray_train" / "checkpoint_manager_snapshot.json"
     ray_before = set(ray_processes())
     # Rank 0 trains epoch 0, reports its checkpoint, then stalls at the start of epoch 1.
     fault = {**env, "MEMSCORE_INJECT_FAULT": f"train-epoch:stall-after-once:{tmp_path / 'f'}"}
     driver = subprocess.Popen(command, env=fault, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and driver.poll() is None:
-        if snapshot.exists() and "checkpoint_" in snapshot.read_text():
-            break
-        time.sleep(0.5)
-    assert driver.poll() is None, driver.stdout.read()[-3000:]
-    assert snapshot.exists(), "no checkpoint within 400 s"
-    time.sleep(2)  # the snapshot is written after the checkpoint folder is complete
-    kill_run(driver, ray_before)
+    kill_after_first_train_checkpoint(driver, output / "one", ray_before)
     killed = json.loads((output / "one" / "history.json").read_text())
     assert [h["epoch"] for h in killed] == [0] and not (output / "one" / "best").exists()
 

@@ -25,7 +25,7 @@ from memscore.verify import verify
 from memscore.webdataset import sample_id
 
 from pickle_payload import TouchesMarker
-from test_resume import kill_run, ray_processes
+from processes import kill_run, ray_processes
 
 NOT_UTF8 = b"caf\xe9"  # latin-1, as some scraped captions are
 

@@ -1,37 +1,11 @@
 """memscore: image memorability scores for large image collections, with Ray.
 
-Architecture (one job per module):
+A scoring run's data flow, one module per stage (``memscore.run.score`` wires them):
 
-- ``config``     ScoreConfig, FinetuneConfig, EvaluateConfig: validated options objects (the
-                 CLI and jobs/ are generated from them).
-- ``errors``     MemscoreError (a problem the user can fix) and ``first_line``, its one-line form.
-- ``columns``    the names of the columns memscore adds (``memscore_row``, ``memscore_error``, ...).
-- ``manifest``   reader: finds and validates the manifest, reads its rows as a Ray Dataset.
-- ``fetch``      a row's bytes (local or fsspec): path rules, hardened reads, and which failures
-                 are the row's error and which are transient (read again, then the run stops).
-- ``decode``     CPU stage: the bytes from ``fetch`` decoded with Pillow, to the model's uint8
-                 input; per-row failures become the row's ``memscore_error``.
-- ``row_errors`` ``ImageDecodeError`` and ``ERROR_KINDS``: a row's one-line error.
-- ``error_fraction`` ``--max-error-fraction``: the run's error count, an actor decode tasks report to.
-- ``predict``    model stage: ScoreImages, the callable class run as a Ray actor pool.
-- ``output``     writer: output folder rules, Parquet, the ``_memscore.json`` run summary.
-- ``pipeline``   the stages scoring, fine-tuning and train-sae share: the decode stage as Ray
-                 tasks, the model actor plan and pool, starting or joining Ray.
-- ``run``        the scoring job: wires manifest, decode, model and writer together.
-- ``models``     the registry and the models, each with weights that carry preprocessing and meta.
-- ``transforms`` the preprocessing objects the weights carry.
-- ``storage``    fsspec/pyarrow filesystems for local and s3:// paths.
-- ``cluster_check`` before a run on several nodes: every node sees the local output and images.
-- ``checkpoint`` memscore checkpoints: model.safetensors + memscore.json in a folder.
-- ``splits``     deterministic train/validation/test splits.
-- ``finetuning`` the fine-tuning job (``memscore.finetune``): splits -> the shared decode
-                 stage -> Ray Train.
-- ``train_loop`` what each Ray Train worker runs.
-- ``metrics``    Spearman, Pearson, MSE, MAE, bootstrap intervals.
-- ``evaluation`` the evaluation job (``memscore.evaluate``): predictions against ground truth:
-                 figures, report, plots (``plots``).
-- ``verify``     every manifest row in an output exactly once.
-- ``cli``        ``memscore score|finetune|evaluate|verify|models``.
+    manifest -> fetch -> decode -> predict -> output
+    (rows)      (bytes)  (pixels)  (scores)   (Parquet + _memscore.json)
+
+Which module owns what, for every module: docs/architecture.md.
 
 Importing memscore imports neither torch nor Ray; they load when a model or a run needs them.
 """
@@ -133,7 +107,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         ...                 "d.jpg,0.55\\ne.jpg,0.81\\n")
         >>> result = memscore.evaluate(memscore.EvaluateConfig("scores.parquet", truth="truth.csv",
         ...     truth_column="hr", report="report/"))
-        >>> result["counts"]["evaluated"], result["overall"]["spearman"]
+        >>> result["counts"]["evaluated"], round(result["overall"]["spearman"], 6)
         (5, 0.9)
         >>> sorted(result["files"])  # report/metrics.json, report.md, scatter.png ...
         ['distribution', 'metrics', 'report', 'scatter']

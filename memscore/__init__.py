@@ -2,8 +2,8 @@
 
 A scoring run's data flow, one module per stage (``memscore.run.score`` wires them):
 
-    manifest -> fetch -> decode -> predict -> output
-    (rows)      (bytes)  (pixels)  (scores)   (Parquet + _memscore.json)
+    manifest -> snapshot -> fetch -> decode -> predict -> output
+    (rows)      (ids)       (bytes)  (pixels)  (scores)   (Parquet + _memscore.json)
 
 Which module owns what, for every module: docs/architecture.md.
 

@@ -131,7 +131,7 @@ def plan_start(config: FinetuneConfig) -> tuple[str, str, dict]:
 def _identity(config: FinetuneConfig, manifest: Manifest, pipeline: str) -> dict[str, Any]:
     """What makes a run this run; a re-run with another identity must not resume it. Epochs and
     patience may change, so a finished run can be trained further under the same name."""
-    from memscore.resume import manifest_fingerprint
+    from memscore.manifest import manifest_fingerprint
 
     keep = ("manifest", "label_column", "model", "mode", "weights", "path_column",
             "split_column", "split_fractions", "split_seed", "batch_size", "optimizer", "lr",

@@ -9,8 +9,10 @@ Ray Data read the rows in parallel; user columns keep their Arrow types end to e
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -20,7 +22,7 @@ from memscore import storage
 from memscore.errors import MemscoreError, first_line
 
 __all__ = ["Manifest", "open_manifest", "ColumnWidened", "read_restarting", "IMAGE_EXTENSIONS",
-           "check_reserved_columns"]
+           "check_reserved_columns", "manifest_fingerprint"]
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
@@ -460,3 +462,25 @@ def _peek_text(kind: str, fs, path: str) -> tuple[list[str], bool]:
                 table = pajson.read_json(pa.BufferReader(line))
                 return table.column_names, True
         return [], False
+
+
+def manifest_fingerprint(manifest: Manifest) -> str:
+    """sha256 over the manifest's files (a table manifest's files, or WebDataset shards) with
+    their sizes and modification stamps; over the image paths of a scanned folder."""
+    digest = hashlib.sha256()
+    if manifest.kind == "images":
+        for path in manifest.files:
+            digest.update(path.encode() + b"\0")
+        return digest.hexdigest()
+
+    def stamp(path: str) -> str:
+        fs, inner = storage.url_to_fs(path, manifest.storage_options)
+        info = fs.info(inner)
+        when = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+        return f"{path}\0{info.get('size')}\0{when}\0"
+
+    # thousands of shards on S3: a HEAD each, many at a time rather than one after another
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        for text in pool.map(stamp, manifest.files):
+            digest.update(text.encode())
+    return digest.hexdigest()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from memscore import resume, storage
+from memscore import snapshot, storage
 from memscore.columns import IMAGE
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
@@ -172,7 +172,7 @@ def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
 
 def _light(dataset):
     """``dataset`` with its last stage (the streaming repartition) asking Ray for a light CPU
-    share, ``resume.LIGHT_STAGE_CPUS``, as the snapshot read does.
+    share, ``snapshot.LIGHT_STAGE_CPUS``, as the snapshot read does.
 
     Why: Ray Data reserves each stage's resources in pipeline order, upstream first, and a stage
     left without a reservation waits for what is unreserved. The read and the repartition
@@ -184,7 +184,7 @@ def _light(dataset):
     ``test_a_large_run_commits_as_it_goes...`` (files committed while the read still runs).
     """
     operator = dataset._logical_plan.dag
-    operator.ray_remote_args["num_cpus"] = resume.LIGHT_STAGE_CPUS
+    operator.ray_remote_args["num_cpus"] = snapshot.LIGHT_STAGE_CPUS
     return dataset
 
 

@@ -1,12 +1,9 @@
-"""Resumable runs: a frozen snapshot of the manifest plus Ray Data's own checkpointing.
+"""Resumable runs: a run's state beside its output, plus Ray Data's own checkpointing.
 
 Every run works in ``<output>/_memscore/`` (Parquet readers skip ``_`` folders):
 
-- ``manifest/part-NNNNNN.parquet``: the manifest's rows, in order, each with ``memscore_row``
-  (its 0-based position in the manifest: the stable row id, so duplicated paths stay separate
-  rows), cut into blocks of ``rows_per_block`` rows. Ray Data reads this snapshot, not the
-  manifest: one reader for every manifest kind, an exact row count, a deterministic ``--limit``,
-  and an input that cannot change under a resumed run.
+- ``manifest/part-NNNNNN.parquet``: the manifest's frozen copy the run reads
+  (``snapshot.py``; ``snapshot_folder``).
 - ``state.json``: written once the snapshot is complete; what the run is (manifest fingerprint,
   models, options), so that ``--resume`` refuses to continue a different run.
 - ``checkpoint/``: Ray Data's ``CheckpointConfig`` files, the ``memscore_row`` ids of rows whose
@@ -20,12 +17,8 @@ After a run's summary is written the folder is deleted.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import re
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import pyarrow as pa
@@ -35,111 +28,20 @@ import pyarrow.parquet as pq
 from memscore import columns, storage
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
-from memscore.manifest import Manifest, read_restarting
+from memscore.manifest import Manifest, manifest_fingerprint
+from memscore.snapshot import Snapshot
 
-__all__ = ["ROW_COLUMN", "WORK_DIR", "Snapshot", "write_snapshot", "read_state", "write_state",
-           "run_identity", "manifest_fingerprint", "snapshot_dataset", "checkpoint_config",
+__all__ = ["ROW_COLUMN", "WORK_DIR", "snapshot_folder", "shard_counts_folder", "read_state",
+           "write_state", "run_identity", "check_same_run", "checkpoint_config",
            "committed_rows", "remove_work_dir", "drop_error_rows", "apply_retry_plan"]
 
 ROW_COLUMN = columns.ROW
 WORK_DIR = "_memscore"
 _STATE = "state.json"
-# Parallel PUTs when the snapshot goes to S3: thousands of small parts, each a round trip.
-_WRITE_THREADS = 8
 
 
 def _work(output: str, *parts: str) -> str:
     return storage.join(output, WORK_DIR, *parts)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The rows a run scores: parts of the manifest copied into ``_memscore/manifest/``, or for
-    WebDataset the shards themselves (``rows`` None: known once every shard is read, from
-    ``shard_counts``)."""
-
-    files: tuple[str, ...]
-    rows: int | None
-
-
-def write_snapshot(manifest: Manifest, output: str, config: ScoreConfig) -> Snapshot:
-    """Copy the manifest's rows (the first ``limit``) into ``_memscore/manifest/``, numbered,
-    in parts of ``rows_per_file`` rows. Streams: the driver holds a few parts at a time."""
-    return read_restarting(lambda: _write_snapshot(manifest, output, config))
-
-
-def _write_snapshot(manifest: Manifest, output: str, config: ScoreConfig) -> Snapshot:
-    options = config.storage_options
-    fs, folder = storage.url_to_fs(_work(output, "manifest"), options)
-    if fs.exists(folder):
-        fs.rm(folder, recursive=True)  # a snapshot cut short by a kill (or a widened column)
-    if not storage.is_url(output):
-        fs.makedirs(folder, exist_ok=True)
-    ids: list[pa.ChunkedArray] = []
-    files: list[str] = []
-    rows = 0
-
-    def put(index: int, table: pa.Table) -> None:
-        with fs.open(f"{folder}/part-{index:06d}.parquet", "wb") as f:
-            pq.write_table(table, f)
-
-    with ThreadPoolExecutor(_WRITE_THREADS) as pool:
-        writes: deque = deque()
-        for block in _blocks(manifest.iter_tables(config.limit), config.rows_per_file):
-            if rows == 0:
-                _check_path_column(block, manifest)
-            block = block.append_column(ROW_COLUMN, pa.array(range(rows, rows + block.num_rows),
-                                                              pa.int64()))
-            if config.id_column:
-                ids.append(block.column(config.id_column))
-            writes.append(pool.submit(put, len(files), block))
-            while len(writes) > _WRITE_THREADS:  # bounded: reading waits for slow writes
-                writes.popleft().result()
-            files.append(storage.join(_work(output, "manifest"), f"part-{len(files):06d}.parquet"))
-            rows += block.num_rows
-        for write in writes:
-            write.result()
-    if config.id_column:
-        _check_unique_ids(pa.chunked_array([c for a in ids for c in a.chunks]), config.id_column,
-                          manifest.source)
-    return Snapshot(tuple(files), rows)
-
-
-def _blocks(tables, rows_per_block: int):
-    """Re-cut a stream of tables into tables of exactly ``rows_per_block`` rows (the last fewer)."""
-    pending: list[pa.Table] = []
-    count = 0
-    for table in tables:
-        pending.append(table)
-        count += table.num_rows
-        while count >= rows_per_block:
-            merged = pa.concat_tables(pending)
-            yield merged.slice(0, rows_per_block).combine_chunks()
-            rest = merged.slice(rows_per_block)
-            pending, count = [rest], rest.num_rows
-    if count:
-        yield pa.concat_tables(pending).combine_chunks()
-
-
-def _check_path_column(block: pa.Table, manifest: Manifest) -> None:
-    kind = block.schema.field(manifest.path_column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        detail = ("holds bytes that are not UTF-8 text" if pa.types.is_binary(kind)
-                  else f"is of type {kind}, not text")
-        raise MemscoreError(f"{manifest.source}: the path column {manifest.path_column!r} {detail}")
-
-
-def _check_unique_ids(ids: pa.ChunkedArray, column: str, source: str) -> None:
-    if ids.null_count:
-        raise MemscoreError(f"{source}: --id-column {column!r} has {ids.null_count} empty values")
-    counts = pc.value_counts(ids)
-    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        example = repeated[0].as_py()
-        raise MemscoreError(
-            f"{source}: --id-column {column!r} is not unique: {len(repeated)} values repeat, "
-            f"e.g. {example['values']!r} ({example['counts']} times)"
-        )
 
 
 def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
@@ -160,26 +62,9 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
     }
 
 
-def manifest_fingerprint(manifest: Manifest) -> str:
-    """sha256 over the manifest's files (a table manifest's files, or WebDataset shards) with
-    their sizes and modification stamps; over the image paths of a scanned folder."""
-    digest = hashlib.sha256()
-    if manifest.kind == "images":
-        for path in manifest.files:
-            digest.update(path.encode() + b"\0")
-        return digest.hexdigest()
-
-    def stamp(path: str) -> str:
-        fs, inner = storage.url_to_fs(path, manifest.storage_options)
-        info = fs.info(inner)
-        when = info.get("ETag") or info.get("mtime") or info.get("LastModified")
-        return f"{path}\0{info.get('size')}\0{when}\0"
-
-    # thousands of shards on S3: a HEAD each, many at a time rather than one after another
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        for text in pool.map(stamp, manifest.files):
-            digest.update(text.encode())
-    return digest.hexdigest()
+def snapshot_folder(output: str) -> str:
+    """Where a run's manifest snapshot goes (``snapshot.write_snapshot``)."""
+    return _work(output, "manifest")
 
 
 def shard_counts_folder(output: str) -> str:
@@ -226,32 +111,6 @@ def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output
         return None
     rows = state["rows"]  # None: WebDataset shards, whose rows are known once read
     return Snapshot(tuple(state["snapshot_files"]), None if rows is None else int(rows))
-
-
-#: The CPU share Ray accounts for memscore's bookkeeping stages: reading the snapshot, cutting
-#: it into decode blocks, writing output files. See ``run.build_dataset``.
-LIGHT_STAGE_CPUS = 0.25
-
-
-def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
-    """The snapshot as a Ray Dataset: one read block per part (the unit of a decode task)."""
-    import ray.data
-    from ray.data import DataContext
-
-    paths, filesystem = storage.for_pyarrow(list(snapshot.files), storage_options)
-    # Ray's first Parquet reader (V1): memscore wrote these files and knows them, so the V2
-    # reader's footer-indexing actors (three more Python processes, ~4 s of CPU on a 2-core
-    # machine, while the model actor is starting) buy nothing here. Both honour the checkpoint.
-    context = DataContext.get_current()
-    chosen, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        # A light CPU share: reading the snapshot is cheap, and a whole CPU held by a read
-        # that backpressure keeps alive for most of a long run is a CPU the decode tasks lack
-        # (pipeline._light).
-        return ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths),
-                                     num_cpus=LIGHT_STAGE_CPUS)
-    finally:
-        context.use_datasource_v2 = chosen
 
 
 def checkpoint_config(output: str, storage_options: Mapping[str, Any]):

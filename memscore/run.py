@@ -36,6 +36,7 @@ from memscore.output import (
 
 # The shared stages live in memscore.pipeline; imported here for score() and kept importable
 # from memscore.run for code written before the move.
+from memscore.snapshot import LIGHT_STAGE_CPUS, Snapshot, snapshot_dataset, write_snapshot
 from memscore.pipeline import (  # noqa: F401
     _actor_pool,
     _decode_task_memory,
@@ -97,7 +98,7 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
     return records
 
 
-def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snapshot,
+def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: Snapshot,
                   plan: dict[str, Any], error_counter=None):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
     from memscore.models.registry import weights_for
@@ -109,7 +110,7 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: resume.Snap
     if manifest.kind == "webdataset":
         dataset = _shards_dataset(config, manifest)
     else:
-        dataset = resume.snapshot_dataset(snapshot, config.storage_options)
+        dataset = snapshot_dataset(snapshot, config.storage_options)
     dataset = _light(dataset.repartition(target_num_rows_per_block=config.rows_per_block))
     preprocess = {name: weights_for(name, given, config.storage_options).transforms
                   for name, given in config.model_weights().items()}
@@ -160,7 +161,7 @@ def _shards_dataset(config: ScoreConfig, manifest: Manifest):
         list(manifest.files), config.storage_options,
         counts_folder=resume.shard_counts_folder(config.output),
         # reading a shard is sequential I/O and tar headers: a light share, as the snapshot's
-        num_cpus=resume.LIGHT_STAGE_CPUS, members=members, **options)
+        num_cpus=LIGHT_STAGE_CPUS, members=members, **options)
 
 
 def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -> bool:
@@ -181,11 +182,11 @@ def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -
     return True  # the caller removes the summary, then applies the plan
 
 
-def _new_snapshot(manifest: Manifest, config: ScoreConfig) -> resume.Snapshot:
+def _new_snapshot(manifest: Manifest, config: ScoreConfig) -> Snapshot:
     """The rows this run scores: the manifest copied into the work folder, or the shards."""
     if manifest.kind == "webdataset":
-        return resume.Snapshot(manifest.files, None)
-    return resume.write_snapshot(manifest, config.output, config)
+        return Snapshot(manifest.files, None)
+    return write_snapshot(manifest, resume.snapshot_folder(config.output), config)
 
 
 def _check_webdataset_options(config: ScoreConfig, manifest: Manifest) -> None:
@@ -374,7 +375,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if manifest.kind == "webdataset":
         dropped: dict[str, int] = {}
         per_shard = _shard_counts(config, manifest, dropped)
-        snapshot = resume.Snapshot(snapshot.files, sum(per_shard))
+        snapshot = Snapshot(snapshot.files, sum(per_shard))
         shards = [{"url": url, "samples": n} for url, n in zip(manifest.files, per_shard)]
     counts = count_output(config.output, config.storage_options,
                           [c for c in added if c not in BOOKKEEPING],

@@ -244,7 +244,7 @@ def _config_record(config: TrainSAEConfig) -> dict[str, Any]:
 def _identity(config: TrainSAEConfig, manifest, encoder: dict) -> dict[str, Any]:
     """What makes a run this run; a re-run with another identity must not resume it. Epochs
     may change, so a finished run can be trained further under the same name."""
-    from memscore.resume import manifest_fingerprint
+    from memscore.manifest import manifest_fingerprint
 
     keep = ("manifest", "encoder", "path_column", "latents", "l1", "lr", "weight_decay",
             "batch_size", "seed", "workers", "fast_decode", "exif_transpose")

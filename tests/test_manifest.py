@@ -10,7 +10,7 @@ import pytest
 
 import memscore
 from memscore.manifest import open_manifest
-from memscore.resume import ROW_COLUMN, write_snapshot
+from memscore.snapshot import ROW_COLUMN, write_snapshot
 
 
 def snapshot_table(source, tmp_path, **config) -> pa.Table:

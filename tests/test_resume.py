@@ -185,7 +185,7 @@ def test_the_snapshot_refuses_ids_that_repeat_across_its_parts_or_are_empty(tmp_
     """The id checks without Ray (memscore.score makes the snapshot once Ray is up: the test
     above); a missing --id-column is refused before Ray starts."""
     from memscore.manifest import open_manifest
-    from memscore.resume import write_snapshot
+    from memscore.snapshot import write_snapshot
 
     manifest = tmp_path / "m.csv"
     config = memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o"), rows_per_file=2,
@@ -209,7 +209,7 @@ def test_the_snapshot_refuses_ids_that_repeat_across_its_parts_or_are_empty(tmp_
 
 def test_memscore_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_path, example_images):
     from memscore.manifest import open_manifest
-    from memscore.resume import ROW_COLUMN, write_snapshot
+    from memscore.snapshot import ROW_COLUMN, write_snapshot
 
     manifest = tmp_path / "m.csv"
     manifest.write_text("path\n" + f"{example_images[0]}\n" * 7)

@@ -1,0 +1,164 @@
+"""The manifest's frozen copy that a scoring run reads: the reader's second half.
+
+``manifest.py`` finds and validates a manifest and streams its rows as tables; a run then
+copies those rows once, in order, into Parquet parts of its own (``write_snapshot``), each row
+numbered with ``memscore_row`` (its 0-based position: the stable row id, so duplicated paths
+stay separate rows), and Ray Data reads the parts (``snapshot_dataset``), never the manifest:
+one reader for every manifest kind, an exact row count, a deterministic ``--limit``, and an
+input that cannot change under a resumed run. WebDataset shards are not copied: their
+``Snapshot`` names the shards themselves. Where the parts live, and the rest of a run's state,
+is ``resume.py``'s.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from memscore import columns, storage
+from memscore.config import ScoreConfig
+from memscore.errors import MemscoreError
+from memscore.manifest import Manifest, read_restarting
+
+__all__ = ["ROW_COLUMN", "Snapshot", "write_snapshot", "snapshot_dataset", "LIGHT_STAGE_CPUS"]
+
+ROW_COLUMN = columns.ROW
+# Parallel PUTs when the snapshot goes to S3: thousands of small parts, each a round trip.
+_WRITE_THREADS = 8
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The rows a run scores: parts of the manifest copied into ``_memscore/manifest/``, or for
+    WebDataset the shards themselves (``rows`` None: known once every shard is read, from
+    ``shard_counts``)."""
+
+    files: tuple[str, ...]
+    rows: int | None
+
+
+def write_snapshot(manifest: Manifest, folder: str, config: ScoreConfig) -> Snapshot:
+    """Copy the manifest's rows (the first ``config.limit``) into ``folder`` as
+    ``part-NNNNNN.parquet`` files of ``config.rows_per_file`` rows, each row numbered in
+    ``memscore_row``. Streams: the driver holds a few parts at a time.
+
+    Args:
+        manifest: the opened manifest (``memscore.manifest.open_manifest``).
+        folder: where the parts go (a run's ``resume.snapshot_folder(output)``); parts a
+            killed earlier attempt left there are replaced, nothing else in it is touched.
+        config: the run's options: ``limit``, ``rows_per_file``, ``id_column`` (checked
+            unique and non-empty over the whole manifest), ``storage_options``.
+
+    Raises:
+        MemscoreError: a path column that is not text, an ``--id-column`` with empty or
+            repeated values.
+    """
+    return read_restarting(lambda: _write_snapshot(manifest, folder, config))
+
+
+def _write_snapshot(manifest: Manifest, folder_url: str, config: ScoreConfig) -> Snapshot:
+    options = config.storage_options
+    fs, folder = storage.url_to_fs(folder_url, options)
+    # parts of an attempt cut short by a kill (or read again with a widened column)
+    stale = fs.glob(f"{folder}/part-*.parquet") if fs.exists(folder) else []
+    if stale:
+        fs.rm(stale)
+    if not storage.is_url(folder_url):
+        fs.makedirs(folder, exist_ok=True)
+    ids: list[pa.ChunkedArray] = []
+    files: list[str] = []
+    rows = 0
+
+    def put(index: int, table: pa.Table) -> None:
+        with fs.open(f"{folder}/part-{index:06d}.parquet", "wb") as f:
+            pq.write_table(table, f)
+
+    with ThreadPoolExecutor(_WRITE_THREADS) as pool:
+        writes: deque = deque()
+        for block in _blocks(manifest.iter_tables(config.limit), config.rows_per_file):
+            if rows == 0:
+                _check_path_column(block, manifest)
+            block = block.append_column(ROW_COLUMN, pa.array(range(rows, rows + block.num_rows),
+                                                              pa.int64()))
+            if config.id_column:
+                ids.append(block.column(config.id_column))
+            writes.append(pool.submit(put, len(files), block))
+            while len(writes) > _WRITE_THREADS:  # bounded: reading waits for slow writes
+                writes.popleft().result()
+            files.append(storage.join(folder_url, f"part-{len(files):06d}.parquet"))
+            rows += block.num_rows
+        for write in writes:
+            write.result()
+    if config.id_column:
+        _check_unique_ids(pa.chunked_array([c for a in ids for c in a.chunks]), config.id_column,
+                          manifest.source)
+    return Snapshot(tuple(files), rows)
+
+
+def _blocks(tables, rows_per_block: int):
+    """Re-cut a stream of tables into tables of exactly ``rows_per_block`` rows (the last fewer)."""
+    pending: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        pending.append(table)
+        count += table.num_rows
+        while count >= rows_per_block:
+            merged = pa.concat_tables(pending)
+            yield merged.slice(0, rows_per_block).combine_chunks()
+            rest = merged.slice(rows_per_block)
+            pending, count = [rest], rest.num_rows
+    if count:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+def _check_path_column(block: pa.Table, manifest: Manifest) -> None:
+    kind = block.schema.field(manifest.path_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        detail = ("holds bytes that are not UTF-8 text" if pa.types.is_binary(kind)
+                  else f"is of type {kind}, not text")
+        raise MemscoreError(f"{manifest.source}: the path column {manifest.path_column!r} {detail}")
+
+
+def _check_unique_ids(ids: pa.ChunkedArray, column: str, source: str) -> None:
+    if ids.null_count:
+        raise MemscoreError(f"{source}: --id-column {column!r} has {ids.null_count} empty values")
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        example = repeated[0].as_py()
+        raise MemscoreError(
+            f"{source}: --id-column {column!r} is not unique: {len(repeated)} values repeat, "
+            f"e.g. {example['values']!r} ({example['counts']} times)"
+        )
+
+
+#: The CPU share Ray accounts for memscore's bookkeeping stages: reading the snapshot, cutting
+#: it into decode blocks, writing output files. See ``pipeline._light``.
+LIGHT_STAGE_CPUS = 0.25
+
+
+def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
+    """The snapshot as a Ray Dataset: one read block per part (the unit of a decode task)."""
+    import ray.data
+    from ray.data import DataContext
+
+    paths, filesystem = storage.for_pyarrow(list(snapshot.files), storage_options)
+    # Ray's first Parquet reader (V1): memscore wrote these files and knows them, so the V2
+    # reader's footer-indexing actors (three more Python processes, ~4 s of CPU on a 2-core
+    # machine, while the model actor is starting) buy nothing here. Both honour the checkpoint.
+    context = DataContext.get_current()
+    chosen, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        # A light CPU share: reading the snapshot is cheap, and a whole CPU held by a read
+        # that backpressure keeps alive for most of a long run is a CPU the decode tasks lack
+        # (pipeline._light).
+        return ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths),
+                                     num_cpus=LIGHT_STAGE_CPUS)
+    finally:
+        context.use_datasource_v2 = chosen

@@ -93,9 +93,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     scalar = config.prediction_column is not None
     _prepare_report(config.report, options)
 
-    truth, truth_columns = _read_truth(config, key, options)
+    truth, truth_columns, truth_base = _read_truth(config, key, options)
     pred_groups = [c for c in config.group_by if c not in truth_columns]
-    pred, traces, provenance, warnings = _read_predictions(config, key, pred_groups, options)
+    pred, traces, provenance, warnings, pred_base = _read_predictions(config, key, pred_groups,
+                                                                      options)
 
     counts = {"predictions_rows": pred.num_rows, "truth_rows": truth.num_rows}
     pred, counts["predictions_null_key"] = _drop_null_keys(pred)
@@ -105,6 +106,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     _check_unique(truth, f"--truth {config.truth}", key)
 
     joined = pred.join(truth, keys=_KEY, join_type="inner", use_threads=True)
+    if joined.num_rows == 0 and config.key is None:
+        joined, warning = _join_on_resolved_paths(pred, truth, pred_base, truth_base, key)
+        warnings += [warning] if warning else []
     if joined.num_rows == 0:
         raise MemscoreError(_no_match_message(pred, truth, key))
     joined = joined.sort_by(_KEY)  # a fixed row order: the bootstrap depends on it
@@ -223,8 +227,9 @@ def _prepare_report(report: str, options: Mapping[str, Any]) -> None:
 
 
 def _read_truth(config: EvaluateConfig, key: str,
-                options: Mapping[str, Any]) -> tuple[pa.Table, tuple[str, ...]]:
-    """(key, truth, split halves, the groups --truth has) renamed, and all --truth columns."""
+                options: Mapping[str, Any]) -> tuple[pa.Table, tuple[str, ...], str]:
+    """(key, truth, split halves, the groups --truth has) renamed, all --truth columns, and
+    the folder its relative paths resolve against."""
     from memscore.manifest import open_manifest
 
     try:
@@ -253,7 +258,7 @@ def _read_truth(config: EvaluateConfig, key: str,
     for new in (_TRUTH, _HALF_A, _HALF_B):
         if new in table.column_names:
             _floats(table.column(new), name=wanted[new], source=f"--truth {config.truth}")
-    return table, columns
+    return table, columns, manifest.base_dir
 
 
 def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
@@ -262,7 +267,8 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
 
     Returns (a table of the key, the scalar prediction and the groups --truth lacks, renamed,
     and each row's position as ``_ROW``; {trace column: (its list column in row position order,
-    the model that wrote it)}; the scalar column's model; warnings).
+    the model that wrote it)}; the scalar column's model; warnings; the folder its relative
+    paths resolve against: a run's manifest's, else the predictions file's own).
     """
     source = config.predictions
     try:
@@ -276,7 +282,7 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
     if config.prediction_column is not None:
         wanted[_PRED] = config.prediction_column
     warnings: list[str] = []
-    summary = None
+    summary = manifest = None
     if is_dir or path.lower().endswith(_PARQUET):
         import pyarrow.dataset as pads
 
@@ -328,7 +334,10 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
     traces = {name: (read.column(name), _model_of(summary, name)) for name in trace_names}
     provenance = (_model_of(summary, config.prediction_column)
                   if config.prediction_column is not None else None)
-    return table, traces, provenance, warnings
+    base = (summary or {}).get("manifest_base_dir") or (
+        manifest.base_dir if manifest is not None else
+        source if is_dir else source.rstrip("/").rsplit("/", 1)[0])
+    return table, traces, provenance, warnings, base
 
 
 def _is_list(kind: pa.DataType) -> bool:
@@ -442,6 +451,49 @@ def _same_key_type(pred: pa.Table, truth: pa.Table, key: str) -> tuple[pa.Table,
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         raise MemscoreError(f"column {key!r} is {a} in the predictions and {b} in --truth; "
                             f"they cannot be compared") from None
+
+
+def _join_on_resolved_paths(pred: pa.Table, truth: pa.Table, pred_base: str | None,
+                            truth_base: str | None, key: str) -> tuple[pa.Table, str | None]:
+    """The join on image paths as memscore reads them, for when the two sides name the same
+    images differently: a relative path resolves against its own table's folder (the run's
+    manifest's for a `memscore score` output), as scoring resolves it. Only tried when the
+    paths as written match nothing, so a truth table whose relative names equal the
+    predictions' keeps joining as written."""
+    from memscore.fetch import resolve_path
+    from memscore.row_errors import ImageDecodeError
+
+    def resolved(table: pa.Table, base: str | None) -> pa.Table:
+        if not base or not pa.types.is_string(table.schema.field(_KEY).type) and \
+                not pa.types.is_large_string(table.schema.field(_KEY).type):
+            return table
+        values = []
+        for value in table.column(_KEY).to_pylist():
+            try:
+                values.append(_normalised(resolve_path(value, base)))
+            except ImageDecodeError:
+                values.append(value)
+        index = table.schema.get_field_index(_KEY)
+        return table.set_column(index, _KEY, pa.array(values, table.schema.field(_KEY).type))
+
+    pred_r, truth_r = resolved(pred, pred_base), resolved(truth, truth_base)
+    try:
+        _check_unique(pred_r, "the predictions", key)
+        _check_unique(truth_r, "--truth", key)
+    except MemscoreError:
+        return pred.join(truth, keys=_KEY, join_type="inner"), None  # ambiguous: as written
+    joined = pred_r.join(truth_r, keys=_KEY, join_type="inner", use_threads=True)
+    if not joined.num_rows:
+        return joined, None
+    return joined, (f"no {key!r} value matched as written; joined on the image paths as "
+                    f"memscore resolves them (relative ones against their table's folder)")
+
+
+def _normalised(path: str) -> str:
+    """``a/./b/../c`` -> ``a/c`` for local paths; URLs as they are."""
+    import os
+
+    return path if "://" in path else os.path.normpath(path)
 
 
 def _check_unique(table: pa.Table, side: str, key: str) -> None:

@@ -386,6 +386,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     summary = {
         "status": "complete" if counts["complete"] else "rows missing or duplicated",
         "manifest": config.manifest,
+        # where the manifest's relative image paths resolve: `memscore evaluate` joins the
+        # output's paths to a truth table's by it when the two name the images differently
+        "manifest_base_dir": manifest.base_dir,
         "output": config.output,
         "models": weights,
         "rows_in": snapshot.rows,

@@ -327,6 +327,51 @@ def test_nothing_matching_is_one_line_showing_a_key_from_each_side(score_output,
     assert "absolute paths" in message and "--key" in message
 
 
+def test_paths_named_differently_join_as_memscore_resolves_them(tmp_path):
+    """A truth table beside the images with relative paths, predictions from a folder scan with
+    absolute ones (and the reverse: a run of a CSV manifest keeps its relative paths, which
+    resolve against the manifest's folder, recorded in the run summary)."""
+    images = tmp_path / "photos"
+    names = [f"img{i:02d}.jpg" for i in range(6)]
+    hr = [0.5, 0.6, 0.55, 0.8, 0.7, 0.9]
+    truth = tmp_path / "labels.csv"
+    truth.write_text("path,hr\n" + "".join(f"photos/./{n},{h}\n" for n, h in zip(names, hr)))
+    scanned = tmp_path / "scanned.parquet"
+    pq.write_table(pa.table({"path": [str(images / n) for n in names],
+                             "memorability": pa.array(hr[::-1], pa.float32())}), scanned)
+    result = evaluate(_config(scanned, truth, tmp_path))
+    assert result["counts"]["matched"] == 6
+    assert result["overall"]["spearman"] == pytest.approx(-1.0)
+    assert any("joined on the image paths as memscore resolves them" in w
+               for w in result["warnings"])
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.table({"path": [f"photos/{n}" for n in names],
+                             "memorability": pa.array(hr, pa.float32())}),
+                   run / "part-00000.parquet")
+    (run / "_memscore.json").write_text(json.dumps({
+        "status": "complete", "manifest": str(tmp_path / "m.csv"),
+        "manifest_base_dir": str(tmp_path), "models": []}))
+    absolute = tmp_path / "absolute.csv"
+    absolute.write_text("path,hr\n" + "".join(f"{images / n},{h}\n" for n, h in zip(names, hr)))
+    result = evaluate(_config(run, absolute, tmp_path, report=str(tmp_path / "r2")))
+    assert result["counts"]["matched"] == 6 and result["overall"]["spearman"] == pytest.approx(1)
+
+
+def test_paths_that_match_as_written_are_not_resolved(tmp_path):
+    """Relative names equal on both sides join as written, wherever the two tables are."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    pq.write_table(pa.table({"path": ["x.jpg", "y.jpg", "z.jpg"],
+                             "memorability": pa.array([0.5, 0.6, 0.7], pa.float32())}),
+                   tmp_path / "a" / "pred.parquet")
+    (tmp_path / "b" / "truth.csv").write_text("path,hr\nx.jpg,0.1\ny.jpg,0.2\nz.jpg,0.3\n")
+    result = evaluate(_config(tmp_path / "a" / "pred.parquet", tmp_path / "b" / "truth.csv",
+                              tmp_path))
+    assert result["counts"]["matched"] == 3 and not result["warnings"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"truth_column": "nope"}, "no column 'nope' (columns: path, hr, category, half_a, half_b); "
                                "name it with --truth-column"),

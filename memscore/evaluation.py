@@ -497,14 +497,14 @@ def _normalised(path: str) -> str:
 
 
 def _check_unique(table: pa.Table, side: str, key: str) -> None:
-    counts = pc.value_counts(table.column(_KEY))
-    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        example = repeated[0].as_py()
+    from memscore.manifest import repeated_values
+
+    repeated = repeated_values(table.column(_KEY))
+    if repeated:
+        kinds, value, times = repeated
         raise MemscoreError(
-            f"{side}: {len(repeated)} {key!r} value(s) occur more than once, e.g. "
-            f"{example['values']!r} ({example['counts']} times); each image must be on each side "
-            f"once (join on a unique column with --key)")
+            f"{side}: {kinds} {key!r} value(s) occur more than once, e.g. {value!r} ({times} "
+            f"times); each image must be on each side once (join on a unique column with --key)")
 
 
 def _no_match_message(pred: pa.Table, truth: pa.Table, key: str) -> str:

@@ -22,7 +22,7 @@ from memscore import storage
 from memscore.errors import MemscoreError, first_line
 
 __all__ = ["Manifest", "open_manifest", "ColumnWidened", "read_restarting", "IMAGE_EXTENSIONS",
-           "check_reserved_columns", "manifest_fingerprint"]
+           "check_reserved_columns", "manifest_fingerprint", "repeated_values"]
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
@@ -484,3 +484,21 @@ def manifest_fingerprint(manifest: Manifest) -> str:
         for text in pool.map(stamp, manifest.files):
             digest.update(text.encode())
     return digest.hexdigest()
+
+
+def repeated_values(values) -> tuple[int, Any, int] | None:
+    """How many distinct values of a key column occur more than once, one of them, and how
+    often it occurs; None when every value is unique (nulls are the caller's to count).
+
+    Example:
+        >>> repeated_values(pa.array(["a.jpg", "b.jpg", "a.jpg"]))
+        (1, 'a.jpg', 2)
+    """
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(values)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if not len(repeated):
+        return None
+    example = repeated[0].as_py()
+    return len(repeated), example["values"], example["counts"]

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import columns, storage
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
-from memscore.manifest import Manifest, read_restarting
+from memscore.manifest import Manifest, read_restarting, repeated_values
 
 __all__ = ["ROW_COLUMN", "Snapshot", "write_snapshot", "snapshot_dataset", "LIGHT_STAGE_CPUS"]
 
@@ -128,14 +127,11 @@ def _check_path_column(block: pa.Table, manifest: Manifest) -> None:
 def _check_unique_ids(ids: pa.ChunkedArray, column: str, source: str) -> None:
     if ids.null_count:
         raise MemscoreError(f"{source}: --id-column {column!r} has {ids.null_count} empty values")
-    counts = pc.value_counts(ids)
-    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        example = repeated[0].as_py()
-        raise MemscoreError(
-            f"{source}: --id-column {column!r} is not unique: {len(repeated)} values repeat, "
-            f"e.g. {example['values']!r} ({example['counts']} times)"
-        )
+    repeated = repeated_values(ids)
+    if repeated:
+        kinds, value, times = repeated
+        raise MemscoreError(f"{source}: --id-column {column!r} is not unique: {kinds} values "
+                            f"repeat, e.g. {value!r} ({times} times)")
 
 
 #: The CPU share Ray accounts for memscore's bookkeeping stages: reading the snapshot, cutting

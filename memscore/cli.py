@@ -1,7 +1,11 @@
-"""``memscore`` command line: ``memscore score ...``, ``memscore serve`` and ``memscore models``.
+"""``memscore`` command line: ``score``, ``finetune``, ``train-sae``, ``models``, ``verify``,
+``evaluate`` and ``serve``.
 
-The options of ``score`` are generated from ``ScoreConfig``'s fields, so they map onto it one to
-one. A ``MemscoreError`` (a problem the user can fix) prints as one line and exits with 2.
+The options of ``score``, ``finetune``, ``train-sae``, ``evaluate`` and ``serve`` are generated
+from their config objects' fields (``ScoreConfig``, ``FinetuneConfig``, ``TrainSAEConfig``,
+``EvaluateConfig``, ``ServeConfig``), so they map onto them one to one; ``job_entrypoint`` builds
+the ``jobs/*.py`` scripts from the same configs. A ``MemscoreError`` (a problem the user can
+fix) prints as one line and exits with 2.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""The scoring job's one config object, validated before any cluster work starts.
+"""The jobs' config objects, each validated before any cluster work starts.
 
-The CLI (``memscore score``) and ``jobs/score.py`` build their options from this dataclass's
-fields (``add_arguments``/``from_args``), so there is one list of options, with one help text
-each, and the command line maps onto the config one to one.
+``ScoreConfig`` (``memscore score``), ``FinetuneConfig`` (``memscore finetune``),
+``TrainSAEConfig`` (``memscore train-sae``; the last two share ``_TrainingRunOptions``) and
+``EvaluateConfig`` (``memscore evaluate``). The CLI and the job scripts (``jobs/*.py``, through
+``memscore.cli.job_entrypoint``) build their options from these dataclasses' fields
+(``add_arguments``/``from_args``), so there is one list of options, with one help text each, and
+the command line maps onto the config one to one.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ Two options depart from the reference on purpose, both off by default (``DecodeI
   smaller images stay bit-identical. The ``memscore_width``/``memscore_height`` columns report
   the full-resolution size, not the draft's.
 
-The measured effect of both on scores, time and memory is in ``docs/scaling.md``.
+The measured effect of both on scores, time and memory is in ``docs/decoding.md``.
 
 Limits and errors (the reading limits, ``max_bytes`` and ``confine_to``, are ``memscore.fetch``'s):
 

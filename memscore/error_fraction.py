@@ -2,16 +2,17 @@
 
 The classic case is a manifest whose relative paths resolve against the wrong folder: every row
 becomes ``missing file`` and a run that reports success has scored nothing. Each decode task
-reports its block's row count and error kinds (with one example each) to one small Ray actor,
-``ErrorCounter``, and gets back a message once, over at least ``min_rows`` decoded rows of
-this run (smaller runs are never stopped), the error fraction passes the limit; the task then raises ``ErrorFractionExceeded``, which
-fails the run (``memscore.run.score`` reports it as one line).
+reports its block's row count and error kinds (with one example each) to one small Ray actor
+(an ``ErrorTally``, started by ``start_counter``), and gets back a message once, over at least
+``min_rows`` decoded rows of this run (smaller runs are never stopped), the error fraction
+passes the limit; the task then raises ``ErrorFractionExceeded``, which fails the run
+(``memscore.run.score`` reports it as one line).
 
-Cost: one actor call per decode block (64 rows by default), a few hundred bytes each; at
-10,000 images/s about 150 calls/s to an actor that only adds numbers, a small fraction of
-one core and no extra pass over the output. The counts are of rows decoded by this run (a
-resumed run starts again from zero), before the model; rows of a task that Ray runs twice
-(a lost node) are counted twice, which a fraction over thousands of rows does not notice.
+Cost: one actor call per decode block (``--rows-per-block``, 256 rows by default), a few hundred
+bytes each; at 10,000 images/s about 40 calls/s to an actor that only adds numbers, a small
+fraction of one core and no extra pass over the output. The counts are of rows decoded by this
+run (a resumed run starts again from zero), before the model; rows of a task that Ray runs
+twice (a lost node) are counted twice, which a fraction over thousands of rows does not notice.
 """
 
 from __future__ import annotations

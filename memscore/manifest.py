@@ -1,9 +1,11 @@
-"""Manifest reader: what the user points memscore at -> a validated ``Manifest`` -> a Ray Dataset.
+"""Manifest reader: what the user points memscore at -> a validated ``Manifest`` -> its rows.
 
 ``open_manifest`` runs in the driver before any cluster work: it finds the files, reads the
 schema and the first rows, and stops with a one-line ``MemscoreError`` on a missing path column,
-an empty manifest or a user column that memscore would overwrite. ``Manifest.read`` then lets
-Ray Data read the rows in parallel; user columns keep their Arrow types end to end.
+an empty manifest or a user column that memscore would overwrite. ``Manifest.iter_tables`` then
+streams the rows as pyarrow tables, which ``memscore.snapshot`` copies once into the run's own
+Parquet parts for Ray Data to read; ``manifest_fingerprint`` names the manifest's files as they
+are. User columns keep their Arrow types end to end.
 """
 
 from __future__ import annotations

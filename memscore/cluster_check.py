@@ -3,19 +3,19 @@
 A local path (``--output scores/``, an image at ``/data/photos/1.jpg``) names a folder on each
 machine's own disk. On one machine that is the user's disk; on a Ray cluster of several
 machines a Parquet write task that lands on another node writes to *that* node's disk (the run
-ends hours later in "row count mismatch", its output scattered over the workers), and a decode
-task there finds no image (every row ``missing file``). Ray never complains: to it a path is a
-string. ``ray.cluster_utils.Cluster`` nodes share one filesystem, so tests that use it cannot
-see this either (tests/test_multinode.py hides a folder from one node in a private mount
-namespace to test this check).
+ends hours later as "rows missing or duplicated", its output scattered over the workers), and
+a decode task there finds no image (every row ``missing file``). Ray never complains: to it a
+path is a string. ``ray.cluster_utils.Cluster`` nodes share one filesystem, so tests that use
+it cannot see this either (tests/test_multinode.py hides a folder from one node in a private
+mount namespace to test this check).
 
 So a run on more than one alive node checks first: the driver writes a probe file into the
 output folder and picks the manifest's first local images that it can read itself, and a task
 pinned to each alive node (no CPU asked, so a ``CPU: 0`` head answers too) reads them back.
 URLs (``s3://``) are the same from every node and are not probed. Nodes that join after the
 check are not probed: a cluster whose workers all start with the job (cluster.yaml's GPU
-nodes scale from zero) has one node at the check, and only the README's rule covers it (on a
-cluster, ``s3://`` or a filesystem shared by every node at the same path).
+nodes scale from zero) has one node at the check, and only the rule in docs/cluster.md covers it
+(on a cluster, ``s3://`` or a filesystem shared by every node at the same path).
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ and takes the same early-stopping decision). Images arrive as the resized 256x25
 of the shared decode stage; the 227 crop is cut here: random (``augment`` ``crop``) for
 training, the centre for validation, which is exactly what ``memscore score`` feeds the model.
 
-Each epoch ends with ``ray.train.report``: rank 0 attaches a checkpoint of everything needed to
-go on (model, optimiser, epoch, best score, patience, history), which Ray Train stores under the
-run's folder and hands back through ``ray.train.get_checkpoint()`` when the same run is started
-again. When validation Spearman improves, rank 0 also writes the model as a memscore checkpoint
-(``best/``) with the validation predictions it scored.
+Each epoch ends with ``ray.train.report`` through ``memscore.training.report_epoch``: rank 0
+attaches a checkpoint of everything needed to go on (model, optimiser, epoch, best score,
+patience, history), which Ray Train stores under the run's folder and
+``memscore.training.restore_state`` reads back when the same run is started again. When
+validation Spearman improves, rank 0 also writes the model as a memscore checkpoint (``best/``)
+with the validation predictions it scored.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 Reads the predictions (a ``memscore score`` output folder, or one Parquet/CSV/JSONL file) and
 the ground truth (any manifest format memscore reads), joins them one to one on the image path
-(or ``--key``), and writes to ``--report``: ``metrics.json`` (every figure), ``report.md`` (the
-figures as tables, the images linked), ``distribution.png`` (density of predictions over
-density of ground truth) and ``scatter.png`` (truth against prediction, Spearman's rho in the
-title).
+(or ``--key``; paths that match nothing as written are joined as memscore reads them, each
+relative one resolved against its own table's folder, a run's against the manifest folder its
+``_memscore.json`` records as ``manifest_base_dir``, with a warning), and writes to
+``--report``: ``metrics.json`` (every figure), ``report.md`` (the figures as tables, the images
+linked), ``distribution.png`` (density of predictions over density of ground truth) and
+``scatter.png`` (truth against prediction, Spearman's rho in the title).
 
 Trace columns (``--trace-columns``: list columns with one value per layer, as the
 ``<encoder>-traces`` models write them) get Spearman's rho with its bootstrap interval at every

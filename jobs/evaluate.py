@@ -1,6 +1,6 @@
 """Ray job entrypoint for evaluation: the same options and code as `memscore evaluate`.
 
-Evaluation runs in the driver (numpy and pyarrow; no Ray tasks), so it can follow a scoring job
+Evaluation runs in the driver (numpy, scipy and pyarrow; no Ray tasks), so it can follow a scoring job
 on the same cluster and read its output where it was written:
 
     python jobs/evaluate.py scores/ --truth labels.csv --truth-column memorability --report report/

@@ -213,8 +213,6 @@ class _IdSpace:
 
     def positions(self, ids):
         """(inside: bool mask of ``ids`` that are expected, their positions)."""
-        import numpy as np
-
         if self.per_shard is None:
             inside = (ids >= 0) & (ids < self.total)
             return inside, ids[inside]

@@ -34,9 +34,9 @@ from memscore.output import (
     write_summary,
 )
 
+from memscore.snapshot import LIGHT_STAGE_CPUS, Snapshot, snapshot_dataset, write_snapshot
 # The shared stages live in memscore.pipeline; imported here for score() and kept importable
 # from memscore.run for code written before the move.
-from memscore.snapshot import LIGHT_STAGE_CPUS, Snapshot, snapshot_dataset, write_snapshot
 from memscore.pipeline import (  # noqa: F401
     _actor_pool,
     _decode_task_memory,

@@ -606,7 +606,7 @@ def test_trace_report_lists_every_layer_and_draws_the_curves(traces_output, tmp_
     mean = result["traces"]["clip_cls_mean"]["layers"]
     for layer in mean[1:]:
         assert f"| {layer['layer']} | {_rho_text_of(layer)}" in text
-    assert f"| 0 | – |" in text  # the constant layer: no rho
+    assert "| 0 | – |" in text  # the constant layer: no rho
     assert "(n 55)" in text  # the layer with a missing value says its n
     assert "is on another scale than the ground truth" in text
     for label in ("0-1", "1-2", "2-3", "3-4"):

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "score",
         help="score every image of a manifest and write Parquet with the scores",
         description="Score every row of MANIFEST and write Parquet (every manifest column, plus "
-        "the score columns, error, model, width and height) and a run summary _memscore.json "
+        "memscore_row, the score columns, memscore_error, memscore_model, memscore_width and "
+        "memscore_height) and a run summary _memscore.json "
         "to --output. Runs on a local Ray unless --address or RAY_ADDRESS names a cluster.",
     )
     add_arguments(score)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 __all__ = ["ERROR_KINDS", "ImageDecodeError", "MAX_DETAIL"]
 
-#: Every error kind the decode stage produces; the run summary groups errors by these.
+#: Every error kind fetching and decoding a row produce. The model stage adds ``model failed``
+#: and the WebDataset reader its own (``webdataset.READ_ERROR_KINDS``); the run summary counts
+#: errors by whatever kind a row's error names.
 ERROR_KINDS = (
     "missing path",
     "missing file",

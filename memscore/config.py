@@ -640,7 +640,8 @@ class EvaluateConfig:
         flag="--report", required=True))
     prediction_column: str | None = field(default=None, metadata=_opt(
         "Scalar column of the predictions to evaluate (e.g. false_alarm, memorability_memnet, "
-        "clip_sae_loss). Default: memorability, or none when --trace-columns is given.",
+        "clip_sae_loss). Default: memorability, or the one score column of a `memscore score` "
+        "output that has no memorability column; none when --trace-columns is given.",
         metavar="COLUMN"))
     trace_columns: tuple[str, ...] = field(default=(), metadata=_opt(
         "List columns (one value per layer, as the <encoder>-traces models write) to report "
@@ -676,6 +677,9 @@ class EvaluateConfig:
         _as_tuple(self, "trace_columns")
         if self.prediction_column is None and not self.trace_columns:
             object.__setattr__(self, "prediction_column", "memorability")
+            # not a field: evaluate may take a run's one score column instead (see
+            # evaluation._run_score_column); a column the user names is never replaced
+            object.__setattr__(self, "_prediction_column_defaulted", True)
 
     def validated(self) -> "EvaluateConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""

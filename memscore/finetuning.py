@@ -363,8 +363,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     identity = _identity(config, manifest, pipeline)
     status = _prepare_run_dir(config, run_dir, identity)
     if status == "complete":
-        fs, path = storage.url_to_fs(run_dir, config.storage_options)
-        return json.loads(fs.cat_file(f"{path}/{SUMMARY_FILE}"))
+        return _read_json(storage.join(run_dir, SUMMARY_FILE), config.storage_options)
 
     table, counts, label_problems = _labelled_table(config, manifest)
     files = _write_splits(table, config, run_dir)

@@ -126,8 +126,7 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     identity = _identity(config, manifest, encoder)
     status = _prepare_run_dir(config, run_dir, identity)
     if status == "complete":
-        fs, path = storage.url_to_fs(run_dir, config.storage_options)
-        return json.loads(fs.cat_file(f"{path}/{SUMMARY_FILE}"))
+        return _read_json(storage.join(run_dir, SUMMARY_FILE), config.storage_options)
 
     init_ray(config.address)
     check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only

@@ -52,12 +52,12 @@ def save_checkpoint(folder: str, state_dict: Mapping[str, Any], info: Mapping[st
     # safetensors refuses tensors that share memory or are not contiguous; a state_dict may
     # hold views (tied or sliced parameters), so each tensor is saved as its own copy.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    fs.pipe_file(model_path, save(tensors))
+    storage.pipe_atomic(fs, model_path, save(tensors))
     for name, data in (extra_files or {}).items():
-        fs.pipe_file(f"{path.rstrip('/')}/{name}", data)
+        storage.pipe_atomic(fs, f"{path.rstrip('/')}/{name}", data)
     record = {"format": FORMAT, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
               **info}
-    fs.pipe_file(info_path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+    storage.pipe_atomic(fs, info_path, (json.dumps(record, indent=2, default=str) + "\n").encode())
     return folder
 
 

@@ -766,7 +766,7 @@ def _write_report(config: EvaluateConfig, result: dict, prediction: np.ndarray,
     try:
         fs, path = storage.url_to_fs(config.report, options)
         for name, data in files.items():  # report.md last: it links the others
-            fs.pipe_file(f"{path.rstrip('/')}/{name}", data)
+            storage.pipe_atomic(fs, f"{path.rstrip('/')}/{name}", data)
     except Exception as exc:
         raise MemscoreError(f"--report {config.report}: cannot write: {first_line(exc)}") from None
 

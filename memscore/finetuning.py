@@ -463,7 +463,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         | {"storage_options": storage.redact(config.storage_options)},
     }
     fs, path = storage.url_to_fs(run_dir, config.storage_options)
-    fs.pipe_file(f"{path}/{SUMMARY_FILE}",
+    storage.pipe_atomic(fs, f"{path}/{SUMMARY_FILE}",
                  (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
     return summary
 

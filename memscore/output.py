@@ -346,4 +346,4 @@ def write_summary(output: str, summary: Mapping[str, Any],
                   storage_options: Mapping[str, Any]) -> None:
     fs, path = storage.url_to_fs(output, storage_options)
     text = json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n"
-    fs.pipe_file(f"{path.rstrip('/')}/{SUMMARY_FILE}", text.encode())
+    storage.pipe_atomic(fs, f"{path.rstrip('/')}/{SUMMARY_FILE}", text.encode())

@@ -78,7 +78,7 @@ def write_state(output: str, identity: Mapping[str, Any], snapshot: Snapshot,
              "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     fs, path = storage.url_to_fs(_work(output, _STATE), storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a WebDataset run writes no snapshot
-    fs.pipe_file(path, json.dumps(state, indent=2).encode())
+    storage.pipe_atomic(fs, path, json.dumps(state, indent=2).encode())
 
 
 def read_state(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -239,7 +239,7 @@ def drop_error_rows(output: str, storage_options: Mapping[str, Any], kinds: tupl
         plan += [{"move": f"{retry}/data-{name}", "to": path},
                  {"move": f"{retry}/ids-{ckpt}", "to": f"{checkpoint}/{ckpt}"}]
     if plan:
-        fs.pipe_file(f"{retry}/{_PLAN}", json.dumps(plan, indent=1).encode())
+        storage.pipe_atomic(fs, f"{retry}/{_PLAN}", json.dumps(plan, indent=1).encode())
     return dropped
 
 

@@ -70,7 +70,7 @@ def prepare_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
                             + ("" if overwrite else " or pass --overwrite if it is one"))
     if not storage.is_url(run_dir):
         fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(state_path, (json.dumps(identity, indent=2) + "\n").encode())
+    storage.pipe_atomic(fs, state_path, (json.dumps(identity, indent=2) + "\n").encode())
     return "fresh"
 
 

@@ -26,6 +26,8 @@ __all__ = [
     "parent",
     "parse_storage_options",
     "redact",
+    "write_atomic",
+    "pipe_atomic",
 ]
 
 # The S3 client retries transient failures (throttling, 5xx, dropped connections) itself with
@@ -114,6 +116,66 @@ def parent(path: str) -> str:
     import os
 
     return os.path.dirname(os.path.abspath(path))
+
+
+def write_atomic(path: str, data: bytes,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``data`` to ``path`` (local or URL) whole or not at all: a reader sees the old
+    file or the new one, never a file cut short by a full disk or a kill (``pipe_atomic``).
+
+    Example:
+        >>> import os, tempfile
+        >>> target = os.path.join(tempfile.mkdtemp(), "state.json")
+        >>> write_atomic(target, b'{"rows": 5}')
+        >>> open(target, "rb").read(), sorted(os.listdir(os.path.dirname(target)))
+        (b'{"rows": 5}', ['state.json'])
+    """
+    fs, inner = url_to_fs(path, storage_options)
+    pipe_atomic(fs, inner, data)
+
+
+def pipe_atomic(fs, path: str, data: bytes) -> None:
+    """``fs.pipe_file(path, data)``, made atomic where the filesystem is not already.
+
+    Locally: written beside the target as ``<name>.tmp-<random>``, flushed to disk, then
+    renamed over it (``os.replace``, atomic on one filesystem); on failure (a full disk) the
+    temporary file is removed and the old file, if any, is left as it was. On an object store
+    one PUT (s3fs's ``pipe_file``: a single ``PutObject``, or a multipart upload above its
+    block size) creates the object whole when it succeeds, and nothing when it fails.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    import os
+    import uuid
+
+    path = LocalFileSystem._strip_protocol(path)
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f"{name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    try:  # the rename reaches the disk with the folder's entry
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def parse_storage_options(items: list[str] | None) -> dict[str, Any]:

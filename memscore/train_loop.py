@@ -199,7 +199,7 @@ def _write_history(spec: TrainSpec, history: list[dict]) -> None:
     from memscore import storage
 
     fs, path = storage.url_to_fs(spec.history_file, spec.storage_options)
-    fs.pipe_file(path, (json.dumps(history, indent=2) + "\n").encode())
+    storage.pipe_atomic(fs, path, (json.dumps(history, indent=2) + "\n").encode())
 
 
 def _finite_or_none(value: float) -> float | None:

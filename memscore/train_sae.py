@@ -198,7 +198,7 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
                                             storage.redact(config.storage_options)},
     }
     fs, path = storage.url_to_fs(run_dir, config.storage_options)
-    fs.pipe_file(f"{path}/{SUMMARY_FILE}",
+    storage.pipe_atomic(fs, f"{path}/{SUMMARY_FILE}",
                  (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
     return summary
 
@@ -309,7 +309,7 @@ def _representations(config: TrainSAEConfig, manifest, run_dir: str, encoder: di
         torch_threads=config.torch_threads)
     dataset = dataset.select_columns([ROW, manifest.path_column, ERROR, REPRESENTATION])
     write_parquet(dataset, folder, config.storage_options, _ROWS_PER_FILE)
-    fs.pipe_file(f"{path}/{_COMPLETE}", (json.dumps(
+    storage.pipe_atomic(fs, f"{path}/{_COMPLETE}", (json.dumps(
         {"rows": table.num_rows, "encoder": encoder["name"], "encoder_weights":
          encoder["weights"], "encoder_sha256": encoder["sha256"]}) + "\n").encode())
     return folder, True
@@ -489,4 +489,4 @@ def train_sae_worker(config: dict) -> None:
 
 def _write_history(spec: SAESpec, history: list[dict]) -> None:
     fs, path = storage.url_to_fs(spec.history_file, spec.storage_options)
-    fs.pipe_file(path, (json.dumps(history, indent=2) + "\n").encode())
+    storage.pipe_atomic(fs, path, (json.dumps(history, indent=2) + "\n").encode())

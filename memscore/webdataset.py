@@ -810,7 +810,7 @@ def write_shard_count(folder: str, index: int, url: str, samples: int,
     fs, path = storage.url_to_fs(f"{folder.rstrip('/')}/{index:09d}.json", storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # local folders must exist; S3 has none
     record = {"shard": index, "url": url, "samples": samples, "dropped": dict(dropped or {})}
-    fs.pipe_file(path, json.dumps(record).encode())
+    storage.pipe_atomic(fs, path, json.dumps(record).encode())
 
 
 def read_shard_counts(folder: str, shards: list[str],

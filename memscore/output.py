@@ -21,7 +21,8 @@ from memscore.errors import MemscoreError, first_line
 from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.resume import ROW_COLUMN, WORK_DIR
 
-__all__ = ["SUMMARY_FILE", "PART_PREFIX", "is_own_entry", "prepare_output", "output_files",
+__all__ = ["SUMMARY_FILE", "PART_PREFIX", "is_own_entry", "check_output_location",
+           "prepare_output", "output_files", "SummaryUnreadable",
            "read_output_columns", "write_parquet", "count_output", "write_summary",
            "read_summary", "remove_summary", "package_versions"]
 
@@ -41,9 +42,39 @@ def is_own_entry(name: str) -> bool:
             or (name.startswith(PART_PREFIX + "_") and name.endswith(".parquet")))
 
 
+def _is_lease(name: str) -> bool:
+    """The run's lease (``memscore.lease``) and its temporary and takeover names: the lease is
+    the holder's, never an entry of the output that --overwrite deletes or that makes it
+    non-empty."""
+    from memscore.lease import LEASE_FILE
+
+    return name.startswith(LEASE_FILE)
+
+
+def check_output_location(output: str, *, storage_options: Mapping[str, Any],
+                          inputs: tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is written, an output that is a file or a bucket root, or that
+    is, contains or lies inside one of ``inputs`` (the manifest file or folder): nothing
+    memscore did not write is ever at risk."""
+    _check_apart(output, inputs, storage_options)
+    try:
+        fs, path = storage.url_to_fs(output, storage_options)
+        if fs.exists(path) and not fs.isdir(path):
+            raise MemscoreError(f"--output {output} is a file, not a folder")
+    except MemscoreError:
+        raise
+    except PermissionError as exc:
+        raise MemscoreError(f"--output {output}: access denied (403): {first_line(exc)}") from None
+    except Exception as exc:
+        raise MemscoreError(f"--output {output} is not readable: {first_line(exc)}") from None
+
+
 def prepare_output(output: str, *, overwrite: bool, resume: bool,
                    storage_options: Mapping[str, Any], inputs: tuple[str, ...] = ()) -> str:
     """Check ``output`` before any work starts; returns "fresh", "resume" or "complete".
+
+    A scoring run calls it holding the output's lease (``memscore.lease``), which is neither
+    counted nor deleted here.
 
     - absent or empty: "fresh";
     - ``overwrite``: memscore's own files there (its Parquet parts and ``_memscore*``) are
@@ -66,7 +97,7 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool,
                 raise MemscoreError(f"--output {output} is a file, not a folder")
             root = path.rstrip("/")
             entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
-            entries = [e for e in entries if e != _PROBE]
+            entries = [e for e in entries if e != _PROBE and not _is_lease(e)]
             if entries and overwrite:
                 foreign = sorted(e for e in entries if not is_own_entry(e))
                 if foreign:
@@ -332,9 +363,27 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+class SummaryUnreadable(MemscoreError):
+    """An output's ``_memscore.json`` is there but is not a summary (0 bytes or cut short:
+    written by an older memscore when the disk filled, or damaged since)."""
+
+
 def read_summary(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The run summary of ``output``; ``SummaryUnreadable`` (one line, naming the way on)
+    where the file is not one."""
     fs, path = storage.url_to_fs(output, storage_options)
-    return json.loads(fs.cat_file(f"{path.rstrip('/')}/{SUMMARY_FILE}"))
+    data = fs.cat_file(f"{path.rstrip('/')}/{SUMMARY_FILE}")
+    try:
+        summary = json.loads(data)
+        if not isinstance(summary, dict):
+            raise ValueError("not an object")
+        return summary
+    except ValueError:
+        what = "0 bytes" if not data else f"{len(data)} bytes, not a whole JSON object"
+        raise SummaryUnreadable(
+            f"{output}/{SUMMARY_FILE} is unreadable ({what}: cut short when it was written); "
+            f"run the same command with --resume to finish the run from its committed files"
+        ) from None
 
 
 def remove_summary(output: str, storage_options: Mapping[str, Any]) -> None:

@@ -31,9 +31,10 @@ from memscore.errors import MemscoreError
 from memscore.manifest import Manifest, manifest_fingerprint
 from memscore.snapshot import Snapshot
 
-__all__ = ["ROW_COLUMN", "WORK_DIR", "snapshot_folder", "shard_counts_folder", "read_state",
-           "write_state", "run_identity", "check_same_run", "checkpoint_config",
-           "committed_rows", "remove_work_dir", "drop_error_rows", "apply_retry_plan"]
+__all__ = ["ROW_COLUMN", "WORK_DIR", "StateUnreadable", "snapshot_folder", "shard_counts_folder",
+           "read_state", "write_state", "run_identity", "check_same_run", "checkpoint_config",
+           "committed_rows", "remove_work_dir", "drop_error_rows", "drop_duplicate_rows",
+           "rebuild_checkpoint", "check_rows_match", "apply_retry_plan"]
 
 ROW_COLUMN = columns.ROW
 WORK_DIR = "_memscore"
@@ -81,11 +82,28 @@ def write_state(output: str, identity: Mapping[str, Any], snapshot: Snapshot,
     storage.pipe_atomic(fs, path, json.dumps(state, indent=2).encode())
 
 
+class StateUnreadable(MemscoreError):
+    """An interrupted run's ``state.json`` is there but is not a state (0 bytes or cut short:
+    written in place by an older memscore when the disk filled, or damaged since)."""
+
+
 def read_state(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The interrupted run's state, None when there is none; ``StateUnreadable`` when the
+    file is not one."""
     fs, path = storage.url_to_fs(_work(output, _STATE), storage_options)
     if not fs.exists(path):
         return None
-    return json.loads(fs.cat_file(path))
+    data = fs.cat_file(path)
+    try:
+        state = json.loads(data)
+        if isinstance(state, dict):
+            return state
+    except ValueError:
+        pass
+    raise StateUnreadable(
+        f"{output}/{WORK_DIR}/{_STATE} is unreadable ({len(data)} bytes: cut short when it was "
+        f"written); run the same command with --resume to finish the run from its committed "
+        f"files")
 
 
 def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output: str, *,
@@ -175,12 +193,99 @@ def drop_error_rows(output: str, storage_options: Mapping[str, Any], kinds: tupl
     """Take the rows whose committed ``memscore_error`` is of one of ``kinds`` out of the output
     files and the checkpoint, so that the resumed run scores them again. Returns their count.
 
+    Files without such rows are found from their footers' null counts, not read.
+    ``rebuild_checkpoint``: see ``_drop_rows``.
+    """
+    kinds_re = "^(" + "|".join(re.escape(k) for k in kinds) + "):"
+
+    def errors_of_kinds(path: str, meta, read) -> Any:
+        if not _may_hold_errors(meta):
+            return None
+        return pc.fill_null(pc.match_substring_regex(read().column(columns.ERROR), kinds_re),
+                            False)
+
+    return _drop_rows(output, storage_options, errors_of_kinds,
+                      rebuild_checkpoint=rebuild_checkpoint)
+
+
+def drop_duplicate_rows(output: str, storage_options: Mapping[str, Any]) -> int:
+    """Keep one copy of each row id in the output, taking the others out of the output files
+    and the checkpoint; returns how many copies went.
+
+    An output holds a row twice only when two runs wrote into it at once (an older memscore,
+    or a storage that ignores conditional writes, so that the lease could not exclude the
+    second writer). The first copy, in file name order, is kept: every copy of a row was
+    scored from the same snapshot row with the same options, so which one stays does not
+    change the output. Only the ids are read to find them (8 bytes per row in the driver);
+    only files holding a second copy are rewritten.
+    """
+    import numpy as np
+
+    fs, _ = storage.url_to_fs(output, storage_options)
+    filesystem = storage.pyarrow_filesystem_of(fs)
+    pending = _pending_stems(output, storage_options)
+    ids_of: dict[str, Any] = {}
+    from memscore.output import output_files
+
+    for path in output_files(output, storage_options):
+        if pending and path.rsplit("/", 1)[-1].startswith(pending):
+            continue  # Ray deletes these when the run starts
+        ids_of[path] = pq.read_table(path, columns=[ROW_COLUMN],
+                                     filesystem=filesystem).column(ROW_COLUMN).to_numpy()
+    if not ids_of:
+        return 0
+    values, counts = np.unique(np.concatenate(list(ids_of.values())), return_counts=True)
+    repeated = values[counts > 1]
+    if not len(repeated):
+        return 0
+    kept: set[int] = set()
+
+    def second_copies(path: str, meta, read) -> Any:
+        ids = ids_of.get(path)
+        if ids is None:
+            return None
+        doubled = np.isin(ids, repeated)
+        if not doubled.any():
+            return None
+        drop = np.zeros(len(ids), dtype=bool)
+        for index in np.flatnonzero(doubled):
+            value = int(ids[index])
+            drop[index] = value in kept
+            kept.add(value)
+        return pa.array(drop)
+
+    return _drop_rows(output, storage_options, second_copies)
+
+
+def rebuild_checkpoint(output: str, storage_options: Mapping[str, Any]) -> None:
+    """Write Ray's checkpoint id files anew from the output files (a run whose work folder went
+    with its summary), so that a resumed run skips every row already written."""
+    _drop_rows(output, storage_options, lambda path, meta, read: None, rebuild_checkpoint=True)
+
+
+def _pending_stems(output: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
+    """Names that begin the data files of an unfinished write (Ray's ``.pending`` id files):
+    Ray deletes those files when the run starts."""
+    fs, checkpoint = storage.url_to_fs(_work(output, "checkpoint"), storage_options)
+    names = ([p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint, detail=False)]
+             if fs.exists(checkpoint) else [])
+    return tuple(n[: -len(".pending.parquet")] for n in names if n.endswith(".pending.parquet"))
+
+
+def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
+               rebuild_checkpoint: bool = False) -> int:
+    """Take the rows ``choose`` names out of memscore's output files and the checkpoint.
+    Returns their count.
+
+    ``choose(path, footer, read)`` -> None (the file keeps every row) or a boolean array over
+    the file's rows (true: drop); ``read()`` reads the whole file (once).
+
     Only memscore's own files are touched: each output file holding such rows is rewritten
     without them (deleted when none is left), and its checkpoint id file (Ray's
     ``<write id>_<task>.parquet`` in ``_memscore/checkpoint/``, whose name begins the data
     file's) is rewritten with the ids the new file holds. ``rebuild_checkpoint`` (a finished
     run, whose checkpoint went with its work folder): an id file is written for every output
-    file. Files without such rows are found from their footers' null counts, not read.
+    file.
 
     Crash-safe as a redo log: the new files are written under ``_memscore/retry-errors/``, then
     ``plan.json`` naming each (new file, target); only then are targets replaced. A run killed
@@ -200,10 +305,7 @@ def drop_error_rows(output: str, storage_options: Mapping[str, Any], kinds: tupl
     names = ([p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint, detail=False)]
              if fs.exists(checkpoint) else [])
     ckpt_names = [n for n in names if n.endswith(".parquet") and ".pending." not in n]
-    # data files of an unfinished write: Ray deletes them when the run starts
-    pending = tuple(n[: -len(".pending.parquet")] for n in names
-                    if n.endswith(".pending.parquet"))
-    kinds_re = "^(" + "|".join(re.escape(k) for k in kinds) + "):"
+    pending = _pending_stems(output, storage_options)
     plan: list[dict[str, str]] = []
     dropped = 0
     if not storage.is_url(output):  # an object store has no folders to make
@@ -213,23 +315,24 @@ def drop_error_rows(output: str, storage_options: Mapping[str, Any], kinds: tupl
         name = path.rsplit("/", 1)[-1]
         if pending and name.startswith(pending):
             continue
-        errors_possible = _may_hold_errors(pq.ParquetFile(path, filesystem=filesystem).metadata)
         ckpt = next((n for n in ckpt_names if name.startswith(n[: -len(".parquet")])),
                     name)  # Ray's rule: the id file's stem begins the data file's name
-        if not errors_possible:
-            if rebuild_checkpoint:
-                ids = pads.dataset(path, filesystem=filesystem).to_table(columns=[ROW_COLUMN])
-                _write_parquet(fs, f"{checkpoint}/{ckpt}", ids)
-            continue
-        table = pq.read_table(path, filesystem=filesystem)
-        retried = pc.fill_null(pc.match_substring_regex(table.column(columns.ERROR), kinds_re),
-                               False)
-        count = pc.sum(pc.cast(retried, "int64")).as_py() or 0
-        kept = table.filter(pc.invert(retried))
+        whole: list[pa.Table] = []
+
+        def read(path=path, whole=whole) -> pa.Table:
+            if not whole:
+                whole.append(pq.read_table(path, filesystem=filesystem))
+            return whole[0]
+
+        drop = choose(path, pq.ParquetFile(path, filesystem=filesystem).metadata, read)
+        count = 0 if drop is None else (pc.sum(pc.cast(drop, "int64")).as_py() or 0)
         if not count:
             if rebuild_checkpoint:
-                _write_parquet(fs, f"{checkpoint}/{ckpt}", kept.select([ROW_COLUMN]))
+                ids = (whole[0].select([ROW_COLUMN]) if whole else
+                       pads.dataset(path, filesystem=filesystem).to_table(columns=[ROW_COLUMN]))
+                _write_parquet(fs, f"{checkpoint}/{ckpt}", ids)
             continue
+        kept = read().filter(pc.invert(drop))
         dropped += count
         if kept.num_rows == 0:
             plan += [{"delete": path}, {"delete": f"{checkpoint}/{ckpt}"}]
@@ -241,6 +344,53 @@ def drop_error_rows(output: str, storage_options: Mapping[str, Any], kinds: tupl
     if plan:
         storage.pipe_atomic(fs, f"{retry}/{_PLAN}", json.dumps(plan, indent=1).encode())
     return dropped
+
+
+def check_rows_match(output: str, snapshot: Snapshot, path_column: str,
+                     storage_options: Mapping[str, Any]) -> None:
+    """Refuse (one line) when a committed output row's path is not the path of the snapshot
+    row with its ``memscore_row``: the check that stands in for a lost state's identity.
+
+    File by file, with the snapshot's parts read as they are needed (a few cached): the
+    driver holds a few files' ids and paths, not the output."""
+    import numpy as np
+
+    from memscore.output import output_files
+
+    fs, _ = storage.url_to_fs(output, storage_options)
+    filesystem = storage.pyarrow_filesystem_of(fs)
+    snap_fs, _ = storage.url_to_fs(snapshot.files[0], storage_options) if snapshot.files else \
+        (fs, None)
+    snap_filesystem = storage.pyarrow_filesystem_of(snap_fs)
+    parts = [p.split("://", 1)[1] if storage.is_url(p) else p for p in snapshot.files]
+    starts = np.cumsum([0] + [pq.ParquetFile(p, filesystem=snap_filesystem).metadata.num_rows
+                              for p in parts])
+    cache: dict[int, Any] = {}
+
+    def paths_of(part: int):
+        if part not in cache:
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[part] = pq.read_table(parts[part], columns=[path_column],
+                                        filesystem=snap_filesystem).column(path_column)
+        return cache[part]
+
+    for path in output_files(output, storage_options):
+        table = pq.read_table(path, columns=[ROW_COLUMN, path_column], filesystem=filesystem)
+        ids = table.column(ROW_COLUMN).to_numpy()
+        got = table.column(path_column).to_pylist()
+        for row, value in zip(ids.tolist(), got):
+            part = int(np.searchsorted(starts, row, side="right") - 1)
+            if row < 0 or part >= len(parts):
+                raise MemscoreError(
+                    f"{output}: its row {row} is not a row of the manifest as it is now; "
+                    f"the run cannot be finished: score again with --overwrite")
+            expected = paths_of(part)[row - int(starts[part])].as_py()
+            if expected != value:
+                raise MemscoreError(
+                    f"{output}: its row {row} is {value!r}, but the manifest's row {row} is "
+                    f"{expected!r}: the output was made from another manifest; score again "
+                    f"with --overwrite")
 
 
 def _may_hold_errors(meta) -> bool:

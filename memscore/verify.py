@@ -1,5 +1,13 @@
 """``memscore verify``: does an output hold every manifest row exactly once?
 
+First, is the manifest the run's? The run recorded its manifest's path and fingerprint
+(``manifest.manifest_fingerprint``: a table manifest's content, S3 objects' ETags, shards'
+sizes and stamps, a folder's image paths); a manifest given here that differs in either is
+refused (``NotTheRunsManifest``, one line): row positions of another manifest would match
+by accident. ``ignore_identity`` (``--ignore-identity``) is for a manifest moved or copied
+on purpose: rows are then matched by their paths (for shards: by shard file name), not by
+position.
+
 Rows are matched by ``--id-column`` where the run had one, else by ``memscore_row`` (each row's
 position in the manifest). A run made with ``--limit N`` is checked against the first N rows.
 
@@ -20,11 +28,12 @@ import pyarrow.compute as pc
 
 from memscore import storage
 from memscore.errors import MemscoreError
-from memscore.manifest import open_manifest, read_restarting
-from memscore.output import SUMMARY_FILE, count_output, output_files, read_output_columns
-from memscore.resume import ROW_COLUMN, read_state
+from memscore.manifest import Manifest, manifest_fingerprint, open_manifest, read_restarting
+from memscore.output import (SUMMARY_FILE, SummaryUnreadable, count_output, output_files,
+                             read_output_columns, read_summary)
+from memscore.resume import ROW_COLUMN, StateUnreadable, read_state
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["VerifyReport", "NotTheRunsManifest", "verify"]
 
 _EXAMPLES = 5
 
@@ -58,19 +67,52 @@ class VerifyReport:
         return out
 
 
-def _run_options(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
-    """The finished run's options (from its summary) or the interrupted run's (its state)."""
-    import json
+class NotTheRunsManifest(MemscoreError):
+    """The manifest handed to ``verify`` is not the one the run read (another path, or the
+    same path with other contents)."""
 
+
+def _run_options(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """What the run recorded: its options and identity, from its summary (a finished run) or
+    its state (an interrupted one; also a run whose summary was cut short)."""
     fs, path = storage.url_to_fs(output, storage_options)
-    summary = f"{path.rstrip('/')}/{SUMMARY_FILE}"
-    if fs.exists(summary):
-        return {**json.loads(fs.cat_file(summary))["config"], "finished": True}
-    return {**(read_state(output, storage_options) or {}), "finished": False}
+    if fs.exists(f"{path.rstrip('/')}/{SUMMARY_FILE}"):
+        try:
+            summary = read_summary(output, storage_options)
+            return {**summary["config"], "identity": summary.get("run"), "finished": True,
+                    "summary": summary}
+        except SummaryUnreadable:
+            pass  # an interrupted run, as far as verify can tell: its state says the rest
+    try:
+        state = read_state(output, storage_options)
+    except StateUnreadable:
+        state = None
+    if state is None and not output_files(output, storage_options):
+        raise MemscoreError(f"{output}: not a memscore output (no {SUMMARY_FILE}, no run "
+                            f"state, no Parquet files)")
+    return {**(state or {}), "identity": state, "finished": False}
+
+
+def _check_identity(output: str, run: Mapping[str, Any], source: Manifest) -> None:
+    """Refuse a manifest that is not the run's: its path, then its fingerprint."""
+    identity = run.get("identity")
+    if not identity or "manifest_fingerprint" not in identity:
+        raise NotTheRunsManifest(
+            f"{output}: the run did not record its manifest's identity (its state is lost, or "
+            f"an older memscore made it); give --ignore-identity to match rows by path")
+    if identity.get("manifest") != source.source:
+        raise NotTheRunsManifest(
+            f"{output} was made from {identity.get('manifest')}, not {source.source}; give "
+            f"the run's manifest, or --ignore-identity if it moved (rows are then matched by "
+            f"path)")
+    if identity["manifest_fingerprint"] != manifest_fingerprint(source):
+        raise NotTheRunsManifest(
+            f"{source.source} has changed since the run read it (its fingerprint differs); "
+            f"give --ignore-identity to match rows by path")
 
 
 def verify(output: str, manifest: str, *, path_column: str | None = None,
-           id_column: str | None = None,
+           id_column: str | None = None, ignore_identity: bool = False,
            storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
     """Compare ``output`` with ``manifest`` row by row; see the module docstring.
 
@@ -80,11 +122,16 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
         path_column: the manifest's path column (default: the run's, else ``path``).
         id_column: match rows by this column (default: the run's ``--id-column``, else each
             row's position, ``memscore_row``).
+        ignore_identity: skip the check that ``manifest`` is the run's (path and
+            fingerprint) and match rows by their paths instead of their positions.
         storage_options: fsspec options (e.g. S3 endpoint and credentials).
 
     Returns:
         A ``VerifyReport``: the counts and first examples of missing, duplicated and
         unexpected rows; ``ok`` when every manifest row is in the output exactly once.
+
+    Raises:
+        NotTheRunsManifest: ``manifest`` is not the one the run read (one line).
 
     Example:
         >>> import memscore
@@ -95,18 +142,23 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
         (True, 5, 5, 'memscore_row')
     """
     options = dict(storage_options or {})
+    manifest = storage.absolute(manifest)  # as the run recorded it (ScoreConfig's paths)
     run = _run_options(output, options)
     path_column = path_column or run.get("path_column") or "path"
     id_column = id_column or run.get("id_column")
     source = open_manifest(manifest, path_column=path_column, storage_options=options,
                            webdataset=True)
+    if not ignore_identity:
+        _check_identity(output, run, source)
     if source.kind == "webdataset":
-        return _verify_shards(output, source, run, options)
-    key = id_column or ROW_COLUMN
+        return _verify_shards(output, source, run, options, by_name=ignore_identity)
     limit = run.get("limit")
     files = output_files(output, options)
     if not files:
         raise MemscoreError(f"{output}: no Parquet files")
+    if ignore_identity and not id_column:
+        id_column = path_column  # positions of a manifest not proven the run's mean nothing
+    key = id_column or ROW_COLUMN
     if not id_column:  # ids are positions: tallied file by file, in bounded memory
         manifest_rows = read_restarting(lambda: sum(t.num_rows for t in source.iter_tables(limit)))
         tally = count_output(output, options, [], expected_rows=manifest_rows)
@@ -120,20 +172,24 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     expected = read_restarting(lambda: pa.chunked_array(
         [t.column(id_column) for t in source.iter_tables(limit)]))
     manifest_rows = len(expected)
-    expected = expected.combine_chunks()
     got = read_output_columns(output, files, [key], options).column(key)
-
-    counts = pc.value_counts(got)
-    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    distinct = counts.field("values")
-    missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=distinct)))
-    unexpected = pc.filter(distinct, pc.invert(pc.is_in(distinct, value_set=expected)))
+    # As multisets: a key (a path, when matching by path) may repeat in the manifest, and
+    # each of its rows must then be in the output once.
+    want = _counts(expected.combine_chunks(), "want")
+    have = _counts(got.combine_chunks() if isinstance(got, pa.ChunkedArray) else got, "have")
+    both = want.join(have, "value", join_type="full outer")
+    wanted = pc.fill_null(both.column("want"), 0)
+    had = pc.fill_null(both.column("have"), 0)
+    values = both.column("value")
+    missing = pc.filter(values, pc.less(had, wanted))
+    repeated = pc.filter(values, pc.and_(pc.greater(had, wanted), pc.greater(wanted, 0)))
+    unexpected = pc.filter(values, pc.equal(wanted, 0))
     return VerifyReport(
         manifest_rows=manifest_rows,
         output_rows=len(got),
         key=key,
         missing=missing[:_EXAMPLES].to_pylist(),
-        duplicated=repeated.field("values")[:_EXAMPLES].to_pylist(),
+        duplicated=repeated[:_EXAMPLES].to_pylist(),
         unexpected=unexpected[:_EXAMPLES].to_pylist(),
         counts={"missing": len(missing), "duplicated": len(repeated),
                 "unexpected": len(unexpected)},
@@ -141,18 +197,26 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     )
 
 
+def _counts(values: pa.Array, name: str) -> pa.Table:
+    counts = pc.value_counts(values)
+    return pa.table({"value": counts.field("values"), name: counts.field("counts")})
+
+
 def _verify_shards(output: str, source, run: Mapping[str, Any],
-                   options: Mapping[str, Any]) -> VerifyReport:
-    from memscore.output import read_summary
+                   options: Mapping[str, Any], *, by_name: bool = False) -> VerifyReport:
+    """``by_name``: the shards moved on purpose; they are matched by file name."""
     from memscore.resume import shard_counts_folder
     from memscore.webdataset import read_shard_counts
 
     shards = list(source.files)
     if run.get("finished"):
-        recorded = read_summary(output, options).get("shards")
+        recorded = run["summary"].get("shards")
         if recorded is None:
             raise MemscoreError(f"{output}: the run did not read WebDataset shards")
         urls = [item["url"] for item in recorded]
+        if by_name:
+            urls, shards = ([u.rsplit("/", 1)[-1] for u in urls],
+                            [u.rsplit("/", 1)[-1] for u in shards])
         if urls != shards:
             raise MemscoreError(
                 f"{output}: the run read {len(urls)} shards, {source.source} names "

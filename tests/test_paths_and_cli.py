@@ -210,10 +210,19 @@ def test_evaluate_command_and_job_take_relative_paths(tmp_path, monkeypatch, cap
 
 
 def test_verify_takes_relative_paths(tmp_path, monkeypatch, capsys):
-    (tmp_path / "out").mkdir()
+    import json
+
+    from memscore.manifest import manifest_fingerprint, open_manifest
+
+    (tmp_path / "out" / "_memscore").mkdir(parents=True)
     (tmp_path / "m.csv").write_text("path\na.jpg\nb.jpg\n")
     pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"], "memscore_row": [0, 1]}),
                    tmp_path / "out" / "part.parquet")
+    # the run recorded its manifest as memscore records it: an absolute path
+    manifest = str(tmp_path / "m.csv")
+    (tmp_path / "out" / "_memscore" / "state.json").write_text(json.dumps(
+        {"manifest": manifest, "manifest_fingerprint":
+         manifest_fingerprint(open_manifest(manifest))}))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["verify", "out/", "--manifest", "m.csv"]) == 0
     assert "OK: every manifest row" in capsys.readouterr().out

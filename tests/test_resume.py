@@ -90,7 +90,13 @@ def test_verify_reports_missing_duplicated_and_unexpected_rows(tmp_path, capsys)
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,id\n" + "".join(f"img{i}.jpg,{i}\n" for i in range(6)))
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "_memscore").mkdir(parents=True)
+    # an interrupted run's state, with the identity verify checks the manifest against
+    from memscore.manifest import manifest_fingerprint, open_manifest
+
+    (out / "_memscore" / "state.json").write_text(json.dumps({
+        "manifest": str(manifest), "path_column": "path", "id_column": None, "limit": None,
+        "manifest_fingerprint": manifest_fingerprint(open_manifest(str(manifest)))}))
     # rows 0, 1, 1 (twice), 3, 4 and an id 99 the manifest lacks; 2 and 5 are missing
     pq.write_table(pa.table({"id": [0, 1, 1, 3, 4, 99],
                              "memscore_row": [0, 1, 1, 3, 4, 99]}), out / "part.parquet")

@@ -1,11 +1,13 @@
 """Manifest reader: what the user points memscore at -> a validated ``Manifest`` -> its rows.
 
-``open_manifest`` runs in the driver before any cluster work: it finds the files, reads the
-schema and the first rows, and stops with a one-line ``MemscoreError`` on a missing path column,
-an empty manifest or a user column that memscore would overwrite. ``Manifest.iter_tables`` then
-streams the rows as pyarrow tables, which ``memscore.snapshot`` copies once into the run's own
-Parquet parts for Ray Data to read; ``manifest_fingerprint`` names the manifest's files as they
-are. User columns keep their Arrow types end to end.
+``open_manifest`` runs in the driver before any cluster work and before the output is touched:
+it finds the files, reads the schema and the first block, and stops with a one-line
+``MemscoreError`` on every problem they show (repeated column names, a missing path column or
+one that is not text, an empty manifest, a first block that does not parse, a user column that
+memscore would overwrite). ``Manifest.iter_tables`` then streams the rows as pyarrow tables,
+which ``memscore.snapshot`` copies once into the run's own Parquet parts for Ray Data to read;
+``manifest_fingerprint`` names the manifest's files as they are. User columns keep their
+Arrow types end to end.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from memscore import storage
 from memscore.errors import MemscoreError, first_line
 
 __all__ = ["Manifest", "open_manifest", "ColumnWidened", "read_restarting", "IMAGE_EXTENSIONS",
-           "check_reserved_columns", "manifest_fingerprint", "repeated_values"]
+           "check_reserved_columns", "check_repeated_columns", "check_path_column",
+           "manifest_fingerprint", "repeated_values"]
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
@@ -147,6 +150,9 @@ class Manifest:
         except (MemscoreError, ColumnWidened):
             raise
         except Exception as exc:
+            key = _repeated_json_key(exc)
+            if key is not None:  # a later line's; the first block's is open_manifest's
+                raise MemscoreError(_repeated_message(path, [key], json=True)) from None
             raise MemscoreError(f"{path}: cannot read the manifest: {first_line(exc)[:300]}") from None
 
     def _csv_tables(self, stream, path: str):
@@ -271,7 +277,7 @@ def _csv_options(path: str) -> dict:
 def open_manifest(source: str, *, path_column: str = "path",
                   storage_options: Mapping[str, Any] | None = None,
                   reserved_columns: tuple[str, ...] = (),
-                  webdataset: bool = False) -> Manifest:
+                  webdataset: bool = False, image_paths: bool | None = None) -> Manifest:
     """Find and validate the manifest at ``source``; raises ``MemscoreError`` on any problem.
 
     Args:
@@ -286,6 +292,17 @@ def open_manifest(source: str, *, path_column: str = "path",
             rows are read by ``webdataset.read_shards``, not ``iter_tables``. Without it
             (commands that read a manifest's rows in the driver) shards are refused with one
             line.
+        image_paths: whether the path column names images to read, and so must be text;
+            by default, when ``reserved_columns`` is given (the commands that score or train
+            on the images do). A table read for its values (ground truth joined on an id,
+            a manifest to verify against) may key it by any column.
+
+    Everything the schema and the first block show is checked here, before any output is
+    written: repeated column names (``check_repeated_columns``), no rows, no path column, a
+    column memscore would overwrite, a path column that is not text (``check_path_column``),
+    a first block that does not parse. What only the whole manifest shows (a later block
+    that does not parse or cast, ``--id-column`` uniqueness) is found by
+    ``snapshot.write_snapshot``, which then leaves nothing behind.
 
     Example:
         >>> images = open_manifest("examples/images")
@@ -321,7 +338,9 @@ def open_manifest(source: str, *, path_column: str = "path",
                                 f"{', '.join(IMAGE_EXTENSIONS)}; {skipped} other files)")
         return Manifest(source, kind, tuple(files), base_dir, (path_column,), path_column,
                         options, skipped_files=skipped)
-    columns, has_rows = _schema_and_rows(kind, files, fs, source)
+    file, schema, typed, has_rows = _first_block(kind, files, fs, source)
+    columns = schema.names
+    check_repeated_columns(columns, file)
     if not has_rows:
         raise MemscoreError(f"{source}: the manifest has no rows")
     if path_column not in columns:
@@ -330,6 +349,8 @@ def open_manifest(source: str, *, path_column: str = "path",
             f"name the image column with --path-column"
         )
     check_reserved_columns(columns, reserved_columns, source)
+    if typed and (bool(reserved_columns) if image_paths is None else image_paths):
+        check_path_column(schema, path_column, source)
     return Manifest(source, kind, tuple(files), base_dir, tuple(columns), path_column, options)
 
 
@@ -416,28 +437,41 @@ def _table_marker(path: str) -> bool:
         name.startswith(".") and name.endswith(".crc"))
 
 
-def _schema_and_rows(kind: str, files: list[str], fs, source: str) -> tuple[list[str], int]:
-    """Column names, and 1 if the manifest has a row, else 0 (the snapshot counts them)."""
+def _first_block(kind: str, files: list[str], fs, source: str
+                 ) -> tuple[str, pa.Schema, bool, bool]:
+    """What a streamed read of the manifest starts with: (the file whose columns it takes,
+    its schema, whether that schema's types are the ones the read will give, whether the
+    manifest has a row).
+
+    The types are those of the first block, read as ``Manifest.iter_tables`` reads it (a
+    Parquet file's own schema; a CSV or JSON-lines file's first block, inferred), so what
+    the snapshot's first block would show is seen here, before the output is touched. A
+    JSON-lines block whose values change type is read whole later, as text
+    (``_read_json_mixed``): its types are then not known here.
+    """
     import pyarrow.parquet as pq
 
-    first = _strip(files[0])
+    file = files[0]
     try:
         if kind == "parquet":
-            with fs.open(first, "rb") as f:
-                columns = list(pq.read_schema(f).names)
+            with fs.open(_strip(file), "rb") as f:
+                schema = pq.read_schema(f)
             for path in files:  # stop at the first file with a row: only emptiness matters
                 with fs.open(_strip(path), "rb") as f:
                     if pq.ParquetFile(f).metadata.num_rows:
-                        return columns, 1
-            return columns, 0
-        for path in files:  # the first file with a row gives the columns
-            columns, has_rows = _peek_text(kind, fs, _strip(path))
+                        return file, schema, True, True
+            return file, schema, True, False
+        for file in files:  # the first file with a row gives the columns, as in iter_tables
+            schema, typed, has_rows = _peek_text(kind, fs, _strip(file))
             if has_rows:
-                return columns, 1
-        return columns, 0
+                return file, schema, typed, True
+        return file, schema, typed, False
     except MemscoreError:
         raise
     except Exception as exc:
+        key = _repeated_json_key(exc)
+        if key is not None:
+            raise MemscoreError(_repeated_message(file, [key], json=True)) from None
         raise MemscoreError(f"{source}: cannot read the manifest: {first_line(exc)}") from None
 
 
@@ -445,25 +479,89 @@ def _strip(path: str) -> str:
     return path.split("://", 1)[1] if storage.is_url(path) else path
 
 
-def _peek_text(kind: str, fs, path: str) -> tuple[list[str], bool]:
+def _peek_text(kind: str, fs, path: str) -> tuple[pa.Schema, bool, bool]:
+    """(schema, whether its types are the read's, has a row) of a CSV or JSON-lines file's
+    first block, read with the options ``Manifest.iter_tables`` uses."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
 
     with fs.open(path, "rb", compression="infer") as f:
         if kind == "csv":
-            parse = _csv_options(path).get("parse_options")
-            reader = pacsv.open_csv(f, parse_options=parse)
-            columns = reader.schema.names
+            reader = pacsv.open_csv(
+                f, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+                parse_options=_csv_options(path).get("parse_options"))
             for batch in reader:
                 if batch.num_rows:
-                    return columns, True
-            return columns, False
-        # JSON lines: parse the first non-empty line only; Ray parses the rest in parallel.
-        for line in f:
-            if line.strip():
-                table = pajson.read_json(pa.BufferReader(line))
-                return table.column_names, True
-        return [], False
+                    return reader.schema, True, True
+            return reader.schema, True, False
+        try:
+            reader = pajson.open_json(f, read_options=pajson.ReadOptions(
+                block_size=_CSV_BLOCK_BYTES))
+            return reader.schema, True, True
+        except pa.ArrowInvalid as exc:
+            if "Empty JSON stream" in str(exc):
+                return pa.schema([]), True, False
+            if "changed from" not in str(exc):
+                raise
+    # a column of mixed types, read whole later: the names from the first line
+    with fs.open(path, "rb", compression="infer") as f:
+        first = next(line for line in f if line.strip())
+    return pajson.read_json(pa.BufferReader(first)).schema, False, True
+
+
+def _repeated_message(file: str, names: list[str], *, json: bool = False) -> str:
+    which = ", ".join(repr(n) for n in names)
+    where = "is repeated in a JSON line" if json else (
+        "is repeated" if len(names) == 1 else "are repeated")
+    return (f"{file}: column name{'s' if len(names) > 1 else ''} {which} {where}; give each "
+            f"column its own name")
+
+
+_JSON_REPEATED_KEY = re.compile(r"Column\(/(.*)\) was specified twice")
+
+
+def _repeated_json_key(exc: BaseException) -> str | None:
+    """The key that pyarrow's JSON reader found twice in one object, or None."""
+    match = _JSON_REPEATED_KEY.search(str(exc))
+    return match.group(1) if match else None
+
+
+def check_repeated_columns(names, file: str) -> None:
+    """Refuse a table with two columns of one name (a CSV header ``path,x,x``, a Parquet file
+    written with repeated names): Arrow reads such a file, but no Parquet reader, join or
+    column lookup after it can tell the two apart.
+
+    Example:
+        >>> check_repeated_columns(["path", "x", "x"], "m.csv")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        memscore.errors.MemscoreError: m.csv: column name 'x' is repeated; give each column ...
+    """
+    from collections import Counter
+
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise MemscoreError(_repeated_message(file, repeated))
+
+
+def check_path_column(schema: pa.Schema, path_column: str, source: str) -> None:
+    """Refuse a path column that is not text: a number column named by mistake, bytes that
+    are not UTF-8, or a column with no value at all in the rows the type was inferred from.
+
+    Example:
+        >>> check_path_column(pa.schema({"path": pa.int64()}), "path", "m.parquet")
+        Traceback (most recent call last):
+        memscore.errors.MemscoreError: m.parquet: the path column 'path' is of type int64, not text
+    """
+    kind = schema.field(path_column).type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        detail = "holds bytes that are not UTF-8 text"
+    elif pa.types.is_null(kind):
+        detail = "has no values in the manifest's first rows"
+    else:
+        detail = f"is of type {kind}, not text"
+    raise MemscoreError(f"{source}: the path column {path_column!r} {detail}")
 
 
 def manifest_fingerprint(manifest: Manifest) -> str:

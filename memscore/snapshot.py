@@ -12,6 +12,7 @@ is ``resume.py``'s.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 from memscore import columns, storage
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
-from memscore.manifest import Manifest, read_restarting, repeated_values
+from memscore.manifest import Manifest, check_path_column, read_restarting, repeated_values
 
 __all__ = ["ROW_COLUMN", "Snapshot", "write_snapshot", "snapshot_dataset", "LIGHT_STAGE_CPUS"]
 
@@ -55,39 +56,86 @@ def write_snapshot(manifest: Manifest, folder: str, config: ScoreConfig) -> Snap
             unique and non-empty over the whole manifest), ``storage_options``.
 
     Raises:
-        MemscoreError: a path column that is not text, an ``--id-column`` with empty or
-            repeated values.
+        MemscoreError: what only the whole manifest shows (``open_manifest`` has checked its
+            schema and first block): a later block that does not parse, a later file whose
+            columns or types differ from the first's, a path column that is not text (bytes
+            that are not UTF-8 past the first block), an ``--id-column`` with empty or
+            repeated values. The parts this call wrote and the folders it made go first
+            (nothing else: they are empty by then), so the output is as the run found it
+            and the corrected command needs neither ``--resume`` nor ``--overwrite``.
     """
-    return read_restarting(lambda: _write_snapshot(manifest, folder, config))
+    fs, inner = storage.url_to_fs(folder, config.storage_options)
+    made = [] if storage.is_url(folder) else _missing_folders(inner)
+    written: list[str] = []
+    try:
+        return read_restarting(lambda: _write_snapshot(manifest, folder, config, written))
+    except Exception:
+        _remove_own(fs, written, made)
+        raise
 
 
-def _write_snapshot(manifest: Manifest, folder_url: str, config: ScoreConfig) -> Snapshot:
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_own(fs, parts: list[str], folders: list[str]) -> None:
+    """Delete the snapshot parts a refused attempt wrote, then the folders it made if they
+    are empty (``os.rmdir`` removes nothing else)."""
+    try:
+        if parts:
+            try:
+                fs.rm(parts)  # on S3 one bulk request per 1,000 parts
+            except FileNotFoundError:  # a local part whose write failed before it existed
+                for part in parts:
+                    if fs.exists(part):
+                        fs.rm_file(part)
+        for folder in folders:
+            os.rmdir(folder)
+    except Exception:
+        # The refusal is what the user must read; parts left behind by a failed cleanup are
+        # a cut-short snapshot, which --resume starts afresh.
+        pass
+
+
+def _write_snapshot(manifest: Manifest, folder_url: str, config: ScoreConfig,
+                    written: list[str]) -> Snapshot:
     options = config.storage_options
     fs, folder = storage.url_to_fs(folder_url, options)
     # parts of an attempt cut short by a kill (or read again with a widened column)
     stale = fs.glob(f"{folder}/part-*.parquet") if fs.exists(folder) else []
     if stale:
         fs.rm(stale)
+    written.clear()
     if not storage.is_url(folder_url):
         fs.makedirs(folder, exist_ok=True)
     ids: list[pa.ChunkedArray] = []
     files: list[str] = []
     rows = 0
 
-    def put(index: int, table: pa.Table) -> None:
-        with fs.open(f"{folder}/part-{index:06d}.parquet", "wb") as f:
+    def put(path: str, table: pa.Table) -> None:
+        with fs.open(path, "wb") as f:
             pq.write_table(table, f)
 
     with ThreadPoolExecutor(_WRITE_THREADS) as pool:
         writes: deque = deque()
         for block in _blocks(manifest.iter_tables(config.limit), config.rows_per_file):
-            if rows == 0:
-                _check_path_column(block, manifest)
+            if rows == 0:  # a later block cannot change a type without a restart
+                check_path_column(block.schema, manifest.path_column, manifest.source)
             block = block.append_column(ROW_COLUMN, pa.array(range(rows, rows + block.num_rows),
                                                               pa.int64()))
             if config.id_column:
                 ids.append(block.column(config.id_column))
-            writes.append(pool.submit(put, len(files), block))
+            part = f"{folder}/part-{len(files):06d}.parquet"
+            written.append(part)  # before the write: one cut short is deleted too
+            writes.append(pool.submit(put, part, block))
             while len(writes) > _WRITE_THREADS:  # bounded: reading waits for slow writes
                 writes.popleft().result()
             files.append(storage.join(folder_url, f"part-{len(files):06d}.parquet"))
@@ -114,14 +162,6 @@ def _blocks(tables, rows_per_block: int):
             pending, count = [rest], rest.num_rows
     if count:
         yield pa.concat_tables(pending).combine_chunks()
-
-
-def _check_path_column(block: pa.Table, manifest: Manifest) -> None:
-    kind = block.schema.field(manifest.path_column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        detail = ("holds bytes that are not UTF-8 text" if pa.types.is_binary(kind)
-                  else f"is of type {kind}, not text")
-        raise MemscoreError(f"{manifest.source}: the path column {manifest.path_column!r} {detail}")
 
 
 def _check_unique_ids(ids: pa.ChunkedArray, column: str, source: str) -> None:

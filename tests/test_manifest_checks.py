@@ -1,0 +1,215 @@
+"""Every manifest problem before any work (issue 24, item 6): on real files, the CLI in real
+processes, the corrected command on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import memscore
+from memscore.manifest import open_manifest
+from memscore.snapshot import write_snapshot
+
+SCORED = ("memorability", "memscore_row")  # what `memscore score` passes as reserved columns
+
+
+def repeated_names_parquet(path: Path) -> Path:
+    # pyarrow writes a table with two columns of one name; no reader can use it after
+    values = pa.array(["a.jpg", "b.jpg"])
+    pq.write_table(pa.table([values, pa.array([1, 2]), pa.array([3, 4])],
+                            names=["path", "x", "x"]), path)
+    return path
+
+
+def written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------ open_manifest, before any work
+@pytest.mark.parametrize("name, content", [
+    ("m.csv", "path,x,x\na.jpg,1,2\n"),
+    ("m.tsv", "path\tx\tx\na.jpg\t1\t2\n"),
+    ("m.jsonl", '{"path": "a.jpg", "x": 1, "x": 2}\n'),
+])
+def test_a_repeated_column_name_is_one_line_naming_the_column_and_the_file(tmp_path, name,
+                                                                          content):
+    source = tmp_path / name
+    source.write_text(content)
+    with pytest.raises(memscore.MemscoreError) as caught:
+        open_manifest(str(source))
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith(f"{source}: column name 'x' is repeated")
+
+
+def test_a_parquet_file_written_with_repeated_names_is_refused(tmp_path):
+    source = repeated_names_parquet(tmp_path / "m.parquet")
+    with pytest.raises(memscore.MemscoreError,
+                       match=r"m.parquet: column name 'x' is repeated; give each column"):
+        open_manifest(str(source))
+    folder = tmp_path / "parts"  # a folder of Parquet files: the first file's schema
+    folder.mkdir()
+    repeated_names_parquet(folder / "a.parquet")
+    with pytest.raises(memscore.MemscoreError, match=r"parts/a.parquet: column name 'x'"):
+        open_manifest(str(folder))
+
+
+def test_several_repeated_names_are_all_named(tmp_path):
+    source = tmp_path / "m.csv"
+    source.write_text("path,x,y,x,y,path\na.jpg,1,2,3,4,b.jpg\n")
+    with pytest.raises(memscore.MemscoreError,
+                       match=r"m.csv: column names 'path', 'x', 'y' are repeated"):
+        open_manifest(str(source))
+
+
+def test_a_path_column_that_is_not_text_is_refused_when_its_images_are_read(tmp_path):
+    ints = tmp_path / "ints.csv"
+    ints.write_text("path,n\n1,2\n3,4\n")
+    with pytest.raises(memscore.MemscoreError,
+                       match=r"ints.csv: the path column 'path' is of type int64, not text"):
+        open_manifest(str(ints), reserved_columns=SCORED)
+    parquet = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"path": [1, 2]}), parquet)
+    with pytest.raises(memscore.MemscoreError, match="is of type int64, not text"):
+        open_manifest(str(parquet), image_paths=True)
+    jsonl = tmp_path / "ints.jsonl"
+    jsonl.write_text('{"path": 1}\n{"path": 2}\n')
+    with pytest.raises(memscore.MemscoreError, match="is of type int64, not text"):
+        open_manifest(str(jsonl), image_paths=True)
+    binary = tmp_path / "latin1.csv"
+    binary.write_bytes(b"path\ncaf\xe9.jpg\n")
+    with pytest.raises(memscore.MemscoreError, match="'path' holds bytes that are not UTF-8"):
+        open_manifest(str(binary), image_paths=True)
+    # A table read for its values (evaluate's truth joined on an integer id) is keyed by any
+    # column; a JSON-lines column of mixed types is read as text.
+    assert open_manifest(str(ints), path_column="n").columns == ("path", "n")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"path": 1}\n{"path": "a.jpg"}\n')
+    assert open_manifest(str(mixed), image_paths=True).columns == ("path",)
+
+
+# ----------------------------------------------------- the CLI: exit 2, one line, output untouched
+@pytest.mark.parametrize("make, says", [
+    (lambda d: written(d / "m.csv", "path,x,x\na.jpg,1,2\n"),
+     "m.csv: column name 'x' is repeated"),
+    (lambda d: repeated_names_parquet(d / "m.parquet"),
+     "m.parquet: column name 'x' is repeated"),
+    (lambda d: written(d / "ints.csv", "path\n1\n2\n"),
+     "ints.csv: the path column 'path' is of type int64, not text"),
+], ids=["csv", "parquet", "int-paths"])
+def test_memscore_score_refuses_before_the_output_is_touched(tmp_path, make, says):
+    manifest = make(tmp_path)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    fresh, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    for out in (fresh, empty):
+        done = subprocess.run([sys.executable, "-m", "memscore.cli", "score", str(manifest),
+                               "--output", str(out)], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], done.stderr
+    assert not fresh.exists()
+    assert list(empty.iterdir()) == []
+
+
+# ------------------------------------------------------ the snapshot refuses and leaves nothing
+def snapshot_config(source: Path, out: Path, **options) -> memscore.ScoreConfig:
+    return memscore.ScoreConfig(str(source), output=str(out), **options)
+
+
+def test_repeated_ids_refused_by_the_snapshot_leave_nothing_behind(tmp_path):
+    """The check needs the whole manifest, so it ends the snapshot: the parts it wrote go, and
+    the folders it made, so that the corrected command starts a fresh run."""
+    source = tmp_path / "m.csv"
+    source.write_text("path,key,id\n" + "".join(f"{i}.jpg,{'k' if i in (1, 8) else i},{i}\n"
+                                                 for i in range(10)))
+    out = tmp_path / "out"
+    out.mkdir()  # as prepare_output leaves it
+    folder = out / "_memscore" / "manifest"
+    config = snapshot_config(source, out, rows_per_file=3, id_column="key")
+    with pytest.raises(memscore.MemscoreError,
+                       match=r"--id-column 'key' is not unique: 1 values repeat, e.g. 'k'"):
+        write_snapshot(open_manifest(str(source)), str(folder), config)
+    assert list(out.iterdir()) == []
+    snapshot = write_snapshot(open_manifest(str(source)), str(folder),
+                              snapshot_config(source, out, rows_per_file=3, id_column="id"))
+    assert snapshot.rows == 10 and len(list(folder.iterdir())) == 4
+
+
+def test_a_refused_snapshot_deletes_only_its_own_parts(tmp_path):
+    """A folder that was there (a snapshot cut short by a kill, or anything else) keeps what
+    is not a part; an empty value in --id-column is found in the last part."""
+    source = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": [f"{i}.jpg" for i in range(7)],
+                             "key": pa.array([0, 1, 2, 3, 4, 5, None], pa.int64())}), source)
+    folder = tmp_path / "out" / "_memscore" / "manifest"
+    folder.mkdir(parents=True)
+    (folder / "part-000005.parquet").write_bytes(b"PAR1 half a file")  # a killed attempt's
+    (folder / "notes.txt").write_text("not memscore's")
+    with pytest.raises(memscore.MemscoreError, match="--id-column 'key' has 1 empty values"):
+        write_snapshot(open_manifest(str(source)), str(folder),
+                       snapshot_config(source, tmp_path / "out", rows_per_file=2,
+                                       id_column="key"))
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_a_problem_past_the_first_block_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A repeated JSON key on a later line (open_manifest reads the first block only) and a
+    later file whose columns differ: one line each, found mid-snapshot, nothing left."""
+    import memscore.manifest
+
+    monkeypatch.setattr(memscore.manifest, "_CSV_BLOCK_BYTES", 4096)  # many blocks
+    lines = [json.dumps({"path": f"img{i}.jpg", "n": i}) for i in range(2000)]
+    lines[1500] = '{"path": "x.jpg", "n": 1, "n": 2}'
+    source = tmp_path / "m.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = open_manifest(str(source), reserved_columns=SCORED)
+    with pytest.raises(memscore.MemscoreError,
+                       match=r"m.jsonl: column name 'n' is repeated in a JSON line"):
+        write_snapshot(manifest, str(out / "_memscore" / "manifest"),
+                       snapshot_config(source, out, rows_per_file=100))
+    assert list(out.iterdir()) == []
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"path": [f"{i}.jpg" for i in range(500)]}), parts / "a.parquet")
+    pq.write_table(pa.table({"file": ["b.jpg"]}), parts / "b.parquet")
+    with pytest.raises(memscore.MemscoreError, match=r"b.parquet: columns \['file'\] differ"):
+        write_snapshot(open_manifest(str(parts)), str(out / "_memscore" / "manifest"),
+                       snapshot_config(parts, out, rows_per_file=100))
+    assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------- end to end, on a real local Ray
+def cut_csv(tmp_path: Path, example_images, keys) -> Path:
+    source = tmp_path / "m.csv"
+    source.write_text("path,key,id\n" + "".join(
+        f"{example_images[i % len(example_images)]},{key},{i}\n" for i, key in enumerate(keys)))
+    return source
+
+
+def test_repeated_ids_then_the_corrected_command_needs_no_resume(ray_local, tmp_path,
+                                                                 example_images):
+    source = cut_csv(tmp_path, example_images, ["a", "b", "a", "c"])
+    out = tmp_path / "out"
+    with pytest.raises(memscore.MemscoreError) as caught:
+        memscore.score(memscore.ScoreConfig(str(source), output=str(out), id_column="key"))
+    assert "\n" not in str(caught.value) and "--id-column 'key' is not unique" in str(caught.value)
+    assert not out.exists() or list(out.iterdir()) == []
+    by_id = memscore.score(memscore.ScoreConfig(str(source), output=str(out), id_column="id"))
+    assert by_id["status"] == "complete" and by_id["rows_out"] == 4 and not by_id["resumed"]
+    again = tmp_path / "again"
+    with pytest.raises(memscore.MemscoreError, match="is not unique"):
+        memscore.score(memscore.ScoreConfig(str(source), output=str(again), id_column="key"))
+    plain = memscore.score(memscore.ScoreConfig(str(source), output=str(again)))
+    assert plain["status"] == "complete" and plain["rows_out"] == 4

@@ -6,8 +6,8 @@ it finds the files, reads the schema and the first block, and stops with a one-l
 one that is not text, an empty manifest, a first block that does not parse, a user column that
 memscore would overwrite). ``Manifest.iter_tables`` then streams the rows as pyarrow tables,
 which ``memscore.snapshot`` copies once into the run's own Parquet parts for Ray Data to read;
-``manifest_fingerprint`` names the manifest's files as they are. User columns keep their
-Arrow types end to end.
+``manifest_fingerprint`` names the manifest as it is (a local table by its bytes). User columns
+keep their Arrow types end to end.
 """
 
 from __future__ import annotations
@@ -565,24 +565,83 @@ def check_path_column(schema: pa.Schema, path_column: str, source: str) -> None:
 
 
 def manifest_fingerprint(manifest: Manifest) -> str:
-    """sha256 over the manifest's files (a table manifest's files, or WebDataset shards) with
-    their sizes and modification stamps; over the image paths of a scanned folder."""
+    """A sha256 hex digest that names the manifest as it is now: a run records it, and
+    ``--resume`` and ``memscore verify`` compare it with the manifest they are given.
+
+    What it covers, by kind:
+
+    - a local table manifest (CSV, TSV, Parquet, JSON lines; a file or a folder of them):
+      each file's path and the sha256 of its bytes. An edit in place is seen even when it
+      keeps the size and puts the modification time back (``os.utime``, a copy with
+      ``cp -p``, a restore from a backup).
+    - table files on an object store (S3): each object's path, size and ETag, the content
+      hash the store keeps, read with one HEAD per object (32 at a time) instead of the
+      bytes. (A multipart upload's ETag is not the MD5 of the whole object, but it changes
+      with the bytes.)
+    - WebDataset shards, local or on S3: each shard's path, size and modification time (ETag
+      on S3), as before. Hashing the shards would read the whole data set (terabytes)
+      before every run and every resume, which is not affordable; an edit in place that
+      keeps a shard's size and time is not seen.
+    - a scanned folder of images: the image paths, in order (the folder's rows).
+
+    Cost: ``--resume`` recomputes it before it compares (``resume.run_identity``), and so
+    does a fresh run, before its snapshot. For a local table manifest that is one read of
+    its files. Measured on a 1.0 GB CSV (10.4 million rows) on a 2-core AMD EPYC VM (sha256
+    in hardware, about 1.3 GB/s): 0.7 s from the page cache, 1.2 s with the file's pages
+    dropped from it (this VM's disk reads at about 3 GB/s; a disk reading 200 MB/s would
+    make it the read's 5 s). The snapshot of the same file took 8 s; the size-and-mtime
+    stamp that the hash replaces took 15 microseconds a file.
+
+    Example:
+        >>> with open("m.csv", "w") as f:
+        ...     _ = f.write("path\\nexamples/images/rocket.jpg\\n")
+        >>> before = manifest_fingerprint(open_manifest("m.csv"))
+        >>> stat = os.stat("m.csv")
+        >>> with open("m.csv", "r+") as f:
+        ...     _ = f.write("PATH")  # same size
+        >>> os.utime("m.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        >>> manifest_fingerprint(open_manifest("m.csv", path_column="PATH")) == before
+        False
+    """
     digest = hashlib.sha256()
     if manifest.kind == "images":
         for path in manifest.files:
             digest.update(path.encode() + b"\0")
         return digest.hexdigest()
+    by_content = manifest.kind != "webdataset" and _is_local(manifest.files[0])
 
     def stamp(path: str) -> str:
         fs, inner = storage.url_to_fs(path, manifest.storage_options)
+        if by_content:
+            return f"{path}\0sha256:{_file_sha256(inner)}\0"
         info = fs.info(inner)
         when = info.get("ETag") or info.get("mtime") or info.get("LastModified")
         return f"{path}\0{info.get('size')}\0{when}\0"
 
-    # thousands of shards on S3: a HEAD each, many at a time rather than one after another
-    with ThreadPoolExecutor(max_workers=32) as pool:
+    # Local files: hashed side by side (hashlib lets go of the GIL), one per core. Thousands
+    # of objects on S3: a HEAD each, many at a time rather than one after another.
+    workers = (os.cpu_count() or 1) if by_content else 32
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for text in pool.map(stamp, manifest.files):
             digest.update(text.encode())
+    return digest.hexdigest()
+
+
+def _is_local(path: str) -> bool:
+    return not storage.is_url(path) or path.startswith("file://")
+
+
+# Bytes per read when hashing: 1 and 4 MiB hashed a 1 GB file equally fast (0.8 s warm).
+_HASH_CHUNK = 1 << 20
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 

@@ -1,5 +1,5 @@
-"""Every manifest problem before any work (issue 24, item 6): on real files, the CLI in real
-processes, the corrected command on a real local Ray."""
+"""Every manifest problem before any work (issue 24, item 6) and the manifest's content
+fingerprint (item 8): on real files, the CLI in real processes, resume on a real local Ray."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import memscore
-from memscore.manifest import open_manifest
+from memscore.manifest import manifest_fingerprint, open_manifest
 from memscore.snapshot import write_snapshot
 
 SCORED = ("memorability", "memscore_row")  # what `memscore score` passes as reserved columns
@@ -31,6 +31,14 @@ def repeated_names_parquet(path: Path) -> Path:
 def written(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def put_back(path: Path, edit) -> None:
+    """``edit(path)`` in place, then the file's modification time as it was."""
+    stat = path.stat()
+    edit(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
 
 
 # ------------------------------------------------------------------ open_manifest, before any work
@@ -190,6 +198,60 @@ def test_a_problem_past_the_first_block_leaves_nothing_behind(tmp_path, monkeypa
     assert list(out.iterdir()) == []
 
 
+# ------------------------------------------------------------------------- the content fingerprint
+def test_an_edit_in_place_with_size_and_mtime_put_back_changes_the_fingerprint(tmp_path):
+    source = tmp_path / "m.csv"
+    source.write_text("path,label\na.jpg,cat\nb.jpg,dog\n")
+    manifest = open_manifest(str(source))
+    before = manifest_fingerprint(manifest)
+    assert manifest_fingerprint(open_manifest(str(source))) == before  # stable
+    put_back(source, lambda p: p.write_text("path,label\na.jpg,dog\nb.jpg,cat\n"))
+    assert manifest_fingerprint(manifest) != before
+    # a folder of Parquet files: one file's bytes
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"path": [f"{name}.jpg"], "n": [1]}), folder / f"{name}.parquet")
+    parts = open_manifest(str(folder))
+    before = manifest_fingerprint(parts)
+    put_back(folder / "b.parquet",
+             lambda p: pq.write_table(pa.table({"path": ["b.jpg"], "n": [2]}), p))
+    assert manifest_fingerprint(parts) != before
+
+
+def test_shards_and_image_folders_keep_their_cheap_fingerprints(tmp_path, example_images):
+    """WebDataset shards are named by size and mtime (hashing terabytes is not affordable),
+    so an edit that puts both back is not seen; a folder of images by its paths."""
+    import io
+    import tarfile
+
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        data = example_images[0].read_bytes()
+        info = tarfile.TarInfo("0001.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    shards = open_manifest(str(shard), webdataset=True)
+    assert shards.kind == "webdataset"
+    before = manifest_fingerprint(shards)
+
+    def flip_a_byte(path: Path) -> None:
+        with open(path, "r+b") as f:
+            f.seek(1024)
+            byte = f.read(1)
+            f.seek(1024)
+            f.write(bytes([byte[0] ^ 1]))
+
+    put_back(shard, flip_a_byte)
+    assert manifest_fingerprint(shards) == before
+    shard.touch()
+    assert manifest_fingerprint(shards) != before
+
+    images = open_manifest(str(example_images[0].parent))
+    assert manifest_fingerprint(images) == manifest_fingerprint(
+        open_manifest(str(example_images[0].parent)))
+
+
 # ------------------------------------------------------------- end to end, on a real local Ray
 def cut_csv(tmp_path: Path, example_images, keys) -> Path:
     source = tmp_path / "m.csv"
@@ -213,3 +275,17 @@ def test_repeated_ids_then_the_corrected_command_needs_no_resume(ray_local, tmp_
         memscore.score(memscore.ScoreConfig(str(source), output=str(again), id_column="key"))
     plain = memscore.score(memscore.ScoreConfig(str(source), output=str(again)))
     assert plain["status"] == "complete" and plain["rows_out"] == 4
+
+
+def test_resume_refuses_a_manifest_edited_in_place_with_its_mtime_put_back(ray_local, tmp_path,
+                                                                          example_images):
+    source = cut_csv(tmp_path, example_images, ["a", "b", "c", "d"])
+    out = tmp_path / "out"
+    done = memscore.score(memscore.ScoreConfig(str(source), output=str(out)))
+    assert done["status"] == "complete"
+    # the same manifest, untouched: --resume on the finished run returns its summary
+    assert memscore.score(memscore.ScoreConfig(str(source), output=str(out), resume=True)
+                          )["rows_out"] == 4
+    put_back(source, lambda p: p.write_text(p.read_text().replace(",b,", ",z,")))
+    with pytest.raises(memscore.MemscoreError, match=r"\(the manifest's files changed\)"):
+        memscore.score(memscore.ScoreConfig(str(source), output=str(out), resume=True))

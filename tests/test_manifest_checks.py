@@ -289,3 +289,28 @@ def test_resume_refuses_a_manifest_edited_in_place_with_its_mtime_put_back(ray_l
     put_back(source, lambda p: p.write_text(p.read_text().replace(",b,", ",z,")))
     with pytest.raises(memscore.MemscoreError, match=r"\(the manifest's files changed\)"):
         memscore.score(memscore.ScoreConfig(str(source), output=str(out), resume=True))
+
+
+def test_on_s3_a_refused_snapshot_leaves_no_part_and_an_edit_changes_the_etag(s3_endpoint):
+    """The output on an object store: the refused snapshot's parts are deleted (there are no
+    folders to remove); an S3 table manifest is named by its objects' ETags, so an edit of the
+    same size is seen without reading the bytes."""
+    bucket = s3_endpoint.make_bucket()
+    options = s3_endpoint.storage_options
+    source = f"s3://{bucket}/m.csv"
+    s3_endpoint.fs.pipe(f"{bucket}/m.csv", b"path,key\n" + b"".join(
+        f"{i}.jpg,{'k' if i in (0, 6) else i}\n".encode() for i in range(7)))
+    manifest = open_manifest(source, storage_options=options)
+    out = f"s3://{bucket}/out"
+    with pytest.raises(memscore.MemscoreError, match="--id-column 'key' is not unique"):
+        write_snapshot(manifest, f"{out}/_memscore/manifest",
+                       memscore.ScoreConfig(source, output=out, rows_per_file=2, id_column="key",
+                                            storage_options=options))
+    s3_endpoint.fs.invalidate_cache()
+    assert s3_endpoint.fs.find(f"{bucket}/out") == []
+
+    before = manifest_fingerprint(manifest)
+    assert manifest_fingerprint(open_manifest(source, storage_options=options)) == before
+    s3_endpoint.fs.pipe(f"{bucket}/m.csv", s3_endpoint.fs.cat(f"{bucket}/m.csv").replace(
+        b"1.jpg", b"9.jpg"))
+    assert manifest_fingerprint(open_manifest(source, storage_options=options)) != before

@@ -109,6 +109,8 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool,
             elif entries and resume:
                 mode = _resume_mode(fs, path, entries, output)
             elif entries:
+                if SUMMARY_FILE in entries:
+                    read_summary(output, storage_options)  # one cut short: --resume finishes it
                 hint = (" it holds an interrupted run: give --resume to finish it,"
                         if WORK_DIR in entries else "")
                 raise MemscoreError(

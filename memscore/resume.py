@@ -120,8 +120,9 @@ def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output
                 f"--output {output} holds {which} that does not record its {key} (made by "
                 f"another memscore version); use --overwrite to score again")
         if state[key] != value:
-            what = "the manifest's files changed" if key == "manifest_fingerprint" else (
-                f"{key} was {state[key]!r}, now {value!r}")
+            what = ("the manifest's files changed, or an older memscore recorded them by "
+                    "size and time" if key == "manifest_fingerprint" else (
+                f"{key} was {state[key]!r}, now {value!r}"))
             raise MemscoreError(
                 f"--output {output} holds {which} that differs from this one ({what}); "
                 f"{'run' if finished else 'resume'} it with the same options or use --overwrite")

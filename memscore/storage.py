@@ -19,6 +19,11 @@ __all__ = [
     "is_url",
     "absolute",
     "url_to_fs",
+    "bounded_url_to_fs",
+    "check_s3_options",
+    "StorageOptionsError",
+    "S3_CONNECT_TIMEOUT_S",
+    "S3_READ_TIMEOUT_S",
     "pyarrow_filesystem",
     "for_pyarrow",
     "pyarrow_filesystem_of",
@@ -35,6 +40,31 @@ __all__ = [
 # stalls the whole client for seconds after one SlowDown (measured: 10 PUTs with 9 injected
 # faults took 18 s adaptive, 5-8 s standard). s3fs passes `config_kwargs` to botocore.
 _S3_DEFAULTS = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
+
+#: The bounds of one S3 request of ``bounded_url_to_fs``'s clients, where the storage options
+#: set none: s3fs's own defaults, written out because memscore's deadline is stated in them.
+#: A refused connection fails at once; a host that drops the connection attempt fails after
+#: ``S3_CONNECT_TIMEOUT_S``; a server that accepts and never answers after ``S3_READ_TIMEOUT_S``
+#: (which bounds each socket read, not a whole download: a slow large image still arrives).
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 15.0
+
+# One HTTP request per call: botocore's retries (10 attempts of up to 20 s backoff under
+# _S3_DEFAULTS) and s3fs's (5, nested twice around a GET: 25 tries) multiplied to 627 s for
+# one image read against an endpoint with user:pass@ in it, and to 65 s against a refused
+# connection, where memscore's own loop wanted to give up after 2 s.
+_BOUNDED_RETRIES = {"mode": "standard", "total_max_attempts": 1}
+_BOUNDED_S3FS_RETRIES = 1
+
+# botocore takes the endpoint from these when the options name none (AWS_ENDPOINT_URL_S3 first).
+_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+class StorageOptionsError(ValueError):
+    """S3 storage options (or the AWS_* variables that stand in for them) that no request can
+    succeed with: an endpoint URL that is not one, or that carries credentials, an invalid
+    region name. Raised by ``url_to_fs`` before any request; ``str(exc)`` is one line that
+    never shows a password."""
 
 
 def is_url(path: str) -> bool:
@@ -60,11 +90,124 @@ def _protocol(path: str) -> str:
 
 
 def url_to_fs(path: str, storage_options: Mapping[str, Any] | None = None):
-    """(fsspec filesystem, path inside it) for a local path or URL."""
+    """(fsspec filesystem, path inside it) for a local path or URL.
+
+    S3 options are checked first (``check_s3_options``): a configuration no request can
+    succeed with raises ``StorageOptionsError`` at once, where the client would find out only
+    on its first request, and for credentials in the endpoint URL retry it for minutes.
+    """
     options = dict(storage_options or {})
     if _protocol(path) in ("s3", "s3a"):
+        check_s3_options(options)
         options = {**_S3_DEFAULTS, **options}
     return fsspec.core.url_to_fs(path, **options)
+
+
+def bounded_url_to_fs(path: str, storage_options: Mapping[str, Any] | None = None):
+    """``url_to_fs`` for a caller that retries under a deadline of its own (memscore's image
+    reads, ``memscore.fetch``): on S3 each call is one HTTP request, bounded in time.
+
+    botocore makes one attempt (``total_max_attempts`` 1, whatever the options say) and s3fs
+    does not retry (``retries`` 1), each request bounded by the options' ``connect_timeout`` and
+    ``read_timeout``, else ``S3_CONNECT_TIMEOUT_S`` and ``S3_READ_TIMEOUT_S``. Other protocols
+    (and chained URLs) are ``url_to_fs``'s.
+
+    Example:
+        >>> fs, inner = bounded_url_to_fs("s3://bucket/a.jpg", {"anon": True})
+        >>> fs.retries, fs.config_kwargs["retries"], fs.config_kwargs["read_timeout"], inner
+        (1, {'mode': 'standard', 'total_max_attempts': 1}, 15.0, 'bucket/a.jpg')
+    """
+    options = dict(storage_options or {})
+    if _protocol(path) not in ("s3", "s3a"):
+        return url_to_fs(path, options)
+    config = dict(options.get("config_kwargs") or {})
+    config["retries"] = dict(_BOUNDED_RETRIES)
+    config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+    config.setdefault("read_timeout", S3_READ_TIMEOUT_S)
+    fs, inner = url_to_fs(path, {**options, "config_kwargs": config})
+    # An instance attribute, not an option (s3fs takes none): fsspec's instance cache keys on
+    # the options, so only clients made here, with the bounded config above, share this one.
+    fs.retries = _BOUNDED_S3FS_RETRIES
+    return fs, inner
+
+
+def _redacted_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{authority}{slash}{tail}"
+
+
+def check_s3_options(options: Mapping[str, Any]) -> None:
+    """Raise ``StorageOptionsError`` for S3 options that no request can succeed with.
+
+    Checked as botocore checks them when it makes a client (``Invalid endpoint``,
+    ``InvalidRegionError``), and one thing it lets through to aiohttp, which then fails every
+    request after all the retries: credentials in the endpoint URL (``user:pass@``). The
+    endpoint is the options' ``endpoint_url`` (or ``client_kwargs.endpoint_url``), else
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``; the region ``client_kwargs.region_name``,
+    else ``AWS_DEFAULT_REGION``. Nothing here makes a request.
+
+    Example:
+        >>> check_s3_options({"endpoint_url": "http://minio.local:9000"})
+        >>> check_s3_options({"endpoint_url": "http://me:hunter2@minio.local:9000"})
+        Traceback (most recent call last):
+        ...
+        memscore.storage.StorageOptionsError: endpoint_url http://***@minio.local:9000 has credentials in it (user:password@), which S3 requests cannot use: give them as the key and secret storage options, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
+    """
+    import os
+
+    client_kwargs = options.get("client_kwargs") or {}
+    endpoint, source = options.get("endpoint_url"), "endpoint_url"
+    if endpoint is None and isinstance(client_kwargs, Mapping):
+        endpoint, source = client_kwargs.get("endpoint_url"), "client_kwargs.endpoint_url"
+    ignore_variables = os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true"
+    for variable in () if endpoint is not None or ignore_variables else _ENDPOINT_VARIABLES:
+        if os.environ.get(variable):
+            endpoint, source = os.environ[variable], variable
+            break
+    if endpoint is not None:
+        _check_endpoint(str(endpoint), source)
+    region, source = None, "client_kwargs.region_name"
+    if isinstance(client_kwargs, Mapping):
+        region = client_kwargs.get("region_name")
+    if region is None:
+        region, source = os.environ.get("AWS_DEFAULT_REGION") or None, "AWS_DEFAULT_REGION"
+    if region is not None:
+        from botocore.utils import validate_region_name
+
+        try:
+            validate_region_name(str(region))
+        except ValueError as exc:  # InvalidRegionError is one
+            raise StorageOptionsError(f"{source}: {exc}") from None
+
+
+def _check_endpoint(endpoint: str, source: str) -> None:
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    shown = _redacted_url(endpoint)
+    if "@" in endpoint.partition("://")[2].partition("/")[0]:
+        raise StorageOptionsError(
+            f"{source} {shown} has credentials in it (user:password@), which S3 requests "
+            f"cannot use: give them as the key and secret storage options, or "
+            f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    try:
+        valid = "://" in endpoint and (is_valid_endpoint_url(endpoint)
+                                       or is_valid_ipv6_endpoint_url(endpoint))
+        if valid:
+            from urllib.parse import urlsplit
+
+            urlsplit(endpoint).port  # noqa: B018  (raises for a port out of range)
+    except ValueError:
+        valid = False
+    if not valid or endpoint.partition("://")[0].lower() not in ("http", "https"):
+        raise StorageOptionsError(
+            f"{source} {shown} is not an endpoint URL (http:// or https://, a host name and "
+            f"an optional port)")
 
 
 def pyarrow_filesystem(path: str, storage_options: Mapping[str, Any] | None = None):

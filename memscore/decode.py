@@ -12,10 +12,12 @@ A row that cannot be read or decoded for a reason in the image itself never fail
 gets a ``memscore_error`` string ``"{kind}: {detail}"`` with one of a small set of stable kinds
 (``ERROR_KINDS``, ``memscore.row_errors``), null width/height, and all-zero pixels. A failure
 that says nothing about the image (the network, storage, credentials, ``MemoryError`` while
-decoding) is no row error: the rows are read and decoded again with backoff for up to
-``transient_retry_s``, then the batch fails with ``TransientFailure`` (``memscore.fetch`` draws
-that line and runs the retries). Rows out == rows in, in the same order, and every input column
-is passed through untouched.
+decoding) is no row error: the rows are read and decoded again with backoff until reads have
+failed for ``transient_retry_s`` with none getting through, then the batch fails with
+``TransientFailure``; a storage client configured wrong fails it at once with
+``StorageConfigError`` (``memscore.fetch`` draws those lines, keeps the clock and runs the
+retries). Rows out == rows in, in the same order, and every input column is passed through
+untouched.
 
 Decoding choices. By default a file decodes to the very pixels the published packages' own recipe
 gives (``Image.open(path).convert('RGB')``: every pixel, in the stored orientation; for animated
@@ -65,8 +67,8 @@ from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.columns import HEIGHT as HEIGHT_COLUMN
 from memscore.columns import PIXELS_PREFIX, pixels_column
 from memscore.columns import WIDTH as WIDTH_COLUMN
-from memscore.fetch import (DEFAULT_MAX_BYTES, DEFAULT_TRANSIENT_RETRY_S, RowFetcher,
-                            TransientError, retry_transient)
+from memscore.fetch import (DEFAULT_MAX_BYTES, DEFAULT_TRANSIENT_RETRY_S, RetryClock,
+                            RowFetcher, StorageConfigError, TransientError, retry_transient)
 from memscore.row_errors import ImageDecodeError
 
 # Kept for existing imports (``from memscore.decode import ...``): these names now live in
@@ -90,6 +92,7 @@ __all__ = [
     "DEFAULT_TRANSIENT_RETRY_S",
     "HEIGHT_COLUMN",
     "RETRYABLE_KINDS",
+    "StorageConfigError",
     "TransientError",
     "TransientFailure",
     "local_read_error",
@@ -439,11 +442,19 @@ class DecodeImages:
             (symlinks resolved) is not inside the folder's real path is an "outside input folder"
             error, and the file read is the checked real path. Remote URLs are not affected.
         transient_retry_s: how long rows whose read failed for a reason that says nothing about
-            the image (``remote_read_error``, ``local_read_error``: network and 5xx errors past
-            the client's own retries, 403/expired or missing credentials, EIO on a mount,
+            the image (``remote_read_error``, ``local_read_error``: network errors and
+            timeouts, 5xx and throttling, 403/expired or missing credentials, EIO on a mount,
             ``MemoryError``) are read again, with exponential backoff from 1 s to 60 s, a new
-            client each round. Past it, ``TransientFailure`` fails the task: such a row is
-            never committed as an error. Facts about the image stay row errors.
+            client each round. The clock (``fetch.RetryClock``) starts at the batch's first
+            such failure and starts again whenever a read gets through; once reads have
+            failed for ``transient_retry_s`` with none getting through, the next failure
+            gives up: reads not yet started are not started, and ``TransientFailure`` fails
+            the task at most one request's timeout later (an S3 read is one request, bounded
+            by ``connect_timeout`` and ``read_timeout``: 5 s and 15 s unless the storage
+            options say otherwise). Such a row is never committed as an error. Facts about
+            the image stay row errors; a storage client configured wrong (an invalid endpoint
+            URL, ``user:pass@`` in it, an invalid region ...) fails the task at once with
+            ``StorageConfigError``.
         bytes_column: a column holding each row's image bytes, read instead of a path (a
             WebDataset sample's image member, ``columns.IMAGE``). The table then comes with its
             ``memscore_error`` column (the shard reader's per-sample errors): a row with an
@@ -527,10 +538,15 @@ class DecodeImages:
         self._budget = _PixelBudget(self.max_inflight_pixels)
 
     # -------------------------------------------------------------------------------- per row
-    def _decode_row(self, index: int, path: Any, out: dict[str, np.ndarray]):
-        """-> (width, height, None) or (None, None, error string). Writes pixels into ``out``.
+    def _decode_row(self, index: int, path: Any, out: dict[str, np.ndarray], clock: RetryClock):
+        """-> (width, height, None) or (None, None, error): an error string (the row's), a
+        ``TransientError`` (read again) or a ``StorageConfigError`` (fails the batch). Writes
+        pixels into ``out``; reports the read to ``clock``, and reads nothing once it stopped.
 
         ``path`` is the row's path, or its image bytes when ``bytes_column`` is set."""
+        row = path if isinstance(path, str) else f"row {index}"  # never a repr of the bytes
+        if clock.stopped:  # the batch gave up: a read started now would only add its timeout
+            return None, None, clock.not_read(row)
         try:
             width, height, arrays = decode_image_bytes(
                 self.fetcher.row_bytes(path), self.preprocess, max_pixels=self.max_pixels,
@@ -538,44 +554,57 @@ class DecodeImages:
                 budget=self._budget)
             for name, array in arrays.items():
                 out[name][index] = array
+            clock.got_through()
             return width, height, None
         except ImageDecodeError as exc:
             error = str(exc)
         except TransientError as exc:  # read again by __call__, never committed as an error
             error = exc
         except MemoryError as exc:  # says nothing about the image: transient too
-            error = TransientError(str(path), exc)
+            error = TransientError(row, exc)
+        except StorageConfigError as exc:  # no read can succeed: the batch fails at once
+            clock.stop()
+            error = exc
         except Exception as exc:  # any other per-row problem: never fail the batch
             error = str(ImageDecodeError("decode failed", f"{type(exc).__name__}: {exc}"))
+        if isinstance(error, TransientError):
+            clock.failed(error)
+        elif isinstance(error, str):
+            clock.got_through()
         for arr in out.values():
             arr[index] = 0  # to_array may have filled some columns before failing
         return None, None, error
 
     def _decode_rows(self, indices: list[int], paths: list, out: dict[str, np.ndarray],
-                     results: list) -> list:
-        """Decode the rows at ``indices`` (in ``io_threads`` threads) into ``results``."""
+                     results: list, clock: RetryClock) -> list:
+        """Decode the rows at ``indices`` (in ``io_threads`` threads) into ``results``; a
+        client configuration error raises its ``StorageConfigError`` once they are done."""
         todo = [paths[i] for i in indices]
         if len(indices) <= 1 or self.io_threads == 1:
-            done = [self._decode_row(i, p, out) for i, p in zip(indices, todo)]
+            done = [self._decode_row(i, p, out, clock) for i, p in zip(indices, todo)]
         else:
             with ThreadPoolExecutor(max_workers=min(self.io_threads, len(indices)),
                                     thread_name_prefix="memscore-decode") as pool:
-                done = list(pool.map(self._decode_row, indices, todo, [out] * len(indices)))
+                done = list(pool.map(self._decode_row, indices, todo, [out] * len(indices),
+                                     [clock] * len(indices)))
         for i, result in zip(indices, done):
             results[i] = result
+        config = next((r[2] for r in done if isinstance(r[2], StorageConfigError)), None)
+        if config is not None:
+            raise config
         return results
 
-    def _retry_transient(self, paths: list, out: dict[str, np.ndarray], results: list) -> list:
+    def _retry_transient(self, paths: list, out: dict[str, np.ndarray], results: list,
+                         clock: RetryClock) -> list:
         """Read and decode the rows that failed transiently again (``fetch.retry_transient``:
-        backoff, a new client each round), until they succeed or become facts; past
-        ``transient_retry_s`` of waiting ``TransientFailure`` fails the task."""
+        backoff, a new client each round), until they succeed or become facts; once ``clock``
+        gives up, ``TransientFailure`` fails the task."""
         def read_again(indices: list[int]) -> dict[int, TransientError]:
-            self._decode_rows(indices, paths, out, results)
+            self._decode_rows(indices, paths, out, results, clock)
             return {i: results[i][2] for i in indices if isinstance(results[i][2], TransientError)}
 
         waiting = {i: r[2] for i, r in enumerate(results) if isinstance(r[2], TransientError)}
-        retry_transient(waiting, read_again, fetcher=self.fetcher,
-                        retry_s=self.transient_retry_s, rows=len(paths))
+        retry_transient(waiting, read_again, fetcher=self.fetcher, clock=clock, rows=len(paths))
         return results
 
     # ---------------------------------------------------------------------------------- batch
@@ -605,8 +634,9 @@ class DecodeImages:
             for i in range(n):
                 if given_errors[i] is not None:
                     results[i] = (None, None, given_errors[i])
-        results = self._decode_rows(todo, paths, out, results)
-        results = self._retry_transient(paths, out, results)
+        clock = RetryClock(self.transient_retry_s)  # the batch's: its first failure starts it
+        results = self._decode_rows(todo, paths, out, results, clock)
+        results = self._retry_transient(paths, out, results, clock)
 
         if self.bytes_column is not None:  # decoded: the bytes need not travel on to the model
             table = table.drop_columns([self.bytes_column])

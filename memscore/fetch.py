@@ -12,15 +12,23 @@ whether a row's result is committed.
 * A fact about the image (a missing file or object, a directory, permission denied on a local
   file, an empty or archived S3 object, too large, outside the input folder, an ``http://``
   path): an ``ImageDecodeError``, which becomes the row's ``memscore_error``, committed for good.
-* Nothing about the image (the network, S3 5xx or throttling past the client's own retries,
-  expired, revoked or missing credentials, EIO or ESTALE from a mounted filesystem, memory): a
-  ``TransientError``, never committed. The decode task reads those rows again
-  (``retry_transient``: exponential backoff from 1 s to 60 s, a new client each round, so
-  rotated credentials are picked up) for up to ``transient_retry_s``; past that the task, and
-  with it the run, fails with ``TransientFailure``, one line, and ``--resume`` reads the rows
-  again once the cause is fixed.
+* Nothing about the image (the network, S3 5xx or throttling, expired, revoked or missing
+  credentials, EIO or ESTALE from a mounted filesystem, memory): a ``TransientError``, never
+  committed. The decode task reads those rows again (``retry_transient``: exponential backoff
+  from 1 s to 60 s, a new client each round, so rotated credentials are picked up) until its
+  reads have failed for ``transient_retry_s`` with none getting through (``RetryClock``); then
+  the task, and with it the run, fails with ``TransientFailure``, one line, and ``--resume``
+  reads the rows again once the cause is fixed. memscore's loop is the only retry layer of an
+  S3 image read: the client makes one HTTP request per read, bounded by its connect and read
+  timeouts (``storage.bounded_url_to_fs``), so a task gives up at most one request's timeout
+  after its clock has run out, whatever the outage.
 
-``remote_read_error`` and ``local_read_error`` draw that line for remote and local reads.
+A third outcome is no row's: a storage client configured wrong (an endpoint URL that is not
+one or carries ``user:pass@``, an invalid region, an unknown profile, options botocore
+rejects) fails every read alike, at once and for ever. The task fails at once with
+``StorageConfigError``, one line naming the cause; nothing is retried.
+
+``remote_read_error`` and ``local_read_error`` draw those lines for remote and local reads.
 
 Limits (each a row error):
 
@@ -51,7 +59,9 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_TRANSIENT_RETRY_S",
     "RETRYABLE_KINDS",
+    "RetryClock",
     "RowFetcher",
+    "StorageConfigError",
     "TransientError",
     "TransientFailure",
     "local_read_error",
@@ -164,6 +174,33 @@ _S3_FACTS = {
 }
 
 
+#: botocore's errors of a client configured wrong (matched by class name: botocore is not
+#: imported here). No request of that client can succeed, so none is worth waiting for.
+#: Measured (botocore 1.43, s3fs 2026.9, moto 5.2): ``Invalid endpoint`` is a ValueError, a
+#: port out of range or an ``ftp://`` endpoint an EndpointResolutionError, a bad region an
+#: InvalidRegionError, an unknown ``config_kwargs`` key a TypeError, a bad retry mode an
+#: InvalidRetryModeError, a key without a secret a PartialCredentialsError, all raised before
+#: any request. NoCredentialsError is not here: credentials that appear later (a rotated
+#: file, an instance role that answers again) end it, so it is transient.
+_CLIENT_CONFIG_ERRORS = frozenset({
+    "ParamValidationError", "NoRegionError", "InvalidRegionError", "UnknownRegionError",
+    "EndpointResolutionError", "InvalidEndpointConfigurationError", "UnknownFIPSEndpointError",
+    "UnknownEndpointResolutionBuiltInName", "InvalidConfigError", "InvalidDefaultsMode",
+    "InvalidRetryModeError", "InvalidRetryConfigurationError", "InvalidMaxRetryAttemptsError",
+    "InvalidS3AddressingStyleError", "InvalidS3UsEast1RegionalEndpointConfigError",
+    "InvalidProxiesConfigError", "InvalidChecksumConfigError", "InvalidIMDSEndpointError",
+    "InvalidIMDSEndpointModeError", "InvalidEndpointDiscoveryConfigurationError",
+    "UnknownSignatureVersionError", "UnsupportedSignatureVersionError",
+    "UnsupportedS3ConfigurationError", "UnsupportedS3AccesspointConfigurationError",
+    "PartialCredentialsError", "ProfileNotFound", "UnknownCredentialError", "ConfigParseError",
+    "UnknownServiceError", "UnknownClientMethodError", "MissingDependencyException",
+})
+#: Words of a botocore validation or endpoint error about the request's bucket or key, that
+#: is the row's path (``s3://bucket`` without a key, an invalid bucket name or ARN): a fact.
+_PATH_WORDS = re.compile(r"parameter Key|parameter Bucket|bucket name|\bARN\b|access ?point",
+                         re.IGNORECASE)
+
+
 class TransientError(Exception):
     """One row failed for a reason that says nothing about the image (internal to the stage)."""
 
@@ -194,6 +231,64 @@ class TransientFailure(RuntimeError):
         return (type(self), (self.args[0],))
 
 
+class StorageConfigError(RuntimeError):
+    """Raised by a decode task whose storage client is configured wrong, at its first read:
+    no read of it can succeed, so nothing is retried (``remote_read_error``).
+
+    It fails the task and so the run; nothing of the task is committed, and ``--resume``
+    continues once the storage options (or the AWS_* variables) are fixed. ``str(exc)`` is one
+    line: "the storage client is configured wrong, so no image can be read (not retried):
+    <path>: <cause>"; it never shows a password (``storage.check_s3_options``).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+    @classmethod
+    def reading(cls, path: str, cause: BaseException | str) -> "StorageConfigError":
+        return cls(f"the storage client is configured wrong, so no image can be read "
+                   f"(not retried): {path}: {_one_line(cause)}")
+
+    def __reduce__(self):
+        return (type(self), (self.args[0],))
+
+
+def _one_line(cause: BaseException | str) -> str:
+    """``Class: message`` on one line (botocore's validation errors span several)."""
+    if isinstance(cause, BaseException):
+        cause = f"{type(cause).__name__}: {' '.join(str(cause).split())}".rstrip(": ")
+    return cause[:MAX_DETAIL]
+
+
+def _botocore_names(exc: BaseException) -> set[str]:
+    return {c.__name__ for c in type(exc).__mro__ if c.__module__.startswith("botocore.")}
+
+
+def _is_config_error(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by an S3 read, says the client is configured wrong.
+
+    botocore's configuration errors (``_CLIENT_CONFIG_ERRORS``), memscore's own check of the
+    options (``storage.StorageOptionsError``), and ValueError or TypeError raised while the
+    client is made or a request built, also where botocore wraps one in ``HTTPClientError``:
+    aiohttp's "Cannot combine AUTHORIZATION header with AUTH argument or credentials encoded in
+    URL" for an endpoint with ``user:pass@``, which botocore and s3fs otherwise retry for 10
+    minutes. A UnicodeError is the path's (a key that is not text), not the client's.
+    """
+    if _botocore_names(exc) & _CLIENT_CONFIG_ERRORS:
+        return True
+    if "HTTPClientError" in _botocore_names(exc):
+        inner = getattr(exc, "kwargs", {}).get("error") or exc.__cause__ or exc.__context__
+        return inner is not None and _is_client_side(inner)
+    return _is_client_side(exc)
+
+
+def _is_client_side(exc: BaseException) -> bool:
+    if isinstance(exc, UnicodeError) or not isinstance(exc, (ValueError, TypeError)):
+        return False
+    # s3fs's note on an aiobotocore internal error it could not unwrap: no configuration's
+    return "'coroutine'" not in str(exc)
+
+
 def _s3_code(exc: BaseException) -> str | None:
     """The S3 error code of the botocore ClientError in ``exc``'s cause chain, if any."""
     seen = 0
@@ -205,16 +300,21 @@ def _s3_code(exc: BaseException) -> str | None:
     return None
 
 
-def remote_read_error(exc: BaseException, path: str) -> ImageDecodeError | TransientError:
+def remote_read_error(exc: BaseException,
+                      path: str) -> ImageDecodeError | TransientError | StorageConfigError:
     """Classify an exception of a remote (fsspec) read: the row's error where it is a fact about
-    the object, else a ``TransientError``.
+    the object, a ``StorageConfigError`` where the client is configured wrong, else a
+    ``TransientError``.
 
-    Facts: a missing object or bucket (``FileNotFoundError``), a "directory", and the S3 codes of
-    ``_S3_FACTS`` (an empty object's 416, an archived object, an invalid key). Everything else is
-    transient: connection errors and 5xx/throttling that outlasted the client's retries, 403s
-    (s3fs maps AccessDenied, ExpiredToken, InvalidAccessKeyId ... to ``PermissionError``: expired
-    or revoked credentials fail every row alike), botocore's ``NoCredentialsError`` (not even an
-    OSError), timeouts, ``MemoryError``.
+    Facts: a missing object or bucket (``FileNotFoundError``), a "directory", the S3 codes of
+    ``_S3_FACTS`` (an empty object's 416, an archived object, an invalid key), and a path the
+    client cannot ask for (no key, an invalid bucket name, a key that is not text). Client
+    configuration (``_is_config_error``): an endpoint URL that is not one or carries
+    credentials, an invalid region, an unknown profile, options botocore rejects. Everything
+    else is transient: refused or dropped connections, timeouts, DNS failures, 5xx and
+    throttling, 403s (s3fs maps AccessDenied, ExpiredToken, InvalidAccessKeyId ... to
+    ``PermissionError``: expired or revoked credentials fail every row alike), botocore's
+    ``NoCredentialsError`` (not even an OSError), ``MemoryError``.
 
     Args:
         exc: what the read raised.
@@ -225,11 +325,20 @@ def remote_read_error(exc: BaseException, path: str) -> ImageDecodeError | Trans
         'missing file: s3://b/a.jpg'
         >>> type(remote_read_error(PermissionError("Access Denied"), "s3://b/a.jpg")).__name__
         'TransientError'
+        >>> str(remote_read_error(ValueError("Invalid endpoint: 127.0.0.1:9000"), "s3://b/a.jpg"))
+        'the storage client is configured wrong, so no image can be read (not retried): s3://b/a.jpg: ValueError: Invalid endpoint: 127.0.0.1:9000'
     """
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return ImageDecodeError("missing file", path)
     if isinstance(exc, IsADirectoryError):
         return ImageDecodeError("not a file", f"is a directory: {path}")
+    if isinstance(exc, UnicodeError):
+        return ImageDecodeError("unsupported path", f"{_one_line(exc)}: {path}")
+    if _botocore_names(exc) & {"ParamValidationError", "EndpointProviderError"} \
+            and _PATH_WORDS.search(str(exc)):
+        return ImageDecodeError("unsupported path", f"{_one_line(exc)}: {path}")
+    if _is_config_error(exc):
+        return StorageConfigError.reading(path, exc)
     code = _s3_code(exc)
     fact = _S3_FACTS.get(code or "")
     if fact is not None:
@@ -278,8 +387,9 @@ class RowFetcher:
 
     Args:
         base_dir: folder that relative paths resolve against (local or a URL such as ``s3://b/p``).
-        storage_options: keyword arguments for ``fsspec.core.url_to_fs`` (e.g. S3 credentials);
-            ``memscore.storage``'s S3 defaults (retries with backoff) apply under them.
+        storage_options: keyword arguments for ``fsspec.core.url_to_fs`` (e.g. S3 credentials).
+            An S3 client makes one request per read, bounded by its connect and read timeouts
+            (``storage.bounded_url_to_fs``): the retries are ``retry_transient``'s.
         max_bytes: files larger than this are "too large" errors (never read whole).
         confine_to: a local folder; local paths whose real path lies outside it are "outside
             input folder" errors. Remote URLs are not affected.
@@ -330,7 +440,7 @@ class RowFetcher:
     # ------------------------------------------------------------------------------- clients
     def _filesystem(self, path: str, protocol: str):
         """(fsspec filesystem, path inside it), the filesystem cached per protocol."""
-        from memscore import storage  # its S3 defaults (retries with backoff) apply here too
+        from memscore import storage
 
         if "::" in protocol:  # chained URLs (e.g. simplecache::s3://) carry per-URL options
             return storage.url_to_fs(path, self.storage_options)
@@ -338,7 +448,7 @@ class RowFetcher:
             with self._fs_lock:
                 fs = self._filesystems.get(protocol)
                 if fs is None:
-                    fs, inner = storage.url_to_fs(
+                    fs, inner = storage.bounded_url_to_fs(
                         path, {**self.storage_options, "skip_instance_cache": True})
                     self._filesystems[protocol] = fs
                     return fs, inner
@@ -346,7 +456,7 @@ class RowFetcher:
         with self._fs_lock:
             fs = self._filesystems.get(protocol)
             if fs is None:
-                fs, inner = storage.url_to_fs(path, self.storage_options)
+                fs, inner = storage.bounded_url_to_fs(path, self.storage_options)
                 self._filesystems[protocol] = fs
                 return fs, inner
         return fs, fs._strip_protocol(path)
@@ -427,7 +537,12 @@ class RowFetcher:
         """One ranged GET of at most ``max_bytes + 1`` bytes: no HEAD first (``fs.open`` asks
         for the size with one), which would double the request cost and halve the request
         rate S3 allows per prefix. A longer object shows as more than ``max_bytes``."""
-        fs, inner = self._filesystem(path, protocol)
+        from memscore.storage import StorageOptionsError
+
+        try:
+            fs, inner = self._filesystem(path, protocol)
+        except StorageOptionsError as exc:  # options no client can work with
+            raise StorageConfigError.reading(path, exc) from None
         try:
             return fs.cat_file(inner, start=0, end=self.max_bytes + 1)
         except Exception as exc:  # NoCredentialsError is no OSError: classify everything
@@ -441,6 +556,7 @@ class RowFetcher:
             ImageDecodeError: a fact about the file ("missing file", "not a file", "unreadable",
                 "too large", "empty file", "outside input folder", ...).
             TransientError: a failure that says nothing about the file.
+            StorageConfigError: the storage client is configured wrong (no read can succeed).
         """
         protocol = _protocol(path)
         if protocol is None or protocol in _LOCAL_PROTOCOLS:
@@ -462,8 +578,9 @@ class RowFetcher:
         (``bytes_given``) the item itself.
 
         Raises:
-            ImageDecodeError, TransientError: as ``read_bytes``; also "missing path" (a null or
-                empty path), "unsupported path" (``resolve_path``) and "no image".
+            ImageDecodeError, TransientError, StorageConfigError: as ``read_bytes``; also
+                "missing path" (a null or empty path), "unsupported path" (``resolve_path``)
+                and "no image".
         """
         if self.bytes_given:
             if item is None:
@@ -480,42 +597,118 @@ class RowFetcher:
 
 
 # ---------------------------------------------------------------------------------------- retries
+class RetryClock:
+    """How long the reads of one decode task have been failing, and whether it has given up.
+
+    The clock starts at the task's first transient failure and starts again at each read that
+    gets through after it (the image, or a fact about it): it measures how long reads have
+    kept failing with none getting through, so a task whose other rows still read and decode
+    (slowly, for minutes) is never stopped by one early failure. Once it has run ``retry_s``
+    and a read fails again, the task gives up (``stopped``); so does a client configuration
+    error (``stop``), at once. Reads are asked ``stopped`` before they start, within a round
+    too, so a task of 256 rows against a dead endpoint gives up after ``retry_s`` plus the one
+    request in flight, not plus 256 timeouts; ``retry_transient`` then raises.
+
+    Thread-safe: the rows of a round are read in threads.
+
+    Args:
+        retry_s: seconds reads may keep failing (``DecodeImages.transient_retry_s``).
+        now: the time source (seconds, monotonic).
+
+    Example:
+        >>> ticks = iter([0.0, 1.0, 5.0, 6.0, 9.0])
+        >>> clock = RetryClock(3, now=lambda: next(ticks))
+        >>> clock.failed(TransientError("s3://b/a.jpg", "EndpointConnectionError")); clock.stopped
+        False
+        >>> clock.got_through()  # t=1: a read got through, the clock starts again
+        >>> clock.failed(TransientError("s3://b/a.jpg", "EndpointConnectionError")); clock.stopped
+        True
+    """
+
+    def __init__(self, retry_s: float, *, now: Callable[[], float] = time.monotonic):
+        if not retry_s >= 0:
+            raise ValueError(f"retry_s must be >= 0, got {retry_s}")
+        self.retry_s = float(retry_s)
+        self._now = now
+        self._lock = threading.Lock()
+        self._since: float | None = None  # the start of the current run of failures
+        self.stopped = False
+        #: the last transient failure, named when the task gives up
+        self.example: TransientError | None = None
+
+    def failed(self, error: TransientError) -> None:
+        """A read failed transiently: start the clock, or give up if it has run out."""
+        with self._lock:
+            now = self._now()
+            self.example = error
+            if self._since is None:
+                self._since = now
+            if now - self._since >= self.retry_s:
+                self.stopped = True
+
+    def got_through(self) -> None:
+        """A read got an answer (the image, or a fact about it): the clock starts again."""
+        with self._lock:
+            if self._since is not None and not self.stopped:
+                self._since = self._now()
+
+    def stop(self) -> None:
+        """Give up now (a client configuration error: no read can succeed)."""
+        self.stopped = True
+
+    def waited(self) -> float:
+        """Seconds since the current run of failures began (0 before any)."""
+        with self._lock:
+            return 0.0 if self._since is None else max(0.0, self._now() - self._since)
+
+    def remaining(self) -> float:
+        """Seconds until the clock runs out (``retry_s`` before any failure)."""
+        return max(0.0, self.retry_s - self.waited())
+
+    def not_read(self, row: str) -> TransientError:
+        """The error of a row not read because the task gave up (never an example)."""
+        return TransientError(row, "not read: the decode task gave up")
+
+
 def retry_transient(
     waiting: Mapping[int, TransientError],
     read_again: Callable[[list[int]], Mapping[int, TransientError]],
     *,
     fetcher: RowFetcher,
-    retry_s: float,
+    clock: RetryClock,
     rows: int,
 ) -> None:
     """Read the rows that failed transiently again, with exponential backoff (1 s doubling to
-    60 s, jittered), until they succeed or become facts; past ``retry_s`` of waiting raise
-    ``TransientFailure``, which fails the task.
+    60 s, jittered), until they succeed or become facts; once ``clock`` has given up (its
+    reads failed for ``clock.retry_s`` with none getting through) raise ``TransientFailure``,
+    which fails the task.
 
-    Each round builds ``fetcher``'s clients anew (``RowFetcher.fresh_clients``).
+    The backoff never sleeps past the clock's end, so the last round reads at the deadline;
+    within a round, reads not yet started when the clock gives up are not started (``read_again``
+    asks ``clock.stopped``). Each round builds ``fetcher``'s clients anew
+    (``RowFetcher.fresh_clients``).
 
     Args:
         waiting: row index -> its transient error, for the rows to read again.
-        read_again: reads (and decodes) the rows at the given indices again, and returns the
-            ones that failed transiently again, index -> error.
+        read_again: reads (and decodes) the rows at the given indices again, reporting each
+            read to ``clock``, and returns the ones that failed transiently again, index ->
+            error.
         fetcher: the ``RowFetcher`` that ``read_again`` reads through.
-        retry_s: seconds of waiting before giving up (``DecodeImages.transient_retry_s``).
+        clock: the task's ``RetryClock``, which its first reads ran under too.
         rows: the rows of the task, named in the failure.
     """
     if not waiting:
         return
-    started = time.monotonic()
     delay = _FIRST_BACKOFF_S
     with fetcher.fresh_clients():  # rotated credentials, a replaced endpoint: a new client
         while waiting:
-            waited = time.monotonic() - started
-            if waited >= retry_s:
-                example = next(iter(waiting.values()))
+            if clock.stopped:
+                example = clock.example or next(iter(waiting.values()))
                 raise TransientFailure(
-                    f"reading images failed for {waited:.0f} s after retries "
-                    f"(--transient-retry-s {retry_s:g}), {len(waiting)} of "
+                    f"reading images failed for {clock.waited():.0f} s after retries "
+                    f"(--transient-retry-s {clock.retry_s:g}), {len(waiting)} of "
                     f"{rows} rows of a decode task: {example}")
-            time.sleep(min(delay * random.uniform(0.5, 1.0), max(0.0, retry_s - waited)))
+            time.sleep(min(delay * random.uniform(0.5, 1.0), clock.remaining()))
             delay = min(2 * delay, _MAX_BACKOFF_S)
             fetcher.drop_clients()
             waiting = read_again(list(waiting))

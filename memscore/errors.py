@@ -6,7 +6,12 @@ one line (``memscore.cli.guarded``) and per-row failures carry ``first_line`` of
 
 from __future__ import annotations
 
-__all__ = ["MemscoreError", "first_line"]
+import re
+
+__all__ = ["MemscoreError", "first_line", "strip_ansi"]
+
+# Colour and cursor sequences (CSI), as Ray puts in a remote traceback's header.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 class MemscoreError(Exception):
@@ -25,11 +30,22 @@ class MemscoreError(Exception):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message: enough to name a problem on one line.
+    """The first line of an exception's message, without terminal escapes: enough to name a
+    problem on one line.
 
     Example:
         >>> first_line(ValueError("bad header\\nat byte 12"))
         'bad header'
     """
-    lines = str(exc).strip().splitlines()
+    lines = strip_ansi(str(exc)).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (Ray colours the task name in its tracebacks).
+
+    Example:
+        >>> strip_ansi("\\x1b[36mray::Write()\\x1b[39m (pid=1)")
+        'ray::Write() (pid=1)'
+    """
+    return _ANSI.sub("", text)

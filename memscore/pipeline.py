@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from memscore import snapshot, storage
+from memscore import failures, snapshot, storage
 from memscore.columns import IMAGE
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
@@ -98,6 +98,7 @@ def init_ray(address: str | None) -> None:
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)
+        failures.ray_started(local=False)
     else:
         start_local_ray()
 
@@ -112,6 +113,9 @@ def start_local_ray(*, log_to_driver: bool = True) -> None:
     # No dashboard: nothing reads it on a one-machine run, and with ray[default] installed
     # it would start several processes and hold memory for the whole run.
     ray.init(num_cpus=local_cores() + 1, include_dashboard=False, log_to_driver=log_to_driver)
+    # ray.init takes SIGTERM over; under memscore's command line SIGTERM is taken back, and
+    # this Ray's GCS and raylet are watched so that losing one ends the run with one line at once.
+    failures.ray_started(local=True)
 
 
 def _decode_task_memory(config, preprocess: dict) -> int:

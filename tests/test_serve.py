@@ -1,11 +1,12 @@
 """memscore serve: the options, then a real server (``memscore serve`` in a subprocess, real
-HTTP), the batch job's scores, batching, bad requests, /healthz, and the page in a real
-headless browser (Debian's chromium driven by selenium)."""
+HTTP), the batch job's scores, batching, bad requests and bad files among good ones, /healthz,
+and the page in a real headless browser (Debian's chromium driven by selenium)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import pytest
 from badimages import write_bomb_png, write_truncated_jpeg
 from memscore.cli import main
 from memscore.config import MemscoreError
-from memscore.serve.app import _only_serve_metrics, build, deployment_options
+from memscore.serve.app import _only_serve_metrics, build, deployment_options, score_answer
 from memscore.serve.config import ServeConfig, parse_replicas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +116,23 @@ def test_metrics_keep_only_ray_serves_own():
             "# HELP python_gc_y GC.\n# TYPE python_gc_y counter\npython_gc_y 1.0\n")
     assert _only_serve_metrics(text) == ("# HELP ray_serve_x Requests.\n"
                                          "# TYPE ray_serve_x counter\nray_serve_x{a=\"b\"} 3.0\n")
+
+
+def test_a_request_is_200_once_a_file_is_scored_else_422_or_500_with_every_files_entry():
+    good = {"file": "a.png", "memorability": 0.8}
+    bad = [{"file": f"bad{i}.jpg", "error": "not an image: text"} for i in range(5)]
+    assert score_answer([bad[0], good], model_failed=False).status_code == 200
+    assert score_answer([good, bad[0]], model_failed=True).status_code == 200
+    for entries, model_failed, status, error in [
+        (bad[:1], False, 422, "bad0.jpg: not an image: text"),
+        (bad, False, 422, "none of the 5 files could be scored: bad0.jpg: not an image: text; "
+                          "bad1.jpg: not an image: text; bad2.jpg: not an image: text; "
+                          "and 2 more"),
+        (bad[:1], True, 500, "bad0.jpg: not an image: text"),  # a model's failure: the server's
+    ]:
+        answer = score_answer(entries, model_failed=model_failed)
+        assert answer.status_code == status
+        assert json.loads(answer.body) == {"error": error, "images": entries}
 
 
 def test_the_page_loads_nothing_from_elsewhere():
@@ -368,6 +386,56 @@ def test_decode_options_as_query_parameters_give_the_batch_jobs_scores_with_them
     assert (upright["width"], upright["height"]) == (stored["height"], stored["width"])
 
 
+def _bad_files(tmp: Path) -> list[Path]:
+    """One file of each kind a request can hold that is no image to score."""
+    (tmp / "empty.jpg").write_bytes(b"")
+    (tmp / "notes.jpg").write_bytes(b"just some text\n" * 40)
+    return [tmp / "empty.jpg", tmp / "notes.jpg", write_truncated_jpeg(tmp), write_bomb_png(tmp)]
+
+
+@pytest.mark.slow
+def test_a_request_with_bad_files_scores_its_good_ones_and_names_each_bad_one(
+        server, batch_job, tmp_path, example_images):
+    empty, notes, truncated, bomb = bad = _bad_files(tmp_path)
+    # what the batch job writes in memscore_error for each (after the kind and the detail of
+    # the bytes, it names the path of an empty file, which an upload does not have)
+    batch_errors = {name: row["memscore_error"] for name, row in batch_job(bad).items()}
+    first, second = example_images[0], example_images[3]
+    alone = {path.name: _post(server.url, [_read(path)]).json()["images"][0]
+             for path in (first, second)}
+
+    answer = _post(server.url, [_read(first), _read(notes), _read(second)])
+    assert answer.status_code == 200, answer.text
+    assert list(answer.json()) == ["images"]
+    images = answer.json()["images"]
+    assert [image["file"] for image in images] == [first.name, notes.name, second.name]
+    assert list(images[1]) == ["file", "error"]
+    assert images[1]["error"].startswith("not an image: ")
+    assert images[1]["error"] == batch_errors[notes.name]
+    for image in (images[0], images[2]):  # what a request of that file alone gets
+        single = alone[image["file"]]
+        for column in SCORE_COLUMNS.values():
+            assert abs(image[column] - single[column]) <= 1e-6, (image["file"], column)
+        assert (image["width"], image["height"]) == (single["width"], single["height"])
+        assert image["models"] == single["models"] and "error" not in image
+
+    answer = _post(server.url, [_read(path) for path in bad])
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    assert [image["file"] for image in body["images"]] == [path.name for path in bad]
+    kinds = [image["error"].split(":")[0] for image in body["images"]]
+    assert kinds == ["empty file", "not an image", "truncated", "decompression bomb"]
+    for image in body["images"]:
+        assert list(image) == ["file", "error"]
+        assert batch_errors[image["file"]].startswith(image["error"]), image
+    assert body["error"] == ("none of the 4 files could be scored: "
+                             + "; ".join(f"{image['file']}: {image['error']}"
+                                         for image in body["images"][:3]) + "; and 1 more")
+    # a request refused as a whole is still refused before any file: no entries
+    answer = _post(server.url, [_read(first), _read(notes)], "?model=nope")
+    assert answer.status_code == 400 and list(answer.json()) == ["error"]
+
+
 def _multipart(files) -> tuple[bytes, str]:
     from urllib3 import encode_multipart_formdata
 
@@ -375,7 +443,8 @@ def _multipart(files) -> tuple[bytes, str]:
 
 
 def _bad_requests(tmp: Path):
-    """(what, keyword arguments of requests.post to /score, query, status, error text)."""
+    """(what, keyword arguments of requests.post to /score, query, status, error text); a 422
+    is a request of one bad file, which is also that file's entry."""
     too_large = ("big.jpg", os.urandom(MAX_UPLOAD_MB * 2**20 + 1024))
     body, content_type = _multipart([too_large])
     streamed = {"data": (body[i:i + 65536] for i in range(0, len(body), 65536)),
@@ -420,8 +489,15 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_answering(server
     for what, kwargs, query, status, error in _bad_requests(tmp_path):
         answer = requests.post(f"{server.url}/score{query}", timeout=120, **kwargs)
         assert answer.status_code == status, (what, answer.status_code, answer.text)
-        assert list(answer.json()) == ["error"] and error in answer.json()["error"], \
-            (what, answer.json())
+        body = answer.json()
+        assert error in body["error"], (what, body)
+        if status == 422:  # the file's own entry: its error without its name
+            [entry] = body.pop("images")
+            name, text = error.split(": ", 1) if ": " in error else (None, error)
+            assert entry["file"] == (name or entry["file"]) and text in entry["error"], \
+                (what, entry)
+            assert body["error"] == f"{entry['file']}: {entry['error']}", (what, body)
+        assert list(body) == ["error"], (what, body)
         after = _post(server.url, good)
         assert after.status_code == 200 and "memorability" in after.json()["images"][0], what
     missing = requests.get(f"{server.url}/no-such-page", timeout=30)
@@ -482,6 +558,42 @@ def test_the_page_shows_the_json_score_of_an_uploaded_image(server, browser, tmp
     assert path.name in card.text and f"{expected['width']}×{expected['height']}" in card.text
     assert "rarely fall below about 0.41" in card.text
     screenshot = tmp_path / "page.png"
+    assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_the_page_shows_a_bad_files_error_in_its_card_beside_the_good_files_scores(
+        server, browser, tmp_path, example_images):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    notes = _bad_files(tmp_path)[1]
+    paths = [example_images[0], notes, example_images[4]]
+    expected = {path.name: _post(server.url, [_read(path)]).json()["images"][0] for path in paths}
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 30).until(lambda d: "resmem" in d.find_element(By.ID, "served").text)
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(str(path) for path in paths))
+    WebDriverWait(browser, 120).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card[data-state]")) == len(paths))
+    cards = {card.find_element(By.CSS_SELECTOR, ".name").text: card
+             for card in browser.find_elements(By.CSS_SELECTOR, ".card")}
+    assert set(cards) == {path.name for path in paths}
+    bad = cards[notes.name]
+    assert bad.get_attribute("data-state") == "error", bad.text
+    # the file's own entry, as the API gives it: "kind: detail"
+    assert bad.find_element(By.CSS_SELECTOR, ".error").text == expected[notes.name]["error"]
+    assert expected[notes.name]["error"].startswith("not an image: ")
+    assert not bad.find_elements(By.CSS_SELECTOR, ".score")
+    for path in (example_images[0], example_images[4]):
+        card = cards[path.name]
+        assert card.get_attribute("data-state") == "scored", card.text
+        assert not card.find_elements(By.CSS_SELECTOR, ".error")
+        shown = {score.get_attribute("data-column"): float(score.get_attribute("data-value"))
+                 for score in card.find_elements(By.CSS_SELECTOR, ".score")}
+        assert set(shown) == set(SCORE_COLUMNS.values())
+        for column, value in shown.items():  # the page's requests may share a forward pass
+            assert abs(value - expected[path.name][column]) <= 1e-6, (path.name, column)
+    screenshot = tmp_path / "page-with-a-bad-file.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
 
 

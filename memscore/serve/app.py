@@ -7,8 +7,18 @@ The ingress (``Ingress``) owns HTTP: it reads a request's multipart ``file`` fie
 bodies over ``max_upload_mb`` as they stream in), decodes each upload on CPU with
 ``decode_image_bytes``, the very function the batch job decodes every row with, and sends each
 image's pixels to the model deployment (``memscore.serve.model.ModelSet``), whose replicas score
-them in batches. Bad requests are 4xx answers with a JSON ``{"error": ...}``; nothing a request
-sends can stop the server.
+them in batches. Nothing a request sends can stop the server.
+
+A bad file is data, as a bad row is in the batch job: ``POST /score`` answers one entry of
+``images`` per file, in upload order, its scores or ``{"file", "error"}`` with the batch job's
+``memscore_error`` text (``"kind: detail"``). The status:
+
+- 200: at least one file was scored (the others' entries say why not);
+- 422: no file was scored and every one is bad (empty, not an image, truncated, a
+  decompression bomb ...): the entries, and ``error`` naming them on one line;
+- 500: no file was scored and a model failed on one (the server's fault): the same body;
+- 400 (no file, a bad parameter or model) and 413 (a body over ``max_upload_mb``): the request
+  itself is refused before any file is decoded, ``{"error": ...}`` alone.
 
 Routes: ``GET /`` (the page), ``POST /score``, ``GET /healthz``, ``GET /models``, ``GET
 /metrics`` (Ray Serve's own metrics, Prometheus text).
@@ -38,7 +48,7 @@ from memscore.serve.config import ServeConfig, parse_replicas
 from memscore.serve.model import ModelSet, describe_models
 
 __all__ = ["build", "deployment_options", "Ingress", "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT",
-           "FILE_FIELD", "MAX_FILES"]
+           "FILE_FIELD", "MAX_FILES", "score_answer"]
 
 log = logging.getLogger("ray.serve")
 
@@ -48,6 +58,9 @@ INGRESS_DEPLOYMENT = "Ingress"
 FILE_FIELD = "file"
 #: Most files one request may hold: each is decoded and held in memory until it is scored.
 MAX_FILES = 64
+#: How many bad files the one-line ``error`` of an answer without scores names (the entries
+#: name them all).
+ERRORS_NAMED = 3
 
 app = FastAPI(title="memscore", summary="Image memorability scores (ResMem and friends)",
               # the interactive docs load their scripts from a CDN: the server works offline
@@ -94,6 +107,40 @@ def _only_serve_metrics(text: str) -> str:
         if name.startswith("ray_serve_"):
             keep.append(line)
     return "\n".join(keep) + "\n"
+
+
+# Above Ingress: ``serve.ingress`` copies the FastAPI app, routes and all, when the class
+# is defined (cloudpickle); a route's method sees only the module's names defined by then.
+def score_answer(images: list[dict], model_failed: bool) -> JSONResponse:
+    """``POST /score``'s answer to a request whose files were all read: ``{"images": images}``
+    with 200 where an entry has scores; else ``error`` beside them, naming the bad files on one
+    line, with 422 (every file is bad) or 500 (a model failed on one: the server's fault).
+
+    Args:
+        images: one entry per file, in upload order; a bad file's is ``{"file", "error"}``.
+        model_failed: whether an entry's error is a model's, not the file's.
+
+    Example:
+        >>> bad = {"file": "notes.txt", "error": "not an image: Pillow cannot identify ..."}
+        >>> good = {"file": "cat.jpg", "memorability": 0.83}
+        >>> score_answer([good, bad], model_failed=False).status_code
+        200
+        >>> import json
+        >>> answer = score_answer([bad, bad], model_failed=False)
+        >>> answer.status_code, json.loads(answer.body)["error"]
+        (422, 'none of the 2 files could be scored: notes.txt: not an image: Pillow cannot \
+identify ...; notes.txt: not an image: Pillow cannot identify ...')
+    """
+    bad = [image for image in images if "error" in image]
+    if len(bad) < len(images):
+        return JSONResponse({"images": images})
+    named = "; ".join(f"{image['file']}: {image['error']}" for image in bad[:ERRORS_NAMED])
+    if len(bad) > ERRORS_NAMED:
+        named += f"; and {len(bad) - ERRORS_NAMED} more"
+    if len(bad) > 1:
+        named = f"none of the {len(bad)} files could be scored: {named}"
+    return JSONResponse({"error": named, "images": images},
+                        status_code=500 if model_failed else 422)
 
 
 @serve.ingress(app)
@@ -161,35 +208,50 @@ class Ingress:
     async def score(self, request: Request, model: str | None = None,
                     fast_decode: bool = False, exif_transpose: bool = False,
                     max_pixels: int | None = None) -> JSONResponse:
-        """Score the images of the multipart ``file`` fields.
+        """Score the images of the multipart ``file`` fields, each file on its own.
 
         Query parameters: ``model`` (some of the served models, comma-separated; default all),
         and the decode options of ``memscore score``: ``fast_decode``, ``exif_transpose``,
         ``max_pixels`` (at most the server's).
+
+        Returns ``{"images": [...]}``, one entry per file in upload order: its scores, size,
+        models and ``batch_size``, or ``{"file", "error"}`` where it cannot be scored. 200 when
+        one file or more was scored; else 422 (every file bad) or 500 (a model failed), with a
+        one-line ``error`` beside the entries (the module's docstring says why).
         """
+        from memscore.row_errors import ImageDecodeError
+
         models = self._models(model)
         limit = self._max_pixels(max_pixels)
         uploads = await self._read_uploads(request)
+        names = [name for name, _ in uploads]
         preprocess = {name: self.preprocess[name] for name in models}
         draft_to = max(max(pre.resize) for pre in preprocess.values()) if fast_decode else 0
         decoded = await asyncio.gather(*(
-            self._decode(name, data, preprocess, limit, draft_to, exif_transpose)
-            for name, data in uploads))
-        scored = await asyncio.gather(*(self.model_set.score.remote(arrays, models)
-                                        for _, _, arrays in decoded))
+            self._decode(data, preprocess, limit, draft_to, exif_transpose)
+            for _, data in uploads))
+        del uploads  # decoded: the pixels are all that is needed of the bytes
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, ImageDecodeError)]
+        scored = dict(zip(good, await asyncio.gather(*(
+            self.model_set.score.remote(decoded[i][2], models) for i in good))))
         served = {m["model"]: m for m in (await self._describe())["models"]}
-        images = []
-        for (name, _), (width, height, _), result in zip(uploads, decoded, scored):
-            if "error" in result:
-                raise HTTPException(500, f"{name}: {result['error']}")
-            image = {"file": name, **{k: v for k, v in result.items() if k != "batch_size"},
-                     "width": width, "height": height,
-                     "models": [{"model": m, "weights": served[m]["weights"],
-                                 "weights_sha256": served[m]["weights_sha256"]}
-                                for m in models],
-                     "batch_size": result["batch_size"]}
-            images.append(image)
-        return JSONResponse({"images": images})
+        images, model_failed = [], False
+        for i, (name, item) in enumerate(zip(names, decoded)):
+            result = scored.get(i, {})
+            error = str(item) if i not in scored else result.get("error")
+            if error is not None:
+                images.append({"file": name, "error": error})
+                model_failed |= i in scored
+                continue
+            width, height, _ = item
+            images.append({"file": name,
+                           **{k: v for k, v in result.items() if k != "batch_size"},
+                           "width": width, "height": height,
+                           "models": [{"model": m, "weights": served[m]["weights"],
+                                       "weights_sha256": served[m]["weights_sha256"]}
+                                      for m in models],
+                           "batch_size": result["batch_size"]})
+        return score_answer(images, model_failed)
 
     def _models(self, asked: str | None) -> tuple[str, ...]:
         from memscore.models import list_models
@@ -262,8 +324,10 @@ class Ingress:
         finally:
             await form.close()
 
-    async def _decode(self, name: str, data: bytes, preprocess: dict, max_pixels: int,
-                      draft_to: int, exif_transpose: bool):
+    async def _decode(self, data: bytes, preprocess: dict, max_pixels: int, draft_to: int,
+                      exif_transpose: bool):
+        """-> ``(width, height, pixels)``, or the ``ImageDecodeError`` that says why not: a bad
+        file is one entry of the answer, not the request's failure."""
         from memscore.decode import decode_image_bytes
         from memscore.row_errors import ImageDecodeError
 
@@ -272,7 +336,7 @@ class Ingress:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, decode)
         except ImageDecodeError as exc:
-            raise HTTPException(422, f"{name}: {exc}") from None
+            return exc
 
     # ---------------------------------------------------------------------------- helpers
     async def _describe(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """memscore serve: the options, then a real server (``memscore serve`` in a subprocess, real
 HTTP), the batch job's scores, batching, bad requests and bad files among good ones, /healthz,
-and the page in a real headless browser (Debian's chromium driven by selenium)."""
+memscore's counters in /metrics, and the page in a real headless browser (Debian's chromium
+driven by selenium)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import pytest
 from badimages import write_bomb_png, write_truncated_jpeg
 from memscore.cli import main
 from memscore.config import MemscoreError
-from memscore.serve.app import _only_serve_metrics, build, deployment_options, score_answer
+from memscore.serve.app import build, deployment_options, metrics_text, score_answer
 from memscore.serve.config import ServeConfig, parse_replicas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,11 +112,31 @@ def test_cli_refuses_bad_options_and_a_taken_port_before_starting_ray(capsys):
     assert ray.is_initialized() == ray_before
 
 
-def test_metrics_keep_only_ray_serves_own():
-    text = ("# HELP ray_serve_x Requests.\n# TYPE ray_serve_x counter\nray_serve_x{a=\"b\"} 3.0\n"
-            "# HELP python_gc_y GC.\n# TYPE python_gc_y counter\npython_gc_y 1.0\n")
-    assert _only_serve_metrics(text) == ("# HELP ray_serve_x Requests.\n"
-                                         "# TYPE ray_serve_x counter\nray_serve_x{a=\"b\"} 3.0\n")
+def test_metrics_keep_ray_serves_and_memscores_own_once_each_from_every_node():
+    def node(address: str, with_memscore: bool) -> str:
+        text = ("# HELP ray_serve_x Requests.\n# TYPE ray_serve_x counter\n"
+                f'ray_serve_x{{node="{address}"}} 3.0\n'
+                "# HELP python_gc_y GC.\n# TYPE python_gc_y counter\npython_gc_y 1.0\n")
+        if with_memscore:  # a model replica's node
+            text += ("# HELP ray_memscore_model_seconds_total Seconds.\n"
+                     "# TYPE ray_memscore_model_seconds_total counter\n"
+                     f'ray_memscore_model_seconds_total{{model="resmem",node="{address}"}} 2.5\n'
+                     "# HELP ray_memscore_batch Sizes.\n# TYPE ray_memscore_batch histogram\n"
+                     f'ray_memscore_batch_bucket{{le="+Inf",node="{address}"}} 2.0\n'
+                     f'ray_memscore_batch_count{{node="{address}"}} 2.0\n')
+        return text
+
+    assert metrics_text([node("a", False), node("b", True), node("c", True)]) == (
+        '# HELP ray_serve_x Requests.\n# TYPE ray_serve_x counter\n'
+        'ray_serve_x{node="a"} 3.0\nray_serve_x{node="b"} 3.0\nray_serve_x{node="c"} 3.0\n'
+        '# HELP memscore_model_seconds_total Seconds.\n'
+        '# TYPE memscore_model_seconds_total counter\n'
+        'memscore_model_seconds_total{model="resmem",node="b"} 2.5\n'
+        'memscore_model_seconds_total{model="resmem",node="c"} 2.5\n'
+        '# HELP memscore_batch Sizes.\n# TYPE memscore_batch histogram\n'
+        'memscore_batch_bucket{le="+Inf",node="b"} 2.0\nmemscore_batch_count{node="b"} 2.0\n'
+        'memscore_batch_bucket{le="+Inf",node="c"} 2.0\nmemscore_batch_count{node="c"} 2.0\n')
+    assert metrics_text(["# HELP python_gc_y GC.\npython_gc_y 1.0\n"]) == ""
 
 
 def test_a_request_is_200_once_a_file_is_scored_else_422_or_500_with_every_files_entry():
@@ -561,6 +582,110 @@ def test_the_page_shows_the_json_score_of_an_uploaded_image(server, browser, tmp
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
 
 
+@dataclasses.dataclass
+class Joined:
+    cluster_address: str
+    gpu_node_id: str
+    server: Server
+
+
+@pytest.fixture(scope="module")
+def joined(tmp_path_factory):
+    """``memscore serve --address`` (ResMem) joined to a two-node Ray cluster of its own whose
+    worker has a GPU (as Ray counts it: this machine has no CUDA, so torch scores on the CPU):
+    the model replica runs there, the ingress on the head. Fresh, so its counters start at 0.
+    The last test that uses it stops it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from test_multinode import private_ray_tmpdir
+
+    ray.shutdown()  # the session's local Ray, if a test before started it
+    with private_ray_tmpdir():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+            cluster.wait_for_nodes()
+            started = _start_server(tmp_path_factory.mktemp("joined"), "--address",
+                                    cluster.address, "--model", "resmem")
+            try:
+                yield Joined(cluster.address, gpu_node.node_id, started)
+            finally:
+                _stop_server(started.process)
+        finally:
+            cluster.shutdown()
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    """The sum of the samples of ``name`` with these labels (one per replica) in Prometheus
+    text, or None where there is none."""
+    values = []
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        have = dict(_LABEL.findall(series[len(name):]))
+        if all(have.get(key) == wanted for key, wanted in labels.items()):
+            values.append(float(value))
+    return sum(values) if values else None
+
+
+def _wait_for_metrics(url: str, wanted: dict, since: float, timeout_s: float = 120):
+    """Poll ``/metrics`` until every ``(name, labels)`` of ``wanted`` has reached its count
+    (Ray's metrics agents export what a process counted some seconds later); -> (the text, the
+    seconds from ``since`` to the first poll that had them all)."""
+    import requests
+
+    while True:
+        text = requests.get(f"{url}/metrics", timeout=30).text
+        seen = {key: _metric(text, key[0], **dict(key[1])) for key in wanted}
+        if all(value is not None and value >= wanted[key] for key, value in seen.items()):
+            return text, time.time() - since
+        assert time.time() - since < timeout_s, f"not exported in {timeout_s} s: {seen}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_metrics_count_files_errors_by_kind_images_and_model_seconds_on_every_node(
+        joined, tmp_path, example_images):
+    """The counters of a fresh server are exactly its requests', the model replica's (images,
+    batches, seconds) read from the worker node's metrics agent, the ingress's (files, errors)
+    from the head's."""
+    import requests
+
+    url = joined.server.url
+    empty, notes, truncated, _ = _bad_files(tmp_path)
+    before = requests.get(f"{url}/metrics", timeout=30).text
+    assert "memscore_files_total{" not in before, "not a fresh server"
+    good = [_read(example_images[0]), _read(example_images[1])]
+    assert _post(url, [good[0], _read(notes), good[1]]).status_code == 200
+    assert _post(url, [_read(empty), _read(truncated)]).status_code == 422
+    assert _post(url, good, "?model=nope").status_code == 400  # refused: no file counted
+    answered = time.time()
+    resmem = (("model", "resmem"),)
+    exact = {("memscore_files_total", ()): 5,
+             ("memscore_images_scored_total", resmem): 2,
+             **{("memscore_errors_total", (("kind", kind),)): 1
+                for kind in ("not an image", "empty file", "truncated")}}
+    batches, seconds = ("memscore_model_batches_total", resmem), \
+        ("memscore_model_seconds_total", resmem)
+    text, delay = _wait_for_metrics(url, {**exact, batches: 1, seconds: 1e-9}, since=answered)
+    print(f"memscore's counters shown {delay:.1f} s after the last answer")
+    assert {key: _metric(text, key[0], **dict(key[1])) for key in exact} == exact
+    assert _metric(text, "memscore_errors_total") == 3  # no other kind
+    # two images, in one forward pass or two, each well under a minute on this CPU
+    passes = _metric(text, batches[0], **dict(batches[1]))
+    assert passes in (1, 2)
+    assert 0 < _metric(text, seconds[0], **dict(seconds[1])) < 60 * passes
+    for name in ("memscore_files_total", "memscore_errors_total", "memscore_images_scored_total",
+                 "memscore_model_batches_total", "memscore_model_seconds_total"):
+        assert text.count(f"# TYPE {name} counter\n") == 1, name
+    assert "ray_memscore" not in text and "ray_serve_" in text
+
+
 @pytest.mark.slow
 def test_the_page_shows_a_bad_files_error_in_its_card_beside_the_good_files_scores(
         server, browser, tmp_path, example_images):
@@ -599,40 +724,25 @@ def test_the_page_shows_a_bad_files_error_in_its_card_beside_the_good_files_scor
 
 @pytest.mark.slow
 def test_joining_a_cluster_the_model_replica_takes_a_gpu_and_ctrl_c_leaves_the_cluster_up(
-        tmp_path, example_images, batch_scores):
-    """``--address``: a cluster whose worker has a GPU (as Ray counts it: this machine has no
-    CUDA, so torch scores on the CPU) gets the model replica there, with a GPU of its own; the
-    ingress stays on the head. Ctrl-C deletes the application and nothing else."""
+        joined, example_images, batch_scores):
+    """``--address``: the model replica lands on the worker with a GPU, with a GPU of its own;
+    Ctrl-C deletes the application and nothing else. Last of the tests on ``joined``."""
     import ray
     import requests
     from ray import serve
-    from ray.cluster_utils import Cluster
 
-    from test_multinode import private_ray_tmpdir
-
-    ray.shutdown()  # the session's local Ray, if a test before started it
-    with private_ray_tmpdir():
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-        try:
-            gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
-            cluster.wait_for_nodes()
-            joined = _start_server(tmp_path, "--address", cluster.address, "--model", "resmem")
-            try:
-                models = requests.get(f"{joined.url}/models", timeout=30).json()
-                assert models["node_id"] == gpu_node.node_id and models["gpu_ids"] == ["0"]
-                [image] = _post(joined.url, [_read(example_images[1])]).json()["images"]
-                _check_scores(image, batch_scores[example_images[1].name], models=("resmem",))
-            finally:
-                assert _stop_server(joined.process) == 0
-            assert "memscore serve: stopped" in joined.log.read_text()
-            ray.init(address=cluster.address, log_to_driver=False)
-            try:
-                assert "memscore" not in serve.status().applications  # deleted, only that
-                assert sum(node["Alive"] for node in ray.nodes()) == 2  # the cluster is up
-            finally:
-                ray.shutdown()
-        finally:
-            cluster.shutdown()
+    models = requests.get(f"{joined.server.url}/models", timeout=30).json()
+    assert models["node_id"] == joined.gpu_node_id and models["gpu_ids"] == ["0"]
+    [image] = _post(joined.server.url, [_read(example_images[1])]).json()["images"]
+    _check_scores(image, batch_scores[example_images[1].name], models=("resmem",))
+    assert _stop_server(joined.server.process) == 0
+    assert "memscore serve: stopped" in joined.server.log.read_text()
+    ray.init(address=joined.cluster_address, log_to_driver=False)
+    try:
+        assert "memscore" not in serve.status().applications  # deleted, only that
+        assert sum(node["Alive"] for node in ray.nodes()) == 2  # the cluster is up
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.slow

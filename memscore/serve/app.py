@@ -21,7 +21,8 @@ A bad file is data, as a bad row is in the batch job: ``POST /score`` answers on
   itself is refused before any file is decoded, ``{"error": ...}`` alone.
 
 Routes: ``GET /`` (the page), ``POST /score``, ``GET /healthz``, ``GET /models``, ``GET
-/metrics`` (Ray Serve's own metrics, Prometheus text).
+/metrics`` (Ray Serve's own metrics and memscore's counters, ``METRICS`` and
+``memscore.serve.model.MODEL_METRICS``, from every node, Prometheus text).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations
@@ -31,6 +32,8 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import re
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
@@ -48,7 +51,7 @@ from memscore.serve.config import ServeConfig, parse_replicas
 from memscore.serve.model import ModelSet, describe_models
 
 __all__ = ["build", "deployment_options", "Ingress", "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT",
-           "FILE_FIELD", "MAX_FILES", "score_answer"]
+           "FILE_FIELD", "MAX_FILES", "METRICS", "metrics_text", "score_answer"]
 
 log = logging.getLogger("ray.serve")
 
@@ -58,6 +61,15 @@ INGRESS_DEPLOYMENT = "Ingress"
 FILE_FIELD = "file"
 #: Most files one request may hold: each is decoded and held in memory until it is scored.
 MAX_FILES = 64
+#: The ingress's Ray metrics (Counters): name -> (description, labels). The model replicas
+#: count the rest (``memscore.serve.model.MODEL_METRICS``).
+METRICS = {
+    "memscore_files": ("Files received by POST /score in requests that passed the request's "
+                       "own checks, scored or not.", ()),
+    "memscore_errors": ("Files POST /score could not score, by the kind of their error "
+                        "(empty file, not an image, truncated, decompression bomb, decode "
+                        "failed, model failed).", ("kind",)),
+}
 #: How many bad files the one-line ``error`` of an answer without scores names (the entries
 #: name them all).
 ERRORS_NAMED = 3
@@ -98,19 +110,70 @@ def _page() -> str:
     return resources.files("memscore.serve").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def _only_serve_metrics(text: str) -> str:
-    """Prometheus text -> the lines of Ray Serve's metrics (``ray_serve_*``), with their help."""
-    keep = []
-    for line in text.splitlines():
-        words = line.split(" ", 3)
-        name = words[2] if line.startswith("# ") and len(words) > 2 else line  # # HELP name ...
-        if name.startswith("ray_serve_"):
-            keep.append(line)
-    return "\n".join(keep) + "\n"
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def _served_name(name: str) -> str | None:
+    """A series' name in Ray's export -> its name on ``/metrics``, or None: not served there.
+    Ray prefixes every application metric with ``ray_``; memscore's go out without it."""
+    if name.startswith("ray_serve_"):
+        return name
+    if name.startswith("ray_memscore_"):
+        return name[len("ray_"):]
+    return None
+
+
+def metrics_text(texts: Iterable[str]) -> str:
+    """Prometheus texts of Ray's metrics agents (one per node) -> one text of Ray Serve's series
+    (``ray_serve_*``) and memscore's (``memscore_*``, which Ray exports as ``ray_memscore_*``),
+    each metric's HELP and TYPE once, above the samples of every node.
+
+    Example:
+        >>> node = ("# HELP ray_memscore_files_total Files.\\n"
+        ...         "# TYPE ray_memscore_files_total counter\\n"
+        ...         'ray_memscore_files_total{{NodeAddress="{}"}} 3.0\\n'
+        ...         "# HELP python_gc_collections_total GC.\\npython_gc_collections_total 1.0\\n")
+        >>> print(metrics_text([node.format("10.0.0.1"), node.format("10.0.0.2")]), end="")
+        # HELP memscore_files_total Files.
+        # TYPE memscore_files_total counter
+        memscore_files_total{NodeAddress="10.0.0.1"} 3.0
+        memscore_files_total{NodeAddress="10.0.0.2"} 3.0
+    """
+    heads: dict[str, dict[str, str]] = {}  # metric -> HELP/TYPE -> its line
+    samples: dict[str, list[str]] = {}
+    for text in texts:
+        metric = None  # the metric the last HELP or TYPE line named: its samples follow
+        for line in text.splitlines():
+            if line.startswith("#"):
+                words = line.split(" ", 3)
+                if len(words) >= 3 and words[1] in ("HELP", "TYPE"):
+                    metric = _served_name(words[2])
+                    if metric is not None:
+                        words[2] = metric
+                        heads.setdefault(metric, {}).setdefault(words[1], " ".join(words))
+                        samples.setdefault(metric, [])
+                continue
+            found = _METRIC_NAME.match(line)
+            name = _served_name(found.group()) if found else None
+            if name is None:
+                continue
+            # a histogram's _bucket, _count and _sum belong to the metric above them
+            owner = metric if metric is not None and name.startswith(metric) else name
+            samples.setdefault(owner, []).append(name + line[found.end():])
+    lines = []
+    for metric, metric_samples in samples.items():
+        head = heads.get(metric, {})
+        lines += [head[key] for key in ("HELP", "TYPE") if key in head] + metric_samples
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 # Above Ingress: ``serve.ingress`` copies the FastAPI app, routes and all, when the class
 # is defined (cloudpickle); a route's method sees only the module's names defined by then.
+def _error_kind(error: str) -> str:
+    """``"kind: detail"`` (a row error's text) -> ``kind``."""
+    return error.split(":", 1)[0]
+
+
 def score_answer(images: list[dict], model_failed: bool) -> JSONResponse:
     """``POST /score``'s answer to a request whose files were all read: ``{"images": images}``
     with 200 where an entry has scores; else ``error`` beside them, naming the bad files on one
@@ -143,6 +206,33 @@ identify ...; notes.txt: not an image: Pillow cannot identify ...')
                         status_code=500 if model_failed else 422)
 
 
+def _nodes_metrics() -> str:
+    """The metrics ``GET /metrics`` serves, read from the Ray metrics agent of every live node:
+    the model replicas count on theirs, which on a cluster are not the ingress's node. An agent
+    that does not answer is a comment line above the others' metrics."""
+    import urllib.request
+
+    import ray
+
+    urls = [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            for node in ray.nodes() if node["Alive"]]
+
+    def read(url: str) -> tuple[str | None, str | None]:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read().decode("utf-8", "replace"), None
+        except OSError as exc:  # a node going away: the others' metrics still count
+            return None, f"Ray's metrics agent at {url} did not answer: {exc}"
+
+    with ThreadPoolExecutor(max_workers=min(16, len(urls) or 1)) as pool:
+        answers = list(pool.map(read, urls))
+    texts = [text for text, _ in answers if text is not None]
+    problems = [problem for _, problem in answers if problem is not None]
+    if not texts:
+        raise HTTPException(503, "; ".join(problems) or "no live Ray node")
+    return "".join(f"# memscore: {problem}\n" for problem in problems) + metrics_text(texts)
+
+
 @serve.ingress(app)
 class Ingress:
     """The HTTP front: decodes uploads on CPU and asks the model deployment for their scores.
@@ -165,6 +255,10 @@ class Ingress:
                                        thread_name_prefix="memscore-upload")
         self.page = _page()
         self._served: dict[str, Any] | None = None
+        from ray.util.metrics import Counter
+
+        self.counters = {name: Counter(name, description=text, tag_keys=labels)
+                         for name, (text, labels) in METRICS.items()}
 
     # ------------------------------------------------------------------------------ pages
     @app.get("/", response_class=HTMLResponse)
@@ -197,11 +291,12 @@ class Ingress:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self) -> PlainTextResponse:
-        """Ray Serve's own metrics (``ray_serve_*``: requests, latencies, batch sizes ...) as
-        this node's Ray metrics agent exports them, in Prometheus text format."""
-        text = await asyncio.get_running_loop().run_in_executor(self.pool, self._node_metrics)
-        return PlainTextResponse(_only_serve_metrics(text),
-                                 media_type="text/plain; version=0.0.4")
+        """Ray Serve's own metrics (``ray_serve_*``: requests, latencies, batch sizes ...) and
+        memscore's (``memscore_*``: files, errors by kind, images scored and model seconds by
+        model) as the Ray metrics agents of every node export them, in Prometheus text format.
+        The agents export what a process counted some seconds later (docs/serve.md)."""
+        text = await asyncio.get_running_loop().run_in_executor(self.pool, _nodes_metrics)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # ------------------------------------------------------------------------------ scores
     @app.post("/score")
@@ -224,6 +319,7 @@ class Ingress:
         models = self._models(model)
         limit = self._max_pixels(max_pixels)
         uploads = await self._read_uploads(request)
+        self.counters["memscore_files"].inc(len(uploads))
         names = [name for name, _ in uploads]
         preprocess = {name: self.preprocess[name] for name in models}
         draft_to = max(max(pre.resize) for pre in preprocess.values()) if fast_decode else 0
@@ -241,6 +337,7 @@ class Ingress:
             error = str(item) if i not in scored else result.get("error")
             if error is not None:
                 images.append({"file": name, "error": error})
+                self.counters["memscore_errors"].inc(tags={"kind": _error_kind(error)})
                 model_failed |= i in scored
                 continue
             width, height, _ = item
@@ -360,20 +457,6 @@ class Ingress:
             shown = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()))
             return False, f"model replicas: {shown or 'none yet'} ({status.lower()})"
         return True, running
-
-    def _node_metrics(self) -> str:
-        import urllib.request
-
-        import ray
-
-        node_id = ray.get_runtime_context().get_node_id()
-        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return response.read().decode("utf-8", "replace")
-        except OSError as exc:
-            raise HTTPException(503, f"Ray's metrics agent at {url} did not answer: {exc}")
 
 
 def _cluster_gpus() -> float:

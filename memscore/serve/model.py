@@ -5,6 +5,9 @@ same pixels give the same score) and is deployed by ``memscore.serve.app.build``
 each request is one call of ``score``; ``score_batch`` is Ray Serve's ``@serve.batch``
 method, which gathers the calls that arrive while a forward pass runs into the next one. The
 forward runs in a thread, so the replica keeps accepting calls (and health checks) meanwhile.
+
+Each replica counts, per model, the images it scored, its forward passes and their seconds
+(``MODEL_METRICS``, Ray metrics that ``GET /metrics`` serves; docs/serve.md lists them).
 """
 
 from __future__ import annotations
@@ -20,9 +23,21 @@ from ray import serve
 from memscore.columns import ERROR, HEIGHT, MODEL, WIDTH, pixels_column
 from memscore.errors import MemscoreError
 
-__all__ = ["ModelSet", "describe_models"]
+__all__ = ["ModelSet", "describe_models", "MODEL_METRICS"]
 
 log = logging.getLogger("ray.serve")
+
+#: The model replicas' Ray metrics (Counters, label ``model``): name -> description. Ray exports
+#: a Counter ``x`` as ``ray_x_total``; ``GET /metrics`` serves it as ``x_total``.
+MODEL_METRICS = {
+    "memscore_images_scored": "Images a model scored (an image scored by two models counts "
+                              "once for each).",
+    "memscore_model_batches": "Forward passes of a model (one per batch of images).",
+    # A Counter, not a Histogram: Ray's histograms export a sum rebuilt from bucket midpoints,
+    # and seconds per image (seconds / images) needs the exact sum.
+    "memscore_model_seconds": "Seconds a model spent in its forward passes (preprocessing of "
+                              "the uint8 pixels on the device, the forward, the copy back).",
+}
 
 
 def describe_models(models: tuple[str, ...], weights: str | None = None,
@@ -96,6 +111,10 @@ class ModelSet:
         self.node_id = context.get_node_id()
         self.gpu_ids = [str(i) for i in context.get_accelerator_ids().get("GPU", [])]
         self.info = describe_models(self.models, weights, with_sha256=True)
+        from ray.util.metrics import Counter
+
+        self.counters = {name: Counter(name, description=text, tag_keys=("model",))
+                         for name, text in MODEL_METRICS.items()}
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_s)
         self.load_s = round(time.perf_counter() - started, 3)
@@ -139,7 +158,9 @@ class ModelSet:
                 pixels_column(name): ArrowTensorArray.from_numpy(
                     np.stack([items[i][0][name] for i in rows])),
             })
+            started = time.perf_counter()
             scored = scorer(table)
+            self._count(name, scored, time.perf_counter() - started)
             # whatever columns the model stage adds besides its bookkeeping: the scores
             columns = [c for c in scored.column_names if c not in (ERROR, MODEL, WIDTH, HEIGHT)]
             errors = scored.column(ERROR).to_pylist()
@@ -150,3 +171,11 @@ class ModelSet:
                 if error is not None:
                     results[i]["error"] = error
         return results
+
+    def _count(self, model: str, scored, seconds: float) -> None:
+        tags = {"model": model}
+        images = scored.column(ERROR).null_count  # a row without an error was scored
+        if images:  # Ray's Counter refuses an increment of 0
+            self.counters["memscore_images_scored"].inc(images, tags=tags)
+        self.counters["memscore_model_batches"].inc(1, tags=tags)
+        self.counters["memscore_model_seconds"].inc(max(seconds, 1e-9), tags=tags)

@@ -78,7 +78,8 @@ DEFAULT_MAX_BYTES = 512 * 2**20
 #: (permission denied, an archived object restored).
 RETRYABLE_KINDS = ("unreadable", "decode failed")
 
-#: Seconds a decode task keeps retrying transient failures (``DecodeImages.transient_retry_s``).
+#: Seconds a decode task's reads may keep failing transiently, none getting through, before
+#: it gives up (``DecodeImages.transient_retry_s``, ``RetryClock``).
 DEFAULT_TRANSIENT_RETRY_S = 600.0
 _FIRST_BACKOFF_S = 1.0
 _MAX_BACKOFF_S = 60.0

@@ -11,11 +11,13 @@ fix) prints as one line and exits with 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from memscore.config import (EvaluateConfig, FinetuneConfig, ScoreConfig, TrainSAEConfig, add_arguments,
                              from_args)
-from memscore.errors import MemscoreError, first_line
+from memscore import failures
+from memscore.errors import MemscoreError
 
 __all__ = ["main", "guarded", "add_debug_flag", "build_parser", "format_summary_line", "score_command", "finetune_command",
            "evaluate_command", "serve_command", "train_sae_command", "job_entrypoint"]
@@ -64,14 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "verify",
         help="check that an output holds every manifest row exactly once",
-        description="Report the manifest rows missing from OUTPUT, those in it more than once, "
-        "and rows in it that the manifest does not have; exit 1 if there are any.",
+        description="Check that --manifest is the one the run read (its path and fingerprint; "
+        "exit 1 with one line if not), then report the manifest rows missing from OUTPUT, "
+        "those in it more than once, and rows in it that the manifest does not have; exit 1 "
+        "if there are any.",
     )
     check.add_argument("output", help="the --output folder of a run (local or s3://)")
     check.add_argument("--manifest", required=True, help="the run's manifest")
     check.add_argument("--path-column", help="the manifest's path column (default: the run's)")
     check.add_argument("--id-column", help="match rows by this column (default: the run's "
                        "--id-column, else memscore_row)")
+    check.add_argument("--ignore-identity", action="store_true",
+                       help="the manifest moved or was copied on purpose: skip the check that "
+                       "it is the run's (its path and fingerprint, as the run recorded them) "
+                       "and match rows by their paths instead of their positions")
     check.add_argument("--storage-option", dest="storage_options", action="append",
                        metavar="KEY=VALUE", help="fsspec/s3fs option, as for score")
     evaluation = commands.add_parser(
@@ -151,14 +159,19 @@ def _models(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from memscore.storage import absolute, parse_storage_options
-    from memscore.verify import verify
+    from memscore.verify import NotTheRunsManifest, verify
 
     try:
         options = parse_storage_options(args.storage_options)
     except ValueError as exc:
         raise MemscoreError(str(exc)) from None
-    report = verify(absolute(args.output), absolute(args.manifest), path_column=args.path_column,
-                    id_column=args.id_column, storage_options=options)
+    try:
+        report = verify(absolute(args.output), absolute(args.manifest),
+                        path_column=args.path_column, id_column=args.id_column,
+                        ignore_identity=args.ignore_identity, storage_options=options)
+    except NotTheRunsManifest as exc:  # a failed check, as a mismatch of rows is: exit 1
+        print(f"memscore: verify: {exc}", file=sys.stderr)
+        return 1
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
@@ -181,22 +194,52 @@ def guarded(command, args: argparse.Namespace) -> int:
     """``command(args)``, with every error as one line on stderr instead of a traceback.
 
     A ``MemscoreError`` (a problem the user can fix) exits with 2; any other exception is
-    named in one line with a pointer to ``--debug``, which re-raises it whole, and exits 1.
+    named in one line by its innermost cause (``failures.describe``: a Ray task's own
+    exception, not Ray's wrapper) with a pointer to ``--debug``, which re-raises it whole, and
+    exits 1. SIGTERM stops a command as Ctrl-C does, with one line and exit 143 (128 + 15, a
+    shell's code for a process ended by SIGTERM); Ray Data's logged tracebacks stay off the
+    terminal unless ``--debug`` (``failures.command_line``).
     """
-    try:
-        return command(args)
-    except MemscoreError as exc:
-        print(f"memscore: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("memscore: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if getattr(args, "debug", False):
-            raise
-        print(f"memscore: error: {type(exc).__name__}: {first_line(exc)[:500]} "
-              f"(run again with --debug for the traceback)", file=sys.stderr)
-        return 1
+    debug = getattr(args, "debug", False)
+    hint = _resume_hint(command)
+    with failures.command_line(resume_hint=hint, debug=debug):
+        try:
+            return command(args)
+        except MemscoreError as exc:
+            print(f"memscore: error: {exc}", file=sys.stderr)
+            return 2
+        except failures.Terminated:
+            return _terminated(hint)
+        except KeyboardInterrupt:
+            print("memscore: interrupted", file=sys.stderr)
+            return 130
+        except SystemExit as exc:
+            # ray.init installs its own SIGTERM handler, sys.exit(15), before it starts the
+            # node: a SIGTERM in those seconds, before failures.ray_started takes SIGTERM back
+            if exc.code != signal.SIGTERM:
+                raise
+            return _terminated(hint)
+        except Exception as exc:
+            if debug:
+                raise
+            print(f"memscore: error: {failures.describe(exc)} "
+                  f"(run again with --debug for the traceback)", file=sys.stderr)
+            return 1
+
+
+def _terminated(hint: str | None) -> int:
+    print("memscore: terminated (SIGTERM)" + (f"; {hint}" if hint else ""), file=sys.stderr)
+    return 128 + signal.SIGTERM
+
+
+def _resume_hint(command) -> str | None:
+    """What finishes ``command`` after it was stopped: scoring resumes with --resume, the
+    training jobs with the same command (the same --name); the others have nothing to finish."""
+    if command is score_command:
+        return "run the same command with --resume to finish it"
+    if command in (finetune_command, train_sae_command):
+        return "run the same command again to resume it"
+    return None
 
 
 def _run_job(job, config_cls, args: argparse.Namespace):
@@ -232,6 +275,8 @@ def score_command(args: argparse.Namespace) -> int:
     from memscore.run import score
 
     summary = _run_job(score, ScoreConfig, args)
+    for warning in summary.get("warnings", []):
+        print(f"memscore: warning: {warning}", file=sys.stderr)
     print(format_summary_line(summary))
     return 0
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from memscore.error_fraction import ErrorFractionExceeded
 from memscore.errors import first_line, strip_ansi
-from memscore.fetch import TransientFailure
+from memscore.fetch import StorageConfigError, TransientFailure
 
 __all__ = ["STOPPED", "WATCH_INTERVAL_S", "Cause", "Terminated", "innermost", "describe",
            "run_stopped", "command_line", "ray_started"]
@@ -44,7 +44,7 @@ __all__ = ["STOPPED", "WATCH_INTERVAL_S", "Cause", "Terminated", "innermost", "d
 STOPPED: tuple[type[BaseException], ...] = (
     TransientFailure,
     ErrorFractionExceeded,
-    # >>> the S3 client configuration error of memscore.fetch (issue 24) goes here <<<
+    StorageConfigError,  # an S3 client no request can succeed with: stopped at once
 )
 
 _RESUME = "run the same command with --resume (committed rows are kept)"
@@ -53,6 +53,8 @@ _RESUME = "run the same command with --resume (committed rows are kept)"
 _AFTER = {
     ErrorFractionExceeded: "fix the cause and score again (--overwrite), or raise "
                            "--max-error-fraction (1 turns the check off) and --resume",
+    StorageConfigError: "fix the storage options (--storage-option or the AWS_* variables) and "
+                        "run the same command with --resume (committed rows are kept)",
 }
 
 #: Errors of a storage that refuses the run's writes, with what frees the way for --resume.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -20,12 +19,18 @@ from memscore.cluster_check import check_shared_storage
 from memscore.columns import BOOKKEEPING, score_column
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError, first_line
+# run_stopped lives in memscore.failures; importable from here for code written before.
+from memscore.failures import run_stopped  # noqa: F401
 from memscore.fetch import RETRYABLE_KINDS
 from memscore.error_fraction import MIN_ROWS, start_counter
 from memscore.manifest import Manifest, open_manifest
+from memscore.lease import Lease, acquire_lease
 from memscore.models._api import file_sha256
 from memscore.output import (
+    SummaryUnreadable,
+    check_output_location,
     count_output,
+    output_files,
     package_versions,
     prepare_output,
     read_summary,
@@ -216,50 +221,63 @@ def _shard_counts(config: ScoreConfig, manifest: Manifest, dropped: dict) -> lis
     return counts
 
 
-_STOPPED_RE = re.compile(
-    r"^memscore\.(fetch\.TransientFailure|error_fraction\.ErrorFractionExceeded): (.+)$",
-    re.MULTILINE)
+def _plural(n: int, one: str, many: str) -> str:
+    return one if n == 1 else many
 
 
-def run_stopped(exc: BaseException) -> str | None:
-    """The one line for a run that failed because a decode task gave up on transient failures
-    (``fetch.TransientFailure``) or passed ``--max-error-fraction``; None for anything else.
+def _incomplete_line(output: str, rows: int, counts: dict[str, Any]) -> str:
+    """The one line for an output whose final count is not every row exactly once, with the
+    way on that fits what is wrong."""
+    parts = []
+    if counts["rows_missing"]:
+        parts.append(f"{counts['rows_missing']} missing (e.g. {resume.ROW_COLUMN} "
+                     f"{counts['missing_examples']})")
+    if counts["rows_duplicated"]:
+        parts.append(f"{counts['rows_duplicated']} written more than once (e.g. "
+                     f"{counts['duplicated_examples']})")
+    if counts["rows_unexpected"]:
+        parts.append(f"{counts['rows_unexpected']} not in the manifest (e.g. "
+                     f"{counts['unexpected_examples']})")
+    line = f"{output}: {counts['rows_out']} rows written for {rows} manifest rows: " + \
+        ", ".join(parts)
+    if counts["rows_duplicated"]:
+        return (line + "; another run wrote into this output at the same time (an older "
+                "memscore, or a storage that ignores conditional writes): run again with "
+                "--resume, which keeps one copy of each row")
+    return line + "; run again with --resume"
 
-    Ray wraps a task's exception: on the driver, Ray Data raises
-    ``RayTaskError(UserCodeException)``, which has lost the original exception object
-    (exceptions travel pickled, without ``__cause__``) but whose text is the remote traceback,
-    ending the original with ``memscore.fetch.TransientFailure: <message>``. So the chain
-    (``cause``, ``__cause__``, ``__context__``) is searched for the exception itself (a local
-    run of the stage, or a Ray that keeps it), then the chain's texts for that line.
-    """
-    from memscore.fetch import TransientFailure
-    from memscore.error_fraction import ErrorFractionExceeded
 
-    chain: list[BaseException] = []
-    todo = [exc]
-    while todo:
-        current = todo.pop(0)
-        if current is None or any(current is seen for seen in chain) or len(chain) > 50:
-            continue
-        chain.append(current)
-        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
-    line = transient = None
-    for current in chain:
-        # the original, not Ray's subclass of it (whose str() is a whole traceback)
-        if type(current) in (TransientFailure, ErrorFractionExceeded):
-            line, transient = first_line(current), isinstance(current, TransientFailure)
-            break
-    for current in chain if line is None else ():
-        match = _STOPPED_RE.search(str(current))
-        if match:
-            line, transient = match.group(2).strip(), match.group(1) == "fetch.TransientFailure"
-            break
-    if line is None:
-        return None
-    if transient:
-        return f"{line}; fix it and run the same command with --resume (committed rows are kept)"
-    return (f"{line}; fix the cause and score again (--overwrite), or raise "
-            f"--max-error-fraction (1 turns the check off) and --resume")
+def _resumed_snapshot(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any],
+                      notes: list[str]) -> Snapshot:
+    """The snapshot an interrupted run resumes from: its state's, once the state is checked
+    to be this run's; or, where the state is unreadable or gone (a cut-short state.json, or a
+    finished run whose summary was unreadable), a state rebuilt from this command."""
+    try:
+        state = resume.read_state(config.output, config.storage_options)
+    except resume.StateUnreadable as exc:
+        notes.append(str(exc).split(";")[0] + "; rebuilt from this command")
+        state = None
+    if state is not None:
+        return resume.check_same_run(state, identity, config.output)
+    return _rebuild_state(config, manifest, identity)
+
+
+def _rebuild_state(config: ScoreConfig, manifest: Manifest,
+                   identity: dict[str, Any]) -> Snapshot:
+    """A lost state made again: the manifest snapshot written anew, every committed row checked
+    to be the snapshot's row of its ``memscore_row`` (by its path: a manifest changed since is
+    refused), Ray's checkpoint rebuilt from the output files where it went with the work
+    folder, and the state written. What cannot be checked is the options that left no trace in
+    the files (decode options, precision): they are this command's."""
+    snapshot = _new_snapshot(manifest, config)
+    if manifest.kind != "webdataset":
+        resume.check_rows_match(config.output, snapshot, manifest.path_column,
+                                config.storage_options)
+    if output_files(config.output, config.storage_options) and not \
+            resume.committed_rows(config.output, config.storage_options):
+        resume.rebuild_checkpoint(config.output, config.storage_options)
+    resume.write_state(config.output, identity, snapshot, config.storage_options)
+    return snapshot
 
 
 def score(config: ScoreConfig) -> dict[str, Any]:
@@ -277,9 +295,6 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         >>> summary["rows_out"] == summary["rows_in"]
         True
     """
-    import ray
-    from ray.data import DataContext
-
     from memscore.predict import output_columns
 
     started = dt.datetime.now(dt.timezone.utc)
@@ -293,6 +308,44 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     if config.id_column and config.id_column not in manifest.columns:
         raise MemscoreError(f"{config.manifest}: no --id-column {config.id_column!r} "
                             f"(columns: {', '.join(manifest.columns)})")
+    check_output_location(config.output, storage_options=config.storage_options,
+                          inputs=(config.manifest,))
+    # One writer per output, for the whole run: a second run (or a --resume while this one
+    # goes on) is refused here, before it reads or writes anything of the output.
+    lease = acquire_lease(config.output, config.storage_options,
+                          take_over=config.resume or config.overwrite)
+    lease.stop_run_when_lost()
+    try:
+        return _score_holding(config, manifest, weights, added, lease, started)
+    except KeyboardInterrupt:
+        if lease.lost is None:
+            raise
+        raise MemscoreError(
+            f"--output {config.output}: the run stopped because {lease.lost}; once no other "
+            f"run writes there, check it with memscore verify and finish it with --resume"
+        ) from None
+    finally:
+        lease.release()
+
+
+def _lease_notes(lease: Lease) -> list[str]:
+    notes = []
+    if lease.took_over is not None:
+        notes.append(f"took over the lease of a memscore run that is gone "
+                     f"({lease.took_over.describe()})")
+    if lease.unconditional:
+        notes.append(f"the storage of {lease.output} ignores conditional writes "
+                     f"(If-None-Match): two runs writing there at once are not excluded")
+    return notes
+
+
+def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[str, Any]],
+                   added: list[str], lease: Lease, started: dt.datetime) -> dict[str, Any]:
+    """``score``'s work, once this process holds the output's lease."""
+    import ray
+    from ray.data import DataContext
+
+    notes = _lease_notes(lease)
     mode = prepare_output(config.output, overwrite=config.overwrite, resume=config.resume,
                           storage_options=config.storage_options, inputs=(config.manifest,))
     identity = resume.run_identity(manifest, config)
@@ -301,19 +354,20 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         identity["weights_sha256"] = folders
     reopened = False
     if mode == "complete":
-        finished = read_summary(config.output, config.storage_options)
+        try:
+            finished = read_summary(config.output, config.storage_options)
+        except SummaryUnreadable as exc:
+            # Every committed row is on disk: the run is finished from them, as an
+            # interrupted one (its state, or one rebuilt below when it is gone too).
+            notes.append(str(exc).split(";")[0] + "; finishing the run from its committed "
+                         "files")
+            finished = {"status": "unreadable"}
         if finished.get("status") == "complete":
             resume.check_same_run(finished.get("run") or {}, identity, config.output,
                                   finished=True)
             if not (config.retry_errors and _reopen(config, manifest, identity)):
                 return finished
             reopened = True
-        # A run that ended short of complete (rows missing) is finished from its checkpoint;
-        # its summary goes, so that only a complete run ever has one.
-        if resume.read_state(config.output, config.storage_options) is None:
-            raise MemscoreError(
-                f"--output {config.output} holds a run that ended with status "
-                f"{finished.get('status')!r} and no state to resume from; give --overwrite")
         remove_summary(config.output, config.storage_options)
         mode = "resume"
     # Before anything is written into the output: a cluster whose nodes cannot all see it
@@ -321,11 +375,17 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     init_ray(config.address)
     check_shared_storage(config.output, manifest, config.storage_options)  # >1 node only
     if mode == "resume":
-        snapshot = resume.check_same_run(resume.read_state(config.output, config.storage_options),
-                                         identity, config.output)
+        snapshot = _resumed_snapshot(config, manifest, identity, notes)
         resume.apply_retry_plan(config.output, config.storage_options)  # one a kill cut short
+        resume.committed_rows(config.output, config.storage_options)  # repairs renames
+        # An output two runs wrote at once (an older memscore, or a storage that ignores
+        # conditional writes) keeps one copy of each row, through the checkpoint.
+        doubled = resume.drop_duplicate_rows(config.output, config.storage_options)
+        if doubled:
+            resume.apply_retry_plan(config.output, config.storage_options)
+            notes.append(f"removed {doubled} second {_plural(doubled, 'copy', 'copies')} of "
+                         f"rows that two runs had written into {config.output}")
         if config.retry_errors and not reopened:
-            resume.committed_rows(config.output, config.storage_options)  # repairs renames
             resume.drop_error_rows(config.output, config.storage_options, RETRYABLE_KINDS)
             resume.apply_retry_plan(config.output, config.storage_options)
     else:
@@ -358,7 +418,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             write_parquet(build_dataset(config, manifest, snapshot, plan, counter),
                           config.output, config.storage_options, config.rows_per_file)
         except Exception as exc:
-            stopped = run_stopped(exc)
+            # a Ray task's failure the user can act on (full disk, storage outage, mostly
+            # errors) as one line; anything else goes up whole, for guarded or --debug
+            stopped = run_stopped(exc, output=config.output)
             if stopped is None:
                 raise
             raise MemscoreError(stopped) from None
@@ -405,7 +467,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         "gpus_per_actor": plan["num_gpus"],
         "versions": package_versions(),
         "config": recorded,
-        "run": identity,  # what --resume compares a later command with
+        "run": identity,  # what --resume and memscore verify compare a later command with
+        "run_id": lease.run_id,
+        "warnings": notes,
     }
     if shards is not None:  # what `memscore verify` checks a WebDataset output against
         summary["shards"] = shards
@@ -413,10 +477,6 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         summary["members_left_out"] = dropped
     write_summary(config.output, summary, config.storage_options)
     if not counts["complete"]:
-        raise MemscoreError(
-            f"{config.output}: {counts['rows_out']} rows written for {snapshot.rows} manifest "
-            f"rows: {counts['rows_missing']} missing (e.g. {resume.ROW_COLUMN} "
-            f"{counts['missing_examples']}), {counts['rows_duplicated']} duplicated (e.g. "
-            f"{counts['duplicated_examples']}); run again with --resume")
+        raise MemscoreError(_incomplete_line(config.output, snapshot.rows, counts))
     resume.remove_work_dir(config.output, config.storage_options)
     return summary

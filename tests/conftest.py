@@ -14,6 +14,7 @@ EXAMPLES = ROOT / "examples" / "images"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers: badimages, s3server
 from s3server import s3_endpoint  # noqa: F401, E402
+from rayhead import start_ray_head  # noqa: E402
 
 # Ray's embedded instance: token auth prints a warning per start and nothing here needs it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -47,6 +48,13 @@ def ray_local():
         start_local_ray(log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """``ray start --head`` with the job server and token authentication on (``rayhead.py``)."""
+    with start_ray_head(tmp_path) as head:
+        yield head
 
 
 @pytest.fixture(scope="module")

@@ -778,14 +778,12 @@ def test_score_with_credentials_in_the_endpoint_url_stops_at_once(s3_endpoint, i
                               "--storage-option", f"endpoint_url={endpoint}"], {}, timeout=300)
     errors = _error_lines(lines)
     print(f"user:pass@, images: exit {code} after {wall:.1f} s: {errors}")
-    assert len(errors) == 1, lines[-20:]
+    assert code == 2 and len(errors) == 1, lines[-20:]
     assert "the storage client is configured wrong, so no image can be read (not retried)" \
         in errors[0] and "has credentials in it" in errors[0], errors[0]
+    assert errors[0].endswith("and run the same command with --resume (committed rows are kept)")
     assert not any("hunter2" in line for line in lines)
     assert wall < 60, wall  # Ray's start, as above; with the default 600 s budget: no wait
-    if code != 2:  # one line but not yet a MemscoreError: exit 1 with a --debug hint
-        pytest.xfail("memscore.failures.STOPPED does not name memscore.fetch.StorageConfigError"
-                     " yet: wire it, then drop this xfail")
 
 
 @pytest.mark.slow

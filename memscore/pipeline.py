@@ -112,7 +112,11 @@ def start_local_ray(*, log_to_driver: bool = True) -> None:
     # tasks would otherwise never be scheduled (measured: the run hangs).
     # No dashboard: nothing reads it on a one-machine run, and with ray[default] installed
     # it would start several processes and hold memory for the whole run.
-    ray.init(num_cpus=local_cores() + 1, include_dashboard=False, log_to_driver=log_to_driver)
+    # address="local": a Ray of its own even when `ray start` left one running on this machine,
+    # which a bare ray.init() would join (and then refuse num_cpus: "When connecting to an
+    # existing cluster, num_cpus and num_gpus must not be provided"); --address joins a cluster.
+    ray.init(address="local", num_cpus=local_cores() + 1, include_dashboard=False,
+             log_to_driver=log_to_driver)
     # ray.init takes SIGTERM over; under memscore's command line SIGTERM is taken back, and
     # this Ray's GCS and raylet are watched so that losing one ends the run with one line at once.
     failures.ray_started(local=True)

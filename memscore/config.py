@@ -236,12 +236,15 @@ class ScoreConfig:
         "errors, and permission denied or archived objects since fixed). Their rows are "
         "taken out of the output files and the checkpoint first.", action="store_true"))
     transient_retry_s: float = field(default=600.0, metadata=_opt(
-        "Seconds a decode task keeps reading again (backoff 1 s doubling to 60 s, a new S3 "
-        "client each time) rows that failed for a reason that says nothing about the image: "
-        "network and S3 5xx/throttling errors past the client's own retries, expired or "
-        "missing credentials, EIO on a mount, out of memory. Past it the run stops with one "
-        "line and resumes with --resume; such rows never become error rows. 600 rides out a "
-        "ten-minute outage; a cause that stays (revoked credentials) stops the run after it."))
+        "A deadline: how long a decode task's image reads may keep failing, with none getting "
+        "through, for a reason that says nothing about the image (network and S3 5xx or "
+        "throttling errors, expired or missing credentials, EIO on a mount, out of memory); "
+        "they are read again meanwhile (backoff 1 s doubling to 60 s, a new S3 client each "
+        "time, one request per read). Past it the run stops, within one request's timeout, "
+        "with one line, and resumes with --resume; such rows never become error rows. 600 "
+        "rides out a ten-minute outage; a cause that stays (revoked credentials) stops the run "
+        "after it. A storage configured wrong (credentials in the endpoint URL, an invalid "
+        "region) stops the run at once."))
     max_error_fraction: float = field(default=0.5, metadata=_opt(
         "Stop the run, with one line naming the commonest error kinds, once more than this "
         "fraction of the rows it decoded are errors (judged from 1,000 rows on; a smaller "

@@ -331,7 +331,13 @@ def open_manifest(source: str, *, path_column: str = "path",
         fs, root = storage.url_to_fs(source, options)
     except Exception as exc:
         raise MemscoreError(f"cannot open {source}: {first_line(exc)}") from None
-    kind, files, base_dir, skipped = _find_files(source, fs, root)
+    try:
+        kind, files, base_dir, skipped = _find_files(source, fs, root)
+    except MemscoreError:
+        raise
+    except Exception as exc:  # the listing itself failed (an endpoint down, access denied)
+        raise MemscoreError(f"cannot list {source}: {type(exc).__name__}: "
+                            f"{first_line(exc)[:300]}") from None
     if kind == "images":
         if not files:
             raise MemscoreError(f"{source}: no image files found (looked for "

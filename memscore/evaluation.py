@@ -13,10 +13,13 @@ Trace columns (``--trace-columns``: list columns with one value per layer, as th
 ``<encoder>-traces`` models write them) get Spearman's rho with its bootstrap interval at every
 layer, in ``metrics.json`` under ``traces`` and as tables in ``report.md``, and ``layers.png``:
 one panel per feature, one curve per encoder, layers on the x axis as Takmaz et al. (2025) plot
-them. A column's number of layers is its most common list length; a row whose list is null (the
-image was not scored) or of another length is left out of that column's figures and counted
-(another length also gives a warning: which layer is missing cannot be known); a null or NaN
-value inside a list leaves that row out of that layer only (each layer has its own ``n``).
+them; a column is read as ``<encoder>_<feature>`` after the run's ``--column-prefix``, which
+``_memscore.json`` records (``pred_clip_cls_delta`` is CLIP's ``cls_delta``; see
+``_encoder_and_feature`` for a table without one). A column's number of layers is its most
+common list length; a row whose list is null (the image was not scored) or of another length is
+left out of that column's figures and counted (another length also gives a warning: which layer
+is missing cannot be known); a null or NaN value inside a list leaves that row out of that layer
+only (each layer has its own ``n``).
 
 Nothing is dropped silently: predictions without ground truth, ground truth without a
 prediction, rows excluded for a null prediction (an image that could not be scored) or a null
@@ -127,8 +130,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     label = _floats(joined.column(_TRUTH))
     rows = joined.column(_ROW).to_numpy()
     trace_figures = {}
-    for name, (column, model) in traces.items():
-        figures, warning = _trace_figures(name, column, rows, label, config)
+    for name, (column, model, prefix) in traces.items():
+        figures, warning = _trace_figures(name, column, rows, label, config, prefix)
         trace_figures[name] = {**figures, "model": model}
         warnings += [warning] if warning else []
 
@@ -275,8 +278,9 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
 
     Returns (a table of the key, the scalar prediction and the groups --truth lacks, renamed,
     and each row's position as ``_ROW``; {trace column: (its list column in row position order,
-    the model that wrote it)}; the scalar column's model; warnings; the folder its relative
-    paths resolve against: a run's manifest's, else the predictions file's own).
+    the model that wrote it, the run's --column-prefix before its name or None)}; the scalar
+    column's model; warnings; the folder its relative paths resolve against: a run's
+    manifest's, else the predictions file's own).
     """
     source = config.predictions
     try:
@@ -339,7 +343,8 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
             raise MemscoreError(f"{source}: column {config.prediction_column!r} is a list "
                                 f"column (one value per layer): name it in --trace-columns")
         _floats(table.column(_PRED), name=config.prediction_column, source=source)
-    traces = {name: (read.column(name), _model_of(summary, name)) for name in trace_names}
+    traces = {name: (read.column(name), _model_of(summary, name), _column_prefix(summary, name))
+              for name in trace_names}
     provenance = (_model_of(summary, config.prediction_column)
                   if config.prediction_column is not None else None)
     base = (summary or {}).get("manifest_base_dir") or (
@@ -446,6 +451,16 @@ def _model_of(summary: Mapping | None, column: str) -> dict | None:
             return {k: record.get(k) for k in ("model", "weights", "weights_file",
                                                 "weights_sha256")}
     return None
+
+
+def _column_prefix(summary: Mapping | None, column: str) -> str | None:
+    """The run's ``--column-prefix`` (``pred_``) before ``column``, where the run summary says
+    one of its models wrote the column; None where that is not known (no summary, or a column
+    the manifest brought)."""
+    if _model_of(summary, column) is None:
+        return None
+    prefix = ((summary or {}).get("config") or {}).get("column_prefix")
+    return prefix if isinstance(prefix, str) and column.startswith(prefix) else None
 
 
 def _key_hint(config: EvaluateConfig) -> str:
@@ -627,18 +642,44 @@ def _layer_values(column) -> tuple[np.ndarray, np.ndarray, int, dict[int, int]]:
     return values, status, length, {int(k): int(v) for k, v in zip(seen, counts)}
 
 
-def _encoder_and_feature(column: str) -> tuple[str, str]:
+def _encoder_and_feature(column: str, prefix: str | None = None) -> tuple[str, str]:
     """``clip_attention_entropy`` -> ("clip", "attention_entropy"): the traces models name
-    their columns ``<encoder>_<feature>``; a name without ``_`` is a feature of no encoder."""
-    encoder, _, feature = column.partition("_")
-    return (encoder, feature) if feature else ("", column)
+    their columns ``<prefix><encoder>_<feature>``, ``prefix`` being the run's --column-prefix.
+
+    Where the prefix is not known (None: a table without a run summary), a name that ends in
+    one of memscore's trace features (``cls_delta``, ...) is that feature, of the known encoder
+    (``clip``, ``dinov2``, ``siglip2``) its rest ends in, else of that rest: so
+    ``pred_clip_cls_delta`` is CLIP's ``cls_delta``, whatever prefix came before. Any other
+    name is split at its first ``_``; a name without one is a feature of no encoder.
+
+    Example:
+        >>> _encoder_and_feature("pred_clip_cls_delta", "pred_")
+        ('clip', 'cls_delta')
+        >>> _encoder_and_feature("pred_dinov2_attention_entropy")
+        ('dinov2', 'attention_entropy')
+        >>> _encoder_and_feature("x_depth")
+        ('x', 'depth')
+    """
+    if prefix is None:
+        from memscore.models.encoders import ENCODERS
+        from memscore.models.weights import TRACE_FEATURES
+
+        for feature in sorted(TRACE_FEATURES, key=len, reverse=True):
+            rest = column[:-len(feature) - 1]
+            if rest and column.endswith(f"_{feature}"):
+                encoder = next((e for e in sorted(ENCODERS, key=len, reverse=True)
+                                if rest.endswith(e)), rest)
+                return encoder, feature
+    encoder, _, feature = column[len(prefix or ""):].partition("_")
+    return (encoder, feature) if encoder and feature else ("", column)
 
 
 def _trace_figures(name: str, column, rows: np.ndarray, label: np.ndarray,
-                   config: EvaluateConfig) -> tuple[dict, str | None]:
+                   config: EvaluateConfig, prefix: str | None) -> tuple[dict, str | None]:
     """Spearman's rho of each layer of one trace column with the ground truth.
 
-    ``rows`` are the matched rows' positions in ``column``, ``label`` their ground truth.
+    ``rows`` are the matched rows' positions in ``column``, ``label`` their ground truth,
+    ``prefix`` the run's --column-prefix before ``name`` (``_encoder_and_feature``).
     Returns the figures and a warning where lists of another length were left out.
     """
     values, status, length, lengths = _layer_values(column)
@@ -651,7 +692,7 @@ def _trace_figures(name: str, column, rows: np.ndarray, label: np.ndarray,
               "excluded_other_length": int((status == _LIST_OTHER_LENGTH).sum()),
               "excluded_null_truth": int((listed & ~has_truth).sum()),
               "evaluated": int(valid.sum())}
-    encoder, feature = _encoder_and_feature(name)
+    encoder, feature = _encoder_and_feature(name, prefix)
     offset = _LAYER_OFFSET.get(feature, 0)
     values, truth = values[valid], label[valid]
     layers = []

@@ -670,6 +670,70 @@ def test_traces_alone_and_named_columns(traces_output, tmp_path, capsys):
     assert "\n" not in line
 
 
+def _with_prefix(out: Path, target: Path, prefix: str, *, summary: bool = True) -> Path:
+    """The traces run ``out`` as `memscore score --column-prefix PREFIX` writes it: the
+    models' columns renamed, and the summary recording the prefix and the renamed columns
+    (``summary=False``: one Parquet file, as a run's rows copied elsewhere)."""
+    def renamed(name: str) -> str:
+        return prefix + name if name.startswith(("clip_", "dinov2_")) else name
+
+    table = pq.read_table(sorted(out.glob("*.parquet")))
+    table = table.rename_columns([renamed(c) for c in table.column_names])
+    if not summary:
+        pq.write_table(table, target)
+        return target
+    target.mkdir()
+    pq.write_table(table.slice(0, 25), target / "part-00000.parquet")
+    pq.write_table(table.slice(25), target / "part-00001.parquet")
+    record = json.loads((out / "_memscore.json").read_text())
+    record["models"].append({"model": "dinov2-traces", "weights": "facebook/dinov2-base",
+                             "output_columns": ["dinov2_attention_entropy"]})
+    for model in record["models"]:
+        if "output_columns" in model:
+            model["output_columns"] = [renamed(c) for c in model["output_columns"]]
+        else:
+            model["output_column"] = renamed(model["output_column"])
+    record["config"] = {"column_prefix": prefix, "path_column": "path"}
+    (target / "_memscore.json").write_text(json.dumps(record))
+    return target
+
+
+def test_a_column_prefix_is_read_off_before_the_encoder_and_feature(traces_output, tmp_path):
+    """`--column-prefix pred_` (as a manifest with its own memorability column needs) must not
+    make `pred` an encoder: the run's summary records the prefix, and a table without one is
+    read by the known encoder and feature names after whatever prefix."""
+    out, truth, _ = traces_output
+
+    def run(predictions: Path, report: str) -> dict:
+        return evaluate(EvaluateConfig(str(predictions), str(truth), "hr",
+                                       str(tmp_path / report), trace_columns="all",
+                                       bootstrap=50, seed=1))
+
+    plain = run(out, "plain")
+    prefixed = run(_with_prefix(out, tmp_path / "pred", "pred_"), "pred")
+    # no summary, and a prefix that does not end in "_" before an encoder with a digit
+    loose = run(_with_prefix(out, tmp_path / "loose.parquet", "m2_", summary=False), "loose")
+    for result, prefix in ((prefixed, "pred_"), (loose, "m2_")):
+        assert list(result["traces"]) == [prefix + name for name in plain["traces"]]
+        for name, want in plain["traces"].items():
+            got = result["traces"][prefix + name]
+            assert (got["encoder"], got["feature"]) == (want["encoder"], want["feature"]), name
+            assert got["layers"] == want["layers"] and got["strongest"] == want["strongest"]
+        # cls_delta's list index i is the change to layer i + 1, as for any run
+        assert [layer["layer"] for layer in result["traces"][prefix + "clip_cls_delta"]
+                ["layers"]] == [1, 2, 3, 4]
+        # one panel per feature, one curve per encoder: the same figure as the plain run's
+        assert (tmp_path / result["report"] / "layers.png").read_bytes() == \
+            (tmp_path / "plain" / "layers.png").read_bytes()
+        text = (tmp_path / result["report"] / "report.md").read_text()
+        assert "### `cls_delta`" in text and "| layer | clip ρ [95% CI] |" in text
+        assert "| layer | dinov2 ρ [95% CI] |" in text and "| 0-1 | " in text
+        assert "### `" + prefix not in text and f"| {prefix.rstrip('_')} ρ" not in text
+    assert prefixed["traces"]["pred_clip_cls_mean"]["model"]["model"] == "clip-traces"
+    assert prefixed["traces"]["pred_dinov2_attention_entropy"]["model"]["model"] == \
+        "dinov2-traces"
+
+
 def test_trace_columns_from_json_lines(tmp_path):
     """Lists read from JSON lines (no memscore run): ints and floats, nulls in lists."""
     rng = np.random.default_rng(4)

@@ -7,7 +7,10 @@ relative one resolved against its own table's folder, a run's against the manife
 ``_memscore.json`` records as ``manifest_base_dir``, with a warning), and writes to
 ``--report``: ``metrics.json`` (every figure), ``report.md`` (the figures as tables, the images
 linked), ``distribution.png`` (density of predictions over density of ground truth) and
-``scatter.png`` (truth against prediction, Spearman's rho in the title).
+``scatter.png`` (truth against prediction, Spearman's rho in the title). The report folder holds
+one report: files there named as a report's files (``REPORT_FILES``) are replaced, and those
+this report does not write (a traces evaluation's ``layers.png`` under a plain one) removed;
+nothing else in the folder is touched.
 
 Trace columns (``--trace-columns``: list columns with one value per layer, as the
 ``<encoder>-traces`` models write them) get Spearman's rho with its bootstrap interval at every
@@ -60,6 +63,8 @@ from memscore.errors import MemscoreError, first_line
 
 __all__ = ["evaluate", "REPORT_FILES", "MAX_GROUPS", "summary_line"]
 
+# Every file a report can write: also the only names a reused --report folder has removed
+# (_remove_stale_report_files), so a new figure's name goes here.
 REPORT_FILES = {"report": "report.md", "metrics": "metrics.json",
                 "distribution": "distribution.png", "scatter": "scatter.png",
                 "layers": "layers.png"}
@@ -86,6 +91,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     columns are evaluated), ``traces`` (per trace column: counts, and per layer ``index``,
     ``layer``, ``n``, ``spearman``, ``spearman_ci95``), inputs, provenance and warnings.
     Raises ``MemscoreError`` with one line for every problem the user can fix.
+
+    ``config.report`` is left holding this report's files (``files`` in the result) and
+    whatever else was there: a file of a ``REPORT_FILES`` name this report does not write is
+    removed once the report is written, any other file is left alone, and an evaluation that
+    fails before writing leaves the folder as it was.
 
     Args:
         config: the predictions, the truth and how to join them, the report folder;
@@ -810,6 +820,24 @@ def _write_report(config: EvaluateConfig, result: dict, prediction: np.ndarray,
             storage.pipe_atomic(fs, f"{path.rstrip('/')}/{name}", data)
     except Exception as exc:
         raise MemscoreError(f"--report {config.report}: cannot write: {first_line(exc)}") from None
+    _remove_stale_report_files(fs, path, set(files), config.report)
+
+
+def _remove_stale_report_files(fs, folder: str, written: set[str], report: str) -> None:
+    """Remove the files of ``REPORT_FILES``'s names that this report did not write (a traces
+    evaluation's ``layers.png`` under a plain one), so the folder holds one report, not two
+    mixed: a reader takes every figure there for this one's. Only those names, and only files:
+    anything else in the folder is the user's. Done once the new report is written, so an
+    evaluation that fails leaves the previous report's figures beside the report that links
+    them."""
+    for name in sorted(set(REPORT_FILES.values()) - written):
+        target = f"{folder.rstrip('/')}/{name}"
+        try:
+            if fs.isfile(target):
+                fs.rm_file(target)
+        except Exception as exc:
+            raise MemscoreError(f"--report {report}: cannot remove the previous report's {name}: "
+                                f"{first_line(exc)}") from None
 
 
 def _fmt(value, digits: int = 3, kind: str = "f") -> str:

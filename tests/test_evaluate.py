@@ -427,6 +427,9 @@ def test_an_unfinished_run_is_evaluated_with_a_warning(score_output, truth_csv, 
 def test_predictions_and_report_on_s3(s3_endpoint, score_output, truth_csv, tmp_path):
     bucket = s3_endpoint.make_bucket()
     s3_endpoint.fs.put(str(score_output), f"{bucket}/scores", recursive=True)
+    # a traces report's figure left in the folder, and an object of the user's
+    s3_endpoint.fs.pipe_file(f"{bucket}/eval/report/layers.png", b"an older report's")
+    s3_endpoint.fs.pipe_file(f"{bucket}/eval/report/notes.txt", b"mine")
     report = f"s3://{bucket}/eval/report"
     result = evaluate(EvaluateConfig(f"s3://{bucket}/scores", str(truth_csv), "hr", report,
                                      bootstrap=100,
@@ -434,7 +437,8 @@ def test_predictions_and_report_on_s3(s3_endpoint, score_output, truth_csv, tmp_
     assert result["counts"]["evaluated"] == 35 and result["model"]["model"] == "resmem"
     s3_endpoint.fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in s3_endpoint.fs.ls(f"{bucket}/eval/report"))
-    assert names == sorted(result["files"].values())
+    assert names == sorted([*result["files"].values(), "notes.txt"])
+    assert s3_endpoint.fs.cat_file(f"{bucket}/eval/report/notes.txt") == b"mine"
     assert json.loads(s3_endpoint.fs.cat_file(f"{bucket}/eval/report/metrics.json")) == result
 
 
@@ -732,6 +736,49 @@ def test_a_column_prefix_is_read_off_before_the_encoder_and_feature(traces_outpu
     assert prefixed["traces"]["pred_clip_cls_mean"]["model"]["model"] == "clip-traces"
     assert prefixed["traces"]["pred_dinov2_attention_entropy"]["model"]["model"] == \
         "dinov2-traces"
+
+
+def test_a_reused_report_folder_holds_only_this_reports_files(traces_output, tmp_path):
+    """Files of a report's names (REPORT_FILES) that this report does not write are removed;
+    anything else in the folder, and a folder left by a failed evaluation, stays as it was."""
+    out, truth, _ = traces_output
+    report = tmp_path / "report"
+    (report / "old").mkdir(parents=True)
+    foreign = {"notes.txt": b"mine", "layers.png.bak": b"mine too",
+               "old/layers.png": b"and mine"}
+    for name, data in foreign.items():
+        (report / name).write_bytes(data)
+
+    def run(**options) -> dict:
+        return evaluate(EvaluateConfig(str(out), str(truth), "hr", str(report), bootstrap=20,
+                                       **options))
+
+    def files() -> dict[str, bytes]:
+        return {p.relative_to(report).as_posix(): p.read_bytes() for p in report.rglob("*")
+                if p.is_file()}
+
+    everything = run(prediction_column="clip_sae_loss", trace_columns="all")
+    assert set(files()) == {*REPORT_FILES.values(), *foreign}
+    assert set(everything["files"].values()) == set(REPORT_FILES.values())
+    before = files()
+    with pytest.raises(MemscoreError, match="no column 'nope'"):
+        run(prediction_column="nope")
+    assert files() == before
+
+    plain = run(prediction_column="clip_sae_loss")  # no trace columns: no layers.png
+    assert set(files()) == {"report.md", "metrics.json", "distribution.png", "scatter.png",
+                            *foreign}
+    assert set(plain["files"].values()) == set(files()) - set(foreign)
+    assert "layers.png" not in (report / "report.md").read_text()
+
+    traces = run(trace_columns="dinov2_attention_entropy")  # traces alone: no scalar figures
+    assert set(files()) == {"report.md", "metrics.json", "layers.png", *foreign}
+    assert json.loads((report / "metrics.json").read_text()) == traces
+    assert "](distribution.png)" not in (report / "report.md").read_text()
+    image = Image.open(report / "layers.png")
+    assert image.format == "PNG" and image.width >= 500
+    assert traces["traces"]["dinov2_attention_entropy"]["layers_in_column"] == 4
+    assert {name: files()[name] for name in foreign} == foreign
 
 
 def test_trace_columns_from_json_lines(tmp_path):

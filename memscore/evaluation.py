@@ -27,7 +27,8 @@ only (each layer has its own ``n``).
 Nothing is dropped silently: predictions without ground truth, ground truth without a
 prediction, rows excluded for a null prediction (an image that could not be scored) or a null
 label, and null keys are all counted. A key that occurs twice on either side is an error
-naming it (a join would multiply rows), and so is a join that matches nothing.
+naming it (a join would multiply rows), and so is a join that matches nothing; a join column
+one side lacks is an error naming both sides' columns and what to join on instead.
 
 Example (``memscore evaluate scores/ --truth labels.csv --truth-column memorability
 --report report/`` from Python)::
@@ -113,7 +114,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     truth, truth_columns, truth_base = _read_truth(config, key, options)
     pred_groups = [c for c in config.group_by if c not in truth_columns]
     pred, traces, provenance, warnings, pred_base = _read_predictions(config, key, pred_groups,
-                                                                      options)
+                                                                      options, truth_columns)
 
     counts = {"predictions_rows": pred.num_rows, "truth_rows": truth.num_rows}
     pred, counts["predictions_null_key"] = _drop_null_keys(pred)
@@ -256,10 +257,11 @@ def _read_truth(config: EvaluateConfig, key: str,
     try:
         manifest = open_manifest(config.truth, path_column=key, storage_options=options)
     except MemscoreError as exc:
-        text = str(exc)
-        if f"no column {key!r}" in text:  # open_manifest's hint names score's option
-            text = f"{text.split(';')[0]}; {_key_hint(config)}"
-        raise MemscoreError(f"--truth {text}") from None
+        if f"no column {key!r}" in str(exc):  # open_manifest's hint names score's option
+            raise MemscoreError(_no_key_message(
+                config, key, "truth", _prediction_columns(config, options),
+                _truth_columns(config, options))) from None
+        raise MemscoreError(f"--truth {exc}") from None
     if manifest.kind == "images":
         raise MemscoreError(f"--truth {config.truth}: a folder of images, not a table of labels "
                             f"(CSV, Parquet or JSONL)")
@@ -283,8 +285,9 @@ def _read_truth(config: EvaluateConfig, key: str,
 
 
 def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
-                      options: Mapping[str, Any]):
-    """The predictions and what made them.
+                      options: Mapping[str, Any], truth_columns):
+    """The predictions and what made them (``truth_columns`` for the message where they lack
+    the join's column).
 
     Returns (a table of the key, the scalar prediction and the groups --truth lacks, renamed,
     and each row's position as ``_ROW``; {trace column: (its list column in row position order,
@@ -323,7 +326,8 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
             data = pads.dataset(files, filesystem=storage.pyarrow_filesystem_of(fs),
                                 format="parquet")
             schema = data.schema
-            _check_prediction_columns(config, key, groups, schema.names)
+            _check_prediction_columns(config, key, groups, schema.names, truth_columns,
+                                      summary)
             trace_names = _trace_names(config, schema)
             read = data.to_table(columns=list(dict.fromkeys([*wanted.values(), *trace_names])))
         except MemscoreError:
@@ -337,13 +341,14 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
         try:
             manifest = open_manifest(source, path_column=key, storage_options=options)
         except MemscoreError as exc:
-            text = str(exc)
-            if f"no column {key!r}" in text:
-                text = f"{text.split(';')[0]}; {_key_hint(config)}"
-            raise MemscoreError(text) from None
+            if f"no column {key!r}" in str(exc):
+                raise MemscoreError(_no_key_message(
+                    config, key, "predictions", _prediction_columns(config, options),
+                    truth_columns)) from None
+            raise
         if manifest.kind == "images":
             raise MemscoreError(f"{source}: a folder of images, not predictions")
-        _check_prediction_columns(config, key, groups, manifest.columns)
+        _check_prediction_columns(config, key, groups, manifest.columns, truth_columns)
         read = pa.concat_tables(manifest.read_all(), promote_options="permissive")
         trace_names = _trace_names(config, read.schema)
     table = pa.table({**{new: read.column(old) for new, old in wanted.items()},
@@ -397,11 +402,11 @@ def _trace_names(config: EvaluateConfig, schema: pa.Schema) -> list[str]:
 
 
 def _check_prediction_columns(config: EvaluateConfig, key: str, groups: list[str],
-                              columns) -> None:
+                              columns, truth_columns, summary: Mapping | None = None) -> None:
     source = config.predictions
     if key not in columns:
-        raise MemscoreError(f"{source}: no column {key!r} (columns: {_names(columns)}); "
-                            f"{_key_hint(config)}")
+        raise MemscoreError(_no_key_message(config, key, "predictions", list(columns),
+                                            truth_columns, summary))
     if config.prediction_column is not None and config.prediction_column not in columns:
         raise MemscoreError(f"{source}: no column {config.prediction_column!r} (columns: "
                             f"{_names(columns)}); name it with --prediction-column")
@@ -473,10 +478,101 @@ def _column_prefix(summary: Mapping | None, column: str) -> str | None:
     return prefix if isinstance(prefix, str) and column.startswith(prefix) else None
 
 
+def _no_key_message(config: EvaluateConfig, key: str, lacking: str, pred_columns,
+                    truth_columns, summary: Mapping | None = None) -> str:
+    """One line for a join column one side lacks (``lacking``: "predictions" or "truth"):
+    the columns each side has, where they can be read, and what to give instead.
+
+    The usual case: ``--key image`` with the predictions of a folder scan, which name their
+    images in ``path`` and have no other column of the images; a truth table keyed by
+    ``image`` then joins on a ``path`` column of the same files, or its own table is scored
+    so that its columns pass through to the output.
+    """
+    option = f"--key {key}" if config.key else f"--path-column {key}"
+    side = (f"the predictions {config.predictions} have" if lacking == "predictions" else
+            f"--truth {config.truth} has")
+    shown = []
+    if pred_columns is not None:
+        shown.append(f"predictions: {_names(list(pred_columns))}")
+    if truth_columns is not None:
+        shown.append(f"--truth: {_names(list(truth_columns))}")
+    text = f"{option}: {side} no column {key!r}"
+    if shown:
+        text += f" ({'; '.join(shown)})"
+    text += "; the join needs a column both tables have"
+    if pred_columns is None or truth_columns is None:
+        return f"{text}: {_key_hint(config)}"
+    # A score or label of the same name (a folder scan's memorability, the truth's) names no
+    # image: never offered as a key.
+    values = {config.truth_column, config.prediction_column, *config.trace_columns}
+    shared = [c for c in pred_columns if c in truth_columns and c not in values
+              and not c.startswith("memscore_")]
+    recorded = ((summary or {}).get("config") or {}).get("path_column")
+    path = next((c for c in (recorded, config.path_column, "path") if c in pred_columns), None)
+    how = []  # what joins on the predictions' image paths
+    if config.key:
+        how.append("leave out --key")
+    if path != config.path_column:
+        how.append(f"give --path-column {path}")
+    if path in shared:
+        return f"{text}: both have {path!r}; {' and '.join(how)} to join on it"
+    if shared:
+        return f"{text}: both have {_names(shared)}; give --key with one of them"
+    if path is not None:
+        return (f"{text}, and these share none. The predictions name their images in "
+                f"{path!r}, as a folder scan's output does: give --truth a {path!r} column "
+                f"naming the same image files (relative paths resolve against its folder) and "
+                f"{' and '.join(how) or 'join on it'}, or score --truth's table itself (its "
+                f"columns pass through to the output) and join on one of them with --key")
+    return f"{text}, and these share none: {_key_hint(config)}"
+
+
 def _key_hint(config: EvaluateConfig) -> str:
     if config.key:
         return "name a column both sides have with --key"
     return "name the path column with --path-column, or join on another column with --key"
+
+
+def _prediction_columns(config: EvaluateConfig, options: Mapping[str, Any]) -> list | None:
+    """The predictions' column names for an error message, or None where they cannot be read
+    (a CSV or JSONL file without any column memscore knows to open it by)."""
+    try:
+        fs, path = storage.url_to_fs(config.predictions, options)
+        if fs.isdir(path) or path.lower().endswith(_PARQUET):
+            import pyarrow.dataset as pads
+
+            if fs.isdir(path):
+                from memscore.output import output_files
+
+                files = output_files(config.predictions, options)
+            else:
+                files = [path]
+            return pads.dataset(files, filesystem=storage.pyarrow_filesystem_of(fs),
+                                format="parquet").schema.names
+    except Exception:
+        return None
+    return _table_columns(config.predictions, options,
+                          [config.prediction_column, *config.trace_columns, config.path_column])
+
+
+def _truth_columns(config: EvaluateConfig, options: Mapping[str, Any]) -> list | None:
+    """--truth's column names for an error message, or None where they cannot be read."""
+    return _table_columns(config.truth, options,
+                          [config.truth_column, config.path_column, config.key])
+
+
+def _table_columns(source: str, options: Mapping[str, Any], names) -> list | None:
+    """The columns of a table manifest, opened by the first of ``names`` it has (opening one
+    needs a column of it), or None."""
+    from memscore.manifest import open_manifest
+
+    for name in dict.fromkeys(n for n in names if n and n != "all"):
+        try:
+            manifest = open_manifest(source, path_column=name, storage_options=options)
+        except Exception:
+            continue
+        return None if manifest.kind == "images" else list(manifest.columns)
+    return None
 
 
 def _names(columns) -> str:

@@ -417,6 +417,54 @@ def test_user_errors_are_one_line(score_output, truth_csv, tmp_path, change, mes
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_join_column_one_side_lacks_is_one_line_naming_both_sides_columns(
+        score_output, tmp_path, capsys):
+    """The README's `--key image` on a folder scan's output, which names its images in `path`
+    and has no `image` column: the line says what each side has and what joins them, and what
+    it says to give works."""
+    rows = "".join(f"{_path(i)},{_truth_values(i)},{_category(i)}\n" for i in range(N))
+    memcat = tmp_path / "memcat.csv"
+    memcat.write_text("image,memorability,category\n" + rows)
+    argv = ["evaluate", str(score_output), "--truth-column", "memorability", "--report",
+            str(tmp_path / "r"), "--bootstrap", "20"]
+    assert main([*argv, "--truth", str(memcat), "--key", "image"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"memscore: error: --key image: the predictions {score_output} have no column 'image' "
+        f"(predictions: path, memorability, memscore_error, memscore_row; --truth: image, "
+        f"memorability, category); the join needs a column both tables have, and these share "
+        f"none. The predictions name their images in 'path', as a folder scan's output does: "
+        f"give --truth a 'path' column naming the same image files (relative paths resolve "
+        f"against its folder) and leave out --key, or score --truth's table itself (its "
+        f"columns pass through to the output) and join on one of them with --key"]
+    assert not (tmp_path / "r" / "report.md").exists()
+    # What it says: a 'path' column of the same files, no --key.
+    with_path = tmp_path / "with_path.csv"
+    with_path.write_text("path,memorability,category\n" + rows)
+    assert main([*argv, "--truth", str(with_path)]) == 0
+    assert capsys.readouterr().out.startswith("memscore: evaluated 38 of 40 matched rows")
+    # The other way round: --truth lacks the key the predictions have; both have 'path'.
+    assert main([*argv, "--truth", str(with_path), "--key", "memscore_row"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"memscore: error: --key memscore_row: --truth {with_path} has no column "
+        f"'memscore_row' (predictions: path, memorability, memscore_error, memscore_row; "
+        f"--truth: path, memorability, category)")
+    assert err[0].endswith("both have 'path'; leave out --key to join on it")
+    # Predictions as a CSV file without the key: its columns are read all the same.
+    table = pq.read_table(sorted(score_output.glob("*.parquet")))
+    (tmp_path / "pred.csv").write_text("path,memorability\n" + "".join(
+        f"{p},{m}\n" for p, m in zip(table.column("path").to_pylist(),
+                                      table.column("memorability").to_pylist())))
+    with pytest.raises(MemscoreError) as caught:
+        evaluate(EvaluateConfig(str(tmp_path / "pred.csv"), str(memcat), "memorability",
+                                str(tmp_path / "r"), key="category"))
+    assert str(caught.value).startswith(
+        f"--key category: the predictions {tmp_path / 'pred.csv'} have no column 'category' "
+        f"(predictions: path, memorability; --truth: image, memorability, category)")
+    assert "The predictions name their images in 'path'" in str(caught.value)
+
+
 def test_an_unfinished_run_is_evaluated_with_a_warning(score_output, truth_csv, tmp_path):
     (score_output / "_memscore.json").unlink()
     result = evaluate(_config(score_output, truth_csv, tmp_path))

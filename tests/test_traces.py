@@ -365,6 +365,73 @@ def test_a_folder_on_s3_and_a_changed_folder_refused_on_resume(ray_local, tmp_pa
     assert "weights_sha256" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_evaluate_a_prefixed_run_and_a_folder_scan_keyed_by_image(ray_local, tmp_path, folders,
+                                                                   capsys):
+    """The MemCat flow (issue 25): a table with its own memorability column, scored with
+    --column-prefix pred_ and evaluated layer by layer, reads as CLIP's and DINOv2's features;
+    and `--key image` on a folder scan's output is one line whose advice works."""
+    from PIL import Image
+
+    from memscore.cli import main
+
+    images = images_folder(tmp_path)
+    names = sorted(p.name for p in images.iterdir())
+    # as MemCat's table: image paths relative to its folder, a measured memorability
+    memcat = tmp_path / "memcat.csv"
+    memcat.write_text("image,memorability,category\n" + "".join(
+        f"images/{name},{0.5 + 0.07 * i:.2f},{'ab'[i % 2]}\n" for i, name in enumerate(names)))
+    scores = tmp_path / "scores"
+    code, err = score_cli(capsys, str(memcat), "--path-column", "image", "--output", str(scores),
+                          "--model", "clip-traces,dinov2-traces", "--weights",
+                          f"clip-traces={folders['clip']},dinov2-traces={folders['dinov2']}",
+                          "--column-prefix", "pred_")
+    assert code == 0, err
+    report = tmp_path / "report"
+    assert main(["evaluate", str(scores), "--truth", str(memcat), "--truth-column",
+                 "memorability", "--key", "image", "--trace-columns", "all", "--report",
+                 str(report), "--bootstrap", "20"]) == 0
+    traces = json.loads((report / "metrics.json").read_text())["traces"]
+    assert set(traces) == {f"pred_{e}_{f}" for e in ("clip", "dinov2") for f in TRACE_FEATURES}
+    for name, figures in traces.items():
+        encoder, feature = name[len("pred_"):].split("_", 1)
+        assert (figures["encoder"], figures["feature"]) == (encoder, feature)
+        assert figures["model"]["model"] == f"{encoder}-traces"
+        assert figures["layers_in_column"] == LENGTHS[feature]
+        assert figures["counts"]["evaluated"] == 6  # the unreadable TIFF has no traces
+    # the change from hidden state i to i+1 is layer i+1, as docs/traces.md numbers it
+    assert [layer["layer"] for layer in traces["pred_clip_cls_delta"]["layers"]] == \
+        list(range(1, LAYERS + 1))
+    text = (report / "report.md").read_text()
+    assert "### `cls_delta`" in text and "| 0-1 | " in text
+    assert "| layer | clip ρ [95% CI] | dinov2 ρ [95% CI] |" in text and "pred ρ" not in text
+    figure = Image.open(report / "layers.png")
+    assert figure.format == "PNG" and figure.width >= 1000  # three panels a row: six features
+    assert len(figure.convert("RGB").getcolors(maxcolors=1 << 20)) > 20
+
+    # A folder scan names its images in `path` only: --key image is refused with one line...
+    scan = tmp_path / "scan"
+    code, err = score_cli(capsys, str(images), "--output", str(scan), "--model", "clip-traces",
+                          "--weights", str(folders["clip"]), "--column-prefix", "pred_")
+    assert code == 0, err
+    argv = ["evaluate", str(scan), "--truth-column", "memorability", "--trace-columns", "all",
+            "--report", str(tmp_path / "scan_report"), "--bootstrap", "20"]
+    assert main([*argv, "--truth", str(memcat), "--key", "image"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"memscore: error: --key image: the predictions {scan} have no column 'image' "
+        f"(predictions: path, ")
+    assert "--truth: image, memorability, category); the join needs a column both" in err[0]
+    assert "give --truth a 'path' column naming the same image files" in err[0]
+    # ... and what it says to give joins every image.
+    with_path = tmp_path / "memcat_path.csv"
+    with_path.write_text(memcat.read_text().replace("image,", "path,", 1))
+    assert main([*argv, "--truth", str(with_path)]) == 0
+    result = json.loads((tmp_path / "scan_report" / "metrics.json").read_text())
+    assert result["counts"]["matched"] == 7
+    assert result["traces"]["pred_clip_cls_delta"]["encoder"] == "clip"
+
+
 def test_bad_weights_are_one_line_before_any_ray_work(tmp_path, folders, capsys, monkeypatch):
     import huggingface_hub.constants
 

@@ -639,7 +639,9 @@ class EvaluateConfig:
         required=True))
     report: str = field(metadata=_opt(
         "Folder (local or s3://) for report.md, metrics.json, distribution.png and scatter.png "
-        "(with --trace-columns also layers.png; files of those names there are replaced).",
+        "(with --trace-columns also layers.png; files of those names there are replaced, "
+        "and those of them this report does not write are removed; nothing else there is "
+        "touched).",
         flag="--report", required=True))
     prediction_column: str | None = field(default=None, metadata=_opt(
         "Scalar column of the predictions to evaluate (e.g. false_alarm, memorability_memnet, "

@@ -263,7 +263,8 @@ def train_worker(config: dict) -> None:
             loss = loss_fn(model(x).float().reshape(-1), y)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(y)
+            # .item(): the value alone; float() on a tensor that requires grad warns
+            total += loss.item() * len(y)
             seen += len(y)
         train_loss = _gather({"loss": np.array([total]), "n": np.array([seen])})
 

@@ -6,6 +6,11 @@ from their config objects' fields (``ScoreConfig``, ``FinetuneConfig``, ``TrainS
 ``EvaluateConfig``, ``ServeConfig``), so they map onto them one to one; ``job_entrypoint`` builds
 the ``jobs/*.py`` scripts from the same configs. A ``MemscoreError`` (a problem the user can
 fix) prints as one line and exits with 2.
+
+The commands that start Ray (``score``, ``finetune``, ``train-sae``) print memscore's own lines
+and, on a terminal, Ray Data's progress bars; Ray's log lines go to Ray's session log folder
+(``/tmp/ray/session_latest/logs/``, and ``memscore-PID.log`` there for the command's own) unless
+``--verbose``; ``--quiet`` leaves the final line, warnings and errors (``add_output_flags``).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from memscore.config import (EvaluateConfig, FinetuneConfig, ScoreConfig, TrainS
 from memscore import failures
 from memscore.errors import MemscoreError
 
-__all__ = ["main", "guarded", "add_debug_flag", "build_parser", "format_summary_line", "score_command", "finetune_command",
-           "evaluate_command", "serve_command", "train_sae_command", "job_entrypoint"]
+__all__ = ["main", "guarded", "add_debug_flag", "add_output_flags", "build_parser",
+           "format_summary_line", "score_command", "finetune_command", "evaluate_command",
+           "serve_command", "train_sae_command", "job_entrypoint"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(server, ServeConfig)
     for command in (score, tune, sae, listing, check, evaluation, server):
         add_debug_flag(command)
+    for command in (score, tune, sae):
+        add_output_flags(command)
     return parser
 
 
@@ -179,7 +187,22 @@ def _verify(args: argparse.Namespace) -> int:
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """``--debug``: show the traceback of an error memscore did not anticipate."""
     parser.add_argument("--debug", action="store_true",
-                        help="on an unexpected error, print its full traceback")
+                        help="on an unexpected error, print its full traceback (and Ray's "
+                        "logged errors)")
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` and ``--quiet``: how much of a run that starts Ray reaches the terminal
+    (``failures.QUIET``, ``NORMAL``, ``VERBOSE``); a presentation choice of the command line,
+    so not a field of the job's config."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--verbose", dest="verbosity", action="store_const",
+                       const=failures.VERBOSE, default=failures.NORMAL,
+                       help="also print Ray's own log lines and its workers' output, which "
+                       "otherwise go to Ray's session log folder (/tmp/ray/session_latest/logs/; "
+                       "memscore-PID.log there holds the lines this command would have printed)")
+    group.add_argument("--quiet", dest="verbosity", action="store_const", const=failures.QUIET,
+                       help="print only the final line, warnings and errors (no progress bars)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +225,8 @@ def guarded(command, args: argparse.Namespace) -> int:
     """
     debug = getattr(args, "debug", False)
     hint = _resume_hint(command)
-    with failures.command_line(resume_hint=hint, debug=debug):
+    with failures.command_line(resume_hint=hint, debug=debug,
+                               verbosity=getattr(args, "verbosity", None)):
         try:
             return command(args)
         except MemscoreError as exc:
@@ -222,8 +246,10 @@ def guarded(command, args: argparse.Namespace) -> int:
         except Exception as exc:
             if debug:
                 raise
+            log = failures.ray_log_path()  # where Ray logged what led up to it
             print(f"memscore: error: {failures.describe(exc)} "
-                  f"(run again with --debug for the traceback)", file=sys.stderr)
+                  f"(run again with --debug for the traceback"
+                  + (f"; Ray's log lines: {log})" if log else ")"), file=sys.stderr)
             return 1
 
 
@@ -325,6 +351,8 @@ def job_entrypoint(config_cls, doc: str):
         parser = argparse.ArgumentParser(description=doc.splitlines()[0])
         add_arguments(parser, config_cls)
         add_debug_flag(parser)
+        if config_cls is not EvaluateConfig:  # the jobs that start Ray
+            add_output_flags(parser)
         return parser.parse_args(argv)
 
     def main(args: argparse.Namespace) -> int:

@@ -11,11 +11,12 @@ its log files (``--debug`` puts them back on the terminal).
 - ``command_line``: what ``memscore.cli.guarded`` sets up around one command. SIGTERM stops it
   as Ctrl-C does (``Terminated``); Ray Data's logged tracebacks of the failure that ends a run
   stay off the terminal; a local Ray that loses its GCS or raylet ends the command at once,
-  with one line.
-- ``ray_started``: what ``memscore.pipeline`` calls right after ``ray.init``, which takes
-  SIGTERM over (measured on Ray 2.60: a Python handler that calls ``sys.exit(15)``, and below it
-  the core worker's absl failure-signal handler, which prints ``*** SIGTERM received ...`` and a
-  C++ stack before handing on).
+  with one line. With a ``verbosity`` (the ``--verbose``/``--quiet`` of the commands that start
+  Ray), Ray's own lines go to a log file unless ``--verbose`` (``ray_starting``).
+- ``ray_starting``, ``ray_started``: what ``memscore.pipeline`` calls right before and right
+  after ``ray.init``, which takes SIGTERM over (measured on Ray 2.60: a Python handler that
+  calls ``sys.exit(15)``, and below it the core worker's absl failure-signal handler, which
+  prints ``*** SIGTERM received ...`` and a C++ stack before handing on).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,8 +37,9 @@ from memscore.error_fraction import ErrorFractionExceeded
 from memscore.errors import first_line, strip_ansi
 from memscore.fetch import StorageConfigError, TransientFailure
 
-__all__ = ["STOPPED", "WATCH_INTERVAL_S", "Cause", "Terminated", "innermost", "describe",
-           "run_stopped", "command_line", "ray_started"]
+__all__ = ["STOPPED", "WATCH_INTERVAL_S", "QUIET", "NORMAL", "VERBOSE", "Cause", "Terminated",
+           "innermost", "describe", "run_stopped", "command_line", "ray_starting", "ray_started",
+           "ray_log_path"]
 
 #: Exceptions a task raises on purpose to stop the run, each with a message written to be the
 #: run's one line. Found in the driver's exception chain as objects or, where Ray has lost the
@@ -299,11 +302,20 @@ class Terminated(KeyboardInterrupt):
     """
 
 
+#: How much of a command that starts Ray reaches the terminal (``memscore.cli``'s
+#: ``--quiet`` and ``--verbose``; NORMAL without either): QUIET, memscore's final line, its
+#: warnings and errors; NORMAL, those and Ray Data's progress bars on a terminal; VERBOSE, those
+#: and every line Ray prints, its workers' output included, as Ray prints them.
+QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
+
+
 @dataclass
 class _Command:
     resume_hint: str | None
     debug: bool
+    verbosity: str | None = None  # None: a command without the options; Ray prints as it does
     terminating: bool = False
+    ray_log: "_RayLog | None" = None
 
 
 _command: _Command | None = None
@@ -315,22 +327,45 @@ WATCH_INTERVAL_S = 0.5
 
 
 @contextlib.contextmanager
-def command_line(*, resume_hint: str | None, debug: bool):
+def command_line(*, resume_hint: str | None, debug: bool, verbosity: str | None = None):
     """Around one ``memscore`` command: SIGTERM raises ``Terminated`` in the main thread, and
-    ``ray_started`` knows it runs for a command (``resume_hint``: what finishes the command
-    after a stop, e.g. ``run the same command with --resume to finish it``; ``debug``: Ray
-    Data's tracebacks stay on the terminal). Everything is put back on the way out."""
+    ``ray_starting``/``ray_started`` know they run for a command (``resume_hint``: what
+    finishes the command after a stop, e.g. ``run the same command with --resume to finish
+    it``; ``debug``: Ray Data's tracebacks stay on the terminal; ``verbosity``: QUIET, NORMAL
+    or VERBOSE, None for a command that leaves Ray's output as it is). Everything is put back
+    on the way out."""
     global _command
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
-    _command = _Command(resume_hint, debug)
+    command = _command = _Command(resume_hint, debug, verbosity)
     try:
         yield
     finally:
         _command = None
+        if command.ray_log is not None:
+            command.ray_log.close()
         _show_ray_data_errors()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def ray_starting() -> bool:
+    """Right before ``ray.init`` (``memscore.pipeline``): whether Ray should forward its
+    workers' output to this process (``ray.init``'s ``log_to_driver``).
+
+    Outside ``command_line``, or for a command with VERBOSE or no verbosity: True, and nothing
+    changes. Otherwise, for the rest of the command, Ray's lines go to a log file of the
+    command's own (``ray_log_path``) instead of the terminal: the records of Ray's Python
+    loggers (``ray``, ``ray.data``), and whatever is written to file descriptor 2 (the C++ core
+    worker's ERROR lines, which Ray copies there unconditionally), while ``sys.stderr``, and so
+    memscore's own lines and the progress bars, stays on the terminal. The workers' output is
+    not forwarded (False): it stays in their files in Ray's session log folder."""
+    command = _command
+    if command is None or command.verbosity in (None, VERBOSE):
+        return True
+    if command.ray_log is None:
+        command.ray_log = _RayLog(debug=command.debug)
+    return False
 
 
 def ray_started(*, local: bool) -> None:
@@ -338,8 +373,11 @@ def ray_started(*, local: bool) -> None:
 
     Takes SIGTERM back from Ray (reinstalling the Python handler also replaces the absl
     handler that the core worker put beneath it), keeps Ray Data's logged tracebacks of the
-    failure that ends a run off the terminal unless ``--debug``, and with ``local`` (this
-    process started the Ray) watches its GCS and raylet processes."""
+    failure that ends a run off the terminal unless ``--debug``, with ``local`` (this
+    process started the Ray) watches its GCS and raylet processes, and where ``ray_starting``
+    took Ray's lines off the terminal, moves their log file into Ray's session log folder
+    and says so on a terminal (NORMAL), and keeps Ray Data's progress bars off a terminal that
+    is not one, or off every terminal (QUIET)."""
     command = _command
     if command is None:
         return
@@ -347,8 +385,16 @@ def ray_started(*, local: bool) -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
     if not command.debug:
         _hide_ray_data_errors()
+    if command.ray_log is not None:
+        command.ray_log.settle(command.verbosity)
     if local:
         _watch_local_ray(command)
+
+
+def ray_log_path() -> str | None:
+    """The file Ray's lines go to during the current command (``ray_starting``), else None."""
+    command = _command
+    return command.ray_log.path if command is not None and command.ray_log is not None else None
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -375,7 +421,8 @@ _RAY_DATA_ERRORS = _RunEndingErrors()
 
 def _terminal_handlers(logger: logging.Logger) -> list[logging.Handler]:
     return [h for h in logger.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and not isinstance(h, _LogFileHandler)]
 
 
 def _hide_ray_data_errors() -> None:
@@ -389,6 +436,160 @@ def _show_ray_data_errors() -> None:
     if "ray.data" in sys.modules:
         for handler in logging.getLogger("ray.data").handlers:
             handler.removeFilter(_RAY_DATA_ERRORS)
+
+
+class _OffTheTerminal(logging.Filter):
+    """Keeps a Ray logger's terminal handler quiet (its records go to the command's log file
+    instead), but for errors under ``--debug``, which has always shown Ray Data's tracebacks."""
+
+    def __init__(self, debug: bool):
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.debug and record.levelno >= logging.ERROR
+
+
+class _LogFileHandler(logging.StreamHandler):
+    """The command's log file, as a handler of Ray's loggers (a class of its own, so that
+    ``_terminal_handlers`` never takes it for one that writes to the terminal)."""
+
+
+def _ray_loggers() -> list[logging.Logger]:
+    """Ray's loggers that print for themselves: ``ray`` and those below it that do not hand
+    their records on to it (``ray.data``), once Ray has configured them."""
+    import ray.data  # noqa: F401  (configures the ``ray`` and ``ray.data`` loggers)
+
+    found = [logging.getLogger("ray")]
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("ray.") and isinstance(logger, logging.Logger) \
+                and logger.handlers and not logger.propagate:
+            found.append(logger)
+    return found
+
+
+def _writes_to_fd(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # pytest's capture, a StringIO, closed
+        return False
+
+
+class _RayLog:
+    """Ray's lines of one command, off the terminal and in one file (``ray_starting``).
+
+    The file starts in the temporary folder, since Ray's session folder is made by
+    ``ray.init``, and moves into that session's log folder once there is one (``settle``);
+    the open descriptor follows it. File descriptor 2 points at the file, so that what Ray's C++
+    code writes there lands in it; ``sys.stderr`` is a copy of the terminal's descriptor, so
+    that Python's own writes (memscore's lines, tracebacks, the progress bars) do not."""
+
+    FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"
+
+    def __init__(self, *, debug: bool):
+        fd, self.path = tempfile.mkstemp(prefix=f"memscore-{os.getpid()}-", suffix=".log")
+        os.close(fd)
+        # O_APPEND: the C++ writes through descriptor 2 and the handler's never overwrite
+        # each other
+        self.file = open(os.open(self.path, os.O_WRONLY | os.O_APPEND), "a", buffering=1,
+                         encoding="utf-8", errors="backslashreplace")
+        self.handler = _LogFileHandler(self.file)
+        self.handler.setFormatter(logging.Formatter(self.FORMAT))
+        self.handler.setLevel(logging.INFO)
+        self.filter = _OffTheTerminal(debug)
+        self.loggers: list[logging.Logger] = []
+        self._attach()
+        self.progress_bars: bool | None = None  # Ray Data's setting, put back by close
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        self.terminal_fd = os.dup(2)
+        self.stderr = sys.stderr
+        self.terminal = None
+        if _writes_to_fd(sys.stderr, 2):
+            self.terminal = open(os.dup(self.terminal_fd), "w", buffering=1,
+                                 encoding=sys.stderr.encoding, errors=sys.stderr.errors)
+            sys.stderr = self.terminal
+        os.dup2(self.file.fileno(), 2)
+
+    def _attach(self) -> None:
+        for logger in _ray_loggers():
+            if logger in self.loggers:
+                continue
+            self.loggers.append(logger)
+            for handler in _terminal_handlers(logger):
+                handler.addFilter(self.filter)
+            logger.addHandler(self.handler)
+
+    def settle(self, verbosity: str) -> None:
+        """Once Ray runs: the file into the session's log folder, Ray's loggers configured
+        since attached, the progress bars as ``verbosity`` and the terminal want them, and on a
+        terminal (NORMAL) one line that says where Ray's lines went."""
+        self._attach()
+        logs = _session_logs_dir()
+        if logs is not None and os.path.dirname(self.path) != logs:
+            target = os.path.join(logs, f"memscore-{os.getpid()}.log")
+            try:
+                os.replace(self.path, target)
+                self.path = target
+            except OSError:  # another filesystem: the file stays where it is
+                pass
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        if self.progress_bars is None:
+            self.progress_bars = context.enable_progress_bars
+        on_terminal = _isatty(sys.stderr)
+        # Without a terminal, Ray Data's bars are lines of carriage returns in a file or pipe.
+        context.enable_progress_bars = verbosity != QUIET and on_terminal \
+            and self.progress_bars
+        if verbosity == NORMAL and on_terminal:
+            if logs is None:  # Ray Client: the workers' logs are on the cluster's nodes
+                workers = ""
+            elif os.path.dirname(self.path) == logs:
+                workers = ", its workers' to the same folder"
+            else:
+                workers = f", its workers' to {logs}/"
+            print(f"memscore: Ray's log lines go to {self.path}{workers} (--verbose prints "
+                  f"them here)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.removeHandler(self.handler)
+            for handler in logger.handlers:
+                handler.removeFilter(self.filter)
+        if self.progress_bars is not None:
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = self.progress_bars
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(self.terminal_fd, 2)
+        os.close(self.terminal_fd)
+        if self.terminal is not None:
+            if sys.stderr is self.terminal:
+                sys.stderr = self.stderr
+            self.terminal.close()
+        self.file.close()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _session_logs_dir() -> str | None:
+    """The log folder of the Ray session this process is connected to, where it has one on
+    this machine (not through Ray Client)."""
+    from ray._private import worker
+
+    node = worker._global_node
+    try:
+        return node.get_logs_dir_path() if node is not None else None
+    except Exception:  # a node object without a session folder: the file stays where it is
+        return None
 
 
 def _watch_local_ray(command: _Command) -> None:

@@ -96,11 +96,13 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    # Under memscore's command line, unless --verbose: Ray's lines to a log file from here
+    log_to_driver = failures.ray_starting()
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         failures.ray_started(local=False)
     else:
-        start_local_ray()
+        start_local_ray(log_to_driver=log_to_driver)
 
 
 def start_local_ray(*, log_to_driver: bool = True) -> None:

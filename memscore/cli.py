@@ -16,6 +16,7 @@ and, on a terminal, Ray Data's progress bars; Ray's log lines go to Ray's sessio
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 
@@ -23,10 +24,12 @@ from memscore.config import (EvaluateConfig, FinetuneConfig, ScoreConfig, TrainS
                              from_args)
 from memscore import failures
 from memscore.errors import MemscoreError
+from memscore.run_folder import NOTHING_TO_DO, counted
 
 __all__ = ["main", "guarded", "add_debug_flag", "add_output_flags", "build_parser",
-           "format_summary_line", "score_command", "finetune_command", "evaluate_command",
-           "serve_command", "train_sae_command", "job_entrypoint"]
+           "format_summary_line", "format_finetune_line", "score_command", "finetune_command",
+           "evaluate_command", "serve_command", "train_sae_command", "job_entrypoint"]
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,14 +120,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_summary_line(summary: dict) -> str:
-    rate = summary.get("images_per_s")
+    """The final line of ``memscore score``.
+
+    Example:
+        >>> format_summary_line({"rows_out": 1, "rows_scored": 1, "rows_with_errors": 0,
+        ...                      "images_per_s": 0.4, "output": "scores/"})
+        'memscore: 1 row, 1 scored, 0 errors, 0.4 images/s -> scores/'
+        >>> format_summary_line({"rows_out": 5, "rows_scored": 4, "rows_with_errors": 1,
+        ...                      "output": "scores/", "work_done": False})
+        'memscore: already complete: nothing to do: 5 rows, 4 scored, 1 error -> scores/'
+    """
     skipped = summary.get("non_image_files_skipped")
+    counts = (f"{counted(summary['rows_out'], 'row')}, {summary['rows_scored']} scored, "
+              f"{counted(summary['rows_with_errors'], 'error')}")
+    if summary.get("work_done") is False:  # the old run's speed is not this command's
+        return f"memscore: {NOTHING_TO_DO}: {counts} -> {summary['output']}"
+    rate = summary.get("images_per_s")
     return (
-        f"memscore: {summary['rows_out']} rows, {summary['rows_scored']} scored, "
-        f"{summary['rows_with_errors']} errors, {rate if rate is not None else '-'} images/s "
-        + (f"({skipped} non-image file{'s' if skipped != 1 else ''} skipped) " if skipped else "")
+        f"memscore: {counts}, {rate if rate is not None else '-'} images/s "
+        + (f"({counted(skipped, 'non-image file')} skipped) " if skipped else "")
         + f"-> {summary['output']}"
     )
+
+
+def format_finetune_line(summary: dict) -> str:
+    """The final line of ``memscore finetune``: epochs, the best epoch and its validation
+    Spearman, the test split's Spearman, the checkpoint. A Spearman that is not defined (fewer
+    than 3 rows, or constant predictions) is said in words.
+
+    Example:
+        >>> format_finetune_line({"epochs_run": 1, "best": {"epoch": 0, "val_spearman": None,
+        ...                       "val_rows": 2}, "test": None, "rows_per_split": {"test": 0},
+        ...                       "best_checkpoint": "runs/a/best"})
+        'memscore: 1 epoch, best epoch 0 (validation Spearman undefined on 2 rows), no test rows -> runs/a/best'
+    """
+    best = summary.get("best") or {}
+    rho = best.get("val_spearman")
+    validation = (f"validation Spearman {rho:.3f}" if _defined(rho) else
+                  "validation Spearman undefined"
+                  + (f" on {counted(best['val_rows'], 'row')}" if best.get("val_rows") is not None
+                     else ""))
+    test_rows = (summary.get("rows_per_split") or {}).get("test", 0)
+    test = summary.get("test")
+    if test is None:
+        tested = "no test rows" if not test_rows else "test split not scored"
+    else:
+        overall = (test.get("metrics") or {}).get("overall") or {}
+        spearman = overall.get("spearman")
+        tested = (f"test Spearman {spearman:.3f}" if _defined(spearman) else
+                  f"test Spearman undefined on {counted(overall.get('n', test_rows), 'row')}")
+    epoch = best.get("epoch")
+    head = (f"{counted(summary['epochs_run'], 'epoch')}, "
+            + (f"best epoch {epoch} ({validation})" if epoch is not None else "no best epoch"))
+    if summary.get("work_done") is False:
+        head = f"{NOTHING_TO_DO}: {head}"
+    return f"memscore: {head}, {tested} -> {summary['best_checkpoint']}"
+
+
+def _defined(value) -> bool:
+    """A metric that has a value: not None (JSON's NaN) and not NaN."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _registry() -> list[dict]:
@@ -278,13 +333,8 @@ def finetune_command(args: argparse.Namespace) -> int:
     from memscore.finetuning import finetune
 
     summary = _run_job(finetune, FinetuneConfig, args)
-    for warning in summary.get("warnings", []):
-        print(f"memscore: warning: {warning}", file=sys.stderr)
-    best = summary.get("best") or {}
-    test = ((summary.get("test") or {}).get("metrics") or {}).get("overall", {})
-    print(f"memscore: {summary['epochs_run']} epochs, best epoch {best.get('epoch')} "
-          f"(validation Spearman {best.get('val_spearman')}), test Spearman "
-          f"{test.get('spearman')} -> {summary['best_checkpoint']}")
+    _print_warnings(summary)
+    print(format_finetune_line(summary))
     return 0
 
 
@@ -301,10 +351,16 @@ def score_command(args: argparse.Namespace) -> int:
     from memscore.run import score
 
     summary = _run_job(score, ScoreConfig, args)
-    for warning in summary.get("warnings", []):
-        print(f"memscore: warning: {warning}", file=sys.stderr)
+    _print_warnings(summary)
     print(format_summary_line(summary))
     return 0
+
+
+def _print_warnings(summary: dict) -> None:
+    if summary.get("work_done") is False:
+        return  # the finished run's, said when it ran: this command did nothing
+    for warning in summary.get("warnings", []):
+        print(f"memscore: warning: {warning}", file=sys.stderr)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

@@ -41,7 +41,8 @@ import pyarrow.parquet as pq
 
 from memscore import storage
 from memscore.run_folder import json_default as _json_default
-from memscore.run_folder import prepare_run_folder
+from memscore.run_folder import (abandon_run_folder, check_run_folder, counted,
+                                 start_run_folder)
 from memscore.run_folder import read_json as _read_json
 from memscore.config import FinetuneConfig, training_start
 from memscore.errors import MemscoreError, first_line
@@ -141,9 +142,10 @@ def _identity(config: FinetuneConfig, manifest: Manifest, pipeline: str) -> dict
     return identity
 
 
-def _prepare_run_dir(config: FinetuneConfig, run_dir: str, identity: dict) -> str:
-    """'fresh', 'resume' or 'complete'; refuses to mix two different runs in one folder."""
-    return prepare_run_folder(
+def _check_run_dir(config: FinetuneConfig, run_dir: str, identity: dict) -> str:
+    """'fresh', 'resume' or 'complete' (nothing written); refuses to mix two different runs in
+    one folder."""
+    return check_run_folder(
         run_dir, identity, job="finetune", summary_file=SUMMARY_FILE,
         is_complete=lambda summary: summary.get("epochs_requested", 0) >= config.epochs or bool(summary.get("early_stopped")),
         overwrite=config.overwrite, storage_options=config.storage_options)
@@ -243,7 +245,7 @@ def _nothing_to_train(config: FinetuneConfig, rows: dict[str, int], usable: dict
             f"validation rows are usable")
     if tally:
         kind, (count, example) = max(tally.items(), key=lambda item: item[1][0])
-        text += f"; commonest problem: {kind} ({count} rows), e.g. {example}"
+        text += f"; commonest problem: {kind} ({counted(count, 'row')}), e.g. {example}"
     else:
         text += " (the split gave none: check --split-column or --split-fractions)"
     return MemscoreError(text)
@@ -332,10 +334,13 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     Returns:
         The run summary, as written to ``finetune.json`` in ``config.output``/``config.name``:
         rows per split, the best epoch and its checkpoint folder, the history, the test
-        split's figures, warnings.
+        split's figures, warnings; and ``work_done``, False where the run was already complete
+        and this call only read its summary back.
 
     Raises:
-        MemscoreError: one line for each problem the user can fix, before any Ray work.
+        MemscoreError: one line for each problem the user can fix, before any Ray work (or,
+            for images that leave nothing to train on, before any training); a fresh run
+            refused so leaves no run folder behind.
 
     Example: ``memscore.finetune``, which calls this, runs one.
     """
@@ -361,12 +366,12 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                                 f"(columns: {', '.join(manifest.columns)})")
     run_dir = storage.join(config.output, config.name)
     identity = _identity(config, manifest, pipeline)
-    status = _prepare_run_dir(config, run_dir, identity)
+    status = _check_run_dir(config, run_dir, identity)
     if status == "complete":
-        return _read_json(storage.join(run_dir, SUMMARY_FILE), config.storage_options)
+        finished = _read_json(storage.join(run_dir, SUMMARY_FILE), config.storage_options)
+        return {**finished, "work_done": False}
 
     table, counts, label_problems = _labelled_table(config, manifest)
-    files = _write_splits(table, config, run_dir)
     split_rows = {s: int(pc.sum(pc.equal(table.column(SPLIT), s)).as_py() or 0) for s in SPLITS}
     all_rows = {s: split_rows[s] + sum(n for n, _ in label_problems[s].values()) for s in SPLITS}
     if split_rows["train"] == 0 or split_rows["validation"] == 0:
@@ -382,18 +387,28 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     from memscore.cluster_check import check_shared_storage
     from memscore.pipeline import init_ray
 
-    init_ray(config.address)
-    check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only
-    ray.data.DataContext.get_current().max_errored_blocks = 0
-    decoded = {split: _decoded(config, files[split], manifest, preprocess)
-               for split in ("train", "validation")}
-    errors = {split: _image_errors(data) for split, data in decoded.items()}
-    skipped = {split: {kind: n for kind, (n, _) in kinds.items()} for split, kinds in errors.items()}
-    kept = {split: split_rows[split] - sum(skipped[split].values()) for split in skipped}
-    if not kept["train"] or not kept["validation"]:
-        raise _nothing_to_train(config, all_rows, kept,
-                                [label_problems["train"], label_problems["validation"],
-                                 errors["train"], errors["validation"]])
+    if status == "fresh":
+        start_run_folder(run_dir, identity, overwrite=config.overwrite,
+                         storage_options=config.storage_options)
+    try:
+        files = _write_splits(table, config, run_dir)
+        init_ray(config.address)
+        check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only
+        ray.data.DataContext.get_current().max_errored_blocks = 0
+        decoded = {split: _decoded(config, files[split], manifest, preprocess)
+                   for split in ("train", "validation")}
+        errors = {split: _image_errors(data) for split, data in decoded.items()}
+        skipped = {split: {kind: n for kind, (n, _) in kinds.items()}
+                   for split, kinds in errors.items()}
+        kept = {split: split_rows[split] - sum(skipped[split].values()) for split in skipped}
+        if not kept["train"] or not kept["validation"]:
+            raise _nothing_to_train(config, all_rows, kept,
+                                    [label_problems["train"], label_problems["validation"],
+                                     errors["train"], errors["validation"]])
+    except MemscoreError:
+        if status == "fresh":  # refused before training: the corrected command starts afresh
+            abandon_run_folder(run_dir, config.storage_options)
+        raise
     usable = {split: data.map_batches(_drop_failed, batch_format="pyarrow")
               for split, data in decoded.items()}
 
@@ -465,7 +480,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     fs, path = storage.url_to_fs(run_dir, config.storage_options)
     storage.pipe_atomic(fs, f"{path}/{SUMMARY_FILE}",
                  (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
-    return summary
+    return {**summary, "work_done": True}  # not in the file: it says what this call did
 
 
 def _warnings(config: FinetuneConfig, best: dict | None, epochs_run: int) -> list[str]:
@@ -474,7 +489,7 @@ def _warnings(config: FinetuneConfig, best: dict | None, epochs_run: int) -> lis
     if rho is not None and rho >= LOW_SPEARMAN:
         return []
     settings = (f"--optimizer {config.optimizer} --lr {config.lr:g} --batch-size "
-                f"{config.batch_size}, {epochs_run} epochs")
+                f"{config.batch_size}, {counted(epochs_run, 'epoch')}")
     if rho is None:
         found = ("validation Spearman was undefined in every epoch (constant predictions, or "
                  "fewer than 3 validation rows)")

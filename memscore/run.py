@@ -366,7 +366,7 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
             resume.check_same_run(finished.get("run") or {}, identity, config.output,
                                   finished=True)
             if not (config.retry_errors and _reopen(config, manifest, identity)):
-                return finished
+                return {**finished, "work_done": False}  # said by the CLI's final line
             reopened = True
         remove_summary(config.output, config.storage_options)
         mode = "resume"
@@ -479,4 +479,4 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
     if not counts["complete"]:
         raise MemscoreError(_incomplete_line(config.output, snapshot.rows, counts))
     resume.remove_work_dir(config.output, config.storage_options)
-    return summary
+    return {**summary, "work_done": True}  # not in _memscore.json: what this call did

@@ -2,8 +2,11 @@
 resumed or complete, and never two different runs mixed in one folder.
 
 A run folder holds ``state.json`` (the run's identity: the options and the manifest's
-fingerprint, written when the run starts) beside what the job writes. ``--overwrite`` deletes a
-folder only when it holds that file: a folder memscore did not make is never deleted.
+fingerprint, written once the run's checks have passed) beside what the job writes.
+``--overwrite`` deletes a folder only when it holds that file: a folder memscore did not make is
+never deleted. A run refused before it trains leaves nothing behind: ``check_run_folder``
+writes nothing, ``start_run_folder`` claims the folder, and ``abandon_run_folder`` removes what a
+fresh run wrote before it was refused, so the corrected command starts afresh.
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ from typing import Any, Callable, Mapping
 from memscore import storage
 from memscore.errors import MemscoreError
 
-__all__ = ["STATE_FILE", "prepare_run_folder", "read_json", "json_default"]
+__all__ = ["STATE_FILE", "NOTHING_TO_DO", "check_run_folder", "start_run_folder",
+           "abandon_run_folder", "prepare_run_folder", "read_json", "json_default", "counted"]
 
 STATE_FILE = "state.json"
+#: What the final line of a command says when its run was already complete (its summary's
+#: ``work_done`` is False): scoring, fine-tuning and train-sae alike.
+NOTHING_TO_DO = "already complete: nothing to do"
 
 
-def prepare_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
-                       summary_file: str, is_complete: Callable[[dict], bool],
-                       overwrite: bool = False,
-                       storage_options: Mapping[str, Any] | None = None) -> str:
-    """"fresh", "resume" or "complete" for the run folder ``run_dir``.
+def check_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
+                     summary_file: str, is_complete: Callable[[dict], bool],
+                     overwrite: bool = False,
+                     storage_options: Mapping[str, Any] | None = None) -> str:
+    """"fresh", "resume" or "complete" for the run folder ``run_dir``; writes nothing.
 
     Args:
         run_dir: the folder (local or URL).
@@ -33,9 +40,62 @@ def prepare_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
         summary_file: the file the job writes when it ends; with it, ``is_complete(summary)``
             says whether the run needs nothing more.
         is_complete: reads the summary (a dict).
-        overwrite: delete a run folder of memscore's first (a folder without ``state.json``
-            is refused, not deleted).
+        overwrite: a run folder of memscore's is "fresh" (``start_run_folder`` deletes it);
+            a folder without ``state.json`` is refused all the same.
         storage_options: fsspec options.
+
+    Raises:
+        MemscoreError: the folder holds a run with other settings, or is not a memscore run.
+    """
+    fs, path = storage.url_to_fs(run_dir, dict(storage_options or {}))
+    state_path = f"{path}/{STATE_FILE}"
+    ours = fs.exists(state_path)
+    if ours and not overwrite:
+        saved = json.loads(fs.cat_file(state_path))
+        changed = [k for k in identity if saved.get(k) != identity[k]]
+        if changed:
+            raise MemscoreError(
+                f"{run_dir} holds a run with other settings ({', '.join(changed)} differ); "
+                f"choose another --name or pass --overwrite")
+        if fs.exists(f"{path}/{summary_file}"):
+            if is_complete(json.loads(fs.cat_file(f"{path}/{summary_file}"))):
+                return "complete"
+        return "resume"
+    if not ours and fs.exists(path) and fs.ls(path):
+        raise MemscoreError(f"{run_dir} exists and is not a memscore {job} run (no "
+                            f"{STATE_FILE}); choose another --name"
+                            + ("" if overwrite else " or pass --overwrite if it is one"))
+    return "fresh"
+
+
+def start_run_folder(run_dir: str, identity: Mapping[str, Any], *, overwrite: bool = False,
+                     storage_options: Mapping[str, Any] | None = None) -> None:
+    """Claim ``run_dir`` for a fresh run (``check_run_folder`` said "fresh"): with
+    ``overwrite``, the run of memscore's that is there is deleted first; then ``state.json``."""
+    fs, path = storage.url_to_fs(run_dir, dict(storage_options or {}))
+    state_path = f"{path}/{STATE_FILE}"
+    if overwrite and fs.exists(state_path):
+        fs.rm(path, recursive=True)
+    if not storage.is_url(run_dir):
+        fs.makedirs(path, exist_ok=True)
+    storage.pipe_atomic(fs, state_path, (json.dumps(identity, indent=2) + "\n").encode())
+
+
+def abandon_run_folder(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove what a fresh run wrote into ``run_dir`` (``start_run_folder`` on an empty or
+    absent folder, so all of it is the run's) when a check refuses the run before it trains:
+    its ``state.json`` would make the corrected command "a run with other settings"."""
+    fs, path = storage.url_to_fs(run_dir, dict(storage_options or {}))
+    if fs.exists(f"{path}/{STATE_FILE}"):
+        fs.rm(path, recursive=True)
+
+
+def prepare_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
+                       summary_file: str, is_complete: Callable[[dict], bool],
+                       overwrite: bool = False,
+                       storage_options: Mapping[str, Any] | None = None) -> str:
+    """``check_run_folder``, then ``start_run_folder`` where the run is fresh: for a job whose
+    checks have all passed.
 
     Example:
         >>> import tempfile
@@ -47,31 +107,22 @@ def prepare_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
         ...                    is_complete=lambda summary: True)
         'resume'
     """
-    fs, path = storage.url_to_fs(run_dir, dict(storage_options or {}))
-    state_path = f"{path}/{STATE_FILE}"
-    ours = fs.exists(state_path)
-    if overwrite and ours:
-        fs.rm(path, recursive=True)
-        ours = False
-    if ours:
-        saved = json.loads(fs.cat_file(state_path))
-        changed = [k for k in identity if saved.get(k) != identity[k]]
-        if changed:
-            raise MemscoreError(
-                f"{run_dir} holds a run with other settings ({', '.join(changed)} differ); "
-                f"choose another --name or pass --overwrite")
-        if fs.exists(f"{path}/{summary_file}"):
-            if is_complete(json.loads(fs.cat_file(f"{path}/{summary_file}"))):
-                return "complete"
-        return "resume"
-    if fs.exists(path) and fs.ls(path):
-        raise MemscoreError(f"{run_dir} exists and is not a memscore {job} run (no "
-                            f"{STATE_FILE}); choose another --name"
-                            + ("" if overwrite else " or pass --overwrite if it is one"))
-    if not storage.is_url(run_dir):
-        fs.makedirs(path, exist_ok=True)
-    storage.pipe_atomic(fs, state_path, (json.dumps(identity, indent=2) + "\n").encode())
-    return "fresh"
+    status = check_run_folder(run_dir, identity, job=job, summary_file=summary_file,
+                              is_complete=is_complete, overwrite=overwrite,
+                              storage_options=storage_options)
+    if status == "fresh":
+        start_run_folder(run_dir, identity, overwrite=overwrite, storage_options=storage_options)
+    return status
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: the counts of memscore's lines.
+
+    Example:
+        >>> counted(1, "epoch"), counted(0, "error"), counted(2, "copy", "copies")
+        ('1 epoch', '0 errors', '2 copies')
+    """
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def json_default(value: Any):

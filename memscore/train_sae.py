@@ -48,7 +48,8 @@ import pyarrow.parquet as pq
 
 from memscore import storage
 from memscore.run_folder import json_default as _json_default
-from memscore.run_folder import prepare_run_folder
+from memscore.run_folder import (NOTHING_TO_DO, abandon_run_folder, check_run_folder, counted,
+                                 start_run_folder)
 from memscore.run_folder import read_json as _read_json
 from memscore.columns import ERROR, REPRESENTATION, ROW
 from memscore.config import TrainSAEConfig
@@ -98,7 +99,10 @@ class SAESpec:
 # --- the driver -------------------------------------------------------------------------------
 
 def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
-    """Train the autoencoder on ``config.manifest``'s images; returns the run summary.
+    """Train the autoencoder on ``config.manifest``'s images; returns the run summary, as
+    written to ``train_sae.json``, with ``work_done``: False where the run was already complete
+    and this call only read its summary back. A fresh run refused before training (fewer than
+    2 images gave a representation) leaves no run folder behind.
 
     Example:
         >>> from memscore.config import TrainSAEConfig
@@ -124,18 +128,27 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
                              reserved_columns=(ROW, REPRESENTATION))
     run_dir = storage.join(config.output, config.name)
     identity = _identity(config, manifest, encoder)
-    status = _prepare_run_dir(config, run_dir, identity)
+    status = _check_run_dir(config, run_dir, identity)
     if status == "complete":
-        return _read_json(storage.join(run_dir, SUMMARY_FILE), config.storage_options)
+        finished = _read_json(storage.join(run_dir, SUMMARY_FILE), config.storage_options)
+        return {**finished, "work_done": False}
 
-    init_ray(config.address)
-    check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only
-    ray.data.DataContext.get_current().max_errored_blocks = 0
-    gpus = ray.cluster_resources().get("GPU", 0)
-    representations, computed = _representations(config, manifest, run_dir, encoder, gpus)
-    counts = _count_representations(representations, config, manifest.path_column)
-    if counts["rows_trained"] < 2:
-        raise MemscoreError(_nothing_to_train(config, counts))
+    if status == "fresh":
+        start_run_folder(run_dir, identity, overwrite=config.overwrite,
+                         storage_options=config.storage_options)
+    try:
+        init_ray(config.address)
+        check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only
+        ray.data.DataContext.get_current().max_errored_blocks = 0
+        gpus = ray.cluster_resources().get("GPU", 0)
+        representations, computed = _representations(config, manifest, run_dir, encoder, gpus)
+        counts = _count_representations(representations, config, manifest.path_column)
+        if counts["rows_trained"] < 2:
+            raise MemscoreError(_nothing_to_train(config, counts))
+    except MemscoreError:
+        if status == "fresh":  # refused before training: the corrected command starts afresh
+            abandon_run_folder(run_dir, config.storage_options)
+        raise
 
     gpus_per_worker, threads = worker_plan(gpus, config.workers, config.gpus_per_worker,
                                            config.torch_threads)
@@ -200,17 +213,20 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     fs, path = storage.url_to_fs(run_dir, config.storage_options)
     storage.pipe_atomic(fs, f"{path}/{SUMMARY_FILE}",
                  (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
-    return summary
+    return {**summary, "work_done": True}  # not in the file: it says what this call did
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    """One line for the terminal: rows trained, the loss before and after, the checkpoint."""
+    """One line for the terminal: rows trained, the loss before and after, the checkpoint;
+    first, for a run that was already complete (``work_done`` False), that nothing was done."""
     def fmt(value):
         return "-" if value is None else f"{value:.4g}"
 
-    return (f"memscore: autoencoder on {summary['encoder']['name']} representations of "
-            f"{summary['rows_trained']} images ({summary['rows_with_image_errors']} failed), "
-            f"{summary['epochs_run']} epochs: mean reconstruction loss "
+    done = f"{NOTHING_TO_DO}: " if summary.get("work_done") is False else ""
+    return (f"memscore: {done}autoencoder on {summary['encoder']['name']} representations of "
+            f"{counted(summary['rows_trained'], 'image')} "
+            f"({summary['rows_with_image_errors']} failed), "
+            f"{counted(summary['epochs_run'], 'epoch')}: mean reconstruction loss "
             f"{fmt(summary['initial_reconstruction_loss'])} -> "
             f"{fmt(summary['final_reconstruction_loss'])} -> {summary['best_checkpoint']}")
 
@@ -253,9 +269,10 @@ def _identity(config: TrainSAEConfig, manifest, encoder: dict) -> dict[str, Any]
     return identity
 
 
-def _prepare_run_dir(config: TrainSAEConfig, run_dir: str, identity: dict) -> str:
-    """'fresh', 'resume' or 'complete'; refuses to mix two different runs in one folder."""
-    return prepare_run_folder(
+def _check_run_dir(config: TrainSAEConfig, run_dir: str, identity: dict) -> str:
+    """'fresh', 'resume' or 'complete' (nothing written); refuses to mix two different runs in
+    one folder."""
+    return check_run_folder(
         run_dir, identity, job="train-sae", summary_file=SUMMARY_FILE,
         is_complete=lambda summary: summary.get("epochs_run", 0) >= config.epochs,
         overwrite=config.overwrite, storage_options=config.storage_options)
@@ -344,11 +361,12 @@ def _count_representations(folder: str, config: TrainSAEConfig,
 
 
 def _nothing_to_train(config: TrainSAEConfig, counts: dict) -> str:
-    text = (f"{config.manifest}: {counts['rows_trained']} of {counts['rows_in']} images gave a "
-            f"representation; the autoencoder needs at least 2")
+    text = (f"{config.manifest}: {counts['rows_trained']} of "
+            f"{counted(counts['rows_in'], 'image')} gave a representation; the autoencoder "
+            f"needs at least 2")
     if counts["image_error_kinds"]:
         kind, n = max(counts["image_error_kinds"].items(), key=lambda item: item[1])
-        text += (f"; commonest problem: {kind} ({n} rows), e.g. "
+        text += (f"; commonest problem: {kind} ({counted(n, 'row')}), e.g. "
                  f"{counts['image_error_examples'][kind]}")
     return text
 

@@ -186,6 +186,7 @@ def _registry() -> list[dict]:
     """Every weights member of every registered model, as ``memscore models`` shows it."""
     from memscore.models import get_model_weights, list_models
     from memscore.models._api import output_columns_of
+    from memscore.models.registry import weights_aliases
 
     rows = []
     for name in list_models():
@@ -194,6 +195,8 @@ def _registry() -> list[dict]:
             meta = member.meta
             rows.append({"model": name, "weights": member.name,
                          "default": member is enum.DEFAULT,
+                         # DEFAULT: what --weights also takes for it, as its errors list
+                         "aliases": weights_aliases(name, member),
                          # several for a traces model: <encoder>_cls_mean, ...
                          "output_column": ",".join(output_columns_of(meta)),
                          "input_size": list(meta.get("input_size", ())),
@@ -210,7 +213,8 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        default = " (default)" if row["default"] else ""
+        default = " (default" + "".join(f", also --weights {a}" for a in row["aliases"]) + ")" \
+            if row["default"] else ""
         shape = "x".join(str(n) for n in row["input_size"])
         print(f"{row['model']}  weights={row['weights']}{default}  "
               f"column={row['output_column']}  input={shape}")

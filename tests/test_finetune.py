@@ -193,6 +193,9 @@ def test_a_finished_run_is_reported_again_and_a_different_one_is_refused(tint_ru
     again = finetune(tint_run["config"])
     assert again["finished_at"] == tint_run["summary"]["finished_at"]
     assert time.perf_counter() - clock < 30
+    # what each call did (the CLI's "already complete: nothing to do"), not part of the file
+    assert tint_run["summary"]["work_done"] is True and again["work_done"] is False
+    assert "work_done" not in json.loads((tint_run["run"] / "finetune.json").read_text())
     other = memnet_config(tint_run["manifest"], tint_run["folder"] / "runs", lr=0.5)
     with pytest.raises(MemscoreError, match="other settings \\(lr differ"):
         finetune(other)
@@ -342,7 +345,8 @@ def test_a_run_that_learns_nothing_ends_with_a_warning(tmp_path, ray_local, caps
     assert "the best validation Spearman is -0." in summary["warnings"][0]
     warnings = [line for line in err.splitlines() if line.startswith("memscore: warning:")]
     assert warnings == [f"memscore: warning: {summary['warnings'][0]}"]
-    assert out.startswith("memscore: 1 epochs")
+    assert out.startswith("memscore: 1 epoch, best epoch 0 (validation Spearman ")
+    assert "None" not in out and "no test rows" in out  # --split-fractions 0.5,0.5,0
     # an explicit option is kept, the others take the defaults of a start from scratch
     assert summary["training_defaults"] == {"start": "scratch",
                                             "defaulted": ["optimizer", "batch_size"],
@@ -369,7 +373,8 @@ def test_a_manifest_whose_paths_do_not_resolve_stops_with_one_line(tmp_path, ray
     assert error.startswith("memscore: error: ") and "no train rows and no validation rows" in error
     assert "commonest problem: missing file (20 rows), e.g. " in error
     assert f"{tmp_path}/ft/ft/images/img_00" in error
-    assert not (tmp_path / "runs" / "finetune" / "finetune.json").exists()
+    # refused before training: no state.json or splits/ to refuse the corrected command with
+    assert not (tmp_path / "runs" / "finetune").exists()
 
 
 def test_a_manifest_without_numeric_labels_stops_with_one_line(tmp_path):
@@ -390,7 +395,7 @@ def test_a_manifest_without_numeric_labels_stops_with_one_line(tmp_path):
 def test_overwrite_never_deletes_a_folder_that_is_not_a_memscore_run(tmp_path):
     """--overwrite deletes a run folder memscore made (it holds state.json), never another."""
     from memscore.errors import MemscoreError
-    from memscore.run_folder import prepare_run_folder
+    from memscore.run_folder import check_run_folder, prepare_run_folder
 
     theirs = tmp_path / "runs" / "mine"
     theirs.mkdir(parents=True)
@@ -401,6 +406,10 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_memscore_run(tmp_path):
     assert (theirs / "notes.txt").read_text() == "keep me"
 
     ours = tmp_path / "runs" / "ours"
+    # the checks alone write nothing: a run refused after them leaves no state behind
+    assert check_run_folder(str(ours), {"lr": 1}, job="finetune", summary_file="f.json",
+                            is_complete=lambda s: True) == "fresh"
+    assert not ours.exists()
     assert prepare_run_folder(str(ours), {"lr": 1}, job="finetune", summary_file="f.json",
                               is_complete=lambda s: True) == "fresh"
     (ours / "f.json").write_text("{}")
@@ -409,6 +418,10 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_memscore_run(tmp_path):
     with pytest.raises(MemscoreError, match="lr differ"):
         prepare_run_folder(str(ours), {"lr": 2}, job="finetune", summary_file="f.json",
                            is_complete=lambda s: True)
+    # --overwrite: the old run stays until the new one's checks pass and it starts
+    assert check_run_folder(str(ours), {"lr": 2}, job="finetune", summary_file="f.json",
+                            is_complete=lambda s: True, overwrite=True) == "fresh"
+    assert (ours / "f.json").exists()
     assert prepare_run_folder(str(ours), {"lr": 2}, job="finetune", summary_file="f.json",
                               is_complete=lambda s: True, overwrite=True) == "fresh"
     assert not (ours / "f.json").exists()

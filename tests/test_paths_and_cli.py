@@ -48,6 +48,9 @@ def test_the_readmes_first_command_runs_as_written_from_a_copy_of_the_project(tm
         result = subprocess.run(["bash", "-c", command], cwd=project, env=_env(),
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
+        # Ray's INFO lines, its token WARNING and its core_worker.cc line went to its log
+        assert result.stderr == "", result.stderr[-3000:]
+        assert len(result.stdout.strip().splitlines()) == 1, result.stdout
         last = result.stdout.strip().splitlines()[-1]
         assert last.startswith("memscore: 5 rows, 5 scored, 0 errors"), last
         assert "(1 non-image file skipped)" in last  # examples/images/README.md
@@ -254,3 +257,4 @@ def test_version_and_models_json(capsys):
     rows = json.loads(capsys.readouterr().out)
     resmem = next(row for row in rows if row["model"] == "resmem" and row["default"])
     assert resmem["output_column"] == "memorability" and "non-commercial" in resmem["licence"]
+    assert resmem["weights"] == "RETRAIN" and resmem["aliases"] == ["DEFAULT"]

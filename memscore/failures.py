@@ -315,7 +315,7 @@ class _Command:
     debug: bool
     verbosity: str | None = None  # None: a command without the options; Ray prints as it does
     terminating: bool = False
-    ray_log: "_RayLog | None" = None
+    ray_log: _RayLog | None = None
 
 
 _command: _Command | None = None
@@ -588,7 +588,7 @@ def _session_logs_dir() -> str | None:
     node = worker._global_node
     try:
         return node.get_logs_dir_path() if node is not None else None
-    except Exception:  # a node object without a session folder: the file stays where it is
+    except (AttributeError, TypeError, OSError):  # no session folder: the file stays put
         return None
 
 

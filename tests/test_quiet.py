@@ -28,14 +28,14 @@ import termios
 import time
 from pathlib import Path
 
-import pyarrow.csv
 import pyarrow as pa
+import pyarrow.csv
 import pytest
+from synthetic import write_tint_dataset
 
 import memscore
 from memscore import cli
 from memscore.run_folder import STATE_FILE, counted
-from synthetic import write_tint_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -237,8 +237,8 @@ def test_a_plain_run_prints_its_final_line_alone_and_verbose_brings_rays_lines_b
                        tmp_path)
     assert again.returncode == 0 and again.stderr == "", again.stderr
     assert again.stdout.splitlines() == [
-        f"memscore: already complete: nothing to do: 5 rows, 5 scored, 0 errors -> "
-        f"{tmp_path / 'scores'}"]
+        (f"memscore: already complete: nothing to do: 5 rows, 5 scored, 0 errors -> "
+         f"{tmp_path / 'scores'}")]
     summary = memscore.score(memscore.ScoreConfig(str(images), output=str(tmp_path / "scores"),
                                                   resume=True))
     assert summary["work_done"] is False and summary["rows_out"] == 5

@@ -23,8 +23,8 @@ import sys
 from memscore.config import (EvaluateConfig, FinetuneConfig, ScoreConfig, TrainSAEConfig, add_arguments,
                              from_args)
 from memscore import failures
-from memscore.errors import MemscoreError
-from memscore.run_folder import NOTHING_TO_DO, counted
+from memscore.errors import MemscoreError, counted
+from memscore.run_folder import NOTHING_TO_DO
 
 __all__ = ["main", "guarded", "add_debug_flag", "add_output_flags", "build_parser",
            "format_summary_line", "format_finetune_line", "score_command", "finetune_command",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MemscoreError", "first_line", "strip_ansi"]
+__all__ = ["MemscoreError", "first_line", "counted", "strip_ansi"]
 
 # Colour and cursor sequences (CSI), as Ray puts in a remote traceback's header.
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
@@ -49,3 +49,13 @@ def strip_ansi(text: str) -> str:
         'ray::Write() (pid=1)'
     """
     return _ANSI.sub("", text)
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: the counts of memscore's lines.
+
+    Example:
+        >>> counted(1, "epoch"), counted(0, "error"), counted(2, "copy", "copies")
+        ('1 epoch', '0 errors', '2 copies')
+    """
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -41,11 +41,10 @@ import pyarrow.parquet as pq
 
 from memscore import storage
 from memscore.run_folder import json_default as _json_default
-from memscore.run_folder import (abandon_run_folder, check_run_folder, counted,
-                                 start_run_folder)
+from memscore.run_folder import (abandon_run_folder, check_run_folder, start_run_folder)
 from memscore.run_folder import read_json as _read_json
 from memscore.config import FinetuneConfig, training_start
-from memscore.errors import MemscoreError, first_line
+from memscore.errors import MemscoreError, counted, first_line
 from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.columns import ROW, SPLIT, pixels_column
 from memscore.fetch import resolve_path

@@ -18,7 +18,7 @@ from memscore import resume, storage
 from memscore.cluster_check import check_shared_storage
 from memscore.columns import BOOKKEEPING, score_column
 from memscore.config import ScoreConfig
-from memscore.errors import MemscoreError, first_line
+from memscore.errors import MemscoreError, counted, first_line
 # run_stopped lives in memscore.failures; importable from here for code written before.
 from memscore.failures import run_stopped  # noqa: F401
 from memscore.fetch import RETRYABLE_KINDS
@@ -216,13 +216,10 @@ def _shard_counts(config: ScoreConfig, manifest: Manifest, dropped: dict) -> lis
     unread = [url for url, n in zip(manifest.files, counts) if n is None]
     if unread:
         raise MemscoreError(
-            f"{config.output}: {len(unread)} of {len(counts)} shards have no recorded sample "
-            f"count (e.g. {unread[0]}), so the output cannot be checked; run again with --resume")
+            f"{config.output}: {len(unread)} of {counted(len(counts), 'shard')} have no "
+            f"recorded sample count (e.g. {unread[0]}), so the output cannot be checked; run "
+            f"again with --resume")
     return counts
-
-
-def _plural(n: int, one: str, many: str) -> str:
-    return one if n == 1 else many
 
 
 def _incomplete_line(output: str, rows: int, counts: dict[str, Any]) -> str:
@@ -238,7 +235,7 @@ def _incomplete_line(output: str, rows: int, counts: dict[str, Any]) -> str:
     if counts["rows_unexpected"]:
         parts.append(f"{counts['rows_unexpected']} not in the manifest (e.g. "
                      f"{counts['unexpected_examples']})")
-    line = f"{output}: {counts['rows_out']} rows written for {rows} manifest rows: " + \
+    line = f"{output}: {counted(counts['rows_out'], 'row')} written for {rows} manifest rows: " + \
         ", ".join(parts)
     if counts["rows_duplicated"]:
         return (line + "; another run wrote into this output at the same time (an older "
@@ -383,7 +380,7 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
         doubled = resume.drop_duplicate_rows(config.output, config.storage_options)
         if doubled:
             resume.apply_retry_plan(config.output, config.storage_options)
-            notes.append(f"removed {doubled} second {_plural(doubled, 'copy', 'copies')} of "
+            notes.append(f"removed {counted(doubled, 'second copy', 'second copies')} of "
                          f"rows that two runs had written into {config.output}")
         if config.retry_errors and not reopened:
             resume.drop_error_rows(config.output, config.storage_options, RETRYABLE_KINDS)

@@ -19,7 +19,7 @@ from memscore import storage
 from memscore.errors import MemscoreError
 
 __all__ = ["STATE_FILE", "NOTHING_TO_DO", "check_run_folder", "start_run_folder",
-           "abandon_run_folder", "prepare_run_folder", "read_json", "json_default", "counted"]
+           "abandon_run_folder", "prepare_run_folder", "read_json", "json_default"]
 
 STATE_FILE = "state.json"
 #: What the final line of a command says when its run was already complete (its summary's
@@ -113,16 +113,6 @@ def prepare_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
     if status == "fresh":
         start_run_folder(run_dir, identity, overwrite=overwrite, storage_options=storage_options)
     return status
-
-
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``n`` and ``noun``, plural unless ``n`` is 1: the counts of memscore's lines.
-
-    Example:
-        >>> counted(1, "epoch"), counted(0, "error"), counted(2, "copy", "copies")
-        ('1 epoch', '0 errors', '2 copies')
-    """
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def json_default(value: Any):

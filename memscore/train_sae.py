@@ -48,12 +48,11 @@ import pyarrow.parquet as pq
 
 from memscore import storage
 from memscore.run_folder import json_default as _json_default
-from memscore.run_folder import (NOTHING_TO_DO, abandon_run_folder, check_run_folder, counted,
-                                 start_run_folder)
+from memscore.run_folder import (NOTHING_TO_DO, abandon_run_folder, check_run_folder, start_run_folder)
 from memscore.run_folder import read_json as _read_json
 from memscore.columns import ERROR, REPRESENTATION, ROW
 from memscore.config import TrainSAEConfig
-from memscore.errors import MemscoreError, first_line
+from memscore.errors import MemscoreError, counted, first_line
 
 __all__ = ["train_sae", "summary_line", "SAESpec", "train_sae_worker", "zscore_statistics",
            "SUMMARY_FILE", "sae_model_name", "sae_output_column"]

@@ -35,7 +35,8 @@ from synthetic import write_tint_dataset
 
 import memscore
 from memscore import cli
-from memscore.run_folder import STATE_FILE, counted
+from memscore.errors import counted
+from memscore.run_folder import STATE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -33,17 +33,24 @@ def score(config: ScoreConfig) -> dict:
         config: the run's options; ``memscore score --help`` explains each.
 
     Returns:
-        The run summary, as written to ``_memscore.json`` in ``config.output``.
+        The run summary, as written to ``_memscore.json`` in ``config.output``, plus
+        ``work_done``: False when ``config.resume`` found the run already complete and did
+        nothing (the summary is then the finished run's), else True.
 
     Raises:
         MemscoreError: one line for each problem the user can fix (no such manifest, a
-            manifest without its path column, an output folder that is not empty, ...).
+            manifest without its path column, an output folder that is not empty or that
+            another run is writing, ...).
 
     Example:
         >>> import memscore
         >>> summary = memscore.score(memscore.ScoreConfig("examples/images", output="scores/"))
-        >>> summary["status"], summary["rows_in"], summary["rows_scored"]
-        ('complete', 5, 5)
+        >>> summary["status"], summary["rows_in"], summary["rows_scored"], summary["work_done"]
+        ('complete', 5, 5, True)
+        >>> again = memscore.score(memscore.ScoreConfig("examples/images", output="scores/",
+        ...                                             resume=True))
+        >>> again["work_done"], again["finished_at"] == summary["finished_at"]
+        (False, True)
     """
     from memscore.run import score as _score
 

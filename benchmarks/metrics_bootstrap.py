@@ -43,7 +43,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from memscore import metrics  # noqa: E402
+from memscore.evaluation import metrics  # noqa: E402
 
 VARIANTS = ("memscore", "spearmanr loop", "rankdata rows", "scipy bootstrap")
 

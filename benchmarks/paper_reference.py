@@ -6,7 +6,7 @@ trace per layer (``<encoder>_activations_mean.json`` ...: {layer: [one value per
 MemCat memorability scores in the same order (``memcat_CLIP_memscores_layer_LAST.json``), and the
 autoencoder's Spearman rho per epoch and seed (``autoencoder_loss_correlation_stats_*.json``).
 This script writes the traces as memscore's list columns (``clip_cls_mean`` ...) in one Parquet
-file, runs ``memscore.evaluate`` (``memscore.evaluation``) on it with ``--trace-columns all``, and writes a Markdown table
+file, runs ``memscore.evaluate`` (``memscore.evaluation.job``) on it with ``--trace-columns all``, and writes a Markdown table
 of the values docs/traces.md quotes (the paper's, and memscore's figures on the paper's data with
 their bootstrap intervals), and the per-layer figure.
 
@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from memscore.config import EvaluateConfig  # noqa: E402
-from memscore.evaluation import evaluate  # noqa: E402
+from memscore.evaluation.job import evaluate  # noqa: E402
 
 ENCODERS = ("clip", "dinov2", "siglip2")
 # The paper's file name for each memscore feature: <encoder>_<file>.json.

@@ -24,7 +24,7 @@ start, Ray's start and the model load are included), and records:
 
 The model load is measured apart once (``ScoreImages(("resmem",))`` in a fresh process).
 WebDataset (``--webdataset-samples`` samples of real small images in 4 shards): the reader alone
-(``memscore.webdataset.iter_shard``), then ``memscore score`` on the shards end to end, model
+(``memscore.sources.webdataset.iter_shard``), then ``memscore score`` on the shards end to end, model
 time included, and ``memscore verify``.
 
 The machine is assumed shared: the table records the load average and the CPU steal share of
@@ -254,7 +254,7 @@ def run_verify(manifest: Path, output: Path) -> tuple[bool, float, str]:
 
 def model_load_s() -> float:
     """Import torch and build ResMem with its published weights, in a fresh process."""
-    code = ("import time; t = time.perf_counter(); from memscore.predict import ScoreImages; "
+    code = ("import time; t = time.perf_counter(); from memscore.stages.predict import ScoreImages; "
             "ScoreImages(('resmem',)); print(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -298,7 +298,7 @@ def measure_webdataset(folder: Path, samples: int, seed: int, extra: list[str],
                        timeout: float) -> dict:
     """The reader alone (in this process), then ``memscore score SHARDS`` end to end (decode
     and ResMem's forward on every sample, as one process) and ``memscore verify``."""
-    from memscore.webdataset import iter_shard
+    from memscore.sources.webdataset import iter_shard
 
     shards = make_shards(folder / "shards", samples, seed)
     size = sum(p.stat().st_size for p in shards)
@@ -407,7 +407,7 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
         lines.append(
             f"{wds['shards']} shards of {wds['samples']:,} samples ({wds['mib']:.1f} MiB: small "
             f"JPEGs of 96-320 px, each with .json and .txt members). The reader alone "
-            f"(`memscore.webdataset.iter_shard`, in this process, no Ray): {wds['wall_s']:.2f} s, "
+            f"(`memscore.sources.webdataset.iter_shard`, in this process, no Ray): {wds['wall_s']:.2f} s, "
             f"{wds['rows'] / wds['wall_s']:,.0f} samples/s, "
             f"{wds['mib'] / wds['wall_s']:.0f} MiB/s; {wds['rows']:,} rows, {wds['errors']} "
             f"error rows.")

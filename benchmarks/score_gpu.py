@@ -21,7 +21,7 @@ with seeded random weights, unless ``--weights`` names a ResMem state_dict file 
    the head is initialised from them so that the logits have mean 0 and standard deviation 1
    across them (see ``calibrate``). Real weights may well behave differently: the score
    differences to publish are the ones measured with ``--weights``.
-3. **Host to scores** (CUDA only): the model stage as ``memscore.predict.ScoreImages`` runs it
+3. **Host to scores** (CUDA only): the model stage as ``memscore.stages.predict.ScoreImages`` runs it
    (float conversion on the CPU, a pinned copy, non-blocking transfer) against copying uint8 and
    converting on the GPU.
 4. **JPEG decode**: torchvision's batched ``decode_jpeg(..., device="cuda")`` plus a resize and
@@ -149,7 +149,7 @@ def _resmem():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from memscore.models.resmem import ResMem
-    from memscore.transforms import ImagePreprocess
+    from memscore.models.transforms import ImagePreprocess
 
     return ResMem, ImagePreprocess()
 
@@ -441,7 +441,7 @@ def model_stage(args, base: nn.Module, photos: np.ndarray, device: torch.device)
 def host_to_scores(args, base: nn.Module, preprocess, device: torch.device,
                    configs: list[Config]) -> list[tuple[str, str, float]]:
     """The whole model stage from uint8 numpy pixels to scores on the host, at the largest batch,
-    three ways. (a) is ``ScoreImages._to_device`` in ``memscore/predict.py``."""
+    three ways. (a) is ``ScoreImages._to_device`` in ``memscore/stages/predict.py``."""
     if device.type != "cuda":
         return []
     b = max(args.batch_sizes)
@@ -469,7 +469,7 @@ def host_to_scores(args, base: nn.Module, preprocess, device: torch.device,
 
         with torch.inference_mode(), precision(config, device):
             for label, step in (
-                    ("(a) float32 on the CPU, pinned copy (memscore.predict today)", as_predict_py),
+                    ("(a) float32 on the CPU, pinned copy (memscore.stages.predict today)", as_predict_py),
                     ("(b) uint8 pinned copy, float conversion on the GPU", uint8_copy),
                     ("(c) as (b), one reused pinned buffer", uint8_reused_buffer)):
                 try:

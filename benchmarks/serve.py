@@ -162,9 +162,9 @@ def costs(paths: list[Path], forwards: int = 8) -> dict:
     from ray.data.extensions import ArrowTensorArray
 
     from memscore.columns import ERROR, HEIGHT, WIDTH, pixels_column
-    from memscore.decode import decode_image_bytes
+    from memscore.stages.decode import decode_image_bytes
     from memscore.models import get_model_weights
-    from memscore.predict import ScoreImages
+    from memscore.stages.predict import ScoreImages
 
     preprocess = {"resmem": get_model_weights("resmem").DEFAULT.transforms}
     arrays, started = [], time.perf_counter()

@@ -1,6 +1,6 @@
 """memscore: image memorability scores for large image collections, with Ray.
 
-A scoring run's data flow, one module per stage (``memscore.run.score`` wires them):
+A scoring run's data flow, one module per stage (``memscore.scoring.job.score`` wires them):
 
     manifest -> snapshot -> fetch -> decode -> predict -> output
     (rows)      (ids)       (bytes)  (pixels)  (scores)   (Parquet + _memscore.json)
@@ -52,7 +52,7 @@ def score(config: ScoreConfig) -> dict:
         >>> again["work_done"], again["finished_at"] == summary["finished_at"]
         (False, True)
     """
-    from memscore.run import score as _score
+    from memscore.scoring.job import score as _score
 
     return _score(config)
 
@@ -85,7 +85,7 @@ def finetune(config: FinetuneConfig) -> dict:
         ('complete', 2, 2)
         >>> model = memscore.get_model("memnet", weights=summary["best_checkpoint"])
     """
-    from memscore.finetuning import finetune as _finetune
+    from memscore.finetuning.job import finetune as _finetune
 
     return _finetune(config)
 
@@ -119,7 +119,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         >>> sorted(result["files"])  # report/metrics.json, report.md, scatter.png ...
         ['distribution', 'metrics', 'report', 'scatter']
     """
-    from memscore.evaluation import evaluate as _evaluate
+    from memscore.evaluation.job import evaluate as _evaluate
 
     return _evaluate(config)
 

@@ -22,9 +22,9 @@ import sys
 
 from memscore.config import (EvaluateConfig, FinetuneConfig, ScoreConfig, TrainSAEConfig, add_arguments,
                              from_args)
-from memscore import failures
+from memscore.runtime import failures
 from memscore.errors import MemscoreError, counted
-from memscore.run_folder import NOTHING_TO_DO
+from memscore.training.run_folder import NOTHING_TO_DO
 
 __all__ = ["main", "guarded", "add_debug_flag", "add_output_flags", "build_parser",
            "format_summary_line", "format_finetune_line", "score_command", "finetune_command",
@@ -226,7 +226,7 @@ def _models(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from memscore.storage import absolute, parse_storage_options
-    from memscore.verify import NotTheRunsManifest, verify
+    from memscore.scoring.verify import NotTheRunsManifest, verify
 
     try:
         options = parse_storage_options(args.storage_options)
@@ -334,7 +334,7 @@ def _run_job(job, config_cls, args: argparse.Namespace):
 
 def finetune_command(args: argparse.Namespace) -> int:
     """Run ``finetune`` from parsed arguments: a result line and 0, or one error line and 2."""
-    from memscore.finetuning import finetune
+    from memscore.finetuning.job import finetune
 
     summary = _run_job(finetune, FinetuneConfig, args)
     _print_warnings(summary)
@@ -344,7 +344,7 @@ def finetune_command(args: argparse.Namespace) -> int:
 
 def train_sae_command(args: argparse.Namespace) -> int:
     """Run ``train_sae`` from parsed arguments: a result line and 0, or one error line and 2."""
-    from memscore.train_sae import summary_line, train_sae
+    from memscore.train_sae.job import summary_line, train_sae
 
     print(summary_line(_run_job(train_sae, TrainSAEConfig, args)))
     return 0
@@ -352,7 +352,7 @@ def train_sae_command(args: argparse.Namespace) -> int:
 
 def score_command(args: argparse.Namespace) -> int:
     """Run ``score`` from parsed arguments: the summary line and 0, or one error line and 2."""
-    from memscore.run import score
+    from memscore.scoring.job import score
 
     summary = _run_job(score, ScoreConfig, args)
     _print_warnings(summary)
@@ -369,7 +369,7 @@ def _print_warnings(summary: dict) -> None:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """Run ``evaluate`` from parsed arguments: a result line and 0, or one error line and 2."""
-    from memscore.evaluation import evaluate, summary_line
+    from memscore.evaluation.job import evaluate, summary_line
 
     result = _run_job(evaluate, EvaluateConfig, args)
     for warning in result["warnings"]:

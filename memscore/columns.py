@@ -36,7 +36,7 @@ INTERNAL_PREFIX = "__memscore"
 #: Internal tensor columns between the decode and model stages; never written.
 PIXELS_PREFIX = "__memscore_pixels"
 #: Internal column of a WebDataset sample's image member (its bytes; ``IMAGE + "_ext"`` holds the
-#: member's extension): read from the shard, decoded, never written (see ``memscore.webdataset``).
+#: member's extension): read from the shard, decoded, never written (see ``memscore.sources.webdataset``).
 IMAGE = "__memscore_image"
 
 

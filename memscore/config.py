@@ -380,7 +380,7 @@ def training_start(start: str) -> str:
 @dataclass(frozen=True, kw_only=True)
 class _TrainingRunOptions:
     """The options ``memscore finetune`` and ``memscore train-sae`` share: the Ray Train
-    worker group (``memscore.training``), the decode stage both feed it from, and the run."""
+    worker group (``memscore.training.ray_train``), the decode stage both feed it from, and the run."""
 
     workers: int = field(default=1, metadata=_opt(
         "Ray Train data-parallel workers (one GPU each where the cluster has GPUs)."))
@@ -522,8 +522,8 @@ class FinetuneConfig(_TrainingRunOptions):
     def validated(self) -> "FinetuneConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""
         from memscore.models import list_models
-        from memscore.splits import parse_fractions
-        from memscore.train_loop import BACKBONES
+        from memscore.finetuning.splits import parse_fractions
+        from memscore.finetuning.train_loop import BACKBONES
 
         self._check_run_options()
         known = list_models()

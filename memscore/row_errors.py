@@ -4,7 +4,7 @@ A failure that is a fact about the image (missing, not an image, truncated, too 
 the row's ``memscore_error``, ``"{kind}: {detail}"`` on one short line, with ``kind`` one of a
 small set of stable kinds (``ERROR_KINDS``): the run summary groups errors by kind, and
 ``--resume --retry-errors`` picks the rows to score again by kind. Reading a row's bytes
-(``memscore.fetch``) and decoding them (``memscore.decode``) both raise ``ImageDecodeError``; it
+(``memscore.stages.fetch``) and decoding them (``memscore.stages.decode``) both raise ``ImageDecodeError``; it
 lives here so that the reading side never imports the Pillow side for it.
 """
 

@@ -105,7 +105,7 @@ def url_to_fs(path: str, storage_options: Mapping[str, Any] | None = None):
 
 def bounded_url_to_fs(path: str, storage_options: Mapping[str, Any] | None = None):
     """``url_to_fs`` for a caller that retries under a deadline of its own (memscore's image
-    reads, ``memscore.fetch``): on S3 each call is one HTTP request, bounded in time.
+    reads, ``memscore.stages.fetch``): on S3 each call is one HTTP request, bounded in time.
 
     botocore makes one attempt (``total_max_attempts`` 1, whatever the options say) and s3fs
     does not retry (``retries`` 1), each request bounded by the options' ``connect_timeout`` and

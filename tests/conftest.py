@@ -41,7 +41,7 @@ def ray_local():
     """One real local Ray for the whole session (starting Ray costs ~10 s on 2 cores)."""
     import ray
 
-    from memscore.pipeline import start_local_ray
+    from memscore.stages.pipeline import start_local_ray
 
     if not ray.is_initialized():
         # memscore's own local Ray, with the workers' output kept out of the test log.

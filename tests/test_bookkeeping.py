@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from memscore import storage
-from memscore.output import SUMMARY_FILE, SummaryUnreadable, read_summary, write_summary
-from memscore.verify import NotTheRunsManifest, verify
+from memscore.sinks.output import SUMMARY_FILE, SummaryUnreadable, read_summary, write_summary
+from memscore.scoring.verify import NotTheRunsManifest, verify
 
 ROWS = 12
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}

@@ -36,7 +36,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from memscore.config import EvaluateConfig, FinetuneConfig, ScoreConfig, TrainSAEConfig, from_args
 from memscore.models import WeightsNotFoundError, get_model_weights, list_models
-from memscore.pipeline import plan_model_actors
+from memscore.stages.pipeline import plan_model_actors
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"

@@ -12,8 +12,8 @@ import pytest
 from memscore import storage
 from memscore.cli import build_parser
 from memscore.config import MemscoreError, ScoreConfig, add_arguments, from_args
-from memscore.predict import pick_device
-from memscore.pipeline import plan_model_actors
+from memscore.stages.predict import pick_device
+from memscore.stages.pipeline import plan_model_actors
 
 
 def test_every_config_field_is_an_option_and_back():
@@ -99,7 +99,7 @@ def test_a_gpu_torch_cannot_see_falls_back_to_cpu_with_a_warning(monkeypatch, ca
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="memscore.predict"):
+    with caplog.at_level(logging.WARNING, logger="memscore.stages.predict"):
         assert pick_device(True).type == "cpu"
     assert "torch sees none" in caplog.text
     caplog.clear()

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageOps
 
-from memscore.decode import (
+from memscore.stages.decode import (
     ERROR_COLUMN,
     HEIGHT_COLUMN,
     PIXELS_PREFIX,
@@ -24,9 +24,9 @@ from memscore.decode import (
     pixels_column,
     read_image,
 )
-from memscore.fetch import resolve_path
+from memscore.stages.fetch import resolve_path
 from memscore.row_errors import ERROR_KINDS, ImageDecodeError
-from memscore.transforms import ImagePreprocess
+from memscore.models.transforms import ImagePreprocess
 
 try:
     import badimages
@@ -570,8 +570,8 @@ def test_draft_only_for_large_jpegs_with_fast_decode_and_sizes_stay_full(tmp_pat
 _DRAFT_PROBE = r"""
 import json, sys, time
 import numpy as np, pyarrow as pa
-from memscore.decode import DecodeImages
-from memscore.transforms import ImagePreprocess
+from memscore.stages.decode import DecodeImages
+from memscore.models.transforms import ImagePreprocess
 
 huge, small, out_dir = sys.argv[1:4]
 def status(field):  # this process's own memory, in bytes (VmHWM: peak resident set)
@@ -660,7 +660,7 @@ def test_draft_mode_barely_moves_the_score(draft_probe):
 
 # -------------------------------------------------------------------------- pixel budget
 def test_pixel_budget_bounds_pixels_in_flight(monkeypatch):
-    import memscore.decode as decode_module
+    import memscore.stages.decode as decode_module
 
     lock = threading.Lock()
     state = {"now": 0, "peak": 0, "alone": 0}
@@ -707,7 +707,7 @@ def test_pixel_budget_bounds_pixels_in_flight(monkeypatch):
 
 
 def test_pixel_budget_fifo_and_release():
-    from memscore.decode import _PixelBudget
+    from memscore.stages.decode import _PixelBudget
 
     budget = _PixelBudget(10)
     assert budget.acquire(25) == 10  # larger than the whole budget: takes all of it
@@ -783,7 +783,7 @@ def test_new_options_are_validated_and_survive_pickling():
 def test_the_pillow_half_of_preprocessing_equals_torchvision_pixel_for_pixel(height, width):
     from torchvision.transforms import functional as F
 
-    from memscore.transforms import ImagePreprocess, TenCropPreprocess
+    from memscore.models.transforms import ImagePreprocess, TenCropPreprocess
 
     image = Image.fromarray(np.random.default_rng(height * width).integers(
         0, 256, (height, width, 3), dtype=np.uint8))
@@ -801,8 +801,8 @@ def test_decoding_never_imports_torch():
 
     image = Path(__file__).resolve().parent.parent / "examples" / "images" / "camera.png"
     code = ("import sys, pyarrow as pa\n"
-            "from memscore.decode import DecodeImages\n"
-            "from memscore.transforms import ImagePreprocess, TenCropPreprocess\n"
+            "from memscore.stages.decode import DecodeImages\n"
+            "from memscore.models.transforms import ImagePreprocess, TenCropPreprocess\n"
             "pre = {'a': ImagePreprocess(resize=(256, 256), crop=227), 'b': TenCropPreprocess()}\n"
             f"out = DecodeImages('path', pre)(pa.table({{'path': [{str(image)!r}]}}))\n"
             "assert out.column('memscore_error').null_count == 1, out.column('memscore_error')\n"

@@ -32,7 +32,7 @@ def real_photos() -> list[Path]:
 
 def decoded(path: Path):
     """The RGB image memscore's decode stage makes of ``path`` (what to_array is given)."""
-    from memscore.decode import read_image
+    from memscore.stages.decode import read_image
 
     return read_image(path.read_bytes())
 
@@ -131,7 +131,7 @@ def test_decode_stage_gives_the_same_arrays(folders):
     import pyarrow as pa
 
     from memscore.columns import pixels_column
-    from memscore.decode import DecodeImages
+    from memscore.stages.decode import DecodeImages
 
     preprocess = {name: preprocess_of(name, str(folders[name])) for name in ENCODER_NAMES}
     photos = real_photos()

@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from memscore import metrics
+from memscore.evaluation import metrics
 from memscore.cli import build_parser, main
 from memscore.config import EvaluateConfig, MemscoreError, add_arguments, from_args
-from memscore.evaluation import REPORT_FILES, evaluate
-from memscore.plots import gaussian_kde
+from memscore.evaluation.job import REPORT_FILES, evaluate
+from memscore.evaluation.plots import gaussian_kde
 
 ROOT = Path(__file__).resolve().parent.parent
 

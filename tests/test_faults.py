@@ -31,9 +31,9 @@ import pytest
 
 import memscore
 from memscore import faults, storage
-from memscore.decode import DecodeImages, pixels_column
-from memscore.manifest import open_manifest
-from memscore.output import prepare_output
+from memscore.stages.decode import DecodeImages, pixels_column
+from memscore.sources.manifest import open_manifest
+from memscore.sinks.output import prepare_output
 
 ROOT = Path(__file__).resolve().parent.parent
 

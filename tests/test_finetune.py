@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 
 import memscore
-from memscore.checkpoint import read_checkpoint_info
+from memscore.models.checkpoint import read_checkpoint_info
 from memscore.cli import main
 from memscore.config import TRAINING_DEFAULTS, FinetuneConfig, MemscoreError
-from memscore.finetuning import LABELLED_ROW, ROW, SPLIT, finetune
-from memscore.metrics import spearman
+from memscore.finetuning.job import LABELLED_ROW, ROW, SPLIT, finetune
+from memscore.evaluation.metrics import spearman
 from memscore.models import get_model, get_model_weights
-from memscore.splits import assign_splits, normalise_split_column, parse_fractions
+from memscore.finetuning.splits import assign_splits, normalise_split_column, parse_fractions
 from synthetic import write_tint_dataset
 from processes import kill_after_first_train_checkpoint, ray_processes
 
@@ -395,7 +395,7 @@ def test_a_manifest_without_numeric_labels_stops_with_one_line(tmp_path):
 def test_overwrite_never_deletes_a_folder_that_is_not_a_memscore_run(tmp_path):
     """--overwrite deletes a run folder memscore made (it holds state.json), never another."""
     from memscore.errors import MemscoreError
-    from memscore.run_folder import check_run_folder, prepare_run_folder
+    from memscore.training.run_folder import check_run_folder, prepare_run_folder
 
     theirs = tmp_path / "runs" / "mine"
     theirs.mkdir(parents=True)

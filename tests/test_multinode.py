@@ -42,8 +42,8 @@ import pytest
 
 import memscore
 from memscore import faults
-from memscore.output import output_files
-from memscore.verify import verify
+from memscore.sinks.output import output_files
+from memscore.scoring.verify import verify
 
 from rayhead import Head, free_port, needs_dashboard, private_ray_tmpdir
 
@@ -157,7 +157,7 @@ def tasks(**filters):
 def test_the_model_pool_is_fixed_unless_given_a_range(gpus, change, pool):
     import dataclasses
 
-    from memscore.pipeline import _actor_pool, plan_model_actors
+    from memscore.stages.pipeline import _actor_pool, plan_model_actors
 
     plan = plan_model_actors(dataclasses.replace(memscore.ScoreConfig("m", output="o"),
                                                  **change).validated(), gpus)

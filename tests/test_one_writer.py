@@ -1,4 +1,4 @@
-"""One writer per output: the lease (memscore.lease), tested the way it breaks.
+"""One writer per output: the lease (memscore.sinks.lease), tested the way it breaks.
 
 Two real processes race for one output's lease, on a local folder and on a real S3 endpoint
 (moto), started within a few microseconds of each other. How many rounds, and why: on this
@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memscore import lease as leases
+from memscore.sinks import lease as leases
 from memscore.errors import MemscoreError
-from memscore.lease import LEASE_FILE, acquire_lease, read_holder
-from memscore.output import prepare_output
+from memscore.sinks.lease import LEASE_FILE, acquire_lease, read_holder
+from memscore.sinks.output import prepare_output
 
 ROWS = 12
 
@@ -150,7 +150,7 @@ def _contend(args):
     """One contender: wait for the common start time, try the lease, hold it a moment.
     -> (took it at, let go at) by the monotonic clock, or None when refused."""
     output, storage_options, take_over, start_at = args
-    import memscore.lease as lease_module  # imported before the start line
+    import memscore.sinks.lease as lease_module  # imported before the start line
 
     while time.time() < start_at:
         pass
@@ -361,7 +361,7 @@ def test_an_output_two_runs_doubled_is_repaired_by_resume(tmp_path, example_imag
 
 
 def test_the_final_count_of_a_doubled_output_names_the_way_on():
-    from memscore.run import _incomplete_line
+    from memscore.scoring.job import _incomplete_line
 
     counts = {"rows_out": 14, "rows_missing": 0, "missing_examples": [],
               "rows_duplicated": 2, "duplicated_examples": [3, 4], "rows_unexpected": 0,
@@ -376,7 +376,7 @@ def test_the_final_count_of_a_doubled_output_names_the_way_on():
 
 
 def test_a_doubled_output_keeps_the_first_copy_of_each_row(tmp_path):
-    from memscore import resume
+    from memscore.sinks import resume
 
     out = tmp_path / "out"
     (out / "_memscore" / "checkpoint").mkdir(parents=True)

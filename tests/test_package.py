@@ -10,7 +10,7 @@ def test_score_finetune_and_evaluate_are_the_packages_functions_after_every_modu
     # In a fresh interpreter: every job module imported first, as the CLI and Ray workers do,
     # so a submodule named like a job would have replaced the function by now.
     code = (
-        "import inspect, memscore, memscore.run, memscore.finetuning, memscore.evaluation, memscore.cli\n"
+        "import inspect, memscore, memscore.scoring.job, memscore.finetuning.job, memscore.evaluation.job, memscore.cli\n"
         "for name in ('score', 'finetune', 'evaluate'):\n"
         "    job = getattr(memscore, name)\n"
         "    assert inspect.isfunction(job), (name, job)\n"

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from memscore import cli
-from memscore.decode import DecodeImages, pixels_column
+from memscore.stages.decode import DecodeImages, pixels_column
 from memscore.models import get_model_weights
 
 ROOT = Path(__file__).resolve().parent.parent

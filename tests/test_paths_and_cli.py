@@ -89,7 +89,7 @@ def _memnet_checkpoint(folder: Path):
     trained with its MODERN pipeline; -> the model."""
     import torch
 
-    from memscore.checkpoint import save_checkpoint
+    from memscore.models.checkpoint import save_checkpoint
     from memscore.models import get_model
 
     torch.manual_seed(0)
@@ -215,7 +215,7 @@ def test_evaluate_command_and_job_take_relative_paths(tmp_path, monkeypatch, cap
 def test_verify_takes_relative_paths(tmp_path, monkeypatch, capsys):
     import json
 
-    from memscore.manifest import manifest_fingerprint, open_manifest
+    from memscore.sources.manifest import manifest_fingerprint, open_manifest
 
     (tmp_path / "out" / "_memscore").mkdir(parents=True)
     (tmp_path / "m.csv").write_text("path\na.jpg\nb.jpg\n")
@@ -233,12 +233,12 @@ def test_verify_takes_relative_paths(tmp_path, monkeypatch, capsys):
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch,
                                                                        capsys):
-    import memscore.run
+    import memscore.scoring.job
 
     def broken(config):
         raise RuntimeError("something memscore did not foresee\nand a second line")
 
-    monkeypatch.setattr(memscore.run, "score", broken)
+    monkeypatch.setattr(memscore.scoring.job, "score", broken)
     argv = ["score", str(tmp_path), "--output", str(tmp_path / "o")]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from memscore.decode import pixels_column
+from memscore.stages.decode import pixels_column
 from memscore.models import get_model, get_model_weights
-from memscore.predict import ScoreImages
-from memscore.transforms import ImagePreprocess, TenCropPreprocess
+from memscore.stages.predict import ScoreImages
+from memscore.models.transforms import ImagePreprocess, TenCropPreprocess
 
 
 # The stage's own behaviour on two models: ResMem, whose ResNet-152 takes seconds to build on 2
@@ -137,7 +137,7 @@ def test_a_block_is_scored_in_batch_size_chunks_of_its_decodable_rows(name, tmp_
 def test_precision_other_than_fp32_is_an_option_that_moves_scores_a_little(example_images):
     """bf16/fp16 autocast score the example photos with the published ResMem weights close to
     fp32 but not equal to it: an explicit departure, off by default."""
-    from memscore.decode import DecodeImages
+    from memscore.stages.decode import DecodeImages
     from memscore.models import resolve_weights
 
     decoded = DecodeImages("path", {"resmem": resolve_weights("resmem", "DEFAULT").transforms})(

@@ -36,7 +36,7 @@ from synthetic import write_tint_dataset
 import memscore
 from memscore import cli
 from memscore.errors import counted
-from memscore.run_folder import STATE_FILE
+from memscore.training.run_folder import STATE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,7 +137,7 @@ def test_counts_in_memscores_lines_are_singular_for_one():
                                     "output": "scores/"})
     assert line == ("memscore: 1 row, 0 scored, 1 error, 0.5 images/s (1 non-image file "
                     "skipped) -> scores/")
-    from memscore.train_sae import summary_line
+    from memscore.train_sae.job import summary_line
 
     sae = summary_line({"encoder": {"name": "clip"}, "rows_trained": 1,
                         "rows_with_image_errors": 0, "epochs_run": 1,
@@ -197,7 +197,7 @@ def test_a_finetune_refused_before_training_leaves_no_run_folder(tmp_path):
 
 
 def test_options_choose_how_much_of_ray_reaches_the_terminal():
-    from memscore import failures
+    from memscore.runtime import failures
 
     parser = cli.build_parser()
     argv = ["score", "images", "--output", "scores"]

@@ -17,8 +17,8 @@ import pytest
 import memscore
 from memscore import cli
 from processes import kill_run, ray_processes
-from memscore.output import output_files
-from memscore.verify import verify
+from memscore.sinks.output import output_files
+from memscore.scoring.verify import verify
 
 ROWS = 36
 
@@ -92,7 +92,7 @@ def test_verify_reports_missing_duplicated_and_unexpected_rows(tmp_path, capsys)
     out = tmp_path / "out"
     (out / "_memscore").mkdir(parents=True)
     # an interrupted run's state, with the identity verify checks the manifest against
-    from memscore.manifest import manifest_fingerprint, open_manifest
+    from memscore.sources.manifest import manifest_fingerprint, open_manifest
 
     (out / "_memscore" / "state.json").write_text(json.dumps({
         "manifest": str(manifest), "path_column": "path", "id_column": None, "limit": None,
@@ -193,8 +193,8 @@ def test_the_snapshot_refuses_ids_that_repeat_across_its_parts_or_are_empty(tmp_
                                                                            example_images):
     """The id checks without Ray (memscore.score makes the snapshot once Ray is up: the test
     above); a missing --id-column is refused before Ray starts."""
-    from memscore.manifest import open_manifest
-    from memscore.snapshot import write_snapshot
+    from memscore.sources.manifest import open_manifest
+    from memscore.sources.snapshot import write_snapshot
 
     manifest = tmp_path / "m.csv"
     config = memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o"), rows_per_file=2,
@@ -217,8 +217,8 @@ def test_the_snapshot_refuses_ids_that_repeat_across_its_parts_or_are_empty(tmp_
 
 
 def test_memscore_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_path, example_images):
-    from memscore.manifest import open_manifest
-    from memscore.snapshot import ROW_COLUMN, write_snapshot
+    from memscore.sources.manifest import open_manifest
+    from memscore.sources.snapshot import ROW_COLUMN, write_snapshot
 
     manifest = tmp_path / "m.csv"
     manifest.write_text("path\n" + f"{example_images[0]}\n" * 7)
@@ -232,7 +232,7 @@ def test_memscore_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_p
 
 def test_the_final_check_counts_distinct_row_ids_not_rows(tmp_path):
     """One row lost and another written twice is as many rows as the manifest, and a failure."""
-    from memscore.output import count_output
+    from memscore.sinks.output import count_output
 
     out = tmp_path / "out"
     out.mkdir()

@@ -238,13 +238,13 @@ def test_cli_subprocess_env_only(s3_endpoint, s3_images, reference_scores, tmp_p
 @pytest.fixture
 def no_scoring(monkeypatch):
     """Fail the test if the run gets as far as building the Ray pipeline."""
-    import memscore.run
+    import memscore.scoring.job
 
     def refuse(*args, **kwargs):
         raise AssertionError("scoring started; the error should have been raised before")
 
-    monkeypatch.setattr(memscore.run, "build_dataset", refuse)
-    monkeypatch.setattr(memscore.run, "init_ray", refuse)
+    monkeypatch.setattr(memscore.scoring.job, "build_dataset", refuse)
+    monkeypatch.setattr(memscore.scoring.job, "init_ray", refuse)
 
 
 def test_output_bucket_missing_fails_before_scoring(s3_endpoint, s3_images, no_scoring, capsys):
@@ -286,8 +286,8 @@ def test_finetune_reads_and_writes_s3_and_its_checkpoint_scores_from_s3(s3_endpo
     """Labelled images on S3 -> Ray Train with its storage on S3 -> score with s3://.../best."""
     from synthetic import write_tint_dataset
 
-    from memscore.checkpoint import read_checkpoint_info
-    from memscore.finetuning import LABELLED_ROW, ROW, finetune
+    from memscore.models.checkpoint import read_checkpoint_info
+    from memscore.finetuning.job import LABELLED_ROW, ROW, finetune
 
     fs = s3_endpoint.fs
     bucket = s3_endpoint.make_bucket()

@@ -23,17 +23,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hf_encoders import make_encoder_folder, reference_pixels
-from memscore.checkpoint import read_checkpoint_info
+from memscore.models.checkpoint import read_checkpoint_info
 from memscore.cli import build_parser
 from memscore.columns import ERROR, ROW
 from memscore.config import MemscoreError, TrainSAEConfig, add_arguments, from_args
-from memscore.decode import DecodeImages
+from memscore.stages.decode import DecodeImages
 from memscore.models import CheckpointKeyError, WeightsNotFoundError
 from memscore.models.registry import weights_for
 from memscore.models.sae import (TENSOR_KEYS, SparseAutoencoder, load_sae, save_sae_checkpoint,
                                  training_loss)
-from memscore.representations import REPRESENTATION, EncodeImages
-from memscore.train_sae import train_sae, zscore_statistics
+from memscore.train_sae.representations import REPRESENTATION, EncodeImages
+from memscore.train_sae.job import train_sae, zscore_statistics
 from synthetic import write_tint_dataset
 from processes import kill_after_first_train_checkpoint, ray_processes
 
@@ -245,8 +245,8 @@ def test_the_scored_loss_is_the_reconstruction_error_recomputed_from_the_checkpo
     from scipy import stats
 
     from memscore.config import EvaluateConfig, ScoreConfig
-    from memscore.evaluation import evaluate
-    from memscore.run import score
+    from memscore.evaluation.job import evaluate
+    from memscore.scoring.job import score
 
     out = tmp_path / "scores"
     # Beside the encoder's traces, as a user would run them: one decode, one output.

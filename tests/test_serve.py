@@ -250,9 +250,9 @@ def batch_job():
     **decode_options)`` -> {file name: output row}."""
     import pyarrow as pa
 
-    from memscore.decode import DecodeImages
+    from memscore.stages.decode import DecodeImages
     from memscore.models import get_model_weights
-    from memscore.predict import ScoreImages
+    from memscore.stages.predict import ScoreImages
 
     preprocess = {name: get_model_weights(name).DEFAULT.transforms for name in MODELS}
     scorer = ScoreImages(MODELS, batch_size=32)

@@ -130,7 +130,7 @@ def photos() -> list[Path]:
 
 def reference_batch(encoder: str, folder: Path):
     """The photos as memscore decodes them, preprocessed by transformers' Pillow processor."""
-    from memscore.decode import read_image
+    from memscore.stages.decode import read_image
 
     return torch.cat([reference_pixels(encoder, folder, read_image(p.read_bytes()))
                       for p in photos()])
@@ -184,8 +184,8 @@ def test_reduced_precision_still_gives_float32_traces(folders):
 def test_score_images_writes_list_columns_with_null_rows(folders):
     """The model stage alone: typed list columns, one list per scored row, null for error rows,
     through Parquet with their lengths."""
-    from memscore.decode import DecodeImages
-    from memscore.predict import ScoreImages, output_types
+    from memscore.stages.decode import DecodeImages
+    from memscore.stages.predict import ScoreImages, output_types
 
     paths = [str(p) for p in photos()[:3]] + [str(ROOT / "tests/data/images/multipage_rgb.tif")]
     weights = {"clip-traces": str(folders["clip"]), "siglip2-traces": str(folders["siglip2"])}
@@ -262,7 +262,7 @@ def read_scores(output: Path) -> pa.Table:
 
 def expected_from_reference(table: pa.Table, encoder: str, folder: Path) -> dict:
     """The independent traces of the table's scored rows, decoded as memscore decodes them."""
-    from memscore.decode import read_image
+    from memscore.stages.decode import read_image
     from memscore.models.encoders import load_encoder
 
     model, _ = load_encoder(encoder, str(folder))

@@ -34,14 +34,15 @@ import pyarrow.parquet as pq
 import pytest
 
 import memscore
-from memscore import resume, storage
+from memscore import storage
+from memscore.sinks import resume
 from memscore.cli import main as cli_main
-from memscore.decode import DecodeImages
-from memscore.fetch import (RetryClock, RowFetcher, StorageConfigError, TransientError,
+from memscore.stages.decode import DecodeImages
+from memscore.stages.fetch import (RetryClock, RowFetcher, StorageConfigError, TransientError,
                             TransientFailure, local_read_error, remote_read_error)
 from memscore.row_errors import ImageDecodeError
-from memscore.error_fraction import ErrorFractionExceeded, ErrorTally
-from memscore.run import run_stopped
+from memscore.stages.error_fraction import ErrorFractionExceeded, ErrorTally
+from memscore.scoring.job import run_stopped
 from test_faults import FaultProxy, is_object_request
 
 SHORT_CLIENT = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
@@ -280,7 +281,7 @@ def test_persistent_transient_failure_fails_the_batch_with_one_line(monkeypatch,
 
 
 def test_memory_error_is_transient_not_a_row(monkeypatch, example_images):
-    import memscore.decode as decode
+    import memscore.stages.decode as decode
 
     original, calls = decode._load_rgb, []
 
@@ -550,7 +551,7 @@ def test_run_stopped_finds_the_cause_in_ray_chains():
     # what Ray Data raises on the driver: the original object is gone, its traceback text stays
     from ray.exceptions import UserCodeException
 
-    text = ("Traceback (most recent call last):\n  File \"x\", line 1, in f\nmemscore.fetch."
+    text = ("Traceback (most recent call last):\n  File \"x\", line 1, in f\nmemscore.stages.fetch."
             "TransientFailure: reading images failed for 2 s after retries: s3://b/k: "
             "PermissionError: denied\n\nThe above exception was the direct cause of ...")
     remote = RayTaskError("decode_batch", text, UserCodeException("UDF failed"))

@@ -1,4 +1,4 @@
-"""The WebDataset reader (memscore.webdataset): real tar shards written with tarfile from the
+"""The WebDataset reader (memscore.sources.webdataset): real tar shards written with tarfile from the
 example images, local and on a real S3 endpoint; the bad shards of issue 16; no Ray except the
 one test of the Ray Data read path (slow)."""
 
@@ -15,7 +15,7 @@ import pytest
 
 from memscore import columns
 from memscore.config import MemscoreError
-from memscore.webdataset import (IMAGE, IMAGE_EXT, KEY, READ_ERROR_KINDS, URL, expand_braces,
+from memscore.sources.webdataset import (IMAGE, IMAGE_EXT, KEY, READ_ERROR_KINDS, URL, expand_braces,
                                  expand_shards, is_webdataset, iter_shard, read_shard,
                                  read_shards, sample_id, split_sample_id, unify_tables)
 from pickle_payload import TouchesMarker
@@ -438,8 +438,8 @@ def test_read_shards_resume_through_ray_checkpoint(ray_local, shard_folder, tmp_
     import pyarrow.parquet as pq
     from ray.data import DataContext
 
-    from memscore import output as outputs
-    from memscore import resume
+    from memscore.sinks import output as outputs
+    from memscore.sinks import resume
 
     shards = expand_shards(str(shard_folder))
     output = str(tmp_path / "out")

@@ -20,9 +20,9 @@ import pytest
 
 import memscore
 from memscore.config import MemscoreError
-from memscore.output import output_files
-from memscore.verify import verify
-from memscore.webdataset import sample_id
+from memscore.sinks.output import output_files
+from memscore.scoring.verify import verify
+from memscore.sources.webdataset import sample_id
 
 from pickle_payload import TouchesMarker
 from processes import kill_run, ray_processes
@@ -243,7 +243,7 @@ def test_limit_and_id_column_are_refused_for_shards_with_one_line(tmp_path, exam
 
 def test_an_img2dataset_folder_is_read_as_shards(tmp_path, example_images):
     """img2dataset writes a .parquet and a _stats.json beside each shard: still shards."""
-    from memscore.manifest import open_manifest
+    from memscore.sources.manifest import open_manifest
 
     write_shards(tmp_path / "out", example_images)
     for i in range(3):
@@ -260,9 +260,9 @@ def test_a_storage_failure_reading_a_shard_stops_the_run_as_transient(tmp_path, 
     """An OSError from the storage while a shard is read (a connection lost past the client's
     retries) is no fact about the shard: the read task fails with TransientFailure, which the
     run reports as one line to --resume, never as rows."""
-    from memscore import webdataset
-    from memscore.fetch import TransientFailure
-    from memscore.run import run_stopped
+    from memscore.sources import webdataset
+    from memscore.stages.fetch import TransientFailure
+    from memscore.scoring.job import run_stopped
 
     write_shards(tmp_path / "shards", example_images)
     real = webdataset.iter_shard

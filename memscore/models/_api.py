@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from memscore.errors import first_line
-from memscore.transforms import ImagePreprocess
+from memscore.models.transforms import ImagePreprocess
 
 __all__ = [
     "Weights",
@@ -241,7 +241,7 @@ def load_state_dict_file(path: str | Path, storage_options: Mapping[str, Any] | 
     import fsspec
     import torch
 
-    from memscore.checkpoint import state_dict_file
+    from memscore.models.checkpoint import state_dict_file
 
     path = state_dict_file(str(path), storage_options)  # a checkpoint folder -> its model file
     local = "://" not in path

@@ -15,7 +15,7 @@ memscore's one way in to them:
 * ``representation``: what the paper's autoencoder reads.
 
 Nothing here imports torch or transformers when the module is imported: the job's driver and
-the CPU decode tasks use the folder and preprocessing parts only (see ``memscore.transforms``
+the CPU decode tasks use the folder and preprocessing parts only (see ``memscore.models.transforms``
 for why decode workers must not import torch).
 
 Example:

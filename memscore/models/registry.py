@@ -243,7 +243,7 @@ def weights_for(name: str, weights: Any,
     if member is not None:
         return member
     check_checkpoint(name, weights, storage_options)
-    from memscore.checkpoint import read_checkpoint_info
+    from memscore.models.checkpoint import read_checkpoint_info
 
     info = read_checkpoint_info(str(weights), storage_options)
     if info is None:

@@ -5,13 +5,13 @@ CLIP's and DINOv2's last-layer CLS token, SigLIP2's pooled features), z-scored p
 over the training images, a one-layer autoencoder ``Linear(d, 100) -> ReLU -> Linear(100, d)``
 with the loss ``MSE(reduction="sum") + 1e-5 * |fc1 output before the ReLU|.sum()``; how badly it
 reconstructs an image's representation follows human memorability (Spearman about 0.55 on
-MemCat). ``memscore train-sae`` trains one (``memscore.train_sae``); ``--model clip-sae`` (and
+MemCat). ``memscore train-sae`` trains one (``memscore.train_sae.job``); ``--model clip-sae`` (and
 ``dinov2-sae``, ``siglip2-sae``) scores with it: ``<encoder>_sae_loss``, the summed squared
 reconstruction error over the d dimensions of the z-scored representation, which is what the
 autoencoder was trained to reconstruct. (The paper's training script measured its correlations
 on the raw, un-normalised vectors instead; see docs/traces.md.)
 
-A checkpoint (``memscore.checkpoint``'s folder) holds ``fc1.weight``, ``fc1.bias``,
+A checkpoint (``memscore.models.checkpoint``'s folder) holds ``fc1.weight``, ``fc1.bias``,
 ``fc2.weight``, ``fc2.bias`` and the z-score statistics ``mean`` and ``std``; its
 ``memscore.json`` names the encoder and the encoder's weights the representations came from.
 
@@ -125,7 +125,7 @@ def save_sae_checkpoint(folder: str, sae: SparseAutoencoder, *, encoder: str,
     scores with: ``model.safetensors`` (``TENSOR_KEYS``) and ``memscore.json``, which names the
     encoder and ``encoder_weights`` (the Hugging Face id or folder the representations came
     from), plus ``info``."""
-    from memscore.checkpoint import save_checkpoint
+    from memscore.models.checkpoint import save_checkpoint
 
     record = {**(info or {}), "model": f"{encoder}-sae", "weights": "train-sae",
               "output_column": f"{encoder}_sae_loss", "encoder": encoder,
@@ -158,7 +158,7 @@ def load_sae(folder: str, storage_options: Mapping[str, Any] | None = None
 
 def _sae_model(encoder: str, weights: FolderWeights | None,
                storage_options: Mapping[str, Any] | None) -> EncoderSAE:
-    from memscore.checkpoint import read_checkpoint_info
+    from memscore.models.checkpoint import read_checkpoint_info
     from memscore.models.encoders import load_encoder, random_encoder
 
     if weights is None:  # the Base-size encoder and an autoencoder, both randomly initialised

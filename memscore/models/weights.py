@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from memscore.models._api import (FolderWeights, FolderWeightsEnum, Weights, WeightsEnum,
                                   WeightsNotFoundError, package_file)
-from memscore.transforms import ImagePreprocess, TenCropPreprocess
+from memscore.models.transforms import ImagePreprocess, TenCropPreprocess
 
 __all__ = [
     "FalseResMem_Weights",
@@ -321,7 +321,7 @@ def sae_digest(folder: str, storage_options: Mapping[str, Any] | None = None) ->
     import hashlib
 
     from memscore import storage
-    from memscore.checkpoint import INFO_FILE, read_checkpoint_info, state_dict_file
+    from memscore.models.checkpoint import INFO_FILE, read_checkpoint_info, state_dict_file
     from memscore.models import encoders
     from memscore.models._api import file_sha256
 
@@ -342,7 +342,7 @@ def _bind_sae(enum_cls, weights: str | None,
     """``FolderWeights`` of an autoencoder checkpoint (``memscore train-sae``'s ``best/``): the
     checkpoint's JSON read, and the encoder folder it names found and checked, whose own
     preprocessing scores the images."""
-    from memscore.checkpoint import read_checkpoint_info
+    from memscore.models.checkpoint import read_checkpoint_info
     from memscore.models import encoders
 
     encoder = enum_cls.DEFAULT.meta["encoder"]

@@ -4,7 +4,7 @@ The online path on the batch job's models, preprocessing and cluster. Each modul
 
 - ``config``: ``ServeConfig``, the options of ``memscore serve`` and of a Serve config file.
 - ``app``: the application. ``Ingress`` (FastAPI) reads uploads and decodes them on CPU with
-  ``memscore.decode.decode_image_bytes``, the batch job's own decode; ``build`` wires it to
+  ``memscore.stages.decode.decode_image_bytes``, the batch job's own decode; ``build`` wires it to
 - ``model``: ``ModelSet``, the model deployment: each replica loads the models once (the batch
   job's ``ScoreImages``) and scores the images that arrive together in one forward pass
   (``@serve.batch``), on a GPU where the cluster has them.

@@ -244,7 +244,7 @@ class Ingress:
 
     def __init__(self, model_set, config: ServeConfig) -> None:
         from memscore.models.registry import weights_for
-        from memscore.predict import local_cores
+        from memscore.stages.predict import local_cores
 
         self.model_set = model_set
         self.config = config
@@ -425,7 +425,7 @@ class Ingress:
                       exif_transpose: bool):
         """-> ``(width, height, pixels)``, or the ``ImageDecodeError`` that says why not: a bad
         file is one entry of the answer, not the request's failure."""
-        from memscore.decode import decode_image_bytes
+        from memscore.stages.decode import decode_image_bytes
         from memscore.row_errors import ImageDecodeError
 
         decode = functools.partial(decode_image_bytes, data, preprocess, max_pixels=max_pixels,

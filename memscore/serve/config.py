@@ -95,7 +95,7 @@ class ServeConfig:
 
     def validated(self) -> "ServeConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""
-        from memscore.predict import PRECISIONS
+        from memscore.stages.predict import PRECISIONS
 
         check_model_names(self.models)
         if self.weights is not None and len(self.models) > 1:

@@ -65,8 +65,8 @@ def serve_forever(config: ServeConfig) -> int:
     import ray
     from ray import serve
 
-    from memscore.predict import local_cores
-    from memscore.pipeline import init_ray
+    from memscore.stages.predict import local_cores
+    from memscore.stages.pipeline import init_ray
     from memscore.serve.app import build
 
     config = config.validated()

@@ -50,7 +50,7 @@ def describe_models(models: tuple[str, ...], weights: str | None = None,
         >>> describe_models(("resmem",))[0]["output_column"]
         'memorability'
     """
-    from memscore.checkpoint import state_dict_file
+    from memscore.models.checkpoint import state_dict_file
     from memscore.models._api import WeightsNotFoundError, file_sha256
     from memscore.models.registry import is_checkpoint, weights_for
 
@@ -96,7 +96,7 @@ class ModelSet:
                  use_gpu: bool = False, torch_threads: int | None = None,
                  precision: str = "fp32", max_batch_size: int = 32,
                  batch_wait_s: float = 0.01) -> None:
-        from memscore.predict import ScoreImages
+        from memscore.stages.predict import ScoreImages
 
         started = time.perf_counter()
         self.models = tuple(models)

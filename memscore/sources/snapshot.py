@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from memscore import columns, storage
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
-from memscore.manifest import Manifest, check_path_column, read_restarting, repeated_values
+from memscore.sources.manifest import Manifest, check_path_column, read_restarting, repeated_values
 
 __all__ = ["ROW_COLUMN", "Snapshot", "write_snapshot", "snapshot_dataset", "LIGHT_STAGE_CPUS"]
 
@@ -49,7 +49,7 @@ def write_snapshot(manifest: Manifest, folder: str, config: ScoreConfig) -> Snap
     ``memscore_row``. Streams: the driver holds a few parts at a time.
 
     Args:
-        manifest: the opened manifest (``memscore.manifest.open_manifest``).
+        manifest: the opened manifest (``memscore.sources.manifest.open_manifest``).
         folder: where the parts go (a run's ``resume.snapshot_folder(output)``); parts a
             killed earlier attempt left there are replaced, nothing else in it is touched.
         config: the run's options: ``limit``, ``rows_per_file``, ``id_column`` (checked

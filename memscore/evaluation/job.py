@@ -34,7 +34,7 @@ Example (``memscore evaluate scores/ --truth labels.csv --truth-column memorabil
 --report report/`` from Python)::
 
     from memscore.config import EvaluateConfig
-    from memscore.evaluation import evaluate
+    from memscore.evaluation.job import evaluate
 
     result = evaluate(EvaluateConfig(predictions="scores/", truth="labels.csv",
                                      truth_column="memorability", report="report/"))
@@ -58,7 +58,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memscore import metrics, storage
+from memscore import storage
+
+from memscore.evaluation import metrics
 from memscore.config import EvaluateConfig
 from memscore.errors import MemscoreError, first_line
 
@@ -87,7 +89,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``config.predictions`` against ``config.truth``; write and return the report.
 
     Returns the contents of ``metrics.json`` (with NaN as None): ``counts``, ``overall`` and
-    ``groups`` figures of the scalar prediction column (see ``memscore.metrics.summary``; with
+    ``groups`` figures of the scalar prediction column (see ``memscore.evaluation.metrics.summary``; with
     ``split_half`` where ``--split-half-columns`` is given; ``overall`` is None when only trace
     columns are evaluated), ``traces`` (per trace column: counts, and per layer ``index``,
     ``layer``, ``n``, ``spearman``, ``spearman_ci95``), inputs, provenance and warnings.
@@ -252,7 +254,7 @@ def _read_truth(config: EvaluateConfig, key: str,
                 options: Mapping[str, Any]) -> tuple[pa.Table, tuple[str, ...], str]:
     """(key, truth, split halves, the groups --truth has) renamed, all --truth columns, and
     the folder its relative paths resolve against."""
-    from memscore.manifest import open_manifest
+    from memscore.sources.manifest import open_manifest
 
     try:
         manifest = open_manifest(config.truth, path_column=key, storage_options=options)
@@ -312,7 +314,7 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
         import pyarrow.dataset as pads
 
         if is_dir:
-            from memscore.output import output_files
+            from memscore.sinks.output import output_files
 
             files = output_files(source, options)
             if not files:
@@ -336,7 +338,7 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
             raise MemscoreError(f"{source}: cannot read the predictions: "
                                 f"{first_line(exc)[:300]}") from None
     else:
-        from memscore.manifest import open_manifest
+        from memscore.sources.manifest import open_manifest
 
         try:
             manifest = open_manifest(source, path_column=key, storage_options=options)
@@ -424,7 +426,7 @@ def _run_score_column(config: EvaluateConfig, options: Mapping[str, Any]) -> Eva
     the one-line error listing the columns)."""
     if not getattr(config, "_prediction_column_defaulted", False):
         return config
-    from memscore.output import read_summary
+    from memscore.sinks.output import read_summary
 
     try:
         summary = read_summary(config.predictions, options)
@@ -440,7 +442,7 @@ def _run_score_column(config: EvaluateConfig, options: Mapping[str, Any]) -> Eva
 def _read_run_summary(source: str,
                       options: Mapping[str, Any]) -> tuple[Mapping | None, str | None]:
     """The run's ``_memscore.json``, or a warning saying why there is none."""
-    from memscore.output import SUMMARY_FILE, read_summary
+    from memscore.sinks.output import SUMMARY_FILE, read_summary
 
     try:
         summary = read_summary(source, options)
@@ -542,7 +544,7 @@ def _prediction_columns(config: EvaluateConfig, options: Mapping[str, Any]) -> l
             import pyarrow.dataset as pads
 
             if fs.isdir(path):
-                from memscore.output import output_files
+                from memscore.sinks.output import output_files
 
                 files = output_files(config.predictions, options)
             else:
@@ -564,7 +566,7 @@ def _truth_columns(config: EvaluateConfig, options: Mapping[str, Any]) -> list |
 def _table_columns(source: str, options: Mapping[str, Any], names) -> list | None:
     """The columns of a table manifest, opened by the first of ``names`` it has (opening one
     needs a column of it), or None."""
-    from memscore.manifest import open_manifest
+    from memscore.sources.manifest import open_manifest
 
     for name in dict.fromkeys(n for n in names if n and n != "all"):
         try:
@@ -611,8 +613,8 @@ def _join_on_resolved_paths(pred: pa.Table, truth: pa.Table, pred_base: str | No
     nothing either, or makes a path repeat on a side (the join would be ambiguous). Only
     tried when the paths as written match nothing, so a truth table whose relative names equal
     the predictions' keeps joining as written."""
-    from memscore.fetch import resolve_path
-    from memscore.manifest import repeated_values
+    from memscore.stages.fetch import resolve_path
+    from memscore.sources.manifest import repeated_values
     from memscore.row_errors import ImageDecodeError
 
     def resolved(table: pa.Table, base: str | None) -> pa.Table:
@@ -642,7 +644,7 @@ def _normalised(path: str) -> str:
 
 
 def _check_unique(table: pa.Table, side: str, key: str) -> None:
-    from memscore.manifest import repeated_values
+    from memscore.sources.manifest import repeated_values
 
     repeated = repeated_values(table.column(_KEY))
     if repeated:
@@ -893,7 +895,7 @@ def _layer_text(name: str, figures: Mapping[str, Any], layer: Mapping[str, Any])
 
 def _write_report(config: EvaluateConfig, result: dict, prediction: np.ndarray,
                   label: np.ndarray, options: Mapping[str, Any]) -> None:
-    from memscore.plots import distribution_png, layers_png, scatter_png
+    from memscore.evaluation.plots import distribution_png, layers_png, scatter_png
 
     overall = result["overall"]
     files = {}

@@ -14,19 +14,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
-from memscore import resume, storage
-from memscore.cluster_check import check_shared_storage
+from memscore import storage
+
+from memscore.sinks import resume
+from memscore.runtime.cluster_check import check_shared_storage
 from memscore.columns import BOOKKEEPING, score_column
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError, counted, first_line
-# run_stopped lives in memscore.failures; importable from here for code written before.
-from memscore.failures import run_stopped  # noqa: F401
-from memscore.fetch import RETRYABLE_KINDS
-from memscore.error_fraction import MIN_ROWS, start_counter
-from memscore.manifest import Manifest, open_manifest
-from memscore.lease import Lease, acquire_lease
+# run_stopped lives in memscore.runtime.failures; importable from here for code written before.
+from memscore.runtime.failures import run_stopped  # noqa: F401
+from memscore.stages.fetch import RETRYABLE_KINDS
+from memscore.stages.error_fraction import MIN_ROWS, start_counter
+from memscore.sources.manifest import Manifest, open_manifest
+from memscore.sinks.lease import Lease, acquire_lease
 from memscore.models._api import file_sha256
-from memscore.output import (
+from memscore.sinks.output import (
     SummaryUnreadable,
     check_output_location,
     count_output,
@@ -39,10 +41,10 @@ from memscore.output import (
     write_summary,
 )
 
-from memscore.snapshot import LIGHT_STAGE_CPUS, Snapshot, snapshot_dataset, write_snapshot
-# The shared stages live in memscore.pipeline; imported here for score() and kept importable
-# from memscore.run for code written before the move.
-from memscore.pipeline import (  # noqa: F401
+from memscore.sources.snapshot import LIGHT_STAGE_CPUS, Snapshot, snapshot_dataset, write_snapshot
+# The shared stages live in memscore.stages.pipeline; imported here for score() and kept importable
+# from memscore.scoring.job for code written before the move.
+from memscore.stages.pipeline import (  # noqa: F401
     _actor_pool,
     _decode_task_memory,
     _light,
@@ -62,7 +64,7 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
     A traces model's weights are a folder (``FolderWeights``): its record names the folder
     and, already, its ``weights_sha256`` (over its tensors and settings), which a resumed run
     must match (``score``), instead of one file hashed while the run goes."""
-    from memscore.checkpoint import read_checkpoint_info, state_dict_file
+    from memscore.models.checkpoint import read_checkpoint_info, state_dict_file
     from memscore.models._api import FolderWeights, WeightsNotFoundError, output_columns_of
     from memscore.models.registry import is_checkpoint, weights_for
 
@@ -107,7 +109,7 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: Snapshot,
                   plan: dict[str, Any], error_counter=None):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
     from memscore.models.registry import weights_for
-    from memscore.predict import ScoreImages
+    from memscore.stages.predict import ScoreImages
 
     # Ray merges small files into one read block, and one block is one decode task: cut the
     # rows back into blocks of rows_per_block (a streaming repartition, no barrier) so decoding
@@ -149,8 +151,8 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: Snapshot,
 def _shards_dataset(config: ScoreConfig, manifest: Manifest):
     """WebDataset shards as sample rows (``webdataset.read_shards``): one read task per shard,
     each recording its shard's sample count in the run's work folder once read to its end."""
-    from memscore.predict import output_columns
-    from memscore.webdataset import read_shards, scan_members
+    from memscore.stages.predict import output_columns
+    from memscore.sources.webdataset import read_shards, scan_members
 
     options = {
         "reserved_columns": tuple(output_columns(config.models, config.column_prefix)),
@@ -209,7 +211,7 @@ def _check_webdataset_options(config: ScoreConfig, manifest: Manifest) -> None:
 def _shard_counts(config: ScoreConfig, manifest: Manifest, dropped: dict) -> list[int]:
     """Each shard's sample count, as its read task recorded it (every shard was read to its
     end once the pipeline has finished); ``dropped`` receives the members left out."""
-    from memscore.webdataset import read_shard_counts
+    from memscore.sources.webdataset import read_shard_counts
 
     counts = read_shard_counts(resume.shard_counts_folder(config.output), list(manifest.files),
                                config.storage_options, dropped)
@@ -293,7 +295,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         >>> summary["rows_out"] == summary["rows_in"]
         True
     """
-    from memscore.predict import output_columns
+    from memscore.stages.predict import output_columns
 
     started = dt.datetime.now(dt.timezone.utc)
     config = config.validated()

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from memscore.metrics import on_one_scale
+from memscore.evaluation.metrics import on_one_scale
 
 __all__ = ["gaussian_kde", "distribution_png", "scatter_png", "layers_png"]
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from memscore import storage
 from memscore.errors import MemscoreError, first_line
 from memscore.columns import ERROR as ERROR_COLUMN
-from memscore.resume import ROW_COLUMN, WORK_DIR
+from memscore.sinks.resume import ROW_COLUMN, WORK_DIR
 
 __all__ = ["SUMMARY_FILE", "PART_PREFIX", "is_own_entry", "check_output_location",
            "prepare_output", "output_files", "SummaryUnreadable",
@@ -43,10 +43,10 @@ def is_own_entry(name: str) -> bool:
 
 
 def _is_lease(name: str) -> bool:
-    """The run's lease (``memscore.lease``) and its temporary and takeover names: the lease is
+    """The run's lease (``memscore.sinks.lease``) and its temporary and takeover names: the lease is
     the holder's, never an entry of the output that --overwrite deletes or that makes it
     non-empty."""
-    from memscore.lease import LEASE_FILE
+    from memscore.sinks.lease import LEASE_FILE
 
     return name.startswith(LEASE_FILE)
 
@@ -73,7 +73,7 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool,
                    storage_options: Mapping[str, Any], inputs: tuple[str, ...] = ()) -> str:
     """Check ``output`` before any work starts; returns "fresh", "resume" or "complete".
 
-    A scoring run calls it holding the output's lease (``memscore.lease``), which is neither
+    A scoring run calls it holding the output's lease (``memscore.sinks.lease``), which is neither
     counted nor deleted here.
 
     - absent or empty: "fresh";

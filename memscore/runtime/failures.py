@@ -13,7 +13,7 @@ its log files (``--debug`` puts them back on the terminal).
   stay off the terminal; a local Ray that loses its GCS or raylet ends the command at once,
   with one line. With a ``verbosity`` (the ``--verbose``/``--quiet`` of the commands that start
   Ray), Ray's own lines go to a log file unless ``--verbose`` (``ray_starting``).
-- ``ray_starting``, ``ray_started``: what ``memscore.pipeline`` calls right before and right
+- ``ray_starting``, ``ray_started``: what ``memscore.stages.pipeline`` calls right before and right
   after ``ray.init``, which takes SIGTERM over (measured on Ray 2.60: a Python handler that
   calls ``sys.exit(15)``, and below it the core worker's absl failure-signal handler, which
   prints ``*** SIGTERM received ...`` and a C++ stack before handing on).
@@ -33,9 +33,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from memscore.error_fraction import ErrorFractionExceeded
+from memscore.stages.error_fraction import ErrorFractionExceeded
 from memscore.errors import first_line, strip_ansi
-from memscore.fetch import StorageConfigError, TransientFailure
+from memscore.stages.fetch import StorageConfigError, TransientFailure
 
 __all__ = ["STOPPED", "WATCH_INTERVAL_S", "QUIET", "NORMAL", "VERBOSE", "Cause", "Terminated",
            "innermost", "describe", "run_stopped", "command_line", "ray_starting", "ray_started",
@@ -76,7 +76,7 @@ class Cause:
     """The innermost exception of a failure, as far as the driver can know it.
 
     ``kind`` is the class as a traceback names it (``OSError``,
-    ``memscore.fetch.TransientFailure``); ``message`` its first line without ANSI escapes;
+    ``memscore.stages.fetch.TransientFailure``); ``message`` its first line without ANSI escapes;
     ``errno`` and ``filename`` an ``OSError``'s; ``task`` the Ray task it was raised in
     (``Write``, ``ReadParquet->MapBatches(decode_batch)``), None outside Ray.
     """
@@ -350,7 +350,7 @@ def command_line(*, resume_hint: str | None, debug: bool, verbosity: str | None 
 
 
 def ray_starting() -> bool:
-    """Right before ``ray.init`` (``memscore.pipeline``): whether Ray should forward its
+    """Right before ``ray.init`` (``memscore.stages.pipeline``): whether Ray should forward its
     workers' output to this process (``ray.init``'s ``log_to_driver``).
 
     Outside ``command_line``, or for a command with VERBOSE or no verbosity: True, and nothing
@@ -369,7 +369,7 @@ def ray_starting() -> bool:
 
 
 def ray_started(*, local: bool) -> None:
-    """Right after ``ray.init`` (``memscore.pipeline``); nothing outside ``command_line``.
+    """Right after ``ray.init`` (``memscore.stages.pipeline``); nothing outside ``command_line``.
 
     Takes SIGTERM back from Ray (reinstalling the Python handler also replaces the absl
     handler that the core worker put beneath it), keeps Ray Data's logged tracebacks of the

@@ -18,7 +18,7 @@ it writes goes to ``OUTPUT/NAME/``::
 
 The representations are computed as images are scored: the shared decode stage with the
 encoder folder's own preprocessing, then a pool of encoder actors
-(``memscore.representations``). Training follows the paper: each representation z-scored per
+(``memscore.train_sae.representations``). Training follows the paper: each representation z-scored per
 dimension over the training images, ``(x - mean) / (std + 1e-8)`` (std with Bessel's correction,
 as ``torch.std``), ``Linear(d, latents) -> ReLU -> Linear(latents, d)``, loss
 ``MSE(reduction="sum") + l1 * |fc1 output|.sum()``, AdamW, every image once per epoch in a
@@ -47,9 +47,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
-from memscore.run_folder import json_default as _json_default
-from memscore.run_folder import (NOTHING_TO_DO, abandon_run_folder, check_run_folder, start_run_folder)
-from memscore.run_folder import read_json as _read_json
+from memscore.training.run_folder import json_default as _json_default
+from memscore.training.run_folder import (NOTHING_TO_DO, abandon_run_folder, check_run_folder, start_run_folder)
+from memscore.training.run_folder import read_json as _read_json
 from memscore.columns import ERROR, REPRESENTATION, ROW
 from memscore.config import TrainSAEConfig
 from memscore.errors import MemscoreError, counted, first_line
@@ -105,7 +105,7 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
 
     Example:
         >>> from memscore.config import TrainSAEConfig
-        >>> from memscore.train_sae import train_sae
+        >>> from memscore.train_sae.job import train_sae
         >>> summary = train_sae(TrainSAEConfig("memcat.csv", output="runs/", encoder="clip",
         ...                                    name="clip-a"))  # doctest: +SKIP
         >>> summary["best_checkpoint"]  # doctest: +SKIP
@@ -113,11 +113,11 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     """
     import ray
 
-    from memscore.cluster_check import check_shared_storage
-    from memscore.manifest import open_manifest
-    from memscore.output import package_versions
-    from memscore.pipeline import init_ray
-    from memscore.training import fit, worker_plan
+    from memscore.runtime.cluster_check import check_shared_storage
+    from memscore.sources.manifest import open_manifest
+    from memscore.sinks.output import package_versions
+    from memscore.stages.pipeline import init_ray
+    from memscore.training.ray_train import fit, worker_plan
 
     clock = time.perf_counter()
     config = config.validated()
@@ -258,7 +258,7 @@ def _config_record(config: TrainSAEConfig) -> dict[str, Any]:
 def _identity(config: TrainSAEConfig, manifest, encoder: dict) -> dict[str, Any]:
     """What makes a run this run; a re-run with another identity must not resume it. Epochs
     may change, so a finished run can be trained further under the same name."""
-    from memscore.manifest import manifest_fingerprint
+    from memscore.sources.manifest import manifest_fingerprint
 
     keep = ("manifest", "encoder", "path_column", "latents", "l1", "lr", "weight_decay",
             "batch_size", "seed", "workers", "fast_decode", "exif_transpose")
@@ -279,7 +279,7 @@ def _check_run_dir(config: TrainSAEConfig, run_dir: str, identity: dict) -> str:
 
 def _images_table(config: TrainSAEConfig, manifest) -> pa.Table:
     """memscore_row and the resolved path of every manifest row."""
-    from memscore.fetch import resolve_path
+    from memscore.stages.fetch import resolve_path
     from memscore.row_errors import ImageDecodeError
 
     def resolved(value):
@@ -300,8 +300,8 @@ def _representations(config: TrainSAEConfig, manifest, run_dir: str, encoder: di
     -> (folder, whether it was computed now)."""
     import ray
 
-    from memscore.output import write_parquet
-    from memscore.representations import representation_dataset
+    from memscore.sinks.output import write_parquet
+    from memscore.train_sae.representations import representation_dataset
 
     folder = storage.join(run_dir, _REPRESENTATIONS)
     fs, path = storage.url_to_fs(folder, config.storage_options)
@@ -334,7 +334,7 @@ def _representations(config: TrainSAEConfig, manifest, run_dir: str, encoder: di
 def _count_representations(folder: str, config: TrainSAEConfig,
                            path_column: str) -> dict[str, Any]:
     """Rows in, rows with a vector, the failed ones by kind (with an example path), and d."""
-    from memscore.output import output_files
+    from memscore.sinks.output import output_files
 
     fs, _ = storage.url_to_fs(folder, config.storage_options)
     rows = errors = 0
@@ -422,9 +422,9 @@ def train_sae_worker(config: dict) -> None:
 
     from memscore.faults import maybe_inject
     from memscore.models.sae import SparseAutoencoder, save_sae_checkpoint, training_loss
-    from memscore.predict import local_cores
-    from memscore.train_loop import _gather
-    from memscore.training import report_epoch, restore_state
+    from memscore.stages.predict import local_cores
+    from memscore.finetuning.train_loop import _gather
+    from memscore.training.ray_train import report_epoch, restore_state
 
     spec: SAESpec = config["spec"]
     context = ray.train.get_context()

@@ -28,10 +28,10 @@ import pyarrow.compute as pc
 
 from memscore import storage
 from memscore.errors import MemscoreError
-from memscore.manifest import Manifest, manifest_fingerprint, open_manifest, read_restarting
-from memscore.output import (SUMMARY_FILE, SummaryUnreadable, count_output, output_files,
+from memscore.sources.manifest import Manifest, manifest_fingerprint, open_manifest, read_restarting
+from memscore.sinks.output import (SUMMARY_FILE, SummaryUnreadable, count_output, output_files,
                              read_output_columns, read_summary)
-from memscore.resume import ROW_COLUMN, StateUnreadable, read_state
+from memscore.sinks.resume import ROW_COLUMN, StateUnreadable, read_state
 
 __all__ = ["VerifyReport", "NotTheRunsManifest", "verify"]
 
@@ -138,7 +138,7 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
 
     Example:
         >>> import memscore
-        >>> from memscore.verify import verify
+        >>> from memscore.scoring.verify import verify
         >>> _ = memscore.score(memscore.ScoreConfig("examples/images", output="scores/"))
         >>> report = verify("scores/", "examples/images")
         >>> report.ok, report.manifest_rows, report.output_rows, report.key
@@ -208,8 +208,8 @@ def _counts(values: pa.Array, name: str) -> pa.Table:
 def _verify_shards(output: str, source, run: Mapping[str, Any],
                    options: Mapping[str, Any], *, by_name: bool = False) -> VerifyReport:
     """``by_name``: the shards moved on purpose; they are matched by file name."""
-    from memscore.resume import shard_counts_folder
-    from memscore.webdataset import read_shard_counts
+    from memscore.sinks.resume import shard_counts_folder
+    from memscore.sources.webdataset import read_shard_counts
 
     shards = list(source.files)
     if run.get("finished"):

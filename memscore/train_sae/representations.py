@@ -53,7 +53,7 @@ class EncodeImages:
         import torch
 
         from memscore.models.encoders import load_encoder
-        from memscore.predict import local_cores, pick_device
+        from memscore.stages.predict import local_cores, pick_device
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -72,7 +72,7 @@ class EncodeImages:
         import torch
 
         from memscore.models.encoders import representation
-        from memscore.predict import _to_numpy
+        from memscore.stages.predict import _to_numpy
 
         ok = pc.is_null(table.column(ERROR)).to_numpy(zero_copy_only=False)
         errors = table.column(ERROR).to_pylist()
@@ -117,7 +117,7 @@ def representation_dataset(dataset, config, manifest, encoder: str, weights: str
     """
     from ray.data import ActorPoolStrategy
 
-    from memscore.pipeline import decode_stage
+    from memscore.stages.pipeline import decode_stage
 
     dataset = decode_stage(dataset, config, manifest, {encoder: preprocess}, None)
     return dataset.map_batches(

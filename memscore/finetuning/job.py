@@ -40,23 +40,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
-from memscore.run_folder import json_default as _json_default
-from memscore.run_folder import (abandon_run_folder, check_run_folder, start_run_folder)
-from memscore.run_folder import read_json as _read_json
+from memscore.training.run_folder import json_default as _json_default
+from memscore.training.run_folder import (abandon_run_folder, check_run_folder, start_run_folder)
+from memscore.training.run_folder import read_json as _read_json
 from memscore.config import FinetuneConfig, training_start
 from memscore.errors import MemscoreError, counted, first_line
 from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.columns import ROW, SPLIT, pixels_column
-from memscore.fetch import resolve_path
+from memscore.stages.fetch import resolve_path
 from memscore.row_errors import ImageDecodeError
-from memscore.manifest import Manifest, open_manifest
-from memscore.splits import (
+from memscore.sources.manifest import Manifest, open_manifest
+from memscore.finetuning.splits import (
     SPLITS,
     assign_splits,
     normalise_split_column,
     parse_fractions,
 )
-from memscore.train_loop import LABEL, TrainSpec
+from memscore.finetuning.train_loop import LABEL, TrainSpec
 
 __all__ = ["finetune", "ROW", "SPLIT", "LABELLED_ROW", "plan_start"]
 
@@ -75,10 +75,10 @@ def plan_start(config: FinetuneConfig) -> tuple[str, str, dict]:
     """(start, pipeline, builder kwargs): the starting weights, and the weights member whose
     preprocessing the training uses (a checkpoint's own, else the model's DEFAULT if it is a
     single-crop pipeline, else its first single-crop member: MemNet trains its modern one)."""
-    from memscore.checkpoint import read_checkpoint_info
+    from memscore.models.checkpoint import read_checkpoint_info
     from memscore.models import WeightsNotFoundError, get_model_weights
     from memscore.models.registry import check_checkpoint, is_checkpoint
-    from memscore.transforms import ImagePreprocess
+    from memscore.models.transforms import ImagePreprocess
 
     enum_cls = get_model_weights(config.model)
     start, member = config.weights, None
@@ -131,7 +131,7 @@ def plan_start(config: FinetuneConfig) -> tuple[str, str, dict]:
 def _identity(config: FinetuneConfig, manifest: Manifest, pipeline: str) -> dict[str, Any]:
     """What makes a run this run; a re-run with another identity must not resume it. Epochs and
     patience may change, so a finished run can be trained further under the same name."""
-    from memscore.manifest import manifest_fingerprint
+    from memscore.sources.manifest import manifest_fingerprint
 
     keep = ("manifest", "label_column", "model", "mode", "weights", "path_column",
             "split_column", "split_fractions", "split_seed", "batch_size", "optimizer", "lr",
@@ -294,7 +294,7 @@ def _decoded(config: FinetuneConfig, split_file: str, manifest: Manifest, prepro
     """A split's rows decoded once by the scoring job's decode stage, held in the object store."""
     import ray.data
 
-    from memscore.pipeline import decode_stage
+    from memscore.stages.pipeline import decode_stage
 
     paths, filesystem = storage.for_pyarrow(split_file, config.storage_options)
     dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(
@@ -345,8 +345,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """
     import ray
 
-    from memscore.output import package_versions
-    from memscore.training import fit, worker_plan
+    from memscore.sinks.output import package_versions
+    from memscore.training.ray_train import fit, worker_plan
 
     clock = time.perf_counter()
     config = config.validated()
@@ -383,8 +383,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     # Decode to the whole 256x256 resize; the 227 crop is cut by the trainer (random or centre).
     preprocess = dataclasses.replace(member.transforms, crop=min(member.transforms.resize))
 
-    from memscore.cluster_check import check_shared_storage
-    from memscore.pipeline import init_ray
+    from memscore.runtime.cluster_check import check_shared_storage
+    from memscore.stages.pipeline import init_ray
 
     if status == "fresh":
         start_run_folder(run_dir, identity, overwrite=config.overwrite,
@@ -500,7 +500,7 @@ def _warnings(config: FinetuneConfig, best: dict | None, epochs_run: int) -> lis
 
 
 def _train_worker_entry(config: dict) -> None:
-    from memscore.train_loop import train_worker
+    from memscore.finetuning.train_loop import train_worker
 
     train_worker(config)
 
@@ -508,8 +508,8 @@ def _train_worker_entry(config: dict) -> None:
 def _score_and_evaluate_test(config: FinetuneConfig, run_dir: str, files: dict, member) -> dict:
     """Score the test split with the best checkpoint (the scoring job itself) and evaluate it."""
     from memscore.config import EvaluateConfig, ScoreConfig
-    from memscore.evaluation import evaluate
-    from memscore.run import score
+    from memscore.evaluation.job import evaluate
+    from memscore.scoring.job import score
 
     scores = storage.join(run_dir, "test_scores")
     score(ScoreConfig(files["test_images"], output=scores, models=(config.model,),

@@ -1,12 +1,12 @@
 """The stages that scoring, fine-tuning and train-sae share, and how a job starts Ray.
 
-- ``decode_batch`` / ``decode_stage``: the CPU decode stage (``memscore.decode.DecodeImages``)
+- ``decode_batch`` / ``decode_stage``: the CPU decode stage (``memscore.stages.decode.DecodeImages``)
   as stateless Ray tasks; one image pipeline for every job.
 - ``plan_model_actors`` / ``_actor_pool``: how many model actors, what each asks Ray for.
 - ``_light``: a small-table stage asking Ray for a light CPU share.
 - ``init_ray`` / ``start_local_ray``: join a cluster or start the one-machine Ray.
 
-Ray pickles ``decode_batch`` by reference to this module (``memscore.pipeline.decode_batch``),
+Ray pickles ``decode_batch`` by reference to this module (``memscore.stages.pipeline.decode_batch``),
 so every worker imports it from here.
 """
 
@@ -18,12 +18,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from memscore import failures, snapshot, storage
+from memscore import storage
+
+from memscore.runtime import failures
+
+from memscore.sources import snapshot
 from memscore.columns import IMAGE
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
-from memscore.manifest import Manifest
-from memscore.predict import local_cores
+from memscore.sources.manifest import Manifest
+from memscore.stages.predict import local_cores
 
 __all__ = ["decode_batch", "decode_stage", "plan_model_actors", "init_ray", "start_local_ray"]
 
@@ -34,13 +38,13 @@ def decode_batch(table: pa.Table, error_counter=None, **decode_kwargs) -> pa.Tab
     ``error_counter``: the run's ``error_fraction`` actor, told each block's errors (None: no
     check)."""
     from memscore.columns import ERROR as ERROR_COLUMN
-    from memscore.decode import DecodeImages
+    from memscore.stages.decode import DecodeImages
     from memscore.faults import maybe_inject
 
     maybe_inject("decode")
     table = DecodeImages(**decode_kwargs)(table)
     if error_counter is not None:
-        from memscore.error_fraction import report
+        from memscore.stages.error_fraction import report
 
         report(error_counter, table.column(ERROR_COLUMN))
     return table
@@ -146,7 +150,7 @@ def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
     ``retry_exceptions`` would share that unbounded count, so expired credentials would retry
     for ever. The bounded retry is the task's own.
     """
-    from memscore.fetch import DEFAULT_TRANSIENT_RETRY_S
+    from memscore.stages.fetch import DEFAULT_TRANSIENT_RETRY_S
 
     return dataset.map_batches(
         decode_batch,

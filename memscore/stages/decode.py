@@ -1,7 +1,7 @@
 """The CPU decode stage: a row's image bytes -> (width, height, error, uint8 pixel arrays).
 
 ``DecodeImages`` is a Ray Data ``map_batches`` callable over pyarrow tables (and a plain function
-over them too). For every row it gets the image's bytes from ``memscore.fetch`` (local paths and
+over them too). For every row it gets the image's bytes from ``memscore.stages.fetch`` (local paths and
 any fsspec URL, e.g. ``s3://``, the same way; or the bytes a WebDataset row carries), decodes
 them with Pillow as the published models' reference pipeline does
 (``Image.open(path).convert('RGB')``), and runs each model's ``ImagePreprocess.to_array`` on the
@@ -15,7 +15,7 @@ that says nothing about the image (the network, storage, credentials, ``MemoryEr
 decoding) is no row error: the rows are read and decoded again with backoff until reads have
 failed for ``transient_retry_s`` with none getting through, then the batch fails with
 ``TransientFailure``; a storage client configured wrong fails it at once with
-``StorageConfigError`` (``memscore.fetch`` draws those lines, keeps the clock and runs the
+``StorageConfigError`` (``memscore.stages.fetch`` draws those lines, keeps the clock and runs the
 retries). Rows out == rows in, in the same order, and every input column is passed through
 untouched.
 
@@ -38,7 +38,7 @@ Two options depart from the reference on purpose, both off by default (``DecodeI
 
 The measured effect of both on scores, time and memory is in ``docs/decoding.md``.
 
-Limits and errors (the reading limits, ``max_bytes`` and ``confine_to``, are ``memscore.fetch``'s):
+Limits and errors (the reading limits, ``max_bytes`` and ``confine_to``, are ``memscore.stages.fetch``'s):
 
 * Decompression bombs are refused from the declared size (``max_pixels``), before any pixel is
   decoded. Pillow's own process-wide ``Image.MAX_IMAGE_PIXELS`` is raised to ``max_pixels`` where
@@ -67,20 +67,20 @@ from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.columns import HEIGHT as HEIGHT_COLUMN
 from memscore.columns import PIXELS_PREFIX, pixels_column
 from memscore.columns import WIDTH as WIDTH_COLUMN
-from memscore.fetch import (DEFAULT_MAX_BYTES, DEFAULT_TRANSIENT_RETRY_S, RetryClock,
+from memscore.stages.fetch import (DEFAULT_MAX_BYTES, DEFAULT_TRANSIENT_RETRY_S, RetryClock,
                             RowFetcher, StorageConfigError, TransientError, retry_transient)
 from memscore.row_errors import ImageDecodeError
 
-# Kept for existing imports (``from memscore.decode import ...``): these names now live in
-# memscore.fetch (reading a row's bytes, transient or a fact) and memscore.row_errors.
-from memscore.fetch import (RETRYABLE_KINDS, TransientFailure, local_read_error,  # noqa: F401
+# Kept for existing imports (``from memscore.stages.decode import ...``): these names now live in
+# memscore.stages.fetch (reading a row's bytes, transient or a fact) and memscore.row_errors.
+from memscore.stages.fetch import (RETRYABLE_KINDS, TransientFailure, local_read_error,  # noqa: F401
                             remote_read_error, resolve_path)
 from memscore.row_errors import ERROR_KINDS  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
 
-    from memscore.transforms import ImagePreprocess
+    from memscore.models.transforms import ImagePreprocess
 
 __all__ = [
     "DRAFT_FACTOR",

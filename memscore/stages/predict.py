@@ -144,7 +144,7 @@ class ScoreImages:
 
     Example:
         >>> import pyarrow as pa
-        >>> from memscore.decode import DecodeImages
+        >>> from memscore.stages.decode import DecodeImages
         >>> from memscore.models import get_model_weights
         >>> preprocess = {"resmem": get_model_weights("resmem").DEFAULT.transforms}
         >>> decode = DecodeImages("path", preprocess)

@@ -106,8 +106,8 @@ import pyarrow as pa
 
 from memscore import columns, storage
 from memscore.errors import MemscoreError, first_line
-from memscore.fetch import DEFAULT_MAX_BYTES
-from memscore.manifest import IMAGE_EXTENSIONS
+from memscore.stages.fetch import DEFAULT_MAX_BYTES
+from memscore.sources.manifest import IMAGE_EXTENSIONS
 from memscore.row_errors import ImageDecodeError
 
 __all__ = [
@@ -752,7 +752,7 @@ def _datasource_class():
             tasks = []
             for index, url in enumerate(self.shards):
                 def read(url=url, index=index):
-                    from memscore.fetch import TransientFailure
+                    from memscore.stages.fetch import TransientFailure
 
                     samples, dropped = 0, {}
                     try:

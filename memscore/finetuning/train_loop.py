@@ -8,10 +8,10 @@ and takes the same early-stopping decision). Images arrive as the resized 256x25
 of the shared decode stage; the 227 crop is cut here: random (``augment`` ``crop``) for
 training, the centre for validation, which is exactly what ``memscore score`` feeds the model.
 
-Each epoch ends with ``ray.train.report`` through ``memscore.training.report_epoch``: rank 0
+Each epoch ends with ``ray.train.report`` through ``memscore.training.ray_train.report_epoch``: rank 0
 attaches a checkpoint of everything needed to go on (model, optimiser, epoch, best score,
 patience, history), which Ray Train stores under the run's folder and
-``memscore.training.restore_state`` reads back when the same run is started again. When
+``memscore.training.ray_train.restore_state`` reads back when the same run is started again. When
 validation Spearman improves, rank 0 also writes the model as a memscore checkpoint (``best/``)
 with the validation predictions it scored.
 """
@@ -171,7 +171,7 @@ def _write_best(spec: TrainSpec, model, metrics: dict, predictions: dict) -> Non
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from memscore.checkpoint import save_checkpoint
+    from memscore.models.checkpoint import save_checkpoint
     from memscore.models import get_model_weights
 
     member = get_model_weights(spec.model).verify(spec.pipeline)
@@ -212,10 +212,10 @@ def train_worker(config: dict) -> None:
     import torch
 
     from memscore.faults import maybe_inject
-    from memscore.metrics import spearman
+    from memscore.evaluation.metrics import spearman
     from memscore.models import get_model_weights
-    from memscore.predict import local_cores
-    from memscore.training import report_epoch, restore_state
+    from memscore.stages.predict import local_cores
+    from memscore.training.ray_train import report_epoch, restore_state
 
     spec: TrainSpec = config["spec"]
     context = ray.train.get_context()

@@ -4,7 +4,7 @@ line between a transient failure and a row error.
 A manifest row names its image by a path (local, ``file://`` or any fsspec URL such as
 ``s3://``), or, for a WebDataset sample, carries the bytes itself. ``RowFetcher.row_bytes`` turns
 either into the image's bytes, the same way for every caller, so the decode stage
-(``memscore.decode``) only ever sees bytes.
+(``memscore.stages.decode``) only ever sees bytes.
 
 Why this is a module of its own: a failed read is one of two things, and the difference decides
 whether a row's result is committed.
@@ -220,7 +220,7 @@ class TransientError(Exception):
 class TransientFailure(RuntimeError):
     """Raised by a decode task whose rows kept failing transiently past ``transient_retry_s``.
 
-    It fails the task and so the run (``memscore.run.score`` reports it as one line); nothing of
+    It fails the task and so the run (``memscore.scoring.job.score`` reports it as one line); nothing of
     the task is committed, so ``--resume`` reads those rows again once the cause is fixed.
     ``str(exc)`` is one line naming the wait, an example path and its cause.
     """

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 from memscore import storage
 from memscore.errors import MemscoreError, first_line
-from memscore.manifest import Manifest
+from memscore.sources.manifest import Manifest
 
 __all__ = ["check_shared_storage", "PROBE_PREFIX"]
 
@@ -102,7 +102,7 @@ def _local(path: str) -> str | None:
 def _first_local_images(manifest: Manifest) -> list[str]:
     """Up to ``_IMAGES`` local image files among the manifest's first rows that the driver
     can read (one it cannot read is that row's error, not a cluster problem)."""
-    from memscore.fetch import resolve_path
+    from memscore.stages.fetch import resolve_path
     from memscore.row_errors import ImageDecodeError
 
     found: list[str] = []

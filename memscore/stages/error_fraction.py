@@ -6,7 +6,7 @@ reports its block's row count and error kinds (with one example each) to one sma
 (an ``ErrorTally``, started by ``start_counter``), and gets back a message once, over at least
 ``min_rows`` decoded rows of this run (smaller runs are never stopped), the error fraction
 passes the limit; the task then raises ``ErrorFractionExceeded``, which fails the run
-(``memscore.run.score`` reports it as one line).
+(``memscore.scoring.job.score`` reports it as one line).
 
 Cost: one actor call per decode block (``--rows-per-block``, 256 rows by default), a few hundred
 bytes each; at 10,000 images/s about 40 calls/s to an actor that only adds numbers, a small

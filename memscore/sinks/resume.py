@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from memscore import columns, storage
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
-from memscore.manifest import Manifest, manifest_fingerprint
-from memscore.snapshot import Snapshot
+from memscore.sources.manifest import Manifest, manifest_fingerprint
+from memscore.sources.snapshot import Snapshot
 
 __all__ = ["ROW_COLUMN", "WORK_DIR", "StateUnreadable", "snapshot_folder", "shard_counts_folder",
            "read_state", "write_state", "run_identity", "check_same_run", "checkpoint_config",
@@ -226,7 +226,7 @@ def drop_duplicate_rows(output: str, storage_options: Mapping[str, Any]) -> int:
     filesystem = storage.pyarrow_filesystem_of(fs)
     pending = _pending_stems(output, storage_options)
     ids_of: dict[str, Any] = {}
-    from memscore.output import output_files
+    from memscore.sinks.output import output_files
 
     for path in output_files(output, storage_options):
         if pending and path.rsplit("/", 1)[-1].startswith(pending):
@@ -295,7 +295,7 @@ def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
     """
     import pyarrow.dataset as pads
 
-    from memscore.output import output_files
+    from memscore.sinks.output import output_files
 
     fs, _ = storage.url_to_fs(output, storage_options)
     _, retry = storage.url_to_fs(_work(output, _RETRY_DIR), storage_options)
@@ -356,7 +356,7 @@ def check_rows_match(output: str, snapshot: Snapshot, path_column: str,
     driver holds a few files' ids and paths, not the output."""
     import numpy as np
 
-    from memscore.output import output_files
+    from memscore.sinks.output import output_files
 
     fs, _ = storage.url_to_fs(output, storage_options)
     filesystem = storage.pyarrow_filesystem_of(fs)

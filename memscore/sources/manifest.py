@@ -5,7 +5,7 @@ it finds the files, reads the schema and the first block, and stops with a one-l
 ``MemscoreError`` on every problem they show (repeated column names, a missing path column or
 one that is not text, an empty manifest, a first block that does not parse, a user column that
 memscore would overwrite). ``Manifest.iter_tables`` then streams the rows as pyarrow tables,
-which ``memscore.snapshot`` copies once into the run's own Parquet parts for Ray Data to read;
+which ``memscore.sources.snapshot`` copies once into the run's own Parquet parts for Ray Data to read;
 ``manifest_fingerprint`` names the manifest as it is (a local table by its bytes). User columns
 keep their Arrow types end to end.
 """
@@ -317,7 +317,7 @@ def open_manifest(source: str, *, path_column: str = "path",
         memscore.errors.MemscoreError: labels.csv: no column 'path' (columns: file, hr); ...
     """
     options = dict(storage_options or {})
-    from memscore import webdataset as wds
+    from memscore.sources import webdataset as wds
 
     if wds.is_webdataset(source, options):
         if not webdataset:

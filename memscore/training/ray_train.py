@@ -3,7 +3,7 @@
 Both jobs train one torch module data-parallel with Ray Train, keep the latest epoch as Ray
 Train's checkpoint (what a restarted worker group or a resumed run continues from) and write
 their own results (``best/``, ``history.json``) beside it in the run folder
-(``memscore.run_folder``). What they train, and how, is theirs (``train_loop``, ``train_sae``).
+(``memscore.training.run_folder``). What they train, and how, is theirs (``train_loop``, ``train_sae``).
 
 Driver side: ``worker_plan`` (GPUs and torch threads per worker) and ``fit`` (the
 ``TorchTrainer``, its failure policy, one error line when training fails).
@@ -45,7 +45,7 @@ def worker_plan(gpus_in_cluster: float, workers: int, gpus_per_worker: float | N
         >>> worker_plan(0, 1, None, 3)
         (0.0, 3)
     """
-    from memscore.predict import local_cores
+    from memscore.stages.predict import local_cores
 
     gpus = (1.0 if gpus_in_cluster else 0.0) if gpus_per_worker is None else gpus_per_worker
     threads = torch_threads or (None if gpus else max(1, local_cores() // workers))

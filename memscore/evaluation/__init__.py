@@ -1,0 +1,1 @@
+"""The evaluation job (``memscore evaluate``): join, metrics, figures, report."""

@@ -1,0 +1,1 @@
+"""The scoring job (``memscore score``, ``memscore verify``)."""

@@ -1,0 +1,1 @@
+"""What happens to each row: its bytes fetched, its image decoded, the model's scores."""

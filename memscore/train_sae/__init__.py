@@ -1,0 +1,1 @@
+"""The sparse-autoencoder job of the memorability traces (``memscore train-sae``)."""

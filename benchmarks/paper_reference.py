@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from memscore.config import EvaluateConfig  # noqa: E402
+from memscore.evaluation.config import EvaluateConfig  # noqa: E402
 from memscore.evaluation.job import evaluate  # noqa: E402
 
 ENCODERS = ("clip", "dinov2", "siglip2")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from memscore.cli import job_entrypoint
-from memscore.config import EvaluateConfig
+from memscore.evaluation.config import EvaluateConfig
 
 parse_args, main = job_entrypoint(EvaluateConfig, __doc__)
 

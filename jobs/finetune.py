@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from memscore.cli import job_entrypoint
-from memscore.config import FinetuneConfig
+from memscore.finetuning.config import FinetuneConfig
 
 parse_args, main = job_entrypoint(FinetuneConfig, __doc__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from memscore.cli import job_entrypoint
-from memscore.config import ScoreConfig
+from memscore.scoring.config import ScoreConfig
 
 parse_args, main = job_entrypoint(ScoreConfig, __doc__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from memscore.cli import job_entrypoint
-from memscore.config import TrainSAEConfig
+from memscore.train_sae.config import TrainSAEConfig
 
 parse_args, main = job_entrypoint(TrainSAEConfig, __doc__)
 

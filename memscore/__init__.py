@@ -10,8 +10,10 @@ Which module owns what, for every module: docs/architecture.md.
 Importing memscore imports neither torch nor Ray; they load when a model or a run needs them.
 """
 
-from memscore.config import EvaluateConfig, FinetuneConfig, ScoreConfig
 from memscore.errors import MemscoreError
+from memscore.evaluation.config import EvaluateConfig
+from memscore.finetuning.config import FinetuneConfig
+from memscore.scoring.config import ScoreConfig
 
 # The jobs' modules are named for what they do (`finetuning`, `evaluation`), not for the
 # functions, so that `memscore.finetune` and `memscore.evaluate` stay these functions once the

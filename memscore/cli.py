@@ -20,10 +20,13 @@ import math
 import signal
 import sys
 
-from memscore.config import (EvaluateConfig, FinetuneConfig, ScoreConfig, TrainSAEConfig, add_arguments,
-                             from_args)
-from memscore.runtime import failures
 from memscore.errors import MemscoreError, counted
+from memscore.evaluation.config import EvaluateConfig
+from memscore.finetuning.config import FinetuneConfig
+from memscore.options import add_arguments, from_args
+from memscore.runtime import failures
+from memscore.scoring.config import ScoreConfig
+from memscore.train_sae.config import TrainSAEConfig
 from memscore.training.run_folder import NOTHING_TO_DO
 
 __all__ = ["main", "guarded", "add_debug_flag", "add_output_flags", "build_parser",
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "memscore_height) and a run summary _memscore.json "
         "to --output. Runs on a local Ray unless --address or RAY_ADDRESS names a cluster.",
     )
-    add_arguments(score)
+    add_arguments(score, ScoreConfig)
     tune = commands.add_parser(
         "finetune",
         help="fine-tune a model on labelled images with Ray Train",

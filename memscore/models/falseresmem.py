@@ -24,7 +24,7 @@ from torchvision.models import resnet50
 
 from memscore.models._api import build_from_checkpoint, build_with_weights
 from memscore.models.registry import register_model
-from memscore.models.resmem import _alexnet_features, _alexnet_layers, _head, _head_layers
+from memscore.models.resmem import alexnet_features, alexnet_layers, head, head_layers
 from memscore.models.weights import FalseResMem_Weights
 
 __all__ = ["FalseResMem", "FalseResMem_Weights", "falseresmem"]
@@ -37,13 +37,13 @@ class FalseResMem(nn.Module):
         super().__init__()
         # conv1, bn1, relu, maxpool, layer1-4, avgpool: the ResNet-50 without its fc layer.
         self.features = nn.Sequential(*list(resnet50(weights=None).children())[:9])
-        _alexnet_layers(self)
-        _head_layers(self, in_features=9216 + 2048)
+        alexnet_layers(self)
+        head_layers(self, in_features=9216 + 2048)
         self.drp9 = nn.Dropout(0.5)  # no parameters: the checkpoint's keys are unaffected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         resnet = torch.flatten(self.features(x), 1)  # (N, 2048, 1, 1) -> (N, 2048)
-        return _head(self, torch.cat((_alexnet_features(self, x), resnet), dim=1),
+        return head(self, torch.cat((alexnet_features(self, x), resnet), dim=1),
                      dropout_after_fc8=True)
 
 

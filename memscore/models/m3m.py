@@ -44,10 +44,10 @@ from memscore.models._api import (
 from memscore.models.registry import register_model
 from memscore.models.resmem import (
     ResMem_Weights,
-    _alexnet_features,
-    _alexnet_layers,
-    _head,
-    _head_layers,
+    alexnet_features,
+    alexnet_layers,
+    head,
+    head_layers,
 )
 from memscore.models.weights import M3M_NO_WEIGHTS_MESSAGE as NO_WEIGHTS_MESSAGE
 from memscore.models.weights import M3M_Weights
@@ -117,11 +117,11 @@ class M3M(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = resnet152(weights=None)
-        _alexnet_layers(self)
+        alexnet_layers(self)
         self.segmentation = _fcn()
         self.segmentation.requires_grad_(False)
         self.seg_reducer = _seg_reducer()
-        _head_layers(self, in_features=RESMEM_FEATURES + SEG_FEATURES)
+        head_layers(self, in_features=RESMEM_FEATURES + SEG_FEATURES)
         self.segmentation.eval()
 
     def train(self, mode: bool = True) -> "M3M":
@@ -142,7 +142,7 @@ class M3M(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seg = self.seg_reducer(self.segment(x))
-        return _head(self, torch.cat((_alexnet_features(self, x), self.features(x), seg), dim=1))
+        return head(self, torch.cat((alexnet_features(self, x), self.features(x), seg), dim=1))
 
 
 def locate_fcn_weights(path: str | Path | None = None) -> str:

@@ -21,8 +21,11 @@ from memscore.models.weights import ResMem_Weights
 
 __all__ = ["ResMem", "ResMem_Weights", "resmem"]
 
+# The branch and head below are public because FalseResMem and M3M are ResMem with another
+# backbone beside the same AlexNet-style branch and head (their modules build them from here).
 
-def _alexnet_layers(module: nn.Module, width: int = 384) -> None:
+
+def alexnet_layers(module: nn.Module, width: int = 384) -> None:
     # The layers are attributes of the model itself, not a submodule, because that is where the
     # published checkpoints keep them (`conv1.weight`, not `branch.conv1.weight`).
     # `width` is the published code's "cruise_altitude": conv3-conv5 channels.
@@ -38,7 +41,7 @@ def _alexnet_layers(module: nn.Module, width: int = 384) -> None:
     module.pool5 = nn.MaxPool2d(kernel_size=3, stride=2)
 
 
-def _alexnet_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def alexnet_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = module.lrn1(module.pool1(F.relu(module.conv1(x))))
     x = module.lrn2(module.pool2(F.relu(module.conv2(x))))
     x = F.relu(module.conv3(x))
@@ -47,7 +50,7 @@ def _alexnet_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(x, 1)  # 256 x 6 x 6 = 9216 for a 227x227 input
 
 
-def _head_layers(module: nn.Module, in_features: int) -> None:
+def head_layers(module: nn.Module, in_features: int) -> None:
     module.fc6 = nn.Linear(in_features, 4096)
     module.drp6 = nn.Dropout(0.5)
     module.fc7 = nn.Linear(4096, 4096)
@@ -60,7 +63,7 @@ def _head_layers(module: nn.Module, in_features: int) -> None:
     module.fc12 = nn.Linear(256, 1)
 
 
-def _head(module: nn.Module, features: torch.Tensor, *, dropout_after_fc8: bool = False
+def head(module: nn.Module, features: torch.Tensor, *, dropout_after_fc8: bool = False
           ) -> torch.Tensor:
     x = module.drp6(F.relu(module.fc6(features)))
     # The published forward applies drp8 after fc7 (drp7 is defined but unused); kept as is so
@@ -81,11 +84,11 @@ class ResMem(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = resnet152(weights=None)
-        _alexnet_layers(self)
-        _head_layers(self, in_features=9216 + 1000)
+        alexnet_layers(self)
+        head_layers(self, in_features=9216 + 1000)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _head(self, torch.cat((_alexnet_features(self, x), self.features(x)), dim=1))
+        return head(self, torch.cat((alexnet_features(self, x), self.features(x)), dim=1))
 
 
 @register_model("resmem", ResMem_Weights)

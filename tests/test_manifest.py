@@ -16,7 +16,8 @@ from memscore.sources.snapshot import ROW_COLUMN, write_snapshot
 def snapshot_table(source, tmp_path, **config) -> pa.Table:
     config = memscore.ScoreConfig(str(source), output=str(tmp_path / "out"), **config)
     manifest = open_manifest(str(source), path_column=config.path_column)
-    snapshot = write_snapshot(manifest, str(tmp_path / "out"), config)
+    snapshot = write_snapshot(manifest, str(tmp_path / "out"), limit=config.limit,
+                              rows_per_file=config.rows_per_file, id_column=config.id_column)
     return pa.concat_tables(pq.read_table(f) for f in snapshot.files)
 
 
@@ -175,9 +176,9 @@ def test_streamed_csv_widens_a_column_that_changes_type_in_a_later_block(tmp_pat
     """The CSV reader streams in blocks and infers types from the first; a word in a later
     block makes the column text, bytes that are not UTF-8 make it binary, as a whole-file read
     would, and no row is lost or doubled by the re-read."""
-    import memscore.sources.manifest
+    import memscore.sources.tables
 
-    monkeypatch.setattr(memscore.sources.manifest, "_CSV_BLOCK_BYTES", 4096)  # many blocks
+    monkeypatch.setattr(memscore.sources.tables, "_CSV_BLOCK_BYTES", 4096)  # many blocks
     source = tmp_path / "m.csv"
     lines = [f"img{i}.jpg,{i},{i * 0.5}\n".encode() for i in range(5000)]
     lines[3000] = b"odd.jpg,seven,1.5\n"
@@ -194,9 +195,9 @@ def test_streamed_csv_widens_a_column_that_changes_type_in_a_later_block(tmp_pat
 
 
 def test_streamed_jsonl_with_a_type_change_in_a_later_block(tmp_path, monkeypatch):
-    import memscore.sources.manifest
+    import memscore.sources.tables
 
-    monkeypatch.setattr(memscore.sources.manifest, "_CSV_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(memscore.sources.tables, "_CSV_BLOCK_BYTES", 4096)
     source = tmp_path / "m.jsonl"
     rows = [{"path": f"img{i}.jpg", "value": i} for i in range(3000)]
     rows[2500]["value"] = "many"

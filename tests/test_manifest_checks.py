@@ -129,8 +129,11 @@ def test_memscore_score_refuses_before_the_output_is_touched(tmp_path, make, say
 
 
 # ------------------------------------------------------ the snapshot refuses and leaves nothing
-def snapshot_config(source: Path, out: Path, **options) -> memscore.ScoreConfig:
-    return memscore.ScoreConfig(str(source), output=str(out), **options)
+def snapshot_config(source: Path, out: Path, **options) -> dict:
+    """``write_snapshot``'s options as ``memscore score`` gives them (its defaults, validated)."""
+    config = memscore.ScoreConfig(str(source), output=str(out), **options)
+    return {"limit": config.limit, "rows_per_file": config.rows_per_file,
+            "id_column": config.id_column, "storage_options": config.storage_options}
 
 
 def test_repeated_ids_refused_by_the_snapshot_leave_nothing_behind(tmp_path):
@@ -145,10 +148,10 @@ def test_repeated_ids_refused_by_the_snapshot_leave_nothing_behind(tmp_path):
     config = snapshot_config(source, out, rows_per_file=3, id_column="key")
     with pytest.raises(memscore.MemscoreError,
                        match=r"--id-column 'key' is not unique: 1 values repeat, e.g. 'k'"):
-        write_snapshot(open_manifest(str(source)), str(folder), config)
+        write_snapshot(open_manifest(str(source)), str(folder), **config)
     assert list(out.iterdir()) == []
     snapshot = write_snapshot(open_manifest(str(source)), str(folder),
-                              snapshot_config(source, out, rows_per_file=3, id_column="id"))
+                              **snapshot_config(source, out, rows_per_file=3, id_column="id"))
     assert snapshot.rows == 10 and len(list(folder.iterdir())) == 4
 
 
@@ -164,17 +167,17 @@ def test_a_refused_snapshot_deletes_only_its_own_parts(tmp_path):
     (folder / "notes.txt").write_text("not memscore's")
     with pytest.raises(memscore.MemscoreError, match="--id-column 'key' has 1 empty values"):
         write_snapshot(open_manifest(str(source)), str(folder),
-                       snapshot_config(source, tmp_path / "out", rows_per_file=2,
-                                       id_column="key"))
+                       **snapshot_config(source, tmp_path / "out", rows_per_file=2,
+                                         id_column="key"))
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
 
 def test_a_problem_past_the_first_block_leaves_nothing_behind(tmp_path, monkeypatch):
     """A repeated JSON key on a later line (open_manifest reads the first block only) and a
     later file whose columns differ: one line each, found mid-snapshot, nothing left."""
-    import memscore.sources.manifest
+    import memscore.sources.tables
 
-    monkeypatch.setattr(memscore.sources.manifest, "_CSV_BLOCK_BYTES", 4096)  # many blocks
+    monkeypatch.setattr(memscore.sources.tables, "_CSV_BLOCK_BYTES", 4096)  # many blocks
     lines = [json.dumps({"path": f"img{i}.jpg", "n": i}) for i in range(2000)]
     lines[1500] = '{"path": "x.jpg", "n": 1, "n": 2}'
     source = tmp_path / "m.jsonl"
@@ -185,7 +188,7 @@ def test_a_problem_past_the_first_block_leaves_nothing_behind(tmp_path, monkeypa
     with pytest.raises(memscore.MemscoreError,
                        match=r"m.jsonl: column name 'n' is repeated in a JSON line"):
         write_snapshot(manifest, str(out / "_memscore" / "manifest"),
-                       snapshot_config(source, out, rows_per_file=100))
+                       **snapshot_config(source, out, rows_per_file=100))
     assert list(out.iterdir()) == []
 
     parts = tmp_path / "parts"
@@ -194,7 +197,7 @@ def test_a_problem_past_the_first_block_leaves_nothing_behind(tmp_path, monkeypa
     pq.write_table(pa.table({"file": ["b.jpg"]}), parts / "b.parquet")
     with pytest.raises(memscore.MemscoreError, match=r"b.parquet: columns \['file'\] differ"):
         write_snapshot(open_manifest(str(parts)), str(out / "_memscore" / "manifest"),
-                       snapshot_config(parts, out, rows_per_file=100))
+                       **snapshot_config(parts, out, rows_per_file=100))
     assert list(out.iterdir()) == []
 
 
@@ -303,9 +306,8 @@ def test_on_s3_a_refused_snapshot_leaves_no_part_and_an_edit_changes_the_etag(s3
     manifest = open_manifest(source, storage_options=options)
     out = f"s3://{bucket}/out"
     with pytest.raises(memscore.MemscoreError, match="--id-column 'key' is not unique"):
-        write_snapshot(manifest, f"{out}/_memscore/manifest",
-                       memscore.ScoreConfig(source, output=out, rows_per_file=2, id_column="key",
-                                            storage_options=options))
+        write_snapshot(manifest, f"{out}/_memscore/manifest", rows_per_file=2, id_column="key",
+                       storage_options=options)
     s3_endpoint.fs.invalidate_cache()
     assert s3_endpoint.fs.find(f"{bucket}/out") == []
 

@@ -1,1 +1,2 @@
-"""Where the rows come from: a manifest as the user stores it, read as tables and frozen into the run's snapshot."""
+"""Where the rows come from: one ``Source`` per kind of manifest (``tables``, ``images``,
+``webdataset``) behind the interface of ``base``; ``manifest.open_manifest`` picks the kind."""

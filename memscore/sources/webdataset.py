@@ -10,7 +10,8 @@ module skips entries that are not regular files, names without a dot, and top-le
 
 What the user names (``expand_shards``): one ``.tar`` (``.tar.gz``/``.tgz`` too), a brace
 pattern (``shards/{000000..000099}.tar``, ``{a,b}``), a glob, or a folder of shards; local or
-any fsspec URL (``s3://``). ``is_webdataset`` tells the manifest module when a source is one.
+any fsspec URL (``s3://``). ``is_webdataset`` tells when a source is one; ``WebDatasetShards`` (at
+the end) is this kind's ``Source``: how a run reads, counts and checks shards.
 
 One row per sample (``iter_shard``/``read_shard``), columns in this order:
 
@@ -96,6 +97,7 @@ from __future__ import annotations
 import functools
 import glob as globlib
 import gzip
+import os
 import re
 import tarfile
 import zlib
@@ -105,12 +107,22 @@ from typing import Any, Iterable, Iterator, Mapping
 import pyarrow as pa
 
 from memscore import columns, storage
-from memscore.errors import MemscoreError, first_line
-from memscore.stages.fetch import DEFAULT_MAX_BYTES
-from memscore.sources.manifest import IMAGE_EXTENSIONS
+from memscore.errors import MemscoreError, counted, first_line
 from memscore.row_errors import ImageDecodeError
+from memscore.sources.base import (
+    Location,
+    RowsRead,
+    Snapshot,
+    Source,
+    fingerprint_files,
+    local_path,
+)
+from memscore.sources.formats import IMAGE_EXTENSIONS, SHARD_SUFFIXES, names_a_file
+from memscore.sources.snapshot import LIGHT_STAGE_CPUS
+from memscore.stages.fetch import DEFAULT_MAX_BYTES
 
 __all__ = [
+    "WebDatasetShards",
     "KEY",
     "URL",
     "IMAGE",
@@ -141,7 +153,6 @@ URL = "__url__"
 IMAGE = columns.IMAGE
 IMAGE_EXT = columns.IMAGE + "_ext"
 
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 #: Extensions of members that can be the scored image, in order of preference.
 IMAGE_MEMBERS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 #: Members kept as UTF-8 strings (by their last extension: ``en.txt`` too) when they are UTF-8.
@@ -330,15 +341,6 @@ def expand_shards(source: str, storage_options: Mapping[str, Any] | None = None)
     return sorted(_full(source, p) for p in found)
 
 
-_FILE_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".parquet", ".pq", ".jsonl", ".ndjson",
-                  ".json", *(f".{ext}" for ext in IMAGE_MEMBERS))
-
-
-def _names_a_file(source: str) -> bool:
-    """Whether ``source``'s last name ends like a table or image file (not a folder)."""
-    return source.rstrip("/").rsplit("/", 1)[-1].lower().endswith(_FILE_SUFFIXES)
-
-
 def is_webdataset(source: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``source`` names WebDataset shards (what ``open_manifest`` can ask first).
 
@@ -353,7 +355,7 @@ def is_webdataset(source: str, storage_options: Mapping[str, Any] | None = None)
         return True
     if len(names) > 1 or globlib.has_magic(source):
         return False
-    if _names_a_file(source):  # a manifest or image file: no request to ask
+    if names_a_file(source):  # a manifest or image file: no request to ask
         return False
     try:
         fs, root = storage.url_to_fs(storage.absolute(source), storage_options)
@@ -867,3 +869,135 @@ def read_shards(shards: list[str], storage_options: Mapping[str, Any] | None = N
     datasource = _datasource_class()(shards, storage_options, reader_options, counts_folder)
     return ray.data.read_datasource(datasource, override_num_blocks=max(1, len(shards)),
                                     num_cpus=num_cpus)
+
+
+# ---------------------------------------------------------------------------------- the Source
+class WebDatasetShards(Source):
+    """WebDataset shards as a source (what the user names: ``expand_shards``): one row per
+    sample, read by Ray tasks, one per shard (``read_shards``), never copied into a snapshot
+    and never read in the driver.
+
+    Row ids are ``sample_id(shard, sample)``, not positions: a shard's sample count is known
+    only once it is read to its end, so each read task records it (``write_shard_count``)
+    in the run's ``counts_folder``, the final check and ``memscore verify`` count by those
+    records (``rows_read``, ``recorded_rows``), and ``--limit`` and ``--id-column`` are
+    refused. The decode stage gets each row's image from its ``__memscore_image`` column.
+
+    The fingerprint: each shard's path, size and modification time (ETag on S3). Hashing the
+    shards would read the whole data set (terabytes) before every run and every resume, which
+    is not affordable; an edit in place that keeps a shard's size and time is not seen.
+    """
+
+    kind = "webdataset"
+    what = "WebDataset shards"
+    row_ids_are_positions = False
+
+    @classmethod
+    def recognises(cls, location: Location) -> bool:
+        return is_webdataset(location.given, location.storage_options)
+
+    @classmethod
+    def check_readable_in_driver(cls, given: str) -> None:
+        raise MemscoreError(f"{given}: WebDataset shards can be scored (memscore score), "
+                            f"not read here; give a table manifest or a folder of images")
+
+    @classmethod
+    def open(cls, location: Location, *, path_column: str, reserved_columns: tuple[str, ...],
+             image_paths: bool | None) -> WebDatasetShards:
+        shards = expand_shards(location.given, location.storage_options)
+        base = storage.absolute(location.given).split("{")[0].rstrip("/")
+        return cls(location.given, tuple(shards), base, (KEY, URL), KEY,
+                   location.storage_options)
+
+    def fingerprint(self) -> str:
+        return fingerprint_files(self.files, self.storage_options, by_content=False)
+
+    def file_tables(self) -> Iterator[tuple[str, pa.Table]]:
+        self.check_readable_in_driver(self.source)
+        return iter(())
+
+    def check_run_options(self, *, limit: int | None, id_column: str | None) -> None:
+        if limit is not None:
+            raise MemscoreError(
+                f"{self.source}: --limit cannot cut WebDataset shards (a row's id is its place "
+                f"in its shard); name fewer shards instead, e.g. shards/{{000000..000009}}.tar")
+        if id_column:
+            raise MemscoreError(f"{self.source}: --id-column is for table manifests; WebDataset "
+                                f"rows are keyed by shard and sample (__url__, __key__)")
+
+    def freeze(self, folder: str, *, limit: int | None, rows_per_file: int,
+               id_column: str | None) -> Snapshot:
+        return Snapshot(self.files, None)  # too large to copy: a run reads the shards
+
+    def dataset(self, snapshot: Snapshot, *, reserved_columns: tuple[str, ...],
+                counts_folder: str):
+        options = {
+            "reserved_columns": tuple(reserved_columns),
+            # one type per text member column in every output file (bytes that are not UTF-8
+            # become U+FFFD; README)
+            "text_as_string": True,
+        }
+        # Ray writes blocks of several shards into one file, which takes one schema: every row
+        # gets the member columns of the first samples (img2dataset's are the same in every
+        # sample); a member first seen later is left out, and counted in the summary.
+        members = scan_members(list(self.files), self.storage_options, **options)
+        return read_shards(
+            list(self.files), self.storage_options, counts_folder=counts_folder,
+            # reading a shard is sequential I/O and tar headers: a light share, as the snapshot's
+            num_cpus=LIGHT_STAGE_CPUS, members=members, **options)
+
+    def image_reading(self) -> dict[str, Any]:
+        # a sample's image member travels in its row
+        return {"path_column": self.path_column, "bytes_column": IMAGE, "confine_to": None}
+
+    def rows_read(self, snapshot: Snapshot, counts_folder: str, *, output: str) -> RowsRead:
+        """Each shard's sample count, as its read task recorded it (every shard was read to its
+        end once the pipeline has finished), and the members left out."""
+        dropped: dict[str, int] = {}
+        counts = read_shard_counts(counts_folder, list(self.files), self.storage_options,
+                                   dropped)
+        unread = [url for url, n in zip(self.files, counts) if n is None]
+        if unread:
+            raise MemscoreError(
+                f"{output}: {len(unread)} of {counted(len(counts), 'shard')} have no "
+                f"recorded sample count (e.g. {unread[0]}), so the output cannot be checked; run "
+                f"again with --resume")
+        return RowsRead(sum(counts), counts, {
+            # what `memscore verify` checks a WebDataset output against
+            "shards": [{"url": url, "samples": n} for url, n in zip(self.files, counts)],
+            # members that first appeared after the samples that set the columns: samples each
+            "members_left_out": dropped,
+        })
+
+    def recorded_rows(self, output: str, *, summary: Mapping[str, Any] | None,
+                      counts_folder: str, by_name: bool) -> list[int]:
+        """The run's per-shard sample counts: its summary's ``shards`` (the same shards, in the
+        same order, or by file name when ``by_name``), or for a run not finished the counts its
+        read tasks recorded; reading every shard again here would cost what the run's read
+        cost."""
+        shards = list(self.files)
+        if summary is not None:
+            recorded = summary.get("shards")
+            if recorded is None:
+                raise MemscoreError(f"{output}: the run did not read WebDataset shards")
+            urls = [item["url"] for item in recorded]
+            if by_name:
+                urls, shards = ([u.rsplit("/", 1)[-1] for u in urls],
+                                [u.rsplit("/", 1)[-1] for u in shards])
+            if urls != shards:
+                raise MemscoreError(
+                    f"{output}: the run read {len(urls)} shards, {self.source} names "
+                    f"{len(shards)} (or others); give the shards the run was given")
+            return [int(item["samples"]) for item in recorded]
+        counts = read_shard_counts(counts_folder, shards, self.storage_options)
+        unread = sum(n is None for n in counts)
+        if unread:
+            raise MemscoreError(
+                f"{output}: {unread} of {len(shards)} shards have not been read to their end "
+                f"by the run yet, so their samples are not known; finish the run with --resume")
+        return counts
+
+    def first_local_files(self, count: int, *, rows: int) -> list[str]:
+        """The local shards: what every node's read tasks open."""
+        return [p for p in self.files
+                if local_path(p) and os.path.isfile(local_path(p))][:count]

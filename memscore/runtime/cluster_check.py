@@ -57,7 +57,7 @@ def check_shared_storage(output: str, manifest: Manifest,
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if len(nodes) < 2:
         return
-    images = _first_local_images(manifest)
+    images = manifest.first_local_files(_IMAGES, rows=_ROWS)
     folder = _local(output)
     probe = None
     if folder is not None:
@@ -97,29 +97,6 @@ def _local(path: str) -> str | None:
     if path.startswith("file://"):
         return path[len("file://"):]
     return None
-
-
-def _first_local_images(manifest: Manifest) -> list[str]:
-    """Up to ``_IMAGES`` local image files among the manifest's first rows that the driver
-    can read (one it cannot read is that row's error, not a cluster problem)."""
-    from memscore.stages.fetch import resolve_path
-    from memscore.row_errors import ImageDecodeError
-
-    found: list[str] = []
-    if manifest.kind == "webdataset":  # the shards are what every node reads
-        return [p for p in manifest.files if _local(p) and os.path.isfile(_local(p))][:_IMAGES]
-    for table in manifest.read_all(limit=_ROWS):
-        for path in table.column(manifest.path_column).to_pylist():
-            try:
-                local = _local(resolve_path(path, manifest.base_dir))
-            except ImageDecodeError:
-                continue
-            if local and local not in found and os.path.isfile(local) \
-                    and os.access(local, os.R_OK):
-                found.append(local)
-                if len(found) == _IMAGES:
-                    return found
-    return found
 
 
 def _unreadable(paths: list[str]) -> list[str]:

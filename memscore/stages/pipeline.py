@@ -18,12 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from memscore import storage
-
 from memscore.runtime import failures
 
 from memscore.sources import snapshot
-from memscore.columns import IMAGE
 from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
 from memscore.sources.manifest import Manifest
@@ -158,9 +155,8 @@ def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
             "error_counter": error_counter,
             "transient_retry_s": getattr(config, "transient_retry_s", DEFAULT_TRANSIENT_RETRY_S),
             "max_inflight_pixels": 2 * config.max_pixels,
-            "path_column": manifest.path_column,
-            # a WebDataset sample's image member travels in its row
-            "bytes_column": IMAGE if manifest.kind == "webdataset" else None,
+            # where a row's image is: its path (resolved against base_dir), or bytes it carries
+            **manifest.image_reading(),
             "preprocess": preprocess,
             "base_dir": base_dir,
             "storage_options": dict(config.storage_options),
@@ -168,9 +164,6 @@ def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
             "io_threads": config.io_threads,
             "fast_decode": config.fast_decode,
             "exif_transpose": config.exif_transpose,
-            # A scanned folder is all the job may read: symlinks out of it are refused per row.
-            "confine_to": (manifest.base_dir if manifest.kind == "images"
-                           and not storage.is_url(manifest.base_dir) else None),
         },
         batch_format="pyarrow",
         batch_size=config.decode_batch_size,

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from memscore import storage
-from memscore.sinks.output import SUMMARY_FILE, SummaryUnreadable, read_summary, write_summary
+from memscore.sinks.folder import SUMMARY_FILE, SummaryUnreadable, read_summary, write_summary
 from memscore.scoring.verify import NotTheRunsManifest, verify
 
 ROWS = 12

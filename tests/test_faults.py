@@ -33,7 +33,7 @@ import memscore
 from memscore import faults, storage
 from memscore.stages.decode import DecodeImages, pixels_column
 from memscore.sources.manifest import open_manifest
-from memscore.sinks.output import prepare_output
+from memscore.sinks.folder import prepare_output
 
 ROOT = Path(__file__).resolve().parent.parent
 

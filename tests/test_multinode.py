@@ -42,7 +42,7 @@ import pytest
 
 import memscore
 from memscore import faults
-from memscore.sinks.output import output_files
+from memscore.sinks import open_sink
 from memscore.scoring.verify import verify
 
 from rayhead import Head, free_port, needs_dashboard, private_ray_tmpdir
@@ -277,7 +277,7 @@ def test_a_node_that_does_not_see_the_output_or_the_images_stops_the_run_first(
                                       f"({blind['NodeID'][:8]}) cannot see {what}"), message
             assert "use s3:// or a shared filesystem" in message
             # Stopped before any work: no Parquet, and the probe file is gone again.
-            assert not output_files(str(out), {}), output_files(str(out), {})
+            assert not open_sink(str(out)).files(), open_sink(str(out)).files()
             assert not list(out.glob("_memscore_probe_*"))
 
 
@@ -399,13 +399,13 @@ def test_losing_a_gpu_node_mid_run_still_gives_every_row_once(gpu_cluster, tmp_p
             lambda: memscore.score(small_run(manifest, out, gpu_cluster.cluster.address)), 400)
         deadline = time.monotonic() + 300
         while run[0].is_alive() and time.monotonic() < deadline and not (
-                stalled(marker) and output_files(str(out), {})):
+                stalled(marker) and open_sink(str(out)).files()):
             time.sleep(0.2)
         assert run[0].is_alive(), f"the run ended before a node could be removed: {run[1]}"
-        assert marker.exists() and output_files(str(out), {}), "no stall and output in 300 s"
+        assert marker.exists() and open_sink(str(out)).files(), "no stall and output in 300 s"
         stalled_node = marker.read_text().split("node=")[1].split()[0]
         assert stalled_node in gpu_nodes
-        committed_before = len(output_files(str(out), {}))
+        committed_before = len(open_sink(str(out)).files())
         lost = next(w for w in gpu_cluster.workers if w.node_id == stalled_node)
         lost_at = time.perf_counter() - clock
         gpu_cluster.cluster.remove_node(lost)  # raylet, workers, object store: all gone

@@ -30,7 +30,7 @@ import pytest
 from memscore.sinks import lease as leases
 from memscore.errors import MemscoreError
 from memscore.sinks.lease import LEASE_FILE, acquire_lease, read_holder
-from memscore.sinks.output import prepare_output
+from memscore.sinks.folder import prepare_output
 
 ROWS = 12
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from memscore import cli
-from memscore.sinks.output import prepare_output
+from memscore.sinks.folder import prepare_output
 
 
 def _fingerprint(folder) -> dict[str, str]:

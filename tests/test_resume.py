@@ -17,7 +17,7 @@ import pytest
 import memscore
 from memscore import cli
 from processes import kill_run, ray_processes
-from memscore.sinks.output import output_files
+from memscore.sinks import open_sink
 from memscore.scoring.verify import verify
 
 ROWS = 36
@@ -38,7 +38,7 @@ def cli_command(manifest: Path, out: Path, *extra: str) -> list[str]:
 
 
 def data_files(out: Path) -> list[str]:
-    return output_files(str(out), {})
+    return open_sink(str(out)).files()
 
 
 @pytest.mark.slow
@@ -197,19 +197,19 @@ def test_the_snapshot_refuses_ids_that_repeat_across_its_parts_or_are_empty(tmp_
     from memscore.sources.snapshot import write_snapshot
 
     manifest = tmp_path / "m.csv"
-    config = memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o"), rows_per_file=2,
-                                  id_column="key")
+    options = {"rows_per_file": 2, "id_column": "key"}
     # 'a' in the first part and the last
     manifest.write_text("path,key\n" + "".join(f"{path},{key}\n" for path, key
                                                in zip(example_images, "abcda")))
     with pytest.raises(memscore.MemscoreError,
                        match=r"m.csv: --id-column 'key' is not unique: 1 values repeat, "
                              r"e.g. 'a' \(2 times\)"):
-        write_snapshot(open_manifest(str(manifest)), str(tmp_path / "o"), config)
+        write_snapshot(open_manifest(str(manifest)), str(tmp_path / "o"), **options)
     pq.write_table(pa.table({"path": [str(p) for p in example_images[:3]],
                              "key": pa.array([1, None, 3], pa.int64())}), tmp_path / "m.parquet")
     with pytest.raises(memscore.MemscoreError, match="--id-column 'key' has 1 empty values"):
-        write_snapshot(open_manifest(str(tmp_path / "m.parquet")), str(tmp_path / "o"), config)
+        write_snapshot(open_manifest(str(tmp_path / "m.parquet")), str(tmp_path / "o"),
+                       **options)
     with pytest.raises(memscore.MemscoreError, match="no --id-column 'nope'"):
         memscore.score(memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o2"),
                                             id_column="nope"))
@@ -222,8 +222,7 @@ def test_memscore_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_p
 
     manifest = tmp_path / "m.csv"
     manifest.write_text("path\n" + f"{example_images[0]}\n" * 7)
-    config = memscore.ScoreConfig(str(manifest), output=str(tmp_path / "o"), rows_per_file=3)
-    snapshot = write_snapshot(open_manifest(str(manifest)), str(tmp_path / "o"), config)
+    snapshot = write_snapshot(open_manifest(str(manifest)), str(tmp_path / "o"), rows_per_file=3)
     assert snapshot.rows == 7 and len(snapshot.files) == 3  # blocks of 3, 3 and 1
     table = pa.concat_tables(pq.read_table(f) for f in snapshot.files)
     assert table.column(ROW_COLUMN).to_pylist() == list(range(7))
@@ -232,8 +231,6 @@ def test_memscore_row_ids_are_positions_and_duplicated_paths_stay_separate(tmp_p
 
 def test_the_final_check_counts_distinct_row_ids_not_rows(tmp_path):
     """One row lost and another written twice is as many rows as the manifest, and a failure."""
-    from memscore.sinks.output import count_output
-
     out = tmp_path / "out"
     out.mkdir()
     rows = [0, 1, 2, 2, 4]  # row 3 lost, row 2 twice
@@ -241,7 +238,7 @@ def test_the_final_check_counts_distinct_row_ids_not_rows(tmp_path):
                              "memorability": pa.array([0.5] * 5, pa.float32()),
                              "memscore_error": pa.array([None] * 5, pa.string())}),
                    out / "memscore-part_x_000000-0.parquet")
-    counts = count_output(str(out), {}, ["memorability"], expected_rows=5)
+    counts = open_sink(str(out)).count(["memorability"], expected_rows=5)
     assert counts["rows_out"] == 5 and not counts["complete"]
     assert (counts["rows_missing"], counts["missing_examples"]) == (1, [3])
     assert (counts["rows_duplicated"], counts["duplicated_examples"]) == (1, [2])
@@ -249,7 +246,7 @@ def test_the_final_check_counts_distinct_row_ids_not_rows(tmp_path):
                              "memorability": pa.array([0.5] * 5, pa.float32()),
                              "memscore_error": pa.array([None] * 5, pa.string())}),
                    out / "memscore-part_x_000000-0.parquet")
-    assert count_output(str(out), {}, ["memorability"], expected_rows=5)["complete"]
+    assert open_sink(str(out)).count(["memorability"], expected_rows=5)["complete"]
 
 
 @pytest.mark.slow

@@ -438,8 +438,7 @@ def test_read_shards_resume_through_ray_checkpoint(ray_local, shard_folder, tmp_
     import pyarrow.parquet as pq
     from ray.data import DataContext
 
-    from memscore.sinks import output as outputs
-    from memscore.sinks import resume
+    from memscore.sinks import open_sink, resume
 
     shards = expand_shards(str(shard_folder))
     output = str(tmp_path / "out")
@@ -447,12 +446,12 @@ def test_read_shards_resume_through_ray_checkpoint(ray_local, shard_folder, tmp_
     context.checkpoint_config = resume.checkpoint_config(output, {})
     try:
         # a first run that stopped once shard 0's rows were committed ...
-        outputs.write_parquet(read_shards(shards[:1]).drop_columns([IMAGE]), output, {}, 1000)
+        open_sink(output).write(read_shards(shards[:1]).drop_columns([IMAGE]), 1000)
         # ... and the resumed run over every shard
-        outputs.write_parquet(read_shards(shards).drop_columns([IMAGE]), output, {}, 1000)
+        open_sink(output).write(read_shards(shards).drop_columns([IMAGE]), 1000)
     finally:
         context.checkpoint_config = None
-    files = outputs.output_files(output, {})
+    files = open_sink(output).files()
     written = unify_tables([pq.read_table(f) for f in files])
     expected = unify_tables([read_shard(url, None, i) for i, url in enumerate(shards)])
     assert sorted(written.column(ROW).to_pylist()) == expected.column(ROW).to_pylist()

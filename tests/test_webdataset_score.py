@@ -20,7 +20,7 @@ import pytest
 
 import memscore
 from memscore.config import MemscoreError
-from memscore.sinks.output import output_files
+from memscore.sinks import open_sink
 from memscore.scoring.verify import verify
 from memscore.sources.webdataset import sample_id
 
@@ -83,7 +83,7 @@ def write_shards(folder: Path, images: list[Path]) -> dict:
 
 
 def read_output(out: Path) -> pa.Table:
-    return pads.dataset([f for f in output_files(str(out), {})], format="parquet").to_table()
+    return pads.dataset([f for f in open_sink(str(out)).files()], format="parquet").to_table()
 
 
 def check_rows(table: pa.Table, expect: dict, reference_scores: dict[str, float],
@@ -134,7 +134,7 @@ def test_shards_are_scored_one_row_per_sample_with_members_kept(
     assert summary["rows_scored"] == 8
 
     # one type per member column in every file: text members are strings, others binary
-    for path in output_files(str(out), {}):
+    for path in open_sink(str(out)).files():
         schema = pq.read_schema(path)
         assert schema.field("txt").type == pa.string()
         if "pth" in schema.names:
@@ -205,11 +205,11 @@ def test_a_killed_shard_run_resumes_to_every_sample_once(tmp_path, example_image
     driver = subprocess.Popen(command, env=stalled, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not output_files(str(out), {}) and driver.poll() is None \
+    while not open_sink(str(out)).files() and driver.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.2)
     assert driver.poll() is None, "the run ended before it could be killed"
-    assert output_files(str(out), {}), "no output file within 300 s"
+    assert open_sink(str(out)).files(), "no output file within 300 s"
     kill_run(driver, ray_before)
     try:  # mid-run: shards not read yet cannot be checked; read ones show rows missing
         report = verify(str(out), str(shards))

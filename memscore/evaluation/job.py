@@ -33,7 +33,7 @@ one side lacks is an error naming both sides' columns and what to join on instea
 Example (``memscore evaluate scores/ --truth labels.csv --truth-column memorability
 --report report/`` from Python)::
 
-    from memscore.config import EvaluateConfig
+    from memscore.evaluation.config import EvaluateConfig
     from memscore.evaluation.job import evaluate
 
     result = evaluate(EvaluateConfig(predictions="scores/", truth="labels.csv",
@@ -61,7 +61,7 @@ import pyarrow.compute as pc
 from memscore import storage
 
 from memscore.evaluation import metrics
-from memscore.config import EvaluateConfig
+from memscore.evaluation.config import EvaluateConfig
 from memscore.errors import MemscoreError, first_line
 
 __all__ = ["evaluate", "REPORT_FILES", "MAX_GROUPS", "summary_line"]
@@ -264,8 +264,8 @@ def _read_truth(config: EvaluateConfig, key: str,
                 config, key, "truth", _prediction_columns(config, options),
                 _truth_columns(config, options))) from None
         raise MemscoreError(f"--truth {exc}") from None
-    if manifest.kind == "images":
-        raise MemscoreError(f"--truth {config.truth}: a folder of images, not a table of labels "
+    if not manifest.is_table:
+        raise MemscoreError(f"--truth {config.truth}: {manifest.what}, not a table of labels "
                             f"(CSV, Parquet or JSONL)")
     columns = manifest.columns
     wanted = {_KEY: key, _TRUTH: config.truth_column}
@@ -314,9 +314,9 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
         import pyarrow.dataset as pads
 
         if is_dir:
-            from memscore.sinks.output import output_files
+            from memscore.sinks import open_sink
 
-            files = output_files(source, options)
+            files = open_sink(source, options).files()
             if not files:
                 raise MemscoreError(f"{source}: no Parquet files (expected a `memscore score` "
                                     f"output folder)")
@@ -348,8 +348,8 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
                     config, key, "predictions", _prediction_columns(config, options),
                     truth_columns)) from None
             raise
-        if manifest.kind == "images":
-            raise MemscoreError(f"{source}: a folder of images, not predictions")
+        if not manifest.is_table:
+            raise MemscoreError(f"{source}: {manifest.what}, not predictions")
         _check_prediction_columns(config, key, groups, manifest.columns, truth_columns)
         read = pa.concat_tables(manifest.read_all(), promote_options="permissive")
         trace_names = _trace_names(config, read.schema)
@@ -426,7 +426,7 @@ def _run_score_column(config: EvaluateConfig, options: Mapping[str, Any]) -> Eva
     the one-line error listing the columns)."""
     if not getattr(config, "_prediction_column_defaulted", False):
         return config
-    from memscore.sinks.output import read_summary
+    from memscore.sinks.folder import read_summary
 
     try:
         summary = read_summary(config.predictions, options)
@@ -442,7 +442,7 @@ def _run_score_column(config: EvaluateConfig, options: Mapping[str, Any]) -> Eva
 def _read_run_summary(source: str,
                       options: Mapping[str, Any]) -> tuple[Mapping | None, str | None]:
     """The run's ``_memscore.json``, or a warning saying why there is none."""
-    from memscore.sinks.output import SUMMARY_FILE, read_summary
+    from memscore.sinks.folder import SUMMARY_FILE, read_summary
 
     try:
         summary = read_summary(source, options)
@@ -544,9 +544,9 @@ def _prediction_columns(config: EvaluateConfig, options: Mapping[str, Any]) -> l
             import pyarrow.dataset as pads
 
             if fs.isdir(path):
-                from memscore.sinks.output import output_files
+                from memscore.sinks import open_sink
 
-                files = output_files(config.predictions, options)
+                files = open_sink(config.predictions, options).files()
             else:
                 files = [path]
             return pads.dataset(files, filesystem=storage.pyarrow_filesystem_of(fs),
@@ -573,7 +573,7 @@ def _table_columns(source: str, options: Mapping[str, Any], names) -> list | Non
             manifest = open_manifest(source, path_column=name, storage_options=options)
         except Exception:
             continue
-        return None if manifest.kind == "images" else list(manifest.columns)
+        return list(manifest.columns) if manifest.is_table else None
     return None
 
 

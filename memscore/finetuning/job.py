@@ -43,8 +43,9 @@ from memscore import storage
 from memscore.training.run_folder import json_default as _json_default
 from memscore.training.run_folder import (abandon_run_folder, check_run_folder, start_run_folder)
 from memscore.training.run_folder import read_json as _read_json
-from memscore.config import FinetuneConfig, training_start
+from memscore.finetuning.config import FinetuneConfig
 from memscore.errors import MemscoreError, counted, first_line
+from memscore.training.options import training_start
 from memscore.columns import ERROR as ERROR_COLUMN
 from memscore.columns import ROW, SPLIT, pixels_column
 from memscore.stages.fetch import resolve_path
@@ -345,7 +346,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """
     import ray
 
-    from memscore.sinks.output import package_versions
+    from memscore.sinks.folder import package_versions
     from memscore.training.ray_train import fit, worker_plan
 
     clock = time.perf_counter()
@@ -507,7 +508,8 @@ def _train_worker_entry(config: dict) -> None:
 
 def _score_and_evaluate_test(config: FinetuneConfig, run_dir: str, files: dict, member) -> dict:
     """Score the test split with the best checkpoint (the scoring job itself) and evaluate it."""
-    from memscore.config import EvaluateConfig, ScoreConfig
+    from memscore.evaluation.config import EvaluateConfig
+    from memscore.scoring.config import ScoreConfig
     from memscore.evaluation.job import evaluate
     from memscore.scoring.job import score
 

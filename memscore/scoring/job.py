@@ -19,29 +19,27 @@ from memscore import storage
 from memscore.sinks import resume
 from memscore.runtime.cluster_check import check_shared_storage
 from memscore.columns import BOOKKEEPING, score_column
-from memscore.config import ScoreConfig
+from memscore.scoring.config import ScoreConfig
 from memscore.errors import MemscoreError, counted, first_line
 # run_stopped lives in memscore.runtime.failures; importable from here for code written before.
 from memscore.runtime.failures import run_stopped  # noqa: F401
 from memscore.stages.fetch import RETRYABLE_KINDS
 from memscore.stages.error_fraction import MIN_ROWS, start_counter
-from memscore.sources.manifest import Manifest, open_manifest
+from memscore.sources.manifest import Manifest, manifest_fingerprint, open_manifest
 from memscore.sinks.lease import Lease, acquire_lease
 from memscore.models._api import file_sha256
-from memscore.sinks.output import (
+from memscore.sinks import open_sink
+from memscore.sinks.folder import (
     SummaryUnreadable,
     check_output_location,
-    count_output,
-    output_files,
     package_versions,
     prepare_output,
     read_summary,
     remove_summary,
-    write_parquet,
     write_summary,
 )
 
-from memscore.sources.snapshot import LIGHT_STAGE_CPUS, Snapshot, snapshot_dataset, write_snapshot
+from memscore.sources.snapshot import Snapshot
 # The shared stages live in memscore.stages.pipeline; imported here for score() and kept importable
 # from memscore.scoring.job for code written before the move.
 from memscore.stages.pipeline import (  # noqa: F401
@@ -56,6 +54,24 @@ from memscore.stages.pipeline import (  # noqa: F401
 )
 
 __all__ = ["score", "init_ray", "start_local_ray", "decode_batch", "decode_stage", "plan_model_actors"]
+
+
+def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
+    """What a run is; a resumed run must match it exactly."""
+    return {
+        "manifest": manifest.source,
+        "manifest_fingerprint": manifest_fingerprint(manifest),
+        "path_column": config.path_column,
+        "id_column": config.id_column,
+        "models": list(config.models),
+        "weights": config.weights,
+        "column_prefix": config.column_prefix,
+        # decode options change scores: one output never mixes two decodes
+        "fast_decode": config.fast_decode,
+        "exif_transpose": config.exif_transpose,
+        "precision": config.precision,
+        "limit": config.limit,
+    }
 
 
 def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
@@ -109,15 +125,14 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: Snapshot,
                   plan: dict[str, Any], error_counter=None):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
     from memscore.models.registry import weights_for
-    from memscore.stages.predict import ScoreImages
+    from memscore.stages.predict import ScoreImages, output_columns
 
     # Ray merges small files into one read block, and one block is one decode task: cut the
     # rows back into blocks of rows_per_block (a streaming repartition, no barrier) so decoding
     # runs in parallel and overlaps the model from the first block on.
-    if manifest.kind == "webdataset":
-        dataset = _shards_dataset(config, manifest)
-    else:
-        dataset = snapshot_dataset(snapshot, config.storage_options)
+    dataset = manifest.dataset(
+        snapshot, reserved_columns=tuple(output_columns(config.models, config.column_prefix)),
+        counts_folder=resume.shard_counts_folder(config.output))
     dataset = _light(dataset.repartition(target_num_rows_per_block=config.rows_per_block))
     preprocess = {name: weights_for(name, given, config.storage_options).transforms
                   for name, given in config.model_weights().items()}
@@ -148,29 +163,6 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: Snapshot,
     )
 
 
-def _shards_dataset(config: ScoreConfig, manifest: Manifest):
-    """WebDataset shards as sample rows (``webdataset.read_shards``): one read task per shard,
-    each recording its shard's sample count in the run's work folder once read to its end."""
-    from memscore.stages.predict import output_columns
-    from memscore.sources.webdataset import read_shards, scan_members
-
-    options = {
-        "reserved_columns": tuple(output_columns(config.models, config.column_prefix)),
-        # one type per text member column in every output file (bytes that are not UTF-8
-        # become U+FFFD; README)
-        "text_as_string": True,
-    }
-    # Ray writes blocks of several shards into one file, which takes one schema: every row
-    # gets the member columns of the first samples (img2dataset's are the same in every
-    # sample); a member first seen later is left out, and counted in the summary.
-    members = scan_members(list(manifest.files), config.storage_options, **options)
-    return read_shards(
-        list(manifest.files), config.storage_options,
-        counts_folder=resume.shard_counts_folder(config.output),
-        # reading a shard is sequential I/O and tar headers: a light share, as the snapshot's
-        num_cpus=LIGHT_STAGE_CPUS, members=members, **options)
-
-
 def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -> bool:
     """``--resume --retry-errors`` on a finished run: make it an interrupted run again (its
     snapshot, state and checkpoint, which went when it finished) without the rows whose error
@@ -191,37 +183,8 @@ def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -
 
 def _new_snapshot(manifest: Manifest, config: ScoreConfig) -> Snapshot:
     """The rows this run scores: the manifest copied into the work folder, or the shards."""
-    if manifest.kind == "webdataset":
-        return Snapshot(manifest.files, None)
-    return write_snapshot(manifest, resume.snapshot_folder(config.output), config)
-
-
-def _check_webdataset_options(config: ScoreConfig, manifest: Manifest) -> None:
-    if manifest.kind != "webdataset":
-        return
-    if config.limit is not None:
-        raise MemscoreError(
-            f"{config.manifest}: --limit cannot cut WebDataset shards (a row's id is its place "
-            f"in its shard); name fewer shards instead, e.g. shards/{{000000..000009}}.tar")
-    if config.id_column:
-        raise MemscoreError(f"{config.manifest}: --id-column is for table manifests; WebDataset "
-                            f"rows are keyed by shard and sample (__url__, __key__)")
-
-
-def _shard_counts(config: ScoreConfig, manifest: Manifest, dropped: dict) -> list[int]:
-    """Each shard's sample count, as its read task recorded it (every shard was read to its
-    end once the pipeline has finished); ``dropped`` receives the members left out."""
-    from memscore.sources.webdataset import read_shard_counts
-
-    counts = read_shard_counts(resume.shard_counts_folder(config.output), list(manifest.files),
-                               config.storage_options, dropped)
-    unread = [url for url, n in zip(manifest.files, counts) if n is None]
-    if unread:
-        raise MemscoreError(
-            f"{config.output}: {len(unread)} of {counted(len(counts), 'shard')} have no "
-            f"recorded sample count (e.g. {unread[0]}), so the output cannot be checked; run "
-            f"again with --resume")
-    return counts
+    return manifest.freeze(resume.snapshot_folder(config.output), limit=config.limit,
+                           rows_per_file=config.rows_per_file, id_column=config.id_column)
 
 
 def _incomplete_line(output: str, rows: int, counts: dict[str, Any]) -> str:
@@ -269,10 +232,10 @@ def _rebuild_state(config: ScoreConfig, manifest: Manifest,
     folder, and the state written. What cannot be checked is the options that left no trace in
     the files (decode options, precision): they are this command's."""
     snapshot = _new_snapshot(manifest, config)
-    if manifest.kind != "webdataset":
+    if manifest.row_ids_are_positions:  # a snapshot row for each committed row to match
         resume.check_rows_match(config.output, snapshot, manifest.path_column,
                                 config.storage_options)
-    if output_files(config.output, config.storage_options) and not \
+    if open_sink(config.output, config.storage_options).files() and not \
             resume.committed_rows(config.output, config.storage_options):
         resume.rebuild_checkpoint(config.output, config.storage_options)
     resume.write_state(config.output, identity, snapshot, config.storage_options)
@@ -303,8 +266,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     added = output_columns(config.models, config.column_prefix)
     manifest = open_manifest(config.manifest, path_column=config.path_column,
                              storage_options=config.storage_options,
-                             reserved_columns=(*added, resume.ROW_COLUMN), webdataset=True)
-    _check_webdataset_options(config, manifest)
+                             reserved_columns=(*added, resume.ROW_COLUMN), rows_in_driver=False)
+    manifest.check_run_options(limit=config.limit, id_column=config.id_column)
     if config.id_column and config.id_column not in manifest.columns:
         raise MemscoreError(f"{config.manifest}: no --id-column {config.id_column!r} "
                             f"(columns: {', '.join(manifest.columns)})")
@@ -348,7 +311,7 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
     notes = _lease_notes(lease)
     mode = prepare_output(config.output, overwrite=config.overwrite, resume=config.resume,
                           storage_options=config.storage_options, inputs=(config.manifest,))
-    identity = resume.run_identity(manifest, config)
+    identity = run_identity(manifest, config)
     folders = {r["model"]: r["weights_sha256"] for r in weights if "weights_source" in r}
     if folders:  # a folder's contents, not only its name, make the run (traces models)
         identity["weights_sha256"] = folders
@@ -415,8 +378,8 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
         counter = start_counter(config.max_error_fraction,
                                 MIN_ROWS if snapshot.rows is None else snapshot.rows - done_before)
         try:
-            write_parquet(build_dataset(config, manifest, snapshot, plan, counter),
-                          config.output, config.storage_options, config.rows_per_file)
+            open_sink(config.output, config.storage_options).write(
+                build_dataset(config, manifest, snapshot, plan, counter), config.rows_per_file)
         except Exception as exc:
             # a Ray task's failure the user can act on (full disk, storage outage, mostly
             # errors) as one line; anything else goes up whole, for guarded or --debug
@@ -433,15 +396,13 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
         for record, digest in zip(weights, hashes):
             record["weights_sha256"] = digest
 
-    shards = None
-    if manifest.kind == "webdataset":
-        dropped: dict[str, int] = {}
-        per_shard = _shard_counts(config, manifest, dropped)
-        snapshot = Snapshot(snapshot.files, sum(per_shard))
-        shards = [{"url": url, "samples": n} for url, n in zip(manifest.files, per_shard)]
-    counts = count_output(config.output, config.storage_options,
-                          [c for c in added if c not in BOOKKEEPING],
-                          expected_rows=snapshot.rows if shards is None else per_shard)
+    # what the run read: its rows, the ids they may have, what the source records of them
+    read = manifest.rows_read(snapshot, resume.shard_counts_folder(config.output),
+                              output=config.output)
+    snapshot = Snapshot(snapshot.files, read.rows)
+    counts = open_sink(config.output, config.storage_options).count(
+        [c for c in added if c not in BOOKKEEPING],
+        expected_rows=read.expected_ids)
     recorded = asdict(config)
     recorded["storage_options"] = storage.redact(config.storage_options)
     done_now = counts["rows_out"] - done_before
@@ -471,10 +432,7 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
         "run_id": lease.run_id,
         "warnings": notes,
     }
-    if shards is not None:  # what `memscore verify` checks a WebDataset output against
-        summary["shards"] = shards
-        # members that first appeared after the samples that set the columns: samples each
-        summary["members_left_out"] = dropped
+    summary.update(read.summary)  # what `memscore verify` checks the output against, if any
     write_summary(config.output, summary, config.storage_options)
     if not counts["complete"]:
         raise MemscoreError(_incomplete_line(config.output, snapshot.rows, counts))

@@ -29,9 +29,9 @@ import pyarrow.compute as pc
 from memscore import storage
 from memscore.errors import MemscoreError
 from memscore.sources.manifest import Manifest, manifest_fingerprint, open_manifest, read_restarting
-from memscore.sinks.output import (SUMMARY_FILE, SummaryUnreadable, count_output, output_files,
-                             read_output_columns, read_summary)
-from memscore.sinks.resume import ROW_COLUMN, StateUnreadable, read_state
+from memscore.sinks.folder import SUMMARY_FILE, SummaryUnreadable, read_summary
+from memscore.sinks import open_sink
+from memscore.sinks.resume import ROW_COLUMN, StateUnreadable, read_state, shard_counts_folder
 
 __all__ = ["VerifyReport", "NotTheRunsManifest", "verify"]
 
@@ -87,7 +87,7 @@ def _run_options(output: str, storage_options: Mapping[str, Any]) -> dict[str, A
         state = read_state(output, storage_options)
     except StateUnreadable:
         state = None
-    if state is None and not output_files(output, storage_options):
+    if state is None and not open_sink(output, storage_options).files():
         raise MemscoreError(f"{output}: not a memscore output (no {SUMMARY_FILE}, no run "
                             f"state, no Parquet files)")
     return {**(state or {}), "identity": state, "finished": False}
@@ -150,13 +150,17 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     path_column = path_column or run.get("path_column") or "path"
     id_column = id_column or run.get("id_column")
     source = open_manifest(manifest, path_column=path_column, storage_options=options,
-                           webdataset=True)
+                           rows_in_driver=False)
     if not ignore_identity:
         _check_identity(output, run, source)
-    if source.kind == "webdataset":
-        return _verify_shards(output, source, run, options, by_name=ignore_identity)
+    summary = run["summary"] if run.get("finished") else None
+    recorded = source.recorded_rows(output, summary=summary,
+                                    counts_folder=shard_counts_folder(output),
+                                    by_name=ignore_identity)
+    if recorded is not None:  # the run counted each part's rows as it read them (shards)
+        return _verify_recorded(output, recorded, run, options)
     limit = run.get("limit")
-    files = output_files(output, options)
+    files = open_sink(output, options).files()
     if not files:
         raise MemscoreError(f"{output}: no Parquet files")
     if ignore_identity and not id_column:
@@ -164,7 +168,7 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     key = id_column or ROW_COLUMN
     if not id_column:  # ids are positions: tallied file by file, in bounded memory
         manifest_rows = read_restarting(lambda: sum(t.num_rows for t in source.iter_tables(limit)))
-        tally = count_output(output, options, [], expected_rows=manifest_rows)
+        tally = open_sink(output, options).count([], expected_rows=manifest_rows)
         return VerifyReport(
             manifest_rows=manifest_rows, output_rows=tally["rows_out"], key=key,
             missing=tally["missing_examples"], duplicated=tally["duplicated_examples"],
@@ -175,7 +179,7 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     expected = read_restarting(lambda: pa.chunked_array(
         [t.column(id_column) for t in source.iter_tables(limit)]))
     manifest_rows = len(expected)
-    got = read_output_columns(output, files, [key], options).column(key)
+    got = open_sink(output, options).read([key], files).column(key)
     # As multisets: a key (a path, when matching by path) may repeat in the manifest, and
     # each of its rows must then be in the output once.
     want = _counts(expected.combine_chunks(), "want")
@@ -205,34 +209,10 @@ def _counts(values: pa.Array, name: str) -> pa.Table:
     return pa.table({"value": counts.field("values"), name: counts.field("counts")})
 
 
-def _verify_shards(output: str, source, run: Mapping[str, Any],
-                   options: Mapping[str, Any], *, by_name: bool = False) -> VerifyReport:
-    """``by_name``: the shards moved on purpose; they are matched by file name."""
-    from memscore.sinks.resume import shard_counts_folder
-    from memscore.sources.webdataset import read_shard_counts
-
-    shards = list(source.files)
-    if run.get("finished"):
-        recorded = run["summary"].get("shards")
-        if recorded is None:
-            raise MemscoreError(f"{output}: the run did not read WebDataset shards")
-        urls = [item["url"] for item in recorded]
-        if by_name:
-            urls, shards = ([u.rsplit("/", 1)[-1] for u in urls],
-                            [u.rsplit("/", 1)[-1] for u in shards])
-        if urls != shards:
-            raise MemscoreError(
-                f"{output}: the run read {len(urls)} shards, {source.source} names "
-                f"{len(shards)} (or others); give the shards the run was given")
-        counts = [int(item["samples"]) for item in recorded]
-    else:
-        counts = read_shard_counts(shard_counts_folder(output), shards, options)
-        unread = sum(n is None for n in counts)
-        if unread:
-            raise MemscoreError(
-                f"{output}: {unread} of {len(shards)} shards have not been read to their end "
-                f"by the run yet, so their samples are not known; finish the run with --resume")
-    tally = count_output(output, options, [], expected_rows=counts)
+def _verify_recorded(output: str, counts: list[int], run: Mapping[str, Any],
+                     options: Mapping[str, Any]) -> VerifyReport:
+    """Rows matched by ``memscore_row`` against each part's row count as the run recorded it."""
+    tally = open_sink(output, options).count([], expected_rows=counts)
     return VerifyReport(
         manifest_rows=sum(counts), output_rows=tally["rows_out"], key=ROW_COLUMN,
         missing=tally["missing_examples"], duplicated=tally["duplicated_examples"],

@@ -26,41 +26,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import columns, storage
-from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
-from memscore.sources.manifest import Manifest, manifest_fingerprint
+from memscore.sinks import open_sink
+from memscore.sinks.folder import WORK_DIR
 from memscore.sources.snapshot import Snapshot
 
 __all__ = ["ROW_COLUMN", "WORK_DIR", "StateUnreadable", "snapshot_folder", "shard_counts_folder",
-           "read_state", "write_state", "run_identity", "check_same_run", "checkpoint_config",
+           "read_state", "write_state", "check_same_run", "checkpoint_config",
            "committed_rows", "remove_work_dir", "drop_error_rows", "drop_duplicate_rows",
            "rebuild_checkpoint", "check_rows_match", "apply_retry_plan"]
 
 ROW_COLUMN = columns.ROW
-WORK_DIR = "_memscore"
 _STATE = "state.json"
 
 
 def _work(output: str, *parts: str) -> str:
     return storage.join(output, WORK_DIR, *parts)
-
-
-def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
-    """What a run is; a resumed run must match it exactly."""
-    return {
-        "manifest": manifest.source,
-        "manifest_fingerprint": manifest_fingerprint(manifest),
-        "path_column": config.path_column,
-        "id_column": config.id_column,
-        "models": list(config.models),
-        "weights": config.weights,
-        "column_prefix": config.column_prefix,
-        # decode options change scores: one output never mixes two decodes
-        "fast_decode": config.fast_decode,
-        "exif_transpose": config.exif_transpose,
-        "precision": config.precision,
-        "limit": config.limit,
-    }
 
 
 def snapshot_folder(output: str) -> str:
@@ -199,8 +180,8 @@ def drop_error_rows(output: str, storage_options: Mapping[str, Any], kinds: tupl
     """
     kinds_re = "^(" + "|".join(re.escape(k) for k in kinds) + "):"
 
-    def errors_of_kinds(path: str, meta, read) -> Any:
-        if not _may_hold_errors(meta):
+    def errors_of_kinds(sink, path: str, read) -> Any:
+        if not sink.may_hold_errors(path):
             return None
         return pc.fill_null(pc.match_substring_regex(read().column(columns.ERROR), kinds_re),
                             False)
@@ -222,17 +203,13 @@ def drop_duplicate_rows(output: str, storage_options: Mapping[str, Any]) -> int:
     """
     import numpy as np
 
-    fs, _ = storage.url_to_fs(output, storage_options)
-    filesystem = storage.pyarrow_filesystem_of(fs)
+    sink = open_sink(output, storage_options)
     pending = _pending_stems(output, storage_options)
     ids_of: dict[str, Any] = {}
-    from memscore.sinks.output import output_files
-
-    for path in output_files(output, storage_options):
+    for path in sink.files():
         if pending and path.rsplit("/", 1)[-1].startswith(pending):
             continue  # Ray deletes these when the run starts
-        ids_of[path] = pq.read_table(path, columns=[ROW_COLUMN],
-                                     filesystem=filesystem).column(ROW_COLUMN).to_numpy()
+        ids_of[path] = sink.read_file(path, [ROW_COLUMN]).column(ROW_COLUMN).to_numpy()
     if not ids_of:
         return 0
     values, counts = np.unique(np.concatenate(list(ids_of.values())), return_counts=True)
@@ -241,7 +218,7 @@ def drop_duplicate_rows(output: str, storage_options: Mapping[str, Any]) -> int:
         return 0
     kept: set[int] = set()
 
-    def second_copies(path: str, meta, read) -> Any:
+    def second_copies(sink, path: str, read) -> Any:
         ids = ids_of.get(path)
         if ids is None:
             return None
@@ -261,7 +238,7 @@ def drop_duplicate_rows(output: str, storage_options: Mapping[str, Any]) -> int:
 def rebuild_checkpoint(output: str, storage_options: Mapping[str, Any]) -> None:
     """Write Ray's checkpoint id files anew from the output files (a run whose work folder went
     with its summary), so that a resumed run skips every row already written."""
-    _drop_rows(output, storage_options, lambda path, meta, read: None, rebuild_checkpoint=True)
+    _drop_rows(output, storage_options, lambda sink, path, read: None, rebuild_checkpoint=True)
 
 
 def _pending_stems(output: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -278,7 +255,7 @@ def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
     """Take the rows ``choose`` names out of memscore's output files and the checkpoint.
     Returns their count.
 
-    ``choose(path, footer, read)`` -> None (the file keeps every row) or a boolean array over
+    ``choose(sink, path, read)`` -> None (the file keeps every row) or a boolean array over
     the file's rows (true: drop); ``read()`` reads the whole file (once).
 
     Only memscore's own files are touched: each output file holding such rows is rewritten
@@ -293,16 +270,12 @@ def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
     before the plan leaves the output as it was; after it, ``apply_retry_plan`` (every resume
     calls it) finishes the replacement.
     """
-    import pyarrow.dataset as pads
-
-    from memscore.sinks.output import output_files
-
-    fs, _ = storage.url_to_fs(output, storage_options)
+    sink = open_sink(output, storage_options)
+    fs = sink.fs
     _, retry = storage.url_to_fs(_work(output, _RETRY_DIR), storage_options)
     _, checkpoint = storage.url_to_fs(_work(output, "checkpoint"), storage_options)
     if fs.exists(retry):
         fs.rm(retry, recursive=True)  # a plan never written: the output was not touched
-    filesystem = storage.pyarrow_filesystem_of(fs)
     names = ([p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint, detail=False)]
              if fs.exists(checkpoint) else [])
     ckpt_names = [n for n in names if n.endswith(".parquet") and ".pending." not in n]
@@ -312,34 +285,34 @@ def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
     if not storage.is_url(output):  # an object store has no folders to make
         fs.makedirs(checkpoint, exist_ok=True)
         fs.makedirs(retry, exist_ok=True)
-    for path in output_files(output, storage_options):
+    for path in sink.files():
         name = path.rsplit("/", 1)[-1]
         if pending and name.startswith(pending):
             continue
+        stem = name[: -len(sink.suffix)]
         ckpt = next((n for n in ckpt_names if name.startswith(n[: -len(".parquet")])),
-                    name)  # Ray's rule: the id file's stem begins the data file's name
+                    stem + ".parquet")  # Ray's rule: the id file's stem begins the data file's
         whole: list[pa.Table] = []
 
         def read(path=path, whole=whole) -> pa.Table:
             if not whole:
-                whole.append(pq.read_table(path, filesystem=filesystem))
+                whole.append(sink.read_file(path))
             return whole[0]
 
-        drop = choose(path, pq.ParquetFile(path, filesystem=filesystem).metadata, read)
+        drop = choose(sink, path, read)
         count = 0 if drop is None else (pc.sum(pc.cast(drop, "int64")).as_py() or 0)
         if not count:
             if rebuild_checkpoint:
-                ids = (whole[0].select([ROW_COLUMN]) if whole else
-                       pads.dataset(path, filesystem=filesystem).to_table(columns=[ROW_COLUMN]))
-                _write_parquet(fs, f"{checkpoint}/{ckpt}", ids)
+                ids = (whole[0] if whole else sink.read_file(path, [ROW_COLUMN]))
+                _write_ids(fs, f"{checkpoint}/{ckpt}", ids.select([ROW_COLUMN]))
             continue
         kept = read().filter(pc.invert(drop))
         dropped += count
         if kept.num_rows == 0:
             plan += [{"delete": path}, {"delete": f"{checkpoint}/{ckpt}"}]
             continue
-        _write_parquet(fs, f"{retry}/data-{name}", kept)
-        _write_parquet(fs, f"{retry}/ids-{ckpt}", kept.select([ROW_COLUMN]))
+        sink.write_file(f"{retry}/data-{name}", kept)
+        _write_ids(fs, f"{retry}/ids-{ckpt}", kept.select([ROW_COLUMN]))
         plan += [{"move": f"{retry}/data-{name}", "to": path},
                  {"move": f"{retry}/ids-{ckpt}", "to": f"{checkpoint}/{ckpt}"}]
     if plan:
@@ -356,12 +329,9 @@ def check_rows_match(output: str, snapshot: Snapshot, path_column: str,
     driver holds a few files' ids and paths, not the output."""
     import numpy as np
 
-    from memscore.sinks.output import output_files
-
-    fs, _ = storage.url_to_fs(output, storage_options)
-    filesystem = storage.pyarrow_filesystem_of(fs)
+    sink = open_sink(output, storage_options)
     snap_fs, _ = storage.url_to_fs(snapshot.files[0], storage_options) if snapshot.files else \
-        (fs, None)
+        (sink.fs, None)
     snap_filesystem = storage.pyarrow_filesystem_of(snap_fs)
     parts = [p.split("://", 1)[1] if storage.is_url(p) else p for p in snapshot.files]
     starts = np.cumsum([0] + [pq.ParquetFile(p, filesystem=snap_filesystem).metadata.num_rows
@@ -376,8 +346,8 @@ def check_rows_match(output: str, snapshot: Snapshot, path_column: str,
                                         filesystem=snap_filesystem).column(path_column)
         return cache[part]
 
-    for path in output_files(output, storage_options):
-        table = pq.read_table(path, columns=[ROW_COLUMN, path_column], filesystem=filesystem)
+    for path in sink.files():
+        table = sink.read_file(path, [ROW_COLUMN, path_column])
         ids = table.column(ROW_COLUMN).to_numpy()
         got = table.column(path_column).to_pylist()
         for row, value in zip(ids.tolist(), got):
@@ -392,21 +362,6 @@ def check_rows_match(output: str, snapshot: Snapshot, path_column: str,
                     f"{output}: its row {row} is {value!r}, but the manifest's row {row} is "
                     f"{expected!r}: the output was made from another manifest; score again "
                     f"with --overwrite")
-
-
-def _may_hold_errors(meta) -> bool:
-    """Whether a Parquet footer leaves room for a non-null ``memscore_error``: false when every
-    row group's statistics count as many nulls as rows."""
-    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
-    if columns.ERROR not in leaves:
-        return False
-    index = leaves.index(columns.ERROR)
-    for group in range(meta.num_row_groups):
-        stats = meta.row_group(group).column(index).statistics
-        if stats is None or not stats.has_null_count or (
-                stats.null_count != meta.row_group(group).num_rows):
-            return True
-    return False
 
 
 def apply_retry_plan(output: str, storage_options: Mapping[str, Any]) -> bool:
@@ -434,6 +389,7 @@ def apply_retry_plan(output: str, storage_options: Mapping[str, Any]) -> bool:
     return True
 
 
-def _write_parquet(fs, path: str, table: pa.Table) -> None:
+def _write_ids(fs, path: str, table: pa.Table) -> None:
+    """A checkpoint id file, in Ray's checkpoint format (Parquet, whatever the output's)."""
     with fs.open(path, "wb") as f:
         pq.write_table(table, f)

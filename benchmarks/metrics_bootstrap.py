@@ -50,13 +50,19 @@ VARIANTS = ("memscore", "spearmanr loop", "rankdata rows", "scipy bootstrap")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000",
-                        help="comma-separated numbers of pairs (default 10000,100000)")
+    parser.add_argument(
+        "--sizes",
+        default="10000,100000",
+        help="comma-separated numbers of pairs (default 10000,100000)",
+    )
     parser.add_argument("--resamples", type=int, default=1000, help="(default 1000)")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds (default 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "METRICS_RESULTS.md"),
-                        help="Markdown file to write (default benchmarks/METRICS_RESULTS.md)")
+    parser.add_argument(
+        "--results",
+        default=str(ROOT / "benchmarks" / "METRICS_RESULTS.md"),
+        help="Markdown file to write (default benchmarks/METRICS_RESULTS.md)",
+    )
     return parser.parse_args(argv)
 
 
@@ -81,8 +87,13 @@ def run_memscore(x, y, resamples, seed):
 
 
 def run_spearmanr_loop(x, y, resamples, seed):
-    rhos = np.array([stats.spearmanr(x[i], y[i]).statistic
-                     for rows in memscores_draws(x.size, resamples, seed) for i in rows])
+    rhos = np.array(
+        [
+            stats.spearmanr(x[i], y[i]).statistic
+            for rows in memscores_draws(x.size, resamples, seed)
+            for i in rows
+        ]
+    )
     return rhos, metrics.percentile_interval(rhos)
 
 
@@ -93,23 +104,33 @@ def run_rankdata_rows(x, y, resamples, seed):
         ry = stats.rankdata(y[rows], axis=1)
         rx -= rx.mean(axis=1, keepdims=True)
         ry -= ry.mean(axis=1, keepdims=True)
-        parts.append(np.einsum("ij,ij->i", rx, ry)
-                     / np.sqrt(np.einsum("ij,ij->i", rx, rx) * np.einsum("ij,ij->i", ry, ry)))
+        parts.append(
+            np.einsum("ij,ij->i", rx, ry)
+            / np.sqrt(np.einsum("ij,ij->i", rx, rx) * np.einsum("ij,ij->i", ry, ry))
+        )
     rhos = np.concatenate(parts)
     return rhos, metrics.percentile_interval(rhos)
 
 
 def run_scipy_bootstrap(x, y, resamples, seed):
-    result = stats.bootstrap((x, y), lambda a, b: stats.spearmanr(a, b).statistic,
-                             paired=True, vectorized=False, n_resamples=resamples,
-                             batch=max(1, metrics._CHUNK_CELLS // x.size),
-                             method="percentile", confidence_level=0.95, rng=seed)
+    result = stats.bootstrap(
+        (x, y),
+        lambda a, b: stats.spearmanr(a, b).statistic,
+        paired=True,
+        vectorized=False,
+        n_resamples=resamples,
+        batch=max(1, metrics._CHUNK_CELLS // x.size),
+        method="percentile",
+        confidence_level=0.95,
+        rng=seed,
+    )
     interval = result.confidence_interval
     return result.bootstrap_distribution, [float(interval.low), float(interval.high)]
 
 
-RUNNERS = dict(zip(VARIANTS, (run_memscore, run_spearmanr_loop, run_rankdata_rows,
-                              run_scipy_bootstrap)))
+RUNNERS = dict(
+    zip(VARIANTS, (run_memscore, run_spearmanr_loop, run_rankdata_rows, run_scipy_bootstrap))
+)
 
 
 def measure(n: int, args) -> dict:
@@ -125,10 +146,16 @@ def measure(n: int, args) -> dict:
             if name not in best or wall < best[name][0]:
                 best[name] = (wall, cpu)
     reference = outputs["memscore"][0]
-    agreement = {name: float(np.max(np.abs(np.asarray(outputs[name][0]) - reference)))
-                 for name in VARIANTS[1:]}
-    return {"rho": metrics.spearman(x, y), "best": best, "agreement": agreement,
-            "intervals": {name: outputs[name][1] for name in VARIANTS}}
+    agreement = {
+        name: float(np.max(np.abs(np.asarray(outputs[name][0]) - reference)))
+        for name in VARIANTS[1:]
+    }
+    return {
+        "rho": metrics.spearman(x, y),
+        "best": best,
+        "agreement": agreement,
+        "intervals": {name: outputs[name][1] for name in VARIANTS},
+    }
 
 
 def report(results: dict, args, load) -> str:
@@ -141,7 +168,7 @@ def report(results: dict, args, load) -> str:
         f"{__import__('scipy').__version__}; the machine's 1-minute load average "
         f"{load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end (shared with other work).",
         "",
-        f"{args.resamples} resamples each; the fastest of {args.rounds} rounds; \"x memscore\" is "
+        f'{args.resamples} resamples each; the fastest of {args.rounds} rounds; "x memscore" is '
         "a variant's wall time over memscore's; the last column is the largest difference of a "
         "variant's rho per resample from memscore's (the same draws give the same rhos).",
         "",
@@ -154,8 +181,10 @@ def report(results: dict, args, load) -> str:
             wall, cpu = r["best"][name]
             lo, hi = r["intervals"][name]
             diff = r["agreement"].get(name)
-            lines.append(f"| {n:,} | {name} | {wall:.2f} | {cpu:.2f} | {wall / base:.1f} | "
-                         f"[{lo:.4f}, {hi:.4f}] | {'' if diff is None else f'{diff:.1e}'} |")
+            lines.append(
+                f"| {n:,} | {name} | {wall:.2f} | {cpu:.2f} | {wall / base:.1f} | "
+                f"[{lo:.4f}, {hi:.4f}] | {'' if diff is None else f'{diff:.1e}'} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -38,15 +38,25 @@ from memscore.evaluation.job import evaluate  # noqa: E402
 
 ENCODERS = ("clip", "dinov2", "siglip2")
 # The paper's file name for each memscore feature: <encoder>_<file>.json.
-PAPER_FILES = {"cls_mean": "activations_mean", "cls_max": "activations_max",
-               "cls_maxabs": "activations_max_abs", "cls_delta": "activations_delta",
-               "attention_entropy": "attentions_entropy", "patch_uniformity": "patch_regularity"}
+PAPER_FILES = {
+    "cls_mean": "activations_mean",
+    "cls_max": "activations_max",
+    "cls_maxabs": "activations_max_abs",
+    "cls_delta": "activations_delta",
+    "attention_entropy": "attentions_entropy",
+    "patch_uniformity": "patch_regularity",
+}
 TRUTH_FILE = "memcat_CLIP_memscores_layer_LAST.json"
-SAE_FILES = {"CLIP": "autoencoder_loss_correlation_stats_CLIP_nobatchnosplit1e4.json",
-             "SigLIP2": "autoencoder_loss_correlation_stats_SigLIP2_nobatchnosplit1e4.json"}
+SAE_FILES = {
+    "CLIP": "autoencoder_loss_correlation_stats_CLIP_nobatchnosplit1e4.json",
+    "SigLIP2": "autoencoder_loss_correlation_stats_SigLIP2_nobatchnosplit1e4.json",
+}
 # What the paper reports and docs/traces.md quotes: (column, list index, rho).
-REFERENCES = (("dinov2_attention_entropy", 10, 0.355), ("dinov2_patch_uniformity", 8, -0.334),
-              ("clip_cls_mean", 1, 0.360))
+REFERENCES = (
+    ("dinov2_attention_entropy", 10, 0.355),
+    ("dinov2_patch_uniformity", 8, -0.334),
+    ("clip_cls_mean", 1, 0.360),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,45 +86,71 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         pq.write_table(traces, f"{tmp}/traces.parquet")
         pq.write_table(truth, f"{tmp}/truth.parquet")
-        result = evaluate(EvaluateConfig(f"{tmp}/traces.parquet", f"{tmp}/truth.parquet",
-                                         "memorability", f"{tmp}/report",
-                                         trace_columns="all", bootstrap=args.bootstrap))
+        result = evaluate(
+            EvaluateConfig(
+                f"{tmp}/traces.parquet",
+                f"{tmp}/truth.parquet",
+                "memorability",
+                f"{tmp}/report",
+                trace_columns="all",
+                bootstrap=args.bootstrap,
+            )
+        )
         figure = args.results.parent / "paper_reference_layers.png"
         shutil.copyfile(f"{tmp}/report/layers.png", figure)
 
-    lines = ["# The paper's reference values, recomputed by `memscore evaluate`", "",
-             f"`python benchmarks/paper_reference.py PAPER --bootstrap {args.bootstrap}` on the "
-             f"per-image outputs released with Takmaz et al. (2025), "
-             f"{truth.num_rows:,} MemCat images; rho with a 95% percentile bootstrap interval "
-             f"({args.bootstrap} resamples, seed 0). The figure: "
-             f"[{figure.name}]({figure.name}).", "",
-             "| column | list index (layer) | paper | memscore evaluate on the paper's data |",
-             "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "# The paper's reference values, recomputed by `memscore evaluate`",
+        "",
+        f"`python benchmarks/paper_reference.py PAPER --bootstrap {args.bootstrap}` on the "
+        f"per-image outputs released with Takmaz et al. (2025), "
+        f"{truth.num_rows:,} MemCat images; rho with a 95% percentile bootstrap interval "
+        f"({args.bootstrap} resamples, seed 0). The figure: "
+        f"[{figure.name}]({figure.name}).",
+        "",
+        "| column | list index (layer) | paper | memscore evaluate on the paper's data |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for column, index, paper_rho in REFERENCES:
         layer = result["traces"][column]["layers"][index]
         lo, hi = layer["spearman_ci95"]
-        lines.append(f"| `{column}` | {index} | {paper_rho:+.3f} | {layer['spearman']:+.3f} "
-                     f"[{lo:+.3f}, {hi:+.3f}] |")
-    lines += ["", "| autoencoder | Spearman rho at the last epoch, 5 seeds | mean |",
-              "| --- | --- | ---: |"]
+        lines.append(
+            f"| `{column}` | {index} | {paper_rho:+.3f} | {layer['spearman']:+.3f} "
+            f"[{lo:+.3f}, {hi:+.3f}] |"
+        )
+    lines += [
+        "",
+        "| autoencoder | Spearman rho at the last epoch, 5 seeds | mean |",
+        "| --- | --- | ---: |",
+    ]
     for encoder, name in SAE_FILES.items():
         per_epoch = json.loads((args.paper / name).read_text())
         last = per_epoch[str(max(int(k) for k in per_epoch))]
-        lines.append(f"| {encoder} | {', '.join(f'{v:.3f}' for v in last)} | "
-                     f"{np.mean(last):.3f} |")
-    entropy = [(layer["spearman"], encoder, layer["index"]) for encoder in ENCODERS
-               for layer in result["traces"][f"{encoder}_attention_entropy"]["layers"]
-               if layer["spearman"] is not None]
+        lines.append(f"| {encoder} | {', '.join(f'{v:.3f}' for v in last)} | {np.mean(last):.3f} |")
+    entropy = [
+        (layer["spearman"], encoder, layer["index"])
+        for encoder in ENCODERS
+        for layer in result["traces"][f"{encoder}_attention_entropy"]["layers"]
+        if layer["spearman"] is not None
+    ]
     low, high = min(entropy), max(entropy)
-    lines += ["", f"Attention entropy, every layer of every encoder: rho from {low[0]:+.3f} "
-                  f"({low[1]}, layer {low[2]}) to {high[0]:+.3f} ({high[1]}, layer {high[2]}); "
-                  f"no layer comes near -0.68.", "",
-              "Strongest layer of each column:", "",
-              "| column | list index | rho [95% CI] |", "| --- | ---: | ---: |"]
+    lines += [
+        "",
+        f"Attention entropy, every layer of every encoder: rho from {low[0]:+.3f} "
+        f"({low[1]}, layer {low[2]}) to {high[0]:+.3f} ({high[1]}, layer {high[2]}); "
+        f"no layer comes near -0.68.",
+        "",
+        "Strongest layer of each column:",
+        "",
+        "| column | list index | rho [95% CI] |",
+        "| --- | ---: | ---: |",
+    ]
     for column, figures in result["traces"].items():
         best = figures["strongest"]
-        lines.append(f"| `{column}` | {best['index']} | {best['spearman']:+.3f} "
-                     f"[{best['spearman_ci95'][0]:+.3f}, {best['spearman_ci95'][1]:+.3f}] |")
+        lines.append(
+            f"| `{column}` | {best['index']} | {best['spearman']:+.3f} "
+            f"[{best['spearman_ci95'][0]:+.3f}, {best['spearman_ci95'][1]:+.3f}] |"
+        )
     args.results.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.results} and {figure}")
     return 0

@@ -60,32 +60,78 @@ from score_cpu import machine
 ROOT = Path(__file__).resolve().parent.parent
 #: Rows generated (and written) at a time: the generator's memory does not grow with the size.
 CHUNK_ROWS = 500_000
-WORDS = ("a", "photo", "of", "the", "red", "old", "small", "city", "dog", "beach", "at", "night",
-         "portrait", "landscape", "blue", "car", "house", "tree", "river", "with", "and", "cat")
+WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "red",
+    "old",
+    "small",
+    "city",
+    "dog",
+    "beach",
+    "at",
+    "night",
+    "portrait",
+    "landscape",
+    "blue",
+    "car",
+    "house",
+    "tree",
+    "river",
+    "with",
+    "and",
+    "cat",
+)
 #: Ray's log line timestamps, e.g. "2026-11-29 13:55:43,188\tINFO worker.py:2038 -- ..."
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s+INFO\s+(.*)$")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100000,1000000,10000000",
-                        help="manifest rows, comma-separated (default 100000,1000000,10000000)")
-    parser.add_argument("--formats", default="csv,parquet",
-                        help="manifest formats, comma-separated: csv, parquet (default both)")
+    parser.add_argument(
+        "--sizes",
+        default="100000,1000000,10000000",
+        help="manifest rows, comma-separated (default 100000,1000000,10000000)",
+    )
+    parser.add_argument(
+        "--formats",
+        default="csv,parquet",
+        help="manifest formats, comma-separated: csv, parquet (default both)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the manifests (default 0)")
-    parser.add_argument("--workdir", default=None,
-                        help="where manifests and outputs go (default: a temporary folder, "
-                        "deleted at the end; a 10M-row CSV is about 0.9 GB)")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "SCALE_RESULTS.md"),
-                        help="Markdown file to write (default benchmarks/SCALE_RESULTS.md)")
-    parser.add_argument("--score-args", default="",
-                        help="more options for every `memscore score`, as one string")
-    parser.add_argument("--timeout", type=float, default=3600,
-                        help="seconds before a run is killed and reported as such")
-    parser.add_argument("--webdataset-samples", type=int, default=1000,
-                        help="samples of the WebDataset reader measurement (0: skip it)")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip `memscore verify` (the summary's own check still counts)")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="where manifests and outputs go (default: a temporary folder, "
+        "deleted at the end; a 10M-row CSV is about 0.9 GB)",
+    )
+    parser.add_argument(
+        "--results",
+        default=str(ROOT / "benchmarks" / "SCALE_RESULTS.md"),
+        help="Markdown file to write (default benchmarks/SCALE_RESULTS.md)",
+    )
+    parser.add_argument(
+        "--score-args", default="", help="more options for every `memscore score`, as one string"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3600,
+        help="seconds before a run is killed and reported as such",
+    )
+    parser.add_argument(
+        "--webdataset-samples",
+        type=int,
+        default=1000,
+        help="samples of the WebDataset reader measurement (0: skip it)",
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip `memscore verify` (the summary's own check still counts)",
+    )
     return parser.parse_args(argv)
 
 
@@ -103,14 +149,16 @@ def manifest_chunks(rows: int, seed: int):
         paths = [f"missing/{i % 1000:03d}/{i:09d}.jpg" for i in ids.tolist()]
         picks = words[rng.integers(0, len(words), size=(n, 4))]
         captions = [" ".join(r) for r in picks.tolist()]
-        yield pa.table({
-            "path": pa.array(paths, pa.string()),
-            "key": pa.array(ids, pa.int64()),
-            "caption": pa.array(captions, pa.string()),
-            "width": pa.array(rng.integers(64, 4096, n), pa.int32()),
-            "height": pa.array(rng.integers(64, 4096, n), pa.int32()),
-            "similarity": pa.array(rng.random(n), pa.float64()),
-        })
+        yield pa.table(
+            {
+                "path": pa.array(paths, pa.string()),
+                "key": pa.array(ids, pa.int64()),
+                "caption": pa.array(captions, pa.string()),
+                "width": pa.array(rng.integers(64, 4096, n), pa.int32()),
+                "height": pa.array(rng.integers(64, 4096, n), pa.int32()),
+                "similarity": pa.array(rng.random(n), pa.float64()),
+            }
+        )
 
 
 def write_manifest(path: Path, rows: int, fmt: str, seed: int) -> None:
@@ -121,8 +169,11 @@ def write_manifest(path: Path, rows: int, fmt: str, seed: int) -> None:
     try:
         for table in manifest_chunks(rows, seed):
             if writer is None:
-                writer = (pcsv.CSVWriter(str(path), table.schema) if fmt == "csv"
-                          else pq.ParquetWriter(str(path), table.schema))
+                writer = (
+                    pcsv.CSVWriter(str(path), table.schema)
+                    if fmt == "csv"
+                    else pq.ParquetWriter(str(path), table.schema)
+                )
             writer.write_table(table)
     finally:
         if writer is not None:
@@ -155,9 +206,11 @@ def _count(folder: Path) -> int:
 
 def _stamps(log: Path) -> dict[str, float]:
     """Epoch seconds of the Ray log lines that mark the phases (first occurrence each)."""
-    marks = {"ray_started": "Started a local Ray instance",
-             "execution_started": "Starting execution of Dataset",
-             "execution_finished": "execution finished in"}
+    marks = {
+        "ray_started": "Started a local Ray instance",
+        "execution_started": "Starting execution of Dataset",
+        "execution_finished": "execution finished in",
+    }
     found: dict[str, float] = {}
     for line in log.read_text(errors="replace").splitlines():
         m = _STAMP.match(line)
@@ -231,31 +284,44 @@ def run_score(manifest: Path, output: Path, extra: list[str], timeout: float) ->
             "finish_s": started + wall - marks["execution_finished"],
         }
         if peak_at is not None:
-            bounds = [("start", marks["ray_started"]), ("snapshot", marks["execution_started"]),
-                      ("pipeline", marks["execution_finished"]), ("finish", float("inf"))]
+            bounds = [
+                ("start", marks["ray_started"]),
+                ("snapshot", marks["execution_started"]),
+                ("pipeline", marks["execution_finished"]),
+                ("finish", float("inf")),
+            ]
             result["peak_rss_phase"] = next(name for name, end in bounds if peak_at <= end)
     summary = output / "_memscore.json"
     if summary.exists():
         data = json.loads(summary.read_text())
-        result.update(rows_out=data["rows_out"], complete=data["complete"],
-                      error_kinds=data["error_kinds"], rows_scored=data["rows_scored"])
+        result.update(
+            rows_out=data["rows_out"],
+            complete=data["complete"],
+            error_kinds=data["error_kinds"],
+            rows_scored=data["rows_scored"],
+        )
     result["output_files"] = len(list(output.glob("memscore-part_*.parquet")))
     return result
 
 
 def run_verify(manifest: Path, output: Path) -> tuple[bool, float, str]:
     clock = time.perf_counter()
-    proc = subprocess.run(["memscore", "verify", str(output), "--manifest", str(manifest)],
-                          capture_output=True, text=True,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    proc = subprocess.run(
+        ["memscore", "verify", str(output), "--manifest", str(manifest)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
     text = (proc.stdout + proc.stderr).strip().splitlines()
     return proc.returncode == 0, time.perf_counter() - clock, text[-1] if text else ""
 
 
 def model_load_s() -> float:
     """Import torch and build ResMem with its published weights, in a fresh process."""
-    code = ("import time; t = time.perf_counter(); from memscore.stages.predict import ScoreImages; "
-            "ScoreImages(('resmem',)); print(time.perf_counter() - t)")
+    code = (
+        "import time; t = time.perf_counter(); from memscore.stages.predict import ScoreImages; "
+        "ScoreImages(('resmem',)); print(time.perf_counter() - t)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -267,9 +333,11 @@ def make_shards(folder: Path, samples: int, seed: int, shards: int = 4) -> list[
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    sources = [Image.open(p).convert("RGB")
-               for p in sorted((ROOT / "examples" / "images").iterdir())
-               if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    sources = [
+        Image.open(p).convert("RGB")
+        for p in sorted((ROOT / "examples" / "images").iterdir())
+        if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     per = -(-samples // shards)
@@ -283,9 +351,11 @@ def make_shards(folder: Path, samples: int, seed: int, shards: int = 4) -> list[
                 crop = image.crop((x, y, x + side, y + side)).resize((side, side))
                 buf = io.BytesIO()
                 crop.save(buf, "JPEG", quality=int(rng.integers(75, 95)))
-                members = {"jpg": buf.getvalue(),
-                           "json": json.dumps({"key": i, "side": side}).encode(),
-                           "txt": f"sample {i}".encode()}
+                members = {
+                    "jpg": buf.getvalue(),
+                    "json": json.dumps({"key": i, "side": side}).encode(),
+                    "txt": f"sample {i}".encode(),
+                }
                 for ext, data in members.items():
                     info = tarfile.TarInfo(f"{i:08d}.{ext}")
                     info.size = len(data)
@@ -294,8 +364,9 @@ def make_shards(folder: Path, samples: int, seed: int, shards: int = 4) -> list[
     return paths
 
 
-def measure_webdataset(folder: Path, samples: int, seed: int, extra: list[str],
-                       timeout: float) -> dict:
+def measure_webdataset(
+    folder: Path, samples: int, seed: int, extra: list[str], timeout: float
+) -> dict:
     """The reader alone (in this process), then ``memscore score SHARDS`` end to end (decode
     and ResMem's forward on every sample, as one process) and ``memscore verify``."""
     from memscore.sources.webdataset import iter_shard
@@ -314,8 +385,15 @@ def measure_webdataset(folder: Path, samples: int, seed: int, extra: list[str],
     if score["returncode"] == 0:
         ok, took, line = run_verify(folder / "shards", output)
         score.update(verified=ok, verify_s=took, verify_line=line)
-    return {"samples": samples, "rows": rows, "errors": errors, "shards": len(shards),
-            "mib": size / 2**20, "wall_s": wall, "score": score}
+    return {
+        "samples": samples,
+        "rows": rows,
+        "errors": errors,
+        "shards": len(shards),
+        "mib": size / 2**20,
+        "wall_s": wall,
+        "score": score,
+    }
 
 
 # ------------------------------------------------------------------------------- report
@@ -333,8 +411,9 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
         f"Started {began}, finished "
         f"{dt.datetime.now().astimezone().isoformat(timespec='seconds')}.",
         "",
-        f"Command: `python benchmarks/scale.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`"
-        .replace("``", "`(defaults)`"),
+        f"Command: `python benchmarks/scale.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`".replace(
+            "``", "`(defaults)`"
+        ),
         "",
         "Every row's image is missing: each comes out as a `missing file` error row and no model "
         "time is spent, so this is the pipeline's own cost per row. Each run is "
@@ -353,8 +432,11 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
         "",
     ]
     if load is not None:
-        lines += [f"Model load alone (import torch, build ResMem with its published weights, "
-                  f"fresh process): {load:.1f} s.", ""]
+        lines += [
+            f"Model load alone (import torch, build ResMem with its published weights, "
+            f"fresh process): {load:.1f} s.",
+            "",
+        ]
     lines += [
         "| manifest | rows | wall s | rows/s | start s | snapshot s | pipeline s | pipeline rows/s "
         "| finish s | driver peak RSS MiB | output files | snapshot parts | checkpoint files "
@@ -375,7 +457,7 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
         def f(key, p=p):
             return f"{p[key]:.1f}" if key in p else "?"
 
-        once = ("yes" if r.get("complete") and r.get("verified", True) else "NO")
+        once = "yes" if r.get("complete") and r.get("verified", True) else "NO"
         if r.get("verify_line") is not None:
             once += f" (verify {r['verify_s']:.0f} s)"
         pipe_rate = f"{r['rows'] / pipe:,.0f}" if pipe else "?"
@@ -387,7 +469,8 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
             f"| {r['driver_peak_rss_mib']:.0f}{peak_phase} | {r['output_files']} "
             f"| {r['snapshot_parts']} "
             f"| {r['checkpoint_files']} | {once} | {r['load_before']:.1f} -> {r['load_after']:.1f} "
-            f"| {100 * r['steal']:.0f}% |")
+            f"| {100 * r['steal']:.0f}% |"
+        )
     ok = [r for r in runs if r.get("returncode") == 0]
     for fmt in sorted({r["format"] for r in ok}):
         same = sorted((r for r in ok if r["format"] == fmt), key=lambda r: r["rows"])
@@ -395,9 +478,12 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
             a, b = same[0], same[-1]
             marginal = (b["rows"] - a["rows"]) / max(1e-9, b["wall_s"] - a["wall_s"])
             ratio = (b["rows"] / b["wall_s"]) / (a["rows"] / a["wall_s"])
-            lines += ["", f"{fmt}: {b['rows']:,} rows at {ratio:.2f}x "
-                      f"the rows/s of {a['rows']:,}; marginal cost {marginal:,.0f} rows/s "
-                      f"(the extra rows over the extra wall time)."]
+            lines += [
+                "",
+                f"{fmt}: {b['rows']:,} rows at {ratio:.2f}x "
+                f"the rows/s of {a['rows']:,}; marginal cost {marginal:,.0f} rows/s "
+                f"(the extra rows over the extra wall time).",
+            ]
     lines += ["", "## WebDataset", ""]
     if wds is None:
         lines.append("Not measured (`--webdataset-samples 0`).")
@@ -410,25 +496,36 @@ def report(args, runs: list[dict], load: float | None, wds: dict | None, began: 
             f"(`memscore.sources.webdataset.iter_shard`, in this process, no Ray): {wds['wall_s']:.2f} s, "
             f"{wds['rows'] / wds['wall_s']:,.0f} samples/s, "
             f"{wds['mib'] / wds['wall_s']:.0f} MiB/s; {wds['rows']:,} rows, {wds['errors']} "
-            f"error rows.")
+            f"error rows."
+        )
         r = wds["score"]
         if r.get("returncode") != 0:
-            lines += ["", f"`memscore score` on the shards failed (exit {r.get('returncode')}; "
-                      f"log {r.get('log')})."]
+            lines += [
+                "",
+                f"`memscore score` on the shards failed (exit {r.get('returncode')}; "
+                f"log {r.get('log')}).",
+            ]
         else:
             p = r.get("phases", {})
             pipe = p.get("pipeline_s")
             once = "yes" if r.get("complete") and r.get("verified", True) else "NO"
-            lines += ["", (
-                f"`memscore score SHARDS --output OUT` end to end (decode and ResMem's "
-                f"float32 forward on the CPU for every sample, one process): "
-                f"{r['wall_s']:.1f} s wall, {wds['samples'] / r['wall_s']:.1f} samples/s"
-                + (f" ({wds['samples'] / pipe:.1f} in the pipeline, {pipe:.1f} s)" if pipe
-                   else "")
-                + f"; {r.get('rows_scored', '?')} scored of {r.get('rows_out', '?')} rows; "
-                f"driver peak RSS {r['driver_peak_rss_mib']:.0f} MiB; {r['output_files']} "
-                f"output file(s); exactly once: {once}; load {r['load_before']:.1f} -> "
-                f"{r['load_after']:.1f}. The model's forward is the cost here, not the reader.")]
+            lines += [
+                "",
+                (
+                    f"`memscore score SHARDS --output OUT` end to end (decode and ResMem's "
+                    f"float32 forward on the CPU for every sample, one process): "
+                    f"{r['wall_s']:.1f} s wall, {wds['samples'] / r['wall_s']:.1f} samples/s"
+                    + (
+                        f" ({wds['samples'] / pipe:.1f} in the pipeline, {pipe:.1f} s)"
+                        if pipe
+                        else ""
+                    )
+                    + f"; {r.get('rows_scored', '?')} scored of {r.get('rows_out', '?')} rows; "
+                    f"driver peak RSS {r['driver_peak_rss_mib']:.0f} MiB; {r['output_files']} "
+                    f"output file(s); exactly once: {once}; load {r['load_before']:.1f} -> "
+                    f"{r['load_after']:.1f}. The model's forward is the cost here, not the reader."
+                ),
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -441,8 +538,9 @@ def main(args: argparse.Namespace) -> int:
     extra = shlex.split(args.score_args)
     # Every row is an error row on purpose: a memscore that stops runs with too many errors
     # must be told not to.
-    helptext = subprocess.run(["memscore", "score", "--help"], capture_output=True,
-                              text=True).stdout
+    helptext = subprocess.run(
+        ["memscore", "score", "--help"], capture_output=True, text=True
+    ).stdout
     if "--max-error-fraction" in helptext and "--max-error-fraction" not in extra:
         extra += ["--max-error-fraction", "1"]
     args.extra = extra
@@ -462,10 +560,13 @@ def main(args: argparse.Namespace) -> int:
                 made = time.perf_counter() - clock
                 output = work / f"out-{rows}-{fmt}"
                 shutil.rmtree(output, ignore_errors=True)
-                result = {"rows": rows, "format": fmt,
-                          "manifest_mib": manifest.stat().st_size / 2**20,
-                          "generate_s": made,
-                          **run_score(manifest, output, extra, args.timeout)}
+                result = {
+                    "rows": rows,
+                    "format": fmt,
+                    "manifest_mib": manifest.stat().st_size / 2**20,
+                    "generate_s": made,
+                    **run_score(manifest, output, extra, args.timeout),
+                }
                 if result["returncode"] == 0 and not args.no_verify:
                     ok, took, line = run_verify(manifest, output)
                     result.update(verified=ok, verify_s=took, verify_line=line)
@@ -476,8 +577,9 @@ def main(args: argparse.Namespace) -> int:
         wds = None
         if args.webdataset_samples:
             try:
-                wds = measure_webdataset(work / "webdataset", args.webdataset_samples, args.seed,
-                                         extra, args.timeout)
+                wds = measure_webdataset(
+                    work / "webdataset", args.webdataset_samples, args.seed, extra, args.timeout
+                )
             except Exception as exc:  # the runs above are not lost for it
                 wds = {"failed": f"{type(exc).__name__}: {exc}"}
         if wds:

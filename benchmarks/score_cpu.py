@@ -41,10 +41,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The real photos the set is made from (the greyscale ones stay greyscale).
-SOURCES = (*(ROOT / "examples" / "images" / name for name in
-             ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg")),
-           ROOT / "tests" / "data" / "images" / "hubble_deep_field.jpg",
-           ROOT / "tests" / "data" / "images" / "coins.png")
+SOURCES = (
+    *(
+        ROOT / "examples" / "images" / name
+        for name in ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg")
+    ),
+    ROOT / "tests" / "data" / "images" / "hubble_deep_field.jpg",
+    ROOT / "tests" / "data" / "images" / "coins.png",
+)
 #: (share of the set, megapixel range, formats, aspect ratios width/height)
 KINDS = {
     "phone": (0.3, (6.0, 12.0), ("JPEG",), (4 / 3, 3 / 4, 16 / 9)),
@@ -74,11 +78,15 @@ json.dump(scores, open(sys.argv[2], 'w'))
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=250,
-                        help="images in the generated folder (default 250)")
+    parser.add_argument(
+        "--images", type=int, default=250, help="images in the generated folder (default 250)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the image set (default 0)")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"),
-                        help="Markdown file the results are written to")
+    parser.add_argument(
+        "--results",
+        default=str(ROOT / "benchmarks" / "RESULTS.md"),
+        help="Markdown file the results are written to",
+    )
     return parser.parse_args(argv)
 
 
@@ -127,8 +135,7 @@ def make_images(folder: Path, n: int, seed: int) -> list[dict]:
         scale = rng.uniform(0.6, 1.0)
         cw, ch = max(16, int(cw * scale)), max(16, int(ch * scale))
         left, top = rng.integers(0, sw - cw + 1), rng.integers(0, sh - ch + 1)
-        image = source.crop((left, top, left + cw, top + ch)).resize((width, height),
-                                                                     Image.BICUBIC)
+        image = source.crop((left, top, left + cw, top + ch)).resize((width, height), Image.BICUBIC)
         pixels = np.asarray(image, dtype=np.int16)
         dy, dx = rng.integers(0, 1031, 2)
         tile = np.roll(noise, (-dy, -dx), axis=(0, 1))
@@ -141,8 +148,15 @@ def make_images(folder: Path, n: int, seed: int) -> list[dict]:
             image.save(path, "JPEG", quality=int(rng.integers(*QUALITY[kind])))
         else:
             image.save(path, "PNG")
-        made.append({"path": str(path), "kind": kind, "megapixels": width * height / 1e6,
-                     "mode": image.mode, "bytes": path.stat().st_size})
+        made.append(
+            {
+                "path": str(path),
+                "kind": kind,
+                "megapixels": width * height / 1e6,
+                "mode": image.mode,
+                "bytes": path.stat().st_size,
+            }
+        )
     return made
 
 
@@ -206,8 +220,15 @@ def timed(command: list[str]) -> dict:
     if done.returncode:
         raise SystemExit(f"{command[:3]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-    result = {"wall": wall, "cpu": cpu, "left": left, "stdout": done.stdout,
-              "stderr": done.stderr, "others": None, "steal": None}
+    result = {
+        "wall": wall,
+        "cpu": cpu,
+        "left": left,
+        "stdout": done.stdout,
+        "stderr": done.stderr,
+        "others": None,
+        "steal": None,
+    }
     if ticks and after_ticks and len(ticks) >= 8:
         delta = [b - a for a, b in zip(ticks, after_ticks)][:8]  # user..steal
         hz = os.sysconf("SC_CLK_TCK")
@@ -229,16 +250,22 @@ def run_memscore(folder: Path, workdir: Path) -> tuple[dict, dict[str, float], d
 
     out = workdir / "memscore_out"
     script = Path(sys.executable).parent / "memscore"
-    command = ([str(script)] if script.exists()
-               else [sys.executable, "-c", "import sys; from memscore.cli import main; "
-                     "sys.exit(main())"])
+    command = (
+        [str(script)]
+        if script.exists()
+        else [sys.executable, "-c", "import sys; from memscore.cli import main; sys.exit(main())"]
+    )
     result = timed(command + ["score", str(folder), "--output", str(out)])
     table = pq.read_table(out, columns=["path", "memorability", "memscore_error"])
     errors = [e for e in table.column("memscore_error").to_pylist() if e]
     if errors:
         raise SystemExit(f"memscore could not score {len(errors)} images: {errors[:3]}")
-    scores = dict(zip([Path(p).name for p in table.column("path").to_pylist()],
-                      table.column("memorability").to_pylist()))
+    scores = dict(
+        zip(
+            [Path(p).name for p in table.column("path").to_pylist()],
+            table.column("memorability").to_pylist(),
+        )
+    )
     return result, scores, json.loads((out / "_memscore.json").read_text())
 
 
@@ -250,13 +277,23 @@ def percent(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.0f}%"
 
 
-def report(args, images: list[dict], package: dict, ours: dict, summary: dict,
-           diff: float, torch_version: str) -> list[str]:
+def report(
+    args,
+    images: list[dict],
+    package: dict,
+    ours: dict,
+    summary: dict,
+    diff: float,
+    torch_version: str,
+) -> list[str]:
     n = len(images)
     kinds = {k: [im for im in images if im["kind"] == k] for k in KINDS}
     set_line = "; ".join(
         f"{k} {len(v)} ({min(im['megapixels'] for im in v):.1f}-"
-        f"{max(im['megapixels'] for im in v):.1f} MP)" for k, v in kinds.items() if v)
+        f"{max(im['megapixels'] for im in v):.1f} MP)"
+        for k, v in kinds.items()
+        if v
+    )
     grey = sum(im["mode"] == "L" for im in images)
     size = sum(im["bytes"] for im in images) / 2**20
     ratio = package["wall"] / ours["wall"]
@@ -281,9 +318,11 @@ def report(args, images: list[dict], package: dict, ours: dict, summary: dict,
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows:
-        lines.append(f"| {name} | {r['wall']:.1f} | {n / r['wall']:.2f} | {r['cpu']:.1f} "
-                     f"({r['cpu'] / r['wall']:.2f}) | {cores_text(r['others'])} | "
-                     f"{percent(r['steal'])} |")
+        lines.append(
+            f"| {name} | {r['wall']:.1f} | {n / r['wall']:.2f} | {r['cpu']:.1f} "
+            f"({r['cpu'] / r['wall']:.2f}) | {cores_text(r['others'])} | "
+            f"{percent(r['steal'])} |"
+        )
     lines += [
         "",
         f"- **(a) / (b) = {ratio:.2f}** (wall time of the package loop over memscore's; "
@@ -294,7 +333,7 @@ def report(args, images: list[dict], package: dict, ours: dict, summary: dict,
         f"wall time, {ours['wall'] - summary['wall_time_s']:.1f} s, is Python's start, "
         "imports, the scan and Ray's start and shutdown",
         "- The machine is a shared VM whose speed drifts by 10-30% from minute to minute; "
-        "\"other processes\" is the CPU the rest of the machine used while each ran (other "
+        '"other processes" is the CPU the rest of the machine used while each ran (other '
         "people's work on it), out of its cores.",
     ]
     others = [r["others"] for r in (package, ours) if r["others"] is not None]
@@ -307,7 +346,8 @@ def report(args, images: list[dict], package: dict, ours: dict, summary: dict,
             f"(spinning) at every operator, and one-image forward passes run {batch} times as "
             f"many operators per image as (b)'s batches of {batch}, so contention slows (a) "
             "far more. "
-            "This ratio says little about a quiet machine.")
+            "This ratio says little about a quiet machine."
+        )
     return lines + [""]
 
 
@@ -332,8 +372,10 @@ def main(args: argparse.Namespace) -> None:
     if not subreaper:
         lines.append("- CPU times leave out the processes Ray left behind (no subreaper here).")
     if ours["left"]:
-        lines.append(f"- {ours['left']} of memscore's processes were still running 60 s "
-                     "after it exited; their CPU time is not counted.")
+        lines.append(
+            f"- {ours['left']} of memscore's processes were still running 60 s "
+            "after it exited; their CPU time is not counted."
+        )
     Path(args.results).write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import io
 import os
 import platform
@@ -61,8 +62,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "benchmarks" / "GPU_RESULTS.md"
 #: The real photos the inputs are made from (camera.png is greyscale; it is converted to RGB as
 #: the decode stage converts every image).
-PHOTOS = tuple(ROOT / "examples" / "images" / name for name in
-               ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg"))
+PHOTOS = tuple(
+    ROOT / "examples" / "images" / name
+    for name in ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg")
+)
 #: What the GPU should reach in bf16 on an H100/H200-class chip (issue 16): about a third of the
 #: dense bf16 peak at 27.2 GFLOP per image.
 TARGET = 10_000
@@ -83,8 +86,12 @@ class Config:
 CONFIGS = (
     Config("fp32, TF32 off, NCHW (reference)", "fp32", False),
     Config("fp32, TF32 off, channels_last", "fp32", True),
-    Config("PyTorch defaults (cuDNN TF32 convs), channels_last: memscore today", "default", True,
-           cuda_only=True),
+    Config(
+        "PyTorch defaults (cuDNN TF32 convs), channels_last: memscore today",
+        "default",
+        True,
+        cuda_only=True,
+    ),
     Config("TF32 convs + matmuls, NCHW", "tf32", False, cuda_only=True),
     Config("TF32 convs + matmuls, channels_last", "tf32", True, cuda_only=True),
     Config("bf16 autocast, NCHW", "bf16", False),
@@ -98,40 +105,80 @@ CONFIGS = (
 )
 #: PyTorch's own settings, read before anything changes them: the "PyTorch defaults" row.
 DEFAULT_FLAGS = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16w": torch.bfloat16,
-        "fp16w": torch.float16}
+HALF = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "bf16w": torch.bfloat16,
+    "fp16w": torch.float16,
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", default=None,
-                        help="Markdown file to write (default benchmarks/GPU_RESULTS.md, "
-                        "only when CUDA is used)")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="Markdown file to write (default benchmarks/GPU_RESULTS.md, only when CUDA is used)",
+    )
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny batches and few iterations: a CPU smoke test of the script")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                        help="model-stage batch sizes (default 64 128 256; --quick: 1)")
-    parser.add_argument("--iterations", type=int, default=None,
-                        help="timed batches per measurement (default 10; --quick: 1)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed batches before each measurement (default 3; --quick: 0)")
-    parser.add_argument("--score-images", type=int, default=None,
-                        help="photo crops the score differences are measured on (default 256; "
-                        "--quick: 2)")
-    parser.add_argument("--decode-sizes", nargs="+", default=["500x375", "1024x768", "2048x1536"],
-                        help="JPEG sizes WIDTHxHEIGHT for the decode comparison")
-    parser.add_argument("--decode-images", type=int, default=None,
-                        help="JPEGs per size (default 128, one GPU batch; --quick: 4)")
-    parser.add_argument("--weights", default=None,
-                        help="a ResMem state_dict file (e.g. resmem/model.pt), loaded strictly; "
-                        "default: seeded random weights")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny batches and few iterations: a CPU smoke test of the script",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="model-stage batch sizes (default 64 128 256; --quick: 1)",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="timed batches per measurement (default 10; --quick: 1)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed batches before each measurement (default 3; --quick: 0)",
+    )
+    parser.add_argument(
+        "--score-images",
+        type=int,
+        default=None,
+        help="photo crops the score differences are measured on (default 256; --quick: 2)",
+    )
+    parser.add_argument(
+        "--decode-sizes",
+        nargs="+",
+        default=["500x375", "1024x768", "2048x1536"],
+        help="JPEG sizes WIDTHxHEIGHT for the decode comparison",
+    )
+    parser.add_argument(
+        "--decode-images",
+        type=int,
+        default=None,
+        help="JPEGs per size (default 128, one GPU batch; --quick: 4)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="a ResMem state_dict file (e.g. resmem/model.pt), loaded strictly; "
+        "default: seeded random weights",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
-    for name, full, small in (("batch_sizes", [64, 128, 256], [1]), ("iterations", 10, 1),
-                              ("warmup", 3, 0), ("score_images", 256, 2),
-                              ("decode_images", 128, 4)):
+    for name, full, small in (
+        ("batch_sizes", [64, 128, 256], [1]),
+        ("iterations", 10, 1),
+        ("warmup", 3, 0),
+        ("score_images", 256, 2),
+        ("decode_images", 128, 4),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     args.decode_sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.decode_sizes]
@@ -139,6 +186,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------- inputs
+
 
 def _resmem():
     """memscore's ResMem class and its preprocessing; the repository root goes on sys.path.
@@ -203,15 +251,18 @@ def make_jpegs(size: tuple[int, int], seed: int) -> list[bytes]:
         pixels = pixels + rng.normal(0.0, 3.0, pixels.shape).astype(np.int16)
         buffer = io.BytesIO()
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-            buffer, "JPEG", quality=90, subsampling=2)
+            buffer, "JPEG", quality=90, subsampling=2
+        )
         out.append(buffer.getvalue())
     return out
 
 
 # ----------------------------------------------------------------------------------------- model
 
-def build_model(args, photos: np.ndarray, preprocess, device: torch.device
-                ) -> tuple[nn.Module, str]:
+
+def build_model(
+    args, photos: np.ndarray, preprocess, device: torch.device
+) -> tuple[nn.Module, str]:
     """ResMem with ``--weights``, or seeded random weights calibrated on ``photos`` (the images
     the score differences are measured on) to give scores that depend on the image."""
     ResMem, _ = _resmem()
@@ -227,7 +278,8 @@ def build_model(args, photos: np.ndarray, preprocess, device: torch.device
         f"the {len(photos)} photo crops of the score differences, and the fully connected head "
         f"initialised from them (each unit to mean 0, each layer to variance 1 across images; "
         f"the logits' standard deviation "
-        f"across images was {before:.2g} before)")
+        f"across images was {before:.2g} before)"
+    )
 
 
 #: ResMem's fully connected head in forward order: each but the last is followed by a ReLU (and,
@@ -291,8 +343,10 @@ class Logits:
 
     def __init__(self, model: nn.Module) -> None:
         self.value = self.features = None
-        self._hooks = (model.fc12.register_forward_hook(self._keep),
-                       model.fc6.register_forward_hook(self._keep_features))
+        self._hooks = (
+            model.fc12.register_forward_hook(self._keep),
+            model.fc6.register_forward_hook(self._keep_features),
+        )
 
     def _keep(self, module, inputs, output) -> None:
         self.value = output.detach().float().reshape(-1)
@@ -318,8 +372,11 @@ def count_gflop(model: nn.Module) -> float:
 @contextlib.contextmanager
 def precision(config: Config, device: torch.device):
     """The backend flags and autocast of ``config``; PyTorch's defaults are restored after."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.backends.cudnn.benchmark)
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
     if config.precision in ("fp32", "tf32"):
         torch.backends.cuda.matmul.allow_tf32 = config.precision == "tf32"
         torch.backends.cudnn.allow_tf32 = config.precision == "tf32"
@@ -331,8 +388,11 @@ def precision(config: Config, device: torch.device):
         else:
             yield
     finally:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-         torch.backends.cudnn.benchmark) = saved
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        ) = saved
 
 
 def prepared(base: nn.Module, config: Config, device: torch.device) -> nn.Module:
@@ -388,8 +448,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def model_stage(args, base: nn.Module, photos: np.ndarray, device: torch.device) -> dict:
     """Images/s per configuration and batch size, and score differences against fp32."""
     generator = torch.Generator().manual_seed(args.seed + 2)
-    random_pixels = {b: torch.randint(0, 256, (b, 227, 227, 3), dtype=torch.uint8,
-                                      generator=generator).to(device) for b in args.batch_sizes}
+    random_pixels = {
+        b: torch.randint(0, 256, (b, 227, 227, 3), dtype=torch.uint8, generator=generator).to(
+            device
+        )
+        for b in args.batch_sizes
+    }
     photo_pixels = torch.from_numpy(photos).to(device)
     rates, diffs, reference = {}, {}, None
     for config in CONFIGS:
@@ -409,16 +473,21 @@ def model_stage(args, base: nn.Module, photos: np.ndarray, device: torch.device)
                     "score": float(np.max(np.abs(scores - reference[0]))),
                     "logit": float(np.max(np.abs(z - reference[1]))),
                     # the backbone's rounding alone, whatever the head makes of it
-                    "features": float(np.max(np.linalg.norm(f - reference[2], axis=1)
-                                              / np.linalg.norm(reference[2], axis=1))),
+                    "features": float(
+                        np.max(
+                            np.linalg.norm(f - reference[2], axis=1)
+                            / np.linalg.norm(reference[2], axis=1)
+                        )
+                    ),
                     "spearman": spearman(scores, reference[0]),
                     "finite": bool(np.isfinite(scores).all()),
                 }
                 for b in args.batch_sizes:
                     x = to_input(random_pixels[b], config)
                     try:
-                        seconds = median_seconds(lambda: model(x), args.warmup,
-                                                 args.iterations, device)
+                        seconds = median_seconds(
+                            functools.partial(model, x), args.warmup, args.iterations, device
+                        )
                         rates[config.name, b] = b / seconds
                     except RuntimeError as error:
                         rates[config.name, b] = failure(error)
@@ -433,13 +502,17 @@ def model_stage(args, base: nn.Module, photos: np.ndarray, device: torch.device)
                 rates[config.name, b] = diffs[config.name]
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print(f"{config.name}: " + ", ".join(f"batch {b}: {fmt(rates[config.name, b], 1)}"
-                                             for b in args.batch_sizes), flush=True)
+        print(
+            f"{config.name}: "
+            + ", ".join(f"batch {b}: {fmt(rates[config.name, b], 1)}" for b in args.batch_sizes),
+            flush=True,
+        )
     return {"rates": rates, "diffs": diffs, "reference": reference}
 
 
-def host_to_scores(args, base: nn.Module, preprocess, device: torch.device,
-                   configs: list[Config]) -> list[tuple[str, str, float]]:
+def host_to_scores(
+    args, base: nn.Module, preprocess, device: torch.device, configs: list[Config]
+) -> list[tuple[str, str, float]]:
     """The whole model stage from uint8 numpy pixels to scores on the host, at the largest batch,
     three ways. (a) is ``ScoreImages._to_device`` in ``memscore/stages/predict.py``."""
     if device.type != "cuda":
@@ -451,27 +524,31 @@ def host_to_scores(args, base: nn.Module, preprocess, device: torch.device,
     for config in configs:
         model = prepared(base, config, device)
 
-        def as_predict_py():
+        def as_predict_py(model=model, config=config):
             batch = preprocess.to_tensor(pixels, memory_format=torch.channels_last)
             if config.precision in ("bf16w", "fp16w"):
                 batch = batch.to(HALF[config.precision])
             batch = batch.pin_memory().to(device, non_blocking=True)
             return model(batch).float().cpu().numpy()
 
-        def uint8_copy():
+        def uint8_copy(model=model, config=config):
             batch = torch.from_numpy(pixels).pin_memory().to(device, non_blocking=True)
             return model(to_input(batch, config)).float().cpu().numpy()
 
-        def uint8_reused_buffer():
+        def uint8_reused_buffer(model=model, config=config):
             pinned.numpy()[...] = pixels
             batch = pinned.to(device, non_blocking=True)
             return model(to_input(batch, config)).float().cpu().numpy()
 
         with torch.inference_mode(), precision(config, device):
             for label, step in (
-                    ("(a) float32 on the CPU, pinned copy (memscore.stages.predict today)", as_predict_py),
-                    ("(b) uint8 pinned copy, float conversion on the GPU", uint8_copy),
-                    ("(c) as (b), one reused pinned buffer", uint8_reused_buffer)):
+                (
+                    "(a) float32 on the CPU, pinned copy (memscore.stages.predict today)",
+                    as_predict_py,
+                ),
+                ("(b) uint8 pinned copy, float conversion on the GPU", uint8_copy),
+                ("(c) as (b), one reused pinned buffer", uint8_reused_buffer),
+            ):
                 try:
                     seconds = median_seconds(step, args.warmup, args.iterations, device)
                     rows.append((config.name, label, b / seconds))
@@ -483,6 +560,7 @@ def host_to_scores(args, base: nn.Module, preprocess, device: torch.device,
 
 
 # ---------------------------------------------------------------------------------------- decode
+
 
 def decode(args, preprocess, device: torch.device) -> list[dict]:
     """Pillow + ResMem preprocessing on one core against batched nvJPEG decode + resize/crop."""
@@ -507,9 +585,11 @@ def decode(args, preprocess, device: torch.device) -> list[dict]:
             except (RuntimeError, ValueError) as error:  # e.g. a torchvision built without nvJPEG
                 row["gpu_decode"] = row["gpu_decode_resize"] = failure(error)
         rows.append(row)
-        print(f"decode {size[0]}x{size[1]}: Pillow {row['pillow_per_core']:.1f}/s per core"
-              + (f", GPU {fmt(row['gpu_decode'])}/s" if "gpu_decode" in row else ""),
-              flush=True)
+        print(
+            f"decode {size[0]}x{size[1]}: Pillow {row['pillow_per_core']:.1f}/s per core"
+            + (f", GPU {fmt(row['gpu_decode'])}/s" if "gpu_decode" in row else ""),
+            flush=True,
+        )
     return rows
 
 
@@ -542,6 +622,7 @@ def gpu_decode(args, files: list[bytes], pillow: list[np.ndarray], device: torch
 
 # --------------------------------------------------------------------------------------- report
 
+
 def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -560,17 +641,21 @@ def machine(device: torch.device) -> list[str]:
         pass
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        gpu = (f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability "
-               f"{p.major}.{p.minor}, {p.multi_processor_count} SMs; CUDA {torch.version.cuda}, "
-               f"cuDNN {torch.backends.cudnn.version()}")
+        gpu = (
+            f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability "
+            f"{p.major}.{p.minor}, {p.multi_processor_count} SMs; CUDA {torch.version.cuda}, "
+            f"cuDNN {torch.backends.cudnn.version()}"
+        )
     else:
         gpu = "none (CUDA not available: a CPU run, GPU rows not measured)"
-    return [f"- GPU: {gpu}",
-            f"- CPU: {cpu}, {cores()} cores usable by this process, {torch.get_num_threads()} "
-            f"torch threads",
-            f"- torch {torch.__version__}, torchvision {torchvision.__version__}, Python "
-            f"{platform.python_version()}, {platform.platform()}; PyTorch's defaults: "
-            f"`cudnn.allow_tf32={DEFAULT_FLAGS[0]}`, `cuda.matmul.allow_tf32={DEFAULT_FLAGS[1]}`"]
+    return [
+        f"- GPU: {gpu}",
+        f"- CPU: {cpu}, {cores()} cores usable by this process, {torch.get_num_threads()} "
+        f"torch threads",
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, Python "
+        f"{platform.python_version()}, {platform.platform()}; PyTorch's defaults: "
+        f"`cudnn.allow_tf32={DEFAULT_FLAGS[0]}`, `cuda.matmul.allow_tf32={DEFAULT_FLAGS[1]}`",
+    ]
 
 
 def fmt(x: float | str | None, digits: int = 0) -> str:
@@ -586,15 +671,18 @@ def report(args, argv, device, weights_text, gflop, stage, pipeline, decoded, el
     diffs, scores, big = stage["diffs"], stage["reference"][0], max(bs)
     rates = {k: v for k, v in stage["rates"].items() if not isinstance(v, str)}
     best = max((c for c in CONFIGS if (c.name, big) in rates), key=lambda c: rates[c.name, big])
-    best_bf16 = max((c for c in CONFIGS if (c.name, big) in rates and "bf16" in c.precision),
-                    key=lambda c: rates[c.name, big], default=best)
+    best_bf16 = max(
+        (c for c in CONFIGS if (c.name, big) in rates and "bf16" in c.precision),
+        key=lambda c: rates[c.name, big],
+        default=best,
+    )
     lines = [
         "# GPU benchmark: ResMem's model stage and batched JPEG decode",
         "",
         f"Written by `python benchmarks/score_gpu.py {' '.join(argv)}` on "
         f"{datetime.date.today().isoformat()} in {elapsed:.0f} s"
-        + ("" if cuda else "; **a CPU run: the GPU figures of issue 16 are still to be "
-           "measured**") + ".",
+        + ("" if cuda else "; **a CPU run: the GPU figures of issue 16 are still to be measured**")
+        + ".",
         "",
         *machine(device),
         f"- Model: `memscore/models/resmem.py` (the real architecture), {weights_text}; "
@@ -610,8 +698,11 @@ def report(args, argv, device, weights_text, gflop, stage, pipeline, decoded, el
         f" (random weights{'' if not args.weights else ': no, the given ones'}).",
         f"- Best bf16 at batch {big}: {rates[best_bf16.name, big]:,.0f} images/s "
         f"({best_bf16.name}); the aim on an H100/H200-class GPU is {TARGET:,} images/s"
-        + (f": **{'met' if rates[best_bf16.name, big] >= TARGET else 'not met'}**." if cuda
-           else " (not measurable here)."),
+        + (
+            f": **{'met' if rates[best_bf16.name, big] >= TARGET else 'not met'}**."
+            if cuda
+            else " (not measurable here)."
+        ),
     ]
     if decoded and cuda:
         d = next((r for r in decoded if r["size"] == (1024, 768)), decoded[0])
@@ -619,7 +710,8 @@ def report(args, argv, device, weights_text, gflop, stage, pipeline, decoded, el
             f"- JPEG {d['size'][0]}x{d['size'][1]}: GPU decode + resize "
             f"{fmt(d['gpu_decode_resize'])} images/s; Pillow {d['pillow_per_core']:.0f} per core, "
             f"so about {rates[best.name, big] / d['pillow_per_core']:.0f} cores to feed the "
-            f"fastest model stage ({cores()} here).")
+            f"fastest model stage ({cores()} here)."
+        )
     lines += [
         "",
         "## Model stage: images/s, inputs already on the device",
@@ -627,8 +719,7 @@ def report(args, argv, device, weights_text, gflop, stage, pipeline, decoded, el
         "A uint8 NHWC batch on the device, `float / 255`, the row's layout, the forward pass "
         "under `torch.inference_mode()`.",
         "",
-        "| configuration | " + " | ".join(f"batch {b}" for b in bs)
-        + f" | TFLOP/s at {big} |",
+        "| configuration | " + " | ".join(f"batch {b}" for b in bs) + f" | TFLOP/s at {big} |",
         "| --- | " + " | ".join("---:" for _ in bs) + " | ---: |",
     ]
     for c in CONFIGS:
@@ -638,18 +729,20 @@ def report(args, argv, device, weights_text, gflop, stage, pipeline, decoded, el
         lines.append(f"| {c.name} | " + " | ".join(cells) + f" | {tflops} |")
     lines += [
         "",
-        f"## Score difference against fp32 (TF32 off, NCHW), on the same {len(scores)} photo "
-        "crops",
+        f"## Score difference against fp32 (TF32 off, NCHW), on the same {len(scores)} photo crops",
         "",
         f"Crops of `examples/images` through memscore's ResMem preprocessing; the fp32 scores "
         f"span {scores.min():.3f}-{scores.max():.3f} (standard deviation {scores.std():.3f}). "
         + "Features: the head's input (9216 + 1000 values), |difference| / |fp32| per image, "
         "the largest; it is the backbone's rounding, whatever the head makes of it. "
-        + ("These are the given weights' differences." if args.weights else
-           "With random weights (see Model above) these show the size of each precision's "
-           "rounding, not what the published weights do: a random network's features vary "
-           "little from image to image, so its calibrated head magnifies rounding, and the "
-           "score columns overstate it. Measure the published weights with `--weights`."),
+        + (
+            "These are the given weights' differences."
+            if args.weights
+            else "With random weights (see Model above) these show the size of each precision's "
+            "rounding, not what the published weights do: a random network's features vary "
+            "little from image to image, so its calibrated head magnifies rounding, and the "
+            "score columns overstate it. Measure the published weights with `--weights`."
+        ),
         "",
         "| configuration | max abs diff, score | max abs diff, logit | features, max relative "
         "diff | Spearman vs fp32 |",
@@ -662,10 +755,15 @@ def report(args, argv, device, weights_text, gflop, stage, pipeline, decoded, el
         elif not d["finite"]:
             lines.append(f"| {c.name} | non-finite scores | - | - | - |")
         else:
-            lines.append(f"| {c.name} | {d['score']:.2g} | {d['logit']:.2g} | "
-                         f"{d['features']:.2g} | {d['spearman']:.6f} |")
-    lines += ["", f"## Host to scores at batch {big}: uint8 pixels in host memory to scores "
-              "in host memory", ""]
+            lines.append(
+                f"| {c.name} | {d['score']:.2g} | {d['logit']:.2g} | "
+                f"{d['features']:.2g} | {d['spearman']:.6f} |"
+            )
+    lines += [
+        "",
+        f"## Host to scores at batch {big}: uint8 pixels in host memory to scores in host memory",
+        "",
+    ]
     if pipeline:
         lines += ["| configuration | path | images/s |", "| --- | --- | ---: |"]
         lines += [f"| {c} | {p} | {fmt(r)} |" for c, p, r in pipeline]
@@ -687,16 +785,25 @@ def report(args, argv, device, weights_text, gflop, stage, pipeline, decoded, el
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in decoded:
-        gpu = [fmt(r.get("gpu_decode")), fmt(r.get("gpu_decode_resize")),
-               fmt(r.get("gpu_decode_resize_cpu_ms"), 2),
-               f"{r['pixel_mean']:.2f} / {r['pixel_max']}" if "pixel_mean" in r
-               else "not measured (no CUDA)"]
-        lines.append(f"| {r['size'][0]}x{r['size'][1]} | {r['kb']:.0f} | "
-                     f"{r['pillow_per_core']:.1f} | {r['pillow_cpu_ms']:.1f} | "
-                     f"{r['pillow_per_core'] * cores():,.0f} | " + " | ".join(gpu) + " |")
-    lines += ["", "GPU-decoded pixels differ from Pillow's (another IDCT and chroma upsampling, "
-              "another resize), so a GPU decode path changes scores slightly: measure that with "
-              "`--weights` before offering it."]
+        gpu = [
+            fmt(r.get("gpu_decode")),
+            fmt(r.get("gpu_decode_resize")),
+            fmt(r.get("gpu_decode_resize_cpu_ms"), 2),
+            f"{r['pixel_mean']:.2f} / {r['pixel_max']}"
+            if "pixel_mean" in r
+            else "not measured (no CUDA)",
+        ]
+        lines.append(
+            f"| {r['size'][0]}x{r['size'][1]} | {r['kb']:.0f} | "
+            f"{r['pillow_per_core']:.1f} | {r['pillow_cpu_ms']:.1f} | "
+            f"{r['pillow_per_core'] * cores():,.0f} | " + " | ".join(gpu) + " |"
+        )
+    lines += [
+        "",
+        "GPU-decoded pixels differ from Pillow's (another IDCT and chroma upsampling, "
+        "another resize), so a GPU decode path changes scores slightly: measure that with "
+        "`--weights` before offering it.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -708,8 +815,10 @@ def main(argv=None) -> Path:
     else:
         device = torch.device(args.device)
     if args.results is None and device.type != "cuda":
-        raise SystemExit(f"no CUDA here: pass --results PATH ({DEFAULT_RESULTS.name} holds GPU "
-                         "figures and a CPU run must not overwrite it)")
+        raise SystemExit(
+            f"no CUDA here: pass --results PATH ({DEFAULT_RESULTS.name} holds GPU "
+            "figures and a CPU run must not overwrite it)"
+        )
     results = Path(args.results) if args.results else DEFAULT_RESULTS
     if device.type == "cpu":
         torch.set_num_threads(cores())
@@ -726,14 +835,26 @@ def main(argv=None) -> Path:
     done(f"{gflop:.1f} GFLOP per image")
     stage = model_stage(args, base, photos, device)
     done("model stage")
-    fastest = [c for c in CONFIGS if c.precision in ("default", "bf16", "bf16w")
-               and c.channels_last and not c.cudnn_benchmark]
+    fastest = [
+        c
+        for c in CONFIGS
+        if c.precision in ("default", "bf16", "bf16w") and c.channels_last and not c.cudnn_benchmark
+    ]
     pipeline = host_to_scores(args, base, preprocess, device, fastest)
     done("host to scores")
     decoded = decode(args, preprocess, device)
     done("decode")
-    text = report(args, argv, device, weights_text, gflop, stage, pipeline, decoded,
-                  time.perf_counter() - start)
+    text = report(
+        args,
+        argv,
+        device,
+        weights_text,
+        gflop,
+        stage,
+        pipeline,
+        decoded,
+        time.perf_counter() - start,
+    )
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(text)
     print(f"wrote {results}")

@@ -48,13 +48,20 @@ from score_cpu import machine, make_images  # noqa: E402  (the same image set)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=64,
-                        help="images in the generated folder (default 64)")
+    parser.add_argument(
+        "--images", type=int, default=64, help="images in the generated folder (default 64)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the image set (default 0)")
-    parser.add_argument("--concurrency", default="1,8,32",
-                        help="client concurrencies, comma-separated (default 1,8,32)")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "SERVE_RESULTS.md"),
-                        help="Markdown file the results are written to")
+    parser.add_argument(
+        "--concurrency",
+        default="1,8,32",
+        help="client concurrencies, comma-separated (default 1,8,32)",
+    )
+    parser.add_argument(
+        "--results",
+        default=str(ROOT / "benchmarks" / "SERVE_RESULTS.md"),
+        help="Markdown file the results are written to",
+    )
     return parser.parse_args(argv)
 
 
@@ -68,14 +75,21 @@ def run_batch(folder: Path, workdir: Path, name: str) -> tuple[dict, dict[str, f
     import pyarrow.parquet as pq
 
     out = workdir / name
-    done = subprocess.run(_memscore() + ["score", str(folder), "--output", str(out)],
-                          capture_output=True, text=True,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    done = subprocess.run(
+        _memscore() + ["score", str(folder), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
     if done.returncode != 0:
         raise SystemExit(f"memscore score failed ({done.returncode}):\n{done.stderr[-3000:]}")
     table = pq.read_table(out, columns=["path", "memorability"])
-    scores = dict(zip((Path(p).name for p in table.column("path").to_pylist()),
-                      table.column("memorability").to_pylist()))
+    scores = dict(
+        zip(
+            (Path(p).name for p in table.column("path").to_pylist()),
+            table.column("memorability").to_pylist(),
+        )
+    )
     return json.loads((out / "_memscore.json").read_text()), scores
 
 
@@ -90,9 +104,12 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
 
     port = _free_port()
     log = open(workdir / "serve.log", "wb")
-    process = subprocess.Popen(_memscore() + ["serve", "--port", str(port)], stdout=log,
-                               stderr=subprocess.STDOUT,
-                               env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    process = subprocess.Popen(
+        _memscore() + ["serve", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     try:
@@ -143,12 +160,16 @@ def load(url: str, paths: list[Path], concurrency: int, requests_n: int) -> dict
         results = list(pool.map(one, range(requests_n)))
     wall = time.perf_counter() - started
     latencies = np.array([latency for _, latency, _ in results])
-    return {"concurrency": concurrency, "requests": requests_n, "wall_s": wall,
-            "requests_per_s": requests_n / wall,
-            "p50_s": float(np.percentile(latencies, 50)),
-            "p95_s": float(np.percentile(latencies, 95)),
-            "mean_batch": float(np.mean([image["batch_size"] for _, _, image in results])),
-            "scores": {name: image["memorability"] for name, _, image in results}}
+    return {
+        "concurrency": concurrency,
+        "requests": requests_n,
+        "wall_s": wall,
+        "requests_per_s": requests_n / wall,
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p95_s": float(np.percentile(latencies, 95)),
+        "mean_batch": float(np.mean([image["batch_size"] for _, _, image in results])),
+        "scores": {name: image["memorability"] for name, _, image in results},
+    }
 
 
 def costs(paths: list[Path], forwards: int = 8) -> dict:
@@ -162,8 +183,8 @@ def costs(paths: list[Path], forwards: int = 8) -> dict:
     from ray.data.extensions import ArrowTensorArray
 
     from memscore.columns import ERROR, HEIGHT, WIDTH, pixels_column
-    from memscore.stages.decode import decode_image_bytes
     from memscore.models import get_model_weights
+    from memscore.stages.decode import decode_image_bytes
     from memscore.stages.predict import ScoreImages
 
     preprocess = {"resmem": get_model_weights("resmem").DEFAULT.transforms}
@@ -173,25 +194,38 @@ def costs(paths: list[Path], forwards: int = 8) -> dict:
     decode = (time.perf_counter() - started) / len(paths)
     scorer = ScoreImages(("resmem",), torch_threads=1)
     times = []
-    for array in arrays[:forwards + 1]:
-        table = pa.table({WIDTH: pa.nulls(1, pa.int32()), HEIGHT: pa.nulls(1, pa.int32()),
-                          ERROR: pa.nulls(1, pa.string()),
-                          pixels_column("resmem"): ArrowTensorArray.from_numpy(array[None])})
+    for array in arrays[: forwards + 1]:
+        table = pa.table(
+            {
+                WIDTH: pa.nulls(1, pa.int32()),
+                HEIGHT: pa.nulls(1, pa.int32()),
+                ERROR: pa.nulls(1, pa.string()),
+                pixels_column("resmem"): ArrowTensorArray.from_numpy(array[None]),
+            }
+        )
         started = time.perf_counter()
         scorer(table)
         times.append(time.perf_counter() - started)
     return {"decode_s": decode, "forward_s": float(np.median(times[1:]))}  # [0]: warm-up
 
 
-def report(args, images: list[dict], batches: list[dict], levels: list[dict], diff: float,
-           loads: tuple, cost: dict) -> list[str]:
+def report(
+    args,
+    images: list[dict],
+    batches: list[dict],
+    levels: list[dict],
+    diff: float,
+    loads: tuple,
+    cost: dict,
+) -> list[str]:
     from importlib.metadata import version
 
     kinds = {}
     for image in images:
         kinds.setdefault(image["kind"], []).append(image["megapixels"])
-    mix = ", ".join(f"{len(mp)} {kind} ({min(mp):.1f}-{max(mp):.1f} MP)"
-                    for kind, mp in sorted(kinds.items()))
+    mix = ", ".join(
+        f"{len(mp)} {kind} ({min(mp):.1f}-{max(mp):.1f} MP)" for kind, mp in sorted(kinds.items())
+    )
     rates = [batch["images_per_s"] for batch in batches]
     rate = float(np.mean(rates))
     shown_rates = " and ".join(f"{r:.2f}" for r in rates)
@@ -219,10 +253,12 @@ def report(args, images: list[dict], batches: list[dict], levels: list[dict], di
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for level in levels:
-        lines.append(f"| {level['concurrency']} | {level['requests']} | "
-                     f"{level['requests_per_s']:.2f} | {level['p50_s']:.2f} s | "
-                     f"{level['p95_s']:.2f} s | {level['mean_batch']:.1f} | "
-                     f"{level['requests_per_s'] / rate:.2f} |")
+        lines.append(
+            f"| {level['concurrency']} | {level['requests']} | "
+            f"{level['requests_per_s']:.2f} | {level['p50_s']:.2f} s | "
+            f"{level['p95_s']:.2f} s | {level['mean_batch']:.1f} | "
+            f"{level['requests_per_s'] / rate:.2f} |"
+        )
     lines += [
         "",
         f"Served scores against the batch job's: largest difference {diff:.1e} "
@@ -262,8 +298,11 @@ def main(args: argparse.Namespace) -> None:
         cost = costs(paths)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    diff = max(abs(level["scores"][name] - batch_scores[name])
-               for level in levels for name in level["scores"])
+    diff = max(
+        abs(level["scores"][name] - batch_scores[name])
+        for level in levels
+        for name in level["scores"]
+    )
     lines = report(args, images, [first, second], levels, diff, (before, after), cost)
     Path(args.results).write_text("\n".join(lines))
     print("\n".join(lines))

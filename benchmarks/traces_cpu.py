@@ -39,24 +39,35 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 ENCODERS = ("clip", "dinov2", "siglip2")
-PHOTOS = sorted(p for p in (ROOT / "examples" / "images").iterdir()
-                if p.suffix in (".png", ".jpg"))
+PHOTOS = sorted(p for p in (ROOT / "examples" / "images").iterdir() if p.suffix in (".png", ".jpg"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16,
-                        help="images per forward pass (default 16)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="timed rounds after the warm-up (default 5)")
-    parser.add_argument("--encoders", default=",".join(ENCODERS),
-                        help="comma-separated, from clip,dinov2,siglip2 (default: all)")
+    parser.add_argument(
+        "--batch", type=int, default=16, help="images per forward pass (default 16)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="timed rounds after the warm-up (default 5)"
+    )
+    parser.add_argument(
+        "--encoders",
+        default=",".join(ENCODERS),
+        help="comma-separated, from clip,dinov2,siglip2 (default: all)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's, every core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's, every core)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "TRACES_RESULTS.md"),
-                        help="Markdown file to write (default benchmarks/TRACES_RESULTS.md)")
+    parser.add_argument(
+        "--results",
+        default=str(ROOT / "benchmarks" / "TRACES_RESULTS.md"),
+        help="Markdown file to write (default benchmarks/TRACES_RESULTS.md)",
+    )
     return parser.parse_args(argv)
 
 
@@ -112,9 +123,11 @@ def measure(encoder: str, args, device) -> dict:
 
     # compute_traces' inputs, once, for timing the math alone
     rows: list = []
-    hook = [m.register_forward_hook(lambda m, a, o: rows.append(o[1][:, :, 0].float().mean(1)))
-            for m in eager.modules()
-            if isinstance(m, type(eager)._can_record_outputs["attentions"])]
+    hook = [
+        m.register_forward_hook(lambda m, a, o: rows.append(o[1][:, :, 0].float().mean(1)))
+        for m in eager.modules()
+        if isinstance(m, type(eager)._can_record_outputs["attentions"])
+    ]
     with torch.inference_mode():
         hidden = eager(pixel_values=pixels, output_hidden_states=True).hidden_states
     for h in hook:
@@ -135,9 +148,12 @@ def measure(encoder: str, args, device) -> dict:
                     times[name].append(seconds)
         check = traces(pixels)
     assert all(torch.isfinite(v).all() for v in check.values())
-    return {"tokens": hidden[0].shape[1], "layers": len(hidden) - 1,
-            "median_s": {name: statistics.median(t) for name, t in times.items()},
-            "spread": {name: (min(t), max(t)) for name, t in times.items()}}
+    return {
+        "tokens": hidden[0].shape[1],
+        "layers": len(hidden) - 1,
+        "median_s": {name: statistics.median(t) for name, t in times.items()},
+        "spread": {name: (min(t), max(t)) for name, t in times.items()},
+    }
 
 
 def describe_machine(device) -> str:
@@ -159,7 +175,8 @@ def report(results: dict, args, device, load) -> str:
         "",
         f"Measured {dt.date.today().isoformat()} by `python benchmarks/traces_cpu.py "
         f"--batch {args.batch} --rounds {args.rounds} --device {args.device}"
-        + (f" --threads {args.threads}" if args.threads else "") + "`.",
+        + (f" --threads {args.threads}" if args.threads else "")
+        + "`.",
         "",
         f"- machine: {describe_machine(device)}",
         f"- torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), "
@@ -181,11 +198,16 @@ def report(results: dict, args, device, load) -> str:
         base_median = r["median_s"]["plain (eager)"]
         for name, median in r["median_s"].items():
             low, high = r["spread"][name]
-            cost = ("" if name == "plain (eager)"
-                    else f"{low / base_low:.2f}x, {median / base_median:.2f}x")
-            lines.append(f"| {encoder} | {r['tokens']} x {r['layers']} | {name} | "
-                         f"{low:.3f}, {median:.3f} ({high:.3f}) | {args.batch / low:.1f} "
-                         f"| {cost} |")
+            cost = (
+                ""
+                if name == "plain (eager)"
+                else f"{low / base_low:.2f}x, {median / base_median:.2f}x"
+            )
+            lines.append(
+                f"| {encoder} | {r['tokens']} x {r['layers']} | {name} | "
+                f"{low:.3f}, {median:.3f} ({high:.3f}) | {args.batch / low:.1f} "
+                f"| {cost} |"
+            )
     lines += [
         "",
         "`trace math` is part of `traces`; `traces` minus `plain (eager)` is the whole cost of "

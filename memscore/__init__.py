@@ -18,9 +18,18 @@ from memscore.scoring.config import ScoreConfig
 # The jobs' modules are named for what they do (`finetuning`, `evaluation`), not for the
 # functions, so that `memscore.finetune` and `memscore.evaluate` stay these functions once the
 # modules are imported (a submodule is set as an attribute of its package on import).
-__all__ = ["MemscoreError", "ScoreConfig", "FinetuneConfig", "EvaluateConfig", "score",
-           "finetune", "evaluate",
-           "list_models", "get_model", "__version__"]
+__all__ = [
+    "MemscoreError",
+    "ScoreConfig",
+    "FinetuneConfig",
+    "EvaluateConfig",
+    "score",
+    "finetune",
+    "evaluate",
+    "list_models",
+    "get_model",
+    "__version__",
+]
 __version__ = "0.1.0"
 
 

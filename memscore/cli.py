@@ -29,10 +29,21 @@ from memscore.scoring.config import ScoreConfig
 from memscore.train_sae.config import TrainSAEConfig
 from memscore.training.run_folder import NOTHING_TO_DO
 
-__all__ = ["main", "guarded", "add_debug_flag", "add_output_flags", "build_parser",
-           "format_summary_line", "format_finetune_line", "score_command", "finetune_command",
-           "evaluate_command", "serve_command", "train_sae_command", "job_entrypoint"]
-
+__all__ = [
+    "main",
+    "guarded",
+    "add_debug_flag",
+    "add_output_flags",
+    "build_parser",
+    "format_summary_line",
+    "format_finetune_line",
+    "score_command",
+    "finetune_command",
+    "evaluate_command",
+    "serve_command",
+    "train_sae_command",
+    "job_entrypoint",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "The same command with the same --name resumes an interrupted run.",
     )
     add_arguments(sae, TrainSAEConfig)
-    listing = commands.add_parser("models", help="list the registered models, their weights "
-                                  "and licences")
+    listing = commands.add_parser(
+        "models", help="list the registered models, their weights and licences"
+    )
     listing.add_argument("--json", action="store_true", help="print the registry as JSON")
     check = commands.add_parser(
         "verify",
@@ -86,14 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("output", help="the --output folder of a run (local or s3://)")
     check.add_argument("--manifest", required=True, help="the run's manifest")
     check.add_argument("--path-column", help="the manifest's path column (default: the run's)")
-    check.add_argument("--id-column", help="match rows by this column (default: the run's "
-                       "--id-column, else memscore_row)")
-    check.add_argument("--ignore-identity", action="store_true",
-                       help="the manifest moved or was copied on purpose: skip the check that "
-                       "it is the run's (its path and fingerprint, as the run recorded them) "
-                       "and match rows by their paths instead of their positions")
-    check.add_argument("--storage-option", dest="storage_options", action="append",
-                       metavar="KEY=VALUE", help="fsspec/s3fs option, as for score")
+    check.add_argument(
+        "--id-column",
+        help="match rows by this column (default: the run's --id-column, else memscore_row)",
+    )
+    check.add_argument(
+        "--ignore-identity",
+        action="store_true",
+        help="the manifest moved or was copied on purpose: skip the check that "
+        "it is the run's (its path and fingerprint, as the run recorded them) "
+        "and match rows by their paths instead of their positions",
+    )
+    check.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec/s3fs option, as for score",
+    )
     evaluation = commands.add_parser(
         "evaluate",
         help="compare predictions with measured memorability: metrics, figures, a report",
@@ -134,8 +156,10 @@ def format_summary_line(summary: dict) -> str:
         'memscore: already complete: nothing to do: 5 rows, 4 scored, 1 error -> scores/'
     """
     skipped = summary.get("non_image_files_skipped")
-    counts = (f"{counted(summary['rows_out'], 'row')}, {summary['rows_scored']} scored, "
-              f"{counted(summary['rows_with_errors'], 'error')}")
+    counts = (
+        f"{counted(summary['rows_out'], 'row')}, {summary['rows_scored']} scored, "
+        f"{counted(summary['rows_with_errors'], 'error')}"
+    )
     if summary.get("work_done") is False:  # the old run's speed is not this command's
         return f"memscore: {NOTHING_TO_DO}: {counts} -> {summary['output']}"
     rate = summary.get("images_per_s")
@@ -159,10 +183,12 @@ def format_finetune_line(summary: dict) -> str:
     """
     best = summary.get("best") or {}
     rho = best.get("val_spearman")
-    validation = (f"validation Spearman {rho:.3f}" if _defined(rho) else
-                  "validation Spearman undefined"
-                  + (f" on {counted(best['val_rows'], 'row')}" if best.get("val_rows") is not None
-                     else ""))
+    validation = (
+        f"validation Spearman {rho:.3f}"
+        if _defined(rho)
+        else "validation Spearman undefined"
+        + (f" on {counted(best['val_rows'], 'row')}" if best.get("val_rows") is not None else "")
+    )
     test_rows = (summary.get("rows_per_split") or {}).get("test", 0)
     test = summary.get("test")
     if test is None:
@@ -170,11 +196,15 @@ def format_finetune_line(summary: dict) -> str:
     else:
         overall = (test.get("metrics") or {}).get("overall") or {}
         spearman = overall.get("spearman")
-        tested = (f"test Spearman {spearman:.3f}" if _defined(spearman) else
-                  f"test Spearman undefined on {counted(overall.get('n', test_rows), 'row')}")
+        tested = (
+            f"test Spearman {spearman:.3f}"
+            if _defined(spearman)
+            else f"test Spearman undefined on {counted(overall.get('n', test_rows), 'row')}"
+        )
     epoch = best.get("epoch")
-    head = (f"{counted(summary['epochs_run'], 'epoch')}, "
-            + (f"best epoch {epoch} ({validation})" if epoch is not None else "no best epoch"))
+    head = f"{counted(summary['epochs_run'], 'epoch')}, " + (
+        f"best epoch {epoch} ({validation})" if epoch is not None else "no best epoch"
+    )
     if summary.get("work_done") is False:
         head = f"{NOTHING_TO_DO}: {head}"
     return f"memscore: {head}, {tested} -> {summary['best_checkpoint']}"
@@ -185,42 +215,26 @@ def _defined(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _registry() -> list[dict]:
-    """Every weights member of every registered model, as ``memscore models`` shows it."""
-    from memscore.models import get_model_weights, list_models
-    from memscore.models._api import output_columns_of
-    from memscore.models.registry import weights_aliases
-
-    rows = []
-    for name in list_models():
-        enum = get_model_weights(name)
-        for member in enum:
-            meta = member.meta
-            rows.append({"model": name, "weights": member.name,
-                         "default": member is enum.DEFAULT,
-                         # DEFAULT: what --weights also takes for it, as its errors list
-                         "aliases": weights_aliases(name, member),
-                         # several for a traces model: <encoder>_cls_mean, ...
-                         "output_column": ",".join(output_columns_of(meta)),
-                         "input_size": list(meta.get("input_size", ())),
-                         "source": meta.get("source"), "licence": meta.get("licence"),
-                         "paper": meta.get("paper")})
-    return rows
-
-
 def _models(args: argparse.Namespace) -> int:
     import json
 
-    rows = _registry()
+    from memscore.models.registry import registry_table
+
+    rows = registry_table()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        default = " (default" + "".join(f", also --weights {a}" for a in row["aliases"]) + ")" \
-            if row["default"] else ""
+        default = (
+            " (default" + "".join(f", also --weights {a}" for a in row["aliases"]) + ")"
+            if row["default"]
+            else ""
+        )
         shape = "x".join(str(n) for n in row["input_size"])
-        print(f"{row['model']}  weights={row['weights']}{default}  "
-              f"column={row['output_column']}  input={shape}")
+        print(
+            f"{row['model']}  weights={row['weights']}{default}  "
+            f"column={row['output_column']}  input={shape}"
+        )
         print(f"    source:  {row['source']}")
         print(f"    licence: {row['licence']}")
         print(f"    paper:   {row['paper']}")
@@ -228,17 +242,22 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from memscore.storage import absolute, parse_storage_options
     from memscore.scoring.verify import NotTheRunsManifest, verify
+    from memscore.storage import absolute, parse_storage_options
 
     try:
         options = parse_storage_options(args.storage_options)
     except ValueError as exc:
         raise MemscoreError(str(exc)) from None
     try:
-        report = verify(absolute(args.output), absolute(args.manifest),
-                        path_column=args.path_column, id_column=args.id_column,
-                        ignore_identity=args.ignore_identity, storage_options=options)
+        report = verify(
+            absolute(args.output),
+            absolute(args.manifest),
+            path_column=args.path_column,
+            id_column=args.id_column,
+            ignore_identity=args.ignore_identity,
+            storage_options=options,
+        )
     except NotTheRunsManifest as exc:  # a failed check, as a mismatch of rows is: exit 1
         print(f"memscore: verify: {exc}", file=sys.stderr)
         return 1
@@ -248,9 +267,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """``--debug``: show the traceback of an error memscore did not anticipate."""
-    parser.add_argument("--debug", action="store_true",
-                        help="on an unexpected error, print its full traceback (and Ray's "
-                        "logged errors)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an unexpected error, print its full traceback (and Ray's logged errors)",
+    )
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -258,20 +279,36 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     (``failures.QUIET``, ``NORMAL``, ``VERBOSE``); a presentation choice of the command line,
     so not a field of the job's config."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--verbose", dest="verbosity", action="store_const",
-                       const=failures.VERBOSE, default=failures.NORMAL,
-                       help="also print Ray's own log lines and its workers' output, which "
-                       "otherwise go to Ray's session log folder (/tmp/ray/session_latest/logs/; "
-                       "memscore-PID.log there holds the lines this command would have printed)")
-    group.add_argument("--quiet", dest="verbosity", action="store_const", const=failures.QUIET,
-                       help="print only the final line, warnings and errors (no progress bars)")
+    group.add_argument(
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const=failures.VERBOSE,
+        default=failures.NORMAL,
+        help="also print Ray's own log lines and its workers' output, which "
+        "otherwise go to Ray's session log folder (/tmp/ray/session_latest/logs/; "
+        "memscore-PID.log there holds the lines this command would have printed)",
+    )
+    group.add_argument(
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=failures.QUIET,
+        help="print only the final line, warnings and errors (no progress bars)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"models": _models, "verify": _verify, "finetune": finetune_command,
-                "evaluate": evaluate_command, "score": score_command, "serve": serve_command,
-                "train-sae": train_sae_command}
+    commands = {
+        "models": _models,
+        "verify": _verify,
+        "finetune": finetune_command,
+        "evaluate": evaluate_command,
+        "score": score_command,
+        "serve": serve_command,
+        "train-sae": train_sae_command,
+    }
     return guarded(commands[args.command], args)
 
 
@@ -287,8 +324,9 @@ def guarded(command, args: argparse.Namespace) -> int:
     """
     debug = getattr(args, "debug", False)
     hint = _resume_hint(command)
-    with failures.command_line(resume_hint=hint, debug=debug,
-                               verbosity=getattr(args, "verbosity", None)):
+    with failures.command_line(
+        resume_hint=hint, debug=debug, verbosity=getattr(args, "verbosity", None)
+    ):
         try:
             return command(args)
         except MemscoreError as exc:
@@ -309,9 +347,12 @@ def guarded(command, args: argparse.Namespace) -> int:
             if debug:
                 raise
             log = failures.ray_log_path()  # where Ray logged what led up to it
-            print(f"memscore: error: {failures.describe(exc)} "
-                  f"(run again with --debug for the traceback"
-                  + (f"; Ray's log lines: {log})" if log else ")"), file=sys.stderr)
+            print(
+                f"memscore: error: {failures.describe(exc)} "
+                f"(run again with --debug for the traceback"
+                + (f"; Ray's log lines: {log})" if log else ")"),
+                file=sys.stderr,
+            )
             return 1
 
 
@@ -407,8 +448,12 @@ def job_entrypoint(config_cls, doc: str):
         >>> parse_args(["examples/images", "--output", "scores/"]).output
         'scores/'
     """
-    command = {ScoreConfig: score_command, FinetuneConfig: finetune_command,
-               EvaluateConfig: evaluate_command, TrainSAEConfig: train_sae_command}[config_cls]
+    command = {
+        ScoreConfig: score_command,
+        FinetuneConfig: finetune_command,
+        EvaluateConfig: evaluate_command,
+        TrainSAEConfig: train_sae_command,
+    }[config_cls]
 
     def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser = argparse.ArgumentParser(description=doc.splitlines()[0])

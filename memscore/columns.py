@@ -10,9 +10,22 @@ manifest that already has such a column (ground truth named ``memorability``) is
 
 from __future__ import annotations
 
-__all__ = ["ROW", "SPLIT", "REPRESENTATION", "ERROR", "MODEL", "WIDTH", "HEIGHT", "BOOKKEEPING", "INTERNAL_PREFIX", "PIXELS_PREFIX", "IMAGE",
-           "is_internal",
-           "pixels_column", "score_column"]
+__all__ = [
+    "ROW",
+    "SPLIT",
+    "REPRESENTATION",
+    "ERROR",
+    "MODEL",
+    "WIDTH",
+    "HEIGHT",
+    "BOOKKEEPING",
+    "INTERNAL_PREFIX",
+    "PIXELS_PREFIX",
+    "IMAGE",
+    "is_internal",
+    "pixels_column",
+    "score_column",
+]
 
 #: The row's 0-based position in the manifest: its stable id (duplicated paths stay apart).
 ROW = "memscore_row"

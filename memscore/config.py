@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from memscore import options
+
 # Re-exported: they lived here before memscore.errors, and users import them from here.
 from memscore.errors import MemscoreError, first_line
 from memscore.evaluation.config import EvaluateConfig
@@ -25,9 +26,21 @@ from memscore.scoring.config import ScoreConfig
 from memscore.train_sae.config import SAE_ENCODERS, TrainSAEConfig
 from memscore.training.options import TRAINING_DEFAULTS, training_start
 
-__all__ = ["MemscoreError", "first_line", "ScoreConfig", "FinetuneConfig", "EvaluateConfig",
-           "TrainSAEConfig", "SAE_ENCODERS", "TRAINING_DEFAULTS", "training_start",
-           "check_model_names", "split_model_weights", "add_arguments", "from_args"]
+__all__ = [
+    "MemscoreError",
+    "first_line",
+    "ScoreConfig",
+    "FinetuneConfig",
+    "EvaluateConfig",
+    "TrainSAEConfig",
+    "SAE_ENCODERS",
+    "TRAINING_DEFAULTS",
+    "training_start",
+    "check_model_names",
+    "split_model_weights",
+    "add_arguments",
+    "from_args",
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls=ScoreConfig) -> None:

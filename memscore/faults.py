@@ -47,8 +47,10 @@ def maybe_inject(stage: str) -> None:
     want, sep, rest = spec.partition(":")
     mode, sep2, marker = rest.partition(":")
     if not (sep and sep2 and marker) or mode not in _MODES:
-        raise ValueError(f"{ENV_VAR}={spec!r}: expected '<stage>:<mode>:<marker_path>' with "
-                         f"mode one of {', '.join(_MODES)}")
+        raise ValueError(
+            f"{ENV_VAR}={spec!r}: expected '<stage>:<mode>:<marker_path>' with "
+            f"mode one of {', '.join(_MODES)}"
+        )
     if want != stage:
         return
     try:

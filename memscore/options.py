@@ -32,13 +32,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from memscore.errors import MemscoreError
 
-__all__ = ["option", "fields_as_args", "fields_in_help_order", "add_arguments", "from_args",
-           "option_flag", "value_type", "default_text", "fix_paths", "as_tuple",
-           "split_model_weights", "check_model_names"]
+__all__ = [
+    "option",
+    "fields_as_args",
+    "fields_in_help_order",
+    "add_arguments",
+    "from_args",
+    "option_flag",
+    "value_type",
+    "default_text",
+    "fix_paths",
+    "as_tuple",
+    "split_model_weights",
+    "check_model_names",
+]
 
 
 def option(help: str, *, flag: str | None = None, positional: bool = False, **argparse_kwargs):
@@ -65,8 +77,14 @@ def fields_as_args(cls):
     for spec in fields_in_help_order(cls):
         text = spec.metadata.get("help")
         if text:
-            entries.append(textwrap.fill(f"{spec.name}: {text}", width=92,
-                                         initial_indent=" " * 8, subsequent_indent=" " * 12))
+            entries.append(
+                textwrap.fill(
+                    f"{spec.name}: {text}",
+                    width=92,
+                    initial_indent=" " * 8,
+                    subsequent_indent=" " * 12,
+                )
+            )
     args = "    Args:\n" + "\n".join(entries) + "\n\n"
     doc = cls.__doc__ or ""
     at = doc.find("    Example:")
@@ -91,8 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
         if "action" not in kwargs:
             kwargs["type"] = value_type(f, default)
             kwargs.setdefault("metavar", f.name.upper())
-        parser.add_argument(option_flag(f), dest=f.name,
-                            help=meta["help"] + default_text(default), **kwargs)
+        parser.add_argument(
+            option_flag(f), dest=f.name, help=meta["help"] + default_text(default), **kwargs
+        )
 
 
 def value_type(f: dataclasses.Field, default: Any):
@@ -151,8 +170,13 @@ def check_model_names(models) -> None:
         raise MemscoreError(f"a model is named twice in {','.join(models)}")
 
 
-def fix_paths(config, paths: tuple[str, ...], weights: str | None = None,
-              models: tuple[str, ...] = (), names: tuple[str, ...] = ()) -> None:
+def fix_paths(
+    config,
+    paths: tuple[str, ...],
+    weights: str | None = None,
+    models: tuple[str, ...] = (),
+    names: tuple[str, ...] = (),
+) -> None:
     """Make ``config``'s local path fields absolute (``~`` expanded) when the config is made.
 
     Relative paths are the user's, relative to where they typed the command; every later
@@ -179,8 +203,10 @@ def fix_paths(config, paths: tuple[str, ...], weights: str | None = None,
         if per_model is None:
             value = _fixed_weights_path(value, models, names)
         else:
-            value = ",".join(f"{model}={_fixed_weights_path(path, (model,), names)}"
-                             for model, path in per_model.items())
+            value = ",".join(
+                f"{model}={_fixed_weights_path(path, (model,), names)}"
+                for model, path in per_model.items()
+            )
         object.__setattr__(config, weights, value)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import fsspec
 
@@ -194,10 +195,12 @@ def _check_endpoint(endpoint: str, source: str) -> None:
         raise StorageOptionsError(
             f"{source} {shown} has credentials in it (user:password@), which S3 requests "
             f"cannot use: give them as the key and secret storage options, or "
-            f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+            f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     try:
-        valid = "://" in endpoint and (is_valid_endpoint_url(endpoint)
-                                       or is_valid_ipv6_endpoint_url(endpoint))
+        valid = "://" in endpoint and (
+            is_valid_endpoint_url(endpoint) or is_valid_ipv6_endpoint_url(endpoint)
+        )
         if valid:
             from urllib.parse import urlsplit
 
@@ -207,7 +210,8 @@ def _check_endpoint(endpoint: str, source: str) -> None:
     if not valid or endpoint.partition("://")[0].lower() not in ("http", "https"):
         raise StorageOptionsError(
             f"{source} {shown} is not an endpoint URL (http:// or https://, a host name and "
-            f"an optional port)")
+            f"an optional port)"
+        )
 
 
 def pyarrow_filesystem(path: str, storage_options: Mapping[str, Any] | None = None):
@@ -261,8 +265,7 @@ def parent(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
 
 
-def write_atomic(path: str, data: bytes,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+def write_atomic(path: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write ``data`` to ``path`` (local or URL) whole or not at all: a reader sees the old
     file or the new one, never a file cut short by a full disk or a kill (``pipe_atomic``).
 

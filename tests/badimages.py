@@ -34,6 +34,7 @@ def sample(name: str) -> Path:
             return folder / name
     raise FileNotFoundError(f"no sample image {name} in {', '.join(map(str, SAMPLE_DIRS))}")
 
+
 #: (width, height) of the stored pixels of the EXIF-rotated JPEG; decoded size is (height, width).
 EXIF_STORED_SIZE = (64, 40)
 #: Size declared by the decompression-bomb PNG.
@@ -55,7 +56,8 @@ def _photo(width: int = 96, height: int = 64) -> Image.Image:
     """A small RGB image with structure (gradients), so resizes and rotations are visible."""
     y, x = np.mgrid[0:height, 0:width]
     arr = np.stack(
-        [(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), ((x + y) * 7) % 256], axis=-1
+        [(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), ((x + y) * 7) % 256],
+        axis=-1,
     ).astype(np.uint8)
     return Image.fromarray(arr, mode="RGB")
 
@@ -74,7 +76,12 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     """One PNG chunk: length, type, data, CRC32 of type + data."""
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -254,8 +261,15 @@ def write_looping_gif(folder: Path) -> Path:
     for frame in frames:
         frame.putpalette(palette)
     path = folder / "looping.gif"
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=20, loop=0, disposal=1,
-                   optimize=False)
+    frames[0].save(
+        path,
+        save_all=True,
+        append_images=frames[1:],
+        duration=20,
+        loop=0,
+        disposal=1,
+        optimize=False,
+    )
     with Image.open(path) as check:
         assert check.info.get("loop") == 0 and check.is_animated
     return path
@@ -325,17 +339,27 @@ def write_symlinks(folder: Path) -> dict[str, Path]:
     _photo().save(secret)
     target = folder / "target.png"
     _photo().save(target)
-    links = {"outside": folder / "link_outside.png", "inside": folder / "link_inside.png",
-             "dir_outside": folder / "linked_dir"}
+    links = {
+        "outside": folder / "link_outside.png",
+        "inside": folder / "link_inside.png",
+        "dir_outside": folder / "linked_dir",
+    }
     links["outside"].symlink_to(secret)
     links["inside"].symlink_to("target.png")  # relative, stays inside
     links["dir_outside"].symlink_to(outside, target_is_directory=True)
-    return {**links, "dir_outside": links["dir_outside"] / "secret.png",
-            "escape": folder / ".." / outside.name / "secret.png"}
+    return {
+        **links,
+        "dir_outside": links["dir_outside"] / "secret.png",
+        "escape": folder / ".." / outside.name / "secret.png",
+    }
 
 
-SYMLINK_EXPECTED_KIND = {"outside": "outside input folder", "inside": None,
-                         "dir_outside": "outside input folder", "escape": "outside input folder"}
+SYMLINK_EXPECTED_KIND = {
+    "outside": "outside input folder",
+    "inside": None,
+    "dir_outside": "outside input folder",
+    "escape": "outside input folder",
+}
 
 
 def write_huge_jpeg(folder: Path, size: tuple[int, int] = HUGE_JPEG_SIZE) -> Path:

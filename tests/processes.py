@@ -41,8 +41,9 @@ def kill_run(driver: subprocess.Popen, ray_before: set[int]) -> None:
             pass
 
 
-def kill_after_first_train_checkpoint(driver: subprocess.Popen, run_dir: Path,
-                                      ray_before: set[int], timeout_s: float = 400) -> None:
+def kill_after_first_train_checkpoint(
+    driver: subprocess.Popen, run_dir: Path, ray_before: set[int], timeout_s: float = 400
+) -> None:
     """Wait until Ray Train has recorded the first epoch's checkpoint of the training run in
     ``run_dir`` (started with a fault that stalls rank 0 after it), then ``kill_run``."""
     snapshot = run_dir / "ray_train" / "checkpoint_manager_snapshot.json"

@@ -21,8 +21,15 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["Head", "free_port", "processes_with_env", "kill_all", "private_ray_tmpdir",
-           "needs_dashboard", "start_ray_head"]
+__all__ = [
+    "Head",
+    "free_port",
+    "processes_with_env",
+    "kill_all",
+    "private_ray_tmpdir",
+    "needs_dashboard",
+    "start_ray_head",
+]
 
 
 def _dashboard_missing() -> str | None:
@@ -34,8 +41,9 @@ def _dashboard_missing() -> str | None:
     return f"needs ray[default] (the dashboard's packages): {error}" if error else None
 
 
-needs_dashboard = pytest.mark.skipif(_dashboard_missing() is not None,
-                                     reason=str(_dashboard_missing()))
+needs_dashboard = pytest.mark.skipif(
+    _dashboard_missing() is not None, reason=str(_dashboard_missing())
+)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -68,8 +76,7 @@ def kill_all(pids: list[int], grace_s: float = 5.0) -> None:
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
         while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if Path(f"/proc/{p}").exists()
-                    and "Z" not in _state(p)]
+            pids = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
             time.sleep(0.1)
 
 
@@ -116,38 +123,66 @@ def start_ray_head(tmp_path: Path):
     the token the README's way: ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``.
     """
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    head_env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
-                                                                 "RAY_AUTH_TOKEN_PATH")}
+    head_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    }
     head_env["HOME"] = str(tmp_path / "head-home")
-    generated = subprocess.run([ray_cli, "get-auth-token", "--generate"], env=head_env,
-                               capture_output=True, text=True, timeout=60)
+    generated = subprocess.run(
+        [ray_cli, "get-auth-token", "--generate"],
+        env=head_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert generated.returncode == 0, generated.stderr[-2000:]
     assert (tmp_path / "head-home" / ".ray" / "auth_token").is_file()
     with private_ray_tmpdir() as tmp:
         head_env["RAY_TMPDIR"] = tmp
         port, dashboard = free_port(), free_port()
         started = subprocess.run(
-            [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=3", "--num-gpus=0",  # 3 on 2 cores, as memscore's local Ray
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}",
-             # ports that default to fixed numbers, taken by any other Ray on the machine
-             f"--dashboard-agent-listen-port={free_port()}",
-             f"--ray-client-server-port={free_port()}",
-             "--disable-usage-stats"],
-            env=head_env, capture_output=True, text=True, timeout=180)
+            [
+                ray_cli,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={port}",
+                "--num-cpus=3",
+                "--num-gpus=0",  # 3 on 2 cores, as memscore's local Ray
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                # ports that default to fixed numbers, taken by any other Ray on the machine
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
+                "--disable-usage-stats",
+            ],
+            env=head_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
         assert "Token authentication is enabled" in started.stdout + started.stderr
         # The clean-up finds this Ray's processes by their RAY_TMPDIR: prove that it can.
         assert len(processes_with_env("RAY_TMPDIR", tmp)) >= 3  # GCS, raylet, dashboard...
         # On the head: `ray get-auth-token` (README) prints the token, and only the token.
-        token = subprocess.run([ray_cli, "get-auth-token"], env=head_env, capture_output=True,
-                               text=True, timeout=60, check=True).stdout
+        token = subprocess.run(
+            [ray_cli, "get-auth-token"],
+            env=head_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
         client_home = tmp_path / "client-home"  # no ~/.ray/auth_token of its own
         client_home.mkdir()
-        client_env = {**os.environ, "HOME": str(client_home), "RAY_AUTH_MODE": "token",
-                      "RAY_AUTH_TOKEN": token}
+        client_env = {
+            **os.environ,
+            "HOME": str(client_home),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+        }
         yield Head(f"http://127.0.0.1:{dashboard}", token, client_env)
         # `ray stop` would stop every Ray on the machine; private_ray_tmpdir ends only ours.
-
-

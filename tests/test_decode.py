@@ -15,6 +15,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageOps
 
+from memscore.models.transforms import ImagePreprocess
+from memscore.row_errors import ERROR_KINDS, ImageDecodeError
 from memscore.stages.decode import (
     ERROR_COLUMN,
     HEIGHT_COLUMN,
@@ -25,8 +27,6 @@ from memscore.stages.decode import (
     read_image,
 )
 from memscore.stages.fetch import resolve_path
-from memscore.row_errors import ERROR_KINDS, ImageDecodeError
-from memscore.models.transforms import ImagePreprocess
 
 try:
     import badimages
@@ -136,7 +136,9 @@ def test_bad_images_in_one_batch_keep_rows_and_columns(bad, tmp_path):
         "id": pa.array([i if i % 5 else None for i in range(n)], type=pa.int64()),
         "score_hint": pa.array([i / 3 for i in range(n)], type=pa.float64()),
         "caption": pa.array([f"caption é 猫 {i}" for i in range(n)], type=pa.string()),
-        "tags": pa.array([[i, i + 1] if i % 3 else [] for i in range(n)], type=pa.list_(pa.int64())),
+        "tags": pa.array(
+            [[i, i + 1] if i % 3 else [] for i in range(n)], type=pa.list_(pa.int64())
+        ),
     }
     original = pa.table({"path": pa.array(paths, type=pa.string()), **extra})
     out = DecodeImages("path", {"resmem": PRE})(original)
@@ -152,7 +154,9 @@ def test_bad_images_in_one_batch_keep_rows_and_columns(bad, tmp_path):
         if badimages.EXPECTED_KIND[name] is None:
             assert out[WIDTH_COLUMN][row].as_py() > 0 and out[HEIGHT_COLUMN][row].as_py() > 0
         else:
-            assert out[WIDTH_COLUMN][row].as_py() is None and out[HEIGHT_COLUMN][row].as_py() is None
+            assert (
+                out[WIDTH_COLUMN][row].as_py() is None and out[HEIGHT_COLUMN][row].as_py() is None
+            )
             assert not got[row].any(), name  # error rows are all zeros
             assert "\n" not in errors[row] and len(errors[row]) < 400
         # the neighbouring good row is unaffected
@@ -162,8 +166,18 @@ def test_bad_images_in_one_batch_keep_rows_and_columns(bad, tmp_path):
 
 
 # grey16_png deliberately differs from plain convert('RGB'); tested below.
-@pytest.mark.parametrize("name", ["grey_png", "palette_png", "rgba_png", "cmyk_jpeg", "animated_gif",
-                                  "one_pixel_png", "exif_rotated_jpeg"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "grey_png",
+        "palette_png",
+        "rgba_png",
+        "cmyk_jpeg",
+        "animated_gif",
+        "one_pixel_png",
+        "exif_rotated_jpeg",
+    ],
+)
 def test_odd_images_match_reference_convert(bad, name):
     """Odd-but-valid 8-bit images decode by default exactly as Image.open().convert('RGB')."""
     assert badimages.EXPECTED_KIND[name] is None
@@ -310,7 +324,9 @@ def test_relative_paths_resolve_against_base_dir(tmp_path):
     out = decode(["imgs/one_pixel.png", str(good), "imgs/missing.png"], base_dir=str(tmp_path))
     errors = out.column(ERROR_COLUMN).to_pylist()
     assert errors[:2] == [None, None]
-    assert kind_of(errors[2]) == "missing file" and str(tmp_path / "imgs" / "missing.png") in errors[2]
+    assert (
+        kind_of(errors[2]) == "missing file" and str(tmp_path / "imgs" / "missing.png") in errors[2]
+    )
     # the file:// form of the base works too
     out = decode(["imgs/one_pixel.png"], base_dir=f"file://{tmp_path}")
     assert out[ERROR_COLUMN][0].as_py() is None
@@ -344,7 +360,13 @@ def test_fsspec_urls_read_through_fsspec(tmp_path):
     fs.pipe("/memscore-test/imgs/text.jpg", b"not an image")
     try:
         out = decode(
-            ["imgs/one.png", "memory://memscore-test/imgs/one.png", "imgs/missing.png", "imgs/empty.png", "imgs/text.jpg"],
+            [
+                "imgs/one.png",
+                "memory://memscore-test/imgs/one.png",
+                "imgs/missing.png",
+                "imgs/empty.png",
+                "imgs/text.jpg",
+            ],
             base_dir="memory://memscore-test",
         )
         kinds = [kind_of(e) for e in out.column(ERROR_COLUMN).to_pylist()]
@@ -377,7 +399,9 @@ def test_two_preprocess_entries_give_two_pixel_columns(tmp_path):
     good = badimages.write_one_pixel_png(tmp_path)
     small = ImagePreprocess(resize=(128, 128), crop=112)
     out = decode([str(good), None], preprocess={"resmem": PRE, "small": small})
-    assert pixels_column("resmem") in out.column_names and pixels_column("small") in out.column_names
+    assert (
+        pixels_column("resmem") in out.column_names and pixels_column("small") in out.column_names
+    )
     with Image.open(good) as im:
         rgb = im.convert("RGB")
     big_px, small_px = pixels(out, "resmem"), pixels(out, "small")
@@ -389,11 +413,17 @@ def test_two_preprocess_entries_give_two_pixel_columns(tmp_path):
 
 def test_chunked_input_and_large_string_paths(tmp_path):
     good = str(badimages.write_one_pixel_png(tmp_path))
-    column = pa.chunked_array([pa.array([good, None], pa.large_string()), pa.array([good], pa.large_string())])
+    column = pa.chunked_array(
+        [pa.array([good, None], pa.large_string()), pa.array([good], pa.large_string())]
+    )
     table = pa.table({"path": column})
     out = DecodeImages("path", {"resmem": PRE})(table)
     assert out.select(["path"]).equals(table)
-    assert [kind_of(e) for e in out.column(ERROR_COLUMN).to_pylist()] == [None, "missing path", None]
+    assert [kind_of(e) for e in out.column(ERROR_COLUMN).to_pylist()] == [
+        None,
+        "missing path",
+        None,
+    ]
 
 
 def test_stage_pickles_after_use(tmp_path):
@@ -429,12 +459,18 @@ def test_png_text_chunk_bombs_are_refused_with_little_memory(bad, name):
     finally:
         tracemalloc.stop()
     assert info.value.kind == badimages.EXPECTED_KIND[name] == "decompression bomb"
-    assert "PNG text chunk" in info.value.detail and "MAX_TEXT_" in info.value.detail, info.value.detail
+    assert "PNG text chunk" in info.value.detail and "MAX_TEXT_" in info.value.detail, (
+        info.value.detail
+    )
     # ...whose text Pillow stops inflating at MAX_TEXT_CHUNK (1 MiB) per chunk, MAX_TEXT_MEMORY
     # (64 MiB) in all, instead of the 16 MiB per chunk the bombs hold.
     from PIL import PngImagePlugin
 
-    limit = PngImagePlugin.MAX_TEXT_MEMORY if name == "many_text_chunks_png" else PngImagePlugin.MAX_TEXT_CHUNK
+    limit = (
+        PngImagePlugin.MAX_TEXT_MEMORY
+        if name == "many_text_chunks_png"
+        else PngImagePlugin.MAX_TEXT_CHUNK
+    )
     assert peak < limit + 8 * 2**20, peak
 
 
@@ -494,7 +530,11 @@ def test_confine_to_refuses_paths_outside_the_folder(tmp_path):
     links = badimages.write_symlinks(folder)
     good = badimages.write_one_pixel_png(folder)
     names = list(links)
-    paths = [str(links[n]) for n in names] + [str(good), str(folder / "missing.png"), "link_inside.png"]
+    paths = [str(links[n]) for n in names] + [
+        str(good),
+        str(folder / "missing.png"),
+        "link_inside.png",
+    ]
     expected = [badimages.SYMLINK_EXPECTED_KIND[n] for n in names] + [None, "missing file", None]
     assert "outside input folder" in ERROR_KINDS
 
@@ -512,7 +552,11 @@ def test_confine_to_refuses_paths_outside_the_folder(tmp_path):
 
     # without confine_to the links are followed
     out = decode(paths, base_dir=str(folder))
-    assert [kind_of(e) for e in out.column(ERROR_COLUMN).to_pylist()] == [None] * len(names) + [None, "missing file", None]
+    assert [kind_of(e) for e in out.column(ERROR_COLUMN).to_pylist()] == [None] * len(names) + [
+        None,
+        "missing file",
+        None,
+    ]
     # confine_to only checks local paths
     with pytest.raises(ValueError, match="local folder"):
         DecodeImages("path", {"resmem": PRE}, confine_to="s3://bucket/images")
@@ -534,8 +578,10 @@ def test_draft_only_for_large_jpegs_with_fast_decode_and_sizes_stay_full(tmp_pat
     square = _jpeg_file(tmp_path / "square.jpg", (1024, 1024))
     paths = [str(below), str(above), str(square)]
     plain = decode(paths)  # the default: every pixel, as stored
-    for out in (decode(paths, fast_decode=True, exif_transpose=True),
-                decode(paths, exif_transpose=True)):
+    for out in (
+        decode(paths, fast_decode=True, exif_transpose=True),
+        decode(paths, exif_transpose=True),
+    ):
         assert out.column(ERROR_COLUMN).to_pylist() == [None] * 3
         assert out[WIDTH_COLUMN].to_pylist() == [1023, 1100, 1024]  # full size, EXIF-rotated
         assert out[HEIGHT_COLUMN].to_pylist() == [1400, 1600, 1024]
@@ -618,8 +664,12 @@ def draft_probe(huge_jpeg, tmp_path_factory) -> dict:
 
     out_dir = tmp_path_factory.mktemp("draft")
     small = str(badimages.sample("astronaut.png"))
-    proc = subprocess.run([sys.executable, "-c", _DRAFT_PROBE, str(huge_jpeg), small, str(out_dir)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRAFT_PROBE, str(huge_jpeg), small, str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["draft"] = np.load(out_dir / "draft.npy")
@@ -632,9 +682,11 @@ def test_draft_mode_bounds_memory_and_time_for_huge_jpegs(draft_probe):
     mib = 2**20
     draft_mem, full_mem = r["mem_draft"] / mib, r["mem_full"] / mib
     mad = float(np.abs(r["draft"].astype(np.int16) - r["full"].astype(np.int16)).mean())
-    print(f"\n8000x8000 JPEG: draft {r['t_draft']:.3f} s wall {r['cpu_draft']:.3f} s CPU, "
-          f"+{draft_mem:.0f} MiB peak; full {r['t_full']:.3f} s wall {r['cpu_full']:.3f} s CPU, "
-          f"+{full_mem:.0f} MiB peak; mean abs diff {mad:.3f}")
+    print(
+        f"\n8000x8000 JPEG: draft {r['t_draft']:.3f} s wall {r['cpu_draft']:.3f} s CPU, "
+        f"+{draft_mem:.0f} MiB peak; full {r['t_full']:.3f} s wall {r['cpu_full']:.3f} s CPU, "
+        f"+{full_mem:.0f} MiB peak; mean abs diff {mad:.3f}"
+    )
     assert r["size_draft"] == r["size_full"] == list(badimages.HUGE_JPEG_SIZE)  # full size reported
     assert full_mem > 150  # 64 Mpixels decoded as RGB: 183 MiB at least
     assert draft_mem < 40 and draft_mem < full_mem / 5  # 1000x1000 decoded
@@ -651,10 +703,14 @@ def test_draft_mode_barely_moves_the_score(draft_probe):
     weights = get_model_weights("resmem").DEFAULT
     model = get_model("resmem")
     with torch.inference_mode():
-        scores = model(weights.transforms.to_tensor(np.stack([draft_probe["draft"], draft_probe["full"]])))
+        scores = model(
+            weights.transforms.to_tensor(np.stack([draft_probe["draft"], draft_probe["full"]]))
+        )
     draft_score, full_score = (float(s) for s in scores.flatten())
-    print(f"\nResMem on the 8000x8000 JPEG: draft {draft_score:.5f}, full {full_score:.5f}, "
-          f"diff {draft_score - full_score:+.5f}")
+    print(
+        f"\nResMem on the 8000x8000 JPEG: draft {draft_score:.5f}, full {full_score:.5f}, "
+        f"diff {draft_score - full_score:+.5f}"
+    )
     assert abs(draft_score - full_score) < 0.01
 
 
@@ -671,7 +727,9 @@ def test_pixel_budget_bounds_pixels_in_flight(monkeypatch):
         with lock:
             state["now"] += n
             if state["now"] > budget:
-                assert state["now"] == n, "only an image larger than the budget may exceed it, alone"
+                assert state["now"] == n, (
+                    "only an image larger than the budget may exceed it, alone"
+                )
                 state["alone"] += 1
             state["peak"] = max(state["peak"], state["now"])
         try:
@@ -694,7 +752,9 @@ def test_pixel_budget_bounds_pixels_in_flight(monkeypatch):
     budget = 1
     result = {}
     worker = threading.Thread(
-        target=lambda: result.update(out=decode(paths + [None, "/nope.png"], io_threads=8, max_inflight_pixels=1)),
+        target=lambda: result.update(
+            out=decode(paths + [None, "/nope.png"], io_threads=8, max_inflight_pixels=1)
+        ),
         daemon=True,
     )
     worker.start()
@@ -702,8 +762,14 @@ def test_pixel_budget_bounds_pixels_in_flight(monkeypatch):
     assert not worker.is_alive(), "decode with a tiny pixel budget deadlocked"
     out = result["out"]
     assert out.slice(0, len(paths)).equals(reference)
-    assert [kind_of(e) for e in out.column(ERROR_COLUMN).to_pylist()[-2:]] == ["missing path", "missing file"]
-    assert state["peak"] == max(w * h for w, h in zip(reference[WIDTH_COLUMN].to_pylist(), reference[HEIGHT_COLUMN].to_pylist()))
+    assert [kind_of(e) for e in out.column(ERROR_COLUMN).to_pylist()[-2:]] == [
+        "missing path",
+        "missing file",
+    ]
+    assert state["peak"] == max(
+        w * h
+        for w, h in zip(reference[WIDTH_COLUMN].to_pylist(), reference[HEIGHT_COLUMN].to_pylist())
+    )
 
 
 def test_pixel_budget_fifo_and_release():
@@ -768,28 +834,43 @@ def test_pixel_budget_fifo_and_release():
 def test_new_options_are_validated_and_survive_pickling():
     with pytest.raises(ValueError, match="max_inflight_pixels"):
         DecodeImages("path", {"resmem": PRE}, max_inflight_pixels=0)
-    stage = DecodeImages("path", {"resmem": PRE}, max_inflight_pixels=123, fast_decode=True,
-                         exif_transpose=True, confine_to="/data")
+    stage = DecodeImages(
+        "path",
+        {"resmem": PRE},
+        max_inflight_pixels=123,
+        fast_decode=True,
+        exif_transpose=True,
+        confine_to="/data",
+    )
     clone = pickle.loads(pickle.dumps(stage))
-    assert (clone.max_inflight_pixels, clone.fast_decode, clone.exif_transpose, clone.confine_to) == (
-        123, True, True, "/data")
-    assert (DecodeImages("path", {"resmem": PRE}).fast_decode,
-            DecodeImages("path", {"resmem": PRE}).exif_transpose) == (False, False)
+    assert (
+        clone.max_inflight_pixels,
+        clone.fast_decode,
+        clone.exif_transpose,
+        clone.confine_to,
+    ) == (123, True, True, "/data")
+    assert (
+        DecodeImages("path", {"resmem": PRE}).fast_decode,
+        DecodeImages("path", {"resmem": PRE}).exif_transpose,
+    ) == (False, False)
     assert clone._budget.total == 123 and clone._budget is not stage._budget
 
 
-@pytest.mark.parametrize("height,width", [(300, 400), (256, 256), (1000, 37), (227, 227),
-                                          (2000, 3000), (255, 257)])
+@pytest.mark.parametrize(
+    "height,width", [(300, 400), (256, 256), (1000, 37), (227, 227), (2000, 3000), (255, 257)]
+)
 def test_the_pillow_half_of_preprocessing_equals_torchvision_pixel_for_pixel(height, width):
     from torchvision.transforms import functional as F
 
     from memscore.models.transforms import ImagePreprocess, TenCropPreprocess
 
-    image = Image.fromarray(np.random.default_rng(height * width).integers(
-        0, 256, (height, width, 3), dtype=np.uint8))
+    image = Image.fromarray(
+        np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    )
     resized = F.resize(image, [256, 256])
-    assert np.array_equal(ImagePreprocess().to_array(image),
-                          np.asarray(F.center_crop(resized, [227, 227])))
+    assert np.array_equal(
+        ImagePreprocess().to_array(image), np.asarray(F.center_crop(resized, [227, 227]))
+    )
     assert np.array_equal(TenCropPreprocess().to_array(image), np.asarray(resized))
 
 
@@ -800,13 +881,15 @@ def test_decoding_never_imports_torch():
     import sys
 
     image = Path(__file__).resolve().parent.parent / "examples" / "images" / "camera.png"
-    code = ("import sys, pyarrow as pa\n"
-            "from memscore.stages.decode import DecodeImages\n"
-            "from memscore.models.transforms import ImagePreprocess, TenCropPreprocess\n"
-            "pre = {'a': ImagePreprocess(resize=(256, 256), crop=227), 'b': TenCropPreprocess()}\n"
-            f"out = DecodeImages('path', pre)(pa.table({{'path': [{str(image)!r}]}}))\n"
-            "assert out.column('memscore_error').null_count == 1, out.column('memscore_error')\n"
-            "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')])")
+    code = (
+        "import sys, pyarrow as pa\n"
+        "from memscore.stages.decode import DecodeImages\n"
+        "from memscore.models.transforms import ImagePreprocess, TenCropPreprocess\n"
+        "pre = {'a': ImagePreprocess(resize=(256, 256), crop=227), 'b': TenCropPreprocess()}\n"
+        f"out = DecodeImages('path', pre)(pa.table({{'path': [{str(image)!r}]}}))\n"
+        "assert out.column('memscore_error').null_count == 1, out.column('memscore_error')\n"
+        "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')])"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

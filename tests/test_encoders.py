@@ -10,12 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_encoders import TOKENS, build_model, image_processor, make_encoder_folder, reference_pixels
 
-from hf_encoders import (TOKENS, build_model, image_processor, make_encoder_folder,
-                         reference_pixels)
 from memscore.models._api import WeightsNotFoundError
-from memscore.models.encoders import (ENCODERS, HFImagePreprocess, folder_digest, load_encoder,
-                                      locate_folder, preprocess_of, representation)
+from memscore.models.encoders import (
+    ENCODERS,
+    HFImagePreprocess,
+    folder_digest,
+    load_encoder,
+    locate_folder,
+    preprocess_of,
+    representation,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -26,7 +32,8 @@ ENCODER_NAMES = ("clip", "dinov2", "siglip2")
 def real_photos() -> list[Path]:
     """Every image of examples/images and tests/data/images that Pillow opens as one picture."""
     found = sorted((ROOT / "examples" / "images").glob("*.*")) + sorted(
-        (ROOT / "tests" / "data" / "images").glob("*.*"))
+        (ROOT / "tests" / "data" / "images").glob("*.*")
+    )
     return [p for p in found if p.suffix in (".png", ".jpg")]
 
 
@@ -100,7 +107,8 @@ def test_odd_shapes_and_padding(size, tmp_path):
         folder = tmp_path / str(shortest)
         CLIPImageProcessorPil(size={"shortest_edge": shortest}).save_pretrained(folder)
         preprocess = HFImagePreprocess.from_config(
-            json.loads((folder / "preprocessor_config.json").read_text()))
+            json.loads((folder / "preprocessor_config.json").read_text())
+        )
         want = reference_pixels("clip", folder, image)
         assert torch.equal(preprocess(image)[None], want), (size, shortest)
 
@@ -108,10 +116,17 @@ def test_odd_shapes_and_padding(size, tmp_path):
 def test_legacy_int_sizes_of_the_openai_folder():
     """openai/clip-vit-base-patch32's preprocessor_config.json: a feature extractor with int
     sizes (size: the shortest edge, crop_size: a square)."""
-    config = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-              "feature_extractor_type": "CLIPFeatureExtractor",
-              "image_mean": [0.48145466, 0.4578275, 0.40821073],
-              "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
+    config = {
+        "crop_size": 224,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "size": 224,
+    }
     preprocess = HFImagePreprocess.from_config(config)
     assert (preprocess.shortest_edge, preprocess.crop, preprocess.resample) == (224, (224, 224), 3)
     assert preprocess.array_shape == (224, 224, 3)
@@ -122,8 +137,9 @@ def test_unreproduced_processors_are_one_line():
         HFImagePreprocess.from_config({"image_processor_type": "ConvNextImageProcessor"})
     assert "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="fixed input size"):
-        HFImagePreprocess.from_config({"image_processor_type": "CLIPImageProcessor",
-                                       "do_center_crop": False})
+        HFImagePreprocess.from_config(
+            {"image_processor_type": "CLIPImageProcessor", "do_center_crop": False}
+        )
 
 
 def test_decode_stage_gives_the_same_arrays(folders):
@@ -136,7 +152,8 @@ def test_decode_stage_gives_the_same_arrays(folders):
     preprocess = {name: preprocess_of(name, str(folders[name])) for name in ENCODER_NAMES}
     photos = real_photos()
     table = DecodeImages("path", preprocess, io_threads=2)(
-        pa.table({"path": [str(p) for p in photos]}))
+        pa.table({"path": [str(p) for p in photos]})
+    )
     for name, pre in preprocess.items():
         arrays = table.column(pixels_column(name)).chunk(0).to_numpy()
         assert arrays.shape == (len(photos), 224, 224, 3)
@@ -153,9 +170,11 @@ def test_preprocessing_imports_neither_torch_nor_transformers(folders):
         f"check_folder('dinov2', {str(folders['dinov2'])!r})\n"
         f"pre = preprocess_of('dinov2', {str(folders['dinov2'])!r})\n"
         "assert pre.to_array(Image.new('RGB', (300, 200))).shape == (224, 224, 3)\n"
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, check=True)
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -192,8 +211,9 @@ def test_the_vision_tower_of_a_full_two_tower_folder(encoder, tmp_path):
             full.vision_model.config._attn_implementation = "eager"
             want = full.get_image_features(pixel_values=pixels).pooler_output
         else:
-            want = full.vision_model(pixel_values=pixels,
-                                     output_hidden_states=True).hidden_states[-1][:, 0]
+            want = full.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[
+                -1
+            ][:, 0]
     torch.testing.assert_close(vector, want, rtol=1e-5, atol=1e-6)
     assert vector.shape == (1, 32)
 

@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from memscore.evaluation import metrics
 from memscore.cli import build_parser, main
 from memscore.config import EvaluateConfig, MemscoreError, add_arguments, from_args
+from memscore.evaluation import metrics
 from memscore.evaluation.job import REPORT_FILES, evaluate
 from memscore.evaluation.plots import gaussian_kde
 
@@ -32,6 +32,7 @@ Y = np.array([0.70, 0.80, 0.65, 0.50, 0.95, 0.70, 0.70, 0.40, 0.85, 0.60, 0.60, 
 
 
 # --- metrics ----------------------------------------------------------------------------------
+
 
 def test_summary_of_a_table_with_ties():
     # spearman and pearson are scipy's (memscore adds only the nan guards, tested below); the
@@ -52,8 +53,10 @@ def test_every_bootstrap_resample_is_scipys_spearman_of_the_drawn_pairs(monkeypa
     monkeypatch.setattr(metrics, "_CHUNK_CELLS", 5 * X.size)
     rhos = metrics.bootstrap_spearman(X, Y, resamples=23, seed=11)
     rng = np.random.default_rng(11)
-    rows = [rng.integers(0, X.size, size=(min(5, 23 - s), X.size), dtype=np.int32)
-            for s in range(0, 23, 5)]
+    rows = [
+        rng.integers(0, X.size, size=(min(5, 23 - s), X.size), dtype=np.int32)
+        for s in range(0, 23, 5)
+    ]
     expected = [stats.spearmanr(X[i], Y[i]).statistic for i in np.concatenate(rows)]
     np.testing.assert_allclose(rhos, expected, rtol=0, atol=1e-12)
 
@@ -77,7 +80,8 @@ def test_undefined_figures_are_nan_not_errors_nor_warnings(recwarn):
     assert math.isnan(metrics.spearman([0.1, 0.2, 0.3], [0.7, 0.7, 0.7]))
     # Nearly constant (a spread of 1e-15 around 1): r exists; scipy's warning stays inside.
     assert metrics.pearson(1 + np.array([0.0, 1.0, 3.0]) * 1e-15, X[:3]) == pytest.approx(
-        stats.pearsonr(np.array([0.0, 1.0, 3.0]), X[:3]).statistic, abs=0.05)
+        stats.pearsonr(np.array([0.0, 1.0, 3.0]), X[:3]).statistic, abs=0.05
+    )
     empty = metrics.summary(np.array([]), np.array([]))
     assert empty["n"] == 0 and math.isnan(empty["mse"])
     assert all(map(math.isnan, empty["spearman_ci95"]))
@@ -91,8 +95,9 @@ def test_the_binned_kde_of_many_values_is_close_to_scipys_exact_one():
     grid = np.linspace(0, 1, 101)
     # Up to 5000 values it is scipy's own; above, memscore's binned sum, checked against it:
     large = rng.beta(8, 3, 20_000)  # summed over a fine histogram
-    np.testing.assert_allclose(gaussian_kde(large, grid), stats.gaussian_kde(large)(grid),
-                               rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        gaussian_kde(large, grid), stats.gaussian_kde(large)(grid), rtol=2e-3, atol=1e-3
+    )
     assert gaussian_kde(np.array([0.5, 0.5]), grid) is None  # scipy raises on both
     assert gaussian_kde(np.array([0.5]), grid) is None
 
@@ -126,21 +131,34 @@ def score_output(tmp_path) -> Path:
     """Shaped like `memscore score` output: two part files, the summary, and the snapshot."""
     out = tmp_path / "scores"
     (out / "_memscore" / "manifest").mkdir(parents=True)
-    table = pa.table({
-        "path": [_path(i) for i in range(N)],
-        "memorability": pa.array([_prediction(i) for i in range(N)], pa.float32()),
-        "memscore_error": [("decode failed: broken" if i < 2 else None) for i in range(N)],
-        "memscore_row": pa.array(range(N), pa.int64()),
-    })
+    table = pa.table(
+        {
+            "path": [_path(i) for i in range(N)],
+            "memorability": pa.array([_prediction(i) for i in range(N)], pa.float32()),
+            "memscore_error": [("decode failed: broken" if i < 2 else None) for i in range(N)],
+            "memscore_row": pa.array(range(N), pa.int64()),
+        }
+    )
     pq.write_table(table.slice(0, 20), out / "part-00000.parquet")
     pq.write_table(table.slice(20), out / "part-00001.parquet")
     # Ray's snapshot of the manifest: a Parquet file under _memscore/ that must not be read.
     pq.write_table(table.slice(0, 5), out / "_memscore" / "manifest" / "block-0.parquet")
-    (out / "_memscore.json").write_text(json.dumps({
-        "status": "complete",
-        "models": [{"model": "resmem", "weights": "RETRAIN", "weights_file": "model.pt",
-                    "output_column": "memorability", "weights_sha256": "0123456789ab" * 5}],
-    }))
+    (out / "_memscore.json").write_text(
+        json.dumps(
+            {
+                "status": "complete",
+                "models": [
+                    {
+                        "model": "resmem",
+                        "weights": "RETRAIN",
+                        "weights_file": "model.pt",
+                        "output_column": "memorability",
+                        "weights_sha256": "0123456789ab" * 5,
+                    }
+                ],
+            }
+        )
+    )
     return out
 
 
@@ -169,21 +187,34 @@ def _expected_pairs(rows=range(N)):
 
 
 def _config(score_output, truth_csv, tmp_path, **changes) -> EvaluateConfig:
-    values = {"predictions": str(score_output), "truth": str(truth_csv), "truth_column": "hr",
-              "report": str(tmp_path / "report"), "bootstrap": 200}
+    values = {
+        "predictions": str(score_output),
+        "truth": str(truth_csv),
+        "truth_column": "hr",
+        "report": str(tmp_path / "report"),
+        "bootstrap": 200,
+    }
     return EvaluateConfig(**{**values, **changes})
 
 
 # --- the evaluation ---------------------------------------------------------------------------
 
-def test_join_by_path_counts_every_row_and_the_figures_are_scipys(score_output, truth_csv,
-                                                                 tmp_path):
+
+def test_join_by_path_counts_every_row_and_the_figures_are_scipys(
+    score_output, truth_csv, tmp_path
+):
     result = evaluate(_config(score_output, truth_csv, tmp_path))
     assert result["counts"] == {
-        "predictions_rows": 40, "truth_rows": 39, "predictions_null_key": 0,
-        "truth_null_key": 0, "matched": 38, "predictions_without_truth": 2,
-        "truth_without_prediction": 1, "excluded_null_prediction": 2,
-        "excluded_null_truth": 1, "evaluated": 35,
+        "predictions_rows": 40,
+        "truth_rows": 39,
+        "predictions_null_key": 0,
+        "truth_null_key": 0,
+        "matched": 38,
+        "predictions_without_truth": 2,
+        "truth_without_prediction": 1,
+        "excluded_null_prediction": 2,
+        "excluded_null_truth": 1,
+        "evaluated": 35,
     }
     _, pred, truth = _expected_pairs()
     overall = result["overall"]
@@ -225,10 +256,12 @@ def test_group_figures_equal_the_figures_of_each_subset(score_output, truth_csv,
     assert "| rare | 2 | – |" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_split_half_ceiling_is_the_halves_spearman_and_its_spearman_brown(score_output,
-                                                                         truth_csv, tmp_path):
-    result = evaluate(_config(score_output, truth_csv, tmp_path,
-                              split_half_columns=("half_a", "half_b")))
+def test_split_half_ceiling_is_the_halves_spearman_and_its_spearman_brown(
+    score_output, truth_csv, tmp_path
+):
+    result = evaluate(
+        _config(score_output, truth_csv, tmp_path, split_half_columns=("half_a", "half_b"))
+    )
     keep, _, _ = _expected_pairs()
     table = {line.split(",")[0]: line.split(",") for line in truth_csv.read_text().splitlines()}
     a = np.array([float(table[_path(i)][3]) for i in keep])
@@ -241,8 +274,9 @@ def test_split_half_ceiling_is_the_halves_spearman_and_its_spearman_brown(score_
     assert "split-half ρ / Spearman-Brown" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_report_files_are_consistent_and_the_pngs_are_real_images(score_output, truth_csv,
-                                                                  tmp_path):
+def test_report_files_are_consistent_and_the_pngs_are_real_images(
+    score_output, truth_csv, tmp_path
+):
     result = evaluate(_config(score_output, truth_csv, tmp_path))
     report = tmp_path / "report"
     assert sorted(p.name for p in report.iterdir()) == sorted(result["files"].values())
@@ -268,19 +302,33 @@ def test_many_points_are_binned_and_constant_predictions_do_not_crash(tmp_path):
     rng = np.random.default_rng(2)
     truth = rng.beta(8, 3, n)
     paths = [f"img{i}.jpg" for i in range(n)]
-    pq.write_table(pa.table({"path": paths, "memorability": 0.4 + 0.5 * truth}),
-                   tmp_path / "pred.parquet")
+    pq.write_table(
+        pa.table({"path": paths, "memorability": 0.4 + 0.5 * truth}), tmp_path / "pred.parquet"
+    )
     pq.write_table(pa.table({"path": paths, "hr": truth}), tmp_path / "truth.parquet")
-    result = evaluate(EvaluateConfig(str(tmp_path / "pred.parquet"),
-                                     str(tmp_path / "truth.parquet"), "hr",
-                                     str(tmp_path / "big"), bootstrap=50))
+    result = evaluate(
+        EvaluateConfig(
+            str(tmp_path / "pred.parquet"),
+            str(tmp_path / "truth.parquet"),
+            "hr",
+            str(tmp_path / "big"),
+            bootstrap=50,
+        )
+    )
     assert result["overall"]["spearman"] == pytest.approx(1.0)
     assert Image.open(tmp_path / "big" / "scatter.png").width >= 500
 
-    pq.write_table(pa.table({"path": paths[:10], "memorability": [0.5] * 10}),
-                   tmp_path / "flat.parquet")
-    flat = evaluate(EvaluateConfig(str(tmp_path / "flat.parquet"), str(tmp_path / "truth.parquet"),
-                                   "hr", str(tmp_path / "flat")))
+    pq.write_table(
+        pa.table({"path": paths[:10], "memorability": [0.5] * 10}), tmp_path / "flat.parquet"
+    )
+    flat = evaluate(
+        EvaluateConfig(
+            str(tmp_path / "flat.parquet"),
+            str(tmp_path / "truth.parquet"),
+            "hr",
+            str(tmp_path / "flat"),
+        )
+    )
     assert flat["overall"]["spearman"] is None and flat["overall"]["pearson"] is None
     assert flat["counts"]["truth_without_prediction"] == n - 10
     assert (tmp_path / "flat" / "distribution.png").stat().st_size > 1000
@@ -289,17 +337,29 @@ def test_many_points_are_binned_and_constant_predictions_do_not_crash(tmp_path):
 def test_join_by_key_across_file_kinds_and_key_types(tmp_path):
     # Predictions as one CSV with integer ids; truth as JSON lines with text ids and no paths.
     pred = tmp_path / "pred.csv"
-    pred.write_text("image_id,memorability,path\n" + "".join(
-        f"{i},{0.5 + 0.01 * i if i != 3 else ''},/x/{i}.jpg\n" for i in range(10)))
+    pred.write_text(
+        "image_id,memorability,path\n"
+        + "".join(f"{i},{0.5 + 0.01 * i if i != 3 else ''},/x/{i}.jpg\n" for i in range(10))
+    )
     truth = tmp_path / "truth.jsonl"
-    truth.write_text("".join(json.dumps({"image_id": str(i), "score": 0.3 + 0.02 * i}) + "\n"
-                             for i in range(2, 12)))
-    result = evaluate(EvaluateConfig(str(pred), str(truth), "score", str(tmp_path / "r"),
-                                     key="image_id", bootstrap=0))
+    truth.write_text(
+        "".join(
+            json.dumps({"image_id": str(i), "score": 0.3 + 0.02 * i}) + "\n" for i in range(2, 12)
+        )
+    )
+    result = evaluate(
+        EvaluateConfig(
+            str(pred), str(truth), "score", str(tmp_path / "r"), key="image_id", bootstrap=0
+        )
+    )
     counts = result["counts"]
-    assert (counts["matched"], counts["predictions_without_truth"],
-            counts["truth_without_prediction"], counts["excluded_null_prediction"],
-            counts["evaluated"]) == (8, 2, 2, 1, 7)
+    assert (
+        counts["matched"],
+        counts["predictions_without_truth"],
+        counts["truth_without_prediction"],
+        counts["excluded_null_prediction"],
+        counts["evaluated"],
+    ) == (8, 2, 2, 1, 7)
     assert result["key"] == "image_id" and result["overall"]["spearman"] == pytest.approx(1.0)
     assert result["overall"]["spearman_ci95"] == [None, None]  # --bootstrap 0
 
@@ -307,8 +367,11 @@ def test_join_by_key_across_file_kinds_and_key_types(tmp_path):
 def test_duplicate_keys_are_refused_naming_one(score_output, truth_csv, tmp_path):
     with truth_csv.open("a") as f:
         f.write(f"{_path(7)},0.9,food,0.9,0.9\n")
-    with pytest.raises(MemscoreError, match=r"--truth .*1 'path' value\(s\) occur more than "
-                                            r"once, e.g. '/data/imgs/img07.jpg' \(2 times\)"):
+    with pytest.raises(
+        MemscoreError,
+        match=r"--truth .*1 'path' value\(s\) occur more than "
+        r"once, e.g. '/data/imgs/img07.jpg' \(2 times\)",
+    ):
         evaluate(_config(score_output, truth_csv, tmp_path))
     pred = tmp_path / "dup.csv"
     pred.write_text("path,memorability\na.jpg,0.5\nb.jpg,0.6\na.jpg,0.7\n")
@@ -337,35 +400,53 @@ def test_paths_named_differently_join_as_memscore_resolves_them(tmp_path):
     truth = tmp_path / "labels.csv"
     truth.write_text("path,hr\n" + "".join(f"photos/./{n},{h}\n" for n, h in zip(names, hr)))
     scanned = tmp_path / "scanned.parquet"
-    pq.write_table(pa.table({"path": [str(images / n) for n in names],
-                             "memorability": pa.array(hr[::-1], pa.float32())}), scanned)
+    pq.write_table(
+        pa.table(
+            {
+                "path": [str(images / n) for n in names],
+                "memorability": pa.array(hr[::-1], pa.float32()),
+            }
+        ),
+        scanned,
+    )
     result = evaluate(_config(scanned, truth, tmp_path))
     assert result["counts"]["matched"] == 6
     assert result["overall"]["spearman"] == pytest.approx(-1.0)
-    assert any("joined on the image paths as memscore resolves them" in w
-               for w in result["warnings"])
+    assert any(
+        "joined on the image paths as memscore resolves them" in w for w in result["warnings"]
+    )
 
     run = tmp_path / "run"
     run.mkdir()
-    pq.write_table(pa.table({"path": [f"photos/{n}" for n in names],
-                             "memorability": pa.array(hr, pa.float32())}),
-                   run / "part-00000.parquet")
-    (run / "_memscore.json").write_text(json.dumps({
-        "status": "complete", "manifest": str(tmp_path / "m.csv"),
-        "manifest_base_dir": str(tmp_path), "models": []}))
+    pq.write_table(
+        pa.table(
+            {"path": [f"photos/{n}" for n in names], "memorability": pa.array(hr, pa.float32())}
+        ),
+        run / "part-00000.parquet",
+    )
+    (run / "_memscore.json").write_text(
+        json.dumps(
+            {
+                "status": "complete",
+                "manifest": str(tmp_path / "m.csv"),
+                "manifest_base_dir": str(tmp_path),
+                "models": [],
+            }
+        )
+    )
     absolute = tmp_path / "absolute.csv"
     absolute.write_text("path,hr\n" + "".join(f"{images / n},{h}\n" for n, h in zip(names, hr)))
     result = evaluate(_config(run, absolute, tmp_path, report=str(tmp_path / "r2")))
     assert result["counts"]["matched"] == 6 and result["overall"]["spearman"] == pytest.approx(1)
 
 
-def test_a_runs_one_score_column_is_evaluated_when_none_is_named(score_output, truth_csv,
-                                                                   tmp_path):
+def test_a_runs_one_score_column_is_evaluated_when_none_is_named(score_output, truth_csv, tmp_path):
     """`memscore score --model memnet` writes memorability_memnet: evaluating that output
     without --prediction-column evaluates it; a named column, or a run with several score
     columns, is never replaced."""
     table = pq.read_table(score_output).rename_columns(
-        ["path", "memorability_memnet", "memscore_error", "memscore_row"])
+        ["path", "memorability_memnet", "memscore_error", "memscore_row"]
+    )
     run = tmp_path / "memnet_run"
     run.mkdir()
     pq.write_table(table, run / "part-00000.parquet")
@@ -380,8 +461,7 @@ def test_a_runs_one_score_column_is_evaluated_when_none_is_named(score_output, t
     with pytest.raises(MemscoreError, match="no column 'memorability'"):
         evaluate(_config(run, truth_csv, tmp_path, prediction_column="memorability"))
     two = {"model": "falseresmem", "output_column": "false_alarm"}
-    (run / "_memscore.json").write_text(json.dumps({"status": "complete",
-                                                    "models": [record, two]}))
+    (run / "_memscore.json").write_text(json.dumps({"status": "complete", "models": [record, two]}))
     with pytest.raises(MemscoreError, match="no column 'memorability'"):
         evaluate(_config(run, truth_csv, tmp_path))
 
@@ -390,27 +470,42 @@ def test_paths_that_match_as_written_are_not_resolved(tmp_path):
     """Relative names equal on both sides join as written, wherever the two tables are."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    pq.write_table(pa.table({"path": ["x.jpg", "y.jpg", "z.jpg"],
-                             "memorability": pa.array([0.5, 0.6, 0.7], pa.float32())}),
-                   tmp_path / "a" / "pred.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "path": ["x.jpg", "y.jpg", "z.jpg"],
+                "memorability": pa.array([0.5, 0.6, 0.7], pa.float32()),
+            }
+        ),
+        tmp_path / "a" / "pred.parquet",
+    )
     (tmp_path / "b" / "truth.csv").write_text("path,hr\nx.jpg,0.1\ny.jpg,0.2\nz.jpg,0.3\n")
-    result = evaluate(_config(tmp_path / "a" / "pred.parquet", tmp_path / "b" / "truth.csv",
-                              tmp_path))
+    result = evaluate(
+        _config(tmp_path / "a" / "pred.parquet", tmp_path / "b" / "truth.csv", tmp_path)
+    )
     assert result["counts"]["matched"] == 3 and not result["warnings"]
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"truth_column": "nope"}, "no column 'nope' (columns: path, hr, category, half_a, half_b); "
-                               "name it with --truth-column"),
-    ({"prediction_column": "false_alarm"},
-     "no column 'false_alarm' (columns: path, memorability, memscore_error, memscore_row); name it with "
-     "--prediction-column"),
-    ({"key": "image_id"}, "no column 'image_id'"),
-    ({"group_by": ("scene",)}, "--group-by scene: neither --truth nor the predictions"),
-    ({"truth_column": "category"}, "column 'category' is string, not numbers (e.g. 'animals')"),
-    ({"split_half_columns": ("half_a", "half_a")}, "names the same column twice"),
-    ({"bootstrap": -1}, "--bootstrap must not be negative"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"truth_column": "nope"},
+            "no column 'nope' (columns: path, hr, category, half_a, half_b); "
+            "name it with --truth-column",
+        ),
+        (
+            {"prediction_column": "false_alarm"},
+            "no column 'false_alarm' (columns: path, memorability, memscore_error, memscore_row); name it with "
+            "--prediction-column",
+        ),
+        ({"key": "image_id"}, "no column 'image_id'"),
+        ({"group_by": ("scene",)}, "--group-by scene: neither --truth nor the predictions"),
+        ({"truth_column": "category"}, "column 'category' is string, not numbers (e.g. 'animals')"),
+        ({"split_half_columns": ("half_a", "half_a")}, "names the same column twice"),
+        ({"bootstrap": -1}, "--bootstrap must not be negative"),
+    ],
+)
 def test_user_errors_are_one_line(score_output, truth_csv, tmp_path, change, message):
     with pytest.raises(MemscoreError) as caught:
         evaluate(_config(score_output, truth_csv, tmp_path, **change))
@@ -418,15 +513,24 @@ def test_user_errors_are_one_line(score_output, truth_csv, tmp_path, change, mes
 
 
 def test_a_join_column_one_side_lacks_is_one_line_naming_both_sides_columns(
-        score_output, tmp_path, capsys):
+    score_output, tmp_path, capsys
+):
     """The README's `--key image` on a folder scan's output, which names its images in `path`
     and has no `image` column: the line says what each side has and what joins them, and what
     it says to give works."""
     rows = "".join(f"{_path(i)},{_truth_values(i)},{_category(i)}\n" for i in range(N))
     memcat = tmp_path / "memcat.csv"
     memcat.write_text("image,memorability,category\n" + rows)
-    argv = ["evaluate", str(score_output), "--truth-column", "memorability", "--report",
-            str(tmp_path / "r"), "--bootstrap", "20"]
+    argv = [
+        "evaluate",
+        str(score_output),
+        "--truth-column",
+        "memorability",
+        "--report",
+        str(tmp_path / "r"),
+        "--bootstrap",
+        "20",
+    ]
     assert main([*argv, "--truth", str(memcat), "--key", "image"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
@@ -436,7 +540,8 @@ def test_a_join_column_one_side_lacks_is_one_line_naming_both_sides_columns(
         f"none. The predictions name their images in 'path', as a folder scan's output does: "
         f"give --truth a 'path' column naming the same image files (relative paths resolve "
         f"against its folder) and leave out --key, or score --truth's table itself (its "
-        f"columns pass through to the output) and join on one of them with --key"]
+        f"columns pass through to the output) and join on one of them with --key"
+    ]
     assert not (tmp_path / "r" / "report.md").exists()
     # What it says: a 'path' column of the same files, no --key.
     with_path = tmp_path / "with_path.csv"
@@ -449,19 +554,34 @@ def test_a_join_column_one_side_lacks_is_one_line_naming_both_sides_columns(
     assert len(err) == 1 and err[0].startswith(
         f"memscore: error: --key memscore_row: --truth {with_path} has no column "
         f"'memscore_row' (predictions: path, memorability, memscore_error, memscore_row; "
-        f"--truth: path, memorability, category)")
+        f"--truth: path, memorability, category)"
+    )
     assert err[0].endswith("both have 'path'; leave out --key to join on it")
     # Predictions as a CSV file without the key: its columns are read all the same.
     table = pq.read_table(sorted(score_output.glob("*.parquet")))
-    (tmp_path / "pred.csv").write_text("path,memorability\n" + "".join(
-        f"{p},{m}\n" for p, m in zip(table.column("path").to_pylist(),
-                                      table.column("memorability").to_pylist())))
+    (tmp_path / "pred.csv").write_text(
+        "path,memorability\n"
+        + "".join(
+            f"{p},{m}\n"
+            for p, m in zip(
+                table.column("path").to_pylist(), table.column("memorability").to_pylist()
+            )
+        )
+    )
     with pytest.raises(MemscoreError) as caught:
-        evaluate(EvaluateConfig(str(tmp_path / "pred.csv"), str(memcat), "memorability",
-                                str(tmp_path / "r"), key="category"))
+        evaluate(
+            EvaluateConfig(
+                str(tmp_path / "pred.csv"),
+                str(memcat),
+                "memorability",
+                str(tmp_path / "r"),
+                key="category",
+            )
+        )
     assert str(caught.value).startswith(
         f"--key category: the predictions {tmp_path / 'pred.csv'} have no column 'category' "
-        f"(predictions: path, memorability; --truth: image, memorability, category)")
+        f"(predictions: path, memorability; --truth: image, memorability, category)"
+    )
     assert "The predictions name their images in 'path'" in str(caught.value)
 
 
@@ -479,9 +599,16 @@ def test_predictions_and_report_on_s3(s3_endpoint, score_output, truth_csv, tmp_
     s3_endpoint.fs.pipe_file(f"{bucket}/eval/report/layers.png", b"an older report's")
     s3_endpoint.fs.pipe_file(f"{bucket}/eval/report/notes.txt", b"mine")
     report = f"s3://{bucket}/eval/report"
-    result = evaluate(EvaluateConfig(f"s3://{bucket}/scores", str(truth_csv), "hr", report,
-                                     bootstrap=100,
-                                     storage_options=s3_endpoint.storage_options))
+    result = evaluate(
+        EvaluateConfig(
+            f"s3://{bucket}/scores",
+            str(truth_csv),
+            "hr",
+            report,
+            bootstrap=100,
+            storage_options=s3_endpoint.storage_options,
+        )
+    )
     assert result["counts"]["evaluated"] == 35 and result["model"]["model"] == "resmem"
     s3_endpoint.fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in s3_endpoint.fs.ls(f"{bucket}/eval/report"))
@@ -492,32 +619,81 @@ def test_predictions_and_report_on_s3(s3_endpoint, score_output, truth_csv, tmp_
 
 # --- the command line and the job -------------------------------------------------------------
 
+
 def test_every_config_field_is_an_option_and_back():
     parser = argparse.ArgumentParser()
     add_arguments(parser, EvaluateConfig)
-    args = parser.parse_args(["scores/", "--truth", "t.csv", "--truth-column", "hr", "--report",
-                              "r/", "--prediction-column", "false_alarm", "--path-column", "file",
-                              "--key", "id", "--group-by", "category,scene",
-                              "--trace-columns", "clip_cls_mean,dinov2_attention_entropy",
-                              "--split-half-columns", "a", "b", "--bootstrap", "10", "--seed",
-                              "3", "--storage-option", "anon=true"])
+    args = parser.parse_args(
+        [
+            "scores/",
+            "--truth",
+            "t.csv",
+            "--truth-column",
+            "hr",
+            "--report",
+            "r/",
+            "--prediction-column",
+            "false_alarm",
+            "--path-column",
+            "file",
+            "--key",
+            "id",
+            "--group-by",
+            "category,scene",
+            "--trace-columns",
+            "clip_cls_mean,dinov2_attention_entropy",
+            "--split-half-columns",
+            "a",
+            "b",
+            "--bootstrap",
+            "10",
+            "--seed",
+            "3",
+            "--storage-option",
+            "anon=true",
+        ]
+    )
     assert from_args(args, EvaluateConfig) == EvaluateConfig(
-        predictions="scores/", truth="t.csv", truth_column="hr", report="r/",
-        prediction_column="false_alarm", path_column="file", key="id",
-        group_by=("category", "scene"), split_half_columns=("a", "b"), bootstrap=10, seed=3,
+        predictions="scores/",
+        truth="t.csv",
+        truth_column="hr",
+        report="r/",
+        prediction_column="false_alarm",
+        path_column="file",
+        key="id",
+        group_by=("category", "scene"),
+        split_half_columns=("a", "b"),
+        bootstrap=10,
+        seed=3,
         trace_columns=("clip_cls_mean", "dinov2_attention_entropy"),
-        storage_options={"anon": True})
+        storage_options={"anon": True},
+    )
     dests = {action.dest for action in parser._actions} - {"help"}
     assert dests == {f.name for f in dataclasses.fields(EvaluateConfig)}
-    defaults = build_parser().parse_args(["evaluate", "s/", "--truth", "t", "--truth-column",
-                                          "c", "--report", "r"])
+    defaults = build_parser().parse_args(
+        ["evaluate", "s/", "--truth", "t", "--truth-column", "c", "--report", "r"]
+    )
     assert from_args(defaults, EvaluateConfig) == EvaluateConfig("s/", "t", "c", "r")
 
 
 def test_cli_prints_one_line_and_exits_0_or_2(score_output, truth_csv, tmp_path, capsys):
-    argv = ["evaluate", str(score_output), "--truth", str(truth_csv), "--truth-column", "hr",
-            "--report", str(tmp_path / "cli"), "--bootstrap", "100", "--group-by", "category",
-            "--split-half-columns", "half_a", "half_b"]
+    argv = [
+        "evaluate",
+        str(score_output),
+        "--truth",
+        str(truth_csv),
+        "--truth-column",
+        "hr",
+        "--report",
+        str(tmp_path / "cli"),
+        "--bootstrap",
+        "100",
+        "--group-by",
+        "category",
+        "--split-half-columns",
+        "half_a",
+        "half_b",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("memscore: evaluated 35 of 38 matched rows: Spearman rho ")
@@ -530,15 +706,26 @@ def test_cli_prints_one_line_and_exits_0_or_2(score_output, truth_csv, tmp_path,
 
 
 def test_the_job_entrypoint_takes_the_cli_options(score_output, truth_csv, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("memscore_job_evaluate",
-                                                  ROOT / "jobs" / "evaluate.py")
+    spec = importlib.util.spec_from_file_location(
+        "memscore_job_evaluate", ROOT / "jobs" / "evaluate.py"
+    )
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    argv = [str(score_output), "--truth", str(truth_csv), "--truth-column", "hr", "--report",
-            str(tmp_path / "job"), "--bootstrap", "50"]
+    argv = [
+        str(score_output),
+        "--truth",
+        str(truth_csv),
+        "--truth-column",
+        "hr",
+        "--report",
+        str(tmp_path / "job"),
+        "--bootstrap",
+        "50",
+    ]
     args = job.parse_args(argv)
     assert from_args(args, EvaluateConfig) == from_args(
-        build_parser().parse_args(["evaluate", *argv]), EvaluateConfig)
+        build_parser().parse_args(["evaluate", *argv]), EvaluateConfig
+    )
     assert job.main(args) == 0
     assert (tmp_path / "job" / "report.md").exists()
     assert job.main(job.parse_args([*argv[:3], "--truth-column", "nope", *argv[5:]])) == 2
@@ -558,8 +745,10 @@ def _planted_layers(i: int, length: int, weights, seed: int) -> list[float]:
     change with the layer (weight 0: pure noise; None: the same value for every image)."""
     rng = np.random.default_rng(seed * 1000 + i)
     noise = rng.normal(0, 0.1, length)
-    return [0.25 if w is None else w * _trace_truth(i) + noise[k]
-            for k, w in enumerate(weights[:length])]
+    return [
+        0.25 if w is None else w * _trace_truth(i) + noise[k]
+        for k, w in enumerate(weights[:length])
+    ]
 
 
 @pytest.fixture
@@ -583,25 +772,46 @@ def traces_output(tmp_path) -> tuple[Path, Path, dict]:
         entropy.append(None if i < 2 else _planted_layers(i, 4, [-0.5, 0.0, 1.5, 4.0], seed=3))
         loss.append(None if i < 2 else 80.0 + 120.0 * _trace_truth(i) + (i % 7) * 4.0)
     floats = pa.list_(pa.float32())
-    table = pa.table({
-        "path": [_path(i) for i in range(TRACE_N)],
-        "clip_cls_mean": pa.array(cls_mean, floats),
-        "clip_cls_delta": pa.array(delta, floats),
-        "dinov2_attention_entropy": pa.array(entropy, floats),
-        "clip_sae_loss": pa.array(loss, pa.float32()),
-        "memscore_error": [("decode failed" if i < 2 else None) for i in range(TRACE_N)],
-    })
+    table = pa.table(
+        {
+            "path": [_path(i) for i in range(TRACE_N)],
+            "clip_cls_mean": pa.array(cls_mean, floats),
+            "clip_cls_delta": pa.array(delta, floats),
+            "dinov2_attention_entropy": pa.array(entropy, floats),
+            "clip_sae_loss": pa.array(loss, pa.float32()),
+            "memscore_error": [("decode failed" if i < 2 else None) for i in range(TRACE_N)],
+        }
+    )
     pq.write_table(table.slice(0, 25), out / "part-00000.parquet")
     pq.write_table(table.slice(25), out / "part-00001.parquet")
-    (out / "_memscore.json").write_text(json.dumps({"status": "complete", "models": [
-        {"model": "clip-traces", "weights": "openai/clip-vit-base-patch32",
-         "output_columns": ["clip_cls_mean", "clip_cls_delta"]},
-        {"model": "clip-sae", "weights": "/runs/sae/best", "output_column": "clip_sae_loss"}]}))
+    (out / "_memscore.json").write_text(
+        json.dumps(
+            {
+                "status": "complete",
+                "models": [
+                    {
+                        "model": "clip-traces",
+                        "weights": "openai/clip-vit-base-patch32",
+                        "output_columns": ["clip_cls_mean", "clip_cls_delta"],
+                    },
+                    {
+                        "model": "clip-sae",
+                        "weights": "/runs/sae/best",
+                        "output_column": "clip_sae_loss",
+                    },
+                ],
+            }
+        )
+    )
     truth = tmp_path / "truth.csv"
-    truth.write_text("path,hr\n" + "".join(
-        f"{_path(i)},{'' if i == 4 else _trace_truth(i)}\n" for i in range(TRACE_N)))
-    columns = {name: table.column(name).to_pylist()
-               for name in ("clip_cls_mean", "clip_cls_delta", "dinov2_attention_entropy")}
+    truth.write_text(
+        "path,hr\n"
+        + "".join(f"{_path(i)},{'' if i == 4 else _trace_truth(i)}\n" for i in range(TRACE_N))
+    )
+    columns = {
+        name: table.column(name).to_pylist()
+        for name in ("clip_cls_mean", "clip_cls_delta", "dinov2_attention_entropy")
+    }
     return out, truth, columns
 
 
@@ -610,8 +820,11 @@ def _expected_layer_rhos(lists, length: int) -> list[tuple[int, float]]:
     values and a ground truth, each layer without its null values."""
     expected = []
     for k in range(length):
-        pairs = [(lst[k], _trace_truth(i)) for i, lst in enumerate(lists)
-                 if lst is not None and len(lst) == length and i != 4 and lst[k] is not None]
+        pairs = [
+            (lst[k], _trace_truth(i))
+            for i, lst in enumerate(lists)
+            if lst is not None and len(lst) == length and i != 4 and lst[k] is not None
+        ]
         x, y = np.array(pairs, dtype=np.float64).T
         constant = np.ptp(x) == 0  # scipy warns and gives nan; memscore reports null
         expected.append((len(pairs), float("nan") if constant else stats.spearmanr(x, y).statistic))
@@ -620,17 +833,28 @@ def _expected_layer_rhos(lists, length: int) -> list[tuple[int, float]]:
 
 def test_each_layer_of_a_trace_column_is_scipys_spearman(traces_output, tmp_path):
     out, truth, columns = traces_output
-    result = evaluate(EvaluateConfig(str(out), str(truth), "hr", str(tmp_path / "r"),
-                                     prediction_column="clip_sae_loss", trace_columns="all",
-                                     bootstrap=300, seed=2))
+    result = evaluate(
+        EvaluateConfig(
+            str(out),
+            str(truth),
+            "hr",
+            str(tmp_path / "r"),
+            prediction_column="clip_sae_loss",
+            trace_columns="all",
+            bootstrap=300,
+            seed=2,
+        )
+    )
     traces = result["traces"]
     assert list(traces) == ["clip_cls_mean", "clip_cls_delta", "dinov2_attention_entropy"]
-    for name, length in (("clip_cls_mean", 5), ("clip_cls_delta", 4),
-                         ("dinov2_attention_entropy", 4)):
+    for name, length in (
+        ("clip_cls_mean", 5),
+        ("clip_cls_delta", 4),
+        ("dinov2_attention_entropy", 4),
+    ):
         figures = traces[name]
         assert figures["layers_in_column"] == length
-        for layer, (n, rho) in zip(figures["layers"], _expected_layer_rhos(columns[name],
-                                                                           length)):
+        for layer, (n, rho) in zip(figures["layers"], _expected_layer_rhos(columns[name], length)):
             assert layer["n"] == n, (name, layer["index"])
             if np.isnan(rho):
                 assert layer["spearman"] is None and layer["spearman_ci95"] == [None, None]
@@ -647,23 +871,37 @@ def test_each_layer_of_a_trace_column_is_scipys_spearman(traces_output, tmp_path
     assert mean["encoder"] == "clip" and mean["feature"] == "cls_mean"
     assert mean["model"]["model"] == "clip-traces"
     # Rows left out, and why: null lists, a short list, a missing truth, a missing value.
-    assert mean["counts"] == {"matched": 60, "excluded_null_list": 2, "excluded_other_length": 1,
-                              "excluded_null_truth": 1, "evaluated": 56}
+    assert mean["counts"] == {
+        "matched": 60,
+        "excluded_null_list": 2,
+        "excluded_other_length": 1,
+        "excluded_null_truth": 1,
+        "evaluated": 56,
+    }
     assert mean["list_lengths"] == {"3": 1, "5": 57}
     assert [layer["n"] for layer in mean["layers"]] == [56, 56, 55, 56, 56]
     assert traces["clip_cls_delta"]["counts"]["evaluated"] == 57
-    assert any("clip_cls_mean: 1 matched row(s) have lists of another length than the "
-               "column's 5 layers (lengths seen in the predictions: 3 (1))" in w
-               for w in result["warnings"])
+    assert any(
+        "clip_cls_mean: 1 matched row(s) have lists of another length than the "
+        "column's 5 layers (lengths seen in the predictions: 3 (1))" in w
+        for w in result["warnings"]
+    )
     # The change from layer i to i+1 is layer i + 1, as the paper draws it.
-    assert [(layer["index"], layer["layer"]) for layer in traces["clip_cls_delta"]["layers"]] \
-        == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert [(layer["index"], layer["layer"]) for layer in traces["clip_cls_delta"]["layers"]] == [
+        (0, 1),
+        (1, 2),
+        (2, 3),
+        (3, 4),
+    ]
     # The scalar column beside them: the usual figures, on its own scale.
     valid = [i for i in range(2, TRACE_N) if i != 4]
-    loss = np.array([np.float32(80.0 + 120.0 * _trace_truth(i) + (i % 7) * 4.0) for i in valid],
-                    dtype=np.float64)
+    loss = np.array(
+        [np.float32(80.0 + 120.0 * _trace_truth(i) + (i % 7) * 4.0) for i in valid],
+        dtype=np.float64,
+    )
     assert result["overall"]["spearman"] == pytest.approx(
-        stats.spearmanr(loss, [_trace_truth(i) for i in valid]).statistic, abs=1e-12)
+        stats.spearmanr(loss, [_trace_truth(i) for i in valid]).statistic, abs=1e-12
+    )
     assert result["model"]["model"] == "clip-sae"
     # A loss is not a memorability score: no MSE against one.
     assert result["overall"]["on_truth_scale"] is False
@@ -673,9 +911,17 @@ def test_each_layer_of_a_trace_column_is_scipys_spearman(traces_output, tmp_path
 def test_trace_report_lists_every_layer_and_draws_the_curves(traces_output, tmp_path):
     out, truth, _ = traces_output
     report = tmp_path / "r"
-    result = evaluate(EvaluateConfig(str(out), str(truth), "hr", str(report),
-                                     prediction_column="clip_sae_loss", trace_columns="all",
-                                     bootstrap=100))
+    result = evaluate(
+        EvaluateConfig(
+            str(out),
+            str(truth),
+            "hr",
+            str(report),
+            prediction_column="clip_sae_loss",
+            trace_columns="all",
+            bootstrap=100,
+        )
+    )
     assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES.values())
     assert json.loads((report / "metrics.json").read_text()) == result
     text = (report / "report.md").read_text()
@@ -707,16 +953,43 @@ def _rho_text_of(layer: dict) -> str:
 
 def test_traces_alone_and_named_columns(traces_output, tmp_path, capsys):
     out, truth, _ = traces_output
-    result = evaluate(EvaluateConfig(str(out), str(truth), "hr", str(tmp_path / "t"),
-                                     trace_columns="dinov2_attention_entropy", bootstrap=50))
+    result = evaluate(
+        EvaluateConfig(
+            str(out),
+            str(truth),
+            "hr",
+            str(tmp_path / "t"),
+            trace_columns="dinov2_attention_entropy",
+            bootstrap=50,
+        )
+    )
     assert result["prediction_column"] is None and result["overall"] is None
     assert list(result["traces"]) == ["dinov2_attention_entropy"]
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
-        "layers.png", "metrics.json", "report.md"]
+        "layers.png",
+        "metrics.json",
+        "report.md",
+    ]
     assert "## Figures" not in (tmp_path / "t" / "report.md").read_text()
-    assert main(["evaluate", str(out), "--truth", str(truth), "--truth-column", "hr",
-                 "--report", str(tmp_path / "cli"), "--trace-columns", "all",
-                 "--bootstrap", "20"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--truth",
+                str(truth),
+                "--truth-column",
+                "hr",
+                "--report",
+                str(tmp_path / "cli"),
+                "--trace-columns",
+                "all",
+                "--bootstrap",
+                "20",
+            ]
+        )
+        == 0
+    )
     line = capsys.readouterr().out.strip()
     assert line.startswith("memscore: 3 trace column(s) of 60 matched rows, strongest ")
     assert "\n" not in line
@@ -726,6 +999,7 @@ def _with_prefix(out: Path, target: Path, prefix: str, *, summary: bool = True) 
     """The traces run ``out`` as `memscore score --column-prefix PREFIX` writes it: the
     models' columns renamed, and the summary recording the prefix and the renamed columns
     (``summary=False``: one Parquet file, as a run's rows copied elsewhere)."""
+
     def renamed(name: str) -> str:
         return prefix + name if name.startswith(("clip_", "dinov2_")) else name
 
@@ -738,8 +1012,13 @@ def _with_prefix(out: Path, target: Path, prefix: str, *, summary: bool = True) 
     pq.write_table(table.slice(0, 25), target / "part-00000.parquet")
     pq.write_table(table.slice(25), target / "part-00001.parquet")
     record = json.loads((out / "_memscore.json").read_text())
-    record["models"].append({"model": "dinov2-traces", "weights": "facebook/dinov2-base",
-                             "output_columns": ["dinov2_attention_entropy"]})
+    record["models"].append(
+        {
+            "model": "dinov2-traces",
+            "weights": "facebook/dinov2-base",
+            "output_columns": ["dinov2_attention_entropy"],
+        }
+    )
     for model in record["models"]:
         if "output_columns" in model:
             model["output_columns"] = [renamed(c) for c in model["output_columns"]]
@@ -757,9 +1036,17 @@ def test_a_column_prefix_is_read_off_before_the_encoder_and_feature(traces_outpu
     out, truth, _ = traces_output
 
     def run(predictions: Path, report: str) -> dict:
-        return evaluate(EvaluateConfig(str(predictions), str(truth), "hr",
-                                       str(tmp_path / report), trace_columns="all",
-                                       bootstrap=50, seed=1))
+        return evaluate(
+            EvaluateConfig(
+                str(predictions),
+                str(truth),
+                "hr",
+                str(tmp_path / report),
+                trace_columns="all",
+                bootstrap=50,
+                seed=1,
+            )
+        )
 
     plain = run(out, "plain")
     prefixed = run(_with_prefix(out, tmp_path / "pred", "pred_"), "pred")
@@ -772,18 +1059,19 @@ def test_a_column_prefix_is_read_off_before_the_encoder_and_feature(traces_outpu
             assert (got["encoder"], got["feature"]) == (want["encoder"], want["feature"]), name
             assert got["layers"] == want["layers"] and got["strongest"] == want["strongest"]
         # cls_delta's list index i is the change to layer i + 1, as for any run
-        assert [layer["layer"] for layer in result["traces"][prefix + "clip_cls_delta"]
-                ["layers"]] == [1, 2, 3, 4]
+        assert [
+            layer["layer"] for layer in result["traces"][prefix + "clip_cls_delta"]["layers"]
+        ] == [1, 2, 3, 4]
         # one panel per feature, one curve per encoder: the same figure as the plain run's
-        assert (tmp_path / result["report"] / "layers.png").read_bytes() == \
-            (tmp_path / "plain" / "layers.png").read_bytes()
+        assert (tmp_path / result["report"] / "layers.png").read_bytes() == (
+            tmp_path / "plain" / "layers.png"
+        ).read_bytes()
         text = (tmp_path / result["report"] / "report.md").read_text()
         assert "### `cls_delta`" in text and "| layer | clip ρ [95% CI] |" in text
         assert "| layer | dinov2 ρ [95% CI] |" in text and "| 0-1 | " in text
         assert "### `" + prefix not in text and f"| {prefix.rstrip('_')} ρ" not in text
     assert prefixed["traces"]["pred_clip_cls_mean"]["model"]["model"] == "clip-traces"
-    assert prefixed["traces"]["pred_dinov2_attention_entropy"]["model"]["model"] == \
-        "dinov2-traces"
+    assert prefixed["traces"]["pred_dinov2_attention_entropy"]["model"]["model"] == "dinov2-traces"
 
 
 def test_a_reused_report_folder_holds_only_this_reports_files(traces_output, tmp_path):
@@ -792,18 +1080,21 @@ def test_a_reused_report_folder_holds_only_this_reports_files(traces_output, tmp
     out, truth, _ = traces_output
     report = tmp_path / "report"
     (report / "old").mkdir(parents=True)
-    foreign = {"notes.txt": b"mine", "layers.png.bak": b"mine too",
-               "old/layers.png": b"and mine"}
+    foreign = {"notes.txt": b"mine", "layers.png.bak": b"mine too", "old/layers.png": b"and mine"}
     for name, data in foreign.items():
         (report / name).write_bytes(data)
 
     def run(**options) -> dict:
-        return evaluate(EvaluateConfig(str(out), str(truth), "hr", str(report), bootstrap=20,
-                                       **options))
+        return evaluate(
+            EvaluateConfig(str(out), str(truth), "hr", str(report), bootstrap=20, **options)
+        )
 
     def files() -> dict[str, bytes]:
-        return {p.relative_to(report).as_posix(): p.read_bytes() for p in report.rglob("*")
-                if p.is_file()}
+        return {
+            p.relative_to(report).as_posix(): p.read_bytes()
+            for p in report.rglob("*")
+            if p.is_file()
+        }
 
     everything = run(prediction_column="clip_sae_loss", trace_columns="all")
     assert set(files()) == {*REPORT_FILES.values(), *foreign}
@@ -814,8 +1105,13 @@ def test_a_reused_report_folder_holds_only_this_reports_files(traces_output, tmp
     assert files() == before
 
     plain = run(prediction_column="clip_sae_loss")  # no trace columns: no layers.png
-    assert set(files()) == {"report.md", "metrics.json", "distribution.png", "scatter.png",
-                            *foreign}
+    assert set(files()) == {
+        "report.md",
+        "metrics.json",
+        "distribution.png",
+        "scatter.png",
+        *foreign,
+    }
     assert set(plain["files"].values()) == set(files()) - set(foreign)
     assert "layers.png" not in (report / "report.md").read_text()
 
@@ -833,31 +1129,60 @@ def test_trace_columns_from_json_lines(tmp_path):
     """Lists read from JSON lines (no memscore run): ints and floats, nulls in lists."""
     rng = np.random.default_rng(4)
     truth = rng.random(30)
-    lines = [json.dumps({"path": f"{i}.jpg", "hr": float(truth[i]),
-                         "x_depth": [float(truth[i] + rng.normal(0, 0.2)), int(i % 3),
-                                     None if i == 0 else float(-truth[i])]})
-             for i in range(30)]
+    lines = [
+        json.dumps(
+            {
+                "path": f"{i}.jpg",
+                "hr": float(truth[i]),
+                "x_depth": [
+                    float(truth[i] + rng.normal(0, 0.2)),
+                    int(i % 3),
+                    None if i == 0 else float(-truth[i]),
+                ],
+            }
+        )
+        for i in range(30)
+    ]
     (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
-    result = evaluate(EvaluateConfig(str(tmp_path / "p.jsonl"), str(tmp_path / "p.jsonl"), "hr",
-                                     str(tmp_path / "j"), trace_columns="x_depth", bootstrap=0))
+    result = evaluate(
+        EvaluateConfig(
+            str(tmp_path / "p.jsonl"),
+            str(tmp_path / "p.jsonl"),
+            "hr",
+            str(tmp_path / "j"),
+            trace_columns="x_depth",
+            bootstrap=0,
+        )
+    )
     layers = result["traces"]["x_depth"]["layers"]
     assert layers[2]["spearman"] == pytest.approx(-1.0) and layers[2]["n"] == 29
     values = [json.loads(line)["x_depth"][1] for line in lines]
     assert layers[1]["spearman"] == pytest.approx(stats.spearmanr(values, truth).statistic)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"trace_columns": "clip_sae_loss"},
-     "column 'clip_sae_loss' is float, not a list of numbers; --trace-columns takes list columns"),
-    ({"trace_columns": "clip_nope"}, "no column 'clip_nope'"),
-    ({"prediction_column": "clip_cls_mean"},
-     "column 'clip_cls_mean' is a list column (one value per layer): name it in --trace-columns"),
-    ({"trace_columns": "all,clip_cls_mean"}, "--trace-columns all takes no other names"),
-    ({"trace_columns": "all", "group_by": ("path",)},
-     "--group-by and --split-half-columns report the figures of --prediction-column"),
-    ({"trace_columns": "clip_cls_mean", "prediction_column": "clip_cls_mean"},
-     "named both as --prediction-column"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"trace_columns": "clip_sae_loss"},
+            "column 'clip_sae_loss' is float, not a list of numbers; --trace-columns takes list columns",
+        ),
+        ({"trace_columns": "clip_nope"}, "no column 'clip_nope'"),
+        (
+            {"prediction_column": "clip_cls_mean"},
+            "column 'clip_cls_mean' is a list column (one value per layer): name it in --trace-columns",
+        ),
+        ({"trace_columns": "all,clip_cls_mean"}, "--trace-columns all takes no other names"),
+        (
+            {"trace_columns": "all", "group_by": ("path",)},
+            "--group-by and --split-half-columns report the figures of --prediction-column",
+        ),
+        (
+            {"trace_columns": "clip_cls_mean", "prediction_column": "clip_cls_mean"},
+            "named both as --prediction-column",
+        ),
+    ],
+)
 def test_trace_column_errors_are_one_line(traces_output, tmp_path, change, message):
     out, truth, _ = traces_output
     with pytest.raises(MemscoreError) as caught:

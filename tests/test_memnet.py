@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from pickle_payload import TouchesMarker
 from PIL import Image
 
 from memscore.models import CheckpointKeyError, WeightsNotFoundError, get_model, get_model_weights
@@ -25,7 +26,6 @@ from memscore.models.memnet import (
     ten_crop,
 )
 from memscore.models.transforms import ImagePreprocess, TenCropPreprocess
-from pickle_payload import TouchesMarker
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +46,16 @@ def test_ten_crop_cuts_the_caffe_oversample_crops_in_order():
     offsets = [(0, 0), (0, 29), (29, 0), (29, 29), (14, 14)]  # TL, TR, BL, BR, centre
     for n in range(2):
         for k, (top, left) in enumerate(offsets):
-            by_hand = base[n, :, top:top + 227, left:left + 227]
+            by_hand = base[n, :, top : top + 227, left : left + 227]
             np.testing.assert_array_equal(crops[10 * n + k], by_hand)
             np.testing.assert_array_equal(crops[10 * n + 5 + k], by_hand[:, :, ::-1])
             np.testing.assert_array_equal(crops[10 * n + 5 + k][..., ::-1], crops[10 * n + k])
     # the centre is torchvision's CenterCrop
     from torchvision.transforms.functional import center_crop
 
-    np.testing.assert_array_equal(crops[4], center_crop(torch.from_numpy(base[0]), [227, 227]).numpy())
+    np.testing.assert_array_equal(
+        crops[4], center_crop(torch.from_numpy(base[0]), [227, 227]).numpy()
+    )
 
 
 def test_output_mapping_clips_and_is_linear_in_between():
@@ -71,7 +73,7 @@ def test_batched_ten_crops_equal_crops_run_one_by_one(legacy):
     with torch.inference_mode():
         batched = legacy(x)
         crops = ten_crop(legacy.subtract_mean(x))
-        one_by_one = torch.stack([legacy.logits(crops[i:i + 1])[0] for i in range(20)])
+        one_by_one = torch.stack([legacy.logits(crops[i : i + 1])[0] for i in range(20)])
         expected = output_mapping(one_by_one.view(2, 10).mean(1))
         # and the raw averages, before the clip can hide a difference
         raw = legacy.logits(crops).view(2, 10).mean(1)
@@ -130,8 +132,10 @@ def test_a_saved_state_dict_loads_strictly_through_the_builder(tmp_path, legacy)
         assert torch.equal(loaded.state_dict()[key], value), key
     x = TenCropPreprocess().to_tensor(_images(1, seed=3))
     with torch.inference_mode():
-        torch.testing.assert_close(loaded(x), output_mapping(
-            legacy.logits(ten_crop(x - state["mean"])).view(1, 10).mean(1)))
+        torch.testing.assert_close(
+            loaded(x),
+            output_mapping(legacy.logits(ten_crop(x - state["mean"])).view(1, 10).mean(1)),
+        )
     # through the registry too, and the modern pipeline from a modern state_dict
     assert get_model("memnet", checkpoint=path).mode == "legacy"
     modern_path = tmp_path / "modern.pt"
@@ -157,8 +161,7 @@ def test_checkpoints_with_a_missing_or_an_extra_key_are_refused(tmp_path, legacy
 def test_a_pickled_checkpoint_with_code_is_refused(tmp_path):
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pt"
-    torch.save({"fc8.bias": torch.zeros(1), "x": TouchesMarker(marker)}, path,
-               pickle_module=pickle)
+    torch.save({"fc8.bias": torch.zeros(1), "x": TouchesMarker(marker)}, path, pickle_module=pickle)
     with pytest.raises(ValueError, match="weights_only"):
         memnet(checkpoint=path)
     assert not marker.exists(), "memnet(checkpoint=...) ran the checkpoint's code"
@@ -199,6 +202,9 @@ def test_pretorched_layout_maps_strictly(legacy):
     assert torch.equal(converted["mean"][:, 5, 7], torch.tensor(CAFFE_MEAN_BGR))
     MemNet("legacy").load_state_dict(converted, strict=True)
     MemNet("modern").load_state_dict(from_pretorched_state_dict(state, mode="modern"), strict=True)
-    with pytest.raises(CheckpointKeyError, match=r"missing keys: fc8\.weight.*unexpected keys: fc8\.w"):
-        from_pretorched_state_dict({**{k: v for k, v in state.items() if k != "fc8.weight"},
-                                    "fc8.w": torch.zeros(1)})
+    with pytest.raises(
+        CheckpointKeyError, match=r"missing keys: fc8\.weight.*unexpected keys: fc8\.w"
+    ):
+        from_pretorched_state_dict(
+            {**{k: v for k, v in state.items() if k != "fc8.weight"}, "fc8.w": torch.zeros(1)}
+        )

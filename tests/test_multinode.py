@@ -39,13 +39,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from rayhead import Head, free_port, needs_dashboard, private_ray_tmpdir
 
 import memscore
 from memscore import faults
-from memscore.sinks import open_sink
 from memscore.scoring.verify import verify
-
-from rayhead import Head, free_port, needs_dashboard, private_ray_tmpdir
+from memscore.sinks import open_sink
 
 ROOT = Path(__file__).resolve().parent.parent
 SCORE_ACTOR = "MapWorker(MapBatches(ScoreImages))"  # Ray Data's actor class for ScoreImages
@@ -62,10 +61,16 @@ def write_manifest(tmp_path: Path, example_images, rows: int) -> Path:
 def small_run(manifest: Path, out: Path, address: str) -> memscore.ScoreConfig:
     # Blocks and batches of 2 rows: enough tasks in flight to spread over the nodes; one torch
     # thread per actor, as two actors share this machine's two cores.
-    return memscore.ScoreConfig(str(manifest), output=str(out), address=address,
-                                rows_per_block=2, rows_per_file=2, decode_batch_size=2,
-                                batch_size=2,
-                                torch_threads=1)
+    return memscore.ScoreConfig(
+        str(manifest),
+        output=str(out),
+        address=address,
+        rows_per_block=2,
+        rows_per_file=2,
+        decode_batch_size=2,
+        batch_size=2,
+        torch_threads=1,
+    )
 
 
 def assert_every_row_once(out: Path, manifest: Path, rows: int) -> pa.Table:
@@ -132,8 +137,12 @@ def model_actors():
     from ray.util.state import list_actors
 
     job = ray.get_runtime_context().get_job_id()
-    return list_actors(filters=[("class_name", "=", SCORE_ACTOR), ("job_id", "=", job)],
-                       detail=True, limit=1000, raise_on_missing_output=False)
+    return list_actors(
+        filters=[("class_name", "=", SCORE_ACTOR), ("job_id", "=", job)],
+        detail=True,
+        limit=1000,
+        raise_on_missing_output=False,
+    )
 
 
 def tasks(**filters):
@@ -142,26 +151,34 @@ def tasks(**filters):
     from ray.util.state import list_tasks
 
     filters["job_id"] = ray.get_runtime_context().get_job_id()
-    return list_tasks(filters=[(k, "=", v) for k, v in filters.items()], detail=True,
-                      limit=10000, raise_on_missing_output=False)
+    return list_tasks(
+        filters=[(k, "=", v) for k, v in filters.items()],
+        detail=True,
+        limit=10000,
+        raise_on_missing_output=False,
+    )
 
 
 # ------------------------------------------------------------------------ actor planning
-@pytest.mark.parametrize("gpus, change, pool", [
-    (2, {}, (2, 2)),  # one per GPU, a fixed pool
-    (2, {"actors": 4}, (4, 4)),  # more than the GPUs present: waits for more
-    (2, {"min_actors": 1}, (1, 2)),  # autoscaling from 1 up to one per GPU
-    (2, {"min_actors": 1, "actors": 8}, (1, 8)),
-    (0, {}, (1, 1)),  # CPU-only: one actor using every core
-])
+@pytest.mark.parametrize(
+    "gpus, change, pool",
+    [
+        (2, {}, (2, 2)),  # one per GPU, a fixed pool
+        (2, {"actors": 4}, (4, 4)),  # more than the GPUs present: waits for more
+        (2, {"min_actors": 1}, (1, 2)),  # autoscaling from 1 up to one per GPU
+        (2, {"min_actors": 1, "actors": 8}, (1, 8)),
+        (0, {}, (1, 1)),  # CPU-only: one actor using every core
+    ],
+)
 def test_the_model_pool_is_fixed_unless_given_a_range(gpus, change, pool):
     import dataclasses
 
-    from memscore.stages.pipeline import _actor_pool, plan_model_actors
+    from memscore.stages.pipeline import model_actor_pool, plan_model_actors
 
-    plan = plan_model_actors(dataclasses.replace(memscore.ScoreConfig("m", output="o"),
-                                                 **change).validated(), gpus)
-    strategy = _actor_pool(plan)
+    plan = plan_model_actors(
+        dataclasses.replace(memscore.ScoreConfig("m", output="o"), **change).validated(), gpus
+    )
+    strategy = model_actor_pool(plan)
     assert (strategy.min_size, strategy.max_size) == pool
     assert strategy.initial_size == pool[1]  # an autoscaling pool starts at its top
     assert strategy.max_tasks_in_flight_per_actor == 2
@@ -175,16 +192,18 @@ def test_stall_once_stalls_the_first_call_only(tmp_path):
     env = {**os.environ, faults.ENV_VAR: f"predict:stall-once:{marker}"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     code = "from memscore.faults import maybe_inject; maybe_inject('predict'); print('through')"
-    first = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 30
         while not stalled(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert stalled(marker)
         assert marker.read_text() == f"predict pid={first.pid}\n"  # no Ray: no node named
-        second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                text=True, timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
         assert second.returncode == 0 and second.stdout.strip() == "through"
         assert first.poll() is None  # still stalled
     finally:
@@ -197,8 +216,20 @@ def _can_hide_a_folder() -> str | None:
     """Why a node cannot be given a private mount namespace here (None: it can)."""
     if shutil.which("unshare") is None:
         return "needs util-linux's unshare"
-    tried = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                            "mount -t tmpfs memscore-test /tmp"], capture_output=True, text=True)
+    tried = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            "mount -t tmpfs memscore-test /tmp",
+        ],
+        capture_output=True,
+        text=True,
+    )
     return None if tried.returncode == 0 else f"cannot mount in a private namespace: {tried.stderr}"
 
 
@@ -220,17 +251,40 @@ def cluster_with_a_blind_node(hidden: Path):
 
     ray.shutdown()  # the session's local Ray, if a test before started it
     with private_ray_tmpdir():
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "object_store_memory": 100 << 20})
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 1,
+                "include_dashboard": False,
+                "object_store_memory": 100 << 20,
+            },
+        )
         try:
             ray_cli = str(Path(sys.executable).with_name("ray"))
             started = subprocess.run(
-                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                 'mount -t tmpfs memscore-test "$0" && exec "$@"', str(hidden),
-                 ray_cli, "start", f"--address={cluster.address}", "--num-cpus=1",
-                 f"--object-store-memory={100 << 20}",
-                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
-                env=os.environ.copy(), capture_output=True, text=True, timeout=180)
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "sh",
+                    "-c",
+                    'mount -t tmpfs memscore-test "$0" && exec "$@"',
+                    str(hidden),
+                    ray_cli,
+                    "start",
+                    f"--address={cluster.address}",
+                    "--num-cpus=1",
+                    f"--object-store-memory={100 << 20}",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    "--disable-usage-stats",
+                ],
+                env=os.environ.copy(),
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
             ray.init(address=cluster.address, log_to_driver=False)
             deadline = time.monotonic() + 120
@@ -246,7 +300,8 @@ def cluster_with_a_blind_node(hidden: Path):
 @pytest.mark.slow
 @pytest.mark.skipif(_NO_BLIND_NODE is not None, reason=str(_NO_BLIND_NODE))
 def test_a_node_that_does_not_see_the_output_or_the_images_stops_the_run_first(
-        tmp_path, example_images):
+    tmp_path, example_images
+):
     """On two nodes, a local ``--output`` or image folder that one node does not see stops the
     run before any work, with one line naming the node and saying to use s3:// or a shared
     filesystem (without the check, the blind node's tasks write to, and read from, its own
@@ -263,18 +318,24 @@ def test_a_node_that_does_not_see_the_output_or_the_images_stops_the_run_first(
     on_the_head_only = write_manifest(hidden, sorted((hidden / "images").iterdir()), rows)
     with cluster_with_a_blind_node(hidden) as cluster:
         for manifest, out, what in (
-                (on_every_node, hidden / "out", f"the output folder {hidden / 'out'}"),
-                (on_the_head_only, tmp_path / "out", f"the image {hidden / 'images'}")):
+            (on_every_node, hidden / "out", f"the output folder {hidden / 'out'}"),
+            (on_the_head_only, tmp_path / "out", f"the image {hidden / 'images'}"),
+        ):
             with pytest.raises(memscore.MemscoreError) as error:
-                join(run_with_deadline(
-                    lambda: memscore.score(small_run(manifest, out, cluster.address)), 300),
-                    "the scoring run")
+                join(
+                    run_with_deadline(
+                        lambda m=manifest, o=out: memscore.score(small_run(m, o, cluster.address)),
+                        300,
+                    ),
+                    "the scoring run",
+                )
             message = str(error.value)
             print(f"\n{message}")
             blind = next(n for n in ray.nodes() if n["NodeID"] != cluster.head_node.node_id)
             assert "\n" not in message
-            assert message.startswith(f"node {blind['NodeManagerAddress']} "
-                                      f"({blind['NodeID'][:8]}) cannot see {what}"), message
+            assert message.startswith(
+                f"node {blind['NodeManagerAddress']} ({blind['NodeID'][:8]}) cannot see {what}"
+            ), message
             assert "use s3:// or a shared filesystem" in message
             # Stopped before any work: no Parquet, and the probe file is gone again.
             assert not open_sink(str(out)).files(), open_sink(str(out)).files()
@@ -303,8 +364,11 @@ class GpuCluster:
         import ray
 
         ray.shutdown()
-        ray.init(address=self.cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": env_vars} if env_vars else None)
+        ray.init(
+            address=self.cluster.address,
+            log_to_driver=False,
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+        )
         try:
             yield
         finally:
@@ -325,13 +389,16 @@ def gpu_cluster():
 
     ray.shutdown()  # the session's local Ray, if a test before started it
     with private_ray_tmpdir():
-        cluster = Cluster(initialize_head=True, head_node_args={
-            # the head offers what cluster.yaml's head declares (no CPU): no decoding, no model
-            "num_cpus": cluster_yaml_head_resources()["CPU"],
-            "include_dashboard": True,  # the state API
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": free_port(),
-        })
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                # the head offers what cluster.yaml's head declares (no CPU): no decoding, no model
+                "num_cpus": cluster_yaml_head_resources()["CPU"],
+                "include_dashboard": True,  # the state API
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": free_port(),
+            },
+        )
         try:
             workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
             cluster.wait_for_nodes()
@@ -343,26 +410,32 @@ def gpu_cluster():
 
 # ---------------------------------------------------------------------------- placement
 @needs_dashboard
-def test_model_actors_only_on_gpu_nodes_and_no_work_on_the_head(gpu_cluster, tmp_path,
-                                                                 example_images):
+def test_model_actors_only_on_gpu_nodes_and_no_work_on_the_head(
+    gpu_cluster, tmp_path, example_images
+):
     rows = 16
     manifest = write_manifest(tmp_path, example_images, rows)
     out = tmp_path / "out"
     with gpu_cluster.driver():
         gpu_nodes = gpu_cluster.alive_worker_ids()
         clock = time.perf_counter()
-        summary = join(run_with_deadline(
-            lambda: memscore.score(small_run(manifest, out, gpu_cluster.cluster.address)), 300),
-            "the scoring run")
+        summary = join(
+            run_with_deadline(
+                lambda: memscore.score(small_run(manifest, out, gpu_cluster.cluster.address)), 300
+            ),
+            "the scoring run",
+        )
         wall = time.perf_counter() - clock
         actors = state_until_stable(model_actors)
         decoded = state_until_stable(lambda: tasks(name=DECODE_TASK))
         on_head = tasks(node_id=gpu_cluster.head_id)
 
-    print(f"\nplacement run: {rows} rows in {wall:.1f} s; actors on "
-          f"{sorted(a.node_id[:8] for a in actors)}; decode tasks on "
-          f"{sorted({t.node_id[:8] for t in decoded})}; on the head: "
-          f"{sorted({t.name for t in on_head})}")
+    print(
+        f"\nplacement run: {rows} rows in {wall:.1f} s; actors on "
+        f"{sorted(a.node_id[:8] for a in actors)}; decode tasks on "
+        f"{sorted({t.node_id[:8] for t in decoded})}; on the head: "
+        f"{sorted({t.name for t in on_head})}"
+    )
     assert summary["model_actors"] == len(gpu_nodes) == 2  # one per GPU
     assert summary["gpus_per_actor"] == 1
     # One model actor per GPU node, each holding a GPU, none anywhere else.
@@ -372,16 +445,20 @@ def test_model_actors_only_on_gpu_nodes_and_no_work_on_the_head(gpu_cluster, tmp
     assert decoded and {t.node_id for t in decoded} <= gpu_nodes, decoded
     # The head ran only Ray Data's bookkeeping (actors that ask for no CPU): no task that
     # needs a CPU or a GPU.
-    busy = [t for t in on_head if t.required_resources.get("CPU", 0) > 0
-            or t.required_resources.get("GPU", 0) > 0]
+    busy = [
+        t
+        for t in on_head
+        if t.required_resources.get("CPU", 0) > 0 or t.required_resources.get("GPU", 0) > 0
+    ]
     assert not busy, [(t.name, t.required_resources) for t in busy]
     assert_every_row_once(out, manifest, rows)
 
 
 # ---------------------------------------------------------------------------- node loss
 @needs_dashboard
-def test_losing_a_gpu_node_mid_run_still_gives_every_row_once(gpu_cluster, tmp_path,
-                                                              example_images):
+def test_losing_a_gpu_node_mid_run_still_gives_every_row_once(
+    gpu_cluster, tmp_path, example_images
+):
     """The first model batch stalls (``stall-once``) on whichever actor gets it; once the other
     actor has committed output, that actor's node is removed with the stalled task in flight.
     Ray restarts the lost actor when a GPU is free (here: the survivor's, once the survivor has
@@ -396,10 +473,14 @@ def test_losing_a_gpu_node_mid_run_still_gives_every_row_once(gpu_cluster, tmp_p
         assert len(gpu_nodes) == 2, "the cluster lost a node before this test"
         clock = time.perf_counter()
         run = run_with_deadline(
-            lambda: memscore.score(small_run(manifest, out, gpu_cluster.cluster.address)), 400)
+            lambda: memscore.score(small_run(manifest, out, gpu_cluster.cluster.address)), 400
+        )
         deadline = time.monotonic() + 300
-        while run[0].is_alive() and time.monotonic() < deadline and not (
-                stalled(marker) and open_sink(str(out)).files()):
+        while (
+            run[0].is_alive()
+            and time.monotonic() < deadline
+            and not (stalled(marker) and open_sink(str(out)).files())
+        ):
             time.sleep(0.2)
         assert run[0].is_alive(), f"the run ended before a node could be removed: {run[1]}"
         assert marker.exists() and open_sink(str(out)).files(), "no stall and output in 300 s"
@@ -416,9 +497,11 @@ def test_losing_a_gpu_node_mid_run_still_gives_every_row_once(gpu_cluster, tmp_p
         survivors = gpu_cluster.alive_worker_ids()
         actors = state_until_stable(model_actors)
 
-    print(f"\nnode loss: {rows} rows in {wall:.1f} s; node {stalled_node[:8]} removed at "
-          f"{lost_at:.1f} s with {committed_before} files committed; actors (node, state, "
-          f"restarts): {[(a.node_id[:8], a.state, a.num_restarts) for a in actors]}")
+    print(
+        f"\nnode loss: {rows} rows in {wall:.1f} s; node {stalled_node[:8]} removed at "
+        f"{lost_at:.1f} s with {committed_before} files committed; actors (node, state, "
+        f"restarts): {[(a.node_id[:8], a.state, a.num_restarts) for a in actors]}"
+    )
     assert stalled_node not in survivors and len(survivors) == 1
     table = assert_every_row_once(out, manifest, rows)
     assert summary["rows_done_this_run"] == rows
@@ -430,18 +513,34 @@ def test_losing_a_gpu_node_mid_run_still_gives_every_row_once(gpu_cluster, tmp_p
 
 
 # ------------------------------------------------------------------------ ray job submit
-def submit(head: Head, *job_args: str, env: dict[str, str] | None = None,
-           expect_ok: bool = True) -> subprocess.CompletedProcess | str:
+def submit(
+    head: Head, *job_args: str, env: dict[str, str] | None = None, expect_ok: bool = True
+) -> subprocess.CompletedProcess | str:
     """``ray job submit`` of ``jobs/score.py`` from a machine with ``env`` (the head's token by
     default) -> the submission id, or with ``expect_ok=False`` the finished ``ray`` process."""
     ray_cli = Path(sys.executable).with_name("ray")
     submission_id = f"memscore-{uuid.uuid4().hex[:8]}"
     entrypoint = shlex.join([sys.executable, "jobs/score.py", *job_args])
     done = subprocess.run(
-        [str(ray_cli), "job", "submit", "--address", head.url, "--working-dir", str(ROOT),
-         "--submission-id", submission_id, "--no-wait", "--", *shlex.split(entrypoint)],
-        env=head.client_env if env is None else env, capture_output=True, text=True,
-        timeout=120)
+        [
+            str(ray_cli),
+            "job",
+            "submit",
+            "--address",
+            head.url,
+            "--working-dir",
+            str(ROOT),
+            "--submission-id",
+            submission_id,
+            "--no-wait",
+            "--",
+            *shlex.split(entrypoint),
+        ],
+        env=head.client_env if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if not expect_ok:
         return done
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -465,8 +564,9 @@ def wait_for_job(head: Head, submission_id: str, timeout_s: float = 300):
 
 
 @needs_dashboard
-def test_ray_job_submit_runs_the_job_and_a_bad_manifest_fails_it(ray_head, tmp_path,
-                                                                 example_images):
+def test_ray_job_submit_runs_the_job_and_a_bad_manifest_fails_it(
+    ray_head, tmp_path, example_images
+):
     """On a head with token authentication on: without the token (the tests' own
     RAY_AUTH_MODE=disabled, or a token but no RAY_AUTH_MODE=token) ``ray job submit`` fails
     with AuthenticationError; with the README's two variables it runs the job."""
@@ -475,16 +575,27 @@ def test_ray_job_submit_runs_the_job_and_a_bad_manifest_fails_it(ray_head, tmp_p
     rows = 10
     manifest = write_manifest(tmp_path, example_images, rows)
     out = tmp_path / "out"
-    for env in ({**ray_head.client_env, "RAY_AUTH_MODE": "disabled"},
-                {k: v for k, v in ray_head.client_env.items() if k != "RAY_AUTH_MODE"}):
-        refused = submit(ray_head, str(manifest), "--output", str(out), env=env,
-                         expect_ok=False)
+    for env in (
+        {**ray_head.client_env, "RAY_AUTH_MODE": "disabled"},
+        {k: v for k, v in ray_head.client_env.items() if k != "RAY_AUTH_MODE"},
+    ):
+        refused = submit(ray_head, str(manifest), "--output", str(out), env=env, expect_ok=False)
         assert refused.returncode != 0, refused.stdout[-2000:]
         assert "AuthenticationError" in refused.stdout + refused.stderr, refused.stderr[-3000:]
     assert not out.exists()
     clock = time.perf_counter()
-    good = submit(ray_head, str(manifest), "--output", str(out), "--rows-per-block", "5",
-                  "--batch-size", "5", "--decode-batch-size", "5")
+    good = submit(
+        ray_head,
+        str(manifest),
+        "--output",
+        str(out),
+        "--rows-per-block",
+        "5",
+        "--batch-size",
+        "5",
+        "--decode-batch-size",
+        "5",
+    )
     status, logs = wait_for_job(ray_head, good)
     wall = time.perf_counter() - clock
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
@@ -503,8 +614,9 @@ def test_ray_job_submit_runs_the_job_and_a_bad_manifest_fails_it(ray_head, tmp_p
 
     # The working dir went up without what .gitignore names (the virtualenv above all).
     session = Path(os.environ["RAY_TMPDIR"]) / "ray" / "session_latest"
-    unpacked = [p for p in (session / "runtime_resources" / "working_dir_files").iterdir()
-                if p.is_dir()]
+    unpacked = [
+        p for p in (session / "runtime_resources" / "working_dir_files").iterdir() if p.is_dir()
+    ]
     assert unpacked, "no working_dir package on the head"
     for package in unpacked:
         assert (package / "jobs" / "score.py").is_file() and (package / "memscore").is_dir()

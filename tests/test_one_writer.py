@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memscore.sinks import lease as leases
 from memscore.errors import MemscoreError
-from memscore.sinks.lease import LEASE_FILE, acquire_lease, read_holder
+from memscore.sinks import lease as leases
 from memscore.sinks.folder import prepare_output
+from memscore.sinks.lease import LEASE_FILE, acquire_lease, read_holder
 
 ROWS = 12
 
@@ -43,9 +43,17 @@ def _dead_pid() -> int:
 
 
 def _write_foreign_lease(folder: Path, *, host: str, pid: int, age_s: float) -> None:
-    (folder / LEASE_FILE).write_text(json.dumps({
-        "run_id": "0ther", "host": host, "pid": pid, "pid_started": None,
-        "started_at": "2026-01-01T00:00:00+00:00"}))
+    (folder / LEASE_FILE).write_text(
+        json.dumps(
+            {
+                "run_id": "0ther",
+                "host": host,
+                "pid": pid,
+                "pid_started": None,
+                "started_at": "2026-01-01T00:00:00+00:00",
+            }
+        )
+    )
     then = time.time() - age_s
     os.utime(folder / LEASE_FILE, (then, then))
 
@@ -76,11 +84,12 @@ def test_a_gone_holder_is_taken_over_only_when_resuming(tmp_path):
 
 def test_another_hosts_holder_is_gone_only_when_its_heartbeat_is_stale(tmp_path):
     _write_foreign_lease(tmp_path, host="another-host", pid=1, age_s=60)
-    with pytest.raises(MemscoreError, match="being written by another memscore run .* "
-                                            "another-host.*1 min ago|60 s ago"):
+    with pytest.raises(
+        MemscoreError,
+        match="being written by another memscore run .* another-host.*1 min ago|60 s ago",
+    ):
         acquire_lease(str(tmp_path), take_over=True)
-    _write_foreign_lease(tmp_path, host="another-host", pid=1,
-                         age_s=leases.STALE_AFTER_S + 60)
+    _write_foreign_lease(tmp_path, host="another-host", pid=1, age_s=leases.STALE_AFTER_S + 60)
     with acquire_lease(str(tmp_path), take_over=True) as lease:
         assert lease.took_over.host == "another-host"
 
@@ -112,6 +121,7 @@ def test_a_holder_that_cannot_refresh_fences_itself(tmp_path, monkeypatch):
     monkeypatch.setattr(leases, "FENCE_AFTER_S", 0.3)
     lease = acquire_lease(str(tmp_path))
     try:
+
         def storage_away():
             raise OSError(5, "Input/output error")
 
@@ -127,11 +137,11 @@ def test_a_holder_that_cannot_refresh_fences_itself(tmp_path, monkeypatch):
 def test_the_lease_is_not_an_entry_overwrite_deletes_or_that_makes_a_folder_busy(tmp_path):
     out = tmp_path / "out"
     with acquire_lease(str(out)):
-        assert prepare_output(str(out), overwrite=False, resume=False, storage_options={}) \
-            == "fresh"
+        assert (
+            prepare_output(str(out), overwrite=False, resume=False, storage_options={}) == "fresh"
+        )
         (out / "memscore-part_x_000000-0.parquet").write_bytes(b"PAR1")
-        assert prepare_output(str(out), overwrite=True, resume=False, storage_options={}) \
-            == "fresh"
+        assert prepare_output(str(out), overwrite=True, resume=False, storage_options={}) == "fresh"
         assert sorted(os.listdir(out)) == [LEASE_FILE]
     assert not out.exists()  # made by the lease, left empty: removed with it
 
@@ -174,8 +184,11 @@ def _race(outputs, storage_options=None, take_over=False, prepare=None) -> int:
             if prepare:
                 prepare(output)
             start = time.time() + 0.05
-            held = [h for h in pool.map(_contend, [(output, storage_options, take_over, start)]
-                                         * 2) if h]
+            held = [
+                h
+                for h in pool.map(_contend, [(output, storage_options, take_over, start)] * 2)
+                if h
+            ]
             if len(held) == 2:
                 (a0, a1), (b0, b1) = held
                 assert not (a0 < b1 and b0 < a1), f"two holders at once on {output}"
@@ -219,10 +232,16 @@ def test_a_gone_holder_on_s3_is_taken_over_by_one_of_two_racers(s3_endpoint):
     dead = _dead_pid()
 
     def gone_holder(output):
-        record = {"run_id": "0ther", "host": socket.gethostname(), "pid": dead,
-                  "pid_started": None, "started_at": "2026-01-01T00:00:00+00:00"}
-        s3_endpoint.fs.pipe_file(output.split("://", 1)[1] + "/" + LEASE_FILE,
-                                 json.dumps(record).encode())
+        record = {
+            "run_id": "0ther",
+            "host": socket.gethostname(),
+            "pid": dead,
+            "pid_started": None,
+            "started_at": "2026-01-01T00:00:00+00:00",
+        }
+        s3_endpoint.fs.pipe_file(
+            output.split("://", 1)[1] + "/" + LEASE_FILE, json.dumps(record).encode()
+        )
 
     outputs = [f"s3://{bucket}/take{i}" for i in range(20)]
     assert _race(outputs, take_over=True, prepare=gone_holder) == 20
@@ -243,14 +262,37 @@ def _manifest(tmp_path: Path, example_images, rows: int = ROWS) -> Path:
 
 
 def _command(manifest, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "memscore.cli", "score", str(manifest), "--output", str(out),
-            "--rows-per-block", "3", "--rows-per-file", "3", "--decode-batch-size", "3",
-            "--batch-size", "3", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "memscore.cli",
+        "score",
+        str(manifest),
+        "--output",
+        str(out),
+        "--rows-per-block",
+        "3",
+        "--rows-per-file",
+        "3",
+        "--decode-batch-size",
+        "3",
+        "--batch-size",
+        "3",
+        *extra,
+    ]
 
 
 def _two_at_once(manifest, out, env) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen(_command(manifest, out), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _command(manifest, out),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=900)
@@ -263,18 +305,21 @@ def _check_one_won(results, out, manifest, env) -> None:
     assert codes == [0, 2], [r.stderr[-2000:] for r in results]
     loser = next(r for r in results if r.returncode == 2)
     lines = [line for line in loser.stderr.splitlines() if line.startswith("memscore:")]
-    assert len(lines) == 1 and "is being written by another memscore run" in lines[0], \
-        loser.stderr[-2000:]
-    verified = subprocess.run([sys.executable, "-m", "memscore.cli", "verify", str(out),
-                               "--manifest", str(manifest)], env=env, capture_output=True,
-                              text=True)
+    assert len(lines) == 1 and "is being written by another memscore run" in lines[0], loser.stderr[
+        -2000:
+    ]
+    verified = subprocess.run(
+        [sys.executable, "-m", "memscore.cli", "verify", str(out), "--manifest", str(manifest)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert f"output rows:   {ROWS}" in verified.stdout
 
 
 @pytest.mark.slow
-def test_two_runs_started_at_once_into_one_folder_write_every_row_once(tmp_path,
-                                                                     example_images):
+def test_two_runs_started_at_once_into_one_folder_write_every_row_once(tmp_path, example_images):
     manifest = _manifest(tmp_path, example_images)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -285,7 +330,8 @@ def test_two_runs_started_at_once_into_one_folder_write_every_row_once(tmp_path,
 
 
 def test_two_runs_started_at_once_into_one_s3_prefix_write_every_row_once(
-        s3_endpoint, tmp_path, example_images):
+    s3_endpoint, tmp_path, example_images
+):
     manifest = _manifest(tmp_path, example_images)
     bucket = s3_endpoint.make_bucket("race")
     out = f"s3://{bucket}/scores"
@@ -297,7 +343,8 @@ def test_two_runs_started_at_once_into_one_s3_prefix_write_every_row_once(
 
 @pytest.mark.slow
 def test_a_resume_while_the_run_goes_on_is_refused_and_takes_over_once_it_is_killed(
-        tmp_path, example_images):
+    tmp_path, example_images
+):
     from processes import kill_run, ray_processes
 
     manifest = _manifest(tmp_path, example_images)
@@ -306,25 +353,42 @@ def test_a_resume_while_the_run_goes_on_is_refused_and_takes_over_once_it_is_kil
     ray_before = set(ray_processes())
     # the first decode task goes through, every later one stalls: mid-run for as long as needed
     stalled = {**env, "MEMSCORE_INJECT_FAULT": f"decode:stall-after-once:{tmp_path / 'fired'}"}
-    driver = subprocess.Popen(_command(manifest, out), env=stalled, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        _command(manifest, out),
+        env=stalled,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
-        while driver.poll() is None and time.monotonic() < deadline and not any(
-                p.name.startswith("memscore-part") for p in out.glob("*.parquet")):
+        while (
+            driver.poll() is None
+            and time.monotonic() < deadline
+            and not any(p.name.startswith("memscore-part") for p in out.glob("*.parquet"))
+        ):
             time.sleep(0.2)
         assert driver.poll() is None, "the run ended before the test could resume beside it"
-        refused = subprocess.run(_command(manifest, out, "--resume"), env=env,
-                                 capture_output=True, text=True, timeout=300)
+        refused = subprocess.run(
+            _command(manifest, out, "--resume"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert refused.returncode == 2
-        assert refused.stderr.strip().splitlines()[-1].startswith(
-            f"memscore: error: --output {out} is being written by another memscore run")
+        assert (
+            refused.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"memscore: error: --output {out} is being written by another memscore run")
+        )
         assert f"pid {driver.pid}" in refused.stderr
     finally:
         kill_run(driver, ray_before)
     # The holder is gone (its pid no longer exists on this host): --resume takes over at once.
-    resumed = subprocess.run(_command(manifest, out, "--resume"), env=env, capture_output=True,
-                             text=True, timeout=900)
+    resumed = subprocess.run(
+        _command(manifest, out, "--resume"), env=env, capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "took over the lease of a memscore run that is gone" in resumed.stderr
     table = pq.read_table(out, columns=["memscore_row"])
@@ -339,8 +403,9 @@ def test_an_output_two_runs_doubled_is_repaired_by_resume(tmp_path, example_imag
     manifest = _manifest(tmp_path, example_images)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    first = subprocess.run(_command(manifest, out), env=env, capture_output=True, text=True,
-                           timeout=900)
+    first = subprocess.run(
+        _command(manifest, out), env=env, capture_output=True, text=True, timeout=900
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     # the second writer's files: the same rows, committed under its own write id
     for path in sorted(out.glob("memscore-part_*.parquet"))[:2]:
@@ -350,8 +415,9 @@ def test_an_output_two_runs_doubled_is_repaired_by_resume(tmp_path, example_imag
     summary["status"] = "rows missing or duplicated"  # what that run's final count said
     (out / "_memscore.json").write_text(json.dumps(summary))
 
-    resumed = subprocess.run(_command(manifest, out, "--resume"), env=env, capture_output=True,
-                             text=True, timeout=900)
+    resumed = subprocess.run(
+        _command(manifest, out, "--resume"), env=env, capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "removed 6 second copies of rows that two runs had written" in resumed.stderr
     rows = pq.read_table(out, columns=["memscore_row"]).column("memscore_row").to_pylist()
@@ -361,18 +427,27 @@ def test_an_output_two_runs_doubled_is_repaired_by_resume(tmp_path, example_imag
 
 
 def test_the_final_count_of_a_doubled_output_names_the_way_on():
-    from memscore.scoring.job import _incomplete_line
+    from memscore.scoring.job import incomplete_line
 
-    counts = {"rows_out": 14, "rows_missing": 0, "missing_examples": [],
-              "rows_duplicated": 2, "duplicated_examples": [3, 4], "rows_unexpected": 0,
-              "unexpected_examples": []}
-    line = _incomplete_line("scores/", 12, counts)
-    assert line.startswith("scores/: 14 rows written for 12 manifest rows: 2 written more "
-                           "than once (e.g. [3, 4]); another run wrote into this output")
+    counts = {
+        "rows_out": 14,
+        "rows_missing": 0,
+        "missing_examples": [],
+        "rows_duplicated": 2,
+        "duplicated_examples": [3, 4],
+        "rows_unexpected": 0,
+        "unexpected_examples": [],
+    }
+    line = incomplete_line("scores/", 12, counts)
+    assert line.startswith(
+        "scores/: 14 rows written for 12 manifest rows: 2 written more "
+        "than once (e.g. [3, 4]); another run wrote into this output"
+    )
     assert line.endswith("--resume, which keeps one copy of each row")
     counts.update(rows_out=11, rows_missing=1, missing_examples=[7], rows_duplicated=0)
-    assert _incomplete_line("scores/", 12, counts).endswith(
-        "1 missing (e.g. memscore_row [7]); run again with --resume")
+    assert incomplete_line("scores/", 12, counts).endswith(
+        "1 missing (e.g. memscore_row [7]); run again with --resume"
+    )
 
 
 def test_a_doubled_output_keeps_the_first_copy_of_each_row(tmp_path):
@@ -385,12 +460,15 @@ def test_a_doubled_output_keeps_the_first_copy_of_each_row(tmp_path):
     pq.write_table(first, out / "memscore-part_aaa_000000-0.parquet")
     pq.write_table(second, out / "memscore-part_bbb_000000-0.parquet")
     for name, table in (("memscore-part_aaa_000000", first), ("memscore-part_bbb_000000", second)):
-        pq.write_table(table.select(["memscore_row"]),
-                       out / "_memscore" / "checkpoint" / f"{name}.parquet")
+        pq.write_table(
+            table.select(["memscore_row"]), out / "_memscore" / "checkpoint" / f"{name}.parquet"
+        )
     assert resume.drop_duplicate_rows(str(out), {}) == 2
     assert resume.apply_retry_plan(str(out), {})
-    assert pq.read_table(out / "memscore-part_bbb_000000-0.parquet").to_pydict() == \
-        {"memscore_row": [3], "path": ["d"]}
+    assert pq.read_table(out / "memscore-part_bbb_000000-0.parquet").to_pydict() == {
+        "memscore_row": [3],
+        "path": ["d"],
+    }
     ids = pq.read_table(out / "_memscore" / "checkpoint" / "memscore-part_bbb_000000.parquet")
     assert ids.column("memscore_row").to_pylist() == [3]  # the checkpoint says the same
     assert resume.drop_duplicate_rows(str(out), {}) == 0

@@ -17,8 +17,11 @@ from memscore.sinks.folder import prepare_output
 
 def _fingerprint(folder) -> dict[str, str]:
     """Every file under ``folder`` (relative path -> sha256): what must survive."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _one_line_error(capsys, *argv) -> str:
@@ -47,16 +50,15 @@ def test_output_that_is_the_input_folder_is_refused_and_the_photos_survive(photo
 
 def test_output_inside_or_around_the_input_is_refused(photos, tmp_path, capsys, monkeypatch):
     before = _fingerprint(photos)
-    inside = _one_line_error(capsys, "score", str(photos), "--output", str(photos / "scores"),
-                             "--overwrite")
+    inside = _one_line_error(
+        capsys, "score", str(photos), "--output", str(photos / "scores"), "--overwrite"
+    )
     assert "lies inside the input" in inside
-    around = _one_line_error(capsys, "score", str(photos), "--output", str(tmp_path),
-                             "--overwrite")
+    around = _one_line_error(capsys, "score", str(photos), "--output", str(tmp_path), "--overwrite")
     assert "contains the input" in around
     # the same with relative paths, as a user types them
     monkeypatch.chdir(tmp_path)
-    relative = _one_line_error(capsys, "score", "photos/", "--output", "photos/",
-                               "--overwrite")
+    relative = _one_line_error(capsys, "score", "photos/", "--output", "photos/", "--overwrite")
     assert f"--output {photos} is the input {photos}" in relative
     assert _fingerprint(photos) == before and not (photos / "scores").exists()
 
@@ -117,8 +119,14 @@ def test_bucket_root_output_is_refused_and_the_bucket_survives(s3_endpoint, tmp_
 def test_s3_output_inside_the_s3_input_folder_is_refused(s3_endpoint, capsys):
     bucket = s3_endpoint.make_bucket("photos")
     s3_endpoint.fs.pipe_file(f"{bucket}/photos/a.jpg", b"x")
-    err = _one_line_error(capsys, "score", f"s3://{bucket}/photos/", "--output",
-                          f"s3://{bucket}/photos/scores/", "--overwrite")
+    err = _one_line_error(
+        capsys,
+        "score",
+        f"s3://{bucket}/photos/",
+        "--output",
+        f"s3://{bucket}/photos/scores/",
+        "--overwrite",
+    )
     assert "lies inside the input" in err
     s3_endpoint.fs.invalidate_cache()
     assert s3_endpoint.fs.cat_file(f"{bucket}/photos/a.jpg") == b"x"

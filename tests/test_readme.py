@@ -28,8 +28,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The set-up commands' install, which this test's environment already is.
-INSTALL = re.compile(r"python3 -m venv \.venv && \. \.venv/bin/activate && "
-                     r"pip install -e \S+ && ")
+INSTALL = re.compile(
+    r"python3 -m venv \.venv && \. \.venv/bin/activate && "
+    r"pip install -e \S+ && "
+)
 
 
 def blocks(page: Path) -> list[tuple[str, str]]:
@@ -41,12 +43,29 @@ def fresh_copy(into: Path) -> Path:
     """The project as a clone of this working tree would be: tracked files and untracked ones
     that are not ignored (never the .venv, nor outputs of earlier runs)."""
     project = into / "memscore"
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
-                             "-z"], cwd=ROOT, capture_output=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+    )
     if listed.returncode != 0:  # not a git checkout: leave out what .gitignore names by hand
-        shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(
-            ".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "scores*", "runs",
-            "report", "tried", "tried-report", "labels.csv"))
+        shutil.copytree(
+            ROOT,
+            project,
+            ignore=shutil.ignore_patterns(
+                ".git",
+                ".venv",
+                "__pycache__",
+                "*.egg-info",
+                ".pytest_cache",
+                "scores*",
+                "runs",
+                "report",
+                "tried",
+                "tried-report",
+                "labels.csv",
+            ),
+        )
         return project
     for name in listed.stdout.decode().split("\0"):
         if name and (ROOT / name).is_file():
@@ -68,11 +87,11 @@ def run_page(page: Path, project: Path, log: list[str]) -> list[subprocess.Compl
         if "python -m pytest" in text:
             continue  # the test command: CI runs it, and this test is part of it
         text = INSTALL.sub("", text)
-        command = (["bash", "-e", "-c", text] if language == "bash"
-                   else [sys.executable, "-c", text])
+        command = ["bash", "-e", "-c", text] if language == "bash" else [sys.executable, "-c", text]
         started = time.monotonic()
-        done = subprocess.run(command, cwd=project, env=_env(), capture_output=True, text=True,
-                              timeout=1200)
+        done = subprocess.run(
+            command, cwd=project, env=_env(), capture_output=True, text=True, timeout=1200
+        )
         log.append(f"{page.name}: {time.monotonic() - started:.0f} s: {text.strip()[:80]}")
         assert done.returncode == 0, f"{page.name} block failed:\n{text}\n{done.stderr[-4000:]}"
         results.append(done)
@@ -80,23 +99,31 @@ def run_page(page: Path, project: Path, log: list[str]) -> list[subprocess.Compl
 
 
 @pytest.mark.slow
-def test_the_readme_and_the_walk_through_run_top_to_bottom_and_the_checkout_still_submits(
-        tmp_path):
+def test_the_readme_and_the_walk_through_run_top_to_bottom_and_the_checkout_still_submits(tmp_path):
     from rayhead import start_ray_head
 
     project = fresh_copy(tmp_path)
     log: list[str] = []
     readme = run_page(ROOT / "README.md", project, log)
     # The README's sample final line is a real one (numbers aside).
-    sample = re.search(r"The last line of a run reads\s+`([^`]+)`", (ROOT / "README.md")
-                       .read_text()).group(1)
+    sample = re.search(
+        r"The last line of a run reads\s+`([^`]+)`", (ROOT / "README.md").read_text()
+    ).group(1)
     first = readme[0].stdout.strip().splitlines()[-1]
     mask = re.compile(r"\d+(\.\d+)?|-> \S+")
     assert mask.sub("#", first) == mask.sub("#", sample), (first, sample)
     run_page(ROOT / "docs" / "finetune-evaluate.md", project, log)
     print("\n".join(log))
-    for made in ("scores", "scores-folder", "scores-table", "scores-memnet", "runs/try/best",
-                 "report/report.md", "tried", "tried-report/report.md"):
+    for made in (
+        "scores",
+        "scores-folder",
+        "scores-table",
+        "scores-memnet",
+        "runs/try/best",
+        "report/report.md",
+        "tried",
+        "tried-report/report.md",
+    ):
         assert (project / made).exists(), made
 
     # What `ray job submit --working-dir .` sends: Ray's own packaging of the folder.
@@ -104,28 +131,56 @@ def test_the_readme_and_the_walk_through_run_top_to_bottom_and_the_checkout_stil
     from ray._private.runtime_env.packaging import create_package
 
     package = tmp_path / "working_dir.zip"
-    create_package(str(project), package, include_gitignore=True,
-                   excludes=get_runtime_env_default_excludes())
+    create_package(
+        str(project), package, include_gitignore=True, excludes=get_runtime_env_default_excludes()
+    )
     size = package.stat().st_size
     names = zipfile.ZipFile(package).namelist()
-    left_in = sorted({n.split("/")[0] for n in names} & {
-        "scores", "scores-folder", "runs", "report", "tried", "tried-report", "labels.csv"})
-    print(f"working_dir package: {size / 2**20:.2f} MiB, {len(names)} files "
-          f"(outputs left in: {left_in})")
+    left_in = sorted(
+        {n.split("/")[0] for n in names}
+        & {"scores", "scores-folder", "runs", "report", "tried", "tried-report", "labels.csv"}
+    )
+    print(
+        f"working_dir package: {size / 2**20:.2f} MiB, {len(names)} files "
+        f"(outputs left in: {left_in})"
+    )
     assert not left_in and size < 10 * 2**20
     # And a real submission from that checkout, to a real head, runs; meanwhile a plain
     # `memscore score` on the same machine starts a Ray of its own instead of joining the head.
     ray_cli = str(Path(sys.executable).with_name("ray"))
     with start_ray_head(tmp_path) as head:
         submitted = subprocess.run(
-            [ray_cli, "job", "submit", "--address", head.url, "--working-dir", ".", "--",
-             "python", "-c", "import os; print('listing:', sorted(os.listdir('.')))"],
-            cwd=project, env=head.client_env, capture_output=True, text=True, timeout=300)
-        beside = subprocess.run(["bash", "-e", "-c", "memscore score examples/images --output "
-                                 "scores-beside-a-head/"], cwd=project, env=_env(),
-                                capture_output=True, text=True, timeout=600)
+            [
+                ray_cli,
+                "job",
+                "submit",
+                "--address",
+                head.url,
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "-c",
+                "import os; print('listing:', sorted(os.listdir('.')))",
+            ],
+            cwd=project,
+            env=head.client_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        beside = subprocess.run(
+            ["bash", "-e", "-c", "memscore score examples/images --output scores-beside-a-head/"],
+            cwd=project,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-3000:]
-    listing = next((line for line in submitted.stdout.splitlines()
-                    if line.startswith("listing:")), submitted.stdout[-3000:])
+    listing = next(
+        (line for line in submitted.stdout.splitlines() if line.startswith("listing:")),
+        submitted.stdout[-3000:],
+    )
     assert "'memscore'" in listing and "'runs'" not in listing and "'scores'" not in listing
     assert beside.returncode == 0, beside.stderr[-3000:]

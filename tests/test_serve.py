@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from badimages import write_bomb_png, write_truncated_jpeg
+
 from memscore.cli import main
 from memscore.config import MemscoreError
 from memscore.serve.app import build, deployment_options, metrics_text, score_answer
@@ -44,15 +44,18 @@ def test_replicas_are_a_count_or_a_range():
             parse_replicas(bad)
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"models": "nope"}, "unknown model 'nope'"),
-    ({"models": "resmem,resmem"}, "named twice"),
-    ({"models": "resmem,falseresmem", "weights": "x.pt"}, "--weights applies to one model"),
-    ({"port": 0}, "--port 0"),
-    ({"max_upload_mb": 0}, "--max-upload-mb"),
-    ({"max_batch_size": 0}, "--max-batch-size"),
-    ({"replicas": "2-1"}, "--replicas"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"models": "nope"}, "unknown model 'nope'"),
+        ({"models": "resmem,resmem"}, "named twice"),
+        ({"models": "resmem,falseresmem", "weights": "x.pt"}, "--weights applies to one model"),
+        ({"port": 0}, "--port 0"),
+        ({"max_upload_mb": 0}, "--max-upload-mb"),
+        ({"max_batch_size": 0}, "--max-batch-size"),
+        ({"replicas": "2-1"}, "--replicas"),
+    ],
+)
 def test_bad_options_are_refused_in_one_line(fields, message):
     with pytest.raises(MemscoreError, match=re.escape(message)):
         ServeConfig(**fields).validated()
@@ -114,28 +117,33 @@ def test_cli_refuses_bad_options_and_a_taken_port_before_starting_ray(capsys):
 
 def test_metrics_keep_ray_serves_and_memscores_own_once_each_from_every_node():
     def node(address: str, with_memscore: bool) -> str:
-        text = ("# HELP ray_serve_x Requests.\n# TYPE ray_serve_x counter\n"
-                f'ray_serve_x{{node="{address}"}} 3.0\n'
-                "# HELP python_gc_y GC.\n# TYPE python_gc_y counter\npython_gc_y 1.0\n")
+        text = (
+            "# HELP ray_serve_x Requests.\n# TYPE ray_serve_x counter\n"
+            f'ray_serve_x{{node="{address}"}} 3.0\n'
+            "# HELP python_gc_y GC.\n# TYPE python_gc_y counter\npython_gc_y 1.0\n"
+        )
         if with_memscore:  # a model replica's node
-            text += ("# HELP ray_memscore_model_seconds_total Seconds.\n"
-                     "# TYPE ray_memscore_model_seconds_total counter\n"
-                     f'ray_memscore_model_seconds_total{{model="resmem",node="{address}"}} 2.5\n'
-                     "# HELP ray_memscore_batch Sizes.\n# TYPE ray_memscore_batch histogram\n"
-                     f'ray_memscore_batch_bucket{{le="+Inf",node="{address}"}} 2.0\n'
-                     f'ray_memscore_batch_count{{node="{address}"}} 2.0\n')
+            text += (
+                "# HELP ray_memscore_model_seconds_total Seconds.\n"
+                "# TYPE ray_memscore_model_seconds_total counter\n"
+                f'ray_memscore_model_seconds_total{{model="resmem",node="{address}"}} 2.5\n'
+                "# HELP ray_memscore_batch Sizes.\n# TYPE ray_memscore_batch histogram\n"
+                f'ray_memscore_batch_bucket{{le="+Inf",node="{address}"}} 2.0\n'
+                f'ray_memscore_batch_count{{node="{address}"}} 2.0\n'
+            )
         return text
 
     assert metrics_text([node("a", False), node("b", True), node("c", True)]) == (
-        '# HELP ray_serve_x Requests.\n# TYPE ray_serve_x counter\n'
+        "# HELP ray_serve_x Requests.\n# TYPE ray_serve_x counter\n"
         'ray_serve_x{node="a"} 3.0\nray_serve_x{node="b"} 3.0\nray_serve_x{node="c"} 3.0\n'
-        '# HELP memscore_model_seconds_total Seconds.\n'
-        '# TYPE memscore_model_seconds_total counter\n'
+        "# HELP memscore_model_seconds_total Seconds.\n"
+        "# TYPE memscore_model_seconds_total counter\n"
         'memscore_model_seconds_total{model="resmem",node="b"} 2.5\n'
         'memscore_model_seconds_total{model="resmem",node="c"} 2.5\n'
-        '# HELP memscore_batch Sizes.\n# TYPE memscore_batch histogram\n'
+        "# HELP memscore_batch Sizes.\n# TYPE memscore_batch histogram\n"
         'memscore_batch_bucket{le="+Inf",node="b"} 2.0\nmemscore_batch_count{node="b"} 2.0\n'
-        'memscore_batch_bucket{le="+Inf",node="c"} 2.0\nmemscore_batch_count{node="c"} 2.0\n')
+        'memscore_batch_bucket{le="+Inf",node="c"} 2.0\nmemscore_batch_count{node="c"} 2.0\n'
+    )
     assert metrics_text(["# HELP python_gc_y GC.\npython_gc_y 1.0\n"]) == ""
 
 
@@ -146,9 +154,14 @@ def test_a_request_is_200_once_a_file_is_scored_else_422_or_500_with_every_files
     assert score_answer([good, bad[0]], model_failed=True).status_code == 200
     for entries, model_failed, status, error in [
         (bad[:1], False, 422, "bad0.jpg: not an image: text"),
-        (bad, False, 422, "none of the 5 files could be scored: bad0.jpg: not an image: text; "
-                          "bad1.jpg: not an image: text; bad2.jpg: not an image: text; "
-                          "and 2 more"),
+        (
+            bad,
+            False,
+            422,
+            "none of the 5 files could be scored: bad0.jpg: not an image: text; "
+            "bad1.jpg: not an image: text; bad2.jpg: not an image: text; "
+            "and 2 more",
+        ),
         (bad[:1], True, 500, "bad0.jpg: not an image: text"),  # a model's failure: the server's
     ]:
         answer = score_answer(entries, model_failed=model_failed)
@@ -193,21 +206,27 @@ def _start_server(folder: Path, *options: str) -> Server:
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "memscore.cli", "serve", "--port", str(port), *options],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-            preexec_fn=_restore_sigint)
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            preexec_fn=_restore_sigint,
+        )
     url = f"http://127.0.0.1:{port}"
     polls = []
     deadline = time.time() + 300
     try:
         while True:
             if process.poll() is not None:
-                pytest.fail(f"memscore serve exited with {process.returncode}:\n"
-                            + log.read_text()[-3000:])
+                pytest.fail(
+                    f"memscore serve exited with {process.returncode}:\n" + log.read_text()[-3000:]
+                )
             try:
                 answer = requests.get(f"{url}/healthz", timeout=30)
                 is_json = answer.headers.get("content-type", "").startswith("application/json")
-                polls.append((time.time(), answer.status_code,
-                              answer.json() if is_json else answer.text))
+                polls.append(
+                    (time.time(), answer.status_code, answer.json() if is_json else answer.text)
+                )
                 if answer.status_code == 200:
                     return Server(url, process, log, polls)
             except (requests.ConnectionError, requests.Timeout):  # Ray starting; a busy machine
@@ -235,8 +254,13 @@ def _stop_server(process: subprocess.Popen) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``memscore serve`` (ResMem and FalseResMem) on a free port, in its own process."""
-    started = _start_server(tmp_path_factory.mktemp("serve"), "--model", ",".join(MODELS),
-                            "--max-upload-mb", str(MAX_UPLOAD_MB))
+    started = _start_server(
+        tmp_path_factory.mktemp("serve"),
+        "--model",
+        ",".join(MODELS),
+        "--max-upload-mb",
+        str(MAX_UPLOAD_MB),
+    )
     try:
         yield started
     finally:
@@ -250,8 +274,8 @@ def batch_job():
     **decode_options)`` -> {file name: output row}."""
     import pyarrow as pa
 
-    from memscore.stages.decode import DecodeImages
     from memscore.models import get_model_weights
+    from memscore.stages.decode import DecodeImages
     from memscore.stages.predict import ScoreImages
 
     preprocess = {name: get_model_weights(name).DEFAULT.transforms for name in MODELS}
@@ -274,8 +298,9 @@ def batch_scores(batch_job, example_images):
 def _post(url: str, files: list[tuple[str, bytes]], query: str = ""):
     import requests
 
-    return requests.post(f"{url}/score{query}",
-                         files=[("file", (name, data)) for name, data in files], timeout=300)
+    return requests.post(
+        f"{url}/score{query}", files=[("file", (name, data)) for name, data in files], timeout=300
+    )
 
 
 def _read(path: Path) -> tuple[str, bytes]:
@@ -285,8 +310,12 @@ def _read(path: Path) -> tuple[str, bytes]:
 def _check_scores(image: dict, row: dict, models=MODELS) -> None:
     for name in models:
         column = SCORE_COLUMNS[name]
-        assert abs(image[column] - row[column]) <= 1e-6, (image["file"], column, image[column],
-                                                          row[column])
+        assert abs(image[column] - row[column]) <= 1e-6, (
+            image["file"],
+            column,
+            image[column],
+            row[column],
+        )
     assert (image["width"], image["height"]) == (row["memscore_width"], row["memscore_height"])
 
 
@@ -301,8 +330,9 @@ def test_healthz_turns_200_only_once_the_models_are_loaded(server):
     assert loading, f"the ingress never answered while the models loaded: {server.polls}"
     assert all(body["error"].startswith("not ready") for body in loading)
     # before that: no answer (Ray starting), Serve's proxy without the route yet, or 503
-    before = {(status, body if status != 503 else "not ready") for _, status, body in
-              server.polls[:-1]}
+    before = {
+        (status, body if status != 503 else "not ready") for _, status, body in server.polls[:-1]
+    }
     assert {status for status, _ in before} <= {None, 404, 503}, before
     ready = requests.get(f"{server.url}/healthz", timeout=30)
     assert ready.status_code == 200 and ready.json()["models"] == list(MODELS)
@@ -328,12 +358,14 @@ def test_every_example_image_gets_the_batch_jobs_scores(server, example_images, 
         [image] = answer.json()["images"]
         assert image["file"] == path.name
         _check_scores(image, batch_scores[path.name])
-        assert [(m["model"], m["weights_sha256"]) for m in image["models"]] == \
-            [(name, sha256[name]) for name in MODELS]
+        assert [(m["model"], m["weights_sha256"]) for m in image["models"]] == [
+            (name, sha256[name]) for name in MODELS
+        ]
     # all in one request, in order; and one model of the two by name
     answer = _post(server.url, [_read(path) for path in example_images])
-    assert [image["file"] for image in answer.json()["images"]] == \
-        [path.name for path in example_images]
+    assert [image["file"] for image in answer.json()["images"]] == [
+        path.name for path in example_images
+    ]
     for image in answer.json()["images"]:
         _check_scores(image, batch_scores[image["file"]])
     answer = _post(server.url, [_read(example_images[0])], "?model=falseresmem")
@@ -369,10 +401,15 @@ def test_32_requests_at_once_are_all_answered_in_batches(server, example_images,
     deadline = time.time() + 90
     while True:
         text = requests.get(f"{server.url}/metrics", timeout=30).text
-        totals = {kind: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                            if line.startswith(f"ray_serve_actual_batch_size_{kind}{{")
-                            and 'function_name="score_batch"' in line)
-                  for kind in ("count", "sum")}
+        totals = {
+            kind: sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(f"ray_serve_actual_batch_size_{kind}{{")
+                and 'function_name="score_batch"' in line
+            )
+            for kind in ("count", "sum")
+        }
         if totals["count"] >= batches_here and totals["sum"] > totals["count"]:
             break
         assert time.time() < deadline, f"batch-size metrics not exported: {totals}"
@@ -381,17 +418,19 @@ def test_32_requests_at_once_are_all_answered_in_batches(server, example_images,
 
 @pytest.mark.slow
 def test_decode_options_as_query_parameters_give_the_batch_jobs_scores_with_them(
-        server, batch_job, tmp_path, example_images):
-    from PIL import Image
-
+    server, batch_job, tmp_path, example_images
+):
     from badimages import write_exif_rotated_jpeg
+    from PIL import Image
 
     rotated = write_exif_rotated_jpeg(tmp_path)
     big = tmp_path / "big.jpg"  # 4x the model's 256-pixel resize on both sides: drafted
     with Image.open(example_images[0]) as image:
         image.convert("RGB").resize((2048, 1536)).save(big, quality=90)
-    for path, query, option in ((rotated, "?exif_transpose=true", "exif_transpose"),
-                                (big, "?fast_decode=true", "fast_decode")):
+    for path, query, option in (
+        (rotated, "?exif_transpose=true", "exif_transpose"),
+        (big, "?fast_decode=true", "fast_decode"),
+    ):
         plain, with_option = batch_job([path])[path.name], batch_job([path], **{option: True})
         [image] = _post(server.url, [_read(path)], query).json()["images"]
         _check_scores(image, with_option[path.name])
@@ -400,8 +439,9 @@ def test_decode_options_as_query_parameters_give_the_batch_jobs_scores_with_them
         assert image["memorability"] != default["memorability"], option  # the option acted
     # fast decode reports the full size, as the batch job does; the EXIF orientation turns
     # the stored size round
-    assert (image["width"], image["height"]) == (default["width"], default["height"]) == \
-        (2048, 1536)
+    assert (
+        (image["width"], image["height"]) == (default["width"], default["height"]) == (2048, 1536)
+    )
     [upright] = _post(server.url, [_read(rotated)], "?exif_transpose=true").json()["images"]
     [stored] = _post(server.url, [_read(rotated)]).json()["images"]
     assert (upright["width"], upright["height"]) == (stored["height"], stored["width"])
@@ -416,14 +456,16 @@ def _bad_files(tmp: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_a_request_with_bad_files_scores_its_good_ones_and_names_each_bad_one(
-        server, batch_job, tmp_path, example_images):
+    server, batch_job, tmp_path, example_images
+):
     empty, notes, truncated, bomb = bad = _bad_files(tmp_path)
     # what the batch job writes in memscore_error for each (after the kind and the detail of
     # the bytes, it names the path of an empty file, which an upload does not have)
     batch_errors = {name: row["memscore_error"] for name, row in batch_job(bad).items()}
     first, second = example_images[0], example_images[3]
-    alone = {path.name: _post(server.url, [_read(path)]).json()["images"][0]
-             for path in (first, second)}
+    alone = {
+        path.name: _post(server.url, [_read(path)]).json()["images"][0] for path in (first, second)
+    }
 
     answer = _post(server.url, [_read(first), _read(notes), _read(second)])
     assert answer.status_code == 200, answer.text
@@ -449,9 +491,11 @@ def test_a_request_with_bad_files_scores_its_good_ones_and_names_each_bad_one(
     for image in body["images"]:
         assert list(image) == ["file", "error"]
         assert batch_errors[image["file"]].startswith(image["error"]), image
-    assert body["error"] == ("none of the 4 files could be scored: "
-                             + "; ".join(f"{image['file']}: {image['error']}"
-                                         for image in body["images"][:3]) + "; and 1 more")
+    assert body["error"] == (
+        "none of the 4 files could be scored: "
+        + "; ".join(f"{image['file']}: {image['error']}" for image in body["images"][:3])
+        + "; and 1 more"
+    )
     # a request refused as a whole is still refused before any file: no entries
     answer = _post(server.url, [_read(first), _read(notes)], "?model=nope")
     assert answer.status_code == 400 and list(answer.json()) == ["error"]
@@ -468,42 +512,100 @@ def _bad_requests(tmp: Path):
     is a request of one bad file, which is also that file's entry."""
     too_large = ("big.jpg", os.urandom(MAX_UPLOAD_MB * 2**20 + 1024))
     body, content_type = _multipart([too_large])
-    streamed = {"data": (body[i:i + 65536] for i in range(0, len(body), 65536)),
-                "headers": {"Content-Type": content_type}}  # chunked: no Content-Length
+    streamed = {
+        "data": (body[i : i + 65536] for i in range(0, len(body), 65536)),
+        "headers": {"Content-Type": content_type},
+    }  # chunked: no Content-Length
     photo = ("ok.png", (ROOT / "examples" / "images" / "chelsea.png").read_bytes())
     return [
         ("no body", {}, "", 400, "no file"),
         ("a form without a file field", {"files": {"photo": photo}}, "", 400, "no file"),
-        ("a text field named file", {"files": {"file": (None, "hello")}}, "", 400,
-         "holds text, not a file"),
+        (
+            "a text field named file",
+            {"files": {"file": (None, "hello")}},
+            "",
+            400,
+            "holds text, not a file",
+        ),
         ("JSON instead of a form", {"json": {"file": "x"}}, "", 400, "no file"),
-        ("an empty file", {"files": {"file": ("empty.jpg", b"")}}, "", 422,
-         "empty.jpg: empty file"),
-        ("not an image", {"files": {"file": ("notes.jpg", b"just some text\n" * 40)}}, "",
-         422, "notes.jpg: not an image"),
-        ("a truncated image", {"files": {"file": _read(write_truncated_jpeg(tmp))}}, "", 422,
-         "truncated.jpg: truncated"),
-        ("a decompression bomb", {"files": {"file": _read(write_bomb_png(tmp))}}, "", 422,
-         "bomb.png: decompression bomb"),
-        ("an upload over --max-upload-mb", {"files": {"file": too_large}}, "", 413,
-         f"limit of {MAX_UPLOAD_MB} MiB"),
+        (
+            "an empty file",
+            {"files": {"file": ("empty.jpg", b"")}},
+            "",
+            422,
+            "empty.jpg: empty file",
+        ),
+        (
+            "not an image",
+            {"files": {"file": ("notes.jpg", b"just some text\n" * 40)}},
+            "",
+            422,
+            "notes.jpg: not an image",
+        ),
+        (
+            "a truncated image",
+            {"files": {"file": _read(write_truncated_jpeg(tmp))}},
+            "",
+            422,
+            "truncated.jpg: truncated",
+        ),
+        (
+            "a decompression bomb",
+            {"files": {"file": _read(write_bomb_png(tmp))}},
+            "",
+            422,
+            "bomb.png: decompression bomb",
+        ),
+        (
+            "an upload over --max-upload-mb",
+            {"files": {"file": too_large}},
+            "",
+            413,
+            f"limit of {MAX_UPLOAD_MB} MiB",
+        ),
         ("the same, streamed", streamed, "", 413, f"limit of {MAX_UPLOAD_MB} MiB"),
-        ("an unknown model", {"files": {"file": photo}}, "?model=nope", 400,
-         "unknown model 'nope'"),
-        ("a model not served", {"files": {"file": photo}}, "?model=memnet", 400,
-         "'memnet' is not served here"),
-        ("a bad decode option", {"files": {"file": photo}}, "?fast_decode=maybe", 400,
-         "fast_decode"),
-        ("max_pixels above the server's", {"files": {"file": photo}}, "?max_pixels=10000000000",
-         400, "max_pixels"),
-        ("max_pixels below the image", {"files": {"file": photo}}, "?max_pixels=1000", 422,
-         "decompression bomb"),
+        (
+            "an unknown model",
+            {"files": {"file": photo}},
+            "?model=nope",
+            400,
+            "unknown model 'nope'",
+        ),
+        (
+            "a model not served",
+            {"files": {"file": photo}},
+            "?model=memnet",
+            400,
+            "'memnet' is not served here",
+        ),
+        (
+            "a bad decode option",
+            {"files": {"file": photo}},
+            "?fast_decode=maybe",
+            400,
+            "fast_decode",
+        ),
+        (
+            "max_pixels above the server's",
+            {"files": {"file": photo}},
+            "?max_pixels=10000000000",
+            400,
+            "max_pixels",
+        ),
+        (
+            "max_pixels below the image",
+            {"files": {"file": photo}},
+            "?max_pixels=1000",
+            422,
+            "decompression bomb",
+        ),
     ]
 
 
 @pytest.mark.slow
-def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_answering(server, tmp_path,
-                                                                          example_images):
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_answering(
+    server, tmp_path, example_images
+):
     import requests
 
     good = [_read(example_images[0])]
@@ -515,8 +617,10 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_answering(server
         if status == 422:  # the file's own entry: its error without its name
             [entry] = body.pop("images")
             name, text = error.split(": ", 1) if ": " in error else (None, error)
-            assert entry["file"] == (name or entry["file"]) and text in entry["error"], \
-                (what, entry)
+            assert entry["file"] == (name or entry["file"]) and text in entry["error"], (
+                what,
+                entry,
+            )
             assert body["error"] == f"{entry['file']}: {entry['error']}", (what, body)
         assert list(body) == ["error"], (what, body)
         after = _post(server.url, good)
@@ -529,14 +633,14 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_answering(server
 def test_models_lists_the_served_models_and_the_registry(server):
     import requests
 
-    from memscore.cli import _registry
+    from memscore.models.registry import registry_table
 
     models = requests.get(f"{server.url}/models", timeout=30).json()
     assert [m["model"] for m in models["served"]] == list(MODELS)
     resmem = models["served"][0]
     assert resmem["output_column"] == "memorability" and resmem["usual_min"] == 0.41
     assert "0.41" in resmem["notes"] and len(resmem["weights_sha256"]) == 64
-    assert models["registry"] == _registry() and models["device"] == "cpu"
+    assert models["registry"] == registry_table() and models["device"] == "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -548,8 +652,12 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--window-size=1100,900"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,900",
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -557,8 +665,9 @@ def browser():
 
 
 @pytest.mark.slow
-def test_the_page_shows_the_json_score_of_an_uploaded_image(server, browser, tmp_path,
-                                                            example_images):
+def test_the_page_shows_the_json_score_of_an_uploaded_image(
+    server, browser, tmp_path, example_images
+):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -568,10 +677,13 @@ def test_the_page_shows_the_json_score_of_an_uploaded_image(server, browser, tmp
     WebDriverWait(browser, 30).until(lambda d: "resmem" in d.find_element(By.ID, "served").text)
     browser.find_element(By.ID, "file-input").send_keys(str(path))
     card = WebDriverWait(browser, 120).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, ".card[data-state]"))
+        lambda d: d.find_element(By.CSS_SELECTOR, ".card[data-state]")
+    )
     assert card.get_attribute("data-state") == "scored", card.text
-    shown = {score.get_attribute("data-column"): score
-             for score in card.find_elements(By.CSS_SELECTOR, ".score")}
+    shown = {
+        score.get_attribute("data-column"): score
+        for score in card.find_elements(By.CSS_SELECTOR, ".score")
+    }
     assert set(shown) == set(SCORE_COLUMNS.values())
     for column, score in shown.items():
         assert score.text == f"{expected[column]:.4f}"  # what a person reads
@@ -597,7 +709,6 @@ def joined(tmp_path_factory):
     The last test that uses it stops it."""
     import ray
     from ray.cluster_utils import Cluster
-
     from test_multinode import private_ray_tmpdir
 
     ray.shutdown()  # the session's local Ray, if a test before started it
@@ -606,8 +717,9 @@ def joined(tmp_path_factory):
         try:
             gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
             cluster.wait_for_nodes()
-            started = _start_server(tmp_path_factory.mktemp("joined"), "--address",
-                                    cluster.address, "--model", "resmem")
+            started = _start_server(
+                tmp_path_factory.mktemp("joined"), "--address", cluster.address, "--model", "resmem"
+            )
             try:
                 yield Joined(cluster.address, gpu_node.node_id, started)
             finally:
@@ -627,7 +739,7 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
         if not line.startswith(name + "{"):
             continue
         series, value = line.rsplit(" ", 1)
-        have = dict(_LABEL.findall(series[len(name):]))
+        have = dict(_LABEL.findall(series[len(name) :]))
         if all(have.get(key) == wanted for key, wanted in labels.items()):
             values.append(float(value))
     return sum(values) if values else None
@@ -650,7 +762,8 @@ def _wait_for_metrics(url: str, wanted: dict, since: float, timeout_s: float = 1
 
 @pytest.mark.slow
 def test_metrics_count_files_errors_by_kind_images_and_model_seconds_on_every_node(
-        joined, tmp_path, example_images):
+    joined, tmp_path, example_images
+):
     """The counters of a fresh server are exactly its requests', the model replica's (images,
     batches, seconds) read from the worker node's metrics agent, the ingress's (files, errors)
     from the head's."""
@@ -666,12 +779,18 @@ def test_metrics_count_files_errors_by_kind_images_and_model_seconds_on_every_no
     assert _post(url, good, "?model=nope").status_code == 400  # refused: no file counted
     answered = time.time()
     resmem = (("model", "resmem"),)
-    exact = {("memscore_files_total", ()): 5,
-             ("memscore_images_scored_total", resmem): 2,
-             **{("memscore_errors_total", (("kind", kind),)): 1
-                for kind in ("not an image", "empty file", "truncated")}}
-    batches, seconds = ("memscore_model_batches_total", resmem), \
-        ("memscore_model_seconds_total", resmem)
+    exact = {
+        ("memscore_files_total", ()): 5,
+        ("memscore_images_scored_total", resmem): 2,
+        **{
+            ("memscore_errors_total", (("kind", kind),)): 1
+            for kind in ("not an image", "empty file", "truncated")
+        },
+    }
+    batches, seconds = (
+        ("memscore_model_batches_total", resmem),
+        ("memscore_model_seconds_total", resmem),
+    )
     text, delay = _wait_for_metrics(url, {**exact, batches: 1, seconds: 1e-9}, since=answered)
     print(f"memscore's counters shown {delay:.1f} s after the last answer")
     assert {key: _metric(text, key[0], **dict(key[1])) for key in exact} == exact
@@ -680,15 +799,21 @@ def test_metrics_count_files_errors_by_kind_images_and_model_seconds_on_every_no
     passes = _metric(text, batches[0], **dict(batches[1]))
     assert passes in (1, 2)
     assert 0 < _metric(text, seconds[0], **dict(seconds[1])) < 60 * passes
-    for name in ("memscore_files_total", "memscore_errors_total", "memscore_images_scored_total",
-                 "memscore_model_batches_total", "memscore_model_seconds_total"):
+    for name in (
+        "memscore_files_total",
+        "memscore_errors_total",
+        "memscore_images_scored_total",
+        "memscore_model_batches_total",
+        "memscore_model_seconds_total",
+    ):
         assert text.count(f"# TYPE {name} counter\n") == 1, name
     assert "ray_memscore" not in text and "ray_serve_" in text
 
 
 @pytest.mark.slow
 def test_the_page_shows_a_bad_files_error_in_its_card_beside_the_good_files_scores(
-        server, browser, tmp_path, example_images):
+    server, browser, tmp_path, example_images
+):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -699,9 +824,12 @@ def test_the_page_shows_a_bad_files_error_in_its_card_beside_the_good_files_scor
     WebDriverWait(browser, 30).until(lambda d: "resmem" in d.find_element(By.ID, "served").text)
     browser.find_element(By.ID, "file-input").send_keys("\n".join(str(path) for path in paths))
     WebDriverWait(browser, 120).until(
-        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card[data-state]")) == len(paths))
-    cards = {card.find_element(By.CSS_SELECTOR, ".name").text: card
-             for card in browser.find_elements(By.CSS_SELECTOR, ".card")}
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card[data-state]")) == len(paths)
+    )
+    cards = {
+        card.find_element(By.CSS_SELECTOR, ".name").text: card
+        for card in browser.find_elements(By.CSS_SELECTOR, ".card")
+    }
     assert set(cards) == {path.name for path in paths}
     bad = cards[notes.name]
     assert bad.get_attribute("data-state") == "error", bad.text
@@ -713,8 +841,10 @@ def test_the_page_shows_a_bad_files_error_in_its_card_beside_the_good_files_scor
         card = cards[path.name]
         assert card.get_attribute("data-state") == "scored", card.text
         assert not card.find_elements(By.CSS_SELECTOR, ".error")
-        shown = {score.get_attribute("data-column"): float(score.get_attribute("data-value"))
-                 for score in card.find_elements(By.CSS_SELECTOR, ".score")}
+        shown = {
+            score.get_attribute("data-column"): float(score.get_attribute("data-value"))
+            for score in card.find_elements(By.CSS_SELECTOR, ".score")
+        }
         assert set(shown) == set(SCORE_COLUMNS.values())
         for column, value in shown.items():  # the page's requests may share a forward pass
             assert abs(value - expected[path.name][column]) <= 1e-6, (path.name, column)
@@ -724,7 +854,8 @@ def test_the_page_shows_a_bad_files_error_in_its_card_beside_the_good_files_scor
 
 @pytest.mark.slow
 def test_joining_a_cluster_the_model_replica_takes_a_gpu_and_ctrl_c_leaves_the_cluster_up(
-        joined, example_images, batch_scores):
+    joined, example_images, batch_scores
+):
     """``--address``: the model replica lands on the worker with a GPU, with a GPU of its own;
     Ctrl-C deletes the application and nothing else. Last of the tests on ``joined``."""
     import ray

@@ -35,15 +35,17 @@ def _csv(folder: Path, images: list[Path]) -> Path:
 
 def _parquet(folder: Path, images: list[Path]) -> Path:
     path = folder / "m.parquet"
-    pq.write_table(pa.table({"path": [str(p) for p in images],
-                             "label": list(range(len(images)))}), path)
+    pq.write_table(
+        pa.table({"path": [str(p) for p in images], "label": list(range(len(images)))}), path
+    )
     return path
 
 
 def _jsonl(folder: Path, images: list[Path]) -> Path:
     path = folder / "m.jsonl"
-    path.write_text("".join(json.dumps({"path": str(p), "label": i}) + "\n"
-                            for i, p in enumerate(images)))
+    path.write_text(
+        "".join(json.dumps({"path": str(p), "label": i}) + "\n" for i, p in enumerate(images))
+    )
     return path
 
 
@@ -67,22 +69,29 @@ def _shards(folder: Path, images: list[Path]) -> Path:
     return path
 
 
-EXAMPLES = {"csv": _csv, "parquet": _parquet, "jsonl": _jsonl, "images": _images,
-            "webdataset": _shards}
+EXAMPLES = {
+    "csv": _csv,
+    "parquet": _parquet,
+    "jsonl": _jsonl,
+    "images": _images,
+    "webdataset": _shards,
+}
 
 
 def test_every_registered_kind_has_an_example_and_its_files_are_in_the_one_suffix_table():
     kinds = [kind.kind for kind in KINDS]
     assert len(kinds) == len(set(kinds)), "two registered kinds share a name"
     assert set(EXAMPLES) == set(kinds), "give a new kind a small example in EXAMPLES"
-    assert set(formats.SUFFIX_KINDS.values()) <= set(kinds), \
+    assert set(formats.SUFFIX_KINDS.values()) <= set(kinds), (
         "formats.SUFFIX_KINDS names the files of registered kinds only"
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.kind)
 def test_every_kind_implements_the_interface(kind):
-    assert issubclass(kind, Source) and not inspect.isabstract(kind), \
+    assert issubclass(kind, Source) and not inspect.isabstract(kind), (
         f"{kind.__name__} leaves {sorted(kind.__abstractmethods__)} unimplemented"
+    )
     assert isinstance(kind.what, str) and kind.what
     assert isinstance(kind.is_table, bool) and isinstance(kind.row_ids_are_positions, bool)
     for name, member in inspect.getmembers(Source):
@@ -104,8 +113,10 @@ def test_every_kind_answers_the_interface_on_its_example(kind, tmp_path, example
     assert source.files and source.path_column in source.columns
 
     fingerprint = source.fingerprint()
-    assert len(fingerprint) == 64 and open_manifest(given, rows_in_driver=False).fingerprint() \
-        == fingerprint
+    assert (
+        len(fingerprint) == 64
+        and open_manifest(given, rows_in_driver=False).fingerprint() == fingerprint
+    )
 
     try:
         kind.check_readable_in_driver(given)
@@ -122,21 +133,23 @@ def test_every_kind_answers_the_interface_on_its_example(kind, tmp_path, example
         assert [t.num_rows for t in source.iter_tables(limit=1)] == [1]
 
     source.check_run_options(limit=None, id_column=None)
-    snapshot = source.freeze(str(tmp_path / "out" / "snapshot"), limit=None, rows_per_file=1,
-                             id_column=None)
+    snapshot = source.freeze(
+        str(tmp_path / "out" / "snapshot"), limit=None, rows_per_file=1, id_column=None
+    )
     assert isinstance(snapshot, Snapshot) and snapshot.files
     counts_folder = str(tmp_path / "out" / "counts")  # empty: no read task has recorded
     if source.row_ids_are_positions:
         assert snapshot.rows == 2
         assert source.rows_read(snapshot, counts_folder, output="out") == RowsRead(2, 2)
-        assert source.recorded_rows("out", summary=None, counts_folder=counts_folder,
-                                    by_name=False) is None
+        assert (
+            source.recorded_rows("out", summary=None, counts_folder=counts_folder, by_name=False)
+            is None
+        )
     else:  # its rows are counted as they are read: nothing read, nothing to count yet
         with pytest.raises(MemscoreError, match="^out: "):
             source.rows_read(snapshot, counts_folder, output="out")
         with pytest.raises(MemscoreError, match="^out: "):
-            source.recorded_rows("out", summary=None, counts_folder=counts_folder,
-                                 by_name=False)
+            source.recorded_rows("out", summary=None, counts_folder=counts_folder, by_name=False)
 
     reading = source.image_reading()
     assert set(reading) == {"path_column", "bytes_column", "confine_to"}
@@ -147,8 +160,9 @@ def test_every_kind_answers_the_interface_on_its_example(kind, tmp_path, example
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.kind)
 def test_options_a_kind_cannot_take_are_refused_in_one_line(kind, tmp_path, example_images):
-    source = open_manifest(str(EXAMPLES[kind.kind](tmp_path, example_images[:1])),
-                           rows_in_driver=False)
+    source = open_manifest(
+        str(EXAMPLES[kind.kind](tmp_path, example_images[:1])), rows_in_driver=False
+    )
     for options in ({"limit": 1, "id_column": None}, {"limit": None, "id_column": "path"}):
         try:
             source.check_run_options(**options)
@@ -174,8 +188,11 @@ def _kind_mentions(tree: ast.AST) -> list[tuple[int, str]]:
         if isinstance(operand, (ast.Tuple, ast.List, ast.Set)):
             return any(names_a_kind(element) for element in operand.elts)
         # `manifest.kind`, `source.kind`: a source's kind, whatever it is compared with
-        return isinstance(operand, ast.Attribute) and operand.attr == "kind" and any(
-            word in ast.unparse(operand.value) for word in ("manifest", "source"))
+        return (
+            isinstance(operand, ast.Attribute)
+            and operand.attr == "kind"
+            and any(word in ast.unparse(operand.value) for word in ("manifest", "source"))
+        )
 
     found = []
     for node in ast.walk(tree):
@@ -199,16 +216,21 @@ def test_no_module_outside_sources_names_a_kind():
     """Code outside memscore/sources/ asks the Source interface (``image_reading``,
     ``row_ids_are_positions``, ``is_table`` ...), never ``manifest.kind == "webdataset"``, a
     ``webdataset=`` flag, or a kind's own module."""
-    mentions = {str(path.relative_to(PACKAGE.parent)): found for path in _outside_sources()
-                if (found := _kind_mentions(ast.parse(path.read_text(), str(path))))}
+    mentions = {
+        str(path.relative_to(PACKAGE.parent)): found
+        for path in _outside_sources()
+        if (found := _kind_mentions(ast.parse(path.read_text(), str(path))))
+    }
     assert mentions == {}
 
 
 def test_the_scan_sees_a_kind_named():
-    code = ('if manifest.kind == "webdataset": pass\n'
-            'x = open_manifest(s, webdataset=True)\n'
-            'from memscore.sources.webdataset import read_shards\n'
-            'if source.kind in ("images", "csv"): pass\n')
+    code = (
+        'if manifest.kind == "webdataset": pass\n'
+        "x = open_manifest(s, webdataset=True)\n"
+        "from memscore.sources.webdataset import read_shards\n"
+        'if source.kind in ("images", "csv"): pass\n'
+    )
     assert [line for line, _ in _kind_mentions(ast.parse(code))] == [1, 2, 3, 4]
     assert _kind_mentions(ast.parse('error.kind == "decode failed"\nformat="parquet"\n')) == []
 
@@ -225,9 +247,15 @@ def _sources_imports() -> dict[str, set[tuple[str, str]]]:
             if isinstance(node, ast.ImportFrom) and node.module:
                 for alias in node.names:
                     full = f"{node.module}.{alias.name}"
-                    edges.add((full if full.startswith("memscore.sources.")
-                               and (PACKAGE / "sources" / f"{alias.name}.py").exists()
-                               else node.module, alias.name))
+                    edges.add(
+                        (
+                            full
+                            if full.startswith("memscore.sources.")
+                            and (PACKAGE / "sources" / f"{alias.name}.py").exists()
+                            else node.module,
+                            alias.name,
+                        )
+                    )
             elif isinstance(node, ast.Import):
                 edges.update((alias.name, "") for alias in node.names)
         graph[module] = edges
@@ -236,8 +264,12 @@ def _sources_imports() -> dict[str, set[tuple[str, str]]]:
 
 def test_sources_import_no_circle_and_no_private_name():
     graph = _sources_imports()
-    private = [(module, target, name) for module, edges in graph.items()
-               for target, name in edges if name.startswith("_") and target != module]
+    private = [
+        (module, target, name)
+        for module, edges in graph.items()
+        for target, name in edges
+        if name.startswith("_") and target != module
+    ]
     assert private == []
 
     def visit(module, path):
@@ -253,8 +285,10 @@ def test_sources_import_no_circle_and_no_private_name():
 
 def test_sources_import_no_job_config():
     for module, edges in _sources_imports().items():
-        assert not any(target.startswith("memscore.config") or target.endswith(".config")
-                       for target, _ in edges), module
+        assert not any(
+            target.startswith("memscore.config") or target.endswith(".config")
+            for target, _ in edges
+        ), module
 
 
 def test_one_suffix_table():

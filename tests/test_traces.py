@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from hf_encoders import LAYERS, TOKENS, make_encoder_folder, reference_pixels
+
 from memscore.models.weights import TRACE_FEATURES
 
 torch = pytest.importorskip("torch")
@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ENCODERS = ("clip", "dinov2", "siglip2")
 RTOL = 1e-4  # the issue's tolerance for traces against an independent computation
 # values per image: L+1 for the hidden-state features, L for the per-block ones
-LENGTHS = {"cls_mean": LAYERS + 1, "cls_max": LAYERS + 1, "cls_maxabs": LAYERS + 1,
-           "cls_delta": LAYERS, "attention_entropy": LAYERS, "patch_uniformity": LAYERS + 1}
+LENGTHS = {
+    "cls_mean": LAYERS + 1,
+    "cls_max": LAYERS + 1,
+    "cls_maxabs": LAYERS + 1,
+    "cls_delta": LAYERS,
+    "attention_entropy": LAYERS,
+    "patch_uniformity": LAYERS + 1,
+}
 
 
 # ------------------------------------------------------------------ an independent reference
@@ -43,9 +49,12 @@ def reference_traces(model, pixels) -> dict[str, list[list[float]]]:
         traces["cls_mean"].append([c.mean().item() for c in cls])
         traces["cls_max"].append([c.max().item() for c in cls])
         traces["cls_maxabs"].append([c.abs().max().item() for c in cls])
-        traces["cls_delta"].append([
-            1 - torch.nn.functional.cosine_similarity(a[None], b[None]).item()
-            for a, b in zip(cls[:-1], cls[1:])])
+        traces["cls_delta"].append(
+            [
+                1 - torch.nn.functional.cosine_similarity(a[None], b[None]).item()
+                for a, b in zip(cls[:-1], cls[1:])
+            ]
+        )
         entropies = []
         for a in att:
             row = a[n].double().mean(0)[0, 1:]  # token 0's row, heads averaged, itself dropped
@@ -57,9 +66,10 @@ def reference_traces(model, pixels) -> dict[str, list[list[float]]]:
             patches = h[n, 1:].double()
             per_patch = []
             for j in range(patches.shape[0]):
-                others = torch.cat([patches[:j], patches[j + 1:]])
-                per_patch.append(torch.nn.functional.cosine_similarity(
-                    patches[j][None], others).mean().item())
+                others = torch.cat([patches[:j], patches[j + 1 :]])
+                per_patch.append(
+                    torch.nn.functional.cosine_similarity(patches[j][None], others).mean().item()
+                )
             uniformity.append(sum(per_patch) / len(per_patch))
         traces["patch_uniformity"].append(uniformity)
     return traces
@@ -71,8 +81,9 @@ def assert_traces_close(got: dict, want: dict, encoder: str, rtol: float = RTOL)
         w = np.asarray(want[feature], dtype=np.float64)
         assert g.shape == w.shape, (feature, g.shape, w.shape)
         # relative, with a floor for values near zero (a delta or mean can be ~1e-8)
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * max(1e-3, np.abs(w).max()),
-                                   err_msg=f"{encoder}_{feature}")
+        np.testing.assert_allclose(
+            g, w, rtol=rtol, atol=rtol * max(1e-3, np.abs(w).max()), err_msg=f"{encoder}_{feature}"
+        )
 
 
 # ----------------------------------------------------------------------------- the math alone
@@ -87,15 +98,12 @@ def test_trace_math_on_known_values():
     rows = torch.full((n, t), 1.0 / t)
     traces = compute_traces([equal, orthogonal, equal * -2], [rows, rows])
     assert traces["attention_entropy"].shape == (n, 2)
-    torch.testing.assert_close(traces["attention_entropy"],
-                               torch.full((n, 2), math.log2(t - 1)))
-    torch.testing.assert_close(traces["patch_uniformity"],
-                               torch.tensor([[1.0, 0.0, 1.0]] * n))
+    torch.testing.assert_close(traces["attention_entropy"], torch.full((n, 2), math.log2(t - 1)))
+    torch.testing.assert_close(traces["patch_uniformity"], torch.tensor([[1.0, 0.0, 1.0]] * n))
     torch.testing.assert_close(traces["cls_mean"], torch.tensor([[1.0, 3 / d, -2.0]] * n))
     torch.testing.assert_close(traces["cls_maxabs"], torch.tensor([[1.0, 3.0, 2.0]] * n))
     # equal -> axis 0 -> -equal: cosine 1/sqrt(d) then -1/sqrt(d)
-    torch.testing.assert_close(traces["cls_delta"],
-                               torch.tensor([[1 - d ** -0.5, 1 + d ** -0.5]] * n))
+    torch.testing.assert_close(traces["cls_delta"], torch.tensor([[1 - d**-0.5, 1 + d**-0.5]] * n))
     assert all(v.dtype == torch.float32 for v in traces.values())
 
 
@@ -119,21 +127,22 @@ def test_patch_uniformity_is_exact_when_patches_are_nearly_orthogonal():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("encoders")
-    return {name: make_encoder_folder(name, root / name, seed=i)
-            for i, name in enumerate(ENCODERS)}
+    return {name: make_encoder_folder(name, root / name, seed=i) for i, name in enumerate(ENCODERS)}
 
 
 def photos() -> list[Path]:
-    return [p for p in sorted((ROOT / "examples" / "images").iterdir())
-            if p.suffix in (".png", ".jpg")]
+    return [
+        p for p in sorted((ROOT / "examples" / "images").iterdir()) if p.suffix in (".png", ".jpg")
+    ]
 
 
 def reference_batch(encoder: str, folder: Path):
     """The photos as memscore decodes them, preprocessed by transformers' Pillow processor."""
     from memscore.stages.decode import read_image
 
-    return torch.cat([reference_pixels(encoder, folder, read_image(p.read_bytes()))
-                      for p in photos()])
+    return torch.cat(
+        [reference_pixels(encoder, folder, read_image(p.read_bytes())) for p in photos()]
+    )
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -158,8 +167,10 @@ def test_hidden_states_are_before_the_post_layernorm(folders):
     after it, so the traces never see them."""
     from memscore.models.encoders import load_encoder
 
-    for encoder, norm_of in (("dinov2", lambda m: m.layernorm),
-                             ("siglip2", lambda m: m.post_layernorm)):
+    for encoder, norm_of in (
+        ("dinov2", lambda m: m.layernorm),
+        ("siglip2", lambda m: m.post_layernorm),
+    ):
         model, preprocess = load_encoder(encoder, str(folders[encoder]))
         pixels = reference_batch(encoder, folders[encoder])[:2]
         with torch.inference_mode():
@@ -195,8 +206,14 @@ def test_score_images_writes_list_columns_with_null_rows(folders):
     table = scorer(DecodeImages("path", preprocess, io_threads=2)(pa.table({"path": paths})))
     types = output_types(models)
     assert list(types) == [f"{e}_{f}" for e in ("clip", "siglip2") for f in TRACE_FEATURES]
-    assert table.column_names == ["path", *types, "memscore_error", "memscore_model",
-                                  "memscore_width", "memscore_height"]
+    assert table.column_names == [
+        "path",
+        *types,
+        "memscore_error",
+        "memscore_model",
+        "memscore_width",
+        "memscore_height",
+    ]
     assert table.column("memscore_error").to_pylist()[3].startswith("not an image")
     for column, arrow_type in types.items():
         assert table.schema.field(column).type == arrow_type == pa.list_(pa.float32())
@@ -221,16 +238,24 @@ def test_weights_per_model_rules():
 
     assert config(None).model_weights() == {"clip-traces": None, "dinov2-traces": None}
     both = config("clip-traces=/a/clip,dinov2-traces=facebook/dinov2-base")
-    assert both.model_weights() == {"clip-traces": "/a/clip",
-                                    "dinov2-traces": "facebook/dinov2-base"}
+    assert both.model_weights() == {
+        "clip-traces": "/a/clip",
+        "dinov2-traces": "facebook/dinov2-base",
+    }
     assert config("dinov2-traces=s3://b/d").model_weights() == {
-        "clip-traces": None, "dinov2-traces": "s3://b/d"}
+        "clip-traces": None,
+        "dinov2-traces": "s3://b/d",
+    }
     # a Hugging Face id is not taken for a relative path
-    assert config("openai/clip-vit-base-patch32", "clip-traces").weights == \
-        "openai/clip-vit-base-patch32"
-    for bad, message in (("/a/clip", "one value for 2 models"),
-                         ("resmem=x", "which --model does not score"),
-                         ("clip-traces=a,clip-traces=b", "names clip-traces twice")):
+    assert (
+        config("openai/clip-vit-base-patch32", "clip-traces").weights
+        == "openai/clip-vit-base-patch32"
+    )
+    for bad, message in (
+        ("/a/clip", "one value for 2 models"),
+        ("resmem=x", "which --model does not score"),
+        ("clip-traces=a,clip-traces=b", "names clip-traces twice"),
+    ):
         with pytest.raises(MemscoreError, match=message) as caught:
             config(bad)
         assert "\n" not in str(caught.value)
@@ -262,37 +287,50 @@ def read_scores(output: Path) -> pa.Table:
 
 def expected_from_reference(table: pa.Table, encoder: str, folder: Path) -> dict:
     """The independent traces of the table's scored rows, decoded as memscore decodes them."""
-    from memscore.stages.decode import read_image
     from memscore.models.encoders import load_encoder
+    from memscore.stages.decode import read_image
 
     model, _ = load_encoder(encoder, str(folder))
     ok = [e is None for e in table.column("memscore_error").to_pylist()]
     paths = [p for p, good in zip(table.column("path").to_pylist(), ok) if good]
-    pixels = torch.cat([reference_pixels(encoder, folder, read_image(Path(p).read_bytes()))
-                        for p in paths])
+    pixels = torch.cat(
+        [reference_pixels(encoder, folder, read_image(Path(p).read_bytes())) for p in paths]
+    )
     return reference_traces(model, pixels)
 
 
 @pytest.mark.slow
-def test_score_each_encoder_end_to_end_and_several_in_one_pass(ray_local, tmp_path, folders,
-                                                               capsys):
+def test_score_each_encoder_end_to_end_and_several_in_one_pass(
+    ray_local, tmp_path, folders, capsys
+):
     images = images_folder(tmp_path)
     singles = {}
     for encoder in ENCODERS:
         output = tmp_path / f"out_{encoder}"
-        code, err = score_cli(capsys, str(images), "--output", str(output), "--model",
-                              f"{encoder}-traces", "--weights", str(folders[encoder]),
-                              "--batch-size", "3")
+        code, err = score_cli(
+            capsys,
+            str(images),
+            "--output",
+            str(output),
+            "--model",
+            f"{encoder}-traces",
+            "--weights",
+            str(folders[encoder]),
+            "--batch-size",
+            "3",
+        )
         assert code == 0, err
         table = singles[encoder] = read_scores(output)
         assert table.num_rows == 7
         errors = table.column("memscore_error").to_pylist()
         assert sum(e is not None for e in errors) == 1  # the unreadable TIFF
         ok = [e is None for e in errors]
-        got = {c: [v for v, good in zip(table.column(c).to_pylist(), ok) if good]
-               for c in table.column_names if c.startswith(f"{encoder}_")}
-        assert_traces_close(got, expected_from_reference(table, encoder, folders[encoder]),
-                            encoder)
+        got = {
+            c: [v for v, good in zip(table.column(c).to_pylist(), ok) if good]
+            for c in table.column_names
+            if c.startswith(f"{encoder}_")
+        }
+        assert_traces_close(got, expected_from_reference(table, encoder, folders[encoder]), encoder)
         summary = json.loads((output / "_memscore.json").read_text())
         record = summary["models"][0]
         assert record["weights"] == "folder" and len(record["weights_sha256"]) == 64
@@ -302,33 +340,47 @@ def test_score_each_encoder_end_to_end_and_several_in_one_pass(ray_local, tmp_pa
     # all three in one pass: each image decoded once, three pixel columns, same numbers
     output = tmp_path / "out_all"
     weights = ",".join(f"{e}-traces={folders[e]}" for e in ENCODERS)
-    code, err = score_cli(capsys, str(images), "--output", str(output), "--model",
-                          ",".join(f"{e}-traces" for e in ENCODERS), "--weights", weights)
+    code, err = score_cli(
+        capsys,
+        str(images),
+        "--output",
+        str(output),
+        "--model",
+        ",".join(f"{e}-traces" for e in ENCODERS),
+        "--weights",
+        weights,
+    )
     assert code == 0, err
     together = read_scores(output)
     assert set(together.column("memscore_model").to_pylist()) == {
-        "clip-traces,dinov2-traces,siglip2-traces"}
+        "clip-traces,dinov2-traces,siglip2-traces"
+    }
     for encoder, table in singles.items():
         for feature in TRACE_FEATURES:
             column = f"{encoder}_{feature}"
             alone, both = table.column(column).to_pylist(), together.column(column).to_pylist()
             assert [v is None for v in alone] == [v is None for v in both]
-            np.testing.assert_allclose(np.array([v for v in both if v is not None]),
-                                       np.array([v for v in alone if v is not None]),
-                                       rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                np.array([v for v in both if v is not None]),
+                np.array([v for v in alone if v is not None]),
+                rtol=1e-6,
+                atol=1e-7,
+            )
     # Parquet kept the list type and every list's length
     schema = pq.read_schema(next(output.glob("*.parquet")))
     for encoder in ENCODERS:
         for feature, length in LENGTHS.items():
             assert schema.field(f"{encoder}_{feature}").type == pa.list_(pa.float32())
-            lengths = {len(v) for v in together.column(f"{encoder}_{feature}").to_pylist()
-                       if v is not None}
+            lengths = {
+                len(v) for v in together.column(f"{encoder}_{feature}").to_pylist() if v is not None
+            }
             assert lengths == {length}
 
 
 @pytest.mark.slow
-def test_a_folder_on_s3_and_a_changed_folder_refused_on_resume(ray_local, tmp_path, folders,
-                                                               s3_endpoint, capsys):
+def test_a_folder_on_s3_and_a_changed_folder_refused_on_resume(
+    ray_local, tmp_path, folders, s3_endpoint, capsys
+):
     images = images_folder(tmp_path)
     bucket = s3_endpoint.make_bucket("encoders")
     for path in folders["dinov2"].iterdir():
@@ -336,38 +388,78 @@ def test_a_folder_on_s3_and_a_changed_folder_refused_on_resume(ray_local, tmp_pa
     from s3server import TEST_ACCESS_KEY, TEST_SECRET
 
     # credentials named, not only in the env: a Ray started before the endpoint lacks them
-    options = [f"--storage-option={k}={v}" for k, v in (
-        ("endpoint_url", s3_endpoint.url), ("key", TEST_ACCESS_KEY), ("secret", TEST_SECRET))]
+    options = [
+        f"--storage-option={k}={v}"
+        for k, v in (
+            ("endpoint_url", s3_endpoint.url),
+            ("key", TEST_ACCESS_KEY),
+            ("secret", TEST_SECRET),
+        )
+    ]
     local, remote = tmp_path / "local", tmp_path / "remote"
     for output, weights in ((local, str(folders["dinov2"])), (remote, f"s3://{bucket}/dinov2")):
-        code, err = score_cli(capsys, str(images), "--output", str(output), "--model",
-                              "dinov2-traces", "--weights", weights, *options)
+        code, err = score_cli(
+            capsys,
+            str(images),
+            "--output",
+            str(output),
+            "--model",
+            "dinov2-traces",
+            "--weights",
+            weights,
+            *options,
+        )
         assert code == 0, err
     a, b = read_scores(local), read_scores(remote)
     for feature in TRACE_FEATURES:
-        assert a.column(f"dinov2_{feature}").to_pylist() == \
-            b.column(f"dinov2_{feature}").to_pylist()
+        assert (
+            a.column(f"dinov2_{feature}").to_pylist() == b.column(f"dinov2_{feature}").to_pylist()
+        )
     summary = json.loads((remote / "_memscore.json").read_text())
-    assert summary["models"][0]["weights_sha256"] == \
-        json.loads((local / "_memscore.json").read_text())["models"][0]["weights_sha256"]
+    assert (
+        summary["models"][0]["weights_sha256"]
+        == json.loads((local / "_memscore.json").read_text())["models"][0]["weights_sha256"]
+    )
 
     # The same command on a finished run whose folder now holds other tensors: refused.
     make_encoder_folder("dinov2", tmp_path / "changed", seed=7)
     moved = tmp_path / "moving"
     shutil.copytree(folders["dinov2"], moved)
-    code, err = score_cli(capsys, str(images), "--output", str(tmp_path / "r"), "--model",
-                          "dinov2-traces", "--weights", str(moved), "--limit", "2")
+    code, err = score_cli(
+        capsys,
+        str(images),
+        "--output",
+        str(tmp_path / "r"),
+        "--model",
+        "dinov2-traces",
+        "--weights",
+        str(moved),
+        "--limit",
+        "2",
+    )
     assert code == 0, err
     shutil.copy(tmp_path / "changed" / "model.safetensors", moved / "model.safetensors")
-    code, err = score_cli(capsys, str(images), "--output", str(tmp_path / "r"), "--model",
-                          "dinov2-traces", "--weights", str(moved), "--limit", "2", "--resume")
+    code, err = score_cli(
+        capsys,
+        str(images),
+        "--output",
+        str(tmp_path / "r"),
+        "--model",
+        "dinov2-traces",
+        "--weights",
+        str(moved),
+        "--limit",
+        "2",
+        "--resume",
+    )
     assert code == 2
     assert "weights_sha256" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
-def test_evaluate_a_prefixed_run_and_a_folder_scan_keyed_by_image(ray_local, tmp_path, folders,
-                                                                   capsys):
+def test_evaluate_a_prefixed_run_and_a_folder_scan_keyed_by_image(
+    ray_local, tmp_path, folders, capsys
+):
     """The MemCat flow (issue 25): a table with its own memorability column, scored with
     --column-prefix pred_ and evaluated layer by layer, reads as CLIP's and DINOv2's features;
     and `--key image` on a folder scan's output is one line whose advice works."""
@@ -379,29 +471,62 @@ def test_evaluate_a_prefixed_run_and_a_folder_scan_keyed_by_image(ray_local, tmp
     names = sorted(p.name for p in images.iterdir())
     # as MemCat's table: image paths relative to its folder, a measured memorability
     memcat = tmp_path / "memcat.csv"
-    memcat.write_text("image,memorability,category\n" + "".join(
-        f"images/{name},{0.5 + 0.07 * i:.2f},{'ab'[i % 2]}\n" for i, name in enumerate(names)))
+    memcat.write_text(
+        "image,memorability,category\n"
+        + "".join(
+            f"images/{name},{0.5 + 0.07 * i:.2f},{'ab'[i % 2]}\n" for i, name in enumerate(names)
+        )
+    )
     scores = tmp_path / "scores"
-    code, err = score_cli(capsys, str(memcat), "--path-column", "image", "--output", str(scores),
-                          "--model", "clip-traces,dinov2-traces", "--weights",
-                          f"clip-traces={folders['clip']},dinov2-traces={folders['dinov2']}",
-                          "--column-prefix", "pred_")
+    code, err = score_cli(
+        capsys,
+        str(memcat),
+        "--path-column",
+        "image",
+        "--output",
+        str(scores),
+        "--model",
+        "clip-traces,dinov2-traces",
+        "--weights",
+        f"clip-traces={folders['clip']},dinov2-traces={folders['dinov2']}",
+        "--column-prefix",
+        "pred_",
+    )
     assert code == 0, err
     report = tmp_path / "report"
-    assert main(["evaluate", str(scores), "--truth", str(memcat), "--truth-column",
-                 "memorability", "--key", "image", "--trace-columns", "all", "--report",
-                 str(report), "--bootstrap", "20"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(scores),
+                "--truth",
+                str(memcat),
+                "--truth-column",
+                "memorability",
+                "--key",
+                "image",
+                "--trace-columns",
+                "all",
+                "--report",
+                str(report),
+                "--bootstrap",
+                "20",
+            ]
+        )
+        == 0
+    )
     traces = json.loads((report / "metrics.json").read_text())["traces"]
     assert set(traces) == {f"pred_{e}_{f}" for e in ("clip", "dinov2") for f in TRACE_FEATURES}
     for name, figures in traces.items():
-        encoder, feature = name[len("pred_"):].split("_", 1)
+        encoder, feature = name[len("pred_") :].split("_", 1)
         assert (figures["encoder"], figures["feature"]) == (encoder, feature)
         assert figures["model"]["model"] == f"{encoder}-traces"
         assert figures["layers_in_column"] == LENGTHS[feature]
         assert figures["counts"]["evaluated"] == 6  # the unreadable TIFF has no traces
     # the change from hidden state i to i+1 is layer i+1, as docs/traces.md numbers it
-    assert [layer["layer"] for layer in traces["pred_clip_cls_delta"]["layers"]] == \
-        list(range(1, LAYERS + 1))
+    assert [layer["layer"] for layer in traces["pred_clip_cls_delta"]["layers"]] == list(
+        range(1, LAYERS + 1)
+    )
     text = (report / "report.md").read_text()
     assert "### `cls_delta`" in text and "| 0-1 | " in text
     assert "| layer | clip ρ [95% CI] | dinov2 ρ [95% CI] |" in text and "pred ρ" not in text
@@ -411,16 +536,37 @@ def test_evaluate_a_prefixed_run_and_a_folder_scan_keyed_by_image(ray_local, tmp
 
     # A folder scan names its images in `path` only: --key image is refused with one line...
     scan = tmp_path / "scan"
-    code, err = score_cli(capsys, str(images), "--output", str(scan), "--model", "clip-traces",
-                          "--weights", str(folders["clip"]), "--column-prefix", "pred_")
+    code, err = score_cli(
+        capsys,
+        str(images),
+        "--output",
+        str(scan),
+        "--model",
+        "clip-traces",
+        "--weights",
+        str(folders["clip"]),
+        "--column-prefix",
+        "pred_",
+    )
     assert code == 0, err
-    argv = ["evaluate", str(scan), "--truth-column", "memorability", "--trace-columns", "all",
-            "--report", str(tmp_path / "scan_report"), "--bootstrap", "20"]
+    argv = [
+        "evaluate",
+        str(scan),
+        "--truth-column",
+        "memorability",
+        "--trace-columns",
+        "all",
+        "--report",
+        str(tmp_path / "scan_report"),
+        "--bootstrap",
+        "20",
+    ]
     assert main([*argv, "--truth", str(memcat), "--key", "image"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         f"memscore: error: --key image: the predictions {scan} have no column 'image' "
-        f"(predictions: path, ")
+        f"(predictions: path, "
+    )
     assert "--truth: image, memorability, category); the join needs a column both" in err[0]
     assert "give --truth a 'path' column naming the same image files" in err[0]
     # ... and what it says to give joins every image.
@@ -443,13 +589,17 @@ def test_bad_weights_are_one_line_before_any_ray_work(tmp_path, folders, capsys,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     cases = [
         (["--model", "clip-traces", "--weights", str(empty)], "not a Hugging Face model folder"),
-        (["--model", "clip-traces", "--weights", str(folders["siglip2"])],
-         "'siglip_vision_model' model, not clip"),
+        (
+            ["--model", "clip-traces", "--weights", str(folders["siglip2"])],
+            "'siglip_vision_model' model, not clip",
+        ),
         (["--model", "clip-traces", "--weights", str(tmp_path / "nowhere")], "no such folder"),
         # the paper's model, not in this machine's (empty) Hugging Face cache
         (["--model", "dinov2-traces"], "facebook/dinov2-base is not in the local Hugging Face"),
-        (["--model", "clip-traces,dinov2-traces", "--weights", str(folders["clip"])],
-         "one value for 2 models"),
+        (
+            ["--model", "clip-traces,dinov2-traces", "--weights", str(folders["clip"])],
+            "one value for 2 models",
+        ),
     ]
     for args, message in cases:
         code, err = score_cli(capsys, str(images), "--output", str(tmp_path / "out"), *args)
@@ -464,11 +614,29 @@ def test_the_benchmark_script_runs(tmp_path):
     import sys
 
     results = tmp_path / "traces.md"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "traces_cpu.py"),
-                           "--batch", "1", "--rounds", "1", "--encoders", "clip",
-                           "--results", str(results)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "traces_cpu.py"),
+            "--batch",
+            "1",
+            "--rounds",
+            "1",
+            "--encoders",
+            "clip",
+            "--results",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     table = [line for line in results.read_text().splitlines() if line.startswith("| clip")]
     assert [line.split(" | ")[2] for line in table] == [
-        "plain (sdpa)", "plain (eager)", "traces", "trace math"]
+        "plain (sdpa)",
+        "plain (eager)",
+        "traces",
+        "trace math",
+    ]

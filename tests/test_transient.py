@@ -32,33 +32,45 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_faults import FaultProxy, is_object_request
 
 import memscore
 from memscore import storage
-from memscore.sinks import resume
 from memscore.cli import main as cli_main
-from memscore.stages.decode import DecodeImages
-from memscore.stages.fetch import (RetryClock, RowFetcher, StorageConfigError, TransientError,
-                            TransientFailure, local_read_error, remote_read_error)
 from memscore.row_errors import ImageDecodeError
+from memscore.runtime.failures import run_stopped
+from memscore.sinks import resume
+from memscore.stages.decode import DecodeImages
 from memscore.stages.error_fraction import ErrorFractionExceeded, ErrorTally
-from memscore.scoring.job import run_stopped
-from test_faults import FaultProxy, is_object_request
+from memscore.stages.fetch import (
+    RetryClock,
+    RowFetcher,
+    StorageConfigError,
+    TransientError,
+    TransientFailure,
+    local_read_error,
+    remote_read_error,
+)
 
 SHORT_CLIENT = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
 ROOT = Path(__file__).resolve().parent.parent
 #: Credentials and a region for a client that must not look for any (no endpoint is reached
 #: with them: the tests that use them expect a refused connection or a configuration error).
-OFFLINE_CLIENT = {"key": "memscore-test-key", "secret": "memscore-test-secret",
-                  "client_kwargs": {"region_name": "us-east-1"}}
+OFFLINE_CLIENT = {
+    "key": "memscore-test-key",
+    "secret": "memscore-test-secret",
+    "client_kwargs": {"region_name": "us-east-1"},
+}
 
 
 # ------------------------------------------------------------------------- classification
 def _client_error(code: str, status: int):
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": code},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "GetObject",
+    )
 
 
 def _translated(code: str, status: int) -> BaseException:
@@ -67,10 +79,19 @@ def _translated(code: str, status: int) -> BaseException:
     return translate_boto_error(_client_error(code, status))
 
 
-@pytest.mark.parametrize("code,status", [("ExpiredToken", 400), ("InvalidAccessKeyId", 403),
-                                         ("AccessDenied", 403), ("SlowDown", 503),
-                                         ("InternalError", 500), ("ServiceUnavailable", 503),
-                                         ("RequestTimeout", 400), ("SomethingNew", 500)])
+@pytest.mark.parametrize(
+    "code,status",
+    [
+        ("ExpiredToken", 400),
+        ("InvalidAccessKeyId", 403),
+        ("AccessDenied", 403),
+        ("SlowDown", 503),
+        ("InternalError", 500),
+        ("ServiceUnavailable", 503),
+        ("RequestTimeout", 400),
+        ("SomethingNew", 500),
+    ],
+)
 def test_remote_failures_that_say_nothing_about_the_image_are_transient(code, status):
     result = remote_read_error(_translated(code, status), "s3://b/k.jpg")
     assert isinstance(result, TransientError), result
@@ -80,39 +101,50 @@ def test_remote_failures_that_say_nothing_about_the_image_are_transient(code, st
 def test_remote_transient_without_an_oserror():
     from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 
-    for exc in (NoCredentialsError(), EndpointConnectionError(endpoint_url="http://x"),
-                ConnectionResetError(errno.ECONNRESET, "reset"), TimeoutError("read timed out"),
-                MemoryError()):
+    for exc in (
+        NoCredentialsError(),
+        EndpointConnectionError(endpoint_url="http://x"),
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        TimeoutError("read timed out"),
+        MemoryError(),
+    ):
         assert isinstance(remote_read_error(exc, "s3://b/k"), TransientError), exc
     assert "NoCredentialsError: Unable to locate credentials" in str(
-        remote_read_error(NoCredentialsError(), "s3://b/k"))
+        remote_read_error(NoCredentialsError(), "s3://b/k")
+    )
 
 
-@pytest.mark.parametrize("exc,kind", [
-    (FileNotFoundError("The specified key does not exist."), "missing file"),
-    (IsADirectoryError("b/k"), "not a file"),
-    (_translated("NoSuchKey", 404), "missing file"),
-    (_translated("NoSuchBucket", 404), "missing file"),
-    (_translated("InvalidRange", 416), "empty file"),  # a ranged GET of a 0-byte object
-    (_translated("InvalidObjectState", 403), "unreadable"),  # archived, not restored
-    (_translated("KeyTooLongError", 400), "unsupported path"),
-])
+@pytest.mark.parametrize(
+    "exc,kind",
+    [
+        (FileNotFoundError("The specified key does not exist."), "missing file"),
+        (IsADirectoryError("b/k"), "not a file"),
+        (_translated("NoSuchKey", 404), "missing file"),
+        (_translated("NoSuchBucket", 404), "missing file"),
+        (_translated("InvalidRange", 416), "empty file"),  # a ranged GET of a 0-byte object
+        (_translated("InvalidObjectState", 403), "unreadable"),  # archived, not restored
+        (_translated("KeyTooLongError", 400), "unsupported path"),
+    ],
+)
 def test_remote_facts_about_the_object_are_row_errors(exc, kind):
     result = remote_read_error(exc, "s3://b/k.jpg")
     assert isinstance(result, ImageDecodeError) and result.kind == kind, result
 
 
-@pytest.mark.parametrize("exc,kind", [
-    (FileNotFoundError(errno.ENOENT, "No such file"), "missing file"),
-    (NotADirectoryError(errno.ENOTDIR, "Not a directory"), "missing file"),
-    (PermissionError(errno.EACCES, "Permission denied"), "unreadable"),
-    (IsADirectoryError(errno.EISDIR, "Is a directory"), "not a file"),
-    (OSError(errno.ELOOP, "Too many levels of symbolic links"), "unreadable"),
-    (OSError(errno.EIO, "Input/output error"), None),
-    (OSError(errno.ESTALE, "Stale file handle"), None),
-    (OSError(errno.EMFILE, "Too many open files"), None),
-    (OSError(errno.ETIMEDOUT, "Connection timed out"), None),
-])
+@pytest.mark.parametrize(
+    "exc,kind",
+    [
+        (FileNotFoundError(errno.ENOENT, "No such file"), "missing file"),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory"), "missing file"),
+        (PermissionError(errno.EACCES, "Permission denied"), "unreadable"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory"), "not a file"),
+        (OSError(errno.ELOOP, "Too many levels of symbolic links"), "unreadable"),
+        (OSError(errno.EIO, "Input/output error"), None),
+        (OSError(errno.ESTALE, "Stale file handle"), None),
+        (OSError(errno.EMFILE, "Too many open files"), None),
+        (OSError(errno.ETIMEDOUT, "Connection timed out"), None),
+    ],
+)
 def test_local_read_errors(exc, kind):
     result = local_read_error(exc, "/data/a.jpg")
     if kind is None:
@@ -130,22 +162,31 @@ def _botocore(name: str, **kwargs) -> BaseException:
 # What botocore, s3fs and aiohttp raised for each case against a real moto server (measured
 # with s3fs 2026.9, botocore 1.43, aiohttp 3.14): user:pass@ in the endpoint is aiohttp's
 # ValueError inside botocore's HTTPClientError, retried by both for 627 s per read before.
-@pytest.mark.parametrize("exc", [
-    _botocore("HTTPClientError", error=ValueError(
-        "Cannot combine AUTHORIZATION header with AUTH argument or credentials encoded in URL")),
-    ValueError("Invalid endpoint: 127.0.0.1:9000"),  # no scheme, or http//host
-    ValueError("Invalid IPv6 URL"),  # http://[127.0.0.1
-    _botocore("EndpointResolutionError", msg="Custom endpoint `ftp://h:1` was not a valid URI"),
-    _botocore("InvalidRegionError", region_name="us east 1!"),
-    _botocore("NoRegionError"),
-    _botocore("ParamValidationError", report="Invalid type for parameter SSECustomerAlgorithm, "
-                                             "value: 5, type: <class 'int'>"),
-    _botocore("PartialCredentialsError", provider="explicit", cred_var="aws_secret_access_key"),
-    _botocore("ProfileNotFound", profile="nobody"),
-    _botocore("InvalidRetryModeError", provided_retry_mode="bogus", valid_modes="standard"),
-    _botocore("UnknownSignatureVersionError", signature_version="s3v9"),
-    TypeError("Got unexpected keyword argument 'nonsense'"),  # config_kwargs.nonsense=1
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        _botocore(
+            "HTTPClientError",
+            error=ValueError(
+                "Cannot combine AUTHORIZATION header with AUTH argument or credentials encoded in URL"
+            ),
+        ),
+        ValueError("Invalid endpoint: 127.0.0.1:9000"),  # no scheme, or http//host
+        ValueError("Invalid IPv6 URL"),  # http://[127.0.0.1
+        _botocore("EndpointResolutionError", msg="Custom endpoint `ftp://h:1` was not a valid URI"),
+        _botocore("InvalidRegionError", region_name="us east 1!"),
+        _botocore("NoRegionError"),
+        _botocore(
+            "ParamValidationError",
+            report="Invalid type for parameter SSECustomerAlgorithm, value: 5, type: <class 'int'>",
+        ),
+        _botocore("PartialCredentialsError", provider="explicit", cred_var="aws_secret_access_key"),
+        _botocore("ProfileNotFound", profile="nobody"),
+        _botocore("InvalidRetryModeError", provided_retry_mode="bogus", valid_modes="standard"),
+        _botocore("UnknownSignatureVersionError", signature_version="s3v9"),
+        TypeError("Got unexpected keyword argument 'nonsense'"),  # config_kwargs.nonsense=1
+    ],
+)
 def test_client_configuration_errors_are_permanent(exc):
     result = remote_read_error(exc, "s3://b/k.jpg")
     assert isinstance(result, StorageConfigError), result
@@ -154,46 +195,64 @@ def test_client_configuration_errors_are_permanent(exc):
     assert type(exc).__name__ in line, line
 
 
-@pytest.mark.parametrize("exc", [
-    _botocore("EndpointConnectionError", endpoint_url="http://127.0.0.1:9"),  # refused
-    _botocore("ConnectTimeoutError", endpoint_url="http://10.0.0.1:9"),
-    _botocore("ReadTimeoutError", endpoint_url="http://127.0.0.1:9"),
-    _botocore("HTTPClientError", error=ConnectionResetError(errno.ECONNRESET, "reset")),
-    _botocore("SSLError", endpoint_url="https://127.0.0.1:9", error="WRONG_VERSION_NUMBER"),
-    _botocore("NoCredentialsError"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        _botocore("EndpointConnectionError", endpoint_url="http://127.0.0.1:9"),  # refused
+        _botocore("ConnectTimeoutError", endpoint_url="http://10.0.0.1:9"),
+        _botocore("ReadTimeoutError", endpoint_url="http://127.0.0.1:9"),
+        _botocore("HTTPClientError", error=ConnectionResetError(errno.ECONNRESET, "reset")),
+        _botocore("SSLError", endpoint_url="https://127.0.0.1:9", error="WRONG_VERSION_NUMBER"),
+        _botocore("NoCredentialsError"),
+    ],
+)
 def test_network_and_credential_failures_stay_transient(exc):
     assert isinstance(remote_read_error(exc, "s3://b/k.jpg"), TransientError)
 
 
-@pytest.mark.parametrize("exc", [
-    _botocore("ParamValidationError",
-              report="Invalid length for parameter Key, value: 0, valid min length: 1"),
-    _botocore("ParamValidationError", report='Invalid bucket name "Bad_Bucket!": Bucket name '
-                                             'must match the regex "^[a-zA-Z0-9.\\-_]{1,255}$"'),
-    # a key with a byte that is not UTF-8 (a manifest read with surrogateescape)
-    UnicodeEncodeError("utf-8", "im\udcffg.jpg", 2, 3, "surrogates not allowed"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        _botocore(
+            "ParamValidationError",
+            report="Invalid length for parameter Key, value: 0, valid min length: 1",
+        ),
+        _botocore(
+            "ParamValidationError",
+            report='Invalid bucket name "Bad_Bucket!": Bucket name '
+            'must match the regex "^[a-zA-Z0-9.\\-_]{1,255}$"',
+        ),
+        # a key with a byte that is not UTF-8 (a manifest read with surrogateescape)
+        UnicodeEncodeError("utf-8", "im\udcffg.jpg", 2, 3, "surrogates not allowed"),
+    ],
+)
 def test_a_path_the_client_cannot_ask_for_is_the_rows(exc):
     result = remote_read_error(exc, "s3://b/k")
     assert isinstance(result, ImageDecodeError) and result.kind == "unsupported path", result
 
 
-@pytest.mark.parametrize("options,env,shown", [
-    ({"endpoint_url": "http://alice:hunter2@127.0.0.1:9000"}, {}, "credentials in it"),
-    ({"client_kwargs": {"endpoint_url": "https://alice:hunter2@s3.example"}}, {},
-     "credentials in it"),
-    ({}, {"AWS_ENDPOINT_URL": "http://alice:hunter2@127.0.0.1:9000"}, "AWS_ENDPOINT_URL"),
-    ({"endpoint_url": "127.0.0.1:9000"}, {}, "is not an endpoint URL"),
-    ({"endpoint_url": "http//127.0.0.1:9000"}, {}, "is not an endpoint URL"),
-    ({"endpoint_url": "http://127.0.0.1:99999"}, {}, "is not an endpoint URL"),
-    ({"endpoint_url": "ftp://127.0.0.1:9000"}, {}, "is not an endpoint URL"),
-    ({"endpoint_url": "http://[127.0.0.1"}, {}, "is not an endpoint URL"),
-    ({"client_kwargs": {"region_name": "us east 1!"}}, {}, "region_name 'us east 1!'"),
-    ({}, {"AWS_DEFAULT_REGION": "not/a/region"}, "AWS_DEFAULT_REGION"),
-])
-def test_s3_options_no_request_can_succeed_with_are_refused_before_any(monkeypatch, options, env,
-                                                                       shown):
+@pytest.mark.parametrize(
+    "options,env,shown",
+    [
+        ({"endpoint_url": "http://alice:hunter2@127.0.0.1:9000"}, {}, "credentials in it"),
+        (
+            {"client_kwargs": {"endpoint_url": "https://alice:hunter2@s3.example"}},
+            {},
+            "credentials in it",
+        ),
+        ({}, {"AWS_ENDPOINT_URL": "http://alice:hunter2@127.0.0.1:9000"}, "AWS_ENDPOINT_URL"),
+        ({"endpoint_url": "127.0.0.1:9000"}, {}, "is not an endpoint URL"),
+        ({"endpoint_url": "http//127.0.0.1:9000"}, {}, "is not an endpoint URL"),
+        ({"endpoint_url": "http://127.0.0.1:99999"}, {}, "is not an endpoint URL"),
+        ({"endpoint_url": "ftp://127.0.0.1:9000"}, {}, "is not an endpoint URL"),
+        ({"endpoint_url": "http://[127.0.0.1"}, {}, "is not an endpoint URL"),
+        ({"client_kwargs": {"region_name": "us east 1!"}}, {}, "region_name 'us east 1!'"),
+        ({}, {"AWS_DEFAULT_REGION": "not/a/region"}, "AWS_DEFAULT_REGION"),
+    ],
+)
+def test_s3_options_no_request_can_succeed_with_are_refused_before_any(
+    monkeypatch, options, env, shown
+):
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -204,21 +263,28 @@ def test_s3_options_no_request_can_succeed_with_are_refused_before_any(monkeypat
     assert shown in line and "\n" not in line and "hunter2" not in line, line
     # what works is left alone, local paths are not S3's business
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    for good in ("http://127.0.0.1:9000", "https://s3.eu-west-1.amazonaws.com",
-                 "http://[::1]:9000", "http://minio.local:9000/"):
+    for good in (
+        "http://127.0.0.1:9000",
+        "https://s3.eu-west-1.amazonaws.com",
+        "http://[::1]:9000",
+        "http://minio.local:9000/",
+    ):
         storage.check_s3_options({"endpoint_url": good})
     storage.url_to_fs("/tmp/a.jpg", options)
 
 
 def test_image_reads_make_one_bounded_request_whatever_the_options_say():
-    fs, inner = storage.bounded_url_to_fs("s3://bucket/a.jpg",
-                                          {**OFFLINE_CLIENT, **SHORT_CLIENT})
+    fs, inner = storage.bounded_url_to_fs("s3://bucket/a.jpg", {**OFFLINE_CLIENT, **SHORT_CLIENT})
     assert inner == "bucket/a.jpg" and fs.retries == 1
     assert fs.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": 1}
     assert (fs.config_kwargs["connect_timeout"], fs.config_kwargs["read_timeout"]) == (
-        storage.S3_CONNECT_TIMEOUT_S, storage.S3_READ_TIMEOUT_S)
-    own = storage.bounded_url_to_fs("s3://bucket/a.jpg", {
-        **OFFLINE_CLIENT, "config_kwargs": {"read_timeout": 2, "retries": {"max_attempts": 9}}})[0]
+        storage.S3_CONNECT_TIMEOUT_S,
+        storage.S3_READ_TIMEOUT_S,
+    )
+    own = storage.bounded_url_to_fs(
+        "s3://bucket/a.jpg",
+        {**OFFLINE_CLIENT, "config_kwargs": {"read_timeout": 2, "retries": {"max_attempts": 9}}},
+    )[0]
     assert own.config_kwargs["read_timeout"] == 2 and own.retries == 1
     assert own.config_kwargs["retries"]["total_max_attempts"] == 1
     # the driver's and Ray's clients keep their retries: no loop of memscore's is around them
@@ -250,8 +316,9 @@ class _Flaky:
 def _stage(**kwargs) -> DecodeImages:
     from memscore.models import resolve_weights
 
-    return DecodeImages("path", {"resmem": resolve_weights("resmem", "DEFAULT").transforms},
-                        io_threads=2, **kwargs)
+    return DecodeImages(
+        "path", {"resmem": resolve_weights("resmem", "DEFAULT").transforms}, io_threads=2, **kwargs
+    )
 
 
 def test_transient_rows_are_read_again_until_they_succeed(monkeypatch, example_images):
@@ -331,8 +398,9 @@ def test_a_task_gives_up_within_a_round_not_after_every_read(monkeypatch, exampl
     with pytest.raises(TransientFailure) as info:
         stage(pa.table({"path": [f"s3://b/{i}.jpg" for i in range(64)]}))
     wall = time.monotonic() - clock
-    print(f"\n64 failing rows, 4 threads, budget 1 s: gave up after {wall:.2f} s, "
-          f"{len(calls)} reads")
+    print(
+        f"\n64 failing rows, 4 threads, budget 1 s: gave up after {wall:.2f} s, {len(calls)} reads"
+    )
     # first failure at 0.2 s, budget out at 1.2 s, the wave then in flight ends by 1.4 s
     assert 1.2 <= wall < 1.4 + 1.0, wall  # 1 s of slack for a loaded 2-core machine
     assert len(calls) <= 4 * 7 + 4, len(calls)  # 7 waves of 4, one more for the slack
@@ -383,8 +451,9 @@ def test_a_dead_endpoint_stops_the_stage_within_the_budget_plus_one_request(tmp_
 
 def test_credentials_in_the_endpoint_url_stop_the_stage_at_once():
     endpoint = "http://alice:hunter2@127.0.0.1:9"
-    stage = _stage(storage_options={"endpoint_url": endpoint, **OFFLINE_CLIENT},
-                   transient_retry_s=600)
+    stage = _stage(
+        storage_options={"endpoint_url": endpoint, **OFFLINE_CLIENT}, transient_retry_s=600
+    )
     clock = time.monotonic()
     with pytest.raises(StorageConfigError) as info:
         stage(pa.table({"path": [f"s3://memscore-test/images/{i}.jpg" for i in range(64)]}))
@@ -392,8 +461,10 @@ def test_credentials_in_the_endpoint_url_stop_the_stage_at_once():
     message = str(info.value)
     assert wall < 2, wall  # no retry wait: the options are refused before any request
     assert "\n" not in message and "hunter2" not in message, message
-    assert message.startswith("the storage client is configured wrong, so no image can be read "
-                              "(not retried): s3://memscore-test/images/"), message
+    assert message.startswith(
+        "the storage client is configured wrong, so no image can be read "
+        "(not retried): s3://memscore-test/images/"
+    ), message
     assert "http://***@127.0.0.1:9 has credentials in it" in message, message
     import pickle
 
@@ -434,8 +505,9 @@ def test_s3_faults_longer_than_the_client_budget_end_scored(s3_endpoint, image_u
     window = 5.0
     with FaultProxy(s3_endpoint.url, _window(window, action)) as proxy:
         clock = time.perf_counter()
-        stage = _stage(storage_options={"endpoint_url": proxy.url, **SHORT_CLIENT},
-                       transient_retry_s=60)
+        stage = _stage(
+            storage_options={"endpoint_url": proxy.url, **SHORT_CLIENT}, transient_retry_s=60
+        )
         out = stage(pa.table({"path": image_urls}))
         wall = time.perf_counter() - clock
     faults = proxy.injected()
@@ -476,9 +548,14 @@ def test_a_silent_endpoint_stops_the_stage_within_the_budget_plus_one_read_timeo
     have been 16."""
     silent = _Silent()
     try:
-        stage = _stage(storage_options={"endpoint_url": silent.url, **OFFLINE_CLIENT,
-                                        "config_kwargs": {"read_timeout": 1}},
-                       transient_retry_s=2)
+        stage = _stage(
+            storage_options={
+                "endpoint_url": silent.url,
+                **OFFLINE_CLIENT,
+                "config_kwargs": {"read_timeout": 1},
+            },
+            transient_retry_s=2,
+        )
         stage.io_threads = 4
         clock = time.monotonic()
         with pytest.raises(TransientFailure) as info:
@@ -486,8 +563,10 @@ def test_a_silent_endpoint_stops_the_stage_within_the_budget_plus_one_read_timeo
         wall = time.monotonic() - clock
     finally:
         silent.close()
-    print(f"\nsilent endpoint, read_timeout 1 s, budget 2 s: gave up after {wall:.2f} s, "
-          f"{len(silent.accepted)} requests")
+    print(
+        f"\nsilent endpoint, read_timeout 1 s, budget 2 s: gave up after {wall:.2f} s, "
+        f"{len(silent.accepted)} requests"
+    )
     assert "ReadTimeoutError" in str(info.value), info.value
     # measured 4.4 s and 12 requests: 1 s to the first failure, 2 s of budget, 1 s in flight,
     # and the client made first; 3 s of slack for a loaded 2-core machine
@@ -496,7 +575,8 @@ def test_a_silent_endpoint_stops_the_stage_within_the_budget_plus_one_read_timeo
 
 
 def test_credentials_in_the_endpoint_url_are_permanent_past_memscores_own_check(
-        s3_endpoint, image_urls, monkeypatch):
+    s3_endpoint, image_urls, monkeypatch
+):
     """The options check aside (an endpoint from ~/.aws/config never passes it), what aiohttp
     raises for user:pass@ on the real endpoint is still permanent: it took 627 s a read."""
     monkeypatch.setattr(storage, "check_s3_options", lambda options: None)
@@ -516,8 +596,11 @@ def test_credentials_in_the_endpoint_url_are_permanent_past_memscores_own_check(
 def test_error_tally_stops_once_enough_rows_are_in():
     tally = ErrorTally(0.5, min_rows=100)
     assert tally.add(64, {"missing file": 64}, {"missing file": "missing file: /a/x.jpg"}) is None
-    message = tally.add(64, {"missing file": 60, "not an image": 2},
-                        {"missing file": "missing file: /a/y.jpg", "not an image": "n"})
+    message = tally.add(
+        64,
+        {"missing file": 60, "not an image": 2},
+        {"missing file": "missing file: /a/y.jpg", "not an image": "n"},
+    )
     assert message is not None and "\n" not in message
     assert message.startswith("126 of the first 128 rows decoded are errors (98%")
     assert "missing file 124, not an image 2; e.g. missing file: /a/x.jpg" in message
@@ -534,8 +617,10 @@ def test_error_tally_stops_once_enough_rows_are_in():
 def test_run_stopped_finds_the_cause_in_ray_chains():
     from ray.exceptions import RayTaskError
 
-    failure = TransientFailure("reading images failed for 600 s after retries: s3://b/k: "
-                               "PermissionError: The AWS Access Key Id does not exist")
+    failure = TransientFailure(
+        "reading images failed for 600 s after retries: s3://b/k: "
+        "PermissionError: The AWS Access Key Id does not exist"
+    )
     wrapped = RayTaskError("decode_batch", "Traceback ...\nlong", failure).as_instanceof_cause()
     try:
         try:
@@ -551,9 +636,11 @@ def test_run_stopped_finds_the_cause_in_ray_chains():
     # what Ray Data raises on the driver: the original object is gone, its traceback text stays
     from ray.exceptions import UserCodeException
 
-    text = ("Traceback (most recent call last):\n  File \"x\", line 1, in f\nmemscore.stages.fetch."
-            "TransientFailure: reading images failed for 2 s after retries: s3://b/k: "
-            "PermissionError: denied\n\nThe above exception was the direct cause of ...")
+    text = (
+        'Traceback (most recent call last):\n  File "x", line 1, in f\nmemscore.stages.fetch.'
+        "TransientFailure: reading images failed for 2 s after retries: s3://b/k: "
+        "PermissionError: denied\n\nThe above exception was the direct cause of ..."
+    )
     remote = RayTaskError("decode_batch", text, UserCodeException("UDF failed"))
     line = run_stopped(remote.as_instanceof_cause())
     assert line.startswith("reading images failed for 2 s after retries: s3://b/k: Permission")
@@ -571,9 +658,14 @@ def _fake_output(folder: Path, *, checkpoint: bool = True) -> None:
         "memscore-part_aa_000002_000000": ([5], ["decode failed: MemoryError"]),
     }
     for stem, (ids, errors) in files.items():
-        table = pa.table({"path": [f"p{i}" for i in ids], "memscore_row": pa.array(ids, pa.int64()),
-                          "memorability": [None if e else 0.5 for e in errors],
-                          "memscore_error": pa.array(errors, pa.string())})
+        table = pa.table(
+            {
+                "path": [f"p{i}" for i in ids],
+                "memscore_row": pa.array(ids, pa.int64()),
+                "memorability": [None if e else 0.5 for e in errors],
+                "memscore_error": pa.array(errors, pa.string()),
+            }
+        )
         pq.write_table(table, folder / f"{stem}.parquet")
         if checkpoint:
             pq.write_table(table.select(["memscore_row"]), work / f"{stem}.parquet")
@@ -632,12 +724,28 @@ def _manifest(tmp_path: Path, paths: list[str]) -> Path:
 
 
 def _score_args(manifest, output, proxy_url=None, *extra) -> list[str]:
-    args = ["score", str(manifest), "--output", str(output), "--batch-size", "4",
-            "--decode-batch-size", "2", "--rows-per-file", "4", "--rows-per-block", "4",
-            *extra]
+    args = [
+        "score",
+        str(manifest),
+        "--output",
+        str(output),
+        "--batch-size",
+        "4",
+        "--decode-batch-size",
+        "2",
+        "--rows-per-file",
+        "4",
+        "--rows-per-block",
+        "4",
+        *extra,
+    ]
     if proxy_url:
-        args += ["--storage-option", f"endpoint_url={proxy_url}",
-                 "--storage-option", "config_kwargs.retries.max_attempts=1"]
+        args += [
+            "--storage-option",
+            f"endpoint_url={proxy_url}",
+            "--storage-option",
+            "config_kwargs.retries.max_attempts=1",
+        ]
     return args
 
 
@@ -652,8 +760,9 @@ def _check_complete(output: Path, paths: list[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_run_through_an_s3_outage_longer_than_the_client_budget(s3_endpoint, ray_local,
-                                                                image_urls, tmp_path, capsys):
+def test_run_through_an_s3_outage_longer_than_the_client_budget(
+    s3_endpoint, ray_local, image_urls, tmp_path, capsys
+):
     paths = image_urls * 2
     manifest = _manifest(tmp_path, paths)
     output = tmp_path / "out"
@@ -673,8 +782,9 @@ def test_run_through_an_s3_outage_longer_than_the_client_budget(s3_endpoint, ray
 
 
 @pytest.mark.slow
-def test_credentials_revoked_mid_run_stop_with_one_line_and_resume(s3_endpoint, ray_local,
-                                                                    image_urls, tmp_path, capsys):
+def test_credentials_revoked_mid_run_stop_with_one_line_and_resume(
+    s3_endpoint, ray_local, image_urls, tmp_path, capsys
+):
     paths = image_urls * 3  # 15 rows, decode tasks of 2
     manifest = _manifest(tmp_path, paths)
     output = tmp_path / "out"
@@ -707,16 +817,26 @@ def test_credentials_revoked_mid_run_stop_with_one_line_and_resume(s3_endpoint, 
     assert summary["resumed"]
 
 
-def _cli(args: list[str], env: dict[str, str | None],
-         timeout: float) -> tuple[int, list[str], float]:
+def _cli(
+    args: list[str], env: dict[str, str | None], timeout: float
+) -> tuple[int, list[str], float]:
     """``memscore`` in a subprocess -> (exit code, stdout and stderr lines, seconds); a None in
     ``env`` removes that variable."""
-    env = {name: value for name, value in {**os.environ, "RAY_AUTH_MODE": "disabled",
-                                           **env}.items() if value is not None}
+    env = {
+        name: value
+        for name, value in {**os.environ, "RAY_AUTH_MODE": "disabled", **env}.items()
+        if value is not None
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     clock = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "memscore.cli", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "memscore.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return done.returncode, (done.stdout + done.stderr).splitlines(), time.monotonic() - clock
 
 
@@ -726,10 +846,17 @@ def _error_lines(lines: list[str]) -> list[str]:
 
 #: Variables of a run whose S3 client must not find another endpoint or real credentials (an
 #: empty AWS_PROFILE would be a profile named "": botocore's ProfileNotFound, permanent).
-_OFFLINE_ENV = {"AWS_ACCESS_KEY_ID": "memscore-test-key", "AWS_SECRET_ACCESS_KEY": "memscore-x",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": None,
-                "AWS_ENDPOINT_URL_S3": None, "AWS_PROFILE": None, "AWS_SESSION_TOKEN": None,
-                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+_OFFLINE_ENV = {
+    "AWS_ACCESS_KEY_ID": "memscore-test-key",
+    "AWS_SECRET_ACCESS_KEY": "memscore-x",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_ENDPOINT_URL": None,
+    "AWS_ENDPOINT_URL_S3": None,
+    "AWS_PROFILE": None,
+    "AWS_SESSION_TOKEN": None,
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
 
 
 @pytest.mark.slow
@@ -740,9 +867,20 @@ def test_score_with_the_images_endpoint_down_stops_within_the_budget(tmp_path):
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     manifest = _manifest(tmp_path, [f"s3://memscore-test/images/{i}.jpg" for i in range(40)])
-    code, lines, wall = _cli(["score", str(manifest), "--output", str(tmp_path / "out"),
-                              "--storage-option", f"endpoint_url={dead}",
-                              "--transient-retry-s", "2"], _OFFLINE_ENV, timeout=300)
+    code, lines, wall = _cli(
+        [
+            "score",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+            "--storage-option",
+            f"endpoint_url={dead}",
+            "--transient-retry-s",
+            "2",
+        ],
+        _OFFLINE_ENV,
+        timeout=300,
+    )
     errors = _error_lines(lines)
     print(f"\nendpoint down: exit {code} after {wall:.1f} s: {errors}")
     assert code == 2 and len(errors) == 1, lines[-20:]
@@ -756,15 +894,26 @@ def test_score_with_the_images_endpoint_down_stops_within_the_budget(tmp_path):
 
 
 @pytest.mark.slow
-def test_score_with_credentials_in_the_endpoint_url_stops_at_once(s3_endpoint, image_urls,
-                                                                    tmp_path):
+def test_score_with_credentials_in_the_endpoint_url_stops_at_once(
+    s3_endpoint, image_urls, tmp_path
+):
     """user:pass@ in endpoint_url: one line at once, never the password; on an S3 output the
     driver's check of the output refuses it before Ray starts (it took over 120 s before)."""
     endpoint = s3_endpoint.url.replace("http://", "http://alice:hunter2@")
     bucket = s3_endpoint.make_bucket("out")
     manifest = _manifest(tmp_path, image_urls)
-    code, lines, wall = _cli(["score", str(manifest), "--output", f"s3://{bucket}/scores/",
-                              "--storage-option", f"endpoint_url={endpoint}"], {}, timeout=300)
+    code, lines, wall = _cli(
+        [
+            "score",
+            str(manifest),
+            "--output",
+            f"s3://{bucket}/scores/",
+            "--storage-option",
+            f"endpoint_url={endpoint}",
+        ],
+        {},
+        timeout=300,
+    )
     errors = _error_lines(lines)
     print(f"\nuser:pass@, S3 output: exit {code} after {wall:.1f} s: {errors}")
     assert code == 2 and len(errors) == 1, lines[-20:]
@@ -775,13 +924,25 @@ def test_score_with_credentials_in_the_endpoint_url_stops_at_once(s3_endpoint, i
     assert not s3_endpoint.fs.ls(bucket)  # nothing written
 
     # images only on S3: the decode task's first read stops the run, nothing is retried
-    code, lines, wall = _cli(["score", str(manifest), "--output", str(tmp_path / "out"),
-                              "--storage-option", f"endpoint_url={endpoint}"], {}, timeout=300)
+    code, lines, wall = _cli(
+        [
+            "score",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+            "--storage-option",
+            f"endpoint_url={endpoint}",
+        ],
+        {},
+        timeout=300,
+    )
     errors = _error_lines(lines)
     print(f"user:pass@, images: exit {code} after {wall:.1f} s: {errors}")
     assert code == 2 and len(errors) == 1, lines[-20:]
-    assert "the storage client is configured wrong, so no image can be read (not retried)" \
-        in errors[0] and "has credentials in it" in errors[0], errors[0]
+    assert (
+        "the storage client is configured wrong, so no image can be read (not retried)" in errors[0]
+        and "has credentials in it" in errors[0]
+    ), errors[0]
     assert errors[0].endswith("and run the same command with --resume (committed rows are kept)")
     assert not any("hunter2" in line for line in lines)
     assert wall < 60, wall  # Ray's start, as above; with the default 600 s budget: no wait
@@ -806,8 +967,9 @@ def test_max_error_fraction_stops_a_run_of_missing_files(ray_local, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_retry_errors_scores_again_rows_an_older_memscore_committed(ray_local, example_images,
-                                                                     tmp_path, capsys):
+def test_retry_errors_scores_again_rows_an_older_memscore_committed(
+    ray_local, example_images, tmp_path, capsys
+):
     paths = [str(p) for p in example_images] * 2
     manifest = _manifest(tmp_path, paths)
     output = tmp_path / "out"
@@ -815,13 +977,21 @@ def test_retry_errors_scores_again_rows_an_older_memscore_committed(ray_local, e
     # as an older memscore left it: two rows committed as "unreadable" after a network error
     first = sorted(output.glob("memscore-part_*.parquet"))[0]
     table = pq.read_table(first)
-    errors = ["unreadable: OSError: [Errno 16] Please reduce your request rate." if i < 2 else e
-              for i, e in enumerate(table.column("memscore_error").to_pylist())]
+    errors = [
+        "unreadable: OSError: [Errno 16] Please reduce your request rate." if i < 2 else e
+        for i, e in enumerate(table.column("memscore_error").to_pylist())
+    ]
     nulled = [None if i < 2 else v for i, v in enumerate(table.column("memorability").to_pylist())]
-    table = table.set_column(table.schema.get_field_index("memscore_error"), "memscore_error",
-                             pa.array(errors, pa.string()))
-    table = table.set_column(table.schema.get_field_index("memorability"), "memorability",
-                             pa.array(nulled, table.schema.field("memorability").type))
+    table = table.set_column(
+        table.schema.get_field_index("memscore_error"),
+        "memscore_error",
+        pa.array(errors, pa.string()),
+    )
+    table = table.set_column(
+        table.schema.get_field_index("memorability"),
+        "memorability",
+        pa.array(nulled, table.schema.field("memorability").type),
+    )
     pq.write_table(table, first)
     capsys.readouterr()
     assert cli_main(_score_args(manifest, output, None, "--resume")) == 0  # nothing to do
@@ -831,4 +1001,6 @@ def test_retry_errors_scores_again_rows_an_older_memscore_committed(ray_local, e
     code = cli_main(_score_args(manifest, output, None, "--resume", "--retry-errors"))
     assert code == 0, capsys.readouterr().err
     summary = _check_complete(output, paths)
-    assert summary["rows_done_this_run"] == 2 and summary["rows_done_before_resume"] == len(paths) - 2
+    assert (
+        summary["rows_done_this_run"] == 2 and summary["rows_done_before_resume"] == len(paths) - 2
+    )

@@ -12,13 +12,26 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from pickle_payload import TouchesMarker
 
 from memscore import columns
 from memscore.config import MemscoreError
-from memscore.sources.webdataset import (IMAGE, IMAGE_EXT, KEY, READ_ERROR_KINDS, URL, expand_braces,
-                                 expand_shards, is_webdataset, iter_shard, read_shard,
-                                 read_shards, sample_id, split_sample_id, unify_tables)
-from pickle_payload import TouchesMarker
+from memscore.sources.webdataset import (
+    IMAGE,
+    IMAGE_EXT,
+    KEY,
+    READ_ERROR_KINDS,
+    URL,
+    expand_braces,
+    expand_shards,
+    is_webdataset,
+    iter_shard,
+    read_shard,
+    read_shards,
+    sample_id,
+    split_sample_id,
+    unify_tables,
+)
 
 ROW, ERROR = columns.ROW, columns.ERROR
 
@@ -85,8 +98,20 @@ def kind(error: str | None) -> str | None:
 def test_one_row_per_sample(shard, example_images, marker):
     table = read_shard(str(shard), None, shard_index=3)
     assert table.num_rows == len(example_images)
-    assert table.column_names == [KEY, URL, "cls", "json", "pkl", "pth", "seg.png", "txt",
-                                  ROW, ERROR, IMAGE, IMAGE_EXT]
+    assert table.column_names == [
+        KEY,
+        URL,
+        "cls",
+        "json",
+        "pkl",
+        "pth",
+        "seg.png",
+        "txt",
+        ROW,
+        ERROR,
+        IMAGE,
+        IMAGE_EXT,
+    ]
     assert table.column(KEY).to_pylist() == [f"{i:06d}" for i in range(5)]
     assert set(table.column(URL).to_pylist()) == {str(shard)}
     assert table.column(ROW).to_pylist() == [sample_id(3, i) for i in range(5)]
@@ -125,8 +150,10 @@ def test_stream_of_tables_is_the_same_rows(shard):
 
 def test_unify_tables_text_that_is_not_utf8_becomes_binary(tmp_path, example_images):
     image = example_images[-1].read_bytes()
-    path = write_tar(tmp_path / "s.tar", [("a.jpg", image), ("a.txt", b"plain"),
-                                          ("b.jpg", image), ("b.txt", b"\xff\xfe latin")])
+    path = write_tar(
+        tmp_path / "s.tar",
+        [("a.jpg", image), ("a.txt", b"plain"), ("b.jpg", image), ("b.txt", b"\xff\xfe latin")],
+    )
     whole = read_shard(str(path))
     assert whole.schema.field("txt").type == pa.binary()
     assert whole.column("txt").to_pylist() == [b"plain", b"\xff\xfe latin"]
@@ -143,11 +170,13 @@ def test_webdataset_naming_rules(tmp_path, example_images):
     jpg, png = example_images[-1].read_bytes(), example_images[1].read_bytes()
     path = tmp_path / "s.tar"
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+
         def add(name, data=b"", kind=tarfile.REGTYPE):
             info = tarfile.TarInfo(name)
             info.type = kind
             info.size = len(data) if kind == tarfile.REGTYPE else 0
             tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
         add("__info__", b"meta")
         add("./train", kind=tarfile.DIRTYPE)
         add("./train/a.b.JPG", jpg)
@@ -169,8 +198,16 @@ def test_webdataset_naming_rules(tmp_path, example_images):
 
 def test_image_member_preference(tmp_path, example_images):
     jpg, png = example_images[-1].read_bytes(), example_images[1].read_bytes()
-    path = write_tar(tmp_path / "s.tar", [("a.JPG", jpg), ("a.png", png), ("a.txt", b"t"),
-                                          ("b.png", png), ("b.webp", b"not read as webp")])
+    path = write_tar(
+        tmp_path / "s.tar",
+        [
+            ("a.JPG", jpg),
+            ("a.png", png),
+            ("a.txt", b"t"),
+            ("b.png", png),
+            ("b.webp", b"not read as webp"),
+        ],
+    )
     table = read_shard(str(path))
     assert errors(table) == [None, None]
     assert table.column(IMAGE_EXT).to_pylist() == ["jpg", "png"]  # manifest's order: jpg first
@@ -182,8 +219,9 @@ def test_image_member_preference(tmp_path, example_images):
 def test_gzipped_shard(tmp_path, example_images, marker):
     plain = write_tar(tmp_path / "a.tar", sample_members(example_images, marker))
     gz = write_tar(tmp_path / "a.tar.gz", sample_members(example_images, marker), mode="w:gz")
-    assert read_shard(str(gz)).drop_columns([URL]).equals(
-        read_shard(str(plain)).drop_columns([URL]))
+    assert (
+        read_shard(str(gz)).drop_columns([URL]).equals(read_shard(str(plain)).drop_columns([URL]))
+    )
 
 
 # ------------------------------------------------------------------------------- bad shards
@@ -198,9 +236,12 @@ def test_truncated_shard(tmp_path, shard, cut):
     # the member that starts sample 000002 and the one before it
     start = next(m for m in members if m.name.startswith("000002"))
     boundary = start.offset  # header of 000002's first member
-    cuts = {"in_member": start.offset_data + 1000, "at_boundary": boundary,
-            "in_header": boundary + 100,
-            "before_end_block": members[-1].offset_data + (members[-1].size + 511) // 512 * 512}
+    cuts = {
+        "in_member": start.offset_data + 1000,
+        "at_boundary": boundary,
+        "in_header": boundary + 100,
+        "before_end_block": members[-1].offset_data + (members[-1].size + 511) // 512 * 512,
+    }
     path = tmp_path / "cut.tar"
     path.write_bytes(data[: cuts[cut]])
     table = read_shard(str(path))
@@ -223,7 +264,7 @@ def test_garbage_header_in_the_middle(tmp_path, shard):
     data = bytearray(shard.read_bytes())
     with tarfile.open(shard) as tar:
         offset = next(m for m in tar.getmembers() if m.name.startswith("000003")).offset
-    data[offset: offset + 512] = b"\x07" * 512
+    data[offset : offset + 512] = b"\x07" * 512
     path = tmp_path / "garbage.tar"
     path.write_bytes(bytes(data))
     table = read_shard(str(path))
@@ -259,8 +300,10 @@ def test_missing_shard_is_one_error_row(tmp_path):
 
 def test_sample_without_image(tmp_path, example_images):
     jpg = example_images[-1].read_bytes()
-    path = write_tar(tmp_path / "s.tar", [("a.jpg", jpg), ("b.txt", b"caption of b"),
-                                          ("b.json", b"{}"), ("c.jpg", jpg)])
+    path = write_tar(
+        tmp_path / "s.tar",
+        [("a.jpg", jpg), ("b.txt", b"caption of b"), ("b.json", b"{}"), ("c.jpg", jpg)],
+    )
     table = read_shard(str(path))
     assert [kind(e) for e in errors(table)] == [None, "no image", None]
     assert "'b'" in errors(table)[1] and "json, txt" in errors(table)[1]
@@ -269,12 +312,18 @@ def test_sample_without_image(tmp_path, example_images):
 
 def test_duplicated_key(tmp_path, example_images):
     jpg, png = example_images[-1].read_bytes(), example_images[1].read_bytes()
-    path = write_tar(tmp_path / "s.tar", [
-        ("a.jpg", jpg), ("a.txt", b"first a"),
-        ("b.jpg", jpg),
-        ("a.jpg", png), ("a.txt", b"second a"),  # the same key again, later
-        ("c.jpg", jpg), ("c.jpg", png),  # the same member twice in a row
-    ])
+    path = write_tar(
+        tmp_path / "s.tar",
+        [
+            ("a.jpg", jpg),
+            ("a.txt", b"first a"),
+            ("b.jpg", jpg),
+            ("a.jpg", png),
+            ("a.txt", b"second a"),  # the same key again, later
+            ("c.jpg", jpg),
+            ("c.jpg", png),  # the same member twice in a row
+        ],
+    )
     table = read_shard(str(path))
     assert table.column(KEY).to_pylist() == ["a", "b", "a", "c", "c"]
     assert [kind(e) for e in errors(table)] == [None, None, "duplicate key", None, "duplicate key"]
@@ -286,8 +335,16 @@ def test_duplicated_key(tmp_path, example_images):
 
 def test_unsorted_shard_never_splits_a_sample_silently(tmp_path, example_images):
     jpg = example_images[-1].read_bytes()
-    path = write_tar(tmp_path / "s.tar", [("a.jpg", jpg), ("b.jpg", jpg), ("b.txt", b"b"),
-                                          ("a.txt", b"a's caption, apart"), ("c.jpg", jpg)])
+    path = write_tar(
+        tmp_path / "s.tar",
+        [
+            ("a.jpg", jpg),
+            ("b.jpg", jpg),
+            ("b.txt", b"b"),
+            ("a.txt", b"a's caption, apart"),
+            ("c.jpg", jpg),
+        ],
+    )
     for max_table_bytes in (1, 2**30):  # the same answer however the shard is cut into tables
         table = unify_tables(list(iter_shard(str(path), max_table_bytes=max_table_bytes)))
         assert table.column(KEY).to_pylist() == ["a", "b", "a", "c"]
@@ -298,8 +355,9 @@ def test_unsorted_shard_never_splits_a_sample_silently(tmp_path, example_images)
 
 def test_too_large_member_is_not_read(tmp_path, example_images):
     jpg = example_images[-1].read_bytes()
-    path = write_tar(tmp_path / "s.tar", [("a.jpg", jpg), ("a.txt", b"x" * (len(jpg) + 1)),
-                                          ("b.jpg", jpg)])
+    path = write_tar(
+        tmp_path / "s.tar", [("a.jpg", jpg), ("a.txt", b"x" * (len(jpg) + 1)), ("b.jpg", jpg)]
+    )
     table = read_shard(str(path), max_member_bytes=len(jpg))
     assert [kind(e) for e in errors(table)] == ["too large", None]
     assert "a.txt" in errors(table)[0]
@@ -308,9 +366,17 @@ def test_too_large_member_is_not_read(tmp_path, example_images):
 
 def test_reserved_member_names(tmp_path, example_images):
     jpg = example_images[-1].read_bytes()
-    path = write_tar(tmp_path / "s.tar", [("a.jpg", jpg), ("a.memscore_row", b"7"),
-                                          ("b.jpg", jpg), ("b.memorability", b"0.9"),
-                                          ("c.jpg", jpg), ("c.__key__", b"k")])
+    path = write_tar(
+        tmp_path / "s.tar",
+        [
+            ("a.jpg", jpg),
+            ("a.memscore_row", b"7"),
+            ("b.jpg", jpg),
+            ("b.memorability", b"0.9"),
+            ("c.jpg", jpg),
+            ("c.__key__", b"k"),
+        ],
+    )
     table = read_shard(str(path), reserved_columns=("memorability",))
     assert [kind(e) for e in errors(table)] == ["reserved name"] * 3
     assert table.column(ROW).to_pylist() == [0, 1, 2]  # memscore's own, not the member's
@@ -336,8 +402,12 @@ def test_expand_braces():
     assert expand_braces("{08..10}") == ["08", "09", "10"]
     assert expand_braces("{0..10..5}") == ["0", "5", "10"]
     assert expand_braces("{2..0}") == ["2", "1", "0"]
-    assert expand_braces("{train,val}/{0..1}.tar") == ["train/0.tar", "train/1.tar",
-                                                       "val/0.tar", "val/1.tar"]
+    assert expand_braces("{train,val}/{0..1}.tar") == [
+        "train/0.tar",
+        "train/1.tar",
+        "val/0.tar",
+        "val/1.tar",
+    ]
     assert expand_braces("{x}/a.tar") == ["{x}/a.tar"]  # no range, no comma: literal
 
 
@@ -410,9 +480,11 @@ def test_shards_on_s3(s3_endpoint, shard_folder, tmp_path):
     assert kind(errors(truncated)[-1]) == "truncated shard"
     assert errors(truncated)[:-1] == [None] * (truncated.num_rows - 1)
     assert [kind(e) for e in errors(read_shard(f"s3://{bucket}/bad/000001.tar", options))] == [
-        "not a tar"]
+        "not a tar"
+    ]
     assert [kind(e) for e in errors(read_shard(f"s3://{bucket}/bad/gone.tar", options))] == [
-        "missing shard"]
+        "missing shard"
+    ]
 
 
 # -------------------------------------------------------------------------------------- Ray

@@ -17,15 +17,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from pickle_payload import TouchesMarker
+from processes import kill_run, ray_processes
 
 import memscore
 from memscore.config import MemscoreError
-from memscore.sinks import open_sink
 from memscore.scoring.verify import verify
+from memscore.sinks import open_sink
 from memscore.sources.webdataset import sample_id
-
-from pickle_payload import TouchesMarker
-from processes import kill_run, ray_processes
 
 NOT_UTF8 = b"caf\xe9"  # latin-1, as some scraped captions are
 
@@ -86,10 +85,12 @@ def read_output(out: Path) -> pa.Table:
     return pads.dataset([f for f in open_sink(str(out)).files()], format="parquet").to_table()
 
 
-def check_rows(table: pa.Table, expect: dict, reference_scores: dict[str, float],
-               shard_urls: list[str]) -> None:
+def check_rows(
+    table: pa.Table, expect: dict, reference_scores: dict[str, float], shard_urls: list[str]
+) -> None:
     assert {"jpg", "png", "__memscore_image", "__memscore_image_ext"}.isdisjoint(
-        table.column_names)  # the scored member is not copied, internal columns never written
+        table.column_names
+    )  # the scored member is not copied, internal columns never written
     rows = table.to_pylist()
     ids = [r["memscore_row"] for r in rows]
     assert len(ids) == len(set(ids))  # once each
@@ -103,7 +104,7 @@ def check_rows(table: pa.Table, expect: dict, reference_scores: dict[str, float]
     assert repeated[0]["txt"] == "again"
     by_place[(1, "b000")].remove(repeated[0])
     for place, (image, kind) in expect.items():
-        row, = by_place.pop(place)
+        (row,) = by_place.pop(place)
         if kind is None:
             assert row["memscore_error"] is None, row["memscore_error"]
             assert abs(row["memorability"] - reference_scores[image]) <= 1e-5
@@ -119,12 +120,20 @@ def check_rows(table: pa.Table, expect: dict, reference_scores: dict[str, float]
 
 @pytest.mark.slow
 def test_shards_are_scored_one_row_per_sample_with_members_kept(
-        tmp_path, ray_local, example_images, reference_scores):
+    tmp_path, ray_local, example_images, reference_scores
+):
     expect = write_shards(tmp_path / "shards", example_images)
     out = tmp_path / "out"
-    summary = memscore.score(memscore.ScoreConfig(
-        manifest=str(tmp_path / "shards" / "{000000..000002}.tar"), output=str(out),
-        rows_per_file=4, rows_per_block=3, decode_batch_size=3, batch_size=3))
+    summary = memscore.score(
+        memscore.ScoreConfig(
+            manifest=str(tmp_path / "shards" / "{000000..000002}.tar"),
+            output=str(out),
+            rows_per_file=4,
+            rows_per_block=3,
+            decode_batch_size=3,
+            batch_size=3,
+        )
+    )
 
     shard_urls = [str(tmp_path / "shards" / f"00000{i}.tar") for i in range(3)]
     table = read_output(out)
@@ -158,9 +167,17 @@ def test_shards_are_scored_one_row_per_sample_with_members_kept(
         verify(str(out), str(tmp_path / "shards" / "{000000..000001}.tar"), ignore_identity=True)
 
     # a second run of the same command finds the finished run and does nothing
-    again = memscore.score(memscore.ScoreConfig(
-        manifest=str(tmp_path / "shards" / "{000000..000002}.tar"), output=str(out),
-        rows_per_file=4, rows_per_block=3, decode_batch_size=3, batch_size=3, resume=True))
+    again = memscore.score(
+        memscore.ScoreConfig(
+            manifest=str(tmp_path / "shards" / "{000000..000002}.tar"),
+            output=str(out),
+            rows_per_file=4,
+            rows_per_block=3,
+            decode_batch_size=3,
+            batch_size=3,
+            resume=True,
+        )
+    )
     assert again["finished_at"] == summary["finished_at"]
     # the control: unpickling that member does create the marker
     pickle.loads(rows["a003"]["pth"])
@@ -176,9 +193,16 @@ def test_shards_on_s3_to_s3(s3_endpoint, ray_local, tmp_path, example_images, re
     for shard in sorted((tmp_path / "shards").iterdir()):
         s3_endpoint.fs.put_file(str(shard), f"{bucket}/laion/{shard.name}")
     options = {"endpoint_url": s3_endpoint.url, "key": TEST_ACCESS_KEY, "secret": TEST_SECRET}
-    summary = memscore.score(memscore.ScoreConfig(
-        manifest=f"s3://{bucket}/laion/{{000000..000002}}.tar", output=f"s3://{bucket}/scores",
-        storage_options=options, rows_per_file=4, rows_per_block=3, batch_size=3))
+    summary = memscore.score(
+        memscore.ScoreConfig(
+            manifest=f"s3://{bucket}/laion/{{000000..000002}}.tar",
+            output=f"s3://{bucket}/scores",
+            storage_options=options,
+            rows_per_file=4,
+            rows_per_block=3,
+            batch_size=3,
+        )
+    )
     assert summary["status"] == "complete" and summary["rows_out"] == 11
 
     local = tmp_path / "scores"
@@ -190,23 +214,42 @@ def test_shards_on_s3_to_s3(s3_endpoint, ray_local, tmp_path, example_images, re
 
 
 @pytest.mark.slow
-def test_a_killed_shard_run_resumes_to_every_sample_once(tmp_path, example_images,
-                                                         reference_scores):
+def test_a_killed_shard_run_resumes_to_every_sample_once(
+    tmp_path, example_images, reference_scores
+):
     shards = tmp_path / "shards"
     expect = write_shards(shards, example_images)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "memscore.cli", "score", str(shards), "--output", str(out),
-               "--rows-per-block", "2", "--rows-per-file", "2", "--decode-batch-size", "2",
-               "--batch-size", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "memscore.cli",
+        "score",
+        str(shards),
+        "--output",
+        str(out),
+        "--rows-per-block",
+        "2",
+        "--rows-per-file",
+        "2",
+        "--decode-batch-size",
+        "2",
+        "--batch-size",
+        "2",
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     # the first decode task goes through, every later one stalls: the kill lands mid-run
     stalled = {**env, "MEMSCORE_INJECT_FAULT": f"decode:stall-after-once:{tmp_path / 'fired'}"}
     ray_before = set(ray_processes())
-    driver = subprocess.Popen(command, env=stalled, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        command,
+        env=stalled,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
-    while not open_sink(str(out)).files() and driver.poll() is None \
-            and time.monotonic() < deadline:
+    while not open_sink(str(out)).files() and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert driver.poll() is None, "the run ended before it could be killed"
     assert open_sink(str(out)).files(), "no output file within 300 s"
@@ -218,8 +261,9 @@ def test_a_killed_shard_run_resumes_to_every_sample_once(tmp_path, example_image
     else:
         assert not report.ok and report.counts["missing"] > 0
 
-    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        [*command, "--resume"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((out / "_memscore.json").read_text())
     assert summary["status"] == "complete" and summary["rows_out"] == 11
@@ -232,11 +276,16 @@ def test_a_killed_shard_run_resumes_to_every_sample_once(tmp_path, example_image
 
 def test_limit_and_id_column_are_refused_for_shards_with_one_line(tmp_path, example_images):
     write_shards(tmp_path / "shards", example_images)
-    for option, words in (({"limit": 3}, "--limit cannot cut WebDataset shards"),
-                          ({"id_column": "key"}, "--id-column is for table manifests")):
+    for option, words in (
+        ({"limit": 3}, "--limit cannot cut WebDataset shards"),
+        ({"id_column": "key"}, "--id-column is for table manifests"),
+    ):
         with pytest.raises(MemscoreError, match=words) as caught:
-            memscore.score(memscore.ScoreConfig(manifest=str(tmp_path / "shards"),
-                                                output=str(tmp_path / "out"), **option))
+            memscore.score(
+                memscore.ScoreConfig(
+                    manifest=str(tmp_path / "shards"), output=str(tmp_path / "out"), **option
+                )
+            )
         assert "\n" not in str(caught.value)
         assert not (tmp_path / "out").exists()  # refused before anything was written
 
@@ -255,14 +304,15 @@ def test_an_img2dataset_folder_is_read_as_shards(tmp_path, example_images):
         open_manifest(str(tmp_path / "out"))  # a command that reads rows in the driver
 
 
-def test_a_storage_failure_reading_a_shard_stops_the_run_as_transient(tmp_path, example_images,
-                                                                      monkeypatch):
+def test_a_storage_failure_reading_a_shard_stops_the_run_as_transient(
+    tmp_path, example_images, monkeypatch
+):
     """An OSError from the storage while a shard is read (a connection lost past the client's
     retries) is no fact about the shard: the read task fails with TransientFailure, which the
     run reports as one line to --resume, never as rows."""
+    from memscore.runtime.failures import run_stopped
     from memscore.sources import webdataset
     from memscore.stages.fetch import TransientFailure
-    from memscore.scoring.job import run_stopped
 
     write_shards(tmp_path / "shards", example_images)
     real = webdataset.iter_shard
@@ -274,11 +324,14 @@ def test_a_storage_failure_reading_a_shard_stops_the_run_as_transient(tmp_path, 
 
     monkeypatch.setattr(webdataset, "iter_shard", cut_off)
     shard = str(tmp_path / "shards" / "000000.tar")
-    task, = webdataset._datasource_class()([shard], None, {"max_table_bytes": 1}, None) \
-        .get_read_tasks(1)
+    (task,) = webdataset._datasource_class()(
+        [shard], None, {"max_table_bytes": 1}, None
+    ).get_read_tasks(1)
     blocks = task.read_fn()
     assert next(iter(blocks)).num_rows == 1
-    with pytest.raises(TransientFailure, match="reading shard .*000000.tar failed after 1 "
-                                               "samples: .*Connection reset") as caught:
+    with pytest.raises(
+        TransientFailure,
+        match="reading shard .*000000.tar failed after 1 samples: .*Connection reset",
+    ) as caught:
         list(blocks)
     assert "fix it and run the same command with --resume" in run_stopped(caught.value)

@@ -52,25 +52,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore import storage
-
+from memscore.errors import MemscoreError, first_line
 from memscore.evaluation import metrics
 from memscore.evaluation.config import EvaluateConfig
-from memscore.errors import MemscoreError, first_line
 
 __all__ = ["evaluate", "REPORT_FILES", "MAX_GROUPS", "summary_line"]
 
 # Every file a report can write: also the only names a reused --report folder has removed
 # (_remove_stale_report_files), so a new figure's name goes here.
-REPORT_FILES = {"report": "report.md", "metrics": "metrics.json",
-                "distribution": "distribution.png", "scatter": "scatter.png",
-                "layers": "layers.png"}
+REPORT_FILES = {
+    "report": "report.md",
+    "metrics": "metrics.json",
+    "distribution": "distribution.png",
+    "scatter": "scatter.png",
+    "layers": "layers.png",
+}
 # A --group-by column with more values than this is almost surely the wrong column (a path,
 # an id); each group costs a bootstrap.
 MAX_GROUPS = 1000
@@ -115,8 +119,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
     truth, truth_columns, truth_base = _read_truth(config, key, options)
     pred_groups = [c for c in config.group_by if c not in truth_columns]
-    pred, traces, provenance, warnings, pred_base = _read_predictions(config, key, pred_groups,
-                                                                      options, truth_columns)
+    pred, traces, provenance, warnings, pred_base = _read_predictions(
+        config, key, pred_groups, options, truth_columns
+    )
 
     counts = {"predictions_rows": pred.num_rows, "truth_rows": truth.num_rows}
     pred, counts["predictions_null_key"] = _drop_null_keys(pred)
@@ -130,9 +135,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         resolved = _join_on_resolved_paths(pred, truth, pred_base, truth_base)
         if resolved is not None:
             joined = resolved
-            warnings.append(f"no {key!r} value matched as written; joined on the image paths "
-                            f"as memscore resolves them (relative ones against their table's "
-                            f"folder)")
+            warnings.append(
+                f"no {key!r} value matched as written; joined on the image paths "
+                f"as memscore resolves them (relative ones against their table's "
+                f"folder)"
+            )
     if joined.num_rows == 0:
         raise MemscoreError(_no_match_message(pred, truth, key))
     joined = joined.sort_by(_KEY)  # a fixed row order: the bootstrap depends on it
@@ -159,8 +166,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
         halves = None
         if config.split_half_columns:
-            halves = (_floats(joined.column(_HALF_A))[valid],
-                      _floats(joined.column(_HALF_B))[valid])
+            halves = (
+                _floats(joined.column(_HALF_A))[valid],
+                _floats(joined.column(_HALF_B))[valid],
+            )
         prediction, label = prediction[valid], label[valid]
         # One decision for all groups: a loss is on another scale than memorability.
         same_scale = metrics.on_one_scale(prediction, label)
@@ -168,11 +177,16 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         overall["on_truth_scale"] = same_scale
         for column in config.group_by:
             groups[column] = {
-                name: _figures(prediction[mask], label[mask],
-                               None if halves is None else (halves[0][mask], halves[1][mask]),
-                               config, same_scale)
-                for name, mask in _group_masks(joined.column(column).filter(pa.array(valid)),
-                                               column)
+                name: _figures(
+                    prediction[mask],
+                    label[mask],
+                    None if halves is None else (halves[0][mask], halves[1][mask]),
+                    config,
+                    same_scale,
+                )
+                for name, mask in _group_masks(
+                    joined.column(column).filter(pa.array(valid)), column
+                )
             }
 
     result = {
@@ -189,8 +203,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "group_by": list(config.group_by),
         "split_half_columns": list(config.split_half_columns or []) or None,
         "traces": trace_figures,
-        "bootstrap": {"resamples": config.bootstrap, "seed": config.seed,
-                      "interval": "95% percentile bootstrap over images"},
+        "bootstrap": {
+            "resamples": config.bootstrap,
+            "seed": config.seed,
+            "interval": "95% percentile bootstrap over images",
+        },
         "warnings": warnings,
         "report": config.report,
         "files": _report_files(scalar, bool(traces)),
@@ -208,8 +225,10 @@ def summary_line(result: Mapping[str, Any]) -> str:
     parts = []
     if overall is not None:
         lo, hi = overall["spearman_ci95"]
-        text = (f"evaluated {counts['evaluated']} of {counts['matched']} matched rows: "
-                f"Spearman rho {_fmt(overall['spearman'])}")
+        text = (
+            f"evaluated {counts['evaluated']} of {counts['matched']} matched rows: "
+            f"Spearman rho {_fmt(overall['spearman'])}"
+        )
         if lo is not None:
             text += f" [{_fmt(lo)}, {_fmt(hi)}]"
         text += f", Pearson r {_fmt(overall['pearson'])}"
@@ -221,17 +240,23 @@ def summary_line(result: Mapping[str, Any]) -> str:
     traces = result.get("traces") or {}
     if traces:
         text = f"{len(traces)} trace column(s) of {counts['matched']} matched rows"
-        strongest = [(abs(t["strongest"]["spearman"]), name, t["strongest"])
-                     for name, t in traces.items() if t["strongest"] is not None]
+        strongest = [
+            (abs(t["strongest"]["spearman"]), name, t["strongest"])
+            for name, t in traces.items()
+            if t["strongest"] is not None
+        ]
         if strongest:
             _, name, best = max(strongest, key=lambda item: item[0])
-            text += (f", strongest {name} at layer {_layer_text(name, traces[name], best)}: "
-                     f"rho {_fmt(best['spearman'])}")
+            text += (
+                f", strongest {name} at layer {_layer_text(name, traces[name], best)}: "
+                f"rho {_fmt(best['spearman'])}"
+            )
         parts.append(text)
     return f"memscore: {'; '.join(parts)} -> {result['report']}"
 
 
 # --- reading ----------------------------------------------------------------------------------
+
 
 def _prepare_report(report: str, options: Mapping[str, Any]) -> None:
     """Fail before any work where the report folder cannot be written."""
@@ -250,8 +275,9 @@ def _prepare_report(report: str, options: Mapping[str, Any]) -> None:
         raise MemscoreError(f"--report {report} is not writable: {first_line(exc)}") from None
 
 
-def _read_truth(config: EvaluateConfig, key: str,
-                options: Mapping[str, Any]) -> tuple[pa.Table, tuple[str, ...], str]:
+def _read_truth(
+    config: EvaluateConfig, key: str, options: Mapping[str, Any]
+) -> tuple[pa.Table, tuple[str, ...], str]:
     """(key, truth, split halves, the groups --truth has) renamed, all --truth columns, and
     the folder its relative paths resolve against."""
     from memscore.sources.manifest import open_manifest
@@ -260,25 +286,36 @@ def _read_truth(config: EvaluateConfig, key: str,
         manifest = open_manifest(config.truth, path_column=key, storage_options=options)
     except MemscoreError as exc:
         if f"no column {key!r}" in str(exc):  # open_manifest's hint names score's option
-            raise MemscoreError(_no_key_message(
-                config, key, "truth", _prediction_columns(config, options),
-                _truth_columns(config, options))) from None
+            raise MemscoreError(
+                _no_key_message(
+                    config,
+                    key,
+                    "truth",
+                    _prediction_columns(config, options),
+                    _truth_columns(config, options),
+                )
+            ) from None
         raise MemscoreError(f"--truth {exc}") from None
     if not manifest.is_table:
-        raise MemscoreError(f"--truth {config.truth}: {manifest.what}, not a table of labels "
-                            f"(CSV, Parquet or JSONL)")
+        raise MemscoreError(
+            f"--truth {config.truth}: {manifest.what}, not a table of labels "
+            f"(CSV, Parquet or JSONL)"
+        )
     columns = manifest.columns
     wanted = {_KEY: key, _TRUTH: config.truth_column}
     if config.split_half_columns:
         wanted[_HALF_A], wanted[_HALF_B] = config.split_half_columns
     for name in wanted.values():
         if name not in columns:
-            flag = ("--truth-column" if name == config.truth_column else "--split-half-columns")
-            raise MemscoreError(f"--truth {config.truth}: no column {name!r} (columns: "
-                                f"{_names(columns)}); name it with {flag}")
+            flag = "--truth-column" if name == config.truth_column else "--split-half-columns"
+            raise MemscoreError(
+                f"--truth {config.truth}: no column {name!r} (columns: "
+                f"{_names(columns)}); name it with {flag}"
+            )
     wanted.update({c: c for c in config.group_by if c in columns})
-    tables = [pa.table({new: t.column(old) for new, old in wanted.items()})
-              for t in manifest.read_all()]
+    tables = [
+        pa.table({new: t.column(old) for new, old in wanted.items()}) for t in manifest.read_all()
+    ]
     table = pa.concat_tables(tables)
     for new in (_TRUTH, _HALF_A, _HALF_B):
         if new in table.column_names:
@@ -286,8 +323,9 @@ def _read_truth(config: EvaluateConfig, key: str,
     return table, columns, manifest.base_dir
 
 
-def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
-                      options: Mapping[str, Any], truth_columns):
+def _read_predictions(
+    config: EvaluateConfig, key: str, groups: list[str], options: Mapping[str, Any], truth_columns
+):
     """The predictions and what made them (``truth_columns`` for the message where they lack
     the join's column).
 
@@ -318,25 +356,27 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
 
             files = open_sink(source, options).files()
             if not files:
-                raise MemscoreError(f"{source}: no Parquet files (expected a `memscore score` "
-                                    f"output folder)")
+                raise MemscoreError(
+                    f"{source}: no Parquet files (expected a `memscore score` output folder)"
+                )
             summary, warning = _read_run_summary(source, options)
             warnings += [warning] if warning else []
         else:
             files = [path]
         try:
-            data = pads.dataset(files, filesystem=storage.pyarrow_filesystem_of(fs),
-                                format="parquet")
+            data = pads.dataset(
+                files, filesystem=storage.pyarrow_filesystem_of(fs), format="parquet"
+            )
             schema = data.schema
-            _check_prediction_columns(config, key, groups, schema.names, truth_columns,
-                                      summary)
+            _check_prediction_columns(config, key, groups, schema.names, truth_columns, summary)
             trace_names = _trace_names(config, schema)
             read = data.to_table(columns=list(dict.fromkeys([*wanted.values(), *trace_names])))
         except MemscoreError:
             raise
         except Exception as exc:
-            raise MemscoreError(f"{source}: cannot read the predictions: "
-                                f"{first_line(exc)[:300]}") from None
+            raise MemscoreError(
+                f"{source}: cannot read the predictions: {first_line(exc)[:300]}"
+            ) from None
     else:
         from memscore.sources.manifest import open_manifest
 
@@ -344,35 +384,57 @@ def _read_predictions(config: EvaluateConfig, key: str, groups: list[str],
             manifest = open_manifest(source, path_column=key, storage_options=options)
         except MemscoreError as exc:
             if f"no column {key!r}" in str(exc):
-                raise MemscoreError(_no_key_message(
-                    config, key, "predictions", _prediction_columns(config, options),
-                    truth_columns)) from None
+                raise MemscoreError(
+                    _no_key_message(
+                        config,
+                        key,
+                        "predictions",
+                        _prediction_columns(config, options),
+                        truth_columns,
+                    )
+                ) from None
             raise
         if not manifest.is_table:
             raise MemscoreError(f"{source}: {manifest.what}, not predictions")
         _check_prediction_columns(config, key, groups, manifest.columns, truth_columns)
         read = pa.concat_tables(manifest.read_all(), promote_options="permissive")
         trace_names = _trace_names(config, read.schema)
-    table = pa.table({**{new: read.column(old) for new, old in wanted.items()},
-                      _ROW: pa.array(np.arange(read.num_rows, dtype=np.int64))})
+    table = pa.table(
+        {
+            **{new: read.column(old) for new, old in wanted.items()},
+            _ROW: pa.array(np.arange(read.num_rows, dtype=np.int64)),
+        }
+    )
     if _PRED in table.column_names:
         if _is_list(table.schema.field(_PRED).type):
-            raise MemscoreError(f"{source}: column {config.prediction_column!r} is a list "
-                                f"column (one value per layer): name it in --trace-columns")
+            raise MemscoreError(
+                f"{source}: column {config.prediction_column!r} is a list "
+                f"column (one value per layer): name it in --trace-columns"
+            )
         _floats(table.column(_PRED), name=config.prediction_column, source=source)
-    traces = {name: (read.column(name), _model_of(summary, name), _column_prefix(summary, name))
-              for name in trace_names}
-    provenance = (_model_of(summary, config.prediction_column)
-                  if config.prediction_column is not None else None)
+    traces = {
+        name: (read.column(name), _model_of(summary, name), _column_prefix(summary, name))
+        for name in trace_names
+    }
+    provenance = (
+        _model_of(summary, config.prediction_column)
+        if config.prediction_column is not None
+        else None
+    )
     base = (summary or {}).get("manifest_base_dir") or (
-        manifest.base_dir if manifest is not None else
-        source if is_dir else source.rstrip("/").rsplit("/", 1)[0])
+        manifest.base_dir
+        if manifest is not None
+        else source
+        if is_dir
+        else source.rstrip("/").rsplit("/", 1)[0]
+    )
     return table, traces, provenance, warnings, base
 
 
 def _is_list(kind: pa.DataType) -> bool:
-    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)
-            or pa.types.is_fixed_size_list(kind))
+    return (
+        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    )
 
 
 def _is_number_list(kind: pa.DataType) -> bool:
@@ -388,34 +450,50 @@ def _trace_names(config: EvaluateConfig, schema: pa.Schema) -> list[str]:
     if tuple(config.trace_columns) == ("all",):
         names = [f.name for f in schema if _is_number_list(f.type)]
         if not names:
-            raise MemscoreError(f"{source}: --trace-columns all: no list column of numbers "
-                                f"(columns: {_names(schema.names)})")
+            raise MemscoreError(
+                f"{source}: --trace-columns all: no list column of numbers "
+                f"(columns: {_names(schema.names)})"
+            )
         return names
     for name in config.trace_columns:
         if name not in schema.names:
-            raise MemscoreError(f"{source}: no column {name!r} (columns: "
-                                f"{_names(schema.names)}); name it with --trace-columns")
+            raise MemscoreError(
+                f"{source}: no column {name!r} (columns: "
+                f"{_names(schema.names)}); name it with --trace-columns"
+            )
         kind = schema.field(name).type
         if not _is_number_list(kind):
-            raise MemscoreError(f"{source}: column {name!r} is {kind}, not a list of numbers; "
-                                f"--trace-columns takes list columns (a scalar column goes to "
-                                f"--prediction-column)")
+            raise MemscoreError(
+                f"{source}: column {name!r} is {kind}, not a list of numbers; "
+                f"--trace-columns takes list columns (a scalar column goes to "
+                f"--prediction-column)"
+            )
     return list(config.trace_columns)
 
 
-def _check_prediction_columns(config: EvaluateConfig, key: str, groups: list[str],
-                              columns, truth_columns, summary: Mapping | None = None) -> None:
+def _check_prediction_columns(
+    config: EvaluateConfig,
+    key: str,
+    groups: list[str],
+    columns,
+    truth_columns,
+    summary: Mapping | None = None,
+) -> None:
     source = config.predictions
     if key not in columns:
-        raise MemscoreError(_no_key_message(config, key, "predictions", list(columns),
-                                            truth_columns, summary))
+        raise MemscoreError(
+            _no_key_message(config, key, "predictions", list(columns), truth_columns, summary)
+        )
     if config.prediction_column is not None and config.prediction_column not in columns:
-        raise MemscoreError(f"{source}: no column {config.prediction_column!r} (columns: "
-                            f"{_names(columns)}); name it with --prediction-column")
+        raise MemscoreError(
+            f"{source}: no column {config.prediction_column!r} (columns: "
+            f"{_names(columns)}); name it with --prediction-column"
+        )
     for column in groups:
         if column not in columns:
-            raise MemscoreError(f"--group-by {column}: neither --truth nor the predictions have "
-                                f"this column")
+            raise MemscoreError(
+                f"--group-by {column}: neither --truth nor the predictions have this column"
+            )
 
 
 def _run_score_column(config: EvaluateConfig, options: Mapping[str, Any]) -> EvaluateConfig:
@@ -432,23 +510,27 @@ def _run_score_column(config: EvaluateConfig, options: Mapping[str, Any]) -> Eva
         summary = read_summary(config.predictions, options)
     except Exception:
         return config  # not a finished memscore output: the default as documented
-    scores = [record["output_column"] for record in summary.get("models") or []
-              if isinstance(record, Mapping) and record.get("output_column")]
+    scores = [
+        record["output_column"]
+        for record in summary.get("models") or []
+        if isinstance(record, Mapping) and record.get("output_column")
+    ]
     if len(scores) != 1 or scores[0] == config.prediction_column:
         return config
     return dataclasses.replace(config, prediction_column=scores[0])
 
 
-def _read_run_summary(source: str,
-                      options: Mapping[str, Any]) -> tuple[Mapping | None, str | None]:
+def _read_run_summary(source: str, options: Mapping[str, Any]) -> tuple[Mapping | None, str | None]:
     """The run's ``_memscore.json``, or a warning saying why there is none."""
     from memscore.sinks.folder import SUMMARY_FILE, read_summary
 
     try:
         summary = read_summary(source, options)
     except FileNotFoundError:
-        return None, (f"{source} has no {SUMMARY_FILE}: the run did not finish (or is not a "
-                      f"memscore output); rows it did not score are missing")
+        return None, (
+            f"{source} has no {SUMMARY_FILE}: the run did not finish (or is not a "
+            f"memscore output); rows it did not score are missing"
+        )
     except Exception as exc:
         return None, f"{source}/{SUMMARY_FILE} could not be read: {first_line(exc)}"
     warning = None
@@ -465,8 +547,9 @@ def _model_of(summary: Mapping | None, column: str) -> dict | None:
             continue
         written = record.get("output_columns") or [record.get("output_column")]
         if column in written:
-            return {k: record.get(k) for k in ("model", "weights", "weights_file",
-                                                "weights_sha256")}
+            return {
+                k: record.get(k) for k in ("model", "weights", "weights_file", "weights_sha256")
+            }
     return None
 
 
@@ -480,8 +563,14 @@ def _column_prefix(summary: Mapping | None, column: str) -> str | None:
     return prefix if isinstance(prefix, str) and column.startswith(prefix) else None
 
 
-def _no_key_message(config: EvaluateConfig, key: str, lacking: str, pred_columns,
-                    truth_columns, summary: Mapping | None = None) -> str:
+def _no_key_message(
+    config: EvaluateConfig,
+    key: str,
+    lacking: str,
+    pred_columns,
+    truth_columns,
+    summary: Mapping | None = None,
+) -> str:
     """One line for a join column one side lacks (``lacking``: "predictions" or "truth"):
     the columns each side has, where they can be read, and what to give instead.
 
@@ -491,8 +580,11 @@ def _no_key_message(config: EvaluateConfig, key: str, lacking: str, pred_columns
     so that its columns pass through to the output.
     """
     option = f"--key {key}" if config.key else f"--path-column {key}"
-    side = (f"the predictions {config.predictions} have" if lacking == "predictions" else
-            f"--truth {config.truth} has")
+    side = (
+        f"the predictions {config.predictions} have"
+        if lacking == "predictions"
+        else f"--truth {config.truth} has"
+    )
     shown = []
     if pred_columns is not None:
         shown.append(f"predictions: {_names(list(pred_columns))}")
@@ -507,8 +599,11 @@ def _no_key_message(config: EvaluateConfig, key: str, lacking: str, pred_columns
     # A score or label of the same name (a folder scan's memorability, the truth's) names no
     # image: never offered as a key.
     values = {config.truth_column, config.prediction_column, *config.trace_columns}
-    shared = [c for c in pred_columns if c in truth_columns and c not in values
-              and not c.startswith("memscore_")]
+    shared = [
+        c
+        for c in pred_columns
+        if c in truth_columns and c not in values and not c.startswith("memscore_")
+    ]
     recorded = ((summary or {}).get("config") or {}).get("path_column")
     path = next((c for c in (recorded, config.path_column, "path") if c in pred_columns), None)
     how = []  # what joins on the predictions' image paths
@@ -521,11 +616,13 @@ def _no_key_message(config: EvaluateConfig, key: str, lacking: str, pred_columns
     if shared:
         return f"{text}: both have {_names(shared)}; give --key with one of them"
     if path is not None:
-        return (f"{text}, and these share none. The predictions name their images in "
-                f"{path!r}, as a folder scan's output does: give --truth a {path!r} column "
-                f"naming the same image files (relative paths resolve against its folder) and "
-                f"{' and '.join(how) or 'join on it'}, or score --truth's table itself (its "
-                f"columns pass through to the output) and join on one of them with --key")
+        return (
+            f"{text}, and these share none. The predictions name their images in "
+            f"{path!r}, as a folder scan's output does: give --truth a {path!r} column "
+            f"naming the same image files (relative paths resolve against its folder) and "
+            f"{' and '.join(how) or 'join on it'}, or score --truth's table itself (its "
+            f"columns pass through to the output) and join on one of them with --key"
+        )
     return f"{text}, and these share none: {_key_hint(config)}"
 
 
@@ -549,18 +646,23 @@ def _prediction_columns(config: EvaluateConfig, options: Mapping[str, Any]) -> l
                 files = open_sink(config.predictions, options).files()
             else:
                 files = [path]
-            return pads.dataset(files, filesystem=storage.pyarrow_filesystem_of(fs),
-                                format="parquet").schema.names
+            return pads.dataset(
+                files, filesystem=storage.pyarrow_filesystem_of(fs), format="parquet"
+            ).schema.names
     except Exception:
         return None
-    return _table_columns(config.predictions, options,
-                          [config.prediction_column, *config.trace_columns, config.path_column])
+    return _table_columns(
+        config.predictions,
+        options,
+        [config.prediction_column, *config.trace_columns, config.path_column],
+    )
 
 
 def _truth_columns(config: EvaluateConfig, options: Mapping[str, Any]) -> list | None:
     """--truth's column names for an error message, or None where they cannot be read."""
-    return _table_columns(config.truth, options,
-                          [config.truth_column, config.path_column, config.key])
+    return _table_columns(
+        config.truth, options, [config.truth_column, config.path_column, config.key]
+    )
 
 
 def _table_columns(source: str, options: Mapping[str, Any], names) -> list | None:
@@ -584,6 +686,7 @@ def _names(columns) -> str:
 
 # --- the join ---------------------------------------------------------------------------------
 
+
 def _drop_null_keys(table: pa.Table) -> tuple[pa.Table, int]:
     nulls = table.column(_KEY).null_count
     return (table.filter(pc.is_valid(table.column(_KEY))) if nulls else table), nulls
@@ -594,6 +697,7 @@ def _same_key_type(pred: pa.Table, truth: pa.Table, key: str) -> tuple[pa.Table,
     a, b = pred.schema.field(_KEY).type, truth.schema.field(_KEY).type
     if a == b and not pa.types.is_dictionary(a):
         return pred, truth
+
     def as_text(table: pa.Table) -> pa.Table:
         index = table.schema.get_field_index(_KEY)
         return table.set_column(index, _KEY, table.column(_KEY).cast(pa.large_string()))
@@ -601,21 +705,23 @@ def _same_key_type(pred: pa.Table, truth: pa.Table, key: str) -> tuple[pa.Table,
     try:
         return as_text(pred), as_text(truth)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        raise MemscoreError(f"column {key!r} is {a} in the predictions and {b} in --truth; "
-                            f"they cannot be compared") from None
+        raise MemscoreError(
+            f"column {key!r} is {a} in the predictions and {b} in --truth; they cannot be compared"
+        ) from None
 
 
-def _join_on_resolved_paths(pred: pa.Table, truth: pa.Table, pred_base: str | None,
-                            truth_base: str | None) -> pa.Table | None:
+def _join_on_resolved_paths(
+    pred: pa.Table, truth: pa.Table, pred_base: str | None, truth_base: str | None
+) -> pa.Table | None:
     """The join on image paths as memscore reads them, for when the two sides name the same
     images differently: a relative path resolves against its own table's folder (the run's
     manifest's for a `memscore score` output), as scoring resolves it. None when that matches
     nothing either, or makes a path repeat on a side (the join would be ambiguous). Only
     tried when the paths as written match nothing, so a truth table whose relative names equal
     the predictions' keeps joining as written."""
-    from memscore.stages.fetch import resolve_path
-    from memscore.sources.manifest import repeated_values
     from memscore.row_errors import ImageDecodeError
+    from memscore.sources.manifest import repeated_values
+    from memscore.stages.fetch import resolve_path
 
     def resolved(table: pa.Table, base: str | None) -> pa.Table:
         kind = table.schema.field(_KEY).type
@@ -651,7 +757,8 @@ def _check_unique(table: pa.Table, side: str, key: str) -> None:
         kinds, value, times = repeated
         raise MemscoreError(
             f"{side}: {kinds} {key!r} value(s) occur more than once, e.g. {value!r} ({times} "
-            f"times); each image must be on each side once (join on a unique column with --key)")
+            f"times); each image must be on each side once (join on a unique column with --key)"
+        )
 
 
 def _no_match_message(pred: pa.Table, truth: pa.Table, key: str) -> str:
@@ -663,8 +770,10 @@ def _no_match_message(pred: pa.Table, truth: pa.Table, key: str) -> str:
             hint = "; one side has absolute paths, the other relative ones"
         elif a.rsplit("/", 1)[-1] == b.rsplit("/", 1)[-1] or a.endswith(b) or b.endswith(a):
             hint = "; the same file named by different paths?"
-    return (f"no {key!r} value of the predictions is in --truth (e.g. predictions {a!r}, "
-            f"truth {b!r}){hint}; join on a column both share with --key")
+    return (
+        f"no {key!r} value of the predictions is in --truth (e.g. predictions {a!r}, "
+        f"truth {b!r}){hint}; join on a column both share with --key"
+    )
 
 
 def _floats(column, *, name: str = "", source: str = "") -> np.ndarray:
@@ -675,8 +784,12 @@ def _floats(column, *, name: str = "", source: str = "") -> np.ndarray:
     if pa.types.is_dictionary(kind):
         column, kind = column.dictionary_decode(), kind.value_type
     try:
-        if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)
-                or pa.types.is_decimal(kind) or pa.types.is_null(kind)):
+        if not (
+            pa.types.is_floating(kind)
+            or pa.types.is_integer(kind)
+            or pa.types.is_decimal(kind)
+            or pa.types.is_null(kind)
+        ):
             if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
                 raise pa.ArrowInvalid(str(kind))
             text = pc.utf8_trim_whitespace(column)  # numbers as text (JSON "0.5", " 0.7")
@@ -684,8 +797,9 @@ def _floats(column, *, name: str = "", source: str = "") -> np.ndarray:
         column = column.cast(pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         example = next((v for v in column.to_pylist() if v is not None), None)
-        raise MemscoreError(f"{source}: column {name!r} is {kind}, not numbers "
-                            f"(e.g. {example!r})") from None
+        raise MemscoreError(
+            f"{source}: column {name!r} is {kind}, not numbers (e.g. {example!r})"
+        ) from None
     return column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
 
 
@@ -696,8 +810,10 @@ def _group_masks(column: pa.ChunkedArray, name: str):
         values = values.dictionary_decode()
     distinct = pc.unique(values).drop_null()
     if len(distinct) > MAX_GROUPS:
-        raise MemscoreError(f"--group-by {name}: {len(distinct)} distinct values (at most "
-                            f"{MAX_GROUPS}); is it the right column?")
+        raise MemscoreError(
+            f"--group-by {name}: {len(distinct)} distinct values (at most "
+            f"{MAX_GROUPS}); is it the right column?"
+        )
     distinct = distinct.take(pc.sort_indices(distinct))
     codes = pc.fill_null(pc.index_in(values, value_set=distinct), -1).to_numpy()
     for index, value in enumerate(distinct.to_pylist()):
@@ -708,21 +824,35 @@ def _group_masks(column: pa.ChunkedArray, name: str):
 
 # --- figures and files ------------------------------------------------------------------------
 
-def _figures(prediction: np.ndarray, label: np.ndarray, halves, config: EvaluateConfig,
-             same_scale: bool = True) -> dict:
-    figures = metrics.summary(prediction, label, bootstrap=config.bootstrap, seed=config.seed,
-                              same_scale=same_scale)
+
+def _figures(
+    prediction: np.ndarray,
+    label: np.ndarray,
+    halves,
+    config: EvaluateConfig,
+    same_scale: bool = True,
+) -> dict:
+    figures = metrics.summary(
+        prediction, label, bootstrap=config.bootstrap, seed=config.seed, same_scale=same_scale
+    )
     if halves is not None:
         a, b = halves
         both = np.isfinite(a) & np.isfinite(b)
         a, b = a[both], b[both]
         rho = metrics.spearman(a, b)
-        interval = ([math.nan, math.nan] if config.bootstrap < 1 or not math.isfinite(rho) else
-                    metrics.percentile_interval(metrics.bootstrap_spearman(
-                        a, b, resamples=config.bootstrap, seed=config.seed)))
-        figures["split_half"] = {"n": int(both.sum()), "spearman": rho,
-                                 "spearman_ci95": interval,
-                                 "spearman_brown": metrics.spearman_brown(rho)}
+        interval = (
+            [math.nan, math.nan]
+            if config.bootstrap < 1 or not math.isfinite(rho)
+            else metrics.percentile_interval(
+                metrics.bootstrap_spearman(a, b, resamples=config.bootstrap, seed=config.seed)
+            )
+        )
+        figures["split_half"] = {
+            "n": int(both.sum()),
+            "spearman": rho,
+            "spearman_ci95": interval,
+            "spearman_brown": metrics.spearman_brown(rho),
+        }
     return figures
 
 
@@ -773,17 +903,24 @@ def _encoder_and_feature(column: str, prefix: str | None = None) -> tuple[str, s
         from memscore.models.weights import TRACE_FEATURES
 
         for feature in sorted(TRACE_FEATURES, key=len, reverse=True):
-            rest = column[:-len(feature) - 1]
+            rest = column[: -len(feature) - 1]
             if rest and column.endswith(f"_{feature}"):
-                encoder = next((e for e in sorted(ENCODERS, key=len, reverse=True)
-                                if rest.endswith(e)), rest)
+                encoder = next(
+                    (e for e in sorted(ENCODERS, key=len, reverse=True) if rest.endswith(e)), rest
+                )
                 return encoder, feature
-    encoder, _, feature = column[len(prefix or ""):].partition("_")
+    encoder, _, feature = column[len(prefix or "") :].partition("_")
     return (encoder, feature) if encoder and feature else ("", column)
 
 
-def _trace_figures(name: str, column, rows: np.ndarray, label: np.ndarray,
-                   config: EvaluateConfig, prefix: str | None) -> tuple[dict, str | None]:
+def _trace_figures(
+    name: str,
+    column,
+    rows: np.ndarray,
+    label: np.ndarray,
+    config: EvaluateConfig,
+    prefix: str | None,
+) -> tuple[dict, str | None]:
     """Spearman's rho of each layer of one trace column with the ground truth.
 
     ``rows`` are the matched rows' positions in ``column``, ``label`` their ground truth,
@@ -795,11 +932,13 @@ def _trace_figures(name: str, column, rows: np.ndarray, label: np.ndarray,
     has_truth = np.isfinite(label)
     listed = status == _LIST_OK
     valid = listed & has_truth
-    counts = {"matched": int(rows.size),
-              "excluded_null_list": int((status == _LIST_NULL).sum()),
-              "excluded_other_length": int((status == _LIST_OTHER_LENGTH).sum()),
-              "excluded_null_truth": int((listed & ~has_truth).sum()),
-              "evaluated": int(valid.sum())}
+    counts = {
+        "matched": int(rows.size),
+        "excluded_null_list": int((status == _LIST_NULL).sum()),
+        "excluded_other_length": int((status == _LIST_OTHER_LENGTH).sum()),
+        "excluded_null_truth": int((listed & ~has_truth).sum()),
+        "evaluated": int(valid.sum()),
+    }
     encoder, feature = _encoder_and_feature(name, prefix)
     offset = _LAYER_OFFSET.get(feature, 0)
     values, truth = values[valid], label[valid]
@@ -808,27 +947,44 @@ def _trace_figures(name: str, column, rows: np.ndarray, label: np.ndarray,
         present = np.isfinite(values[:, index])
         x, y = values[present, index], truth[present]
         rho = metrics.spearman(x, y)
-        interval = ([math.nan, math.nan] if config.bootstrap < 1 or not math.isfinite(rho) else
-                    metrics.percentile_interval(metrics.bootstrap_spearman(
-                        x, y, resamples=config.bootstrap, seed=config.seed)))
-        layers.append({"index": index, "layer": index + offset, "n": int(present.sum()),
-                       "excluded_missing_value": int((~present).sum()),
-                       "spearman": rho, "spearman_ci95": interval})
+        interval = (
+            [math.nan, math.nan]
+            if config.bootstrap < 1 or not math.isfinite(rho)
+            else metrics.percentile_interval(
+                metrics.bootstrap_spearman(x, y, resamples=config.bootstrap, seed=config.seed)
+            )
+        )
+        layers.append(
+            {
+                "index": index,
+                "layer": index + offset,
+                "n": int(present.sum()),
+                "excluded_missing_value": int((~present).sum()),
+                "spearman": rho,
+                "spearman_ci95": interval,
+            }
+        )
     finite = [layer for layer in layers if math.isfinite(layer["spearman"])]
     strongest = max(finite, key=lambda layer: abs(layer["spearman"]), default=None)
     figures = {
-        "encoder": encoder, "feature": feature, "layers_in_column": length,
-        "list_lengths": {str(k): v for k, v in lengths.items()}, "counts": counts,
+        "encoder": encoder,
+        "feature": feature,
+        "layers_in_column": length,
+        "list_lengths": {str(k): v for k, v in lengths.items()},
+        "counts": counts,
         "layers": layers,
-        "strongest": None if strongest is None else
-        {k: strongest[k] for k in ("index", "layer", "spearman", "spearman_ci95")},
+        "strongest": None
+        if strongest is None
+        else {k: strongest[k] for k in ("index", "layer", "spearman", "spearman_ci95")},
     }
     warning = None
     if counts["excluded_other_length"]:
         others = ", ".join(f"{k} ({v:,})" for k, v in lengths.items() if k != length)
-        warning = (f"{name}: {counts['excluded_other_length']:,} matched row(s) have lists of "
-                   f"another length than the column's {length} layers (lengths seen in the "
-                   f"predictions: {others}); they are left out of its figures")
+        warning = (
+            f"{name}: {counts['excluded_other_length']:,} matched row(s) have lists of "
+            f"another length than the column's {length} layers (lengths seen in the "
+            f"predictions: {others}); they are left out of its figures"
+        )
     return figures, warning
 
 
@@ -859,29 +1015,33 @@ def _versions() -> dict[str, str | None]:
 
 def _report_files(scalar: bool, traces: bool) -> dict[str, str]:
     """The files this evaluation writes: the scalar column's figures, the traces' curves."""
-    names = ["report", "metrics"] + (["distribution", "scatter"] if scalar else []) \
+    names = (
+        ["report", "metrics"]
+        + (["distribution", "scatter"] if scalar else [])
         + (["layers"] if traces else [])
+    )
     return {name: REPORT_FILES[name] for name in names}
 
 
 def _curves(traces: Mapping[str, Any]) -> list[dict]:
     """The traces' per-layer figures as ``plots.layers_png`` curves."""
     curves = []
+
+    def floats(values):
+        return [math.nan if v is None else v for v in values]
+
     for name, figures in traces.items():
         layers = figures["layers"]
-        nan = math.nan
-
-        def floats(values):
-            return [nan if v is None else v for v in values]
-
-        curve = {"feature": figures["feature"], "encoder": figures["encoder"],
-                 "x": [layer["layer"] for layer in layers],
-                 "rho": floats(layer["spearman"] for layer in layers),
-                 "lo": floats(layer["spearman_ci95"][0] for layer in layers),
-                 "hi": floats(layer["spearman_ci95"][1] for layer in layers)}
+        curve = {
+            "feature": figures["feature"],
+            "encoder": figures["encoder"],
+            "x": [layer["layer"] for layer in layers],
+            "rho": floats(layer["spearman"] for layer in layers),
+            "lo": floats(layer["spearman_ci95"][0] for layer in layers),
+            "hi": floats(layer["spearman_ci95"][1] for layer in layers),
+        }
         if _LAYER_OFFSET.get(figures["feature"]):
-            curve["ticks"] = {layer["layer"]: _layer_text(name, figures, layer)
-                              for layer in layers}
+            curve["ticks"] = {layer["layer"]: _layer_text(name, figures, layer) for layer in layers}
         curves.append(curve)
     return curves
 
@@ -893,24 +1053,37 @@ def _layer_text(name: str, figures: Mapping[str, Any], layer: Mapping[str, Any])
     return str(layer["layer"])
 
 
-def _write_report(config: EvaluateConfig, result: dict, prediction: np.ndarray,
-                  label: np.ndarray, options: Mapping[str, Any]) -> None:
+def _write_report(
+    config: EvaluateConfig,
+    result: dict,
+    prediction: np.ndarray,
+    label: np.ndarray,
+    options: Mapping[str, Any],
+) -> None:
     from memscore.evaluation.plots import distribution_png, layers_png, scatter_png
 
     overall = result["overall"]
     files = {}
     if overall is not None:
         files[REPORT_FILES["distribution"]] = distribution_png(
-            prediction, label, prediction_label=f"prediction ({config.prediction_column})",
-            truth_label=f"ground truth ({config.truth_column})")
+            prediction,
+            label,
+            prediction_label=f"prediction ({config.prediction_column})",
+            truth_label=f"ground truth ({config.truth_column})",
+        )
         files[REPORT_FILES["scatter"]] = scatter_png(
-            label, prediction, rho=overall["spearman"], interval=overall["spearman_ci95"],
-            truth_label=config.truth_column, prediction_label=config.prediction_column)
+            label,
+            prediction,
+            rho=overall["spearman"],
+            interval=overall["spearman_ci95"],
+            truth_label=config.truth_column,
+            prediction_label=config.prediction_column,
+        )
     if result["traces"]:
-        files[REPORT_FILES["layers"]] = layers_png(_curves(result["traces"]),
-                                                   truth_label=config.truth_column)
-    files[REPORT_FILES["metrics"]] = (json.dumps(result, indent=2, allow_nan=False)
-                                      + "\n").encode()
+        files[REPORT_FILES["layers"]] = layers_png(
+            _curves(result["traces"]), truth_label=config.truth_column
+        )
+    files[REPORT_FILES["metrics"]] = (json.dumps(result, indent=2, allow_nan=False) + "\n").encode()
     files[REPORT_FILES["report"]] = _markdown(result).encode()
     try:
         fs, path = storage.url_to_fs(config.report, options)
@@ -934,8 +1107,9 @@ def _remove_stale_report_files(fs, folder: str, written: set[str], report: str) 
             if fs.isfile(target):
                 fs.rm_file(target)
         except Exception as exc:
-            raise MemscoreError(f"--report {report}: cannot remove the previous report's {name}: "
-                                f"{first_line(exc)}") from None
+            raise MemscoreError(
+                f"--report {report}: cannot remove the previous report's {name}: {first_line(exc)}"
+            ) from None
 
 
 def _fmt(value, digits: int = 3, kind: str = "f") -> str:
@@ -959,14 +1133,14 @@ def _markdown(result: dict) -> str:
     made_by = ""
     if model:
         made_by = f" (model `{model['model']}`, weights `{model['weights']}`"
-        made_by += f", sha256 `{model['weights_sha256'][:12]}`)" if model.get("weights_sha256") \
-            else ")"
+        made_by += (
+            f", sha256 `{model['weights_sha256'][:12]}`)" if model.get("weights_sha256") else ")"
+        )
     lines.append(f"- Predictions: `{_cell(result['predictions'])}`")
     if scalar:
         lines[-1] += f", column `{_cell(result['prediction_column'])}`{made_by}"
     if result["traces"]:
-        lines[-1] += ("; trace columns " + ", ".join(f"`{_cell(name)}`"
-                                                     for name in result["traces"]))
+        lines[-1] += "; trace columns " + ", ".join(f"`{_cell(name)}`" for name in result["traces"])
     lines += [
         f"- Ground truth: `{_cell(result['truth'])}`, column `{_cell(result['truth_column'])}`",
         f"- Joined on `{_cell(result['key'])}`; Spearman's rho with a "
@@ -975,19 +1149,24 @@ def _markdown(result: dict) -> str:
     ]
     if ceiling:
         a, b = result["split_half_columns"]
-        lines.append(f"- Ceiling: Spearman's rho between `{_cell(a)}` and `{_cell(b)}`, the "
-                     f"scores of two halves of the participants (human consistency), and its "
-                     f"Spearman-Brown correction (reliability of the full set's scores)")
+        lines.append(
+            f"- Ceiling: Spearman's rho between `{_cell(a)}` and `{_cell(b)}`, the "
+            f"scores of two halves of the participants (human consistency), and its "
+            f"Spearman-Brown correction (reliability of the full set's scores)"
+        )
     lines += [f"- Warning: {_cell(w)}" for w in result["warnings"]]
     lines += ["", "## Rows", "", "| rows | count |", "| --- | ---: |"]
-    labels = [("predictions_rows", "predictions"), ("truth_rows", "ground truth"),
-              ("matched", "matched"),
-              ("predictions_without_truth", "predictions without ground truth"),
-              ("truth_without_prediction", "ground truth without a prediction"),
-              ("excluded_null_prediction", "excluded: no prediction (image not scored)"),
-              ("excluded_null_truth", "excluded: no ground truth value"),
-              ("predictions_null_key", "predictions with an empty key (not joined)"),
-              ("truth_null_key", "ground truth with an empty key (not joined)")]
+    labels = [
+        ("predictions_rows", "predictions"),
+        ("truth_rows", "ground truth"),
+        ("matched", "matched"),
+        ("predictions_without_truth", "predictions without ground truth"),
+        ("truth_without_prediction", "ground truth without a prediction"),
+        ("excluded_null_prediction", "excluded: no prediction (image not scored)"),
+        ("excluded_null_truth", "excluded: no ground truth value"),
+        ("predictions_null_key", "predictions with an empty key (not joined)"),
+        ("truth_null_key", "ground truth with an empty key (not joined)"),
+    ]
     for name, label in labels:
         if name in counts and (counts[name] or not name.endswith("null_key")):
             lines.append(f"| {label} | {counts[name]:,} |")
@@ -1011,8 +1190,15 @@ def _scalar_markdown(result: dict, ceiling: bool) -> list[str]:
     header = ["", "n", "Spearman ρ [95% CI]"]
     if ceiling:
         header.append("split-half ρ / Spearman-Brown")
-    header += ["Pearson r", "MSE", "MAE", "prediction min – max", "prediction mean",
-               "truth mean", "truth below lowest prediction"]
+    header += [
+        "Pearson r",
+        "MSE",
+        "MAE",
+        "prediction min – max",
+        "prediction mean",
+        "truth mean",
+        "truth below lowest prediction",
+    ]
 
     def row(name: str, f: dict) -> str:
         cells = [_cell(name), _fmt(f["n"]), _rho_text(f)]
@@ -1020,48 +1206,71 @@ def _scalar_markdown(result: dict, ceiling: bool) -> list[str]:
             half = f["split_half"]
             cells.append(f"{_fmt(half['spearman'])} / {_fmt(half['spearman_brown'])}")
         share = f["truth_share_below_pred_min"]
-        cells += [_fmt(f["pearson"]), _fmt(f["mse"], 4, "g"), _fmt(f["mae"], 4, "g"),
-                  f"{_fmt(f['pred_min'])} – {_fmt(f['pred_max'])}", _fmt(f["pred_mean"]),
-                  _fmt(f["truth_mean"]), "–" if share is None else f"{share:.1%}"]
+        cells += [
+            _fmt(f["pearson"]),
+            _fmt(f["mse"], 4, "g"),
+            _fmt(f["mae"], 4, "g"),
+            f"{_fmt(f['pred_min'])} – {_fmt(f['pred_max'])}",
+            _fmt(f["pred_mean"]),
+            _fmt(f["truth_mean"]),
+            "–" if share is None else f"{share:.1%}",
+        ]
         return "| " + " | ".join(cells) + " |"
 
     def table(rows) -> list[str]:
-        return ["| " + " | ".join(header) + " |",
-                "| --- | " + " | ".join(["---:"] * (len(header) - 1)) + " |",
-                *(row(name, f) for name, f in rows)]
+        return [
+            "| " + " | ".join(header) + " |",
+            "| --- | " + " | ".join(["---:"] * (len(header) - 1)) + " |",
+            *(row(name, f) for name, f in rows),
+        ]
 
     lines = ["", "## Figures", ""]
     if not result["overall"]["on_truth_scale"]:
-        lines += [f"`{_cell(result['prediction_column'])}` is on another scale than the ground "
-                  f"truth (not a memorability score): its rank correlation is the figure; MSE, "
-                  f"MAE and the truth below its lowest value are not shown.", ""]
+        lines += [
+            f"`{_cell(result['prediction_column'])}` is on another scale than the ground "
+            f"truth (not a memorability score): its rank correlation is the figure; MSE, "
+            f"MAE and the truth below its lowest value are not shown.",
+            "",
+        ]
     lines += table([("all", result["overall"])])
     for column, groups in result["groups"].items():
         lines += ["", f"### By `{_cell(column)}`", ""] + table(groups.items())
-    lines += ["", "## Distributions", "",
-              f"![Density of predictions over density of ground truth]"
-              f"({REPORT_FILES['distribution']})", "",
-              f"![Ground truth against prediction]({REPORT_FILES['scatter']})", ""]
+    lines += [
+        "",
+        "## Distributions",
+        "",
+        f"![Density of predictions over density of ground truth]({REPORT_FILES['distribution']})",
+        "",
+        f"![Ground truth against prediction]({REPORT_FILES['scatter']})",
+        "",
+    ]
     return lines
 
 
 def _traces_markdown(result: dict) -> list[str]:
     """The trace columns: one line each, then per feature a table of layers by encoder."""
     traces = result["traces"]
-    lines = ["", "## Per-layer traces", "",
-             f"Spearman's rho of each layer's value with `{_cell(result['truth_column'])}`. "
-             f"A row whose list is null or of another length than the column's is left out of "
-             f"that column; a missing value inside a list leaves the row out of that layer only "
-             f"(its n is then shown).", "",
-             "| column | layers | evaluated | null list | other length | no ground truth | "
-             "strongest layer: ρ [95% CI] |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "",
+        "## Per-layer traces",
+        "",
+        f"Spearman's rho of each layer's value with `{_cell(result['truth_column'])}`. "
+        f"A row whose list is null or of another length than the column's is left out of "
+        f"that column; a missing value inside a list leaves the row out of that layer only "
+        f"(its n is then shown).",
+        "",
+        "| column | layers | evaluated | null list | other length | no ground truth | "
+        "strongest layer: ρ [95% CI] |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, t in traces.items():
         c, best = t["counts"], t["strongest"]
         strongest = "–" if best is None else f"{_layer_text(name, t, best)}: {_rho_text(best)}"
-        lines.append(f"| `{_cell(name)}` | {t['layers_in_column']} | {c['evaluated']:,} | "
-                     f"{c['excluded_null_list']:,} | {c['excluded_other_length']:,} | "
-                     f"{c['excluded_null_truth']:,} | {strongest} |")
+        lines.append(
+            f"| `{_cell(name)}` | {t['layers_in_column']} | {c['evaluated']:,} | "
+            f"{c['excluded_null_list']:,} | {c['excluded_other_length']:,} | "
+            f"{c['excluded_null_truth']:,} | {strongest} |"
+        )
     features: dict[str, list[str]] = {}
     for name, t in traces.items():
         features.setdefault(t["feature"], []).append(name)
@@ -1077,12 +1286,19 @@ def _traces_markdown(result: dict) -> list[str]:
                 rows.setdefault(layer["layer"], {})[name] = text
                 labels[layer["layer"]] = _layer_text(name, t, layer)
         heads = [traces[n]["encoder"] or n for n in names]
-        lines += ["", f"### `{_cell(feature)}`", "",
-                  "| layer | " + " | ".join(f"{_cell(h)} ρ [95% CI]" for h in heads) + " |",
-                  "| ---: | " + " | ".join(["---:"] * len(names)) + " |"]
+        lines += [
+            "",
+            f"### `{_cell(feature)}`",
+            "",
+            "| layer | " + " | ".join(f"{_cell(h)} ρ [95% CI]" for h in heads) + " |",
+            "| ---: | " + " | ".join(["---:"] * len(names)) + " |",
+        ]
         for position in sorted(rows):
             cells = [rows[position].get(name, "") for name in names]
             lines.append(f"| {labels[position]} | " + " | ".join(cells) + " |")
-    lines += ["", f"![Spearman's rho per layer, per feature and encoder]"
-                  f"({REPORT_FILES['layers']})", ""]
+    lines += [
+        "",
+        f"![Spearman's rho per layer, per feature and encoder]({REPORT_FILES['layers']})",
+        "",
+    ]
     return lines

@@ -16,8 +16,18 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MIN_N", "pearson", "spearman", "mse", "mae", "bootstrap_spearman",
-           "percentile_interval", "spearman_brown", "on_one_scale", "summary"]
+__all__ = [
+    "MIN_N",
+    "pearson",
+    "spearman",
+    "mse",
+    "mae",
+    "bootstrap_spearman",
+    "percentile_interval",
+    "spearman_brown",
+    "on_one_scale",
+    "summary",
+]
 
 MIN_N = 3  # fewer pairs than this give no correlation (two points always correlate +-1)
 
@@ -32,8 +42,7 @@ def _undefined(x: np.ndarray, y: np.ndarray) -> bool:
     Checked here, before scipy, because scipy raises below two pairs and warns
     (``ConstantInputWarning``) on a constant column, where memscore reports nan quietly.
     """
-    return (min(x.size, y.size) < MIN_N or bool(np.all(x == x[0]))
-            or bool(np.all(y == y[0])))
+    return min(x.size, y.size) < MIN_N or bool(np.all(x == x[0])) or bool(np.all(y == y[0]))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -112,8 +121,9 @@ def _centred_ranks(weights: np.ndarray, starts: np.ndarray | None, mean: float) 
 # scipy's row-wise rankdata, the same; benchmarks/metrics_bootstrap.py, METRICS_RESULTS.md).
 # `memscore evaluate` draws one bootstrap per group and per trace layer: a few hundred for the
 # traces paper's 10,000 images.
-def bootstrap_spearman(x: np.ndarray, y: np.ndarray, *, resamples: int = 1000,
-                       seed: int = 0) -> np.ndarray:
+def bootstrap_spearman(
+    x: np.ndarray, y: np.ndarray, *, resamples: int = 1000, seed: int = 0
+) -> np.ndarray:
     """Spearman's rho of ``resamples`` bootstrap resamples of the (x, y) pairs.
 
     Resample b draws n pairs with replacement: the indices ``idx``, row b of
@@ -169,7 +179,7 @@ def bootstrap_spearman(x: np.ndarray, y: np.ndarray, *, resamples: int = 1000,
         with np.errstate(invalid="ignore", divide="ignore"):
             rho = cov / np.sqrt(var_x * var_y)
         rho[(var_x <= 0) | (var_y <= 0)] = np.nan
-        out[start:start + rows] = np.clip(rho, -1.0, 1.0)
+        out[start : start + rows] = np.clip(rho, -1.0, 1.0)
     return out
 
 
@@ -216,12 +226,19 @@ def on_one_scale(prediction: np.ndarray, truth: np.ndarray) -> bool:
     low = min([0.0] + ([float(truth.min())] if truth.size else []))
     high = max([1.0] + ([float(truth.max())] if truth.size else []))
     span = high - low
-    return bool(prediction.size == 0 or (prediction.min() >= low - span
-                                         and prediction.max() <= high + span))
+    return bool(
+        prediction.size == 0 or (prediction.min() >= low - span and prediction.max() <= high + span)
+    )
 
 
-def summary(prediction: np.ndarray, truth: np.ndarray, *, bootstrap: int = 1000,
-            seed: int = 0, same_scale: bool = True) -> dict:
+def summary(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    same_scale: bool = True,
+) -> dict:
     """Every figure of one evaluation, for paired predictions and ground truth.
 
     Keys: n, spearman, spearman_ci95 ([lo, hi], percentile bootstrap over images; nans when
@@ -244,8 +261,11 @@ def summary(prediction: np.ndarray, truth: np.ndarray, *, bootstrap: int = 1000,
         return float(np.std(values, ddof=1)) if values.size > 1 else nan
 
     rho = spearman(p, t)
-    interval = ([nan, nan] if bootstrap < 1 or not np.isfinite(rho)
-                else percentile_interval(bootstrap_spearman(p, t, resamples=bootstrap, seed=seed)))
+    interval = (
+        [nan, nan]
+        if bootstrap < 1 or not np.isfinite(rho)
+        else percentile_interval(bootstrap_spearman(p, t, resamples=bootstrap, seed=seed))
+    )
     pred_min = stat(np.min, p)
     return {
         "n": n,

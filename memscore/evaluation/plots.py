@@ -100,8 +100,9 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _draw_density(axes, values: np.ndarray, grid: np.ndarray, label: str, colour: str,
-                  alpha: float) -> None:
+def _draw_density(
+    axes, values: np.ndarray, grid: np.ndarray, label: str, colour: str, alpha: float
+) -> None:
     density = gaussian_kde(values, grid)
     if density is None:  # one value, or all equal: a line where they are
         if values.size:
@@ -111,8 +112,14 @@ def _draw_density(axes, values: np.ndarray, grid: np.ndarray, label: str, colour
     axes.plot(grid, density, color=colour, linewidth=1.8, label=label)
 
 
-def distribution_png(prediction: np.ndarray, truth: np.ndarray, *, prediction_label: str,
-                     truth_label: str, title: str = "") -> bytes:
+def distribution_png(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    *,
+    prediction_label: str,
+    truth_label: str,
+    title: str = "",
+) -> bytes:
     """Density of the predictions drawn over the density of the ground truth on 0..1.
 
     The lowest prediction is marked: a model with a floor (ResMem's near 0.41) shows the truth
@@ -123,15 +130,23 @@ def distribution_png(prediction: np.ndarray, truth: np.ndarray, *, prediction_la
 
     prediction = np.asarray(prediction, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
-    heading = (f"{title + ': ' if title else ''}predictions over ground truth, "
-               f"n = {prediction.size:,}")
+    heading = (
+        f"{title + ': ' if title else ''}predictions over ground truth, n = {prediction.size:,}"
+    )
     if not on_one_scale(prediction, truth):
         figure = Figure(figsize=(7, 5.6), layout="constrained")
         top, bottom = figure.subplots(2, 1)
         for axes, values, label, colour, alpha, (low, high) in (
-                (top, truth, truth_label, _TRUTH_COLOUR, 0.30, _axis_range(truth)),
-                (bottom, prediction, prediction_label, _PREDICTION_COLOUR, 0.35,
-                 _padded(prediction, 0.15))):  # room for the density's tails
+            (top, truth, truth_label, _TRUTH_COLOUR, 0.30, _axis_range(truth)),
+            (
+                bottom,
+                prediction,
+                prediction_label,
+                _PREDICTION_COLOUR,
+                0.35,
+                _padded(prediction, 0.15),
+            ),
+        ):  # room for the density's tails
             _draw_density(axes, values, np.linspace(low, high, 512), label, colour, alpha)
             axes.set_xlim(low, high)
             axes.set_ylim(bottom=0)
@@ -145,13 +160,20 @@ def distribution_png(prediction: np.ndarray, truth: np.ndarray, *, prediction_la
     grid = np.linspace(low, high, 512)
     figure = Figure(figsize=(7, 4.2), layout="constrained")
     axes = figure.add_subplot()
-    for values, label, colour, alpha in ((truth, truth_label, _TRUTH_COLOUR, 0.30),
-                                         (prediction, prediction_label, _PREDICTION_COLOUR, 0.35)):
+    for values, label, colour, alpha in (
+        (truth, truth_label, _TRUTH_COLOUR, 0.30),
+        (prediction, prediction_label, _PREDICTION_COLOUR, 0.35),
+    ):
         _draw_density(axes, values, grid, label, colour, alpha)
     if prediction.size:
         lowest = float(prediction.min())
-        axes.axvline(lowest, color=_PREDICTION_COLOUR, linestyle=":", linewidth=1.2,
-                     label=f"lowest prediction {lowest:.3f}")
+        axes.axvline(
+            lowest,
+            color=_PREDICTION_COLOUR,
+            linestyle=":",
+            linewidth=1.2,
+            label=f"lowest prediction {lowest:.3f}",
+        )
     axes.set_xlim(low, high)
     axes.set_ylim(bottom=0)
     axes.set_xlabel("memorability")
@@ -161,9 +183,16 @@ def distribution_png(prediction: np.ndarray, truth: np.ndarray, *, prediction_la
     return _png(figure)
 
 
-def scatter_png(truth: np.ndarray, prediction: np.ndarray, *, rho: float,
-                interval: list[float] | None, truth_label: str, prediction_label: str,
-                title: str = "") -> bytes:
+def scatter_png(
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    *,
+    rho: float,
+    interval: list[float] | None,
+    truth_label: str,
+    prediction_label: str,
+    title: str = "",
+) -> bytes:
     """Ground truth (x) against predictions (y), with Spearman's rho in the title.
 
     Up to 5000 points are drawn one by one, translucent; more as a hexagonal-bin count on a
@@ -183,13 +212,27 @@ def scatter_png(truth: np.ndarray, prediction: np.ndarray, *, rho: float,
     figure = Figure(figsize=(5.6, 5.2), layout="constrained")
     axes = figure.add_subplot()
     if n > _SCATTER_MAX:
-        cells = axes.hexbin(truth, prediction, gridsize=70, extent=(low, high, y_low, y_high),
-                            mincnt=1, norm=LogNorm(), cmap="viridis", linewidths=0)
+        cells = axes.hexbin(
+            truth,
+            prediction,
+            gridsize=70,
+            extent=(low, high, y_low, y_high),
+            mincnt=1,
+            norm=LogNorm(),
+            cmap="viridis",
+            linewidths=0,
+        )
         figure.colorbar(cells, ax=axes, label="images per cell", shrink=0.8)
     elif n:
         alpha = float(np.clip(300.0 / n, 0.15, 0.8))
-        axes.scatter(truth, prediction, s=10 if n > 500 else 18, alpha=alpha,
-                     color=_PREDICTION_COLOUR, edgecolors="none")
+        axes.scatter(
+            truth,
+            prediction,
+            s=10 if n > 500 else 18,
+            alpha=alpha,
+            color=_PREDICTION_COLOUR,
+            edgecolors="none",
+        )
     axes.set_xlim(low, high)
     axes.set_ylim(y_low, y_high)
     if same_scale:
@@ -242,7 +285,7 @@ def layers_png(curves, *, truth_label: str) -> bytes:
     rows = math.ceil(len(features) / columns) if features else 1
     figure = Figure(figsize=(4.4 * columns, 3.3 * rows + 0.5), layout="constrained")
     grid = figure.subplots(rows, columns, squeeze=False)
-    for axes in grid.flat[len(features):]:
+    for axes in grid.flat[len(features) :]:
         axes.set_visible(False)
     for feature, axes in zip(features, grid.flat):
         limit = 0.4
@@ -251,8 +294,7 @@ def layers_png(curves, *, truth_label: str) -> bytes:
             x = np.asarray(curve["x"], dtype=np.float64)
             rho, lo, hi = (np.asarray(curve[k], dtype=np.float64) for k in ("rho", "lo", "hi"))
             name = _ENCODER_NAMES.get(curve["encoder"], curve["encoder"]) or feature
-            axes.fill_between(x, lo, hi, color=colour[curve["encoder"]], alpha=0.15,
-                              linewidth=0)
+            axes.fill_between(x, lo, hi, color=colour[curve["encoder"]], alpha=0.15, linewidth=0)
             axes.plot(x, rho, marker=".", color=colour[curve["encoder"]], label=name)
             shown = np.concatenate([rho, lo, hi])
             shown = shown[np.isfinite(shown)]
@@ -262,15 +304,17 @@ def layers_png(curves, *, truth_label: str) -> bytes:
             ticks.update({float(v): None for v in x if float(v) not in ticks})
         axes.axhline(0, color="0.6", linewidth=0.8)
         positions = sorted(ticks)
-        axes.set_xticks(positions, [ticks[p] if ticks[p] is not None else f"{p:g}"
-                                    for p in positions],
-                        rotation=45 if any(ticks.values()) else 0, fontsize=8)
+        axes.set_xticks(
+            positions,
+            [ticks[p] if ticks[p] is not None else f"{p:g}" for p in positions],
+            rotation=45 if any(ticks.values()) else 0,
+            fontsize=8,
+        )
         axes.set_ylim(-limit, limit)
         axes.set_xlabel("layer")
         axes.set_ylabel("Spearman ρ")
         axes.set_title(feature)
         axes.spines[["top", "right"]].set_visible(False)
         axes.legend(frameon=False, fontsize=8)
-    figure.suptitle(f"Spearman ρ with {truth_label} per layer (shaded: 95% bootstrap "
-                    f"interval)")
+    figure.suptitle(f"Spearman ρ with {truth_label} per layer (shaded: 95% bootstrap interval)")
     return _png(figure)

@@ -40,17 +40,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
-from memscore.training.run_folder import json_default as _json_default
-from memscore.training.run_folder import (abandon_run_folder, check_run_folder, start_run_folder)
-from memscore.training.run_folder import read_json as _read_json
-from memscore.finetuning.config import FinetuneConfig
+from memscore.columns import ERROR as ERROR_COLUMN, ROW, SPLIT, pixels_column
 from memscore.errors import MemscoreError, counted, first_line
-from memscore.training.options import training_start
-from memscore.columns import ERROR as ERROR_COLUMN
-from memscore.columns import ROW, SPLIT, pixels_column
-from memscore.stages.fetch import resolve_path
-from memscore.row_errors import ImageDecodeError
-from memscore.sources.manifest import Manifest, open_manifest
+from memscore.finetuning.config import FinetuneConfig
 from memscore.finetuning.splits import (
     SPLITS,
     assign_splits,
@@ -58,6 +50,17 @@ from memscore.finetuning.splits import (
     parse_fractions,
 )
 from memscore.finetuning.train_loop import LABEL, TrainSpec
+from memscore.row_errors import ImageDecodeError
+from memscore.sources.manifest import Manifest, open_manifest
+from memscore.stages.fetch import resolve_path
+from memscore.training.options import training_start
+from memscore.training.run_folder import (
+    abandon_run_folder,
+    check_run_folder,
+    json_default as _json_default,
+    read_json as _read_json,
+    start_run_folder,
+)
 
 __all__ = ["finetune", "ROW", "SPLIT", "LABELLED_ROW", "plan_start"]
 
@@ -76,8 +79,8 @@ def plan_start(config: FinetuneConfig) -> tuple[str, str, dict]:
     """(start, pipeline, builder kwargs): the starting weights, and the weights member whose
     preprocessing the training uses (a checkpoint's own, else the model's DEFAULT if it is a
     single-crop pipeline, else its first single-crop member: MemNet trains its modern one)."""
-    from memscore.models.checkpoint import read_checkpoint_info
     from memscore.models import WeightsNotFoundError, get_model_weights
+    from memscore.models.checkpoint import read_checkpoint_info
     from memscore.models.registry import check_checkpoint, is_checkpoint
     from memscore.models.transforms import ImagePreprocess
 
@@ -95,8 +98,10 @@ def plan_start(config: FinetuneConfig) -> tuple[str, str, dict]:
             info = read_checkpoint_info(start, config.storage_options)
             if info is not None:
                 if info["model"] != config.model:
-                    raise MemscoreError(f"--weights {start} is a checkpoint of {info['model']!r}, "
-                                        f"not {config.model!r}")
+                    raise MemscoreError(
+                        f"--weights {start} is a checkpoint of {info['model']!r}, "
+                        f"not {config.model!r}"
+                    )
                 member = enum_cls.verify(info["weights"])
         elif start not in (None, "scratch"):
             member = enum_cls.verify(start)
@@ -106,8 +111,10 @@ def plan_start(config: FinetuneConfig) -> tuple[str, str, dict]:
         candidates = [enum_cls.DEFAULT] + [m for m in enum_cls if m is not enum_cls.DEFAULT]
         member = next((m for m in candidates if isinstance(m.transforms, ImagePreprocess)), None)
     if member is None or not isinstance(member.transforms, ImagePreprocess):
-        raise MemscoreError(f"{config.model}: the weights {getattr(member, 'name', None)} use a "
-                            f"pipeline memscore cannot train (single centre-crop ones only)")
+        raise MemscoreError(
+            f"{config.model}: the weights {getattr(member, 'name', None)} use a "
+            f"pipeline memscore cannot train (single centre-crop ones only)"
+        )
     if start is None:  # the published weights where there are some
         try:
             member.path()
@@ -134,9 +141,25 @@ def _identity(config: FinetuneConfig, manifest: Manifest, pipeline: str) -> dict
     patience may change, so a finished run can be trained further under the same name."""
     from memscore.sources.manifest import manifest_fingerprint
 
-    keep = ("manifest", "label_column", "model", "mode", "weights", "path_column",
-            "split_column", "split_fractions", "split_seed", "batch_size", "optimizer", "lr",
-            "momentum", "weight_decay", "augment", "seed", "workers")
+    keep = (
+        "manifest",
+        "label_column",
+        "model",
+        "mode",
+        "weights",
+        "path_column",
+        "split_column",
+        "split_fractions",
+        "split_seed",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "augment",
+        "seed",
+        "workers",
+    )
     identity = {key: getattr(config, key) for key in keep}
     identity.update(manifest_fingerprint=manifest_fingerprint(manifest), pipeline=pipeline)
     return identity
@@ -146,9 +169,17 @@ def _check_run_dir(config: FinetuneConfig, run_dir: str, identity: dict) -> str:
     """'fresh', 'resume' or 'complete' (nothing written); refuses to mix two different runs in
     one folder."""
     return check_run_folder(
-        run_dir, identity, job="finetune", summary_file=SUMMARY_FILE,
-        is_complete=lambda summary: summary.get("epochs_requested", 0) >= config.epochs or bool(summary.get("early_stopped")),
-        overwrite=config.overwrite, storage_options=config.storage_options)
+        run_dir,
+        identity,
+        job="finetune",
+        summary_file=SUMMARY_FILE,
+        is_complete=lambda summary: (
+            summary.get("epochs_requested", 0) >= config.epochs
+            or bool(summary.get("early_stopped"))
+        ),
+        overwrite=config.overwrite,
+        storage_options=config.storage_options,
+    )
 
 
 def _label_values(column: pa.ChunkedArray, config: FinetuneConfig) -> tuple[np.ndarray, list]:
@@ -160,10 +191,16 @@ def _label_values(column: pa.ChunkedArray, config: FinetuneConfig) -> tuple[np.n
         values = np.where(pc.is_null(column).to_numpy(zero_copy_only=False), np.nan, values)
         problems = [None] * len(values)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-                or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-            raise MemscoreError(f"{config.manifest}: --label-column {config.label_column!r} is "
-                                f"{column.type}, not numbers") from None
+        if not (
+            pa.types.is_string(column.type)
+            or pa.types.is_large_string(column.type)
+            or pa.types.is_binary(column.type)
+            or pa.types.is_large_binary(column.type)
+        ):
+            raise MemscoreError(
+                f"{config.manifest}: --label-column {config.label_column!r} is "
+                f"{column.type}, not numbers"
+            ) from None
         parsed = [_parse_label(value) for value in column.to_pylist()]
         values = np.array([value for value, _ in parsed], dtype=float)
         problems = [problem for _, problem in parsed]
@@ -194,12 +231,18 @@ def _labelled_table(config: FinetuneConfig, manifest: Manifest) -> tuple[pa.Tabl
     rows' problems per split, ``{split: {kind: [rows, example path]}}``."""
     table = pa.concat_tables(manifest.read_all(), promote_options="permissive")
     values, problems = _label_values(table.column(config.label_column), config)
-    table = table.set_column(table.column_names.index(config.label_column), config.label_column,
-                             pa.array(values, pa.float64()))
+    table = table.set_column(
+        table.column_names.index(config.label_column),
+        config.label_column,
+        pa.array(values, pa.float64()),
+    )
     table = table.append_column(ROW, pa.array(np.arange(table.num_rows), pa.int64()))
     paths = table.column(manifest.path_column).to_pylist()
-    table = table.set_column(table.column_names.index(manifest.path_column), manifest.path_column,
-                             pa.array([_resolved(p, manifest.base_dir) for p in paths], pa.string()))
+    table = table.set_column(
+        table.column_names.index(manifest.path_column),
+        manifest.path_column,
+        pa.array([_resolved(p, manifest.base_dir) for p in paths], pa.string()),
+    )
     if config.split_column:
         try:
             splits = normalise_split_column(table.column(config.split_column), config.split_column)
@@ -208,8 +251,9 @@ def _labelled_table(config: FinetuneConfig, manifest: Manifest) -> tuple[pa.Tabl
     else:
         # the hash is of the path as the manifest gives it, so moving the images does not
         # move rows between splits
-        splits = assign_splits(pa.array(paths, pa.string()),
-                               parse_fractions(config.split_fractions), config.split_seed)
+        splits = assign_splits(
+            pa.array(paths, pa.string()), parse_fractions(config.split_fractions), config.split_seed
+        )
     table = table.append_column(SPLIT, splits)
     usable = np.array([problem is None for problem in problems], dtype=bool)
     kinds: dict[str, int] = {}
@@ -219,8 +263,11 @@ def _labelled_table(config: FinetuneConfig, manifest: Manifest) -> tuple[pa.Tabl
     for i in np.flatnonzero(~usable):
         kinds[problems[i]] = kinds.get(problems[i], 0) + 1
         _tally(by_split[split_names[i]], problems[i], resolved[i])
-    counts = {"rows_in": table.num_rows, "rows_without_label": int((~usable).sum()),
-              "label_problem_kinds": kinds}
+    counts = {
+        "rows_in": table.num_rows,
+        "rows_without_label": int((~usable).sum()),
+        "label_problem_kinds": kinds,
+    }
     return table.filter(pa.array(usable)), counts, by_split
 
 
@@ -229,8 +276,12 @@ def _tally(problems: dict[str, list], kind: str, example: Any, rows: int = 1) ->
     entry[0] += rows
 
 
-def _nothing_to_train(config: FinetuneConfig, rows: dict[str, int], usable: dict[str, int],
-                      problems: list[dict[str, list]]) -> MemscoreError:
+def _nothing_to_train(
+    config: FinetuneConfig,
+    rows: dict[str, int],
+    usable: dict[str, int],
+    problems: list[dict[str, list]],
+) -> MemscoreError:
     """The one-line error of a run left with no training or no validation rows: how many rows
     each split had and kept, and the commonest reason rows were dropped, with an example path
     as memscore resolved it (a relative path resolves against the manifest's folder)."""
@@ -238,11 +289,14 @@ def _nothing_to_train(config: FinetuneConfig, rows: dict[str, int], usable: dict
     for split_problems in problems:
         for kind, (count, example) in split_problems.items():
             _tally(tally, kind, example, count)
-    empty = " and ".join(f"no {split} rows" for split in ("train", "validation")
-                         if not usable[split])
-    text = (f"{config.manifest}: {empty} to fine-tune with: {usable['train']} of "
-            f"{rows['train']} train and {usable['validation']} of {rows['validation']} "
-            f"validation rows are usable")
+    empty = " and ".join(
+        f"no {split} rows" for split in ("train", "validation") if not usable[split]
+    )
+    text = (
+        f"{config.manifest}: {empty} to fine-tune with: {usable['train']} of "
+        f"{rows['train']} train and {usable['validation']} of {rows['validation']} "
+        f"validation rows are usable"
+    )
     if tally:
         kind, (count, example) = max(tally.items(), key=lambda item: item[1][0])
         text += f"; commonest problem: {kind} ({counted(count, 'row')}), e.g. {example}"
@@ -266,10 +320,11 @@ def _write_splits(table: pa.Table, config: FinetuneConfig, run_dir: str) -> dict
     table = table.append_column(LABELLED_ROW, table.column(ROW))
     for split in SPLITS:
         part = table.filter(pc.equal(table.column(SPLIT), split))
-        for name, data in ((split, part),
-                           (f"{split}_images",
-                            part.drop_columns([config.label_column, ROW, SPLIT])),
-                           (f"{split}_labels", part.drop_columns([ROW, SPLIT]))):
+        for name, data in (
+            (split, part),
+            (f"{split}_images", part.drop_columns([config.label_column, ROW, SPLIT])),
+            (f"{split}_labels", part.drop_columns([ROW, SPLIT])),
+        ):
             if name in ("train_images", "train_labels", "validation_labels"):
                 continue
             with fs.open(f"{path}/splits/{name}.parquet", "wb") as f:
@@ -278,13 +333,18 @@ def _write_splits(table: pa.Table, config: FinetuneConfig, run_dir: str) -> dict
     return files
 
 
-def _keep_for_training(table: pa.Table, label_column: str, pixels: str,
-                       path_column: str) -> pa.Table:
-    return pa.table({ROW: table.column(ROW),
-                     LABEL: pc.cast(table.column(label_column), pa.float32()),
-                     pixels: table.column(pixels),
-                     ERROR_COLUMN: table.column(ERROR_COLUMN),
-                     _PATH: table.column(path_column)})
+def _keep_for_training(
+    table: pa.Table, label_column: str, pixels: str, path_column: str
+) -> pa.Table:
+    return pa.table(
+        {
+            ROW: table.column(ROW),
+            LABEL: pc.cast(table.column(label_column), pa.float32()),
+            pixels: table.column(pixels),
+            ERROR_COLUMN: table.column(ERROR_COLUMN),
+            _PATH: table.column(path_column),
+        }
+    )
 
 
 def _drop_failed(table: pa.Table) -> pa.Table:
@@ -298,16 +358,22 @@ def _decoded(config: FinetuneConfig, split_file: str, manifest: Manifest, prepro
     from memscore.stages.pipeline import decode_stage
 
     paths, filesystem = storage.for_pyarrow(split_file, config.storage_options)
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(
-        [manifest.path_column, ROW, config.label_column]).repartition(
-        target_num_rows_per_block=config.rows_per_block)
+    dataset = (
+        ray.data.read_parquet(paths, filesystem=filesystem)
+        .select_columns([manifest.path_column, ROW, config.label_column])
+        .repartition(target_num_rows_per_block=config.rows_per_block)
+    )
     # the split files hold resolved paths: no base folder
     dataset = decode_stage(dataset, config, manifest, {config.model: preprocess}, None)
     dataset = dataset.map_batches(
-        _keep_for_training, fn_kwargs={"label_column": config.label_column,
-                                       "pixels": pixels_column(config.model),
-                                       "path_column": manifest.path_column},
-        batch_format="pyarrow")
+        _keep_for_training,
+        fn_kwargs={
+            "label_column": config.label_column,
+            "pixels": pixels_column(config.model),
+            "path_column": manifest.path_column,
+        },
+        batch_format="pyarrow",
+    )
     return dataset.materialize()
 
 
@@ -315,11 +381,13 @@ def _image_errors(dataset) -> dict[str, list]:
     """``{kind: [rows, example path]}`` of the decoded rows whose image failed."""
     import ray
 
-    errors = pa.concat_tables(ray.get(dataset.select_columns(
-        [ERROR_COLUMN, _PATH]).to_arrow_refs()))
+    errors = pa.concat_tables(
+        ray.get(dataset.select_columns([ERROR_COLUMN, _PATH]).to_arrow_refs())
+    )
     kinds: dict[str, list] = {}
-    for text, path in zip(errors.column(ERROR_COLUMN).to_pylist(),
-                          errors.column(_PATH).to_pylist()):
+    for text, path in zip(
+        errors.column(ERROR_COLUMN).to_pylist(), errors.column(_PATH).to_pylist()
+    ):
         if text is not None:
             _tally(kinds, text.split(":", 1)[0], path)
     return kinds
@@ -354,16 +422,26 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     start, pipeline, start_kwargs = plan_start(config)
     defaulted = [name for name in _TRAINING_DEFAULTED if getattr(config, name) is None]
     config = config.with_training_defaults(start)
-    training_defaults = {"start": training_start(start), "defaulted": defaulted,
-                         **{name: getattr(config, name) for name in _TRAINING_DEFAULTED}}
-    manifest = open_manifest(config.manifest, path_column=config.path_column,
-                             storage_options=config.storage_options,
-                             reserved_columns=(ROW, SPLIT, LABELLED_ROW))
-    for option, column in (("--label-column", config.label_column),
-                           ("--split-column", config.split_column)):
+    training_defaults = {
+        "start": training_start(start),
+        "defaulted": defaulted,
+        **{name: getattr(config, name) for name in _TRAINING_DEFAULTED},
+    }
+    manifest = open_manifest(
+        config.manifest,
+        path_column=config.path_column,
+        storage_options=config.storage_options,
+        reserved_columns=(ROW, SPLIT, LABELLED_ROW),
+    )
+    for option, column in (
+        ("--label-column", config.label_column),
+        ("--split-column", config.split_column),
+    ):
         if column and column not in manifest.columns:
-            raise MemscoreError(f"{config.manifest}: no {option} {column!r} "
-                                f"(columns: {', '.join(manifest.columns)})")
+            raise MemscoreError(
+                f"{config.manifest}: no {option} {column!r} "
+                f"(columns: {', '.join(manifest.columns)})"
+            )
     run_dir = storage.join(config.output, config.name)
     identity = _identity(config, manifest, pipeline)
     status = _check_run_dir(config, run_dir, identity)
@@ -375,8 +453,9 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     split_rows = {s: int(pc.sum(pc.equal(table.column(SPLIT), s)).as_py() or 0) for s in SPLITS}
     all_rows = {s: split_rows[s] + sum(n for n, _ in label_problems[s].values()) for s in SPLITS}
     if split_rows["train"] == 0 or split_rows["validation"] == 0:
-        raise _nothing_to_train(config, all_rows, split_rows,
-                                [label_problems["train"], label_problems["validation"]])
+        raise _nothing_to_train(
+            config, all_rows, split_rows, [label_problems["train"], label_problems["validation"]]
+        )
 
     from memscore.models import get_model_weights
 
@@ -385,60 +464,101 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     preprocess = dataclasses.replace(member.transforms, crop=min(member.transforms.resize))
 
     from memscore.runtime.cluster_check import check_shared_storage
-    from memscore.stages.pipeline import init_ray
+    from memscore.runtime.ray_start import init_ray
 
     if status == "fresh":
-        start_run_folder(run_dir, identity, overwrite=config.overwrite,
-                         storage_options=config.storage_options)
+        start_run_folder(
+            run_dir, identity, overwrite=config.overwrite, storage_options=config.storage_options
+        )
     try:
         files = _write_splits(table, config, run_dir)
         init_ray(config.address)
         check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only
         ray.data.DataContext.get_current().max_errored_blocks = 0
-        decoded = {split: _decoded(config, files[split], manifest, preprocess)
-                   for split in ("train", "validation")}
+        decoded = {
+            split: _decoded(config, files[split], manifest, preprocess)
+            for split in ("train", "validation")
+        }
         errors = {split: _image_errors(data) for split, data in decoded.items()}
-        skipped = {split: {kind: n for kind, (n, _) in kinds.items()}
-                   for split, kinds in errors.items()}
+        skipped = {
+            split: {kind: n for kind, (n, _) in kinds.items()} for split, kinds in errors.items()
+        }
         kept = {split: split_rows[split] - sum(skipped[split].values()) for split in skipped}
         if not kept["train"] or not kept["validation"]:
-            raise _nothing_to_train(config, all_rows, kept,
-                                    [label_problems["train"], label_problems["validation"],
-                                     errors["train"], errors["validation"]])
+            raise _nothing_to_train(
+                config,
+                all_rows,
+                kept,
+                [
+                    label_problems["train"],
+                    label_problems["validation"],
+                    errors["train"],
+                    errors["validation"],
+                ],
+            )
     except MemscoreError:
         if status == "fresh":  # refused before training: the corrected command starts afresh
             abandon_run_folder(run_dir, config.storage_options)
         raise
-    usable = {split: data.map_batches(_drop_failed, batch_format="pyarrow")
-              for split, data in decoded.items()}
+    usable = {
+        split: data.map_batches(_drop_failed, batch_format="pyarrow")
+        for split, data in decoded.items()
+    }
 
-    gpus_per_worker, threads = worker_plan(ray.cluster_resources().get("GPU", 0),
-                                           config.workers, config.gpus_per_worker,
-                                           config.torch_threads)
-    spec = TrainSpec(
-        model=config.model, pipeline=pipeline, start=start, mode=config.mode,
-        pixels_column=pixels_column(config.model), epochs=config.epochs,
-        batch_size=config.batch_size, lr=config.lr, optimizer=config.optimizer,
-        momentum=config.momentum, weight_decay=config.weight_decay, patience=config.patience,
-        augment=config.augmentations, seed=config.seed,
-        best_dir=storage.join(run_dir, "best"), history_file=storage.join(run_dir, "history.json"),
-        torch_threads=threads, storage_options=dict(config.storage_options),
-        start_kwargs=start_kwargs,
-        checkpoint_info={"training": {k: v for k, v in dataclasses.asdict(config).items()
-                                      if k != "storage_options"},
-                         "manifest_fingerprint": identity["manifest_fingerprint"],
-                         "started_from": start, "versions": package_versions()},
+    gpus_per_worker, threads = worker_plan(
+        ray.cluster_resources().get("GPU", 0),
+        config.workers,
+        config.gpus_per_worker,
+        config.torch_threads,
     )
-    result = fit(_train_worker_entry, spec, run_dir=run_dir, workers=config.workers,
-                 cpus_per_worker=config.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                 max_failures=config.max_failures, datasets=usable,
-                 # Validation whole on every worker: each scores its share of rows and the
-                 # predictions are gathered, so every worker sees all of them
-                 # (streaming_split(equal=True) could drop rows to even the shards).
-                 datasets_to_split=["train"], storage_options=config.storage_options)
+    spec = TrainSpec(
+        model=config.model,
+        pipeline=pipeline,
+        start=start,
+        mode=config.mode,
+        pixels_column=pixels_column(config.model),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        optimizer=config.optimizer,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        patience=config.patience,
+        augment=config.augmentations,
+        seed=config.seed,
+        best_dir=storage.join(run_dir, "best"),
+        history_file=storage.join(run_dir, "history.json"),
+        torch_threads=threads,
+        storage_options=dict(config.storage_options),
+        start_kwargs=start_kwargs,
+        checkpoint_info={
+            "training": {
+                k: v for k, v in dataclasses.asdict(config).items() if k != "storage_options"
+            },
+            "manifest_fingerprint": identity["manifest_fingerprint"],
+            "started_from": start,
+            "versions": package_versions(),
+        },
+    )
+    result = fit(
+        _train_worker_entry,
+        spec,
+        run_dir=run_dir,
+        workers=config.workers,
+        cpus_per_worker=config.cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        max_failures=config.max_failures,
+        datasets=usable,
+        # Validation whole on every worker: each scores its share of rows and the
+        # predictions are gathered, so every worker sees all of them
+        # (streaming_split(equal=True) could drop rows to even the shards).
+        datasets_to_split=["train"],
+        storage_options=config.storage_options,
+    )
     history = _read_json(storage.join(run_dir, "history.json"), config.storage_options) or []
-    best_info = _read_json(storage.join(run_dir, "best", "memscore.json"),
-                           config.storage_options) or {}
+    best_info = (
+        _read_json(storage.join(run_dir, "best", "memscore.json"), config.storage_options) or {}
+    )
     final = result.metrics or {}
 
     test = None
@@ -478,8 +598,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         | {"storage_options": storage.redact(config.storage_options)},
     }
     fs, path = storage.url_to_fs(run_dir, config.storage_options)
-    storage.pipe_atomic(fs, f"{path}/{SUMMARY_FILE}",
-                 (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
+    storage.pipe_atomic(
+        fs,
+        f"{path}/{SUMMARY_FILE}",
+        (json.dumps(summary, indent=2, default=_json_default) + "\n").encode(),
+    )
     return {**summary, "work_done": True}  # not in the file: it says what this call did
 
 
@@ -488,16 +611,24 @@ def _warnings(config: FinetuneConfig, best: dict | None, epochs_run: int) -> lis
     rho = (best or {}).get("val_spearman")
     if rho is not None and rho >= LOW_SPEARMAN:
         return []
-    settings = (f"--optimizer {config.optimizer} --lr {config.lr:g} --batch-size "
-                f"{config.batch_size}, {counted(epochs_run, 'epoch')}")
+    settings = (
+        f"--optimizer {config.optimizer} --lr {config.lr:g} --batch-size "
+        f"{config.batch_size}, {counted(epochs_run, 'epoch')}"
+    )
     if rho is None:
-        found = ("validation Spearman was undefined in every epoch (constant predictions, or "
-                 "fewer than 3 validation rows)")
+        found = (
+            "validation Spearman was undefined in every epoch (constant predictions, or "
+            "fewer than 3 validation rows)"
+        )
     else:
-        found = (f"the best validation Spearman is {rho:.3f} (epoch {best.get('epoch')}), below "
-                 f"{LOW_SPEARMAN}")
-    return [f"{found}: the model has not learnt to rank the validation images ({settings}); "
-            f"check the labels, or train longer or with other settings"]
+        found = (
+            f"the best validation Spearman is {rho:.3f} (epoch {best.get('epoch')}), below "
+            f"{LOW_SPEARMAN}"
+        )
+    return [
+        f"{found}: the model has not learnt to rank the validation images ({settings}); "
+        f"check the labels, or train longer or with other settings"
+    ]
 
 
 def _train_worker_entry(config: dict) -> None:
@@ -509,21 +640,38 @@ def _train_worker_entry(config: dict) -> None:
 def _score_and_evaluate_test(config: FinetuneConfig, run_dir: str, files: dict, member) -> dict:
     """Score the test split with the best checkpoint (the scoring job itself) and evaluate it."""
     from memscore.evaluation.config import EvaluateConfig
-    from memscore.scoring.config import ScoreConfig
     from memscore.evaluation.job import evaluate
+    from memscore.scoring.config import ScoreConfig
     from memscore.scoring.job import score
 
     scores = storage.join(run_dir, "test_scores")
-    score(ScoreConfig(files["test_images"], output=scores, models=(config.model,),
-                      weights=storage.join(run_dir, "best"), path_column=config.path_column,
-                      overwrite=True, decode_batch_size=config.decode_batch_size,
-                      io_threads=config.io_threads, max_pixels=config.max_pixels,
-                      fast_decode=config.fast_decode, exif_transpose=config.exif_transpose,
-                      address=config.address,
-                      storage_options=config.storage_options))
+    score(
+        ScoreConfig(
+            files["test_images"],
+            output=scores,
+            models=(config.model,),
+            weights=storage.join(run_dir, "best"),
+            path_column=config.path_column,
+            overwrite=True,
+            decode_batch_size=config.decode_batch_size,
+            io_threads=config.io_threads,
+            max_pixels=config.max_pixels,
+            fast_decode=config.fast_decode,
+            exif_transpose=config.exif_transpose,
+            address=config.address,
+            storage_options=config.storage_options,
+        )
+    )
     report = storage.join(run_dir, "test_report")
-    metrics = evaluate(EvaluateConfig(
-        scores, truth=files["test_labels"], truth_column=config.label_column, report=report,
-        prediction_column=member.meta["output_column"], key=LABELLED_ROW,
-        storage_options=config.storage_options))
+    metrics = evaluate(
+        EvaluateConfig(
+            scores,
+            truth=files["test_labels"],
+            truth_column=config.label_column,
+            report=report,
+            prediction_column=member.meta["output_column"],
+            key=LABELLED_ROW,
+            storage_options=config.storage_options,
+        )
+    )
     return {"scores": scores, "report": report, "metrics": metrics}

@@ -15,16 +15,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["SPLITS", "SPLIT_COLUMN", "parse_fractions", "hash_unit", "assign_splits",
-           "normalise_split_column"]
+__all__ = [
+    "SPLITS",
+    "SPLIT_COLUMN",
+    "parse_fractions",
+    "hash_unit",
+    "assign_splits",
+    "normalise_split_column",
+]
 
 SPLITS = ("train", "validation", "test")
 SPLIT_COLUMN = "split"
 # What a split column may say for each split; anything else is an error naming the value.
 _ALIASES = {
-    "train": "train", "training": "train",
-    "validation": "validation", "val": "validation", "valid": "validation", "dev": "validation",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
 }
 
 
@@ -34,10 +45,14 @@ def parse_fractions(text: str | tuple[float, ...]) -> tuple[float, float, float]
     try:
         values = tuple(float(p) for p in parts)
     except ValueError:
-        raise ValueError(f"split fractions must be three numbers like 0.8,0.1,0.1, got {text!r}")
+        raise ValueError(
+            f"split fractions must be three numbers like 0.8,0.1,0.1, got {text!r}"
+        ) from None
     if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1) > 1e-6:
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1 "
-                         f"(train,validation,test), got {text!r}")
+        raise ValueError(
+            f"split fractions must be three non-negative numbers summing to 1 "
+            f"(train,validation,test), got {text!r}"
+        )
     if values[0] == 0 or values[1] == 0:
         raise ValueError("training needs a non-empty train and validation split")
     return values  # type: ignore[return-value]
@@ -49,8 +64,9 @@ def hash_unit(key: str, seed: int = 0) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def assign_splits(paths: pa.Array | pa.ChunkedArray, fractions: tuple[float, float, float],
-                  seed: int = 0) -> pa.Array:
+def assign_splits(
+    paths: pa.Array | pa.ChunkedArray, fractions: tuple[float, float, float], seed: int = 0
+) -> pa.Array:
     """The split of each path by its hash (a null path still gets one, from its row's empty key)."""
     edges = np.cumsum(fractions)[:2]
     units = np.array([hash_unit(p if p is not None else "", seed) for p in paths.to_pylist()])
@@ -65,7 +81,9 @@ def normalise_split_column(values: pa.Array | pa.ChunkedArray, column: str) -> p
     for value in text.to_pylist():
         split = _ALIASES.get(value) if value is not None else None
         if split is None:
-            raise ValueError(f"--split-column {column!r} holds {value!r}; expected one of "
-                             f"train, validation (or val), test")
+            raise ValueError(
+                f"--split-column {column!r} holds {value!r}; expected one of "
+                f"train, validation (or val), test"
+            )
         out.append(split)
     return pa.array(out, pa.string())

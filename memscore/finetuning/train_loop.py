@@ -22,15 +22,23 @@ import io
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["TrainSpec", "train_worker", "freeze_backbone", "crop_batch", "build_start_model",
-           "LABEL", "ROW"]
+__all__ = [
+    "TrainSpec",
+    "train_worker",
+    "freeze_backbone",
+    "crop_batch",
+    "build_start_model",
+    "LABEL",
+    "ROW",
+]
 
 from memscore.columns import ROW  # the row's 0-based position in the labelled manifest
+from memscore.training.ray_train import gather_across_workers
 
 LABEL = "__memscore_label"  # the label column, as float32, under a name no manifest uses
 
@@ -73,8 +81,9 @@ def build_start_model(spec: TrainSpec):
             kwargs.setdefault("mode", member.meta["mode"])
         return get_model(spec.model, weights=None, **kwargs)
     if is_checkpoint(spec.model, spec.start):
-        return get_model(spec.model, weights=spec.start, storage_options=spec.storage_options,
-                         **kwargs)
+        return get_model(
+            spec.model, weights=spec.start, storage_options=spec.storage_options, **kwargs
+        )
     return get_model(spec.model, weights=spec.start, **kwargs)
 
 
@@ -90,8 +99,14 @@ def freeze_backbone(model, backbone: Sequence[str], mode: str) -> list:
     return frozen
 
 
-def crop_batch(arrays: np.ndarray, size: int, rng: np.random.Generator | None = None, *,
-               random_crop: bool = False, flip: bool = False) -> np.ndarray:
+def crop_batch(
+    arrays: np.ndarray,
+    size: int,
+    rng: np.random.Generator | None = None,
+    *,
+    random_crop: bool = False,
+    flip: bool = False,
+) -> np.ndarray:
     """(N, H, W, 3) -> (N, size, size, 3): centre or random crops, optionally half mirrored.
 
     The centre offset is torchvision ``center_crop``'s, ``int(round((H - size) / 2))``, so a
@@ -100,10 +115,10 @@ def crop_batch(arrays: np.ndarray, size: int, rng: np.random.Generator | None = 
     n, h, w, _ = arrays.shape
     if random_crop:
         tops, lefts = rng.integers(0, h - size + 1, n), rng.integers(0, w - size + 1, n)
-        out = np.stack([a[t:t + size, l:l + size] for a, t, l in zip(arrays, tops, lefts)])
+        out = np.stack([a[t : t + size, x : x + size] for a, t, x in zip(arrays, tops, lefts)])
     else:
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-        out = arrays[:, top:top + size, left:left + size]
+        out = arrays[:, top : top + size, left : left + size]
     if flip:
         mirror = rng.random(n) < 0.5
         out = np.where(mirror[:, None, None, None], out[:, :, ::-1], out)
@@ -114,20 +129,10 @@ def _optimizer(spec: TrainSpec, parameters):
     import torch
 
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=spec.lr, momentum=spec.momentum,
-                               weight_decay=spec.weight_decay)
+        return torch.optim.SGD(
+            parameters, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
     return torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
-
-
-def _gather(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Concatenate each worker's arrays on every worker (torch.distributed, any backend)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, values)
-    return {key: np.concatenate([p[key] for p in parts]) for key in values}
 
 
 def _predict(model, batches, preprocess, crop: int, device, rank: int, world: int):
@@ -145,30 +150,39 @@ def _predict(model, batches, preprocess, crop: int, device, rank: int, world: in
             rows.append(batch[ROW][mine])
             labels.append(batch["label"][mine])
     empty = np.zeros(0)
-    return _gather({
-        ROW: np.concatenate(rows) if rows else empty.astype(np.int64),
-        "prediction": np.concatenate(preds) if preds else empty.astype(np.float32),
-        "label": np.concatenate(labels) if labels else empty.astype(np.float32),
-    })
+    return gather_across_workers(
+        {
+            ROW: np.concatenate(rows) if rows else empty.astype(np.int64),
+            "prediction": np.concatenate(preds) if preds else empty.astype(np.float32),
+            "label": np.concatenate(labels) if labels else empty.astype(np.float32),
+        }
+    )
 
 
 def _batches(iterator, pixels_column: str, batch_size: int, **kwargs):
     for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", **kwargs):
-        yield {"pixels": batch[pixels_column], "label": batch[LABEL].astype(np.float32),
-               ROW: batch[ROW]}
+        yield {
+            "pixels": batch[pixels_column],
+            "label": batch[LABEL].astype(np.float32),
+            ROW: batch[ROW],
+        }
 
 
 def _write_best(spec: TrainSpec, model, metrics: dict, predictions: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from memscore.models.checkpoint import save_checkpoint
     from memscore.models import get_model_weights
+    from memscore.models.checkpoint import save_checkpoint
 
     member = get_model_weights(spec.model).verify(spec.pipeline)
-    table = pa.table({ROW: pa.array(predictions[ROW], pa.int64()),
-                      "label": pa.array(predictions["label"], pa.float32()),
-                      "prediction": pa.array(predictions["prediction"], pa.float32())})
+    table = pa.table(
+        {
+            ROW: pa.array(predictions[ROW], pa.int64()),
+            "label": pa.array(predictions["label"], pa.float32()),
+            "prediction": pa.array(predictions["prediction"], pa.float32()),
+        }
+    )
     table = table.sort_by(ROW)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -177,13 +191,21 @@ def _write_best(spec: TrainSpec, model, metrics: dict, predictions: dict) -> Non
         "weights": member.name,
         "output_column": member.meta["output_column"],
         "preprocessing": repr(member.transforms),
-        "licence": ("fine-tuned from " + (member.meta.get("licence") or "")
-                    if spec.start != "scratch" else "trained from scratch by its user"),
+        "licence": (
+            "fine-tuned from " + (member.meta.get("licence") or "")
+            if spec.start != "scratch"
+            else "trained from scratch by its user"
+        ),
         "metrics": metrics,
         **spec.checkpoint_info,
     }
-    save_checkpoint(spec.best_dir, model.state_dict(), info, spec.storage_options,
-                    extra_files={"validation_predictions.parquet": buffer.getvalue()})
+    save_checkpoint(
+        spec.best_dir,
+        model.state_dict(),
+        info,
+        spec.storage_options,
+        extra_files={"validation_predictions.parquet": buffer.getvalue()},
+    )
 
 
 def _write_history(spec: TrainSpec, history: list[dict]) -> None:
@@ -202,8 +224,8 @@ def train_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from memscore.faults import maybe_inject
     from memscore.evaluation.metrics import spearman
+    from memscore.faults import maybe_inject
     from memscore.models import get_model_weights
     from memscore.stages.predict import local_cores
     from memscore.training.ray_train import report_epoch, restore_state
@@ -220,8 +242,14 @@ def train_worker(config: dict) -> None:
 
     model = build_start_model(spec)
     frozen = freeze_backbone(model, member.meta["backbone"], spec.mode)
-    state = {"epoch": 0, "best_spearman": None, "best_epoch": None, "bad_epochs": 0,
-             "history": [], "starts": []}
+    state = {
+        "epoch": 0,
+        "best_spearman": None,
+        "best_epoch": None,
+        "bad_epochs": 0,
+        "history": [],
+        "starts": [],
+    }
     optimizer_state = restore_state(model, state)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -244,11 +272,20 @@ def train_worker(config: dict) -> None:
         for module in frozen:
             module.eval()
         total, seen = 0.0, 0
-        for batch in _batches(train_shard, spec.pixels_column, spec.batch_size,
-                              local_shuffle_buffer_size=max(4 * spec.batch_size, 256),
-                              local_shuffle_seed=spec.seed * 1000 + epoch):
-            pixels = crop_batch(batch["pixels"], crop, rng, random_crop="crop" in spec.augment,
-                                flip="flip" in spec.augment)
+        for batch in _batches(
+            train_shard,
+            spec.pixels_column,
+            spec.batch_size,
+            local_shuffle_buffer_size=max(4 * spec.batch_size, 256),
+            local_shuffle_seed=spec.seed * 1000 + epoch,
+        ):
+            pixels = crop_batch(
+                batch["pixels"],
+                crop,
+                rng,
+                random_crop="crop" in spec.augment,
+                flip="flip" in spec.augment,
+            )
             x = preprocess.to_tensor(pixels).to(device)
             y = torch.from_numpy(batch["label"]).to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -258,11 +295,18 @@ def train_worker(config: dict) -> None:
             # .item(): the value alone; float() on a tensor that requires grad warns
             total += loss.item() * len(y)
             seen += len(y)
-        train_loss = _gather({"loss": np.array([total]), "n": np.array([seen])})
+        train_loss = gather_across_workers({"loss": np.array([total]), "n": np.array([seen])})
 
         bare.eval()
-        predictions = _predict(bare, _batches(validation, spec.pixels_column, spec.batch_size),
-                               preprocess, crop, device, rank, world)
+        predictions = _predict(
+            bare,
+            _batches(validation, spec.pixels_column, spec.batch_size),
+            preprocess,
+            crop,
+            device,
+            rank,
+            world,
+        )
         pred, label = predictions["prediction"], predictions["label"]
         rho = spearman(pred, label) if len(pred) > 2 else float("nan")
         metrics = {
@@ -276,8 +320,10 @@ def train_worker(config: dict) -> None:
         }
         # The first epoch always makes a best/ (even with an undefined Spearman: too few or
         # constant predictions), later ones only by beating it.
-        improved = state["best_epoch"] is None or (metrics["val_spearman"] is not None and (
-            state["best_spearman"] is None or metrics["val_spearman"] > state["best_spearman"]))
+        improved = state["best_epoch"] is None or (
+            metrics["val_spearman"] is not None
+            and (state["best_spearman"] is None or metrics["val_spearman"] > state["best_spearman"])
+        )
         if improved:
             # plain floats: the state is reloaded with torch.load(weights_only=True)
             state["best_spearman"], state["best_epoch"] = metrics["val_spearman"], epoch
@@ -289,9 +335,13 @@ def train_worker(config: dict) -> None:
         state["epoch"] = epoch + 1
         state["history"] = list(state["history"]) + [metrics]
         stop = state["bad_epochs"] >= spec.patience
-        report = {**metrics, "best_val_spearman": _finite_or_none(state["best_spearman"]),
-                  "best_epoch": state["best_epoch"], "early_stopped": stop,
-                  "starts": state["starts"]}
+        report = {
+            **metrics,
+            "best_val_spearman": _finite_or_none(state["best_spearman"]),
+            "best_epoch": state["best_epoch"],
+            "early_stopped": stop,
+            "starts": state["starts"],
+        }
         if rank == 0:
             _write_history(spec, state["history"])
         report_epoch(report, bare, optimizer, state, rank)

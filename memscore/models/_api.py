@@ -14,9 +14,10 @@ import enum
 import hashlib
 import importlib.util
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from memscore.errors import first_line
 from memscore.models.transforms import ImagePreprocess
@@ -114,21 +115,23 @@ class WeightsEnum(enum.Enum):
         return sorted(cls.__members__, key=lambda name: (name != "DEFAULT", name))
 
     @classmethod
-    def member_named(cls, name: Any) -> "WeightsEnum | None":
+    def member_named(cls, name: Any) -> WeightsEnum | None:
         """The member ``name`` is exactly the name of (case-sensitive, aliases included), else
         None: a value that names no member is a checkpoint. Only a ``str`` names a member; a
         ``pathlib.Path`` is always a path."""
         return cls.__members__.get(name) if isinstance(name, str) else None
 
     @classmethod
-    def verify(cls, obj: Any) -> "WeightsEnum":
+    def verify(cls, obj: Any) -> WeightsEnum:
         if isinstance(obj, cls):
             return obj
         if isinstance(obj, str):
             member = cls.member_named(obj)
             if member is None:
-                raise ValueError(f"unknown weights {obj!r} for {cls.__name__}; choose from "
-                                 f"{', '.join(cls.names())}")
+                raise ValueError(
+                    f"unknown weights {obj!r} for {cls.__name__}; choose from "
+                    f"{', '.join(cls.names())}"
+                )
             return member
         raise TypeError(f"weights must be a {cls.__name__} member or its name, got {obj!r}")
 
@@ -190,8 +193,9 @@ class FolderWeightsEnum(WeightsEnum):
     """
 
     @classmethod
-    def bind(cls, weights: str | None,
-             storage_options: Mapping[str, Any] | None = None) -> FolderWeights:
+    def bind(
+        cls, weights: str | None, storage_options: Mapping[str, Any] | None = None
+    ) -> FolderWeights:
         raise NotImplementedError(f"{cls.__name__} does not say how to read a folder")
 
 
@@ -233,7 +237,9 @@ def package_file(package: str, filename: str, install_hint: str) -> Callable[[],
     return locate
 
 
-def load_state_dict_file(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> dict:
+def load_state_dict_file(
+    path: str | Path, storage_options: Mapping[str, Any] | None = None
+) -> dict:
     """Read a state_dict without executing code: safetensors, or torch with ``weights_only=True``.
 
     ``path`` may be local or any fsspec URL (``s3://...``). Tensors are mapped to the CPU.
@@ -246,8 +252,7 @@ def load_state_dict_file(path: str | Path, storage_options: Mapping[str, Any] | 
     path = state_dict_file(str(path), storage_options)  # a checkpoint folder -> its model file
     local = "://" not in path
     if path.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors, load_file
 
         if local:
             return load_file(path)
@@ -274,13 +279,15 @@ def load_state_dict_file(path: str | Path, storage_options: Mapping[str, Any] | 
     return dict(state)
 
 
-def load_state_dict_strict(module, state_dict: Mapping[str, Any], source: str = "checkpoint",
-                           *, assign: bool = False) -> None:
+def load_state_dict_strict(
+    module, state_dict: Mapping[str, Any], source: str = "checkpoint", *, assign: bool = False
+) -> None:
     """``module.load_state_dict(strict=True)`` with an error that names the mismatched keys."""
     expected = set(module.state_dict())
     given = set(state_dict)
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
+
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
@@ -312,8 +319,9 @@ def build_with_weights(factory: Callable[[], Any], state_dict: Mapping[str, Any]
     return module
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22,
-                storage_options: Mapping[str, Any] | None = None) -> str:
+def file_sha256(
+    path: str | Path, chunk: int = 1 << 22, storage_options: Mapping[str, Any] | None = None
+) -> str:
     """sha256 of a local file or any fsspec URL, read in chunks.
 
     Digests are remembered in ``$MEMSCORE_CACHE`` (default ``~/.cache/memscore``), keyed by
@@ -367,8 +375,12 @@ def _sha256_cache_dir() -> Path:
     return Path(root) / "sha256"
 
 
-def build_from_checkpoint(factory: Callable[[], Any], checkpoint: str | Path,
-                          storage_options: Mapping[str, Any] | None = None):
+def build_from_checkpoint(
+    factory: Callable[[], Any],
+    checkpoint: str | Path,
+    storage_options: Mapping[str, Any] | None = None,
+):
     """``factory()`` given the tensors of a checkpoint file (local or URL), strictly."""
-    return build_with_weights(factory, load_state_dict_file(checkpoint, storage_options),
-                              source=str(checkpoint))
+    return build_with_weights(
+        factory, load_state_dict_file(checkpoint, storage_options), source=str(checkpoint)
+    )

@@ -17,21 +17,33 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from memscore import storage
 
-__all__ = ["FORMAT", "MODEL_FILE", "INFO_FILE", "save_checkpoint", "read_checkpoint_info",
-           "state_dict_file"]
+__all__ = [
+    "FORMAT",
+    "MODEL_FILE",
+    "INFO_FILE",
+    "save_checkpoint",
+    "read_checkpoint_info",
+    "state_dict_file",
+]
 
 FORMAT = "memscore-checkpoint/1"
 MODEL_FILE = "model.safetensors"
 INFO_FILE = "memscore.json"
 
 
-def save_checkpoint(folder: str, state_dict: Mapping[str, Any], info: Mapping[str, Any],
-                    storage_options: Mapping[str, Any] | None = None, *,
-                    extra_files: Mapping[str, bytes] | None = None) -> str:
+def save_checkpoint(
+    folder: str,
+    state_dict: Mapping[str, Any],
+    info: Mapping[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> str:
     """Write ``state_dict`` and ``info`` (must name ``model`` and ``weights``) into ``folder``.
 
     ``extra_files`` (name -> bytes) go beside them, before the JSON. An existing checkpoint
@@ -55,8 +67,7 @@ def save_checkpoint(folder: str, state_dict: Mapping[str, Any], info: Mapping[st
     storage.pipe_atomic(fs, model_path, save(tensors))
     for name, data in (extra_files or {}).items():
         storage.pipe_atomic(fs, f"{path.rstrip('/')}/{name}", data)
-    record = {"format": FORMAT, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-              **info}
+    record = {"format": FORMAT, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), **info}
     storage.pipe_atomic(fs, info_path, (json.dumps(record, indent=2, default=str) + "\n").encode())
     return folder
 
@@ -70,8 +81,9 @@ def _folder_of(path: str, fs, inner: str) -> str | None:
     return None
 
 
-def read_checkpoint_info(path: str, storage_options: Mapping[str, Any] | None = None
-                         ) -> dict[str, Any] | None:
+def read_checkpoint_info(
+    path: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The JSON of the memscore checkpoint ``path`` names (folder or its model file), else None."""
     fs, inner = storage.url_to_fs(str(path), storage_options)
     folder = _folder_of(str(path), fs, inner)
@@ -82,8 +94,9 @@ def read_checkpoint_info(path: str, storage_options: Mapping[str, Any] | None = 
         return None
     info = json.loads(fs.cat_file(info_path))
     if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: {INFO_FILE} is not a {FORMAT} file (format "
-                         f"{info.get('format')!r})")
+        raise ValueError(
+            f"{path}: {INFO_FILE} is not a {FORMAT} file (format {info.get('format')!r})"
+        )
     return info
 
 
@@ -98,7 +111,8 @@ def state_dict_file(path: str, storage_options: Mapping[str, Any] | None = None)
         if not fs.exists(f"{inner.rstrip('/')}/{INFO_FILE}"):
             raise FileNotFoundError(
                 f"{path} is a folder but not a memscore checkpoint (no {INFO_FILE}: an "
-                f"interrupted write, or name the state_dict file itself)")
+                f"interrupted write, or name the state_dict file itself)"
+            )
         model = f"{inner.rstrip('/')}/{MODEL_FILE}"
         if not fs.isfile(model):
             raise FileNotFoundError(f"{path}: the checkpoint has no {MODEL_FILE}")

@@ -35,9 +35,10 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -90,15 +91,16 @@ class Architecture:
 ARCHITECTURES = {
     "clip": Architecture("CLIPVisionModel", ("clip", "clip_vision_model"), has_cls=True),
     "dinov2": Architecture("Dinov2Model", ("dinov2",), has_cls=True),
-    "siglip2": Architecture("SiglipVisionModel", ("siglip", "siglip_vision_model"),
-                            has_cls=False),
+    "siglip2": Architecture("SiglipVisionModel", ("siglip", "siglip_vision_model"), has_cls=False),
 }
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # What save_pretrained writes for the tensors: one file, or shards with an index.
-_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$"
-                           r"|^(model\.safetensors|pytorch_model\.bin)\.index\.json$")
+_WEIGHT_FILES = re.compile(
+    r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$"
+    r"|^(model\.safetensors|pytorch_model\.bin)\.index\.json$"
+)
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt", ".json")
 
@@ -107,8 +109,9 @@ def _check_encoder(encoder: str) -> Architecture:
     try:
         return ARCHITECTURES[encoder]
     except KeyError:
-        raise ValueError(f"unknown encoder {encoder!r}; choose from "
-                         f"{', '.join(ARCHITECTURES)}") from None
+        raise ValueError(
+            f"unknown encoder {encoder!r}; choose from {', '.join(ARCHITECTURES)}"
+        ) from None
 
 
 def is_hf_model_id(weights: str) -> bool:
@@ -154,7 +157,7 @@ def locate_folder(encoder: str, weights: str | None = None) -> str:
     weights = ENCODERS[encoder] if weights is None else str(weights)
     if "://" in weights:
         if weights.startswith("file://"):
-            weights = weights[len("file://"):]
+            weights = weights[len("file://") :]
         else:
             return weights.rstrip("/")
     local = os.path.abspath(os.path.expanduser(weights))
@@ -164,7 +167,8 @@ def locate_folder(encoder: str, weights: str | None = None) -> str:
         return _hf_cache_folder(weights)
     raise WeightsNotFoundError(
         f"--weights {weights}: no such folder (give a folder written by save_pretrained, "
-        f"local or s3://, or a Hugging Face model id in the local cache, e.g. {ENCODERS[encoder]})")
+        f"local or s3://, or a Hugging Face model id in the local cache, e.g. {ENCODERS[encoder]})"
+    )
 
 
 def _fs(folder: str, storage_options: Mapping[str, Any] | None):
@@ -173,8 +177,9 @@ def _fs(folder: str, storage_options: Mapping[str, Any] | None):
     return storage.url_to_fs(folder, storage_options)
 
 
-def read_folder_json(folder: str, name: str,
-                     storage_options: Mapping[str, Any] | None = None) -> dict | None:
+def read_folder_json(
+    folder: str, name: str, storage_options: Mapping[str, Any] | None = None
+) -> dict | None:
     """``folder/name`` parsed as JSON (local or URL); None when the file is not there."""
     fs, path = _fs(folder, storage_options)
     target = f"{path.rstrip('/')}/{name}"
@@ -191,12 +196,15 @@ def read_folder_json(folder: str, name: str,
     return value
 
 
-_HOW_TO_WRITE = ("write it with model.save_pretrained(folder) and "
-                 "AutoImageProcessor.from_pretrained(..., backend='pil').save_pretrained(folder)")
+_HOW_TO_WRITE = (
+    "write it with model.save_pretrained(folder) and "
+    "AutoImageProcessor.from_pretrained(..., backend='pil').save_pretrained(folder)"
+)
 
 
-def check_folder(encoder: str, folder: str,
-                 storage_options: Mapping[str, Any] | None = None) -> dict:
+def check_folder(
+    encoder: str, folder: str, storage_options: Mapping[str, Any] | None = None
+) -> dict:
     """Check that ``folder`` is a model folder of ``encoder`` and return its ``config.json``.
 
     Reads only the folder's listing and ``config.json`` (a few KB, also from S3), so a job's
@@ -215,14 +223,17 @@ def check_folder(encoder: str, folder: str,
     if not any(_WEIGHT_FILES.match(name) for name in names):
         missing.append("model.safetensors (or pytorch_model.bin)")
     if missing:
-        raise ValueError(f"--weights {folder} is not a Hugging Face model folder: no "
-                         f"{' and no '.join(missing)} ({_HOW_TO_WRITE})")
+        raise ValueError(
+            f"--weights {folder} is not a Hugging Face model folder: no "
+            f"{' and no '.join(missing)} ({_HOW_TO_WRITE})"
+        )
     config = read_folder_json(folder, CONFIG_FILE, storage_options)
     model_type = config.get("model_type")
     if model_type not in architecture.model_types:
         raise ValueError(
             f"--weights {folder} holds a {model_type!r} model, not {encoder} "
-            f"({architecture.model_class} loads model_type {' or '.join(architecture.model_types)})")
+            f"({architecture.model_class} loads model_type {' or '.join(architecture.model_types)})"
+        )
     return config
 
 
@@ -241,7 +252,7 @@ def local_folder(folder: str, storage_options: Mapping[str, Any] | None = None) 
     copy (one of them wins the rename; the others' copies are removed).
     """
     if "://" not in folder or folder.startswith("file://"):
-        return folder[len("file://"):] if folder.startswith("file://") else folder
+        return folder[len("file://") :] if folder.startswith("file://") else folder
     fs, path = _fs(folder, storage_options)
     try:
         listing = sorted(fs.find(path, detail=True).items())
@@ -249,8 +260,14 @@ def local_folder(folder: str, storage_options: Mapping[str, Any] | None = None) 
         listing = []
     if not listing:
         raise ValueError(f"--weights {folder}: no such folder, or an empty one")
-    stamp = [(name, info.get("size"), info.get("ETag") or info.get("mtime")
-              or str(info.get("LastModified"))) for name, info in listing]
+    stamp = [
+        (
+            name,
+            info.get("size"),
+            info.get("ETag") or info.get("mtime") or str(info.get("LastModified")),
+        )
+        for name, info in listing
+    ]
     key = hashlib.sha256(repr((folder, stamp)).encode()).hexdigest()[:32]
     target = _cache_root() / key
     if target.is_dir():
@@ -259,7 +276,7 @@ def local_folder(folder: str, storage_options: Mapping[str, Any] | None = None) 
     partial.mkdir(parents=True)
     try:
         for name, _ in listing:
-            relative = name[len(path.rstrip("/")) + 1:]
+            relative = name[len(path.rstrip("/")) + 1 :]
             (partial / relative).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(name, str(partial / relative))
         try:
@@ -303,15 +320,30 @@ _OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _BICUBIC = 3
 _PROCESSOR_DEFAULTS = {
-    "CLIPImageProcessor": {"resample": _BICUBIC, "size": {"shortest_edge": 224},
-                           "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
-                           "image_mean": _OPENAI_CLIP_MEAN, "image_std": _OPENAI_CLIP_STD},
-    "BitImageProcessor": {"resample": _BICUBIC, "size": {"shortest_edge": 224},
-                          "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
-                          "image_mean": _OPENAI_CLIP_MEAN, "image_std": _OPENAI_CLIP_STD},
-    "SiglipImageProcessor": {"resample": _BICUBIC, "size": {"height": 224, "width": 224},
-                             "crop_size": None, "do_center_crop": False,
-                             "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)},
+    "CLIPImageProcessor": {
+        "resample": _BICUBIC,
+        "size": {"shortest_edge": 224},
+        "crop_size": {"height": 224, "width": 224},
+        "do_center_crop": True,
+        "image_mean": _OPENAI_CLIP_MEAN,
+        "image_std": _OPENAI_CLIP_STD,
+    },
+    "BitImageProcessor": {
+        "resample": _BICUBIC,
+        "size": {"shortest_edge": 224},
+        "crop_size": {"height": 224, "width": 224},
+        "do_center_crop": True,
+        "image_mean": _OPENAI_CLIP_MEAN,
+        "image_std": _OPENAI_CLIP_STD,
+    },
+    "SiglipImageProcessor": {
+        "resample": _BICUBIC,
+        "size": {"height": 224, "width": 224},
+        "crop_size": None,
+        "do_center_crop": False,
+        "image_mean": (0.5, 0.5, 0.5),
+        "image_std": (0.5, 0.5, 0.5),
+    },
 }
 _PROCESSOR_ALIASES = {"CLIPFeatureExtractor": "CLIPImageProcessor"}  # openai/clip-* folders
 
@@ -321,8 +353,7 @@ def _size_dict(value: Any, default_to_square: bool, what: str) -> dict:
     if isinstance(value, Mapping):
         return dict(value)
     if isinstance(value, int):
-        return ({"height": value, "width": value} if default_to_square
-                else {"shortest_edge": value})
+        return {"height": value, "width": value} if default_to_square else {"shortest_edge": value}
     if isinstance(value, (list, tuple)) and len(value) == 2:
         return {"height": int(value[0]), "width": int(value[1])}
     raise ValueError(f"{what} {value!r} is not a size memscore reads")
@@ -369,23 +400,30 @@ class HFImagePreprocess:
     std: tuple[float, float, float] | None
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], source: str = "preprocessor_config.json"
-                    ) -> "HFImagePreprocess":
+    def from_config(
+        cls, config: Mapping[str, Any], source: str = "preprocessor_config.json"
+    ) -> HFImagePreprocess:
         """From a ``preprocessor_config.json``'s contents; ``ValueError`` naming ``source`` for
         a processor or setting memscore does not reproduce."""
         kind = config.get("image_processor_type") or config.get("feature_extractor_type") or ""
         family = _PROCESSOR_ALIASES.get(kind, re.sub(r"(Fast|Pil)$", "", kind))
         if family not in _PROCESSOR_DEFAULTS:
-            raise ValueError(f"{source}: image processor {kind or '(unnamed)'!r} is not one "
-                             f"memscore reproduces ({', '.join(_PROCESSOR_DEFAULTS)})")
-        settings = {**_PROCESSOR_DEFAULTS[family], **{k: v for k, v in config.items()
-                                                      if v is not None}}
+            raise ValueError(
+                f"{source}: image processor {kind or '(unnamed)'!r} is not one "
+                f"memscore reproduces ({', '.join(_PROCESSOR_DEFAULTS)})"
+            )
+        settings = {
+            **_PROCESSOR_DEFAULTS[family],
+            **{k: v for k, v in config.items() if v is not None},
+        }
         for flag in ("do_pad",):
             if settings.get(flag):
                 raise ValueError(f"{source}: {flag}=true is not reproduced by memscore")
         if not settings.get("do_resize", True):
-            raise ValueError(f"{source}: do_resize=false gives inputs of every size; memscore "
-                             f"needs a fixed input size")
+            raise ValueError(
+                f"{source}: do_resize=false gives inputs of every size; memscore "
+                f"needs a fixed input size"
+            )
         size = _size_dict(settings["size"], default_to_square=False, what=f"{source}: size")
         shortest = height_width = None
         if set(size) == {"shortest_edge"}:
@@ -393,27 +431,43 @@ class HFImagePreprocess:
         elif set(size) == {"height", "width"}:
             height_width = (int(size["height"]), int(size["width"]))
         else:
-            raise ValueError(f"{source}: size {size} is not one memscore reproduces "
-                             f"(shortest_edge, or height and width)")
+            raise ValueError(
+                f"{source}: size {size} is not one memscore reproduces "
+                f"(shortest_edge, or height and width)"
+            )
         crop = None
         if settings.get("do_center_crop"):
-            crop_size = _size_dict(settings.get("crop_size"), default_to_square=True,
-                                   what=f"{source}: crop_size")
+            crop_size = _size_dict(
+                settings.get("crop_size"), default_to_square=True, what=f"{source}: crop_size"
+            )
             if set(crop_size) != {"height", "width"}:
                 raise ValueError(f"{source}: crop_size {crop_size} needs height and width")
             crop = (int(crop_size["height"]), int(crop_size["width"]))
         if shortest is not None and crop is None:
-            raise ValueError(f"{source}: a shortest_edge resize without a centre crop gives "
-                             f"inputs of every size; memscore needs a fixed input size")
-        rescale = (float(settings.get("rescale_factor", 1 / 255))
-                   if settings.get("do_rescale", True) else None)
+            raise ValueError(
+                f"{source}: a shortest_edge resize without a centre crop gives "
+                f"inputs of every size; memscore needs a fixed input size"
+            )
+        rescale = (
+            float(settings.get("rescale_factor", 1 / 255))
+            if settings.get("do_rescale", True)
+            else None
+        )
         mean = std = None
         if settings.get("do_normalize", True):
-            mean, std = (tuple(_three(settings[k], f"{source}: {k}"))
-                         for k in ("image_mean", "image_std"))
-        return cls(processor=family, shortest_edge=shortest, height_width=height_width,
-                   resample=int(settings.get("resample", _BICUBIC)), crop=crop,
-                   rescale_factor=rescale, mean=mean, std=std)
+            mean, std = (
+                tuple(_three(settings[k], f"{source}: {k}")) for k in ("image_mean", "image_std")
+            )
+        return cls(
+            processor=family,
+            shortest_edge=shortest,
+            height_width=height_width,
+            resample=int(settings.get("resample", _BICUBIC)),
+            crop=crop,
+            rescale_factor=rescale,
+            mean=mean,
+            std=std,
+        )
 
     @property
     def array_shape(self) -> tuple[int, int, int]:
@@ -443,8 +497,7 @@ class HFImagePreprocess:
         if image.mode != "RGB":
             raise ValueError(f"to_array expects an RGB image, got mode {image.mode}")
         height, width = self.resize_to(*image.size)
-        array = np.asarray(image.resize((width, height), resample=self.resample),
-                           dtype=np.uint8)
+        array = np.asarray(image.resize((width, height), resample=self.resample), dtype=np.uint8)
         if self.crop is not None:
             array = _center_crop(array, self.crop)
         return np.ascontiguousarray(array)
@@ -488,17 +541,18 @@ def _center_crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = array.shape[:2]
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
     if top >= 0 and left >= 0 and top + crop_h <= height and left + crop_w <= width:
-        return array[top:top + crop_h, left:left + crop_w]
+        return array[top : top + crop_h, left : left + crop_w]
     new_h, new_w = max(crop_h, height), max(crop_w, width)
     padded = np.zeros((new_h, new_w, array.shape[2]), dtype=array.dtype)
     top_pad, left_pad = -(-(new_h - height) // 2), -(-(new_w - width) // 2)
-    padded[top_pad:top_pad + height, left_pad:left_pad + width] = array
+    padded[top_pad : top_pad + height, left_pad : left_pad + width] = array
     top, left = max(top + top_pad, 0), max(left + left_pad, 0)
-    return padded[top:top + crop_h, left:left + crop_w]
+    return padded[top : top + crop_h, left : left + crop_w]
 
 
-def preprocess_of(encoder: str, weights: str | None = None,
-                  storage_options: Mapping[str, Any] | None = None) -> HFImagePreprocess:
+def preprocess_of(
+    encoder: str, weights: str | None = None, storage_options: Mapping[str, Any] | None = None
+) -> HFImagePreprocess:
     """The preprocessing of ``encoder`` with ``weights`` (as ``locate_folder`` takes them), read
     from the folder's ``preprocessor_config.json`` without loading the model (or torch)."""
     folder = locate_folder(encoder, weights)
@@ -509,8 +563,9 @@ def preprocess_of(encoder: str, weights: str | None = None,
 
 
 # ------------------------------------------------------------------------------- the model
-def load_encoder(encoder: str, weights: str | None = None,
-                 storage_options: Mapping[str, Any] | None = None):
+def load_encoder(
+    encoder: str, weights: str | None = None, storage_options: Mapping[str, Any] | None = None
+):
     """``encoder``'s model, in eval mode with eager attention, and its preprocessing.
 
     Args:
@@ -554,23 +609,29 @@ def load_encoder(encoder: str, weights: str | None = None,
     transformers.utils.logging.disable_progress_bar()
     try:
         model, info = model_class.from_pretrained(
-            path, attn_implementation="eager", local_files_only=True,
-            output_loading_info=True)
+            path, attn_implementation="eager", local_files_only=True, output_loading_info=True
+        )
     except Exception as exc:  # OSError, ValueError, safetensors' own error for a bad file...
         from memscore.errors import first_line
 
-        raise ValueError(f"--weights {folder}: transformers could not load a "
-                         f"{architecture.model_class}: {first_line(exc)}") from None
+        raise ValueError(
+            f"--weights {folder}: transformers could not load a "
+            f"{architecture.model_class}: {first_line(exc)}"
+        ) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, keys))[:5])}"
-                for kind, keys in info.items()
-                if kind in ("missing_keys", "mismatched_keys") and keys]
+    problems = [
+        f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, keys))[:5])}"
+        for kind, keys in info.items()
+        if kind in ("missing_keys", "mismatched_keys") and keys
+    ]
     if problems:  # a tensor left at its random initialisation must never score
-        raise ValueError(f"--weights {folder} is not a complete {architecture.model_class}: "
-                         + "; ".join(problems))
+        raise ValueError(
+            f"--weights {folder} is not a complete {architecture.model_class}: "
+            + "; ".join(problems)
+        )
     return model.eval(), preprocess
 
 
@@ -585,9 +646,11 @@ def random_encoder(encoder: str):
     _check_encoder(encoder)
     import transformers
 
-    config = {"clip": lambda: transformers.CLIPVisionConfig(),
-              "dinov2": lambda: transformers.Dinov2Config(image_size=518),
-              "siglip2": lambda: transformers.SiglipVisionConfig()}[encoder]()
+    config = {
+        "clip": lambda: transformers.CLIPVisionConfig(),
+        "dinov2": lambda: transformers.Dinov2Config(image_size=518),
+        "siglip2": lambda: transformers.SiglipVisionConfig(),
+    }[encoder]()
     model_class = getattr(transformers, ARCHITECTURES[encoder].model_class)
     return model_class._from_config(config, attn_implementation="eager").eval()
 

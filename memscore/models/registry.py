@@ -17,10 +17,11 @@ always is). A folder named like a member is given as ``./DEFAULT``. Models with 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from memscore.models._api import FolderWeights, FolderWeightsEnum, WeightsEnum
+from memscore.models._api import FolderWeights, FolderWeightsEnum, WeightsEnum, output_columns_of
 from memscore.models.weights import BUILTIN_MODELS
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "check_checkpoint",
     "weights_for",
     "weights_aliases",
+    "registry_table",
 ]
 
 
@@ -47,8 +49,9 @@ class _Entry:
 
 # The registry. The built-in models are here from the start, builder to come; a model of a
 # user's own (``register_model``) joins with its builder.
-_MODELS: dict[str, _Entry] = {name: _Entry(weights_enum, module)
-                              for name, (weights_enum, module) in BUILTIN_MODELS.items()}
+_MODELS: dict[str, _Entry] = {
+    name: _Entry(weights_enum, module) for name, (weights_enum, module) in BUILTIN_MODELS.items()
+}
 
 
 def register_model(name: str, weights_enum: type[WeightsEnum]):
@@ -70,9 +73,12 @@ def register_model(name: str, weights_enum: type[WeightsEnum]):
 
     def wrap(builder):
         entry = _MODELS.get(name)
-        builtin_slot = (entry is not None and entry.builder is None
-                        and entry.module == builder.__module__
-                        and entry.weights_enum is weights_enum)
+        builtin_slot = (
+            entry is not None
+            and entry.builder is None
+            and entry.module == builder.__module__
+            and entry.weights_enum is weights_enum
+        )
         if entry is not None and not builtin_slot:
             raise ValueError(f"a model named {name!r} is already registered")
         _MODELS[name] = _Entry(weights_enum, builder.__module__, builder)
@@ -96,8 +102,9 @@ def _entry(name: str) -> _Entry:
     try:
         return _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; registered models: "
-                         f"{', '.join(list_models())}") from None
+        raise ValueError(
+            f"unknown model {name!r}; registered models: {', '.join(list_models())}"
+        ) from None
 
 
 def get_model_builder(name: str) -> Callable[..., Any]:
@@ -143,8 +150,11 @@ def weights_aliases(name: str, member: WeightsEnum) -> list[str]:
         (['DEFAULT'], [])
     """
     enum_cls = get_model_weights(name)
-    return [alias for alias, found in enum_cls.__members__.items()
-            if found is member and alias != member.name]
+    return [
+        alias
+        for alias, found in enum_cls.__members__.items()
+        if found is member and alias != member.name
+    ]
 
 
 def resolve_weights(name: str, weights: Any = "DEFAULT") -> WeightsEnum | None:
@@ -182,12 +192,16 @@ def weights_member(name: str, weights: Any) -> WeightsEnum | None:
 def is_checkpoint(name: str, weights: Any) -> bool:
     """Whether ``weights`` given for model ``name`` names a checkpoint (a file or folder, local
     or a URL): anything but None, ``FolderWeights`` and the enum's members and their names."""
-    return (weights is not None and not isinstance(weights, FolderWeights)
-            and weights_member(name, weights) is None)
+    return (
+        weights is not None
+        and not isinstance(weights, FolderWeights)
+        and weights_member(name, weights) is None
+    )
 
 
-def check_checkpoint(name: str, weights: Any,
-                     storage_options: Mapping[str, Any] | None = None) -> None:
+def check_checkpoint(
+    name: str, weights: Any, storage_options: Mapping[str, Any] | None = None
+) -> None:
     """Raise ``ValueError`` with one line when checkpoint ``weights`` is not there: a value that
     is neither a member's name nor a file or folder is named with both readings."""
     from memscore import storage
@@ -197,13 +211,15 @@ def check_checkpoint(name: str, weights: Any,
         return
     message = f"--weights {str(weights)!r}: no such checkpoint file or folder"
     if not storage.is_url(str(weights)):
-        message += (f", and not a weights name of {name} "
-                    f"({', '.join(get_model_weights(name).names())})")
+        message += (
+            f", and not a weights name of {name} ({', '.join(get_model_weights(name).names())})"
+        )
     raise ValueError(message)
 
 
-def weights_for(name: str, weights: Any,
-                storage_options: Mapping[str, Any] | None = None) -> WeightsEnum | FolderWeights:
+def weights_for(
+    name: str, weights: Any, storage_options: Mapping[str, Any] | None = None
+) -> WeightsEnum | FolderWeights:
     """The weights member whose preprocessing and meta apply to ``weights``.
 
     A member or its name is itself; None is DEFAULT. Anything else is a checkpoint: a memscore
@@ -268,3 +284,28 @@ def get_model(name: str, *, weights: Any = "DEFAULT", **kwargs):
     else:
         model = builder(weights=resolve_weights(name, weights), **kwargs)
     return model.eval()
+
+
+def registry_table() -> list[dict]:
+    """Every weights member of every registered model, as ``memscore models`` shows it."""
+    rows = []
+    for name in list_models():
+        enum = get_model_weights(name)
+        for member in enum:
+            meta = member.meta
+            rows.append(
+                {
+                    "model": name,
+                    "weights": member.name,
+                    "default": member is enum.DEFAULT,
+                    # DEFAULT: what --weights also takes for it, as its errors list
+                    "aliases": weights_aliases(name, member),
+                    # several for a traces model: <encoder>_cls_mean, ...
+                    "output_column": ",".join(output_columns_of(meta)),
+                    "input_size": list(meta.get("input_size", ())),
+                    "source": meta.get("source"),
+                    "licence": meta.get("licence"),
+                    "paper": meta.get("paper"),
+                }
+            )
+    return rows

@@ -8,7 +8,8 @@ The input is *not* normalised: the published model was trained on ``ToTensor()``
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,9 @@ def head_layers(module: nn.Module, in_features: int) -> None:
     module.fc12 = nn.Linear(256, 1)
 
 
-def head(module: nn.Module, features: torch.Tensor, *, dropout_after_fc8: bool = False
-          ) -> torch.Tensor:
+def head(
+    module: nn.Module, features: torch.Tensor, *, dropout_after_fc8: bool = False
+) -> torch.Tensor:
     x = module.drp6(F.relu(module.fc6(features)))
     # The published forward applies drp8 after fc7 (drp7 is defined but unused); kept as is so
     # training behaves as the paper's code did. Dropout is a no-op in eval mode either way.
@@ -92,8 +94,12 @@ class ResMem(nn.Module):
 
 
 @register_model("resmem", ResMem_Weights)
-def resmem(*, weights: ResMem_Weights | None = None, checkpoint: str | None = None,
-           storage_options: Mapping[str, Any] | None = None) -> ResMem:
+def resmem(
+    *,
+    weights: ResMem_Weights | None = None,
+    checkpoint: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ResMem:
     """ResMem with ``weights`` (``ResMem_Weights.RETRAIN``, the published ones), a ``checkpoint``
     file of its state_dict (local or URL, e.g. a fine-tuned one), or random init."""
     if checkpoint is not None:

@@ -24,7 +24,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,10 +34,23 @@ from memscore.models._api import FolderWeights
 from memscore.models.registry import register_model
 from memscore.models.weights import CLIPSAE_Weights, DINOv2SAE_Weights, SigLIP2SAE_Weights
 
-__all__ = ["SparseAutoencoder", "EncoderSAE", "STD_EPS", "DEFAULT_LATENTS", "DEFAULT_L1",
-           "training_loss", "TENSOR_KEYS", "save_sae_checkpoint", "load_sae", "clip_sae",
-           "dinov2_sae", "siglip2_sae", "CLIPSAE_Weights", "DINOv2SAE_Weights",
-           "SigLIP2SAE_Weights"]
+__all__ = [
+    "SparseAutoencoder",
+    "EncoderSAE",
+    "STD_EPS",
+    "DEFAULT_LATENTS",
+    "DEFAULT_L1",
+    "training_loss",
+    "TENSOR_KEYS",
+    "save_sae_checkpoint",
+    "load_sae",
+    "clip_sae",
+    "dinov2_sae",
+    "siglip2_sae",
+    "CLIPSAE_Weights",
+    "DINOv2SAE_Weights",
+    "SigLIP2SAE_Weights",
+]
 
 #: Added to the standard deviation when z-scoring, as the paper does: ``(x - mean) / (std +
 #: 1e-8)`` (a dimension constant over the training images gives 0, not a division by zero).
@@ -82,8 +96,9 @@ class SparseAutoencoder(nn.Module):
         return (decoded - z).pow(2).sum(-1)
 
 
-def training_loss(sae: SparseAutoencoder, z: torch.Tensor, l1: float = DEFAULT_L1
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def training_loss(
+    sae: SparseAutoencoder, z: torch.Tensor, l1: float = DEFAULT_L1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's loss on a batch of z-scored vectors: ``MSE(reduction="sum") + l1 *
     |fc1 output|.sum()``; returns ``(loss, its reconstruction term)``, both summed over the
     batch."""
@@ -118,24 +133,35 @@ class EncoderSAE(nn.Module):
             return self.sae.reconstruction_error(vectors.float())
 
 
-def save_sae_checkpoint(folder: str, sae: SparseAutoencoder, *, encoder: str,
-                        encoder_weights: str, info: Mapping[str, Any] | None = None,
-                        storage_options: Mapping[str, Any] | None = None) -> str:
+def save_sae_checkpoint(
+    folder: str,
+    sae: SparseAutoencoder,
+    *,
+    encoder: str,
+    encoder_weights: str,
+    info: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
     """Write ``sae`` as the memscore checkpoint ``--model <encoder>-sae --weights FOLDER``
     scores with: ``model.safetensors`` (``TENSOR_KEYS``) and ``memscore.json``, which names the
     encoder and ``encoder_weights`` (the Hugging Face id or folder the representations came
     from), plus ``info``."""
     from memscore.models.checkpoint import save_checkpoint
 
-    record = {**(info or {}), "model": f"{encoder}-sae", "weights": "train-sae",
-              "output_column": f"{encoder}_sae_loss", "encoder": encoder,
-              "encoder_weights": encoder_weights,
-              "representation_dim": sae.fc1.in_features, "latents": sae.fc1.out_features}
+    record = {
+        **(info or {}),
+        "model": f"{encoder}-sae",
+        "weights": "train-sae",
+        "output_column": f"{encoder}_sae_loss",
+        "encoder": encoder,
+        "encoder_weights": encoder_weights,
+        "representation_dim": sae.fc1.in_features,
+        "latents": sae.fc1.out_features,
+    }
     return save_checkpoint(folder, sae.state_dict(), record, storage_options)
 
 
-def load_sae(folder: str, storage_options: Mapping[str, Any] | None = None
-             ) -> SparseAutoencoder:
+def load_sae(folder: str, storage_options: Mapping[str, Any] | None = None) -> SparseAutoencoder:
     """The autoencoder of a checkpoint folder (or its model file), loaded strictly: exactly
     ``TENSOR_KEYS``, shapes that fit together."""
     from memscore.models._api import CheckpointKeyError, load_state_dict_file
@@ -144,9 +170,11 @@ def load_sae(folder: str, storage_options: Mapping[str, Any] | None = None
     missing = [k for k in TENSOR_KEYS if k not in tensors]
     extra = sorted(set(tensors) - set(TENSOR_KEYS))
     if missing or extra:
-        raise CheckpointKeyError(f"{folder}: not an autoencoder checkpoint (missing: "
-                                 f"{', '.join(missing) or 'none'}; unexpected: "
-                                 f"{', '.join(extra[:5]) or 'none'})")
+        raise CheckpointKeyError(
+            f"{folder}: not an autoencoder checkpoint (missing: "
+            f"{', '.join(missing) or 'none'}; unexpected: "
+            f"{', '.join(extra[:5]) or 'none'})"
+        )
     latents, dim = tensors["fc1.weight"].shape
     sae = SparseAutoencoder(dim, latents)
     try:
@@ -156,8 +184,9 @@ def load_sae(folder: str, storage_options: Mapping[str, Any] | None = None
     return sae.eval()
 
 
-def _sae_model(encoder: str, weights: FolderWeights | None,
-               storage_options: Mapping[str, Any] | None) -> EncoderSAE:
+def _sae_model(
+    encoder: str, weights: FolderWeights | None, storage_options: Mapping[str, Any] | None
+) -> EncoderSAE:
     from memscore.models.checkpoint import read_checkpoint_info
     from memscore.models.encoders import load_encoder, random_encoder
 
@@ -168,29 +197,34 @@ def _sae_model(encoder: str, weights: FolderWeights | None,
     sae = load_sae(weights.folder, storage_options)
     model, _ = load_encoder(encoder, info["encoder_weights"], storage_options)
     if model.config.hidden_size != sae.fc1.in_features:
-        raise ValueError(f"--weights {weights.folder}: the autoencoder reads "
-                         f"{sae.fc1.in_features}-d vectors, the encoder "
-                         f"{info['encoder_weights']} gives {model.config.hidden_size}")
+        raise ValueError(
+            f"--weights {weights.folder}: the autoencoder reads "
+            f"{sae.fc1.in_features}-d vectors, the encoder "
+            f"{info['encoder_weights']} gives {model.config.hidden_size}"
+        )
     return EncoderSAE(encoder, model, sae)
 
 
 @register_model("clip-sae", CLIPSAE_Weights)
-def clip_sae(*, weights: FolderWeights | None = None,
-             storage_options: Mapping[str, Any] | None = None) -> EncoderSAE:
+def clip_sae(
+    *, weights: FolderWeights | None = None, storage_options: Mapping[str, Any] | None = None
+) -> EncoderSAE:
     """CLIP ViT-B/32 and an autoencoder over its CLS token; ``weights`` from
     ``weights_for("clip-sae", "runs/NAME/best")`` (None: both randomly initialised)."""
     return _sae_model("clip", weights, storage_options)
 
 
 @register_model("dinov2-sae", DINOv2SAE_Weights)
-def dinov2_sae(*, weights: FolderWeights | None = None,
-               storage_options: Mapping[str, Any] | None = None) -> EncoderSAE:
+def dinov2_sae(
+    *, weights: FolderWeights | None = None, storage_options: Mapping[str, Any] | None = None
+) -> EncoderSAE:
     """DINOv2-base and an autoencoder over its CLS token; ``weights`` as for ``clip_sae``."""
     return _sae_model("dinov2", weights, storage_options)
 
 
 @register_model("siglip2-sae", SigLIP2SAE_Weights)
-def siglip2_sae(*, weights: FolderWeights | None = None,
-                storage_options: Mapping[str, Any] | None = None) -> EncoderSAE:
+def siglip2_sae(
+    *, weights: FolderWeights | None = None, storage_options: Mapping[str, Any] | None = None
+) -> EncoderSAE:
     """SigLIP2 and an autoencoder over its pooled features; ``weights`` as for ``clip_sae``."""
     return _sae_model("siglip2", weights, storage_options)

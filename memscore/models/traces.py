@@ -29,7 +29,8 @@ float32 whatever ``--precision`` the forward pass runs in.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,23 @@ from torch import nn
 
 from memscore.models._api import FolderWeights
 from memscore.models.registry import register_model
-from memscore.models.weights import (TRACE_FEATURES, CLIPTraces_Weights, DINOv2Traces_Weights,
-                                     SigLIP2Traces_Weights)
+from memscore.models.weights import (
+    TRACE_FEATURES,
+    CLIPTraces_Weights,
+    DINOv2Traces_Weights,
+    SigLIP2Traces_Weights,
+)
 
-__all__ = ["EncoderTraces", "compute_traces", "clip_traces", "dinov2_traces", "siglip2_traces",
-           "CLIPTraces_Weights", "DINOv2Traces_Weights", "SigLIP2Traces_Weights"]
+__all__ = [
+    "EncoderTraces",
+    "compute_traces",
+    "clip_traces",
+    "dinov2_traces",
+    "siglip2_traces",
+    "CLIPTraces_Weights",
+    "DINOv2Traces_Weights",
+    "SigLIP2Traces_Weights",
+]
 
 
 def compute_traces(hidden_states, cls_attention) -> dict[str, torch.Tensor]:
@@ -69,13 +82,13 @@ def compute_traces(hidden_states, cls_attention) -> dict[str, torch.Tensor]:
     # off-diagonal mean is the mean pairwise cosine. The diagonal is zeroed rather than
     # subtracted, and the sum taken in float64, so nothing cancels when patches are nearly
     # orthogonal.
-    patches = F.normalize(torch.stack([h[:, 1:] for h in hidden_states], dim=1).float(),
-                          dim=-1, eps=1e-8)  # [N, L+1, M, d]
+    patches = F.normalize(
+        torch.stack([h[:, 1:] for h in hidden_states], dim=1).float(), dim=-1, eps=1e-8
+    )  # [N, L+1, M, d]
     gram = patches @ patches.transpose(-1, -2)  # [N, L+1, M, M]
     gram.diagonal(dim1=-2, dim2=-1).zero_()
     m = patches.shape[-2]
-    traces["patch_uniformity"] = (gram.sum((-2, -1), dtype=torch.float64)
-                                  / (m * (m - 1))).float()
+    traces["patch_uniformity"] = (gram.sum((-2, -1), dtype=torch.float64) / (m * (m - 1))).float()
     return {name: traces[name] for name in TRACE_FEATURES}
 
 
@@ -96,8 +109,10 @@ class EncoderTraces(nn.Module):
         attention = type(model)._can_record_outputs["attentions"]
         blocks = [m for m in model.modules() if isinstance(m, attention)]
         if len(blocks) != model.config.num_hidden_layers:
-            raise ValueError(f"found {len(blocks)} {attention.__name__} modules for "
-                             f"{model.config.num_hidden_layers} layers")
+            raise ValueError(
+                f"found {len(blocks)} {attention.__name__} modules for "
+                f"{model.config.num_hidden_layers} layers"
+            )
         for block in blocks:
             block.register_forward_hook(self._keep_cls_row)
 
@@ -106,8 +121,10 @@ class EncoderTraces(nn.Module):
             return
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if weights is None:
-            raise RuntimeError(f"{type(module).__name__} returned no attention weights: load "
-                               f"the model with attn_implementation='eager'")
+            raise RuntimeError(
+                f"{type(module).__name__} returned no attention weights: load "
+                f"the model with attn_implementation='eager'"
+            )
         self._rows.append(weights[:, :, 0, :].float().mean(1))  # [N, T]
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -123,8 +140,9 @@ class EncoderTraces(nn.Module):
         return {f"{self.encoder}_{name}": value for name, value in traces.items()}
 
 
-def _traces(encoder: str, weights: FolderWeights | None,
-            storage_options: Mapping[str, Any] | None) -> EncoderTraces:
+def _traces(
+    encoder: str, weights: FolderWeights | None, storage_options: Mapping[str, Any] | None
+) -> EncoderTraces:
     from memscore.models.encoders import load_encoder, random_encoder
 
     if weights is None:  # the Base-size architecture, randomly initialised
@@ -134,22 +152,25 @@ def _traces(encoder: str, weights: FolderWeights | None,
 
 
 @register_model("clip-traces", CLIPTraces_Weights)
-def clip_traces(*, weights: FolderWeights | None = None,
-                storage_options: Mapping[str, Any] | None = None) -> EncoderTraces:
+def clip_traces(
+    *, weights: FolderWeights | None = None, storage_options: Mapping[str, Any] | None = None
+) -> EncoderTraces:
     """CLIP ViT-B/32's traces; ``weights`` from ``weights_for("clip-traces", ...)`` (None: a
     randomly initialised ViT-B/32)."""
     return _traces("clip", weights, storage_options)
 
 
 @register_model("dinov2-traces", DINOv2Traces_Weights)
-def dinov2_traces(*, weights: FolderWeights | None = None,
-                  storage_options: Mapping[str, Any] | None = None) -> EncoderTraces:
+def dinov2_traces(
+    *, weights: FolderWeights | None = None, storage_options: Mapping[str, Any] | None = None
+) -> EncoderTraces:
     """DINOv2-base's traces; ``weights`` as for ``clip_traces``."""
     return _traces("dinov2", weights, storage_options)
 
 
 @register_model("siglip2-traces", SigLIP2Traces_Weights)
-def siglip2_traces(*, weights: FolderWeights | None = None,
-                   storage_options: Mapping[str, Any] | None = None) -> EncoderTraces:
+def siglip2_traces(
+    *, weights: FolderWeights | None = None, storage_options: Mapping[str, Any] | None = None
+) -> EncoderTraces:
     """SigLIP2 base/16-224's traces (token 0 taken as CLS); ``weights`` as for ``clip_traces``."""
     return _traces("siglip2", weights, storage_options)

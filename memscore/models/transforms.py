@@ -151,8 +151,9 @@ class TenCropPreprocess:
         # the reversed channel view is copied by ascontiguousarray, so torch owns the memory
         arrays = np.ascontiguousarray(np.asarray(arrays)[..., ::-1])
         batch = torch.from_numpy(arrays).permute(0, 3, 1, 2)
-        return batch.to(torch.float32).contiguous(memory_format=memory_format
-                                                  or torch.contiguous_format)
+        return batch.to(torch.float32).contiguous(
+            memory_format=memory_format or torch.contiguous_format
+        )
 
     def __call__(self, image):
         """PIL image (RGB) -> float tensor (3, H, W) in BGR, 0..255: the whole CPU-side pipeline."""

@@ -19,12 +19,19 @@ registry (``registry.py``) is derived from those declarations (``BUILTIN_MODELS`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from memscore.models._api import (FolderWeights, FolderWeightsEnum, Weights, WeightsEnum,
-                                  WeightsNotFoundError, package_file)
+from memscore.models._api import (
+    FolderWeights,
+    FolderWeightsEnum,
+    Weights,
+    WeightsEnum,
+    WeightsNotFoundError,
+    package_file,
+)
 from memscore.models.transforms import ImagePreprocess, TenCropPreprocess
 
 __all__ = [
@@ -153,8 +160,10 @@ def _no_memnet_weights() -> Path:
     raise WeightsNotFoundError(MEMNET_NO_WEIGHTS_MESSAGE)
 
 
-_MEMNET_PAPER = ("Khosla, Raju, Torralba & Oliva, 'Understanding and Predicting Image "
-                 "Memorability at a Large Scale', ICCV 2015")
+_MEMNET_PAPER = (
+    "Khosla, Raju, Torralba & Oliva, 'Understanding and Predicting Image "
+    "Memorability at a Large Scale', ICCV 2015"
+)
 _MEMNET_LICENCE = "no published weights shipped; checkpoints carry their own"
 
 
@@ -164,8 +173,9 @@ class MemNet_Weights(WeightsEnum):
 
     LEGACY = Weights(
         locate=_no_memnet_weights,
-        transforms=TenCropPreprocess(resize=(MEMNET_INPUT_SIZE, MEMNET_INPUT_SIZE),
-                                     crop=MEMNET_CROP_SIZE),
+        transforms=TenCropPreprocess(
+            resize=(MEMNET_INPUT_SIZE, MEMNET_INPUT_SIZE), crop=MEMNET_CROP_SIZE
+        ),
         meta={
             "output_column": "memorability_memnet",
             "score_range": (0.0, 1.0),
@@ -185,8 +195,9 @@ class MemNet_Weights(WeightsEnum):
     )
     MODERN = Weights(
         locate=_no_memnet_weights,
-        transforms=ImagePreprocess(resize=(MEMNET_INPUT_SIZE, MEMNET_INPUT_SIZE),
-                                   crop=MEMNET_CROP_SIZE),
+        transforms=ImagePreprocess(
+            resize=(MEMNET_INPUT_SIZE, MEMNET_INPUT_SIZE), crop=MEMNET_CROP_SIZE
+        ),
         meta={
             "output_column": "memorability_memnet",
             "score_range": (0.0, 1.0),
@@ -248,12 +259,20 @@ class M3M_Weights(WeightsEnum):
 #: mean, max, max |.|); cls_delta (L: 1 - cos(hs[i][0], hs[i+1][0])); attention_entropy (L:
 #: entropy in bits of token 0's attention row, mean over heads, token 0 itself dropped,
 #: renormalised); patch_uniformity (L+1: mean cosine similarity between distinct patch tokens).
-TRACE_FEATURES = ("cls_mean", "cls_max", "cls_maxabs", "cls_delta", "attention_entropy",
-                  "patch_uniformity")
+TRACE_FEATURES = (
+    "cls_mean",
+    "cls_max",
+    "cls_maxabs",
+    "cls_delta",
+    "attention_entropy",
+    "patch_uniformity",
+)
 
-_TRACES_PAPER = ("Takmaz et al., 'Traces of Image Memorability in Vision "
-                 "Encoders: Activations, Attention Distributions and Autoencoder Losses', "
-                 "ICCV 2025 workshop (code: github.com/ecekt/image_memorability_memvis)")
+_TRACES_PAPER = (
+    "Takmaz et al., 'Traces of Image Memorability in Vision "
+    "Encoders: Activations, Attention Distributions and Autoencoder Losses', "
+    "ICCV 2025 workshop (code: github.com/ecekt/image_memorability_memvis)"
+)
 
 
 def trace_columns(encoder: str) -> dict[str, str]:
@@ -261,8 +280,9 @@ def trace_columns(encoder: str) -> dict[str, str]:
     return {f"{encoder}_{feature}": "list<float32>" for feature in TRACE_FEATURES}
 
 
-def _bind_encoder(enum_cls, weights: str | None,
-                  storage_options: Mapping[str, Any] | None) -> FolderWeights:
+def _bind_encoder(
+    enum_cls, weights: str | None, storage_options: Mapping[str, Any] | None
+) -> FolderWeights:
     """``FolderWeights`` of the encoder ``enum_cls`` is for: the folder found and checked (its
     listing and config.json) and its preprocessing read, without loading the model."""
     from memscore.models import encoders
@@ -276,7 +296,8 @@ def _bind_encoder(enum_cls, weights: str | None,
         folder=folder,
         transforms=encoders.preprocess_of(encoder, folder, storage_options),
         meta=enum_cls.DEFAULT.meta,
-        digest=encoders.folder_digest)
+        digest=encoders.folder_digest,
+    )
 
 
 def _traces_weights(encoder: str, processor: Mapping[str, Any], meta: Mapping[str, Any]):
@@ -312,11 +333,15 @@ _IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.
 class CLIPTraces_Weights(FolderWeightsEnum):
     """CLIP ViT-B/32's vision tower (``CLIPVisionModel``): 50 tokens, CLS + 7x7 patches of 32 px."""
 
-    PAPER = _traces_weights("clip", {"image_processor_type": "CLIPImageProcessor"}, {
-        "model_class": "CLIPVisionModel",
-        "tokens": "50: CLS + 49 patches",
-        "licence": "the folder's own; openai/clip-vit-base-patch32: OpenAI's CLIP, MIT licence",
-    })
+    PAPER = _traces_weights(
+        "clip",
+        {"image_processor_type": "CLIPImageProcessor"},
+        {
+            "model_class": "CLIPVisionModel",
+            "tokens": "50: CLS + 49 patches",
+            "licence": "the folder's own; openai/clip-vit-base-patch32: OpenAI's CLIP, MIT licence",
+        },
+    )
     DEFAULT = PAPER
 
     @classmethod
@@ -328,13 +353,21 @@ class CLIPTraces_Weights(FolderWeightsEnum):
 class DINOv2Traces_Weights(FolderWeightsEnum):
     """DINOv2-base (``Dinov2Model``): 257 tokens, CLS + 16x16 patches of 14 px, no registers."""
 
-    PAPER = _traces_weights("dinov2", {
-        "image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 256},
-        "crop_size": {"height": 224, "width": 224}, "resample": 3, **_IMAGENET}, {
-        "model_class": "Dinov2Model",
-        "tokens": "257: CLS + 256 patches, no registers",
-        "licence": "the folder's own; facebook/dinov2-base: Apache-2.0",
-    })
+    PAPER = _traces_weights(
+        "dinov2",
+        {
+            "image_processor_type": "BitImageProcessor",
+            "size": {"shortest_edge": 256},
+            "crop_size": {"height": 224, "width": 224},
+            "resample": 3,
+            **_IMAGENET,
+        },
+        {
+            "model_class": "Dinov2Model",
+            "tokens": "257: CLS + 256 patches, no registers",
+            "licence": "the folder's own; facebook/dinov2-base: Apache-2.0",
+        },
+    )
     DEFAULT = PAPER
 
     @classmethod
@@ -347,14 +380,18 @@ class SigLIP2Traces_Weights(FolderWeightsEnum):
     """SigLIP2 base/16-224 loaded as the paper does (``SiglipVisionModel``): 196 patch tokens
     and no CLS token."""
 
-    PAPER = _traces_weights("siglip2", {"image_processor_type": "SiglipImageProcessor"}, {
-        "model_class": "SiglipVisionModel",
-        "tokens": "196 patches, no CLS",
-        "notes": "SigLIP has no CLS token: as the paper's code does, token 0 (the top-left "
-        "patch) is treated as 'CLS' for cls_* and attention_entropy, and tokens 1.. are the "
-        "patches of patch_uniformity",
-        "licence": "the folder's own; google/siglip2-base-patch16-224: Apache-2.0",
-    })
+    PAPER = _traces_weights(
+        "siglip2",
+        {"image_processor_type": "SiglipImageProcessor"},
+        {
+            "model_class": "SiglipVisionModel",
+            "tokens": "196 patches, no CLS",
+            "notes": "SigLIP has no CLS token: as the paper's code does, token 0 (the top-left "
+            "patch) is treated as 'CLS' for cls_* and attention_entropy, and tokens 1.. are the "
+            "patches of patch_uniformity",
+            "licence": "the folder's own; google/siglip2-base-patch16-224: Apache-2.0",
+        },
+    )
     DEFAULT = PAPER
 
     @classmethod
@@ -367,7 +404,8 @@ def _no_sae_weights(encoder: str) -> Path:
     raise WeightsNotFoundError(
         f"{encoder}-sae has no published weights: train an autoencoder with `memscore train-sae "
         f"IMAGES --encoder {encoder} --output RUNS --name NAME` and score with --weights "
-        f"RUNS/NAME/best")
+        f"RUNS/NAME/best"
+    )
 
 
 def sae_digest(folder: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -376,29 +414,33 @@ def sae_digest(folder: str, storage_options: Mapping[str, Any] | None = None) ->
     import hashlib
 
     from memscore import storage
-    from memscore.models.checkpoint import INFO_FILE, read_checkpoint_info, state_dict_file
     from memscore.models import encoders
     from memscore.models._api import file_sha256
+    from memscore.models.checkpoint import INFO_FILE, read_checkpoint_info, state_dict_file
 
     info = read_checkpoint_info(folder, storage_options) or {}
     encoder = encoders.locate_folder(info["encoder"], info["encoder_weights"])
     digest = hashlib.sha256()
-    for name, sha in (("tensors", file_sha256(state_dict_file(folder, storage_options),
-                                              storage_options=storage_options)),
-                      (INFO_FILE, file_sha256(storage.join(folder, INFO_FILE),
-                                              storage_options=storage_options)),
-                      ("encoder", encoders.folder_digest(encoder, storage_options))):
+    for name, sha in (
+        (
+            "tensors",
+            file_sha256(state_dict_file(folder, storage_options), storage_options=storage_options),
+        ),
+        (INFO_FILE, file_sha256(storage.join(folder, INFO_FILE), storage_options=storage_options)),
+        ("encoder", encoders.folder_digest(encoder, storage_options)),
+    ):
         digest.update(f"{name}\0{sha}\0".encode())
     return digest.hexdigest()
 
 
-def _bind_sae(enum_cls, weights: str | None,
-              storage_options: Mapping[str, Any] | None) -> FolderWeights:
+def _bind_sae(
+    enum_cls, weights: str | None, storage_options: Mapping[str, Any] | None
+) -> FolderWeights:
     """``FolderWeights`` of an autoencoder checkpoint (``memscore train-sae``'s ``best/``): the
     checkpoint's JSON read, and the encoder folder it names found and checked, whose own
     preprocessing scores the images."""
-    from memscore.models.checkpoint import read_checkpoint_info
     from memscore.models import encoders
+    from memscore.models.checkpoint import read_checkpoint_info
 
     encoder = enum_cls.DEFAULT.meta["encoder"]
     name = f"{encoder}-sae"
@@ -411,20 +453,25 @@ def _bind_sae(enum_cls, weights: str | None,
     if info is None:
         raise WeightsNotFoundError(
             f"--weights {weights}: not a memscore checkpoint folder (no memscore.json); "
-            f"{name} takes the best/ folder of a `memscore train-sae` run")
+            f"{name} takes the best/ folder of a `memscore train-sae` run"
+        )
     if info.get("model") != name:
-        raise ValueError(f"--weights {weights} is a checkpoint of {info.get('model')!r}, not of "
-                         f"{name!r}")
+        raise ValueError(
+            f"--weights {weights} is a checkpoint of {info.get('model')!r}, not of {name!r}"
+        )
     folder = encoders.locate_folder(encoder, info["encoder_weights"])
     encoders.check_folder(encoder, folder, storage_options)
     return FolderWeights(
-        name="checkpoint", source=weights, folder=weights,
+        name="checkpoint",
+        source=weights,
+        folder=weights,
         transforms=encoders.preprocess_of(encoder, folder, storage_options),
         meta={**enum_cls.DEFAULT.meta, "encoder_weights": info["encoder_weights"]},
-        digest=sae_digest)
+        digest=sae_digest,
+    )
 
 
-def _sae_weights(traces: "Weights", encoder: str) -> Weights:
+def _sae_weights(traces: Weights, encoder: str) -> Weights:
     return Weights(
         locate=partial(_no_sae_weights, encoder),
         # The paper's folder's preprocessing, for a model built without weights (random:
@@ -483,4 +530,3 @@ class SigLIP2SAE_Weights(FolderWeightsEnum):
     @classmethod
     def bind(cls, weights=None, storage_options=None):
         return _bind_sae(cls, weights, storage_options)
-

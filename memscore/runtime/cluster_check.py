@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from memscore import storage
 from memscore.errors import MemscoreError, first_line
@@ -41,8 +42,9 @@ _ROWS = 1000  # manifest rows looked at for those images
 _TIMEOUT_S = 300
 
 
-def check_shared_storage(output: str, manifest: Manifest,
-                         storage_options: Mapping[str, Any] | None = None) -> None:
+def check_shared_storage(
+    output: str, manifest: Manifest, storage_options: Mapping[str, Any] | None = None
+) -> None:
     """Stop with one line unless every alive node sees ``output`` and the first local images.
 
     Nothing happens on a one-node Ray (every local run) or when neither the output nor the
@@ -95,7 +97,7 @@ def _local(path: str) -> str | None:
     if not storage.is_url(path):
         return path
     if path.startswith("file://"):
-        return path[len("file://"):]
+        return path[len("file://") :]
     return None
 
 
@@ -120,15 +122,20 @@ def _ask_every_node(nodes: list[dict], paths: list[str]) -> list[tuple[dict, lis
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0, max_retries=0)(_unreadable)
-    refs = {task.options(name="memscore.check_shared_storage",  # as the dashboard shows it
-                         scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"],
-                                                                            soft=False))
-            .remote(paths): node for node in nodes}
+    refs = {
+        task.options(
+            name="memscore.check_shared_storage",  # as the dashboard shows it
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+        ).remote(paths): node
+        for node in nodes
+    }
     ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=_TIMEOUT_S)
     if waiting:
         node = refs[waiting[0]]
-        raise MemscoreError(f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) did not "
-                            f"run the shared-storage check within {_TIMEOUT_S} s")
+        raise MemscoreError(
+            f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) did not "
+            f"run the shared-storage check within {_TIMEOUT_S} s"
+        )
     blind = []
     alive = None
     for ref in ready:
@@ -136,12 +143,13 @@ def _ask_every_node(nodes: list[dict], paths: list[str]) -> list[tuple[dict, lis
         try:
             missing = ray.get(ref)
         except Exception as exc:  # the node died after it was listed, or its worker failed
-            alive = alive if alive is not None else {n["NodeID"] for n in ray.nodes()
-                                                     if n["Alive"]}
+            alive = alive if alive is not None else {n["NodeID"] for n in ray.nodes() if n["Alive"]}
             if node["NodeID"] not in alive:
                 continue
-            raise MemscoreError(f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}): the "
-                                f"shared-storage check failed: {first_line(exc)}") from exc
+            raise MemscoreError(
+                f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}): the "
+                f"shared-storage check failed: {first_line(exc)}"
+            ) from exc
         if missing:
             blind.append((node, missing))
     return blind

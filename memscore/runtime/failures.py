@@ -33,13 +33,26 @@ import threading
 import time
 from dataclasses import dataclass
 
-from memscore.stages.error_fraction import ErrorFractionExceeded
 from memscore.errors import first_line, strip_ansi
+from memscore.stages.error_fraction import ErrorFractionExceeded
 from memscore.stages.fetch import StorageConfigError, TransientFailure
 
-__all__ = ["STOPPED", "WATCH_INTERVAL_S", "QUIET", "NORMAL", "VERBOSE", "Cause", "Terminated",
-           "innermost", "describe", "run_stopped", "command_line", "ray_starting", "ray_started",
-           "ray_log_path"]
+__all__ = [
+    "STOPPED",
+    "WATCH_INTERVAL_S",
+    "QUIET",
+    "NORMAL",
+    "VERBOSE",
+    "Cause",
+    "Terminated",
+    "innermost",
+    "describe",
+    "run_stopped",
+    "command_line",
+    "ray_starting",
+    "ray_started",
+    "ray_log_path",
+]
 
 #: Exceptions a task raises on purpose to stop the run, each with a message written to be the
 #: run's one line. Found in the driver's exception chain as objects or, where Ray has lost the
@@ -55,9 +68,9 @@ _RESUME = "run the same command with --resume (committed rows are kept)"
 #: What to do after each of ``STOPPED``; a class not named here: fix it and --resume.
 _AFTER = {
     ErrorFractionExceeded: "fix the cause and score again (--overwrite), or raise "
-                           "--max-error-fraction (1 turns the check off) and --resume",
+    "--max-error-fraction (1 turns the check off) and --resume",
     StorageConfigError: "fix the storage options (--storage-option or the AWS_* variables) and "
-                        "run the same command with --resume (committed rows are kept)",
+    "run the same command with --resume (committed rows are kept)",
 }
 
 #: Errors of a storage that refuses the run's writes, with what frees the way for --resume.
@@ -123,8 +136,11 @@ def innermost(exc: BaseException) -> Cause:
             following = current.cause
         else:
             following = current.__cause__
-        if not isinstance(following, BaseException) or any(following is s for s in seen) \
-                or len(seen) > 50:
+        if (
+            not isinstance(following, BaseException)
+            or any(following is s for s in seen)
+            or len(seen) > 50
+        ):
             break
         seen.append(following)
         current = following
@@ -168,7 +184,8 @@ def run_stopped(exc: BaseException, *, output: str | None = None) -> str | None:
         if type(current) in STOPPED:
             return _stopped_line(type(current), first_line(current))
     by_name = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in STOPPED}
-    pattern = re.compile(r"^(%s): (.+)$" % "|".join(map(re.escape, by_name)), re.MULTILINE)
+    names = "|".join(map(re.escape, by_name))
+    pattern = re.compile(rf"^({names}): (.+)$", re.MULTILINE)
     for current in chain:
         match = pattern.search(strip_ansi(str(current)))
         if match:
@@ -188,8 +205,7 @@ def _storage_line(cause: Cause, output: str | None) -> str:
     in_write_task = "Write" in (cause.task or "")
     if cause.filename:
         writing = cause.errno in _ONLY_WRITES_FAIL_SO or in_write_task
-        head = f"{what} while writing {cause.filename}" if writing else \
-            f"{what}: {cause.filename}"
+        head = f"{what} while writing {cause.filename}" if writing else f"{what}: {cause.filename}"
     elif output and in_write_task:
         head = f"{what} while writing the output to {output}"  # pyarrow names no file
     elif cause.task:
@@ -231,7 +247,8 @@ _BY_CONTEXT = "During handling of the above exception, another exception occurre
 _EXCEPTION_LINE = re.compile(r"^(?P<kind>[A-Za-z_][\w.]*)(?:: (?P<message>.*))?$")
 _ERRNO_MESSAGE = re.compile(
     r"^\[Errno (?P<errno>\d+)\] (?P<strerror>.*?)"
-    r"(?:: (?P<quote>['\"])(?P<filename>.*)(?P=quote))?$")
+    r"(?:: (?P<quote>['\"])(?P<filename>.*)(?P=quote))?$"
+)
 
 
 def _innermost_in_text(text: str) -> tuple[str, str] | None:
@@ -270,21 +287,22 @@ def _cause_from_text(kind: str, message: str, *, task: str | None) -> Cause:
     match = _ERRNO_MESSAGE.match(message)
     if match is None:
         return Cause(kind, message, task=task)
-    return Cause(kind, message, errno=int(match.group("errno")),
-                 filename=match.group("filename"), task=task)
+    return Cause(
+        kind, message, errno=int(match.group("errno")), filename=match.group("filename"), task=task
+    )
 
 
 def _cause_from_object(exc: BaseException, task: str | None) -> Cause:
     cls = type(exc)
-    kind = cls.__qualname__ if cls.__module__ == "builtins" else \
-        f"{cls.__module__}.{cls.__qualname__}"
+    kind = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
     number = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
     if not isinstance(number, int):
         return Cause(kind, first_line(exc) if str(exc).strip() else "", task=task)
     # Ray Data appends its retry note to a failed task's exception's args, which lands in an
     # OSError's filename slot: a file name has no line break, the note always has.
-    filename = exc.filename if isinstance(exc.filename, str) and "\n" not in exc.filename \
-        else None
+    filename = exc.filename if isinstance(exc.filename, str) and "\n" not in exc.filename else None
     message = f"[Errno {number}] {first_line(OSError(exc.strerror or ''))}"
     if filename:
         message += f": {filename!r}"
@@ -420,9 +438,13 @@ _RAY_DATA_ERRORS = _RunEndingErrors()
 
 
 def _terminal_handlers(logger: logging.Logger) -> list[logging.Handler]:
-    return [h for h in logger.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-            and not isinstance(h, _LogFileHandler)]
+    return [
+        h
+        for h in logger.handlers
+        if isinstance(h, logging.StreamHandler)
+        and not isinstance(h, logging.FileHandler)
+        and not isinstance(h, _LogFileHandler)
+    ]
 
 
 def _hide_ray_data_errors() -> None:
@@ -462,8 +484,12 @@ def _ray_loggers() -> list[logging.Logger]:
 
     found = [logging.getLogger("ray")]
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        if name.startswith("ray.") and isinstance(logger, logging.Logger) \
-                and logger.handlers and not logger.propagate:
+        if (
+            name.startswith("ray.")
+            and isinstance(logger, logging.Logger)
+            and logger.handlers
+            and not logger.propagate
+        ):
             found.append(logger)
     return found
 
@@ -491,8 +517,13 @@ class _RayLog:
         os.close(fd)
         # O_APPEND: the C++ writes through descriptor 2 and the handler's never overwrite
         # each other
-        self.file = open(os.open(self.path, os.O_WRONLY | os.O_APPEND), "a", buffering=1,
-                         encoding="utf-8", errors="backslashreplace")
+        self.file = open(
+            os.open(self.path, os.O_WRONLY | os.O_APPEND),
+            "a",
+            buffering=1,
+            encoding="utf-8",
+            errors="backslashreplace",
+        )
         self.handler = _LogFileHandler(self.file)
         self.handler.setFormatter(logging.Formatter(self.FORMAT))
         self.handler.setLevel(logging.INFO)
@@ -506,8 +537,13 @@ class _RayLog:
         self.stderr = sys.stderr
         self.terminal = None
         if _writes_to_fd(sys.stderr, 2):
-            self.terminal = open(os.dup(self.terminal_fd), "w", buffering=1,
-                                 encoding=sys.stderr.encoding, errors=sys.stderr.errors)
+            self.terminal = open(
+                os.dup(self.terminal_fd),
+                "w",
+                buffering=1,
+                encoding=sys.stderr.encoding,
+                errors=sys.stderr.errors,
+            )
             sys.stderr = self.terminal
         os.dup2(self.file.fileno(), 2)
 
@@ -540,8 +576,7 @@ class _RayLog:
             self.progress_bars = context.enable_progress_bars
         on_terminal = _isatty(sys.stderr)
         # Without a terminal, Ray Data's bars are lines of carriage returns in a file or pipe.
-        context.enable_progress_bars = verbosity != QUIET and on_terminal \
-            and self.progress_bars
+        context.enable_progress_bars = verbosity != QUIET and on_terminal and self.progress_bars
         if verbosity == NORMAL and on_terminal:
             if logs is None:  # Ray Client: the workers' logs are on the cluster's nodes
                 workers = ""
@@ -549,8 +584,12 @@ class _RayLog:
                 workers = ", its workers' to the same folder"
             else:
                 workers = f", its workers' to {logs}/"
-            print(f"memscore: Ray's log lines go to {self.path}{workers} (--verbose prints "
-                  f"them here)", file=sys.stderr, flush=True)
+            print(
+                f"memscore: Ray's log lines go to {self.path}{workers} (--verbose prints "
+                f"them here)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         for logger in self.loggers:
@@ -597,14 +636,20 @@ def _watch_local_ray(command: _Command) -> None:
 
     node = worker._global_node
     watched = []
-    for kind, name, log in ((ray_constants.PROCESS_TYPE_GCS_SERVER, "GCS", "gcs_server.out"),
-                            (ray_constants.PROCESS_TYPE_RAYLET, "raylet", "raylet.out")):
+    for kind, name, log in (
+        (ray_constants.PROCESS_TYPE_GCS_SERVER, "GCS", "gcs_server.out"),
+        (ray_constants.PROCESS_TYPE_RAYLET, "raylet", "raylet.out"),
+    ):
         processes = node.all_processes.get(kind) if node is not None else None
         if processes:  # none where this process joined a Ray instead of starting it
             watched.append((name, processes[0].process, log))
     if watched:
-        threading.Thread(target=_watch, args=(node, watched, command),
-                         name="memscore-local-ray-watchdog", daemon=True).start()
+        threading.Thread(
+            target=_watch,
+            args=(node, watched, command),
+            name="memscore-local-ray-watchdog",
+            daemon=True,
+        ).start()
 
 
 def _watch(node, watched: list, command: _Command) -> None:
@@ -622,25 +667,35 @@ def _watch(node, watched: list, command: _Command) -> None:
     from ray._private import worker
 
     while True:
-        gone = [(name, process, log) for name, process, log in watched
-                if process.poll() is not None]
+        gone = [
+            (name, process, log) for name, process, log in watched if process.poll() is not None
+        ]
         if gone:
             break
         time.sleep(WATCH_INTERVAL_S)
         if worker._global_node is not node:
             return
     # ray.shutdown disconnects before it stops the node: then this is no failure
-    if not worker.global_worker.connected or worker._global_node is not node \
-            or _command is not command:
+    if (
+        not worker.global_worker.connected
+        or worker._global_node is not node
+        or _command is not command
+    ):
         return
     name, process, log = gone[0]
     code = process.returncode
-    how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in
-           signal.valid_signals() else f"exit code {code}")
+    how = (
+        f"killed by {signal.Signals(-code).name}"
+        if code < 0 and -code in signal.valid_signals()
+        else f"exit code {code}"
+    )
     log = os.path.join(node.get_logs_dir_path(), log)
     line = f"the local Ray stopped during the run (its {name} process exited, {how}; log: {log})"
-    print(f"memscore: error: {line}" + (f": {command.resume_hint}" if command.resume_hint
-                                        else ""), file=sys.stderr, flush=True)
+    print(
+        f"memscore: error: {line}" + (f": {command.resume_hint}" if command.resume_hint else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         sys.stdout.flush()
         import psutil  # Ray's own copy (ray/thirdparty_files), importable once Ray is

@@ -15,20 +15,16 @@ from dataclasses import asdict
 from typing import Any
 
 from memscore import storage
-
-from memscore.sinks import resume
-from memscore.runtime.cluster_check import check_shared_storage
 from memscore.columns import BOOKKEEPING, score_column
-from memscore.scoring.config import ScoreConfig
 from memscore.errors import MemscoreError, counted, first_line
+from memscore.models._api import file_sha256
+from memscore.runtime.cluster_check import check_shared_storage
+
 # run_stopped lives in memscore.runtime.failures; importable from here for code written before.
 from memscore.runtime.failures import run_stopped  # noqa: F401
-from memscore.stages.fetch import RETRYABLE_KINDS
-from memscore.stages.error_fraction import MIN_ROWS, start_counter
-from memscore.sources.manifest import Manifest, manifest_fingerprint, open_manifest
-from memscore.sinks.lease import Lease, acquire_lease
-from memscore.models._api import file_sha256
-from memscore.sinks import open_sink
+from memscore.runtime.ray_start import init_ray
+from memscore.scoring.config import ScoreConfig
+from memscore.sinks import open_sink, resume
 from memscore.sinks.folder import (
     SummaryUnreadable,
     check_output_location,
@@ -38,22 +34,19 @@ from memscore.sinks.folder import (
     remove_summary,
     write_summary,
 )
-
+from memscore.sinks.lease import Lease, acquire_lease
+from memscore.sources.manifest import Manifest, manifest_fingerprint, open_manifest
 from memscore.sources.snapshot import Snapshot
-# The shared stages live in memscore.stages.pipeline; imported here for score() and kept importable
-# from memscore.scoring.job for code written before the move.
-from memscore.stages.pipeline import (  # noqa: F401
-    _actor_pool,
-    _decode_task_memory,
-    _light,
-    decode_batch,
+from memscore.stages.error_fraction import MIN_ROWS, start_counter
+from memscore.stages.fetch import RETRYABLE_KINDS
+from memscore.stages.pipeline import (
     decode_stage,
-    init_ray,
+    light_cpu_share,
+    model_actor_pool,
     plan_model_actors,
-    start_local_ray,
 )
 
-__all__ = ["score", "init_ray", "start_local_ray", "decode_batch", "decode_stage", "plan_model_actors"]
+__all__ = ["score", "run_identity", "weights_record", "incomplete_line"]
 
 
 def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
@@ -74,14 +67,14 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
     }
 
 
-def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
+def weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
     """Which weights file each model uses; raises MemscoreError when one is missing.
 
     A traces model's weights are a folder (``FolderWeights``): its record names the folder
     and, already, its ``weights_sha256`` (over its tensors and settings), which a resumed run
     must match (``score``), instead of one file hashed while the run goes."""
-    from memscore.models.checkpoint import read_checkpoint_info, state_dict_file
     from memscore.models._api import FolderWeights, WeightsNotFoundError, output_columns_of
+    from memscore.models.checkpoint import read_checkpoint_info, state_dict_file
     from memscore.models.registry import is_checkpoint, weights_for
 
     records = []
@@ -92,8 +85,10 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
             if isinstance(weights, FolderWeights):
                 path, chosen = weights.folder, weights.name
                 licence = weights.meta.get("licence")
-                extra = {"weights_source": weights.source,
-                         "weights_sha256": weights.sha256(config.storage_options)}
+                extra = {
+                    "weights_source": weights.source,
+                    "weights_sha256": weights.sha256(config.storage_options),
+                }
             elif is_checkpoint(name, given):
                 try:
                     path = state_dict_file(given, config.storage_options)
@@ -108,21 +103,31 @@ def _weights_record(config: ScoreConfig) -> list[dict[str, Any]]:
         except (ValueError, WeightsNotFoundError) as exc:
             raise MemscoreError(first_line(exc)) from None
         columns = [score_column(c, config.column_prefix) for c in output_columns_of(weights.meta)]
-        records.append({
-            "model": name,
-            "weights": chosen,
-            "weights_file": path,
-            **({"output_column": columns[0]} if len(columns) == 1 else
-               {"output_columns": columns}),
-            "preprocessing": weights.name,  # the weights member whose pipeline scores it
-            "licence": licence,
-            **extra,
-        })
+        records.append(
+            {
+                "model": name,
+                "weights": chosen,
+                "weights_file": path,
+                **(
+                    {"output_column": columns[0]}
+                    if len(columns) == 1
+                    else {"output_columns": columns}
+                ),
+                "preprocessing": weights.name,  # the weights member whose pipeline scores it
+                "licence": licence,
+                **extra,
+            }
+        )
     return records
 
 
-def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: Snapshot,
-                  plan: dict[str, Any], error_counter=None):
+def build_dataset(
+    config: ScoreConfig,
+    manifest: Manifest,
+    snapshot: Snapshot,
+    plan: dict[str, Any],
+    error_counter=None,
+):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
     from memscore.models.registry import weights_for
     from memscore.stages.predict import ScoreImages, output_columns
@@ -131,13 +136,16 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: Snapshot,
     # rows back into blocks of rows_per_block (a streaming repartition, no barrier) so decoding
     # runs in parallel and overlaps the model from the first block on.
     dataset = manifest.dataset(
-        snapshot, reserved_columns=tuple(output_columns(config.models, config.column_prefix)),
-        counts_folder=resume.shard_counts_folder(config.output))
-    dataset = _light(dataset.repartition(target_num_rows_per_block=config.rows_per_block))
-    preprocess = {name: weights_for(name, given, config.storage_options).transforms
-                  for name, given in config.model_weights().items()}
-    dataset = decode_stage(dataset, config, manifest, preprocess, manifest.base_dir,
-                           error_counter)
+        snapshot,
+        reserved_columns=tuple(output_columns(config.models, config.column_prefix)),
+        counts_folder=resume.shard_counts_folder(config.output),
+    )
+    dataset = light_cpu_share(dataset.repartition(target_num_rows_per_block=config.rows_per_block))
+    preprocess = {
+        name: weights_for(name, given, config.storage_options).transforms
+        for name, given in config.model_weights().items()
+    }
+    dataset = decode_stage(dataset, config, manifest, preprocess, manifest.base_dir, error_counter)
     return dataset.map_batches(
         ScoreImages,
         fn_constructor_kwargs={
@@ -157,7 +165,7 @@ def build_dataset(config: ScoreConfig, manifest: Manifest, snapshot: Snapshot,
         # is a block as it is). A --batch-size above the block size still has Ray merge
         # blocks to fill a forward pass. (Ray wants a number here for GPU stages.)
         batch_size=max(config.batch_size, config.rows_per_block),
-        compute=_actor_pool(plan),
+        compute=model_actor_pool(plan),
         num_gpus=plan["num_gpus"],
         num_cpus=plan["num_cpus"],
     )
@@ -173,8 +181,9 @@ def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -
     resume completes."""
     snapshot = _new_snapshot(manifest, config)
     resume.write_state(config.output, identity, snapshot, config.storage_options)
-    dropped = resume.drop_error_rows(config.output, config.storage_options, RETRYABLE_KINDS,
-                                     rebuild_checkpoint=True)
+    dropped = resume.drop_error_rows(
+        config.output, config.storage_options, RETRYABLE_KINDS, rebuild_checkpoint=True
+    )
     if not dropped:
         resume.remove_work_dir(config.output, config.storage_options)
         return False
@@ -183,34 +192,49 @@ def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -
 
 def _new_snapshot(manifest: Manifest, config: ScoreConfig) -> Snapshot:
     """The rows this run scores: the manifest copied into the work folder, or the shards."""
-    return manifest.freeze(resume.snapshot_folder(config.output), limit=config.limit,
-                           rows_per_file=config.rows_per_file, id_column=config.id_column)
+    return manifest.freeze(
+        resume.snapshot_folder(config.output),
+        limit=config.limit,
+        rows_per_file=config.rows_per_file,
+        id_column=config.id_column,
+    )
 
 
-def _incomplete_line(output: str, rows: int, counts: dict[str, Any]) -> str:
+def incomplete_line(output: str, rows: int, counts: dict[str, Any]) -> str:
     """The one line for an output whose final count is not every row exactly once, with the
     way on that fits what is wrong."""
     parts = []
     if counts["rows_missing"]:
-        parts.append(f"{counts['rows_missing']} missing (e.g. {resume.ROW_COLUMN} "
-                     f"{counts['missing_examples']})")
+        parts.append(
+            f"{counts['rows_missing']} missing (e.g. {resume.ROW_COLUMN} "
+            f"{counts['missing_examples']})"
+        )
     if counts["rows_duplicated"]:
-        parts.append(f"{counts['rows_duplicated']} written more than once (e.g. "
-                     f"{counts['duplicated_examples']})")
+        parts.append(
+            f"{counts['rows_duplicated']} written more than once (e.g. "
+            f"{counts['duplicated_examples']})"
+        )
     if counts["rows_unexpected"]:
-        parts.append(f"{counts['rows_unexpected']} not in the manifest (e.g. "
-                     f"{counts['unexpected_examples']})")
-    line = f"{output}: {counted(counts['rows_out'], 'row')} written for {rows} manifest rows: " + \
-        ", ".join(parts)
+        parts.append(
+            f"{counts['rows_unexpected']} not in the manifest (e.g. "
+            f"{counts['unexpected_examples']})"
+        )
+    line = (
+        f"{output}: {counted(counts['rows_out'], 'row')} written for {rows} manifest rows: "
+        + ", ".join(parts)
+    )
     if counts["rows_duplicated"]:
-        return (line + "; another run wrote into this output at the same time (an older "
-                "memscore, or a storage that ignores conditional writes): run again with "
-                "--resume, which keeps one copy of each row")
+        return (
+            line + "; another run wrote into this output at the same time (an older "
+            "memscore, or a storage that ignores conditional writes): run again with "
+            "--resume, which keeps one copy of each row"
+        )
     return line + "; run again with --resume"
 
 
-def _resumed_snapshot(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any],
-                      notes: list[str]) -> Snapshot:
+def _resumed_snapshot(
+    config: ScoreConfig, manifest: Manifest, identity: dict[str, Any], notes: list[str]
+) -> Snapshot:
     """The snapshot an interrupted run resumes from: its state's, once the state is checked
     to be this run's; or, where the state is unreadable or gone (a cut-short state.json, or a
     finished run whose summary was unreadable), a state rebuilt from this command."""
@@ -224,8 +248,7 @@ def _resumed_snapshot(config: ScoreConfig, manifest: Manifest, identity: dict[st
     return _rebuild_state(config, manifest, identity)
 
 
-def _rebuild_state(config: ScoreConfig, manifest: Manifest,
-                   identity: dict[str, Any]) -> Snapshot:
+def _rebuild_state(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -> Snapshot:
     """A lost state made again: the manifest snapshot written anew, every committed row checked
     to be the snapshot's row of its ``memscore_row`` (by its path: a manifest changed since is
     refused), Ray's checkpoint rebuilt from the output files where it went with the work
@@ -233,10 +256,12 @@ def _rebuild_state(config: ScoreConfig, manifest: Manifest,
     the files (decode options, precision): they are this command's."""
     snapshot = _new_snapshot(manifest, config)
     if manifest.row_ids_are_positions:  # a snapshot row for each committed row to match
-        resume.check_rows_match(config.output, snapshot, manifest.path_column,
-                                config.storage_options)
-    if open_sink(config.output, config.storage_options).files() and not \
-            resume.committed_rows(config.output, config.storage_options):
+        resume.check_rows_match(
+            config.output, snapshot, manifest.path_column, config.storage_options
+        )
+    if open_sink(config.output, config.storage_options).files() and not resume.committed_rows(
+        config.output, config.storage_options
+    ):
         resume.rebuild_checkpoint(config.output, config.storage_options)
     resume.write_state(config.output, identity, snapshot, config.storage_options)
     return snapshot
@@ -262,21 +287,29 @@ def score(config: ScoreConfig) -> dict[str, Any]:
 
     started = dt.datetime.now(dt.timezone.utc)
     config = config.validated()
-    weights = _weights_record(config)
+    weights = weights_record(config)
     added = output_columns(config.models, config.column_prefix)
-    manifest = open_manifest(config.manifest, path_column=config.path_column,
-                             storage_options=config.storage_options,
-                             reserved_columns=(*added, resume.ROW_COLUMN), rows_in_driver=False)
+    manifest = open_manifest(
+        config.manifest,
+        path_column=config.path_column,
+        storage_options=config.storage_options,
+        reserved_columns=(*added, resume.ROW_COLUMN),
+        rows_in_driver=False,
+    )
     manifest.check_run_options(limit=config.limit, id_column=config.id_column)
     if config.id_column and config.id_column not in manifest.columns:
-        raise MemscoreError(f"{config.manifest}: no --id-column {config.id_column!r} "
-                            f"(columns: {', '.join(manifest.columns)})")
-    check_output_location(config.output, storage_options=config.storage_options,
-                          inputs=(config.manifest,))
+        raise MemscoreError(
+            f"{config.manifest}: no --id-column {config.id_column!r} "
+            f"(columns: {', '.join(manifest.columns)})"
+        )
+    check_output_location(
+        config.output, storage_options=config.storage_options, inputs=(config.manifest,)
+    )
     # One writer per output, for the whole run: a second run (or a --resume while this one
     # goes on) is refused here, before it reads or writes anything of the output.
-    lease = acquire_lease(config.output, config.storage_options,
-                          take_over=config.resume or config.overwrite)
+    lease = acquire_lease(
+        config.output, config.storage_options, take_over=config.resume or config.overwrite
+    )
     lease.stop_run_when_lost()
     try:
         return _score_holding(config, manifest, weights, added, lease, started)
@@ -294,23 +327,37 @@ def score(config: ScoreConfig) -> dict[str, Any]:
 def _lease_notes(lease: Lease) -> list[str]:
     notes = []
     if lease.took_over is not None:
-        notes.append(f"took over the lease of a memscore run that is gone "
-                     f"({lease.took_over.describe()})")
+        notes.append(
+            f"took over the lease of a memscore run that is gone ({lease.took_over.describe()})"
+        )
     if lease.unconditional:
-        notes.append(f"the storage of {lease.output} ignores conditional writes "
-                     f"(If-None-Match): two runs writing there at once are not excluded")
+        notes.append(
+            f"the storage of {lease.output} ignores conditional writes "
+            f"(If-None-Match): two runs writing there at once are not excluded"
+        )
     return notes
 
 
-def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[str, Any]],
-                   added: list[str], lease: Lease, started: dt.datetime) -> dict[str, Any]:
+def _score_holding(
+    config: ScoreConfig,
+    manifest: Manifest,
+    weights: list[dict[str, Any]],
+    added: list[str],
+    lease: Lease,
+    started: dt.datetime,
+) -> dict[str, Any]:
     """``score``'s work, once this process holds the output's lease."""
     import ray
     from ray.data import DataContext
 
     notes = _lease_notes(lease)
-    mode = prepare_output(config.output, overwrite=config.overwrite, resume=config.resume,
-                          storage_options=config.storage_options, inputs=(config.manifest,))
+    mode = prepare_output(
+        config.output,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        storage_options=config.storage_options,
+        inputs=(config.manifest,),
+    )
     identity = run_identity(manifest, config)
     folders = {r["model"]: r["weights_sha256"] for r in weights if "weights_source" in r}
     if folders:  # a folder's contents, not only its name, make the run (traces models)
@@ -322,12 +369,10 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
         except SummaryUnreadable as exc:
             # Every committed row is on disk: the run is finished from them, as an
             # interrupted one (its state, or one rebuilt below when it is gone too).
-            notes.append(str(exc).split(";")[0] + "; finishing the run from its committed "
-                         "files")
+            notes.append(str(exc).split(";")[0] + "; finishing the run from its committed files")
             finished = {"status": "unreadable"}
         if finished.get("status") == "complete":
-            resume.check_same_run(finished.get("run") or {}, identity, config.output,
-                                  finished=True)
+            resume.check_same_run(finished.get("run") or {}, identity, config.output, finished=True)
             if not (config.retry_errors and _reopen(config, manifest, identity)):
                 return {**finished, "work_done": False}  # said by the CLI's final line
             reopened = True
@@ -346,8 +391,10 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
         doubled = resume.drop_duplicate_rows(config.output, config.storage_options)
         if doubled:
             resume.apply_retry_plan(config.output, config.storage_options)
-            notes.append(f"removed {counted(doubled, 'second copy', 'second copies')} of "
-                         f"rows that two runs had written into {config.output}")
+            notes.append(
+                f"removed {counted(doubled, 'second copy', 'second copies')} of "
+                f"rows that two runs had written into {config.output}"
+            )
         if config.retry_errors and not reopened:
             resume.drop_error_rows(config.output, config.storage_options, RETRYABLE_KINDS)
             resume.apply_retry_plan(config.output, config.storage_options)
@@ -369,17 +416,24 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
 
     # Hashing a 0.5 GB weights file takes seconds: do it while the cluster works.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        hashes = pool.map(lambda record: record.get("weights_sha256") or file_sha256(
-            record["weights_file"], storage_options=config.storage_options), weights)
+        hashes = pool.map(
+            lambda record: (
+                record.get("weights_sha256")
+                or file_sha256(record["weights_file"], storage_options=config.storage_options)
+            ),
+            weights,
+        )
         clock = time.perf_counter()
-        context.checkpoint_config = resume.checkpoint_config(config.output,
-                                                             config.storage_options)
+        context.checkpoint_config = resume.checkpoint_config(config.output, config.storage_options)
         # (shards: rows unknown until read; the tally's own minimum decides when it judges)
-        counter = start_counter(config.max_error_fraction,
-                                MIN_ROWS if snapshot.rows is None else snapshot.rows - done_before)
+        counter = start_counter(
+            config.max_error_fraction,
+            MIN_ROWS if snapshot.rows is None else snapshot.rows - done_before,
+        )
         try:
             open_sink(config.output, config.storage_options).write(
-                build_dataset(config, manifest, snapshot, plan, counter), config.rows_per_file)
+                build_dataset(config, manifest, snapshot, plan, counter), config.rows_per_file
+            )
         except Exception as exc:
             # a Ray task's failure the user can act on (full disk, storage outage, mostly
             # errors) as one line; anything else goes up whole, for guarded or --debug
@@ -397,12 +451,13 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
             record["weights_sha256"] = digest
 
     # what the run read: its rows, the ids they may have, what the source records of them
-    read = manifest.rows_read(snapshot, resume.shard_counts_folder(config.output),
-                              output=config.output)
+    read = manifest.rows_read(
+        snapshot, resume.shard_counts_folder(config.output), output=config.output
+    )
     snapshot = Snapshot(snapshot.files, read.rows)
     counts = open_sink(config.output, config.storage_options).count(
-        [c for c in added if c not in BOOKKEEPING],
-        expected_rows=read.expected_ids)
+        [c for c in added if c not in BOOKKEEPING], expected_rows=read.expected_ids
+    )
     recorded = asdict(config)
     recorded["storage_options"] = storage.redact(config.storage_options)
     done_now = counts["rows_out"] - done_before
@@ -435,6 +490,6 @@ def _score_holding(config: ScoreConfig, manifest: Manifest, weights: list[dict[s
     summary.update(read.summary)  # what `memscore verify` checks the output against, if any
     write_summary(config.output, summary, config.storage_options)
     if not counts["complete"]:
-        raise MemscoreError(_incomplete_line(config.output, snapshot.rows, counts))
+        raise MemscoreError(incomplete_line(config.output, snapshot.rows, counts))
     resume.remove_work_dir(config.output, config.storage_options)
     return {**summary, "work_done": True}  # not in _memscore.json: what this call did

@@ -20,18 +20,19 @@ run read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore import storage
 from memscore.errors import MemscoreError
-from memscore.sources.manifest import Manifest, manifest_fingerprint, open_manifest, read_restarting
-from memscore.sinks.folder import SUMMARY_FILE, SummaryUnreadable, read_summary
 from memscore.sinks import open_sink
+from memscore.sinks.folder import SUMMARY_FILE, SummaryUnreadable, read_summary
 from memscore.sinks.resume import ROW_COLUMN, StateUnreadable, read_state, shard_counts_folder
+from memscore.sources.manifest import Manifest, manifest_fingerprint, open_manifest, read_restarting
 
 __all__ = ["VerifyReport", "NotTheRunsManifest", "verify"]
 
@@ -51,19 +52,29 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.counts["missing"] or self.counts["duplicated"] or self.counts["unexpected"])
+        return not (
+            self.counts["missing"] or self.counts["duplicated"] or self.counts["unexpected"]
+        )
 
     def lines(self) -> list[str]:
-        out = [f"manifest rows: {self.manifest_rows}", f"output rows:   {self.output_rows}",
-               f"matched by:    {self.key}"]
+        out = [
+            f"manifest rows: {self.manifest_rows}",
+            f"output rows:   {self.output_rows}",
+            f"matched by:    {self.key}",
+        ]
         for name in ("missing", "duplicated", "unexpected"):
             examples = getattr(self, name)
             shown = f" (e.g. {', '.join(map(repr, examples))})" if examples else ""
             out.append(f"{name + ':':<14} {self.counts[name]}{shown}")
         if not self.summary_present:
-            out.append(f"{SUMMARY_FILE} is missing: the run did not finish (finish it with --resume)")
-        out.append("OK: every manifest row is in the output exactly once" if self.ok
-                   else "FAILED: the output does not match the manifest")
+            out.append(
+                f"{SUMMARY_FILE} is missing: the run did not finish (finish it with --resume)"
+            )
+        out.append(
+            "OK: every manifest row is in the output exactly once"
+            if self.ok
+            else "FAILED: the output does not match the manifest"
+        )
         return out
 
 
@@ -79,8 +90,12 @@ def _run_options(output: str, storage_options: Mapping[str, Any]) -> dict[str, A
     if fs.exists(f"{path.rstrip('/')}/{SUMMARY_FILE}"):
         try:
             summary = read_summary(output, storage_options)
-            return {**summary["config"], "identity": summary.get("run"), "finished": True,
-                    "summary": summary}
+            return {
+                **summary["config"],
+                "identity": summary.get("run"),
+                "finished": True,
+                "summary": summary,
+            }
         except SummaryUnreadable:
             pass  # an interrupted run, as far as verify can tell: its state says the rest
     try:
@@ -88,8 +103,9 @@ def _run_options(output: str, storage_options: Mapping[str, Any]) -> dict[str, A
     except StateUnreadable:
         state = None
     if state is None and not open_sink(output, storage_options).files():
-        raise MemscoreError(f"{output}: not a memscore output (no {SUMMARY_FILE}, no run "
-                            f"state, no Parquet files)")
+        raise MemscoreError(
+            f"{output}: not a memscore output (no {SUMMARY_FILE}, no run state, no Parquet files)"
+        )
     return {**(state or {}), "identity": state, "finished": False}
 
 
@@ -101,22 +117,31 @@ def _check_identity(output: str, run: Mapping[str, Any], source: Manifest) -> No
     if not identity or "manifest_fingerprint" not in identity:
         raise NotTheRunsManifest(
             f"{output}: the run did not record its manifest's identity (its state is lost, or "
-            f"an older memscore made it); give --ignore-identity to match rows by path")
+            f"an older memscore made it); give --ignore-identity to match rows by path"
+        )
     if identity["manifest_fingerprint"] == manifest_fingerprint(source):
         return  # the same files, named another way (shards as a folder, not a brace pattern)
     if identity.get("manifest") != source.source:
         raise NotTheRunsManifest(
             f"{output} was made from {identity.get('manifest')}, not {source.source}; give "
             f"the run's manifest, or --ignore-identity if it moved (rows are then matched by "
-            f"path)")
+            f"path)"
+        )
     raise NotTheRunsManifest(
         f"{source.source} has changed since the run read it (its fingerprint differs); "
-        f"give --ignore-identity to match rows by path")
+        f"give --ignore-identity to match rows by path"
+    )
 
 
-def verify(output: str, manifest: str, *, path_column: str | None = None,
-           id_column: str | None = None, ignore_identity: bool = False,
-           storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+def verify(
+    output: str,
+    manifest: str,
+    *,
+    path_column: str | None = None,
+    id_column: str | None = None,
+    ignore_identity: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> VerifyReport:
     """Compare ``output`` with ``manifest`` row by row; see the module docstring.
 
     Args:
@@ -149,14 +174,15 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
     run = _run_options(output, options)
     path_column = path_column or run.get("path_column") or "path"
     id_column = id_column or run.get("id_column")
-    source = open_manifest(manifest, path_column=path_column, storage_options=options,
-                           rows_in_driver=False)
+    source = open_manifest(
+        manifest, path_column=path_column, storage_options=options, rows_in_driver=False
+    )
     if not ignore_identity:
         _check_identity(output, run, source)
     summary = run["summary"] if run.get("finished") else None
-    recorded = source.recorded_rows(output, summary=summary,
-                                    counts_folder=shard_counts_folder(output),
-                                    by_name=ignore_identity)
+    recorded = source.recorded_rows(
+        output, summary=summary, counts_folder=shard_counts_folder(output), by_name=ignore_identity
+    )
     if recorded is not None:  # the run counted each part's rows as it read them (shards)
         return _verify_recorded(output, recorded, run, options)
     limit = run.get("limit")
@@ -170,14 +196,22 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
         manifest_rows = read_restarting(lambda: sum(t.num_rows for t in source.iter_tables(limit)))
         tally = open_sink(output, options).count([], expected_rows=manifest_rows)
         return VerifyReport(
-            manifest_rows=manifest_rows, output_rows=tally["rows_out"], key=key,
-            missing=tally["missing_examples"], duplicated=tally["duplicated_examples"],
+            manifest_rows=manifest_rows,
+            output_rows=tally["rows_out"],
+            key=key,
+            missing=tally["missing_examples"],
+            duplicated=tally["duplicated_examples"],
             unexpected=tally["unexpected_examples"],
-            counts={"missing": tally["rows_missing"], "duplicated": tally["rows_duplicated"],
-                    "unexpected": tally["rows_unexpected"]},
-            summary_present=bool(run.get("finished")))
-    expected = read_restarting(lambda: pa.chunked_array(
-        [t.column(id_column) for t in source.iter_tables(limit)]))
+            counts={
+                "missing": tally["rows_missing"],
+                "duplicated": tally["rows_duplicated"],
+                "unexpected": tally["rows_unexpected"],
+            },
+            summary_present=bool(run.get("finished")),
+        )
+    expected = read_restarting(
+        lambda: pa.chunked_array([t.column(id_column) for t in source.iter_tables(limit)])
+    )
     manifest_rows = len(expected)
     got = open_sink(output, options).read([key], files).column(key)
     # As multisets: a key (a path, when matching by path) may repeat in the manifest, and
@@ -198,8 +232,11 @@ def verify(output: str, manifest: str, *, path_column: str | None = None,
         missing=missing[:_EXAMPLES].to_pylist(),
         duplicated=repeated[:_EXAMPLES].to_pylist(),
         unexpected=unexpected[:_EXAMPLES].to_pylist(),
-        counts={"missing": len(missing), "duplicated": len(repeated),
-                "unexpected": len(unexpected)},
+        counts={
+            "missing": len(missing),
+            "duplicated": len(repeated),
+            "unexpected": len(unexpected),
+        },
         summary_present=bool(run.get("finished")),
     )
 
@@ -209,14 +246,22 @@ def _counts(values: pa.Array, name: str) -> pa.Table:
     return pa.table({"value": counts.field("values"), name: counts.field("counts")})
 
 
-def _verify_recorded(output: str, counts: list[int], run: Mapping[str, Any],
-                     options: Mapping[str, Any]) -> VerifyReport:
+def _verify_recorded(
+    output: str, counts: list[int], run: Mapping[str, Any], options: Mapping[str, Any]
+) -> VerifyReport:
     """Rows matched by ``memscore_row`` against each part's row count as the run recorded it."""
     tally = open_sink(output, options).count([], expected_rows=counts)
     return VerifyReport(
-        manifest_rows=sum(counts), output_rows=tally["rows_out"], key=ROW_COLUMN,
-        missing=tally["missing_examples"], duplicated=tally["duplicated_examples"],
+        manifest_rows=sum(counts),
+        output_rows=tally["rows_out"],
+        key=ROW_COLUMN,
+        missing=tally["missing_examples"],
+        duplicated=tally["duplicated_examples"],
         unexpected=tally["unexpected_examples"],
-        counts={"missing": tally["rows_missing"], "duplicated": tally["rows_duplicated"],
-                "unexpected": tally["rows_unexpected"]},
-        summary_present=bool(run.get("finished")))
+        counts={
+            "missing": tally["rows_missing"],
+            "duplicated": tally["rows_duplicated"],
+            "unexpected": tally["rows_unexpected"],
+        },
+        summary_present=bool(run.get("finished")),
+    )

@@ -50,8 +50,18 @@ from memscore.errors import MemscoreError, first_line
 from memscore.serve.config import ServeConfig, parse_replicas
 from memscore.serve.model import ModelSet, describe_models
 
-__all__ = ["build", "deployment_options", "Ingress", "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT",
-           "FILE_FIELD", "MAX_FILES", "METRICS", "metrics_text", "score_answer"]
+__all__ = [
+    "build",
+    "deployment_options",
+    "Ingress",
+    "MODEL_DEPLOYMENT",
+    "INGRESS_DEPLOYMENT",
+    "FILE_FIELD",
+    "MAX_FILES",
+    "METRICS",
+    "metrics_text",
+    "score_answer",
+]
 
 log = logging.getLogger("ray.serve")
 
@@ -64,19 +74,29 @@ MAX_FILES = 64
 #: The ingress's Ray metrics (Counters): name -> (description, labels). The model replicas
 #: count the rest (``memscore.serve.model.MODEL_METRICS``).
 METRICS = {
-    "memscore_files": ("Files received by POST /score in requests that passed the request's "
-                       "own checks, scored or not.", ()),
-    "memscore_errors": ("Files POST /score could not score, by the kind of their error "
-                        "(empty file, not an image, truncated, decompression bomb, decode "
-                        "failed, model failed).", ("kind",)),
+    "memscore_files": (
+        "Files received by POST /score in requests that passed the request's "
+        "own checks, scored or not.",
+        (),
+    ),
+    "memscore_errors": (
+        "Files POST /score could not score, by the kind of their error "
+        "(empty file, not an image, truncated, decompression bomb, decode "
+        "failed, model failed).",
+        ("kind",),
+    ),
 }
 #: How many bad files the one-line ``error`` of an answer without scores names (the entries
 #: name them all).
 ERRORS_NAMED = 3
 
-app = FastAPI(title="memscore", summary="Image memorability scores (ResMem and friends)",
-              # the interactive docs load their scripts from a CDN: the server works offline
-              docs_url=None, redoc_url=None)
+app = FastAPI(
+    title="memscore",
+    summary="Image memorability scores (ResMem and friends)",
+    # the interactive docs load their scripts from a CDN: the server works offline
+    docs_url=None,
+    redoc_url=None,
+)
 
 
 class _TooLarge(Exception):
@@ -94,8 +114,10 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'query')}: "
-                         f"{e.get('msg')}" for e in exc.errors())
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'query')}: {e.get('msg')}"
+        for e in exc.errors()
+    )
     return _error(400, f"bad query parameter: {problems}")
 
 
@@ -119,7 +141,7 @@ def _served_name(name: str) -> str | None:
     if name.startswith("ray_serve_"):
         return name
     if name.startswith("ray_memscore_"):
-        return name[len("ray_"):]
+        return name[len("ray_") :]
     return None
 
 
@@ -159,7 +181,7 @@ def metrics_text(texts: Iterable[str]) -> str:
                 continue
             # a histogram's _bucket, _count and _sum belong to the metric above them
             owner = metric if metric is not None and name.startswith(metric) else name
-            samples.setdefault(owner, []).append(name + line[found.end():])
+            samples.setdefault(owner, []).append(name + line[found.end() :])
     lines = []
     for metric, metric_samples in samples.items():
         head = heads.get(metric, {})
@@ -202,8 +224,9 @@ identify ...; notes.txt: not an image: Pillow cannot identify ...')
         named += f"; and {len(bad) - ERRORS_NAMED} more"
     if len(bad) > 1:
         named = f"none of the {len(bad)} files could be scored: {named}"
-    return JSONResponse({"error": named, "images": images},
-                        status_code=500 if model_failed else 422)
+    return JSONResponse(
+        {"error": named, "images": images}, status_code=500 if model_failed else 422
+    )
 
 
 def _nodes_metrics() -> str:
@@ -214,8 +237,11 @@ def _nodes_metrics() -> str:
 
     import ray
 
-    urls = [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-            for node in ray.nodes() if node["Alive"]]
+    urls = [
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node["Alive"]
+    ]
 
     def read(url: str) -> tuple[str | None, str | None]:
         try:
@@ -248,17 +274,21 @@ class Ingress:
 
         self.model_set = model_set
         self.config = config
-        self.preprocess = {name: weights_for(name, config.weights).transforms
-                           for name in config.models}
+        self.preprocess = {
+            name: weights_for(name, config.weights).transforms for name in config.models
+        }
         # Pillow releases the GIL while it decodes and resizes: one thread per core.
-        self.pool = ThreadPoolExecutor(max_workers=local_cores(),
-                                       thread_name_prefix="memscore-upload")
+        self.pool = ThreadPoolExecutor(
+            max_workers=local_cores(), thread_name_prefix="memscore-upload"
+        )
         self.page = _page()
         self._served: dict[str, Any] | None = None
         from ray.util.metrics import Counter
 
-        self.counters = {name: Counter(name, description=text, tag_keys=labels)
-                         for name, (text, labels) in METRICS.items()}
+        self.counters = {
+            name: Counter(name, description=text, tag_keys=labels)
+            for name, (text, labels) in METRICS.items()
+        }
 
     # ------------------------------------------------------------------------------ pages
     @app.get("/", response_class=HTMLResponse)
@@ -271,23 +301,27 @@ class Ingress:
         """The served models (weights, sha256, score columns and range), where a model replica
         runs (``device``, ``node_id``, the ``gpu_ids`` Ray gave it) and when it loaded them
         (``loaded_at``: Unix time), and the registry, as ``memscore models --json`` shows it."""
-        from memscore.cli import _registry
+        from memscore.models.registry import registry_table
 
         served = await self._describe()
-        return {"served": served["models"],
-                **{key: served[key] for key in ("device", "node_id", "gpu_ids", "load_s",
-                                                "loaded_at")},
-                "max_upload_mb": self.config.max_upload_mb, "registry": _registry()}
+        return {
+            "served": served["models"],
+            **{key: served[key] for key in ("device", "node_id", "gpu_ids", "load_s", "loaded_at")},
+            "max_upload_mb": self.config.max_upload_mb,
+            "registry": registry_table(),
+        }
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """200 once every replica of the model deployment has its models loaded, else 503."""
         ready, detail = await asyncio.get_running_loop().run_in_executor(
-            self.pool, self._replicas_ready)
+            self.pool, self._replicas_ready
+        )
         if not ready:
             return _error(503, f"not ready: {detail}")
-        return JSONResponse({"status": "ok", "models": list(self.config.models),
-                             "replicas": detail})
+        return JSONResponse(
+            {"status": "ok", "models": list(self.config.models), "replicas": detail}
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self) -> PlainTextResponse:
@@ -300,9 +334,14 @@ class Ingress:
 
     # ------------------------------------------------------------------------------ scores
     @app.post("/score")
-    async def score(self, request: Request, model: str | None = None,
-                    fast_decode: bool = False, exif_transpose: bool = False,
-                    max_pixels: int | None = None) -> JSONResponse:
+    async def score(
+        self,
+        request: Request,
+        model: str | None = None,
+        fast_decode: bool = False,
+        exif_transpose: bool = False,
+        max_pixels: int | None = None,
+    ) -> JSONResponse:
         """Score the images of the multipart ``file`` fields, each file on its own.
 
         Query parameters: ``model`` (some of the served models, comma-separated; default all),
@@ -323,13 +362,22 @@ class Ingress:
         names = [name for name, _ in uploads]
         preprocess = {name: self.preprocess[name] for name in models}
         draft_to = max(max(pre.resize) for pre in preprocess.values()) if fast_decode else 0
-        decoded = await asyncio.gather(*(
-            self._decode(data, preprocess, limit, draft_to, exif_transpose)
-            for _, data in uploads))
+        decoded = await asyncio.gather(
+            *(
+                self._decode(data, preprocess, limit, draft_to, exif_transpose)
+                for _, data in uploads
+            )
+        )
         del uploads  # decoded: the pixels are all that is needed of the bytes
         good = [i for i, item in enumerate(decoded) if not isinstance(item, ImageDecodeError)]
-        scored = dict(zip(good, await asyncio.gather(*(
-            self.model_set.score.remote(decoded[i][2], models) for i in good))))
+        scored = dict(
+            zip(
+                good,
+                await asyncio.gather(
+                    *(self.model_set.score.remote(decoded[i][2], models) for i in good)
+                ),
+            )
+        )
         served = {m["model"]: m for m in (await self._describe())["models"]}
         images, model_failed = [], False
         for i, (name, item) in enumerate(zip(names, decoded)):
@@ -341,13 +389,23 @@ class Ingress:
                 model_failed |= i in scored
                 continue
             width, height, _ = item
-            images.append({"file": name,
-                           **{k: v for k, v in result.items() if k != "batch_size"},
-                           "width": width, "height": height,
-                           "models": [{"model": m, "weights": served[m]["weights"],
-                                       "weights_sha256": served[m]["weights_sha256"]}
-                                      for m in models],
-                           "batch_size": result["batch_size"]})
+            images.append(
+                {
+                    "file": name,
+                    **{k: v for k, v in result.items() if k != "batch_size"},
+                    "width": width,
+                    "height": height,
+                    "models": [
+                        {
+                            "model": m,
+                            "weights": served[m]["weights"],
+                            "weights_sha256": served[m]["weights_sha256"],
+                        }
+                        for m in models
+                    ],
+                    "batch_size": result["batch_size"],
+                }
+            )
         return score_answer(images, model_failed)
 
     def _models(self, asked: str | None) -> tuple[str, ...]:
@@ -360,35 +418,44 @@ class Ingress:
             raise HTTPException(400, "model: name at least one model")
         for name in names:
             if name not in list_models():
-                raise HTTPException(400, f"unknown model {name!r}; registered models: "
-                                         f"{', '.join(list_models())}")
+                raise HTTPException(
+                    400, f"unknown model {name!r}; registered models: {', '.join(list_models())}"
+                )
             if name not in self.config.models:
-                raise HTTPException(400, f"model {name!r} is not served here; served: "
-                                         f"{', '.join(self.config.models)}")
+                raise HTTPException(
+                    400,
+                    f"model {name!r} is not served here; served: {', '.join(self.config.models)}",
+                )
         return tuple(dict.fromkeys(names))
 
     def _max_pixels(self, asked: int | None) -> int:
         if asked is None:
             return self.config.max_pixels
         if not 1 <= asked <= self.config.max_pixels:
-            raise HTTPException(400, f"max_pixels {asked}: between 1 and the server's "
-                                     f"{self.config.max_pixels}")
+            raise HTTPException(
+                400, f"max_pixels {asked}: between 1 and the server's {self.config.max_pixels}"
+            )
         return asked
 
     async def _read_uploads(self, request: Request) -> list[tuple[str, bytes]]:
         """The request's ``file`` fields as (file name, bytes), the body read at most up to
         the upload limit."""
         limit = self.config.max_upload_bytes
-        too_large = (f"upload larger than the server's limit of "
-                     f"{self.config.max_upload_mb:g} MiB (--max-upload-mb)")
+        too_large = (
+            f"upload larger than the server's limit of "
+            f"{self.config.max_upload_mb:g} MiB (--max-upload-mb)"
+        )
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
             raise HTTPException(413, too_large)
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
-            raise HTTPException(400, f"no file: send the images as multipart/form-data fields "
-                                     f"named {FILE_FIELD!r} (curl -F {FILE_FIELD}=@photo.jpg), "
-                                     f"not {content_type or 'an empty body'}")
+            raise HTTPException(
+                400,
+                f"no file: send the images as multipart/form-data fields "
+                f"named {FILE_FIELD!r} (curl -F {FILE_FIELD}=@photo.jpg), "
+                f"not {content_type or 'an empty body'}",
+            )
 
         async def body():
             seen = 0
@@ -398,8 +465,7 @@ class Ingress:
                     raise _TooLarge()
                 yield chunk
 
-        parser = MultiPartParser(request.headers, body(), max_files=MAX_FILES,
-                                 max_fields=MAX_FILES)
+        parser = MultiPartParser(request.headers, body(), max_files=MAX_FILES, max_fields=MAX_FILES)
         try:
             form = await parser.parse()
         except _TooLarge:
@@ -409,27 +475,40 @@ class Ingress:
         try:
             fields = form.getlist(FILE_FIELD)
             if not fields:
-                raise HTTPException(400, f"no file: the request has no {FILE_FIELD!r} field "
-                                         f"(curl -F {FILE_FIELD}=@photo.jpg)")
+                raise HTTPException(
+                    400,
+                    f"no file: the request has no {FILE_FIELD!r} field "
+                    f"(curl -F {FILE_FIELD}=@photo.jpg)",
+                )
             uploads = []
             for number, item in enumerate(fields, 1):
                 if not isinstance(item, UploadFile):
-                    raise HTTPException(400, f"no file: field {FILE_FIELD!r} number {number} "
-                                             f"holds text, not a file upload")
+                    raise HTTPException(
+                        400,
+                        f"no file: field {FILE_FIELD!r} number {number} "
+                        f"holds text, not a file upload",
+                    )
                 uploads.append((item.filename or f"{FILE_FIELD}{number}", await item.read()))
             return uploads
         finally:
             await form.close()
 
-    async def _decode(self, data: bytes, preprocess: dict, max_pixels: int, draft_to: int,
-                      exif_transpose: bool):
+    async def _decode(
+        self, data: bytes, preprocess: dict, max_pixels: int, draft_to: int, exif_transpose: bool
+    ):
         """-> ``(width, height, pixels)``, or the ``ImageDecodeError`` that says why not: a bad
         file is one entry of the answer, not the request's failure."""
-        from memscore.stages.decode import decode_image_bytes
         from memscore.row_errors import ImageDecodeError
+        from memscore.stages.decode import decode_image_bytes
 
-        decode = functools.partial(decode_image_bytes, data, preprocess, max_pixels=max_pixels,
-                                   draft_to=draft_to, exif_transpose=exif_transpose)
+        decode = functools.partial(
+            decode_image_bytes,
+            data,
+            preprocess,
+            max_pixels=max_pixels,
+            draft_to=draft_to,
+            exif_transpose=exif_transpose,
+        )
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, decode)
         except ImageDecodeError as exc:
@@ -449,8 +528,11 @@ class Ingress:
         deployment = app_status.deployments.get(MODEL_DEPLOYMENT) if app_status else None
         if deployment is None:
             return False, "the model deployment is not deployed yet"
-        states = {str(getattr(state, "value", state)): n
-                  for state, n in deployment.replica_states.items() if n}
+        states = {
+            str(getattr(state, "value", state)): n
+            for state, n in deployment.replica_states.items()
+            if n
+        }
         running = states.get("RUNNING", 0)
         status = str(getattr(deployment.status, "value", deployment.status))
         if status != "HEALTHY" or running == 0 or set(states) != {"RUNNING"}:
@@ -492,8 +574,11 @@ def deployment_options(config: ServeConfig, cluster_gpus: float) -> dict[str, di
     if low == high:
         model["num_replicas"] = low
     else:
-        model["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
-                                       "target_ongoing_requests": config.max_batch_size}
+        model["autoscaling_config"] = {
+            "min_replicas": low,
+            "max_replicas": high,
+            "target_ongoing_requests": config.max_batch_size,
+        }
     ingress = {
         "ray_actor_options": {"num_cpus": 1},
         # each request mostly waits on the model replicas: let many in at once
@@ -522,17 +607,29 @@ def build(args: dict[str, Any] | ServeConfig) -> serve.Application:
         known = {f.name for f in dataclasses.fields(ServeConfig)}
         unknown = sorted(set(args) - known)
         if unknown:
-            raise MemscoreError(f"unknown memscore serve option(s): {', '.join(unknown)}; "
-                                f"known: {', '.join(sorted(known))}")
+            raise MemscoreError(
+                f"unknown memscore serve option(s): {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
         config = ServeConfig(**args)
     config = config.validated()
     describe_models(config.models, config.weights)  # a missing weights file: one line, now
     options = deployment_options(config, _cluster_gpus())
     use_gpu = options["model"].pop("use_gpu")
-    model_set = serve.deployment(ModelSet, name=MODEL_DEPLOYMENT).options(
-        **options["model"],
-    ).bind(config.models, config.weights, use_gpu=use_gpu, torch_threads=config.torch_threads,
-           precision=config.precision, max_batch_size=config.max_batch_size,
-           batch_wait_s=config.batch_wait_ms / 1000)
+    model_set = (
+        serve.deployment(ModelSet, name=MODEL_DEPLOYMENT)
+        .options(
+            **options["model"],
+        )
+        .bind(
+            config.models,
+            config.weights,
+            use_gpu=use_gpu,
+            torch_threads=config.torch_threads,
+            precision=config.precision,
+            max_batch_size=config.max_batch_size,
+            batch_wait_s=config.batch_wait_ms / 1000,
+        )
+    )
     ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT).options(**options["ingress"])
     return ingress.bind(model_set, config)

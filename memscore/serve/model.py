@@ -31,17 +31,18 @@ log = logging.getLogger("ray.serve")
 #: a Counter ``x`` as ``ray_x_total``; ``GET /metrics`` serves it as ``x_total``.
 MODEL_METRICS = {
     "memscore_images_scored": "Images a model scored (an image scored by two models counts "
-                              "once for each).",
+    "once for each).",
     "memscore_model_batches": "Forward passes of a model (one per batch of images).",
     # A Counter, not a Histogram: Ray's histograms export a sum rebuilt from bucket midpoints,
     # and seconds per image (seconds / images) needs the exact sum.
     "memscore_model_seconds": "Seconds a model spent in its forward passes (preprocessing of "
-                              "the uint8 pixels on the device, the forward, the copy back).",
+    "the uint8 pixels on the device, the forward, the copy back).",
 }
 
 
-def describe_models(models: tuple[str, ...], weights: str | None = None,
-                    with_sha256: bool = False) -> list[dict[str, Any]]:
+def describe_models(
+    models: tuple[str, ...], weights: str | None = None, with_sha256: bool = False
+) -> list[dict[str, Any]]:
     """What a client needs to know of each served model: its weights, their file (and sha256),
     its output columns (``output_column``: the one score, where it has one) and the scores'
     range. Raises MemscoreError when a weights file is missing.
@@ -50,8 +51,8 @@ def describe_models(models: tuple[str, ...], weights: str | None = None,
         >>> describe_models(("resmem",))[0]["output_column"]
         'memorability'
     """
-    from memscore.models.checkpoint import state_dict_file
     from memscore.models._api import WeightsNotFoundError, file_sha256
+    from memscore.models.checkpoint import state_dict_file
     from memscore.models.registry import is_checkpoint, weights_for
 
     records = []
@@ -68,11 +69,17 @@ def describe_models(models: tuple[str, ...], weights: str | None = None,
         # a model writes one score (output_column) or several columns (output_columns: the
         # encoder traces, one list per image)
         columns = list(meta.get("output_columns") or [meta["output_column"]])
-        record = {"model": name, "weights": chosen, "weights_file": path,
-                  "output_column": meta.get("output_column"), "output_columns": columns,
-                  "score_range": list(meta.get("score_range", (0.0, 1.0))),
-                  "usual_min": meta.get("usual_min"), "notes": meta.get("notes"),
-                  "licence": meta.get("licence")}
+        record = {
+            "model": name,
+            "weights": chosen,
+            "weights_file": path,
+            "output_column": meta.get("output_column"),
+            "output_columns": columns,
+            "score_range": list(meta.get("score_range", (0.0, 1.0))),
+            "usual_min": meta.get("usual_min"),
+            "notes": meta.get("notes"),
+            "licence": meta.get("licence"),
+        }
         if with_sha256:
             record["weights_sha256"] = file_sha256(path)
         records.append(record)
@@ -92,18 +99,32 @@ class ModelSet:
         batch_wait_s: how long a batch that is not full waits for more images.
     """
 
-    def __init__(self, models: tuple[str, ...], weights: str | None = None, *,
-                 use_gpu: bool = False, torch_threads: int | None = None,
-                 precision: str = "fp32", max_batch_size: int = 32,
-                 batch_wait_s: float = 0.01) -> None:
+    def __init__(
+        self,
+        models: tuple[str, ...],
+        weights: str | None = None,
+        *,
+        use_gpu: bool = False,
+        torch_threads: int | None = None,
+        precision: str = "fp32",
+        max_batch_size: int = 32,
+        batch_wait_s: float = 0.01,
+    ) -> None:
         from memscore.stages.predict import ScoreImages
 
         started = time.perf_counter()
         self.models = tuple(models)
-        self.scorers = {name: ScoreImages((name,), weights, use_gpu=use_gpu,
-                                          torch_threads=torch_threads, precision=precision,
-                                          batch_size=max_batch_size)
-                        for name in self.models}
+        self.scorers = {
+            name: ScoreImages(
+                (name,),
+                weights,
+                use_gpu=use_gpu,
+                torch_threads=torch_threads,
+                precision=precision,
+                batch_size=max_batch_size,
+            )
+            for name in self.models
+        }
         self.device = str(next(iter(self.scorers.values())).device)
         import ray
 
@@ -113,20 +134,29 @@ class ModelSet:
         self.info = describe_models(self.models, weights, with_sha256=True)
         from ray.util.metrics import Counter
 
-        self.counters = {name: Counter(name, description=text, tag_keys=("model",))
-                         for name, text in MODEL_METRICS.items()}
+        self.counters = {
+            name: Counter(name, description=text, tag_keys=("model",))
+            for name, text in MODEL_METRICS.items()
+        }
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_s)
         self.load_s = round(time.perf_counter() - started, 3)
         self.loaded_at = time.time()
-        log.info("memscore: %s loaded on %s in %.1f s", ",".join(self.models), self.device,
-                 self.load_s)
+        log.info(
+            "memscore: %s loaded on %s in %.1f s", ",".join(self.models), self.device, self.load_s
+        )
 
     def describe(self) -> dict[str, Any]:
         """The served models (with their weights' sha256), the device torch scores on, the
         node and the GPUs Ray gave this replica, and when it loaded the models."""
-        return {"models": self.info, "device": self.device, "node_id": self.node_id,
-                "gpu_ids": self.gpu_ids, "load_s": self.load_s, "loaded_at": self.loaded_at}
+        return {
+            "models": self.info,
+            "device": self.device,
+            "node_id": self.node_id,
+            "gpu_ids": self.gpu_ids,
+            "load_s": self.load_s,
+            "loaded_at": self.loaded_at,
+        }
 
     async def score(self, pixels: dict[str, np.ndarray], models: tuple[str, ...]) -> dict:
         """One image's pixels (``pixels[name]``: the uint8 array of model ``name``'s
@@ -151,13 +181,16 @@ class ModelSet:
             if not rows:
                 continue
             # a decoded block as the decode stage hands it on (the size is the ingress's to say)
-            table = pa.table({
-                WIDTH: pa.nulls(len(rows), pa.int32()),
-                HEIGHT: pa.nulls(len(rows), pa.int32()),
-                ERROR: pa.nulls(len(rows), pa.string()),
-                pixels_column(name): ArrowTensorArray.from_numpy(
-                    np.stack([items[i][0][name] for i in rows])),
-            })
+            table = pa.table(
+                {
+                    WIDTH: pa.nulls(len(rows), pa.int32()),
+                    HEIGHT: pa.nulls(len(rows), pa.int32()),
+                    ERROR: pa.nulls(len(rows), pa.string()),
+                    pixels_column(name): ArrowTensorArray.from_numpy(
+                        np.stack([items[i][0][name] for i in rows])
+                    ),
+                }
+            )
             started = time.perf_counter()
             scored = scorer(table)
             self._count(name, scored, time.perf_counter() - started)

@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from memscore.sinks.base import Sink
 from memscore.sinks.parquet import ParquetSink
@@ -18,7 +19,8 @@ SINKS: dict[str, type[Sink]] = {ParquetSink.name: ParquetSink}
 DEFAULT_FORMAT = ParquetSink.name
 
 
-def open_sink(output: str, storage_options: Mapping[str, Any] | None = None,
-              output_format: str | None = None) -> Sink:
+def open_sink(
+    output: str, storage_options: Mapping[str, Any] | None = None, output_format: str | None = None
+) -> Sink:
     """The ``Sink`` of ``output`` in ``output_format`` (default: Parquet)."""
     return SINKS[output_format or DEFAULT_FORMAT](output, storage_options)

@@ -10,14 +10,14 @@ the lease) are the format's neighbours in ``memscore.sinks.folder``; the run's b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from memscore import storage
-from memscore.columns import ERROR as ERROR_COLUMN
-from memscore.columns import ROW as ROW_COLUMN
+from memscore.columns import ERROR as ERROR_COLUMN, ROW as ROW_COLUMN
 from memscore.errors import MemscoreError
 
 __all__ = ["Sink", "PART_PREFIX", "RowIds"]
@@ -85,9 +85,12 @@ class Sink(ABC):
         if not self.fs.exists(self.root):
             return []
         root = self.root.rstrip("/") + "/"
-        return sorted(p for p in self.fs.find(self.root) if p.endswith(self.suffix)
-                      and not any(part.startswith(("_", "."))
-                                  for part in p[len(root):].split("/")))
+        return sorted(
+            p
+            for p in self.fs.find(self.root)
+            if p.endswith(self.suffix)
+            and not any(part.startswith(("_", ".")) for part in p[len(root) :].split("/"))
+        )
 
     def read(self, columns: list[str], files: list[str] | None = None) -> pa.Table:
         """``columns`` of every data file (or of ``files``) as one table; one line naming a
@@ -115,8 +118,9 @@ class Sink(ABC):
         the driver holds one byte per expected row (how often each id was seen, up to 2) and
         one file's columns per thread, not the output.
         """
-        import numpy as np
         from concurrent.futures import ThreadPoolExecutor
+
+        import numpy as np
 
         files = self.files()
         wanted = [ROW_COLUMN, ERROR_COLUMN, *score_columns]
@@ -133,14 +137,20 @@ class Sink(ABC):
                 raise MemscoreError(f"{self.output}: {path} has no column {missing[0]!r}")
             table = self.read_file(path, [c for c in wanted if c in names])
             ids, counts = np.unique(table.column(ROW_COLUMN).to_numpy(), return_counts=True)
-            errors = (table.column(ERROR_COLUMN).drop_null() if ERROR_COLUMN in names
-                      else pa.array([], pa.string()))
+            errors = (
+                table.column(ERROR_COLUMN).drop_null()
+                if ERROR_COLUMN in names
+                else pa.array([], pa.string())
+            )
             # the kind is the text before the first ":"; counted here, per file, so that what a
             # file hands back is a few kinds, not its (often all distinct) error strings
             kind_of = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
-            kinds = {item["values"]: item["counts"] for item in pc.value_counts(kind_of).to_pylist()}
-            scored = min((table.num_rows - table.column(c).null_count for c in score_columns),
-                         default=0)
+            kinds = {
+                item["values"]: item["counts"] for item in pc.value_counts(kind_of).to_pylist()
+            }
+            scored = min(
+                (table.num_rows - table.column(c).null_count for c in score_columns), default=0
+            )
             return table.num_rows, ids, counts, len(errors), kinds, scored
 
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -152,8 +162,9 @@ class Sink(ABC):
                 outside["rows"] += int(counts[~inside].sum())
                 outside["examples"] = (outside["examples"] + ids[~inside][:5].tolist())[:5]
                 counts = counts[inside]
-                seen[positions] = np.minimum(seen[positions].astype(np.int64) + counts,
-                                             2).astype(np.uint8)
+                seen[positions] = np.minimum(seen[positions].astype(np.int64) + counts, 2).astype(
+                    np.uint8
+                )
                 for kind, n in kinds.items():
                     by_kind[kind] = by_kind.get(kind, 0) + n
         missing = np.flatnonzero(seen == 0)
@@ -163,8 +174,12 @@ class Sink(ABC):
             "rows_scored": totals["scored"] or 0,
             "rows_with_errors": totals["errors"],
             "error_kinds": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])[:10]),
-            "complete": (len(missing) == 0 and len(doubled) == 0 and not outside["rows"]
-                         and totals["rows"] == space.total),
+            "complete": (
+                len(missing) == 0
+                and len(doubled) == 0
+                and not outside["rows"]
+                and totals["rows"] == space.total
+            ),
             "rows_missing": len(missing),
             "rows_duplicated": len(doubled),
             "rows_unexpected": outside["rows"],
@@ -184,8 +199,11 @@ class RowIds:
     def __init__(self, expected):
         import numpy as np
 
-        self.per_shard = None if isinstance(expected, (int, np.integer)) else \
-            np.asarray(list(expected), dtype=np.int64)
+        self.per_shard = (
+            None
+            if isinstance(expected, (int, np.integer))
+            else np.asarray(list(expected), dtype=np.int64)
+        )
         if self.per_shard is None:
             self.total = int(expected)
         else:

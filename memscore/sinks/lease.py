@@ -47,14 +47,23 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from memscore import storage
 from memscore.errors import MemscoreError, first_line
 
-__all__ = ["LEASE_FILE", "HEARTBEAT_S", "STALE_AFTER_S", "FENCE_AFTER_S", "Lease", "LeaseHolder",
-           "acquire_lease", "read_holder"]
+__all__ = [
+    "LEASE_FILE",
+    "HEARTBEAT_S",
+    "STALE_AFTER_S",
+    "FENCE_AFTER_S",
+    "Lease",
+    "LeaseHolder",
+    "acquire_lease",
+    "read_holder",
+]
 
 LEASE_FILE = "_memscore.lease"
 #: Seconds between heartbeats.
@@ -71,8 +80,13 @@ STALE_AFTER_S = 300.0
 FENCE_AFTER_S = STALE_AFTER_S / 2
 #: The lease's own S3 client: few attempts and short timeouts, so one heartbeat cannot hang
 #: for minutes inside botocore's and s3fs's retry layers.
-_S3_CLIENT = {"config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"},
-                                "connect_timeout": 10, "read_timeout": 20}}
+_S3_CLIENT = {
+    "config_kwargs": {
+        "retries": {"max_attempts": 3, "mode": "standard"},
+        "connect_timeout": 10,
+        "read_timeout": 20,
+    }
+}
 
 
 class _Conflict(Exception):
@@ -92,14 +106,19 @@ class LeaseHolder:
     token: Any  # what a compare-and-swap needs: (S3) the ETag, (local) (device, inode, mtime)
 
     def describe(self) -> str:
-        return (f"run {self.run_id} on host {self.host}, pid {self.pid}, started "
-                f"{self.started_at}; last heartbeat {_ago(self.age_s)}")
+        return (
+            f"run {self.run_id} on host {self.host}, pid {self.pid}, started "
+            f"{self.started_at}; last heartbeat {_ago(self.age_s)}"
+        )
 
     def gone(self) -> bool:
         """Whether the holder no longer runs: its process is gone from this host, or its
         heartbeat is older than ``STALE_AFTER_S``."""
-        if (self.host == socket.gethostname() and self.pid > 0
-                and not _process_alive(self.pid, self.pid_started)):
+        if (
+            self.host == socket.gethostname()
+            and self.pid > 0
+            and not _process_alive(self.pid, self.pid_started)
+        ):
             return True
         return self.age_s > STALE_AFTER_S
 
@@ -139,12 +158,20 @@ def _process_alive(pid: int, started: str | None) -> bool:
 
 def _record(run_id: str) -> bytes:
     pid = os.getpid()
-    return (json.dumps({
-        "run_id": run_id, "host": socket.gethostname(), "pid": pid,
-        "pid_started": _process_started(pid),
-        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "what": "memscore holds this output while a run writes it; see docs/reliability.md",
-    }, indent=1) + "\n").encode()
+    return (
+        json.dumps(
+            {
+                "run_id": run_id,
+                "host": socket.gethostname(),
+                "pid": pid,
+                "pid_started": _process_started(pid),
+                "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "what": "memscore holds this output while a run writes it; see docs/reliability.md",
+            },
+            indent=1,
+        )
+        + "\n"
+    ).encode()
 
 
 def _holder(data: bytes, modified: float, token: Any) -> LeaseHolder:
@@ -153,10 +180,14 @@ def _holder(data: bytes, modified: float, token: Any) -> LeaseHolder:
     except ValueError:  # not memscore's format: judged by its age alone
         record = {}
     return LeaseHolder(
-        run_id=str(record.get("run_id", "?")), host=str(record.get("host", "?")),
-        pid=int(record.get("pid", -1)), pid_started=record.get("pid_started"),
+        run_id=str(record.get("run_id", "?")),
+        host=str(record.get("host", "?")),
+        pid=int(record.get("pid", -1)),
+        pid_started=record.get("pid_started"),
         started_at=str(record.get("started_at", "?")),
-        age_s=time.time() - modified, token=token)
+        age_s=time.time() - modified,
+        token=token,
+    )
 
 
 # ----------------------------------------------------------------------------- the two stores
@@ -275,8 +306,9 @@ class _S3Store:
 
     def _put(self, data: bytes, **condition) -> str:
         try:
-            response = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data,
-                                       **condition)
+            response = self.fs.call_s3(
+                "put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition
+            )
         except Exception as exc:
             if _precondition_failed(exc):
                 raise _Conflict() from None
@@ -333,8 +365,10 @@ def _precondition_failed(exc: BaseException) -> bool:
         if isinstance(response, dict):
             error = response.get("Error") or {}
             status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            return error.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") \
-                or status in (409, 412)
+            return error.get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ) or status in (409, 412)
         current, seen = current.__cause__ or current.__context__, seen + 1
     return isinstance(exc, FileExistsError) or "pre-condition" in str(exc).lower()
 
@@ -351,9 +385,15 @@ class Lease:
         lost: why the lease was lost while the run went on (None while it holds).
     """
 
-    def __init__(self, output: str, store, run_id: str,
-                 took_over: LeaseHolder | None, unconditional: bool,
-                 created_folder: str | None):
+    def __init__(
+        self,
+        output: str,
+        store,
+        run_id: str,
+        took_over: LeaseHolder | None,
+        unconditional: bool,
+        created_folder: str | None,
+    ):
         self.output = output
         self.run_id = run_id
         self.took_over = took_over
@@ -379,8 +419,10 @@ class Lease:
             except Exception as exc:  # the storage is slow or away: fence if it lasts
                 silent = time.monotonic() - self._last_ok
                 if silent >= FENCE_AFTER_S:
-                    self._lose(f"its lease could not be refreshed for {silent:.0f} s "
-                               f"({first_line(exc)[:200]})")
+                    self._lose(
+                        f"its lease could not be refreshed for {silent:.0f} s "
+                        f"({first_line(exc)[:200]})"
+                    )
                     return
                 continue
             if not ours:
@@ -412,7 +454,7 @@ class Lease:
             except OSError:
                 pass
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -421,16 +463,19 @@ class Lease:
 
 def _store_for(output: str, storage_options: Mapping[str, Any]):
     if not storage.is_url(output) or output.startswith("file://"):
-        return _LocalStore(output[len("file://"):] if output.startswith("file://") else output)
+        return _LocalStore(output[len("file://") :] if output.startswith("file://") else output)
     protocol = output.split("://", 1)[0].lower()
     if protocol in ("s3", "s3a"):
         return _S3Store(output, storage_options)
-    raise MemscoreError(f"--output {output}: memscore can hold a lease (one writer per output) "
-                        f"only on local folders and S3, not {protocol}://")
+    raise MemscoreError(
+        f"--output {output}: memscore can hold a lease (one writer per output) "
+        f"only on local folders and S3, not {protocol}://"
+    )
 
 
-def read_holder(output: str, storage_options: Mapping[str, Any] | None = None
-                ) -> LeaseHolder | None:
+def read_holder(
+    output: str, storage_options: Mapping[str, Any] | None = None
+) -> LeaseHolder | None:
     """Who holds ``output``'s lease now, or None.
 
     Example:
@@ -448,8 +493,13 @@ def read_holder(output: str, storage_options: Mapping[str, Any] | None = None
     return _store_for(output, dict(storage_options or {})).read()
 
 
-def acquire_lease(output: str, storage_options: Mapping[str, Any] | None = None, *,
-                  take_over: bool = False, run_id: str | None = None) -> Lease:
+def acquire_lease(
+    output: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    take_over: bool = False,
+    run_id: str | None = None,
+) -> Lease:
     """Take ``output``'s lease for this process, or raise ``MemscoreError`` naming its holder.
 
     Args:
@@ -484,18 +534,21 @@ def acquire_lease(output: str, storage_options: Mapping[str, Any] | None = None,
             if not holder.gone():
                 raise MemscoreError(
                     f"--output {output} is being written by another memscore run "
-                    f"({holder.describe()}); wait for it to finish, or choose another folder")
+                    f"({holder.describe()}); wait for it to finish, or choose another folder"
+                )
             if not take_over:
                 raise MemscoreError(
                     f"--output {output} holds the lease of a memscore run that is gone "
-                    f"({holder.describe()}); give --resume to finish its work")
+                    f"({holder.describe()}); give --resume to finish its work"
+                )
             try:
                 store.replace(holder, data)
             except _Conflict:
                 now = store.read()
                 raise MemscoreError(
                     f"--output {output}: another memscore run took over the stale lease first"
-                    + (f" ({now.describe()})" if now else "") + "; wait for it to finish"
+                    + (f" ({now.describe()})" if now else "")
+                    + "; wait for it to finish"
                 ) from None
             took_over = holder
             break
@@ -511,8 +564,11 @@ def acquire_lease(output: str, storage_options: Mapping[str, Any] | None = None,
     except OSError as exc:
         if created_folder:
             _remove_empty(created_folder)
-        reason = os.strerror(exc.errno) if exc.errno in (errno.ENOSPC, errno.EROFS,
-                                                         errno.EDQUOT) else first_line(exc)
+        reason = (
+            os.strerror(exc.errno)
+            if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+            else first_line(exc)
+        )
         raise MemscoreError(f"--output {output} is not writable: {reason}") from None
     except Exception as exc:
         raise MemscoreError(f"--output {output} is not writable: {first_line(exc)}") from None

@@ -37,8 +37,13 @@ class ParquetSink(Sink):
         # minutes, with 4.4 million scored rows queued before the writer (docs/scaling.md). A
         # write task encodes a file's worth of metadata and scores: little CPU, and there is
         # one per --rows-per-file rows. With no CPU request, object-store budget alone paces it.
-        dataset.write_parquet(target, filesystem=filesystem, filename_provider=names,
-                              min_rows_per_file=rows_per_file, ray_remote_args={"num_cpus": 0})
+        dataset.write_parquet(
+            target,
+            filesystem=filesystem,
+            filename_provider=names,
+            min_rows_per_file=rows_per_file,
+            ray_remote_args={"num_cpus": 0},
+        )
 
     def _file(self, path: str) -> pq.ParquetFile:
         return pq.ParquetFile(path, filesystem=storage.pyarrow_filesystem_of(self.fs))
@@ -47,8 +52,9 @@ class ParquetSink(Sink):
         return list(self._file(path).schema_arrow.names)
 
     def read_file(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(path, columns=columns,
-                             filesystem=storage.pyarrow_filesystem_of(self.fs))
+        return pq.read_table(
+            path, columns=columns, filesystem=storage.pyarrow_filesystem_of(self.fs)
+        )
 
     def write_file(self, path: str, table: pa.Table) -> None:
         with self.fs.open(path, "wb") as f:
@@ -64,8 +70,11 @@ class ParquetSink(Sink):
         index = leaves.index(ERROR_COLUMN)
         for group in range(meta.num_row_groups):
             stats = meta.row_group(group).column(index).statistics
-            if stats is None or not stats.has_null_count or (
-                    stats.null_count != meta.row_group(group).num_rows):
+            if (
+                stats is None
+                or not stats.has_null_count
+                or (stats.null_count != meta.row_group(group).num_rows)
+            ):
                 return True
         return False
 
@@ -77,8 +86,9 @@ class ParquetSink(Sink):
         from memscore.errors import MemscoreError
 
         files = self.files() if files is None else files
-        data = pads.dataset(files, filesystem=storage.pyarrow_filesystem_of(self.fs),
-                            format="parquet")
+        data = pads.dataset(
+            files, filesystem=storage.pyarrow_filesystem_of(self.fs), format="parquet"
+        )
         for column in columns:
             if column not in data.schema.names:
                 raise MemscoreError(f"{self.output}: the output has no column {column!r}")

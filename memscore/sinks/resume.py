@@ -19,7 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,10 +32,24 @@ from memscore.sinks import open_sink
 from memscore.sinks.folder import WORK_DIR
 from memscore.sources.snapshot import Snapshot
 
-__all__ = ["ROW_COLUMN", "WORK_DIR", "StateUnreadable", "snapshot_folder", "shard_counts_folder",
-           "read_state", "write_state", "check_same_run", "checkpoint_config",
-           "committed_rows", "remove_work_dir", "drop_error_rows", "drop_duplicate_rows",
-           "rebuild_checkpoint", "check_rows_match", "apply_retry_plan"]
+__all__ = [
+    "ROW_COLUMN",
+    "WORK_DIR",
+    "StateUnreadable",
+    "snapshot_folder",
+    "shard_counts_folder",
+    "read_state",
+    "write_state",
+    "check_same_run",
+    "checkpoint_config",
+    "committed_rows",
+    "remove_work_dir",
+    "drop_error_rows",
+    "drop_duplicate_rows",
+    "rebuild_checkpoint",
+    "check_rows_match",
+    "apply_retry_plan",
+]
 
 ROW_COLUMN = columns.ROW
 _STATE = "state.json"
@@ -54,10 +69,15 @@ def shard_counts_folder(output: str) -> str:
     return _work(output, "shards")
 
 
-def write_state(output: str, identity: Mapping[str, Any], snapshot: Snapshot,
-                storage_options: Mapping[str, Any]) -> None:
-    state = {**identity, "snapshot_files": list(snapshot.files), "rows": snapshot.rows,
-             "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+def write_state(
+    output: str, identity: Mapping[str, Any], snapshot: Snapshot, storage_options: Mapping[str, Any]
+) -> None:
+    state = {
+        **identity,
+        "snapshot_files": list(snapshot.files),
+        "rows": snapshot.rows,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
     fs, path = storage.url_to_fs(_work(output, _STATE), storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a WebDataset run writes no snapshot
     storage.pipe_atomic(fs, path, json.dumps(state, indent=2).encode())
@@ -84,11 +104,13 @@ def read_state(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any
     raise StateUnreadable(
         f"{output}/{WORK_DIR}/{_STATE} is unreadable ({len(data)} bytes: cut short when it was "
         f"written); run the same command with --resume to finish the run from its committed "
-        f"files")
+        f"files"
+    )
 
 
-def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output: str, *,
-                   finished: bool = False) -> Snapshot | None:
+def check_same_run(
+    state: Mapping[str, Any], identity: Mapping[str, Any], output: str, *, finished: bool = False
+) -> Snapshot | None:
     """Refuse to resume (or to report as done) a run other than this one.
 
     ``state`` is an interrupted run's state, or (``finished``) the identity a finished run
@@ -99,14 +121,18 @@ def check_same_run(state: Mapping[str, Any], identity: Mapping[str, Any], output
         if key not in state:
             raise MemscoreError(
                 f"--output {output} holds {which} that does not record its {key} (made by "
-                f"another memscore version); use --overwrite to score again")
+                f"another memscore version); use --overwrite to score again"
+            )
         if state[key] != value:
-            what = ("the manifest's files changed, or an older memscore recorded them by "
-                    "size and time" if key == "manifest_fingerprint" else (
-                f"{key} was {state[key]!r}, now {value!r}"))
+            what = (
+                "the manifest's files changed, or an older memscore recorded them by size and time"
+                if key == "manifest_fingerprint"
+                else (f"{key} was {state[key]!r}, now {value!r}")
+            )
             raise MemscoreError(
                 f"--output {output} holds {which} that differs from this one ({what}); "
-                f"{'run' if finished else 'resume'} it with the same options or use --overwrite")
+                f"{'run' if finished else 'resume'} it with the same options or use --overwrite"
+            )
     if finished:
         return None
     rows = state["rows"]  # None: WebDataset shards, whose rows are known once read
@@ -142,10 +168,14 @@ def committed_rows(output: str, storage_options: Mapping[str, Any]) -> int:
     if not fs.exists(folder):
         return 0
     names = {p.rsplit("/", 1)[-1]: p for p in fs.ls(folder, detail=False)}
-    pending = {n[: -len(".pending.parquet")]: p for n, p in names.items()
-               if n.endswith(".pending.parquet")}
-    committed = {n[: -len(".parquet")]: p for n, p in names.items()
-                 if n.endswith(".parquet") and not n.endswith(".pending.parquet")}
+    pending = {
+        n[: -len(".pending.parquet")]: p for n, p in names.items() if n.endswith(".pending.parquet")
+    }
+    committed = {
+        n[: -len(".parquet")]: p
+        for n, p in names.items()
+        if n.endswith(".parquet") and not n.endswith(".pending.parquet")
+    }
     for stem in pending.keys() & committed.keys():
         fs.rm_file(pending[stem])
     if not committed:
@@ -154,8 +184,9 @@ def committed_rows(output: str, storage_options: Mapping[str, Any]) -> int:
 
     # Footers only, read by pyarrow's thread pool: a driver cost per file, not per row, and
     # on S3 concurrent requests rather than one round trip after another.
-    files = pads.dataset(sorted(committed.values()), format="parquet",
-                         filesystem=storage.pyarrow_filesystem_of(fs))
+    files = pads.dataset(
+        sorted(committed.values()), format="parquet", filesystem=storage.pyarrow_filesystem_of(fs)
+    )
     return files.count_rows()
 
 
@@ -170,8 +201,13 @@ _RETRY_DIR = "retry-errors"  # in _memscore/: the rewritten files, then plan.jso
 _PLAN = "plan.json"
 
 
-def drop_error_rows(output: str, storage_options: Mapping[str, Any], kinds: tuple[str, ...],
-                    *, rebuild_checkpoint: bool = False) -> int:
+def drop_error_rows(
+    output: str,
+    storage_options: Mapping[str, Any],
+    kinds: tuple[str, ...],
+    *,
+    rebuild_checkpoint: bool = False,
+) -> int:
     """Take the rows whose committed ``memscore_error`` is of one of ``kinds`` out of the output
     files and the checkpoint, so that the resumed run scores them again. Returns their count.
 
@@ -183,11 +219,11 @@ def drop_error_rows(output: str, storage_options: Mapping[str, Any], kinds: tupl
     def errors_of_kinds(sink, path: str, read) -> Any:
         if not sink.may_hold_errors(path):
             return None
-        return pc.fill_null(pc.match_substring_regex(read().column(columns.ERROR), kinds_re),
-                            False)
+        return pc.fill_null(pc.match_substring_regex(read().column(columns.ERROR), kinds_re), False)
 
-    return _drop_rows(output, storage_options, errors_of_kinds,
-                      rebuild_checkpoint=rebuild_checkpoint)
+    return _drop_rows(
+        output, storage_options, errors_of_kinds, rebuild_checkpoint=rebuild_checkpoint
+    )
 
 
 def drop_duplicate_rows(output: str, storage_options: Mapping[str, Any]) -> int:
@@ -245,13 +281,17 @@ def _pending_stems(output: str, storage_options: Mapping[str, Any]) -> tuple[str
     """Names that begin the data files of an unfinished write (Ray's ``.pending`` id files):
     Ray deletes those files when the run starts."""
     fs, checkpoint = storage.url_to_fs(_work(output, "checkpoint"), storage_options)
-    names = ([p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint, detail=False)]
-             if fs.exists(checkpoint) else [])
+    names = (
+        [p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint, detail=False)]
+        if fs.exists(checkpoint)
+        else []
+    )
     return tuple(n[: -len(".pending.parquet")] for n in names if n.endswith(".pending.parquet"))
 
 
-def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
-               rebuild_checkpoint: bool = False) -> int:
+def _drop_rows(
+    output: str, storage_options: Mapping[str, Any], choose, *, rebuild_checkpoint: bool = False
+) -> int:
     """Take the rows ``choose`` names out of memscore's output files and the checkpoint.
     Returns their count.
 
@@ -276,8 +316,11 @@ def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
     _, checkpoint = storage.url_to_fs(_work(output, "checkpoint"), storage_options)
     if fs.exists(retry):
         fs.rm(retry, recursive=True)  # a plan never written: the output was not touched
-    names = ([p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint, detail=False)]
-             if fs.exists(checkpoint) else [])
+    names = (
+        [p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint, detail=False)]
+        if fs.exists(checkpoint)
+        else []
+    )
     ckpt_names = [n for n in names if n.endswith(".parquet") and ".pending." not in n]
     pending = _pending_stems(output, storage_options)
     plan: list[dict[str, str]] = []
@@ -290,8 +333,9 @@ def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
         if pending and name.startswith(pending):
             continue
         stem = name[: -len(sink.suffix)]
-        ckpt = next((n for n in ckpt_names if name.startswith(n[: -len(".parquet")])),
-                    stem + ".parquet")  # Ray's rule: the id file's stem begins the data file's
+        ckpt = next(
+            (n for n in ckpt_names if name.startswith(n[: -len(".parquet")])), stem + ".parquet"
+        )  # Ray's rule: the id file's stem begins the data file's
         whole: list[pa.Table] = []
 
         def read(path=path, whole=whole) -> pa.Table:
@@ -303,7 +347,7 @@ def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
         count = 0 if drop is None else (pc.sum(pc.cast(drop, "int64")).as_py() or 0)
         if not count:
             if rebuild_checkpoint:
-                ids = (whole[0] if whole else sink.read_file(path, [ROW_COLUMN]))
+                ids = whole[0] if whole else sink.read_file(path, [ROW_COLUMN])
                 _write_ids(fs, f"{checkpoint}/{ckpt}", ids.select([ROW_COLUMN]))
             continue
         kept = read().filter(pc.invert(drop))
@@ -313,15 +357,18 @@ def _drop_rows(output: str, storage_options: Mapping[str, Any], choose, *,
             continue
         sink.write_file(f"{retry}/data-{name}", kept)
         _write_ids(fs, f"{retry}/ids-{ckpt}", kept.select([ROW_COLUMN]))
-        plan += [{"move": f"{retry}/data-{name}", "to": path},
-                 {"move": f"{retry}/ids-{ckpt}", "to": f"{checkpoint}/{ckpt}"}]
+        plan += [
+            {"move": f"{retry}/data-{name}", "to": path},
+            {"move": f"{retry}/ids-{ckpt}", "to": f"{checkpoint}/{ckpt}"},
+        ]
     if plan:
         storage.pipe_atomic(fs, f"{retry}/{_PLAN}", json.dumps(plan, indent=1).encode())
     return dropped
 
 
-def check_rows_match(output: str, snapshot: Snapshot, path_column: str,
-                     storage_options: Mapping[str, Any]) -> None:
+def check_rows_match(
+    output: str, snapshot: Snapshot, path_column: str, storage_options: Mapping[str, Any]
+) -> None:
     """Refuse (one line) when a committed output row's path is not the path of the snapshot
     row with its ``memscore_row``: the check that stands in for a lost state's identity.
 
@@ -330,20 +377,23 @@ def check_rows_match(output: str, snapshot: Snapshot, path_column: str,
     import numpy as np
 
     sink = open_sink(output, storage_options)
-    snap_fs, _ = storage.url_to_fs(snapshot.files[0], storage_options) if snapshot.files else \
-        (sink.fs, None)
+    snap_fs, _ = (
+        storage.url_to_fs(snapshot.files[0], storage_options) if snapshot.files else (sink.fs, None)
+    )
     snap_filesystem = storage.pyarrow_filesystem_of(snap_fs)
     parts = [p.split("://", 1)[1] if storage.is_url(p) else p for p in snapshot.files]
-    starts = np.cumsum([0] + [pq.ParquetFile(p, filesystem=snap_filesystem).metadata.num_rows
-                              for p in parts])
+    starts = np.cumsum(
+        [0] + [pq.ParquetFile(p, filesystem=snap_filesystem).metadata.num_rows for p in parts]
+    )
     cache: dict[int, Any] = {}
 
     def paths_of(part: int):
         if part not in cache:
             if len(cache) >= 4:
                 cache.pop(next(iter(cache)))
-            cache[part] = pq.read_table(parts[part], columns=[path_column],
-                                        filesystem=snap_filesystem).column(path_column)
+            cache[part] = pq.read_table(
+                parts[part], columns=[path_column], filesystem=snap_filesystem
+            ).column(path_column)
         return cache[part]
 
     for path in sink.files():
@@ -355,13 +405,15 @@ def check_rows_match(output: str, snapshot: Snapshot, path_column: str,
             if row < 0 or part >= len(parts):
                 raise MemscoreError(
                     f"{output}: its row {row} is not a row of the manifest as it is now; "
-                    f"the run cannot be finished: score again with --overwrite")
+                    f"the run cannot be finished: score again with --overwrite"
+                )
             expected = paths_of(part)[row - int(starts[part])].as_py()
             if expected != value:
                 raise MemscoreError(
                     f"{output}: its row {row} is {value!r}, but the manifest's row {row} is "
                     f"{expected!r}: the output was made from another manifest; score again "
-                    f"with --overwrite")
+                    f"with --overwrite"
+                )
 
 
 def apply_retry_plan(output: str, storage_options: Mapping[str, Any]) -> bool:

@@ -19,17 +19,29 @@ import abc
 import glob as globlib
 import hashlib
 import os
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
 from memscore import storage
 from memscore.errors import MemscoreError, first_line
 
-__all__ = ["Source", "Location", "Listing", "Snapshot", "RowsRead", "ColumnWidened",
-           "read_restarting", "fingerprint_files", "is_local", "local_path", "BATCH_ROWS"]
+__all__ = [
+    "Source",
+    "Location",
+    "Listing",
+    "Snapshot",
+    "RowsRead",
+    "ColumnWidened",
+    "read_restarting",
+    "fingerprint_files",
+    "is_local",
+    "local_path",
+    "BATCH_ROWS",
+]
 
 # Rows per table the driver handles at once: it bounds the driver's memory whatever the
 # manifest's size.
@@ -140,8 +152,9 @@ class Location:
             except MemscoreError:
                 raise
             except Exception as exc:
-                raise MemscoreError(f"cannot list {self.given}: {type(exc).__name__}: "
-                                    f"{first_line(exc)[:300]}") from None
+                raise MemscoreError(
+                    f"cannot list {self.given}: {type(exc).__name__}: {first_line(exc)[:300]}"
+                ) from None
         return self._listing
 
     def _list(self, fs, root: str) -> Listing:
@@ -213,8 +226,14 @@ class Source(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def open(cls, location: Location, *, path_column: str, reserved_columns: tuple[str, ...],
-             image_paths: bool | None) -> Source:
+    def open(
+        cls,
+        location: Location,
+        *,
+        path_column: str,
+        reserved_columns: tuple[str, ...],
+        image_paths: bool | None,
+    ) -> Source:
         """Find and validate the source (see ``manifest.open_manifest`` for the arguments);
         every problem its schema and first block show is one ``MemscoreError`` line."""
 
@@ -223,6 +242,7 @@ class Source(abc.ABC):
         """Refuse (one line) where this kind's rows cannot be read in the driver
         (``iter_tables``): a command that reads them there (``finetune``, ``evaluate``) asks
         before opening. Every kind's rows can be, unless it says otherwise."""
+        return None
 
     # -- what it is -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -267,14 +287,14 @@ class Source(abc.ABC):
         """Refuse (one line) ``--limit`` or ``--id-column`` where this kind cannot take them."""
 
     @abc.abstractmethod
-    def freeze(self, folder: str, *, limit: int | None, rows_per_file: int,
-               id_column: str | None) -> Snapshot:
+    def freeze(
+        self, folder: str, *, limit: int | None, rows_per_file: int, id_column: str | None
+    ) -> Snapshot:
         """Fix the rows a run scores, so that a resumed run reads the same ones: copied into
         ``folder`` (the run's snapshot), or named where they are."""
 
     @abc.abstractmethod
-    def dataset(self, snapshot: Snapshot, *, reserved_columns: tuple[str, ...],
-                counts_folder: str):
+    def dataset(self, snapshot: Snapshot, *, reserved_columns: tuple[str, ...], counts_folder: str):
         """The snapshot's rows as a Ray Dataset for the decode stage. ``reserved_columns``:
         the columns the run adds (no row may bring one); ``counts_folder``: where read tasks
         record what each part held, for kinds whose row count is known only once read."""
@@ -291,8 +311,9 @@ class Source(abc.ABC):
         cannot be known."""
 
     @abc.abstractmethod
-    def recorded_rows(self, output: str, *, summary: Mapping[str, Any] | None,
-                      counts_folder: str, by_name: bool) -> list[int] | None:
+    def recorded_rows(
+        self, output: str, *, summary: Mapping[str, Any] | None, counts_folder: str, by_name: bool
+    ) -> list[int] | None:
         """For ``memscore verify``: each part's row count as the run recorded it (its
         ``summary``, or ``counts_folder`` for a run not finished), checked to be the parts this
         source names (``by_name``: by file name); None where row ids are positions, counted
@@ -336,8 +357,7 @@ def _cast_like(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
 _HASH_CHUNK = 1 << 20
 
 
-def fingerprint_files(files, storage_options: Mapping[str, Any] | None, *,
-                      by_content: bool) -> str:
+def fingerprint_files(files, storage_options: Mapping[str, Any] | None, *, by_content: bool) -> str:
     """A sha256 hex digest over ``files`` in order: each local file's path and the sha256 of its
     bytes (``by_content``), else each file's path, size and ETag (modification time where the
     store keeps no ETag), read with one HEAD per object, 32 at a time.
@@ -381,5 +401,5 @@ def local_path(path: str) -> str | None:
     if not storage.is_url(path):
         return path
     if path.startswith("file://"):
-        return path[len("file://"):]
+        return path[len("file://") :]
     return None

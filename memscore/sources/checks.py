@@ -13,8 +13,13 @@ import pyarrow as pa
 
 from memscore.errors import MemscoreError
 
-__all__ = ["check_reserved_columns", "check_repeated_columns", "check_path_column",
-           "repeated_columns_line", "repeated_values"]
+__all__ = [
+    "check_reserved_columns",
+    "check_repeated_columns",
+    "check_path_column",
+    "repeated_columns_line",
+    "repeated_values",
+]
 
 
 def check_reserved_columns(columns, reserved, source: str) -> None:
@@ -37,10 +42,15 @@ def check_reserved_columns(columns, reserved, source: str) -> None:
 def repeated_columns_line(file: str, names: list[str], *, json: bool = False) -> str:
     """The one line for column names that repeat in ``file`` (``json``: in one JSON line)."""
     which = ", ".join(repr(n) for n in names)
-    where = "is repeated in a JSON line" if json else (
-        "is repeated" if len(names) == 1 else "are repeated")
-    return (f"{file}: column name{'s' if len(names) > 1 else ''} {which} {where}; give each "
-            f"column its own name")
+    where = (
+        "is repeated in a JSON line"
+        if json
+        else ("is repeated" if len(names) == 1 else "are repeated")
+    )
+    return (
+        f"{file}: column name{'s' if len(names) > 1 else ''} {which} {where}; give each "
+        f"column its own name"
+    )
 
 
 def check_repeated_columns(names, file: str) -> None:

@@ -12,7 +12,17 @@ __all__ = ["IMAGE_EXTENSIONS", "SHARD_SUFFIXES", "SUFFIX_KINDS", "kind_of", "nam
 #: Image files a folder scan scores, and a WebDataset sample's image members, in order of
 #: preference (a sample's first present member is the scored one).
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
 )
 #: WebDataset shards.
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -20,9 +30,15 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 #: suffix (lower case) -> the ``Source.kind`` a file of that name is read as. No suffix ends
 #: another of another kind, so the order of the entries does not matter.
 SUFFIX_KINDS = {
-    ".csv": "csv", ".csv.gz": "csv", ".tsv": "csv",
-    ".parquet": "parquet", ".pq": "parquet",
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl",
+    ".csv": "csv",
+    ".csv.gz": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".jsonl.gz": "jsonl",
     **{suffix: "images" for suffix in IMAGE_EXTENSIONS},
     **{suffix: "webdataset" for suffix in SHARD_SUFFIXES},
 }

@@ -8,7 +8,8 @@ read: a symlink leading out of it is that row's error (``image_reading``'s ``con
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -40,16 +41,31 @@ class ImageFolder(SnapshotSource):
         return listing.shape == "folder"
 
     @classmethod
-    def open(cls, location: Location, *, path_column: str, reserved_columns: tuple[str, ...],
-             image_paths: bool | None) -> ImageFolder:
+    def open(
+        cls,
+        location: Location,
+        *,
+        path_column: str,
+        reserved_columns: tuple[str, ...],
+        image_paths: bool | None,
+    ) -> ImageFolder:
         listing = location.listing()
         images = [p for p in listing.paths if kind_of(p) == cls.kind]
         skipped = len(listing.paths) - len(images)
         if not images:
-            raise MemscoreError(f"{location.given}: no image files found (looked for "
-                                f"{', '.join(IMAGE_EXTENSIONS)}; {skipped} other files)")
-        return cls(location.given, tuple(location.full(p) for p in images), listing.base_dir,
-                   (path_column,), path_column, location.storage_options, skipped_files=skipped)
+            raise MemscoreError(
+                f"{location.given}: no image files found (looked for "
+                f"{', '.join(IMAGE_EXTENSIONS)}; {skipped} other files)"
+            )
+        return cls(
+            location.given,
+            tuple(location.full(p) for p in images),
+            listing.base_dir,
+            (path_column,),
+            path_column,
+            location.storage_options,
+            skipped_files=skipped,
+        )
 
     def fingerprint(self) -> str:
         """The image paths, in order: the folder's rows."""
@@ -60,7 +76,7 @@ class ImageFolder(SnapshotSource):
 
     def file_tables(self) -> Iterator[tuple[str, pa.Table]]:
         for start in range(0, len(self.files), BATCH_ROWS):
-            paths = pa.array(self.files[start:start + BATCH_ROWS], pa.string())
+            paths = pa.array(self.files[start : start + BATCH_ROWS], pa.string())
             yield self.source, pa.table({self.path_column: paths})
 
     def image_reading(self) -> dict[str, Any]:

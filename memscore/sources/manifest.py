@@ -13,7 +13,8 @@ counted. A new kind is a module with a ``Source`` class and one line in ``KINDS`
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from memscore.errors import MemscoreError
 from memscore.sources.base import ColumnWidened, Location, Source, read_restarting
@@ -28,9 +29,20 @@ from memscore.sources.images import ImageFolder
 from memscore.sources.tables import CsvTables, JsonLinesTables, ParquetTables
 from memscore.sources.webdataset import WebDatasetShards
 
-__all__ = ["KINDS", "Source", "Manifest", "open_manifest", "ColumnWidened", "read_restarting",
-           "IMAGE_EXTENSIONS", "check_reserved_columns", "check_repeated_columns",
-           "check_path_column", "manifest_fingerprint", "repeated_values"]
+__all__ = [
+    "KINDS",
+    "Source",
+    "Manifest",
+    "open_manifest",
+    "ColumnWidened",
+    "read_restarting",
+    "IMAGE_EXTENSIONS",
+    "check_reserved_columns",
+    "check_repeated_columns",
+    "check_path_column",
+    "manifest_fingerprint",
+    "repeated_values",
+]
 
 #: Every kind of source, in the order each is asked whether a location is theirs: shards first
 #: (a folder of shards beside img2dataset's .parquet files is shards, not a table), the table
@@ -48,11 +60,16 @@ KINDS: tuple[type[Source], ...] = (
 Manifest = Source
 
 
-def open_manifest(source: str, *, path_column: str = "path",
-                  storage_options: Mapping[str, Any] | None = None,
-                  reserved_columns: tuple[str, ...] = (),
-                  rows_in_driver: bool = True, image_paths: bool | None = None,
-                  webdataset: bool | None = None) -> Source:
+def open_manifest(
+    source: str,
+    *,
+    path_column: str = "path",
+    storage_options: Mapping[str, Any] | None = None,
+    reserved_columns: tuple[str, ...] = (),
+    rows_in_driver: bool = True,
+    image_paths: bool | None = None,
+    webdataset: bool | None = None,
+) -> Source:
     """Find and validate the manifest at ``source``; raises ``MemscoreError`` on any problem.
 
     Args:
@@ -98,18 +115,26 @@ def open_manifest(source: str, *, path_column: str = "path",
         if kind.recognises(location):
             if rows_in_driver:
                 kind.check_readable_in_driver(source)
-            return kind.open(location, path_column=path_column,
-                             reserved_columns=tuple(reserved_columns), image_paths=image_paths)
+            return kind.open(
+                location,
+                path_column=path_column,
+                reserved_columns=tuple(reserved_columns),
+                image_paths=image_paths,
+            )
     raise MemscoreError(_recognised_by_none(location))
 
 
 def _recognised_by_none(location: Location) -> str:
     listing = location.listing()
     if listing.shape == "pattern":
-        return (f"{location.given}: the pattern matches files of mixed or unknown kinds "
-                f"(e.g. {listing.paths[0]}); match only images or only one manifest format")
-    return (f"{location.given}: not a manifest (expected .csv, .tsv, .parquet, .jsonl or .json "
-            f"lines, or a folder)")
+        return (
+            f"{location.given}: the pattern matches files of mixed or unknown kinds "
+            f"(e.g. {listing.paths[0]}); match only images or only one manifest format"
+        )
+    return (
+        f"{location.given}: not a manifest (expected .csv, .tsv, .parquet, .jsonl or .json "
+        f"lines, or a folder)"
+    )
 
 
 def manifest_fingerprint(manifest: Source) -> str:

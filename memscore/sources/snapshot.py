@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,17 +32,29 @@ from memscore.sources.base import (
 )
 from memscore.sources.checks import check_path_column, repeated_values
 
-__all__ = ["ROW_COLUMN", "Snapshot", "SnapshotSource", "write_snapshot", "snapshot_dataset",
-           "LIGHT_STAGE_CPUS"]
+__all__ = [
+    "ROW_COLUMN",
+    "Snapshot",
+    "SnapshotSource",
+    "write_snapshot",
+    "snapshot_dataset",
+    "LIGHT_STAGE_CPUS",
+]
 
 ROW_COLUMN = columns.ROW
 # Parallel PUTs when the snapshot goes to S3: thousands of small parts, each a round trip.
 _WRITE_THREADS = 8
 
 
-def write_snapshot(manifest: Source, folder: str, *, limit: int | None = None,
-                   rows_per_file: int, id_column: str | None = None,
-                   storage_options: Mapping[str, Any] | None = None) -> Snapshot:
+def write_snapshot(
+    manifest: Source,
+    folder: str,
+    *,
+    limit: int | None = None,
+    rows_per_file: int,
+    id_column: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Snapshot:
     """Copy the manifest's rows (the first ``limit``) into ``folder`` as
     ``part-NNNNNN.parquet`` files of ``rows_per_file`` rows, each row numbered in
     ``memscore_row``. Streams: the driver holds a few parts at a time.
@@ -70,9 +83,17 @@ def write_snapshot(manifest: Source, folder: str, *, limit: int | None = None,
     made = [] if storage.is_url(folder) else _missing_folders(inner)
     written: list[str] = []
     try:
-        return read_restarting(lambda: _write_snapshot(
-            manifest, folder, written, limit=limit, rows_per_file=rows_per_file,
-            id_column=id_column, storage_options=options))
+        return read_restarting(
+            lambda: _write_snapshot(
+                manifest,
+                folder,
+                written,
+                limit=limit,
+                rows_per_file=rows_per_file,
+                id_column=id_column,
+                storage_options=options,
+            )
+        )
     except Exception:
         _remove_own(fs, written, made)
         raise
@@ -109,9 +130,16 @@ def _remove_own(fs, parts: list[str], folders: list[str]) -> None:
         pass
 
 
-def _write_snapshot(manifest: Source, folder_url: str, written: list[str], *,
-                    limit: int | None, rows_per_file: int, id_column: str | None,
-                    storage_options: Mapping[str, Any]) -> Snapshot:
+def _write_snapshot(
+    manifest: Source,
+    folder_url: str,
+    written: list[str],
+    *,
+    limit: int | None,
+    rows_per_file: int,
+    id_column: str | None,
+    storage_options: Mapping[str, Any],
+) -> Snapshot:
     fs, folder = storage.url_to_fs(folder_url, storage_options)
     # parts of an attempt cut short by a kill (or read again with a widened column)
     stale = fs.glob(f"{folder}/part-*.parquet") if fs.exists(folder) else []
@@ -133,8 +161,9 @@ def _write_snapshot(manifest: Source, folder_url: str, written: list[str], *,
         for block in _blocks(manifest.iter_tables(limit), rows_per_file):
             if rows == 0:  # a later block cannot change a type without a restart
                 check_path_column(block.schema, manifest.path_column, manifest.source)
-            block = block.append_column(ROW_COLUMN, pa.array(range(rows, rows + block.num_rows),
-                                                              pa.int64()))
+            block = block.append_column(
+                ROW_COLUMN, pa.array(range(rows, rows + block.num_rows), pa.int64())
+            )
             if id_column:
                 ids.append(block.column(id_column))
             part = f"{folder}/part-{len(files):06d}.parquet"
@@ -147,8 +176,9 @@ def _write_snapshot(manifest: Source, folder_url: str, written: list[str], *,
         for write in writes:
             write.result()
     if id_column:
-        _check_unique_ids(pa.chunked_array([c for a in ids for c in a.chunks]), id_column,
-                          manifest.source)
+        _check_unique_ids(
+            pa.chunked_array([c for a in ids for c in a.chunks]), id_column, manifest.source
+        )
     return Snapshot(tuple(files), rows)
 
 
@@ -174,12 +204,14 @@ def _check_unique_ids(ids: pa.ChunkedArray, column: str, source: str) -> None:
     repeated = repeated_values(ids)
     if repeated:
         kinds, value, times = repeated
-        raise MemscoreError(f"{source}: --id-column {column!r} is not unique: {kinds} values "
-                            f"repeat, e.g. {value!r} ({times} times)")
+        raise MemscoreError(
+            f"{source}: --id-column {column!r} is not unique: {kinds} values "
+            f"repeat, e.g. {value!r} ({times} times)"
+        )
 
 
 #: The CPU share Ray accounts for memscore's bookkeeping stages: reading the snapshot, cutting
-#: it into decode blocks, writing output files. See ``pipeline._light``.
+#: it into decode blocks, writing output files. See ``pipeline.light_cpu_share``.
 LIGHT_STAGE_CPUS = 0.25
 
 
@@ -197,9 +229,10 @@ def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):
     try:
         # A light CPU share: reading the snapshot is cheap, and a whole CPU held by a read
         # that backpressure keeps alive for most of a long run is a CPU the decode tasks lack
-        # (pipeline._light).
-        return ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths),
-                                     num_cpus=LIGHT_STAGE_CPUS)
+        # (pipeline.light_cpu_share).
+        return ray.data.read_parquet(
+            paths, filesystem=filesystem, override_num_blocks=len(paths), num_cpus=LIGHT_STAGE_CPUS
+        )
     finally:
         context.use_datasource_v2 = chosen
 
@@ -215,13 +248,14 @@ class SnapshotSource(Source):
     def check_run_options(self, *, limit: int | None, id_column: str | None) -> None:
         return None  # both are rows of the snapshot: the first N, a column of it
 
-    def freeze(self, folder: str, *, limit: int | None, rows_per_file: int,
-               id_column: str | None) -> Snapshot:
-        return write_snapshot(self, folder, limit=limit, rows_per_file=rows_per_file,
-                              id_column=id_column)
+    def freeze(
+        self, folder: str, *, limit: int | None, rows_per_file: int, id_column: str | None
+    ) -> Snapshot:
+        return write_snapshot(
+            self, folder, limit=limit, rows_per_file=rows_per_file, id_column=id_column
+        )
 
-    def dataset(self, snapshot: Snapshot, *, reserved_columns: tuple[str, ...],
-                counts_folder: str):
+    def dataset(self, snapshot: Snapshot, *, reserved_columns: tuple[str, ...], counts_folder: str):
         return snapshot_dataset(snapshot, self.storage_options)
 
     def image_reading(self) -> dict[str, Any]:
@@ -230,8 +264,9 @@ class SnapshotSource(Source):
     def rows_read(self, snapshot: Snapshot, counts_folder: str, *, output: str) -> RowsRead:
         return RowsRead(snapshot.rows, snapshot.rows)  # the snapshot counted them
 
-    def recorded_rows(self, output: str, *, summary: Mapping[str, Any] | None,
-                      counts_folder: str, by_name: bool) -> None:
+    def recorded_rows(
+        self, output: str, *, summary: Mapping[str, Any] | None, counts_folder: str, by_name: bool
+    ) -> None:
         return None  # positions: verify counts the manifest's rows itself
 
     def first_local_files(self, count: int, *, rows: int) -> list[str]:
@@ -247,8 +282,12 @@ class SnapshotSource(Source):
                     local = local_path(resolve_path(path, self.base_dir))
                 except ImageDecodeError:
                     continue
-                if local and local not in found and os.path.isfile(local) \
-                        and os.access(local, os.R_OK):
+                if (
+                    local
+                    and local not in found
+                    and os.path.isfile(local)
+                    and os.access(local, os.R_OK)
+                ):
                     found.append(local)
                     if len(found) == count:
                         return found

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -90,8 +91,14 @@ class TableSource(SnapshotSource):
         return cls._files_of(location) is not None
 
     @classmethod
-    def open(cls, location: Location, *, path_column: str, reserved_columns: tuple[str, ...],
-             image_paths: bool | None) -> TableSource:
+    def open(
+        cls,
+        location: Location,
+        *,
+        path_column: str,
+        reserved_columns: tuple[str, ...],
+        image_paths: bool | None,
+    ) -> TableSource:
         """Everything the schema and the first block show is checked here, before any output
         is written: repeated column names, no rows, no path column, a column memscore would
         overwrite, a path column that is not text, a first block that does not parse."""
@@ -111,12 +118,17 @@ class TableSource(SnapshotSource):
         check_reserved_columns(columns, reserved_columns, source)
         if typed and (bool(reserved_columns) if image_paths is None else image_paths):
             check_path_column(schema, path_column, source)
-        return cls(source, tuple(files), location.listing().base_dir, tuple(columns),
-                   path_column, location.storage_options)
+        return cls(
+            source,
+            tuple(files),
+            location.listing().base_dir,
+            tuple(columns),
+            path_column,
+            location.storage_options,
+        )
 
     @classmethod
-    def _first_block(cls, files: list[str], fs, source: str
-                     ) -> tuple[str, pa.Schema, bool, bool]:
+    def _first_block(cls, files: list[str], fs, source: str) -> tuple[str, pa.Schema, bool, bool]:
         """What a streamed read of the manifest starts with: (the file whose columns it takes,
         its schema, whether that schema's types are the ones the read will give, whether the
         manifest has a row).
@@ -154,8 +166,9 @@ class TableSource(SnapshotSource):
 
     # -- what it is and its rows ------------------------------------------------------------
     def fingerprint(self) -> str:
-        return fingerprint_files(self.files, self.storage_options,
-                                 by_content=is_local(self.files[0]))
+        return fingerprint_files(
+            self.files, self.storage_options, by_content=is_local(self.files[0])
+        )
 
     def file_tables(self) -> Iterator[tuple[str, pa.Table]]:
         for path in self.files:
@@ -172,7 +185,9 @@ class TableSource(SnapshotSource):
             key = _repeated_json_key(exc)
             if key is not None:  # a later line's; the first block's is open_manifest's
                 raise MemscoreError(repeated_columns_line(path, [key], json=True)) from None
-            raise MemscoreError(f"{path}: cannot read the manifest: {first_line(exc)[:300]}") from None
+            raise MemscoreError(
+                f"{path}: cannot read the manifest: {first_line(exc)[:300]}"
+            ) from None
 
     @abc.abstractmethod
     def read_file(self, fs, inner: str, path: str) -> Iterator[pa.Table]:
@@ -184,7 +199,8 @@ def _table_marker(path: str) -> bool:
     Parquet's ``_metadata``, Hadoop's ``.crc`` files): no rows, no images."""
     name = path.rsplit("/", 1)[-1]
     return name in ("_SUCCESS", "_metadata", "_common_metadata") or (
-        name.startswith(".") and name.endswith(".crc"))
+        name.startswith(".") and name.endswith(".crc")
+    )
 
 
 def _strip(path: str) -> str:
@@ -242,8 +258,10 @@ class CsvTables(TableSource):
 
         with fs.open(path, "rb", compression="infer") as f:
             reader = pacsv.open_csv(
-                f, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
-                parse_options=_csv_options(path).get("parse_options"))
+                f,
+                read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+                parse_options=_csv_options(path).get("parse_options"),
+            )
             for batch in reader:
                 if batch.num_rows:
                     return reader.schema, True, True
@@ -254,9 +272,11 @@ class CsvTables(TableSource):
 
         with fs.open(inner, "rb", compression="infer") as stream:
             reader = pacsv.open_csv(
-                stream, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+                stream,
+                read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
                 parse_options=_csv_options(path).get("parse_options"),
-                convert_options=pacsv.ConvertOptions(column_types=self.widened))
+                convert_options=pacsv.ConvertOptions(column_types=self.widened),
+            )
             names = reader.schema.names
             while True:
                 try:
@@ -302,8 +322,9 @@ class JsonLinesTables(TableSource):
 
         with fs.open(path, "rb", compression="infer") as f:
             try:
-                reader = pajson.open_json(f, read_options=pajson.ReadOptions(
-                    block_size=_CSV_BLOCK_BYTES))
+                reader = pajson.open_json(
+                    f, read_options=pajson.ReadOptions(block_size=_CSV_BLOCK_BYTES)
+                )
                 return reader.schema, True, True
             except pa.ArrowInvalid as exc:
                 if "Empty JSON stream" in str(exc):
@@ -334,8 +355,7 @@ class JsonLinesTables(TableSource):
 def _jsonl_tables(stream) -> Iterator[pa.Table]:
     import pyarrow.json as pajson
 
-    reader = pajson.open_json(stream, read_options=pajson.ReadOptions(
-        block_size=_CSV_BLOCK_BYTES))
+    reader = pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=_CSV_BLOCK_BYTES))
     for batch in reader:
         yield pa.Table.from_batches([batch])
 
@@ -357,6 +377,10 @@ def _read_json_mixed(data: bytes) -> pa.Table:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
             columns[name] = pa.array(
-                [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-                 for v in values], pa.string())
+                [
+                    v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                    for v in values
+                ],
+                pa.string(),
+            )
     return pa.table(columns)

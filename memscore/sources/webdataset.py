@@ -101,8 +101,9 @@ import os
 import re
 import tarfile
 import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -156,10 +157,31 @@ IMAGE_EXT = columns.IMAGE + "_ext"
 #: Extensions of members that can be the scored image, in order of preference.
 IMAGE_MEMBERS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 #: Members kept as UTF-8 strings (by their last extension: ``en.txt`` too) when they are UTF-8.
-TEXT_MEMBERS = frozenset({
-    "txt", "text", "caption", "transcript", "json", "jsonl", "cls", "cls2", "class", "id",
-    "index", "inx", "count", "html", "htm", "xml", "csv", "tsv", "md", "yaml", "yml",
-})
+TEXT_MEMBERS = frozenset(
+    {
+        "txt",
+        "text",
+        "caption",
+        "transcript",
+        "json",
+        "jsonl",
+        "cls",
+        "cls2",
+        "class",
+        "id",
+        "index",
+        "inx",
+        "count",
+        "html",
+        "htm",
+        "xml",
+        "csv",
+        "tsv",
+        "md",
+        "yaml",
+        "yml",
+    }
+)
 #: Every error kind the reader produces (``memscore_error`` is ``"<kind>: <detail>"``).
 READ_ERROR_KINDS = (
     "missing shard",
@@ -240,7 +262,7 @@ def expand_braces(pattern: str) -> list[str]:
         options = _brace_options(match.group(1))
         if options is None:
             continue
-        head, tail = pattern[: match.start()], pattern[match.end():]
+        head, tail = pattern[: match.start()], pattern[match.end() :]
         return [out for option in options for out in expand_braces(head + option + tail)]
     return [pattern]
 
@@ -259,8 +281,11 @@ def _memscores_own(path: str) -> bool:
 def _names_in(fs, folder: str) -> set[str] | None:
     """The file paths directly in ``folder`` (one listing), or None when it cannot be listed."""
     try:
-        return {info["name"].rstrip("/") for info in fs.ls(folder, detail=True)
-                if info.get("type") == "file"}
+        return {
+            info["name"].rstrip("/")
+            for info in fs.ls(folder, detail=True)
+            if info.get("type") == "file"
+        }
     except (FileNotFoundError, NotADirectoryError):
         return None
 
@@ -305,14 +330,19 @@ def expand_shards(source: str, storage_options: Mapping[str, Any] | None = None)
         for pattern in expand_braces(source):
             inner = fs._strip_protocol(pattern)
             if globlib.has_magic(inner):
-                found.update(p for p, info in fs.glob(inner, detail=True).items()
-                             if info.get("type") == "file" and _is_shard_name(p)
-                             and not _memscores_own(p))
+                found.update(
+                    p
+                    for p, info in fs.glob(inner, detail=True).items()
+                    if info.get("type") == "file" and _is_shard_name(p) and not _memscores_own(p)
+                )
             elif _is_shard_name(inner):
                 named.append(inner)
             elif fs.isdir(inner):
-                found.update(p for p in fs.find(inner) if _is_shard_name(p)
-                             and not _memscores_own(p[len(inner):]))
+                found.update(
+                    p
+                    for p in fs.find(inner)
+                    if _is_shard_name(p) and not _memscores_own(p[len(inner) :])
+                )
             elif fs.exists(inner):
                 raise MemscoreError(f"{source}: {_full(source, inner)} is not a .tar shard")
             else:
@@ -335,7 +365,8 @@ def expand_shards(source: str, storage_options: Mapping[str, Any] | None = None)
     if missing:
         raise MemscoreError(
             f"{source}: {len(missing)} of {len(named)} named shards are missing, e.g. "
-            f"{_full(source, missing[0])}")
+            f"{_full(source, missing[0])}"
+        )
     if not found:
         raise MemscoreError(f"{source}: matches no shard (looked for {', '.join(SHARD_SUFFIXES)})")
     return sorted(_full(source, p) for p in found)
@@ -361,13 +392,17 @@ def is_webdataset(source: str, storage_options: Mapping[str, Any] | None = None)
         fs, root = storage.url_to_fs(storage.absolute(source), storage_options)
         if not fs.isdir(root):
             return False
-        files = [p for p in fs.find(root)
-                 if not _memscores_own(p[len(root):]) and not p.rsplit("/", 1)[-1].startswith(".")]
+        files = [
+            p
+            for p in fs.find(root)
+            if not _memscores_own(p[len(root) :]) and not p.rsplit("/", 1)[-1].startswith(".")
+        ]
     except Exception:
         return False
     shards = [p for p in files if _is_shard_name(p)]
     return bool(shards) and not any(
-        p.rsplit(".", 1)[-1].lower() in IMAGE_MEMBERS for p in files if "." in p)
+        p.rsplit(".", 1)[-1].lower() in IMAGE_MEMBERS for p in files if "." in p
+    )
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -413,8 +448,14 @@ def _error(kind: str, detail: str) -> str:
 class _Shard:
     """One pass over one shard: yields its samples as finished ``_Group``s, in order."""
 
-    def __init__(self, url: str, storage_options, max_member_bytes: int,
-                 image_members: tuple[str, ...], reserved: frozenset):
+    def __init__(
+        self,
+        url: str,
+        storage_options,
+        max_member_bytes: int,
+        image_members: tuple[str, ...],
+        reserved: frozenset,
+    ):
         self.url = url
         self.options = dict(storage_options or {})
         self.max_member_bytes = max_member_bytes
@@ -445,26 +486,42 @@ class _Shard:
             first, first_names = group.first
             common = sorted(names & first_names)
             if common:
-                group.error = _error("duplicate key", (
-                    f"key {group.key!r} again as sample {group.index} of {self.url}, with the "
-                    f"same member names as sample {first} ({', '.join(common)}): two samples "
-                    f"share one key; only sample {first} is scored"))
+                group.error = _error(
+                    "duplicate key",
+                    (
+                        f"key {group.key!r} again as sample {group.index} of {self.url}, with the "
+                        f"same member names as sample {first} ({', '.join(common)}): two samples "
+                        f"share one key; only sample {first} is scored"
+                    ),
+                )
             else:
-                group.error = _error("unsorted shard", (
-                    f"members {', '.join(sorted(names))} of key {group.key!r} lie apart from "
-                    f"its sample {first} in {self.url} (other entries between them); sample "
-                    f"{first} is scored without them. Write shards sorted by name "
-                    f"(tar --sort=name)"))
+                group.error = _error(
+                    "unsorted shard",
+                    (
+                        f"members {', '.join(sorted(names))} of key {group.key!r} lie apart from "
+                        f"its sample {first} in {self.url} (other entries between them); sample "
+                        f"{first} is scored without them. Write shards sorted by name "
+                        f"(tar --sort=name)"
+                    ),
+                )
             return group
         reserved = sorted(s for s in group.suffixes if _is_reserved(s, self.reserved))
         if reserved:
-            group.error = _error("reserved name", (
-                f"member {group.key}.{reserved[0]} of {self.url} would be column "
-                f"{reserved[0]!r}, which memscore adds"))
+            group.error = _error(
+                "reserved name",
+                (
+                    f"member {group.key}.{reserved[0]} of {self.url} would be column "
+                    f"{reserved[0]!r}, which memscore adds"
+                ),
+            )
         elif not any(ext in group.members for ext in self.image_members):
-            group.error = _error("no image", (
-                f"sample {group.key!r} of {self.url} has no image member (members: "
-                f"{', '.join(sorted(group.suffixes)) or 'none'})"))
+            group.error = _error(
+                "no image",
+                (
+                    f"sample {group.key!r} of {self.url} has no image member (members: "
+                    f"{', '.join(sorted(group.suffixes)) or 'none'})"
+                ),
+            )
         return group
 
     def groups(self) -> Iterator[_Group]:
@@ -503,17 +560,24 @@ class _Shard:
                     current = self._new(key)
                 current.suffixes.add(suffix)
                 if info.size > self.max_member_bytes:
-                    current.error = current.error or _error("too large", (
-                        f"member {name} of {self.url} is {info.size} bytes > max_member_bytes "
-                        f"{self.max_member_bytes}"))
+                    current.error = current.error or _error(
+                        "too large",
+                        (
+                            f"member {name} of {self.url} is {info.size} bytes > max_member_bytes "
+                            f"{self.max_member_bytes}"
+                        ),
+                    )
                     continue  # never read; tarfile skips its data
                 data = tar.extractfile(info).read()
                 current.members[suffix] = data
                 current.nbytes += len(data)
             stop = getattr(tar, "_memscore_stop", None)
             if not isinstance(stop, tarfile.EOFHeaderError):
-                detail = "ends without its end-of-archive block" if stop is None or isinstance(
-                    stop, tarfile.EmptyHeaderError) else f"unreadable tar header ({stop})"
+                detail = (
+                    "ends without its end-of-archive block"
+                    if stop is None or isinstance(stop, tarfile.EmptyHeaderError)
+                    else f"unreadable tar header ({stop})"
+                )
                 raise tarfile.ReadError(detail)
             if source is not f:  # gzip: read to its trailer, whose checksum is checked there
                 while source.read(2**16):
@@ -527,9 +591,13 @@ class _Shard:
                 return
             if current is None:
                 current = self._new(None)
-            current.error = _error("truncated shard", (
-                f"{self.url}: {detail} after {self.complete} complete samples; this sample "
-                f"may be incomplete and the rest of the shard cannot be read"))
+            current.error = _error(
+                "truncated shard",
+                (
+                    f"{self.url}: {detail} after {self.complete} complete samples; this sample "
+                    f"may be incomplete and the rest of the shard cannot be read"
+                ),
+            )
             yield self._finish(current)
             return
         except OSError as exc:  # the storage, not the shard
@@ -538,8 +606,10 @@ class _Shard:
             yield self._finish(current)
         elif self.index == 0:
             group = self._new(None)
-            group.error = _error("empty shard", (
-                f"{self.url} holds no sample ({entries} tar entries, none a file named KEY.EXT)"))
+            group.error = _error(
+                "empty shard",
+                (f"{self.url} holds no sample ({entries} tar entries, none a file named KEY.EXT)"),
+            )
             yield self._finish(group)
 
 
@@ -557,9 +627,16 @@ def _decompressed(f):
 class _TableBuilder:
     """Finished groups -> one table: fixed columns, then member columns (missing -> null)."""
 
-    def __init__(self, url: str, shard_index: int, image_members: tuple[str, ...],
-                 reserved: frozenset, text_as_string: bool = False,
-                 members: tuple[str, ...] | None = None, dropped: dict | None = None):
+    def __init__(
+        self,
+        url: str,
+        shard_index: int,
+        image_members: tuple[str, ...],
+        reserved: frozenset,
+        text_as_string: bool = False,
+        members: tuple[str, ...] | None = None,
+        dropped: dict | None = None,
+    ):
         self.url = url
         self.text_as_string = text_as_string
         self.fixed_members = members
@@ -609,12 +686,14 @@ class _TableBuilder:
         if self.fixed_members is not None:  # one schema for every table of the run
             for name in set(names) - set(self.fixed_members):
                 self.dropped[name] = self.dropped.get(name, 0) + sum(
-                    name in row for row in self.members)
+                    name in row for row in self.members
+                )
             names = sorted(self.fixed_members)
         data = {KEY: pa.array(self.keys, pa.string()), URL: pa.array([self.url] * n, pa.string())}
         for name in names:
-            data[name] = _member_column(name, [row.get(name) for row in self.members],
-                                        self.text_as_string)
+            data[name] = _member_column(
+                name, [row.get(name) for row in self.members], self.text_as_string
+            )
         data[columns.ROW] = pa.array(self.ids, pa.int64())
         data[columns.ERROR] = pa.array(self.errors, pa.string())
         data[IMAGE] = pa.array(self.images, pa.binary())
@@ -634,18 +713,26 @@ def _member_column(name: str, values: list, text_as_string: bool = False) -> pa.
             return array.cast(pa.string())  # validates UTF-8
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             if text_as_string:
-                return pa.array([None if v is None else v.decode("utf-8", "replace")
-                                 for v in values], pa.string())
+                return pa.array(
+                    [None if v is None else v.decode("utf-8", "replace") for v in values],
+                    pa.string(),
+                )
     return array
 
 
-def iter_shard(url: str, storage_options: Mapping[str, Any] | None = None, shard_index: int = 0,
-               *, max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
-               max_member_bytes: int = DEFAULT_MAX_BYTES,
-               image_members: tuple[str, ...] = IMAGE_MEMBERS,
-               reserved_columns: Iterable[str] = (),
-               text_as_string: bool = False, members: Iterable[str] | None = None,
-               dropped: dict | None = None) -> Iterator[pa.Table]:
+def iter_shard(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    shard_index: int = 0,
+    *,
+    max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
+    max_member_bytes: int = DEFAULT_MAX_BYTES,
+    image_members: tuple[str, ...] = IMAGE_MEMBERS,
+    reserved_columns: Iterable[str] = (),
+    text_as_string: bool = False,
+    members: Iterable[str] | None = None,
+    dropped: dict | None = None,
+) -> Iterator[pa.Table]:
     """One shard's samples as a stream of tables, in tar order, in bounded memory.
 
     Args:
@@ -680,8 +767,15 @@ def iter_shard(url: str, storage_options: Mapping[str, Any] | None = None, shard
     reserved = frozenset((KEY, URL, *columns.BOOKKEEPING, columns.ROW, *reserved_columns))
     image_members = tuple(e.lower().lstrip(".") for e in image_members)
     shard = _Shard(url, storage_options, max_member_bytes, image_members, reserved)
-    builder = _TableBuilder(url, shard_index, image_members, reserved, text_as_string,
-                            None if members is None else tuple(members), dropped)
+    builder = _TableBuilder(
+        url,
+        shard_index,
+        image_members,
+        reserved,
+        text_as_string,
+        None if members is None else tuple(members),
+        dropped,
+    )
     for group in shard.groups():
         builder.add(group)
         if builder.nbytes >= max_table_bytes:
@@ -690,8 +784,9 @@ def iter_shard(url: str, storage_options: Mapping[str, Any] | None = None, shard
         yield builder.flush()
 
 
-def read_shard(url: str, storage_options: Mapping[str, Any] | None = None, shard_index: int = 0,
-               **options) -> pa.Table:
+def read_shard(
+    url: str, storage_options: Mapping[str, Any] | None = None, shard_index: int = 0, **options
+) -> pa.Table:
     """One shard as one table (``iter_shard``'s tables unified); for shards that fit memory.
 
     Example::
@@ -716,11 +811,20 @@ def unify_tables(tables: list[pa.Table]) -> pa.Table:
     for table in tables:
         for f in table.schema:
             kinds.setdefault(f.name, set()).add(f.type)
-    as_binary = {name for name, types in kinds.items() if len(types) > 1
-                 and types <= {pa.string(), pa.binary()}}
+    as_binary = {
+        name
+        for name, types in kinds.items()
+        if len(types) > 1 and types <= {pa.string(), pa.binary()}
+    }
     if as_binary:
-        tables = [t.cast(pa.schema([pa.field(f.name, pa.binary()) if f.name in as_binary else f
-                                    for f in t.schema])) for t in tables]
+        tables = [
+            t.cast(
+                pa.schema(
+                    [pa.field(f.name, pa.binary()) if f.name in as_binary else f for f in t.schema]
+                )
+            )
+            for t in tables
+        ]
     merged = pa.concat_tables(tables, promote_options="default")
     fixed = set(_LEADING) | set(_TRAILING)
     members = sorted(n for n in merged.column_names if n not in fixed)
@@ -753,35 +857,44 @@ def _datasource_class():
             counts_folder = self.counts_folder
             tasks = []
             for index, url in enumerate(self.shards):
+
                 def read(url=url, index=index):
                     from memscore.stages.fetch import TransientFailure
 
                     samples, dropped = 0, {}
                     try:
-                        for table in iter_shard(url, storage_options, index, dropped=dropped,
-                                                **reader_options):
+                        for table in iter_shard(
+                            url, storage_options, index, dropped=dropped, **reader_options
+                        ):
                             samples += table.num_rows
                             yield table
                     except OSError as exc:
                         # the storage failed, not the shard's content: the run stops with one
                         # line, and --resume reads the shard again (its committed rows kept)
                         raise TransientFailure(
-                            f"reading shard {url} failed after {samples} samples: "
-                            f"{first_line(exc)}") from None
+                            f"reading shard {url} failed after {samples} samples: {first_line(exc)}"
+                        ) from None
                     if counts_folder is not None:  # the shard was read to its end
-                        write_shard_count(counts_folder, index, url, samples, storage_options,
-                                          dropped)
+                        write_shard_count(
+                            counts_folder, index, url, samples, storage_options, dropped
+                        )
 
-                meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
-                                     input_files=(url,))
+                meta = BlockMetadata(
+                    num_rows=None, size_bytes=None, exec_stats=None, input_files=(url,)
+                )
                 tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
             return tasks
 
     return WebDatasetShards
 
 
-def scan_members(shards: list[str], storage_options: Mapping[str, Any] | None = None,
-                 samples: int = 1000, max_shards: int = 8, **reader_options) -> tuple[str, ...]:
+def scan_members(
+    shards: list[str],
+    storage_options: Mapping[str, Any] | None = None,
+    samples: int = 1000,
+    max_shards: int = 8,
+    **reader_options,
+) -> tuple[str, ...]:
     """The member columns of the first ``samples`` samples (in up to ``max_shards`` shards):
     what ``memscore score`` writes for every row (``iter_shard``'s ``members``).
 
@@ -802,9 +915,14 @@ def scan_members(shards: list[str], storage_options: Mapping[str, Any] | None = 
     return tuple(sorted(found))
 
 
-def write_shard_count(folder: str, index: int, url: str, samples: int,
-                      storage_options: Mapping[str, Any] | None = None,
-                      dropped: Mapping[str, int] | None = None) -> None:
+def write_shard_count(
+    folder: str,
+    index: int,
+    url: str,
+    samples: int,
+    storage_options: Mapping[str, Any] | None = None,
+    dropped: Mapping[str, int] | None = None,
+) -> None:
     """Record that shard ``index`` (``url``) holds ``samples`` rows (and which members were left
     out of how many samples, ``iter_shard``'s ``dropped``): ``folder/<index>.json``."""
     import json
@@ -815,9 +933,12 @@ def write_shard_count(folder: str, index: int, url: str, samples: int,
     storage.pipe_atomic(fs, path, json.dumps(record).encode())
 
 
-def read_shard_counts(folder: str, shards: list[str],
-                      storage_options: Mapping[str, Any] | None = None,
-                      dropped: dict | None = None) -> list[int | None]:
+def read_shard_counts(
+    folder: str,
+    shards: list[str],
+    storage_options: Mapping[str, Any] | None = None,
+    dropped: dict | None = None,
+) -> list[int | None]:
     """Each shard's recorded sample count (``write_shard_count``), None where none is; a
     record naming another URL for its index (the listing changed) is None too. ``dropped``
     (a dict) receives the members left out, summed over the shards."""
@@ -832,8 +953,11 @@ def read_shard_counts(folder: str, shards: list[str],
     with ThreadPoolExecutor(max_workers=16) as pool:
         for record in pool.map(lambda p: json.loads(fs.cat_file(p)), files):
             index = record.get("shard")
-            if isinstance(index, int) and 0 <= index < len(shards) \
-                    and record.get("url") == shards[index]:
+            if (
+                isinstance(index, int)
+                and 0 <= index < len(shards)
+                and record.get("url") == shards[index]
+            ):
                 counts[index] = int(record["samples"])
                 if dropped is not None:
                     for name, n in (record.get("dropped") or {}).items():
@@ -841,9 +965,13 @@ def read_shard_counts(folder: str, shards: list[str],
     return counts
 
 
-def read_shards(shards: list[str], storage_options: Mapping[str, Any] | None = None,
-                counts_folder: str | None = None, num_cpus: float | None = None,
-                **reader_options):
+def read_shards(
+    shards: list[str],
+    storage_options: Mapping[str, Any] | None = None,
+    counts_folder: str | None = None,
+    num_cpus: float | None = None,
+    **reader_options,
+):
     """The shards as a Ray Dataset of sample rows: one read task per shard, in list order.
 
     ``shards`` is ``expand_shards``'s list, whole (a row's shard index is its position there;
@@ -867,8 +995,9 @@ def read_shards(shards: list[str], storage_options: Mapping[str, Any] | None = N
     import ray.data
 
     datasource = _datasource_class()(shards, storage_options, reader_options, counts_folder)
-    return ray.data.read_datasource(datasource, override_num_blocks=max(1, len(shards)),
-                                    num_cpus=num_cpus)
+    return ray.data.read_datasource(
+        datasource, override_num_blocks=max(1, len(shards)), num_cpus=num_cpus
+    )
 
 
 # ---------------------------------------------------------------------------------- the Source
@@ -898,16 +1027,23 @@ class WebDatasetShards(Source):
 
     @classmethod
     def check_readable_in_driver(cls, given: str) -> None:
-        raise MemscoreError(f"{given}: WebDataset shards can be scored (memscore score), "
-                            f"not read here; give a table manifest or a folder of images")
+        raise MemscoreError(
+            f"{given}: WebDataset shards can be scored (memscore score), "
+            f"not read here; give a table manifest or a folder of images"
+        )
 
     @classmethod
-    def open(cls, location: Location, *, path_column: str, reserved_columns: tuple[str, ...],
-             image_paths: bool | None) -> WebDatasetShards:
+    def open(
+        cls,
+        location: Location,
+        *,
+        path_column: str,
+        reserved_columns: tuple[str, ...],
+        image_paths: bool | None,
+    ) -> WebDatasetShards:
         shards = expand_shards(location.given, location.storage_options)
         base = storage.absolute(location.given).split("{")[0].rstrip("/")
-        return cls(location.given, tuple(shards), base, (KEY, URL), KEY,
-                   location.storage_options)
+        return cls(location.given, tuple(shards), base, (KEY, URL), KEY, location.storage_options)
 
     def fingerprint(self) -> str:
         return fingerprint_files(self.files, self.storage_options, by_content=False)
@@ -920,17 +1056,20 @@ class WebDatasetShards(Source):
         if limit is not None:
             raise MemscoreError(
                 f"{self.source}: --limit cannot cut WebDataset shards (a row's id is its place "
-                f"in its shard); name fewer shards instead, e.g. shards/{{000000..000009}}.tar")
+                f"in its shard); name fewer shards instead, e.g. shards/{{000000..000009}}.tar"
+            )
         if id_column:
-            raise MemscoreError(f"{self.source}: --id-column is for table manifests; WebDataset "
-                                f"rows are keyed by shard and sample (__url__, __key__)")
+            raise MemscoreError(
+                f"{self.source}: --id-column is for table manifests; WebDataset "
+                f"rows are keyed by shard and sample (__url__, __key__)"
+            )
 
-    def freeze(self, folder: str, *, limit: int | None, rows_per_file: int,
-               id_column: str | None) -> Snapshot:
+    def freeze(
+        self, folder: str, *, limit: int | None, rows_per_file: int, id_column: str | None
+    ) -> Snapshot:
         return Snapshot(self.files, None)  # too large to copy: a run reads the shards
 
-    def dataset(self, snapshot: Snapshot, *, reserved_columns: tuple[str, ...],
-                counts_folder: str):
+    def dataset(self, snapshot: Snapshot, *, reserved_columns: tuple[str, ...], counts_folder: str):
         options = {
             "reserved_columns": tuple(reserved_columns),
             # one type per text member column in every output file (bytes that are not UTF-8
@@ -942,9 +1081,14 @@ class WebDatasetShards(Source):
         # sample); a member first seen later is left out, and counted in the summary.
         members = scan_members(list(self.files), self.storage_options, **options)
         return read_shards(
-            list(self.files), self.storage_options, counts_folder=counts_folder,
+            list(self.files),
+            self.storage_options,
+            counts_folder=counts_folder,
             # reading a shard is sequential I/O and tar headers: a light share, as the snapshot's
-            num_cpus=LIGHT_STAGE_CPUS, members=members, **options)
+            num_cpus=LIGHT_STAGE_CPUS,
+            members=members,
+            **options,
+        )
 
     def image_reading(self) -> dict[str, Any]:
         # a sample's image member travels in its row
@@ -954,23 +1098,28 @@ class WebDatasetShards(Source):
         """Each shard's sample count, as its read task recorded it (every shard was read to its
         end once the pipeline has finished), and the members left out."""
         dropped: dict[str, int] = {}
-        counts = read_shard_counts(counts_folder, list(self.files), self.storage_options,
-                                   dropped)
+        counts = read_shard_counts(counts_folder, list(self.files), self.storage_options, dropped)
         unread = [url for url, n in zip(self.files, counts) if n is None]
         if unread:
             raise MemscoreError(
                 f"{output}: {len(unread)} of {counted(len(counts), 'shard')} have no "
                 f"recorded sample count (e.g. {unread[0]}), so the output cannot be checked; run "
-                f"again with --resume")
-        return RowsRead(sum(counts), counts, {
-            # what `memscore verify` checks a WebDataset output against
-            "shards": [{"url": url, "samples": n} for url, n in zip(self.files, counts)],
-            # members that first appeared after the samples that set the columns: samples each
-            "members_left_out": dropped,
-        })
+                f"again with --resume"
+            )
+        return RowsRead(
+            sum(counts),
+            counts,
+            {
+                # what `memscore verify` checks a WebDataset output against
+                "shards": [{"url": url, "samples": n} for url, n in zip(self.files, counts)],
+                # members that first appeared after the samples that set the columns: samples each
+                "members_left_out": dropped,
+            },
+        )
 
-    def recorded_rows(self, output: str, *, summary: Mapping[str, Any] | None,
-                      counts_folder: str, by_name: bool) -> list[int]:
+    def recorded_rows(
+        self, output: str, *, summary: Mapping[str, Any] | None, counts_folder: str, by_name: bool
+    ) -> list[int]:
         """The run's per-shard sample counts: its summary's ``shards`` (the same shards, in the
         same order, or by file name when ``by_name``), or for a run not finished the counts its
         read tasks recorded; reading every shard again here would cost what the run's read
@@ -982,22 +1131,25 @@ class WebDatasetShards(Source):
                 raise MemscoreError(f"{output}: the run did not read WebDataset shards")
             urls = [item["url"] for item in recorded]
             if by_name:
-                urls, shards = ([u.rsplit("/", 1)[-1] for u in urls],
-                                [u.rsplit("/", 1)[-1] for u in shards])
+                urls, shards = (
+                    [u.rsplit("/", 1)[-1] for u in urls],
+                    [u.rsplit("/", 1)[-1] for u in shards],
+                )
             if urls != shards:
                 raise MemscoreError(
                     f"{output}: the run read {len(urls)} shards, {self.source} names "
-                    f"{len(shards)} (or others); give the shards the run was given")
+                    f"{len(shards)} (or others); give the shards the run was given"
+                )
             return [int(item["samples"]) for item in recorded]
         counts = read_shard_counts(counts_folder, shards, self.storage_options)
         unread = sum(n is None for n in counts)
         if unread:
             raise MemscoreError(
                 f"{output}: {unread} of {len(shards)} shards have not been read to their end "
-                f"by the run yet, so their samples are not known; finish the run with --resume")
+                f"by the run yet, so their samples are not known; finish the run with --resume"
+            )
         return counts
 
     def first_local_files(self, count: int, *, rows: int) -> list[str]:
         """The local shards: what every node's read tasks open."""
-        return [p for p in self.files
-                if local_path(p) and os.path.isfile(local_path(p))][:count]
+        return [p for p in self.files if local_path(p) and os.path.isfile(local_path(p))][:count]

@@ -57,25 +57,41 @@ from __future__ import annotations
 import io
 import threading
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from memscore.columns import ERROR as ERROR_COLUMN
-from memscore.columns import HEIGHT as HEIGHT_COLUMN
-from memscore.columns import PIXELS_PREFIX, pixels_column
-from memscore.columns import WIDTH as WIDTH_COLUMN
-from memscore.stages.fetch import (DEFAULT_MAX_BYTES, DEFAULT_TRANSIENT_RETRY_S, RetryClock,
-                            RowFetcher, StorageConfigError, TransientError, retry_transient)
-from memscore.row_errors import ImageDecodeError
+from memscore.columns import (
+    ERROR as ERROR_COLUMN,
+    HEIGHT as HEIGHT_COLUMN,
+    PIXELS_PREFIX,
+    WIDTH as WIDTH_COLUMN,
+    pixels_column,
+)
+from memscore.row_errors import (
+    ERROR_KINDS,  # noqa: F401
+    ImageDecodeError,
+)
 
 # Kept for existing imports (``from memscore.stages.decode import ...``): these names now live in
 # memscore.stages.fetch (reading a row's bytes, transient or a fact) and memscore.row_errors.
-from memscore.stages.fetch import (RETRYABLE_KINDS, TransientFailure, local_read_error,  # noqa: F401
-                            remote_read_error, resolve_path)
-from memscore.row_errors import ERROR_KINDS  # noqa: F401
+from memscore.stages.fetch import (  # noqa: F401
+    DEFAULT_MAX_BYTES,
+    DEFAULT_TRANSIENT_RETRY_S,
+    RETRYABLE_KINDS,
+    RetryClock,
+    RowFetcher,
+    StorageConfigError,
+    TransientError,
+    TransientFailure,
+    local_read_error,
+    remote_read_error,
+    resolve_path,
+    retry_transient,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
@@ -124,7 +140,7 @@ _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------------------- decode
-def _to_rgb(image: "_PILImage.Image") -> "_PILImage.Image":
+def _to_rgb(image: _PILImage.Image) -> _PILImage.Image:
     """Any Pillow mode -> RGB, scaling wide greyscale modes instead of clipping them.
 
     Pillow's ``convert('RGB')`` (and ``convert('L')``) clips I;16/I/F values to 0..255, so a 16-bit
@@ -161,7 +177,7 @@ def _to_rgb(image: "_PILImage.Image") -> "_PILImage.Image":
     return image.convert("RGB")
 
 
-def _exif_transpose(image: "_PILImage.Image") -> "_PILImage.Image":
+def _exif_transpose(image: _PILImage.Image) -> _PILImage.Image:
     """Apply the EXIF orientation tag, if any (tag values 2..8). A broken EXIF block is ignored."""
     from PIL import ImageOps
 
@@ -178,7 +194,9 @@ def _text_bomb(exc: BaseException, where: str) -> ImageDecodeError | None:
     """Pillow's PNG text-chunk limits (zTXt/iTXt decompressing past MAX_TEXT_CHUNK, or all text
     chunks together past MAX_TEXT_MEMORY) -> a "decompression bomb" error; else None."""
     message = str(exc)
-    if isinstance(exc, ValueError) and ("MAX_TEXT_CHUNK" in message or "MAX_TEXT_MEMORY" in message):
+    if isinstance(exc, ValueError) and (
+        "MAX_TEXT_CHUNK" in message or "MAX_TEXT_MEMORY" in message
+    ):
         return ImageDecodeError("decompression bomb", f"PNG text chunk {where}: {message}")
     return None
 
@@ -202,7 +220,7 @@ def _allow_in_pillow(max_pixels: int) -> None:
             Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def _open_image(data: bytes, max_pixels: int) -> "_PILImage.Image":
+def _open_image(data: bytes, max_pixels: int) -> _PILImage.Image:
     """bytes -> lazily opened PIL image (header parsed, no pixels decoded), its size checked."""
     from PIL import Image, UnidentifiedImageError
 
@@ -216,7 +234,9 @@ def _open_image(data: bytes, max_pixels: int) -> "_PILImage.Image":
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError("decompression bomb", str(exc)) from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not an image", f"Pillow cannot identify the format ({len(data)} bytes)") from None
+        raise ImageDecodeError(
+            "not an image", f"Pillow cannot identify the format ({len(data)} bytes)"
+        ) from None
     except MemoryError:
         raise  # transient: says nothing about the image (see DecodeImages)
     except Exception as exc:
@@ -237,7 +257,7 @@ def _open_image(data: bytes, max_pixels: int) -> "_PILImage.Image":
     return image
 
 
-def _draft(image: "_PILImage.Image", draft_to: int) -> None:
+def _draft(image: _PILImage.Image, draft_to: int) -> None:
     """JPEG draft mode (in place) when the image is >= DRAFT_FACTOR * draft_to on both sides.
 
     Asks libjpeg for the largest 1/2, 1/4, 1/8 reduction that keeps both sides >= 2 * draft_to.
@@ -252,7 +272,7 @@ def _draft(image: "_PILImage.Image", draft_to: int) -> None:
             pass
 
 
-def _load_rgb(image: "_PILImage.Image", exif_transpose: bool = False) -> "_PILImage.Image":
+def _load_rgb(image: _PILImage.Image, exif_transpose: bool = False) -> _PILImage.Image:
     """Opened image -> decoded RGB image (first frame, wide modes scaled; EXIF-transposed if
     ``exif_transpose``)."""
     from PIL import Image
@@ -268,8 +288,12 @@ def _load_rgb(image: "_PILImage.Image", exif_transpose: bool = False) -> "_PILIm
                 raise bomb from None
             message = str(exc)
             if isinstance(exc, EOFError) or "truncat" in message.lower():
-                raise ImageDecodeError("truncated", f"{image.format}: {message or type(exc).__name__}") from None
-            raise ImageDecodeError("decode failed", f"{type(exc).__name__}: {message} ({image.format})") from None
+                raise ImageDecodeError(
+                    "truncated", f"{image.format}: {message or type(exc).__name__}"
+                ) from None
+            raise ImageDecodeError(
+                "decode failed", f"{type(exc).__name__}: {message} ({image.format})"
+            ) from None
         if exif_transpose:
             image = _exif_transpose(image)
         return _to_rgb(image)
@@ -285,7 +309,7 @@ def read_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_to: int = 0,
     exif_transpose: bool = False,
-) -> "_PILImage.Image":
+) -> _PILImage.Image:
     """bytes -> RGB PIL image (first frame, 16-bit scaled), as the reference decodes it by default.
 
     ``draft_to`` > 0 enables JPEG draft mode for JPEGs at least ``DRAFT_FACTOR * draft_to`` pixels
@@ -307,12 +331,12 @@ def read_image(
 
 def decode_image_bytes(
     data: bytes,
-    preprocess: "Mapping[str, ImagePreprocess]",
+    preprocess: Mapping[str, ImagePreprocess],
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_to: int = 0,
     exif_transpose: bool = False,
-    budget: "_PixelBudget | None" = None,
+    budget: _PixelBudget | None = None,
 ) -> tuple[int, int, dict[str, np.ndarray]]:
     """One image's bytes -> ``(width, height, {name: uint8 pixels})``: a row of ``DecodeImages``.
 
@@ -480,7 +504,7 @@ class DecodeImages:
     def __init__(
         self,
         path_column: str,
-        preprocess: "dict[str, ImagePreprocess]",
+        preprocess: dict[str, ImagePreprocess],
         *,
         base_dir: str | None = None,
         storage_options: dict | None = None,
@@ -501,9 +525,13 @@ class DecodeImages:
         if max_inflight_pixels < 1:
             raise ValueError(f"max_inflight_pixels must be >= 1, got {max_inflight_pixels}")
         # reading a row's bytes: path rules, local and remote reads, transient or a fact
-        self.fetcher = RowFetcher(base_dir=base_dir, storage_options=storage_options,
-                                  max_bytes=max_bytes, confine_to=confine_to,
-                                  bytes_given=bytes_column is not None)
+        self.fetcher = RowFetcher(
+            base_dir=base_dir,
+            storage_options=storage_options,
+            max_bytes=max_bytes,
+            confine_to=confine_to,
+            bytes_given=bytes_column is not None,
+        )
         self.path_column = path_column
         self.bytes_column = bytes_column
         self.preprocess = dict(preprocess)
@@ -516,8 +544,9 @@ class DecodeImages:
             raise ValueError(f"transient_retry_s must be >= 0, got {transient_retry_s}")
         self.transient_retry_s = float(transient_retry_s)
         # the side draft mode keeps twice of: the largest resize side over all entries; 0: no draft
-        self._draft_to = (max(max(pre.resize) for pre in self.preprocess.values())
-                          if self.fast_decode else 0)
+        self._draft_to = (
+            max(max(pre.resize) for pre in self.preprocess.values()) if self.fast_decode else 0
+        )
         # The fetcher pickles without its filesystems, so the instance ships to Ray workers
         # without fsspec/s3fs objects; the budget (a lock) is recreated on unpickling.
         self._budget = _PixelBudget(self.max_inflight_pixels)
@@ -549,9 +578,13 @@ class DecodeImages:
             return None, None, clock.not_read(row)
         try:
             width, height, arrays = decode_image_bytes(
-                self.fetcher.row_bytes(path), self.preprocess, max_pixels=self.max_pixels,
-                draft_to=self._draft_to, exif_transpose=self.exif_transpose,
-                budget=self._budget)
+                self.fetcher.row_bytes(path),
+                self.preprocess,
+                max_pixels=self.max_pixels,
+                draft_to=self._draft_to,
+                exif_transpose=self.exif_transpose,
+                budget=self._budget,
+            )
             for name, array in arrays.items():
                 out[name][index] = array
             clock.got_through()
@@ -575,18 +608,32 @@ class DecodeImages:
             arr[index] = 0  # to_array may have filled some columns before failing
         return None, None, error
 
-    def _decode_rows(self, indices: list[int], paths: list, out: dict[str, np.ndarray],
-                     results: list, clock: RetryClock) -> list:
+    def _decode_rows(
+        self,
+        indices: list[int],
+        paths: list,
+        out: dict[str, np.ndarray],
+        results: list,
+        clock: RetryClock,
+    ) -> list:
         """Decode the rows at ``indices`` (in ``io_threads`` threads) into ``results``; a
         client configuration error raises its ``StorageConfigError`` once they are done."""
         todo = [paths[i] for i in indices]
         if len(indices) <= 1 or self.io_threads == 1:
             done = [self._decode_row(i, p, out, clock) for i, p in zip(indices, todo)]
         else:
-            with ThreadPoolExecutor(max_workers=min(self.io_threads, len(indices)),
-                                    thread_name_prefix="memscore-decode") as pool:
-                done = list(pool.map(self._decode_row, indices, todo, [out] * len(indices),
-                                     [clock] * len(indices)))
+            with ThreadPoolExecutor(
+                max_workers=min(self.io_threads, len(indices)), thread_name_prefix="memscore-decode"
+            ) as pool:
+                done = list(
+                    pool.map(
+                        self._decode_row,
+                        indices,
+                        todo,
+                        [out] * len(indices),
+                        [clock] * len(indices),
+                    )
+                )
         for i, result in zip(indices, done):
             results[i] = result
         config = next((r[2] for r in done if isinstance(r[2], StorageConfigError)), None)
@@ -594,11 +641,13 @@ class DecodeImages:
             raise config
         return results
 
-    def _retry_transient(self, paths: list, out: dict[str, np.ndarray], results: list,
-                         clock: RetryClock) -> list:
+    def _retry_transient(
+        self, paths: list, out: dict[str, np.ndarray], results: list, clock: RetryClock
+    ) -> list:
         """Read and decode the rows that failed transiently again (``fetch.retry_transient``:
         backoff, a new client each round), until they succeed or become facts; once ``clock``
         gives up, ``TransientFailure`` fails the task."""
+
         def read_again(indices: list[int]) -> dict[int, TransientError]:
             self._decode_rows(indices, paths, out, results, clock)
             return {i: results[i][2] for i in indices if isinstance(results[i][2], TransientError)}
@@ -613,8 +662,10 @@ class DecodeImages:
 
         source = self.bytes_column or self.path_column
         if source not in table.column_names:
-            raise KeyError(f"{'bytes' if self.bytes_column else 'path'} column {source!r} not in "
-                           f"the table: {table.column_names}")
+            raise KeyError(
+                f"{'bytes' if self.bytes_column else 'path'} column {source!r} not in "
+                f"the table: {table.column_names}"
+            )
         added = [WIDTH_COLUMN, HEIGHT_COLUMN, ERROR_COLUMN, *map(pixels_column, self.preprocess)]
         given_errors = None
         if self.bytes_column is not None and ERROR_COLUMN in table.column_names:
@@ -626,7 +677,10 @@ class DecodeImages:
 
         paths = table.column(source).to_pylist()
         n = len(paths)
-        out = {name: np.zeros((n, *pre.array_shape), dtype=np.uint8) for name, pre in self.preprocess.items()}
+        out = {
+            name: np.zeros((n, *pre.array_shape), dtype=np.uint8)
+            for name, pre in self.preprocess.items()
+        }
         todo = list(range(n))
         results: list = [None] * n
         if given_errors is not None:  # the reader's per-sample errors stand; those rows wait

@@ -19,8 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEFAULT_MAX_ERROR_FRACTION", "MIN_ROWS", "ErrorFractionExceeded", "ErrorTally",
-           "start_counter", "report"]
+__all__ = [
+    "DEFAULT_MAX_ERROR_FRACTION",
+    "MIN_ROWS",
+    "ErrorFractionExceeded",
+    "ErrorTally",
+    "start_counter",
+    "report",
+]
 
 #: More errors than scores: a misconfigured run (wrong base folder or path column, a bucket
 #: without access, a mount that is not there) has (nearly) every row an error, while real
@@ -65,8 +71,12 @@ class ErrorTally:
             self.kinds[kind] = self.kinds.get(kind, 0) + int(count)
             self.errors += int(count)
             self.examples.setdefault(kind, examples.get(kind, ""))
-        if self.stopped is None and self.max_fraction < 1 and self.rows >= self.min_rows and (
-                self.errors > self.max_fraction * self.rows):
+        if (
+            self.stopped is None
+            and self.max_fraction < 1
+            and self.rows >= self.min_rows
+            and (self.errors > self.max_fraction * self.rows)
+        ):
             self.stopped = self.message()
         return self.stopped
 
@@ -74,9 +84,11 @@ class ErrorTally:
         common = sorted(self.kinds.items(), key=lambda kv: -kv[1])[:3]
         kinds = ", ".join(f"{kind} {count}" for kind, count in common)
         example = self.examples.get(common[0][0], "") if common else ""
-        return (f"{self.errors} of the first {self.rows} rows decoded are errors "
-                f"({self.errors / self.rows:.0%}, more than --max-error-fraction "
-                f"{self.max_fraction:g}): {kinds}; e.g. {example}")
+        return (
+            f"{self.errors} of the first {self.rows} rows decoded are errors "
+            f"({self.errors / self.rows:.0%}, more than --max-error-fraction "
+            f"{self.max_fraction:g}): {kinds}; e.g. {example}"
+        )
 
     def counts(self) -> dict[str, Any]:
         return {"rows": self.rows, "errors": self.errors, "kinds": dict(self.kinds)}

@@ -51,7 +51,8 @@ import re
 import stat
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from memscore.row_errors import MAX_DETAIL, ImageDecodeError
 
@@ -133,7 +134,8 @@ def resolve_path(path: str, base_dir: str | None) -> str:
     protocol = _protocol(path)
     if _is_unsupported(protocol):
         raise ImageDecodeError(
-            "unsupported path", f"{protocol}:// URLs are not fetched; download the images first ({path})"
+            "unsupported path",
+            f"{protocol}:// URLs are not fetched; download the images first ({path})",
         )
     if protocol is not None or os.path.isabs(path) or not base_dir:
         return path
@@ -144,7 +146,8 @@ def resolve_path(path: str, base_dir: str | None) -> str:
         resolved = base_dir.rstrip("/") + "/" + path.lstrip("/")
     if _is_unsupported(base_protocol):
         raise ImageDecodeError(
-            "unsupported path", f"{base_protocol}:// URLs are not fetched; download the images first ({resolved})"
+            "unsupported path",
+            f"{base_protocol}:// URLs are not fetched; download the images first ({resolved})",
         )
     return resolved
 
@@ -156,11 +159,33 @@ def resolve_path(path: str, base_dir: str | None) -> str:
 #: a bad sector also gives EIO: the run then stops naming the file, which is a disk to fix (or a
 #: file to delete: a missing file is a row), not an image to null silently.
 _TRANSIENT_ERRNOS = frozenset(
-    getattr(errno, name) for name in (
-        "EIO", "ESTALE", "ETIMEDOUT", "ENOTCONN", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED",
-        "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH", "ENETRESET", "EAGAIN", "EINTR",
-        "ENOMEM", "ENFILE", "EMFILE", "ENOBUFS", "EREMOTEIO", "ENOLINK", "ECOMM", "EBUSY")
-    if hasattr(errno, name))
+    getattr(errno, name)
+    for name in (
+        "EIO",
+        "ESTALE",
+        "ETIMEDOUT",
+        "ENOTCONN",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ECONNREFUSED",
+        "EHOSTDOWN",
+        "EHOSTUNREACH",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENETRESET",
+        "EAGAIN",
+        "EINTR",
+        "ENOMEM",
+        "ENFILE",
+        "EMFILE",
+        "ENOBUFS",
+        "EREMOTEIO",
+        "ENOLINK",
+        "ECOMM",
+        "EBUSY",
+    )
+    if hasattr(errno, name)
+)
 
 #: S3 error codes (from the botocore error s3fs chains as the cause) that are facts about the
 #: object, though s3fs maps them to errors that are transient otherwise.
@@ -183,23 +208,46 @@ _S3_FACTS = {
 #: InvalidRetryModeError, a key without a secret a PartialCredentialsError, all raised before
 #: any request. NoCredentialsError is not here: credentials that appear later (a rotated
 #: file, an instance role that answers again) end it, so it is transient.
-_CLIENT_CONFIG_ERRORS = frozenset({
-    "ParamValidationError", "NoRegionError", "InvalidRegionError", "UnknownRegionError",
-    "EndpointResolutionError", "InvalidEndpointConfigurationError", "UnknownFIPSEndpointError",
-    "UnknownEndpointResolutionBuiltInName", "InvalidConfigError", "InvalidDefaultsMode",
-    "InvalidRetryModeError", "InvalidRetryConfigurationError", "InvalidMaxRetryAttemptsError",
-    "InvalidS3AddressingStyleError", "InvalidS3UsEast1RegionalEndpointConfigError",
-    "InvalidProxiesConfigError", "InvalidChecksumConfigError", "InvalidIMDSEndpointError",
-    "InvalidIMDSEndpointModeError", "InvalidEndpointDiscoveryConfigurationError",
-    "UnknownSignatureVersionError", "UnsupportedSignatureVersionError",
-    "UnsupportedS3ConfigurationError", "UnsupportedS3AccesspointConfigurationError",
-    "PartialCredentialsError", "ProfileNotFound", "UnknownCredentialError", "ConfigParseError",
-    "UnknownServiceError", "UnknownClientMethodError", "MissingDependencyException",
-})
+_CLIENT_CONFIG_ERRORS = frozenset(
+    {
+        "ParamValidationError",
+        "NoRegionError",
+        "InvalidRegionError",
+        "UnknownRegionError",
+        "EndpointResolutionError",
+        "InvalidEndpointConfigurationError",
+        "UnknownFIPSEndpointError",
+        "UnknownEndpointResolutionBuiltInName",
+        "InvalidConfigError",
+        "InvalidDefaultsMode",
+        "InvalidRetryModeError",
+        "InvalidRetryConfigurationError",
+        "InvalidMaxRetryAttemptsError",
+        "InvalidS3AddressingStyleError",
+        "InvalidS3UsEast1RegionalEndpointConfigError",
+        "InvalidProxiesConfigError",
+        "InvalidChecksumConfigError",
+        "InvalidIMDSEndpointError",
+        "InvalidIMDSEndpointModeError",
+        "InvalidEndpointDiscoveryConfigurationError",
+        "UnknownSignatureVersionError",
+        "UnsupportedSignatureVersionError",
+        "UnsupportedS3ConfigurationError",
+        "UnsupportedS3AccesspointConfigurationError",
+        "PartialCredentialsError",
+        "ProfileNotFound",
+        "UnknownCredentialError",
+        "ConfigParseError",
+        "UnknownServiceError",
+        "UnknownClientMethodError",
+        "MissingDependencyException",
+    }
+)
 #: Words of a botocore validation or endpoint error about the request's bucket or key, that
 #: is the row's path (``s3://bucket`` without a key, an invalid bucket name or ARN): a fact.
-_PATH_WORDS = re.compile(r"parameter Key|parameter Bucket|bucket name|\bARN\b|access ?point",
-                         re.IGNORECASE)
+_PATH_WORDS = re.compile(
+    r"parameter Key|parameter Bucket|bucket name|\bARN\b|access ?point", re.IGNORECASE
+)
 
 
 class TransientError(Exception):
@@ -246,9 +294,11 @@ class StorageConfigError(RuntimeError):
         super().__init__(message)
 
     @classmethod
-    def reading(cls, path: str, cause: BaseException | str) -> "StorageConfigError":
-        return cls(f"the storage client is configured wrong, so no image can be read "
-                   f"(not retried): {path}: {_one_line(cause)}")
+    def reading(cls, path: str, cause: BaseException | str) -> StorageConfigError:
+        return cls(
+            f"the storage client is configured wrong, so no image can be read "
+            f"(not retried): {path}: {_one_line(cause)}"
+        )
 
     def __reduce__(self):
         return (type(self), (self.args[0],))
@@ -301,8 +351,9 @@ def _s3_code(exc: BaseException) -> str | None:
     return None
 
 
-def remote_read_error(exc: BaseException,
-                      path: str) -> ImageDecodeError | TransientError | StorageConfigError:
+def remote_read_error(
+    exc: BaseException, path: str
+) -> ImageDecodeError | TransientError | StorageConfigError:
     """Classify an exception of a remote (fsspec) read: the row's error where it is a fact about
     the object, a ``StorageConfigError`` where the client is configured wrong, else a
     ``TransientError``.
@@ -335,8 +386,10 @@ def remote_read_error(exc: BaseException,
         return ImageDecodeError("not a file", f"is a directory: {path}")
     if isinstance(exc, UnicodeError):
         return ImageDecodeError("unsupported path", f"{_one_line(exc)}: {path}")
-    if _botocore_names(exc) & {"ParamValidationError", "EndpointProviderError"} \
-            and _PATH_WORDS.search(str(exc)):
+    if _botocore_names(exc) & {
+        "ParamValidationError",
+        "EndpointProviderError",
+    } and _PATH_WORDS.search(str(exc)):
         return ImageDecodeError("unsupported path", f"{_one_line(exc)}: {path}")
     if _is_config_error(exc):
         return StorageConfigError.reading(path, exc)
@@ -450,7 +503,8 @@ class RowFetcher:
                 fs = self._filesystems.get(protocol)
                 if fs is None:
                     fs, inner = storage.bounded_url_to_fs(
-                        path, {**self.storage_options, "skip_instance_cache": True})
+                        path, {**self.storage_options, "skip_instance_cache": True}
+                    )
                     self._filesystems[protocol] = fs
                     return fs, inner
             return fs, fs._strip_protocol(path)
@@ -486,7 +540,9 @@ class RowFetcher:
         root = os.path.realpath(LocalFileSystem._strip_protocol(self.confine_to))
         real = os.path.realpath(path)
         if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-            raise ImageDecodeError("outside input folder", f"{path} resolves to {real}, outside {root}")
+            raise ImageDecodeError(
+                "outside input folder", f"{path} resolves to {real}, outside {root}"
+            )
         return real
 
     def _read_local(self, path: str) -> bytes:
@@ -502,7 +558,9 @@ class RowFetcher:
         try:
             # O_NONBLOCK: if the path was swapped for a FIFO since the stat, open must not hang;
             # the fstat below then refuses it. No effect on regular files.
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(
+                path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+            )
         except OSError as exc:
             raise local_read_error(exc, shown) from None
         with os.fdopen(fd, "rb") as f:
@@ -531,7 +589,9 @@ class RowFetcher:
 
     def _check_size(self, size: int | None, path: str) -> None:
         if size is not None and size > self.max_bytes:
-            raise ImageDecodeError("too large", f"{size} bytes > max_bytes {self.max_bytes}: {path}")
+            raise ImageDecodeError(
+                "too large", f"{size} bytes > max_bytes {self.max_bytes}: {path}"
+            )
 
     # -------------------------------------------------------------------------------- remote
     def _read_remote(self, path: str, protocol: str) -> bytes:
@@ -569,7 +629,9 @@ class RowFetcher:
         else:
             data = self._read_remote(path, protocol)
         if len(data) > self.max_bytes:
-            raise ImageDecodeError("too large", f"more than max_bytes {self.max_bytes} bytes: {path}")
+            raise ImageDecodeError(
+                "too large", f"more than max_bytes {self.max_bytes} bytes: {path}"
+            )
         if not data:
             raise ImageDecodeError("empty file", f"0 bytes: {path}")
         return data
@@ -587,8 +649,9 @@ class RowFetcher:
             if item is None:
                 raise ImageDecodeError("no image", "the sample has no image member")
             if len(item) > self.max_bytes:
-                raise ImageDecodeError("too large",
-                                       f"{len(item)} bytes > max_bytes {self.max_bytes}")
+                raise ImageDecodeError(
+                    "too large", f"{len(item)} bytes > max_bytes {self.max_bytes}"
+                )
             if not item:
                 raise ImageDecodeError("empty file", "0 bytes")
             return item
@@ -708,7 +771,8 @@ def retry_transient(
                 raise TransientFailure(
                     f"reading images failed for {clock.waited():.0f} s after retries "
                     f"(--transient-retry-s {clock.retry_s:g}), {len(waiting)} of "
-                    f"{rows} rows of a decode task: {example}")
+                    f"{rows} rows of a decode task: {example}"
+                )
             time.sleep(min(delay * random.uniform(0.5, 1.0), clock.remaining()))
             delay = min(2 * delay, _MAX_BACKOFF_S)
             fetcher.drop_clients()

@@ -2,9 +2,8 @@
 
 - ``decode_batch`` / ``decode_stage``: the CPU decode stage (``memscore.stages.decode.DecodeImages``)
   as stateless Ray tasks; one image pipeline for every job.
-- ``plan_model_actors`` / ``_actor_pool``: how many model actors, what each asks Ray for.
-- ``_light``: a small-table stage asking Ray for a light CPU share.
-- ``init_ray`` / ``start_local_ray``: join a cluster or start the one-machine Ray.
+- ``plan_model_actors`` / ``model_actor_pool``: how many model actors, what each asks Ray for.
+- ``light_cpu_share``: a small-table stage asking Ray for a light CPU share.
 
 Ray pickles ``decode_batch`` by reference to this module (``memscore.stages.pipeline.decode_batch``),
 so every worker imports it from here.
@@ -12,21 +11,17 @@ so every worker imports it from here.
 
 from __future__ import annotations
 
-import os
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from memscore.runtime import failures
-
-from memscore.sources import snapshot
 from memscore.errors import MemscoreError
+from memscore.sources import snapshot
 from memscore.sources.manifest import Manifest
-from memscore.stages.predict import local_cores
 
-__all__ = ["decode_batch", "decode_stage", "plan_model_actors", "init_ray", "start_local_ray",
-           "ActorOptions", "DecodeOptions"]
+__all__ = ["decode_batch", "decode_stage", "plan_model_actors", "ActorOptions", "DecodeOptions"]
 
 
 class ActorOptions(Protocol):
@@ -59,8 +54,8 @@ def decode_batch(table: pa.Table, error_counter=None, **decode_kwargs) -> pa.Tab
     ``error_counter``: the run's ``error_fraction`` actor, told each block's errors (None: no
     check)."""
     from memscore.columns import ERROR as ERROR_COLUMN
-    from memscore.stages.decode import DecodeImages
     from memscore.faults import maybe_inject
+    from memscore.stages.decode import DecodeImages
 
     maybe_inject("decode")
     table = DecodeImages(**decode_kwargs)(table)
@@ -71,8 +66,9 @@ def decode_batch(table: pa.Table, error_counter=None, **decode_kwargs) -> pa.Tab
     return table
 
 
-def plan_model_actors(config: ActorOptions, cluster_gpus: float,
-                      autoscaling: bool = False) -> dict[str, Any]:
+def plan_model_actors(
+    config: ActorOptions, cluster_gpus: float, autoscaling: bool = False
+) -> dict[str, Any]:
     """How many model actors, and what each asks Ray for.
 
     ``cluster_gpus`` are the GPUs the cluster has now. With ``autoscaling`` (a run joining a
@@ -114,49 +110,20 @@ def plan_model_actors(config: ActorOptions, cluster_gpus: float,
     return {"actors": actors, "min_actors": min(config.min_actors or actors, actors), **plan}
 
 
-def init_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start Ray on this machine the
-    way every memscore job does; nothing if Ray is already initialised in this process."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Under memscore's command line, unless --verbose: Ray's lines to a log file from here
-    log_to_driver = failures.ray_starting()
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=log_to_driver)
-        failures.ray_started(local=False)
-    else:
-        start_local_ray(log_to_driver=log_to_driver)
-
-
-def start_local_ray(*, log_to_driver: bool = True) -> None:
-    """Start the embedded one-machine Ray that memscore's jobs (and its tests) run on."""
-    import ray
-
-    # One logical CPU more than there are cores: a resumed run adds Ray's checkpoint
-    # filter actor, which holds a CPU while it mostly waits; on a 2-core machine the decode
-    # tasks would otherwise never be scheduled (measured: the run hangs).
-    # No dashboard: nothing reads it on a one-machine run, and with ray[default] installed
-    # it would start several processes and hold memory for the whole run.
-    # address="local": a Ray of its own even when `ray start` left one running on this machine,
-    # which a bare ray.init() would join (and then refuse num_cpus: "When connecting to an
-    # existing cluster, num_cpus and num_gpus must not be provided"); --address joins a cluster.
-    ray.init(address="local", num_cpus=local_cores() + 1, include_dashboard=False,
-             log_to_driver=log_to_driver)
-    # ray.init takes SIGTERM over; under memscore's command line SIGTERM is taken back, and
-    # this Ray's GCS and raylet are watched so that losing one ends the run with one line at once.
-    failures.ray_started(local=True)
-
-
-def _decode_task_memory(config: DecodeOptions, preprocess: dict) -> int:
+def decode_task_memory(config: DecodeOptions, preprocess: dict) -> int:
     pixels = 2 * config.max_pixels * 3
     arrays = config.rows_per_block * sum(int(np.prod(p.array_shape)) for p in preprocess.values())
     return pixels + arrays + (64 << 20)  # + bytes read and Python's own
 
 
-def decode_stage(dataset, config: DecodeOptions, manifest: Manifest, preprocess: dict,
-                 base_dir: str | None, error_counter=None):
+def decode_stage(
+    dataset,
+    config: DecodeOptions,
+    manifest: Manifest,
+    preprocess: dict,
+    base_dir: str | None,
+    error_counter=None,
+):
     """``dataset`` -> the same rows decoded: the CPU decode stage, as Ray tasks.
 
     Shared by scoring and the training jobs (one image pipeline). ``config`` is any object
@@ -197,11 +164,11 @@ def decode_stage(dataset, config: DecodeOptions, manifest: Manifest, preprocess:
         # tasks than its memory holds, and (remote arguments differing) keeps Ray from fusing
         # decoding into the model actors, which would serialise decode and model and put
         # decoding on GPU actors.
-        memory=_decode_task_memory(config, preprocess),
+        memory=decode_task_memory(config, preprocess),
     )
 
 
-def _light(dataset):
+def light_cpu_share(dataset):
     """``dataset`` with its last stage (the streaming repartition) asking Ray for a light CPU
     share, ``snapshot.LIGHT_STAGE_CPUS``, as the snapshot read does.
 
@@ -219,7 +186,7 @@ def _light(dataset):
     return dataset
 
 
-def _actor_pool(plan: dict[str, Any]):
+def model_actor_pool(plan: dict[str, Any]):
     """The model stage's ActorPoolStrategy (see ``plan_model_actors``).
 
     Two tasks in flight per actor (Ray Data's default for an actor that runs one call at a
@@ -243,5 +210,9 @@ def _actor_pool(plan: dict[str, Any]):
         return ActorPoolStrategy(size=plan["actors"], max_tasks_in_flight_per_actor=2)
     # An autoscaling range starts at its top, one actor per GPU, rather than growing from the
     # minimum: the decode stage has work for all of them from the first blocks on.
-    return ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["actors"],
-                             initial_size=plan["actors"], max_tasks_in_flight_per_actor=2)
+    return ActorPoolStrategy(
+        min_size=plan["min_actors"],
+        max_size=plan["actors"],
+        initial_size=plan["actors"],
+        max_tasks_in_flight_per_actor=2,
+    )

@@ -28,23 +28,33 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memscore.columns import MODEL as MODEL_COLUMN
-from memscore.columns import is_internal
-from memscore.columns import score_column
-from memscore.columns import ERROR as ERROR_COLUMN
-from memscore.columns import HEIGHT as HEIGHT_COLUMN
-from memscore.columns import WIDTH as WIDTH_COLUMN
-from memscore.columns import pixels_column
+from memscore.columns import (
+    ERROR as ERROR_COLUMN,
+    HEIGHT as HEIGHT_COLUMN,
+    MODEL as MODEL_COLUMN,
+    WIDTH as WIDTH_COLUMN,
+    is_internal,
+    pixels_column,
+    score_column,
+)
 from memscore.faults import maybe_inject
 
-__all__ = ["ScoreImages", "PRECISIONS", "MODEL_COLUMN", "output_columns", "output_types",
-           "model_weights", "pick_device", "local_cores"]
+__all__ = [
+    "ScoreImages",
+    "PRECISIONS",
+    "MODEL_COLUMN",
+    "output_columns",
+    "output_types",
+    "model_weights",
+    "pick_device",
+    "local_cores",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +82,13 @@ def output_types(models: tuple[str, ...], column_prefix: str = "") -> dict[str, 
 def output_columns(models: tuple[str, ...], column_prefix: str = "") -> list[str]:
     """The columns memscore adds to every row, in output order: the models' columns (one score
     each, or a traces model's six, after ``column_prefix``), then the bookkeeping columns."""
-    return [*output_types(models, column_prefix), ERROR_COLUMN, MODEL_COLUMN, WIDTH_COLUMN,
-            HEIGHT_COLUMN]
+    return [
+        *output_types(models, column_prefix),
+        ERROR_COLUMN,
+        MODEL_COLUMN,
+        WIDTH_COLUMN,
+        HEIGHT_COLUMN,
+    ]
 
 
 _ARROW_TYPES = {"float32": pa.float32, "list<float32>": lambda: pa.list_(pa.float32())}
@@ -86,13 +101,17 @@ def model_weights(models: tuple[str, ...], weights) -> dict[str, str | None]:
         return {name: None for name in models}
     if isinstance(weights, str):
         if len(models) != 1:
-            raise ValueError(f"one --weights value for {len(models)} models: give each its own "
-                             f"as MODEL=WEIGHTS,MODEL=WEIGHTS")
+            raise ValueError(
+                f"one --weights value for {len(models)} models: give each its own "
+                f"as MODEL=WEIGHTS,MODEL=WEIGHTS"
+            )
         return {models[0]: weights}
     unknown = sorted(set(weights) - set(models))
     if unknown:
-        raise ValueError(f"--weights names {', '.join(unknown)}, which is not among the models "
-                         f"scored ({', '.join(models)})")
+        raise ValueError(
+            f"--weights names {', '.join(unknown)}, which is not among the models "
+            f"scored ({', '.join(models)})"
+        )
     return {name: weights.get(name) for name in models}
 
 
@@ -157,11 +176,18 @@ class ScoreImages:
         [False, True]
     """
 
-    def __init__(self, models: tuple[str, ...],
-                 weights: str | Mapping[str, str | None] | None = None, *,
-                 use_gpu: bool = False, torch_threads: int | None = None,
-                 storage_options: dict | None = None, column_prefix: str = "",
-                 batch_size: int | None = None, precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        models: tuple[str, ...],
+        weights: str | Mapping[str, str | None] | None = None,
+        *,
+        use_gpu: bool = False,
+        torch_threads: int | None = None,
+        storage_options: dict | None = None,
+        column_prefix: str = "",
+        batch_size: int | None = None,
+        precision: str = "fp32",
+    ) -> None:
         import torch
 
         from memscore.models import get_model
@@ -171,8 +197,7 @@ class ScoreImages:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not "
-                             f"{precision!r}")
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.batch_size = batch_size
         self._autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -197,8 +222,10 @@ class ScoreImages:
                 model = get_model(name, weights=chosen)
             model = model.to(self.device, memory_format=torch.channels_last)
             # model output key -> (output column, Arrow type)
-            columns = {key: (score_column(key, column_prefix), _ARROW_TYPES[kind]())
-                       for key, kind in output_columns_of(chosen.meta).items()}
+            columns = {
+                key: (score_column(key, column_prefix), _ARROW_TYPES[kind]())
+                for key, kind in output_columns_of(chosen.meta).items()
+            }
             self._runners.append((name, chosen.transforms, columns, model))
         self._added = output_columns(self.models, column_prefix)
 
@@ -215,12 +242,15 @@ class ScoreImages:
             outputs: dict[str, np.ndarray | None] = {key: None for key in columns}
             step = self.batch_size or max(1, rows.size)
             if rows.size:
-                block = _to_numpy(table.column(pixels_column(name)))
+                block = column_to_numpy(table.column(pixels_column(name)))
             for start in range(0, rows.size, step):
-                chunk = rows[start:start + step]
-                with torch.inference_mode(), torch.autocast(
-                        self.device.type, dtype=self._autocast,
-                        enabled=self._autocast is not None):
+                chunk = rows[start : start + step]
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(
+                        self.device.type, dtype=self._autocast, enabled=self._autocast is not None
+                    ),
+                ):
                     batch = self._to_device(preprocess, block[chunk])
                     result = model(batch)
                 if not isinstance(result, dict):  # a scoring model: one score per image
@@ -244,8 +274,11 @@ class ScoreImages:
         for column, (out, arrow_type) in values.items():
             table = _set(table, column, _column(out, arrow_type, ok))
         table = _set(table, ERROR_COLUMN, pa.array(new_errors, type=pa.string()))
-        table = _set(table, MODEL_COLUMN, pa.array([",".join(self.models)] * table.num_rows,
-                                                   type=pa.string()))
+        table = _set(
+            table,
+            MODEL_COLUMN,
+            pa.array([",".join(self.models)] * table.num_rows, type=pa.string()),
+        )
         # pixels, and a WebDataset sample's image bytes: internal, never written
         table = table.drop_columns([c for c in table.column_names if is_internal(c)])
         return table.select([c for c in table.column_names if c not in self._added] + self._added)
@@ -273,13 +306,14 @@ def _column(values: np.ndarray | None, arrow_type: pa.DataType, ok: np.ndarray) 
             values = np.zeros((rows, 0), np.float32)
         lengths = np.where(ok, values.shape[1], 0)
         offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[ok].reshape(-1)),
-                                        type=arrow_type, mask=pa.array(~ok))
+        return pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(values[ok].reshape(-1)), type=arrow_type, mask=pa.array(~ok)
+        )
     scores = np.zeros(rows, np.float32) if values is None else values[:, 0]
     return pa.array(scores, type=arrow_type, mask=~ok)
 
 
-def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+def column_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
     if column.num_chunks == 1:  # a whole decoded block: a view, no copy of its pixels
         return column.chunk(0).to_numpy()
     return np.concatenate([chunk.to_numpy() for chunk in column.chunks])

@@ -35,49 +35,95 @@ class TrainSAEConfig(TrainingRunOptions):
         (100, 1e-05, 0.0001, 5, 1)
     """
 
-    manifest: str = field(metadata=option(
-        "The training images: a CSV, Parquet (file or folder), JSONL file, a folder of images "
-        "or a glob, local or s3:// (as for score).", positional=True))
-    output: str = field(metadata=option(
-        "Folder (local or s3://) that holds runs; this run writes to OUTPUT/NAME: "
-        "representations/ (every image's encoder vector), ray_train/ (per-epoch checkpoints), "
-        "history.json, best/ (the memscore checkpoint to score with --model ENCODER-sae) and "
-        "train_sae.json.", flag="--output", required=True))
-    encoder: str = field(metadata=option(
-        "The vision encoder whose representations the autoencoder learns.",
-        flag="--encoder", required=True, choices=SAE_ENCODERS, metavar="clip|dinov2|siglip2"))
-    name: str = field(default="sae", metadata=option(
-        "Run name. The same command with the same name resumes an interrupted run from its "
-        "last epoch (the representations are not computed again); a finished run is "
-        "reported, not redone."))
-    weights: str | None = field(default=None, metadata=option(
-        "The encoder's weights: a Hugging Face model id from the local cache (default: the "
-        "paper's, e.g. openai/clip-vit-base-patch32) or a save_pretrained folder with its "
-        "preprocessor_config.json, local or s3://.", metavar="ENCODER"))
-    path_column: str = field(default="path", metadata=option(
-        "Manifest column holding each image's path or s3:// URL."))
+    manifest: str = field(
+        metadata=option(
+            "The training images: a CSV, Parquet (file or folder), JSONL file, a folder of images "
+            "or a glob, local or s3:// (as for score).",
+            positional=True,
+        )
+    )
+    output: str = field(
+        metadata=option(
+            "Folder (local or s3://) that holds runs; this run writes to OUTPUT/NAME: "
+            "representations/ (every image's encoder vector), ray_train/ (per-epoch checkpoints), "
+            "history.json, best/ (the memscore checkpoint to score with --model ENCODER-sae) and "
+            "train_sae.json.",
+            flag="--output",
+            required=True,
+        )
+    )
+    encoder: str = field(
+        metadata=option(
+            "The vision encoder whose representations the autoencoder learns.",
+            flag="--encoder",
+            required=True,
+            choices=SAE_ENCODERS,
+            metavar="clip|dinov2|siglip2",
+        )
+    )
+    name: str = field(
+        default="sae",
+        metadata=option(
+            "Run name. The same command with the same name resumes an interrupted run from its "
+            "last epoch (the representations are not computed again); a finished run is "
+            "reported, not redone."
+        ),
+    )
+    weights: str | None = field(
+        default=None,
+        metadata=option(
+            "The encoder's weights: a Hugging Face model id from the local cache (default: the "
+            "paper's, e.g. openai/clip-vit-base-patch32) or a save_pretrained folder with its "
+            "preprocessor_config.json, local or s3://.",
+            metavar="ENCODER",
+        ),
+    )
+    path_column: str = field(
+        default="path", metadata=option("Manifest column holding each image's path or s3:// URL.")
+    )
     latents: int = field(default=100, metadata=option("Hidden units of the autoencoder."))
-    l1: float = field(default=1e-5, metadata=option(
-        "Weight of the sparsity term, |fc1 output before the ReLU| summed."))
+    l1: float = field(
+        default=1e-5,
+        metadata=option("Weight of the sparsity term, |fc1 output before the ReLU| summed."),
+    )
     lr: float = field(default=1e-4, metadata=option("AdamW learning rate."))
-    weight_decay: float = field(default=0.01, metadata=option(
-        "AdamW weight decay (torch's default, which the paper used)."))
-    epochs: int = field(default=5, metadata=option(
-        "Epochs to train; a finished run trained further with more epochs goes on from its "
-        "last one."))
-    batch_size: int = field(default=1, metadata=option(
-        "Images per optimisation step on each worker: --workers N with --batch-size B takes "
-        "the same steps as one worker with N x B."))
-    seed: int = field(default=0, metadata=option(
-        "Seed of the initialisation and of each epoch's shuffle."))
-    torch_threads: int | None = field(default=None, metadata=option(
-        "Torch intra-op threads per CPU worker or encoder actor (default: the node's cores, "
-        "shared among the training workers)."))
-    actors: int | None = field(default=None, metadata=option(
-        "Encoder actors computing the representations (default: one per GPU where the "
-        "cluster has GPUs, else 1 using every core)."))
-    encode_batch_size: int = field(default=32, metadata=option(
-        "Images per encoder forward pass on each encoder actor."))
+    weight_decay: float = field(
+        default=0.01, metadata=option("AdamW weight decay (torch's default, which the paper used).")
+    )
+    epochs: int = field(
+        default=5,
+        metadata=option(
+            "Epochs to train; a finished run trained further with more epochs goes on from its "
+            "last one."
+        ),
+    )
+    batch_size: int = field(
+        default=1,
+        metadata=option(
+            "Images per optimisation step on each worker: --workers N with --batch-size B takes "
+            "the same steps as one worker with N x B."
+        ),
+    )
+    seed: int = field(
+        default=0, metadata=option("Seed of the initialisation and of each epoch's shuffle.")
+    )
+    torch_threads: int | None = field(
+        default=None,
+        metadata=option(
+            "Torch intra-op threads per CPU worker or encoder actor (default: the node's cores, "
+            "shared among the training workers)."
+        ),
+    )
+    actors: int | None = field(
+        default=None,
+        metadata=option(
+            "Encoder actors computing the representations (default: one per GPU where the "
+            "cluster has GPUs, else 1 using every core)."
+        ),
+    )
+    encode_batch_size: int = field(
+        default=32, metadata=option("Images per encoder forward pass on each encoder actor.")
+    )
     decode_batch_size: int = field(default=256, metadata=option("Rows per CPU decode task call."))
 
     def __post_init__(self) -> None:
@@ -89,16 +135,20 @@ class TrainSAEConfig(TrainingRunOptions):
         if self.weights and os.path.isdir(os.path.expanduser(str(self.weights))):
             object.__setattr__(self, "weights", absolute(str(self.weights)))
 
-    def validated(self) -> "TrainSAEConfig":
+    def validated(self) -> TrainSAEConfig:
         """Return self after checking every field; raises MemscoreError naming the first problem."""
         self.check_run_options()
         if self.encoder not in SAE_ENCODERS:
-            raise MemscoreError(f"--encoder must be one of {', '.join(SAE_ENCODERS)}, not "
-                                f"{self.encoder!r}")
-        for flag, value in (("--latents", self.latents), ("--epochs", self.epochs),
-                            ("--batch-size", self.batch_size),
-                            ("--encode-batch-size", self.encode_batch_size),
-                            ("--decode-batch-size", self.decode_batch_size)):
+            raise MemscoreError(
+                f"--encoder must be one of {', '.join(SAE_ENCODERS)}, not {self.encoder!r}"
+            )
+        for flag, value in (
+            ("--latents", self.latents),
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--encode-batch-size", self.encode_batch_size),
+            ("--decode-batch-size", self.decode_batch_size),
+        ):
             if value < 1:
                 raise MemscoreError(f"{flag} must be at least 1, not {value}")
         if not self.lr > 0:

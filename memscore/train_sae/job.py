@@ -47,15 +47,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
-from memscore.training.run_folder import json_default as _json_default
-from memscore.training.run_folder import (NOTHING_TO_DO, abandon_run_folder, check_run_folder, start_run_folder)
-from memscore.training.run_folder import read_json as _read_json
 from memscore.columns import ERROR, REPRESENTATION, ROW
-from memscore.train_sae.config import TrainSAEConfig
 from memscore.errors import MemscoreError, counted, first_line
+from memscore.train_sae.config import TrainSAEConfig
+from memscore.training.run_folder import (
+    NOTHING_TO_DO,
+    abandon_run_folder,
+    check_run_folder,
+    json_default as _json_default,
+    read_json as _read_json,
+    start_run_folder,
+)
 
-__all__ = ["train_sae", "summary_line", "SAESpec", "train_sae_worker", "zscore_statistics",
-           "SUMMARY_FILE", "sae_model_name", "sae_output_column"]
+__all__ = [
+    "train_sae",
+    "summary_line",
+    "SAESpec",
+    "train_sae_worker",
+    "zscore_statistics",
+    "SUMMARY_FILE",
+    "sae_model_name",
+    "sae_output_column",
+]
 
 SUMMARY_FILE = "train_sae.json"
 _REPRESENTATIONS = "representations"
@@ -97,6 +110,7 @@ class SAESpec:
 
 # --- the driver -------------------------------------------------------------------------------
 
+
 def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     """Train the autoencoder on ``config.manifest``'s images; returns the run summary, as
     written to ``train_sae.json``, with ``work_done``: False where the run was already complete
@@ -114,17 +128,20 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     import ray
 
     from memscore.runtime.cluster_check import check_shared_storage
-    from memscore.sources.manifest import open_manifest
+    from memscore.runtime.ray_start import init_ray
     from memscore.sinks.folder import package_versions
-    from memscore.stages.pipeline import init_ray
+    from memscore.sources.manifest import open_manifest
     from memscore.training.ray_train import fit, worker_plan
 
     clock = time.perf_counter()
     config = config.validated()
     encoder = _encoder_record(config)
-    manifest = open_manifest(config.manifest, path_column=config.path_column,
-                             storage_options=config.storage_options,
-                             reserved_columns=(ROW, REPRESENTATION))
+    manifest = open_manifest(
+        config.manifest,
+        path_column=config.path_column,
+        storage_options=config.storage_options,
+        reserved_columns=(ROW, REPRESENTATION),
+    )
     run_dir = storage.join(config.output, config.name)
     identity = _identity(config, manifest, encoder)
     status = _check_run_dir(config, run_dir, identity)
@@ -133,8 +150,9 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
         return {**finished, "work_done": False}
 
     if status == "fresh":
-        start_run_folder(run_dir, identity, overwrite=config.overwrite,
-                         storage_options=config.storage_options)
+        start_run_folder(
+            run_dir, identity, overwrite=config.overwrite, storage_options=config.storage_options
+        )
     try:
         init_ray(config.address)
         check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only
@@ -149,22 +167,30 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
             abandon_run_folder(run_dir, config.storage_options)
         raise
 
-    gpus_per_worker, threads = worker_plan(gpus, config.workers, config.gpus_per_worker,
-                                           config.torch_threads)
+    gpus_per_worker, threads = worker_plan(
+        gpus, config.workers, config.gpus_per_worker, config.torch_threads
+    )
     spec = SAESpec(
-        encoder=config.encoder, latents=config.latents, l1=config.l1, lr=config.lr,
-        weight_decay=config.weight_decay, epochs=config.epochs, batch_size=config.batch_size,
-        seed=config.seed, best_dir=storage.join(run_dir, "best"),
-        history_file=storage.join(run_dir, "history.json"), torch_threads=threads,
+        encoder=config.encoder,
+        latents=config.latents,
+        l1=config.l1,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        best_dir=storage.join(run_dir, "best"),
+        history_file=storage.join(run_dir, "history.json"),
+        torch_threads=threads,
         storage_options=dict(config.storage_options),
         encoder_weights=encoder["weights"],
         checkpoint_info={
             "encoder_sha256": encoder["sha256"],
             "representation": encoder["representation"],
             "normalisation": "(x - mean) / (std + 1e-8), mean and std (Bessel-corrected) per "
-                             "dimension over the training images",
+            "dimension over the training images",
             "licence": "trained by its user on their images; the encoder's own licence applies "
-                       "to the encoder",
+            "to the encoder",
             "rows_trained": counts["rows_trained"],
             "manifest_fingerprint": identity["manifest_fingerprint"],
             "training": _config_record(config),
@@ -172,15 +198,22 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
         },
     )
     paths, filesystem = storage.for_pyarrow(representations, config.storage_options)
-    data = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(
-        [ROW, REPRESENTATION])
-    result = fit(_train_worker_entry, spec, run_dir=run_dir, workers=config.workers,
-                 cpus_per_worker=config.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                 max_failures=config.max_failures, datasets={"representations": data},
-                 # Every worker reads every vector: each takes its part of each step from the
-                 # same permutation (see the module docstring), which a streaming split cannot
-                 # give.
-                 datasets_to_split=[], storage_options=config.storage_options)
+    data = ray.data.read_parquet(paths, filesystem=filesystem).select_columns([ROW, REPRESENTATION])
+    result = fit(
+        _train_worker_entry,
+        spec,
+        run_dir=run_dir,
+        workers=config.workers,
+        cpus_per_worker=config.cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        max_failures=config.max_failures,
+        datasets={"representations": data},
+        # Every worker reads every vector: each takes its part of each step from the
+        # same permutation (see the module docstring), which a streaming split cannot
+        # give.
+        datasets_to_split=[],
+        storage_options=config.storage_options,
+    )
     final = result.metrics or {}
     history = _read_json(storage.join(run_dir, "history.json"), config.storage_options) or []
     summary = {
@@ -206,34 +239,39 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
         "wall_time_s": round(time.perf_counter() - clock, 3),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "versions": package_versions(),
-        "config": _config_record(config) | {"storage_options":
-                                            storage.redact(config.storage_options)},
+        "config": _config_record(config)
+        | {"storage_options": storage.redact(config.storage_options)},
     }
     fs, path = storage.url_to_fs(run_dir, config.storage_options)
-    storage.pipe_atomic(fs, f"{path}/{SUMMARY_FILE}",
-                 (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
+    storage.pipe_atomic(
+        fs,
+        f"{path}/{SUMMARY_FILE}",
+        (json.dumps(summary, indent=2, default=_json_default) + "\n").encode(),
+    )
     return {**summary, "work_done": True}  # not in the file: it says what this call did
 
 
 def summary_line(summary: dict[str, Any]) -> str:
     """One line for the terminal: rows trained, the loss before and after, the checkpoint;
     first, for a run that was already complete (``work_done`` False), that nothing was done."""
+
     def fmt(value):
         return "-" if value is None else f"{value:.4g}"
 
     done = f"{NOTHING_TO_DO}: " if summary.get("work_done") is False else ""
-    return (f"memscore: {done}autoencoder on {summary['encoder']['name']} representations of "
-            f"{counted(summary['rows_trained'], 'image')} "
-            f"({summary['rows_with_image_errors']} failed), "
-            f"{counted(summary['epochs_run'], 'epoch')}: mean reconstruction loss "
-            f"{fmt(summary['initial_reconstruction_loss'])} -> "
-            f"{fmt(summary['final_reconstruction_loss'])} -> {summary['best_checkpoint']}")
+    return (
+        f"memscore: {done}autoencoder on {summary['encoder']['name']} representations of "
+        f"{counted(summary['rows_trained'], 'image')} "
+        f"({summary['rows_with_image_errors']} failed), "
+        f"{counted(summary['epochs_run'], 'epoch')}: mean reconstruction loss "
+        f"{fmt(summary['initial_reconstruction_loss'])} -> "
+        f"{fmt(summary['final_reconstruction_loss'])} -> {summary['best_checkpoint']}"
+    )
 
 
 def _encoder_record(config: TrainSAEConfig) -> dict[str, Any]:
     """The encoder's folder found and checked before any cluster work, and what names it."""
-    from memscore.models import WeightsNotFoundError
-    from memscore.models import encoders
+    from memscore.models import WeightsNotFoundError, encoders
 
     try:
         folder = encoders.locate_folder(config.encoder, config.weights)
@@ -242,13 +280,19 @@ def _encoder_record(config: TrainSAEConfig) -> dict[str, Any]:
         digest = encoders.folder_digest(folder, config.storage_options)
     except (WeightsNotFoundError, ValueError, FileNotFoundError) as exc:
         raise MemscoreError(first_line(exc)) from None
-    representation = ("pooled image features (the attention-pooling head's output)"
-                      if config.encoder == "siglip2" else
-                      "the last hidden state's token 0 (CLS), before the post-layernorm")
-    return {"name": config.encoder,
-            "weights": config.weights or encoders.ENCODERS[config.encoder],
-            "folder": folder, "sha256": digest, "preprocess": preprocess,
-            "representation": representation}
+    representation = (
+        "pooled image features (the attention-pooling head's output)"
+        if config.encoder == "siglip2"
+        else "the last hidden state's token 0 (CLS), before the post-layernorm"
+    )
+    return {
+        "name": config.encoder,
+        "weights": config.weights or encoders.ENCODERS[config.encoder],
+        "folder": folder,
+        "sha256": digest,
+        "preprocess": preprocess,
+        "representation": representation,
+    }
 
 
 def _config_record(config: TrainSAEConfig) -> dict[str, Any]:
@@ -260,11 +304,26 @@ def _identity(config: TrainSAEConfig, manifest, encoder: dict) -> dict[str, Any]
     may change, so a finished run can be trained further under the same name."""
     from memscore.sources.manifest import manifest_fingerprint
 
-    keep = ("manifest", "encoder", "path_column", "latents", "l1", "lr", "weight_decay",
-            "batch_size", "seed", "workers", "fast_decode", "exif_transpose")
+    keep = (
+        "manifest",
+        "encoder",
+        "path_column",
+        "latents",
+        "l1",
+        "lr",
+        "weight_decay",
+        "batch_size",
+        "seed",
+        "workers",
+        "fast_decode",
+        "exif_transpose",
+    )
     identity = {key: getattr(config, key) for key in keep}
-    identity.update(manifest_fingerprint=manifest_fingerprint(manifest),
-                    encoder_weights=encoder["weights"], encoder_sha256=encoder["sha256"])
+    identity.update(
+        manifest_fingerprint=manifest_fingerprint(manifest),
+        encoder_weights=encoder["weights"],
+        encoder_sha256=encoder["sha256"],
+    )
     return identity
 
 
@@ -272,15 +331,20 @@ def _check_run_dir(config: TrainSAEConfig, run_dir: str, identity: dict) -> str:
     """'fresh', 'resume' or 'complete' (nothing written); refuses to mix two different runs in
     one folder."""
     return check_run_folder(
-        run_dir, identity, job="train-sae", summary_file=SUMMARY_FILE,
+        run_dir,
+        identity,
+        job="train-sae",
+        summary_file=SUMMARY_FILE,
         is_complete=lambda summary: summary.get("epochs_run", 0) >= config.epochs,
-        overwrite=config.overwrite, storage_options=config.storage_options)
+        overwrite=config.overwrite,
+        storage_options=config.storage_options,
+    )
 
 
 def _images_table(config: TrainSAEConfig, manifest) -> pa.Table:
     """memscore_row and the resolved path of every manifest row."""
-    from memscore.stages.fetch import resolve_path
     from memscore.row_errors import ImageDecodeError
+    from memscore.stages.fetch import resolve_path
 
     def resolved(value):
         try:
@@ -290,12 +354,17 @@ def _images_table(config: TrainSAEConfig, manifest) -> pa.Table:
 
     tables = manifest.read_all()
     paths = [p for t in tables for p in t.column(manifest.path_column).to_pylist()]
-    return pa.table({ROW: pa.array(np.arange(len(paths)), pa.int64()),
-                     manifest.path_column: pa.array([resolved(p) for p in paths], pa.string())})
+    return pa.table(
+        {
+            ROW: pa.array(np.arange(len(paths)), pa.int64()),
+            manifest.path_column: pa.array([resolved(p) for p in paths], pa.string()),
+        }
+    )
 
 
-def _representations(config: TrainSAEConfig, manifest, run_dir: str, encoder: dict,
-                     gpus: float) -> tuple[str, bool]:
+def _representations(
+    config: TrainSAEConfig, manifest, run_dir: str, encoder: dict, gpus: float
+) -> tuple[str, bool]:
     """The folder of every row's representation, computed now unless a complete one is there;
     -> (folder, whether it was computed now)."""
     import ray
@@ -316,23 +385,43 @@ def _representations(config: TrainSAEConfig, manifest, run_dir: str, encoder: di
         pq.write_table(table, f)
     paths, filesystem = storage.for_pyarrow(images, config.storage_options)
     dataset = ray.data.read_parquet(paths, filesystem=filesystem).repartition(
-        target_num_rows_per_block=config.rows_per_block)
+        target_num_rows_per_block=config.rows_per_block
+    )
     use_gpu = gpus > 0
     actors = config.actors or (max(1, int(gpus)) if use_gpu else 1)
     dataset = representation_dataset(
-        dataset, config, manifest, config.encoder, config.weights, encoder["preprocess"],
-        use_gpu=use_gpu, actors=actors, batch_size=config.encode_batch_size,
-        torch_threads=config.torch_threads)
+        dataset,
+        config,
+        manifest,
+        config.encoder,
+        config.weights,
+        encoder["preprocess"],
+        use_gpu=use_gpu,
+        actors=actors,
+        batch_size=config.encode_batch_size,
+        torch_threads=config.torch_threads,
+    )
     dataset = dataset.select_columns([ROW, manifest.path_column, ERROR, REPRESENTATION])
     open_sink(folder, config.storage_options).write(dataset, _ROWS_PER_FILE)
-    storage.pipe_atomic(fs, f"{path}/{_COMPLETE}", (json.dumps(
-        {"rows": table.num_rows, "encoder": encoder["name"], "encoder_weights":
-         encoder["weights"], "encoder_sha256": encoder["sha256"]}) + "\n").encode())
+    storage.pipe_atomic(
+        fs,
+        f"{path}/{_COMPLETE}",
+        (
+            json.dumps(
+                {
+                    "rows": table.num_rows,
+                    "encoder": encoder["name"],
+                    "encoder_weights": encoder["weights"],
+                    "encoder_sha256": encoder["sha256"],
+                }
+            )
+            + "\n"
+        ).encode(),
+    )
     return folder, True
 
 
-def _count_representations(folder: str, config: TrainSAEConfig,
-                           path_column: str) -> dict[str, Any]:
+def _count_representations(folder: str, config: TrainSAEConfig, path_column: str) -> dict[str, Any]:
     """Rows in, rows with a vector, the failed ones by kind (with an example path), and d."""
     from memscore.sinks import open_sink
 
@@ -345,28 +434,37 @@ def _count_representations(folder: str, config: TrainSAEConfig,
             table = pq.read_table(f, columns=[ERROR, path_column, REPRESENTATION])
         rows += table.num_rows
         failed = pc.is_valid(table.column(ERROR))
-        for text, path in zip(table.column(ERROR).filter(failed).to_pylist(),
-                              table.column(path_column).filter(failed).to_pylist()):
+        for text, path in zip(
+            table.column(ERROR).filter(failed).to_pylist(),
+            table.column(path_column).filter(failed).to_pylist(),
+        ):
             entry = kinds.setdefault(text.split(":", 1)[0], [0, path])
             entry[0] += 1
             errors += 1
         lengths = pc.list_value_length(table.column(REPRESENTATION)).drop_null()
         dims.update(int(v) for v in pc.unique(lengths).to_pylist())
-    return {"rows_in": rows, "rows_with_image_errors": errors,
-            "image_error_kinds": {k: v[0] for k, v in kinds.items()},
-            "image_error_examples": {k: v[1] for k, v in kinds.items()},
-            "rows_trained": rows - errors,
-            "representation_dim": max(dims) if dims else None}
+    return {
+        "rows_in": rows,
+        "rows_with_image_errors": errors,
+        "image_error_kinds": {k: v[0] for k, v in kinds.items()},
+        "image_error_examples": {k: v[1] for k, v in kinds.items()},
+        "rows_trained": rows - errors,
+        "representation_dim": max(dims) if dims else None,
+    }
 
 
 def _nothing_to_train(config: TrainSAEConfig, counts: dict) -> str:
-    text = (f"{config.manifest}: {counts['rows_trained']} of "
-            f"{counted(counts['rows_in'], 'image')} gave a representation; the autoencoder "
-            f"needs at least 2")
+    text = (
+        f"{config.manifest}: {counts['rows_trained']} of "
+        f"{counted(counts['rows_in'], 'image')} gave a representation; the autoencoder "
+        f"needs at least 2"
+    )
     if counts["image_error_kinds"]:
         kind, n = max(counts["image_error_kinds"].items(), key=lambda item: item[1])
-        text += (f"; commonest problem: {kind} ({counted(n, 'row')}), e.g. "
-                 f"{counts['image_error_examples'][kind]}")
+        text += (
+            f"; commonest problem: {kind} ({counted(n, 'row')}), e.g. "
+            f"{counts['image_error_examples'][kind]}"
+        )
     return text
 
 
@@ -375,6 +473,7 @@ def _train_worker_entry(config: dict) -> None:
 
 
 # --- each Ray Train worker --------------------------------------------------------------------
+
 
 def _load_vectors(shard) -> np.ndarray:
     """Every row's vector, in memscore_row order, without the rows that have none."""
@@ -388,8 +487,12 @@ def _load_vectors(shard) -> np.ndarray:
         column = batch.column(REPRESENTATION).combine_chunks()
         dim = len(column[0])
         rows.append(batch.column(ROW).to_numpy())
-        vectors.append(pc.list_flatten(column).to_numpy(zero_copy_only=False)
-                       .astype(np.float32).reshape(-1, dim))
+        vectors.append(
+            pc.list_flatten(column)
+            .to_numpy(zero_copy_only=False)
+            .astype(np.float32)
+            .reshape(-1, dim)
+        )
     if not rows:
         raise ValueError("no representations to train on")
     order = np.argsort(np.concatenate(rows), kind="stable")
@@ -410,8 +513,8 @@ def _mean_reconstruction(sae, z, chunk: int = 4096) -> float:
     total = 0.0
     with torch.inference_mode():
         for start in range(0, z.shape[0], chunk):
-            decoded, _ = sae(z[start:start + chunk])
-            total += float((decoded - z[start:start + chunk]).pow(2).sum())
+            decoded, _ = sae(z[start : start + chunk])
+            total += float((decoded - z[start : start + chunk]).pow(2).sum())
     return total / z.shape[0]
 
 
@@ -423,8 +526,7 @@ def train_sae_worker(config: dict) -> None:
     from memscore.faults import maybe_inject
     from memscore.models.sae import SparseAutoencoder, save_sae_checkpoint, training_loss
     from memscore.stages.predict import local_cores
-    from memscore.finetuning.train_loop import _gather
-    from memscore.training.ray_train import report_epoch, restore_state
+    from memscore.training.ray_train import gather_across_workers, report_epoch, restore_state
 
     spec: SAESpec = config["spec"]
     context = ray.train.get_context()
@@ -439,16 +541,19 @@ def train_sae_worker(config: dict) -> None:
     with torch.no_grad():
         sae.mean.copy_(torch.from_numpy(mean))
         sae.std.copy_(torch.from_numpy(std))
-    state: dict[str, Any] = {"epoch": 0, "history": [], "starts": [],
-                             "initial_reconstruction_loss": None}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "history": [],
+        "starts": [],
+        "initial_reconstruction_loss": None,
+    }
     optimizer_state = restore_state(sae, state)
 
     model = ray.train.torch.prepare_model(sae)  # device, and DDP when world > 1
     bare = model.module if hasattr(model, "module") else model
     device = next(bare.parameters()).device
     z = bare.normalise(torch.from_numpy(vectors).to(device))
-    optimizer = torch.optim.AdamW(bare.parameters(), lr=spec.lr,
-                                  weight_decay=spec.weight_decay)
+    optimizer = torch.optim.AdamW(bare.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     if state["initial_reconstruction_loss"] is None:
@@ -457,8 +562,13 @@ def train_sae_worker(config: dict) -> None:
     n = z.shape[0]
     step_rows = spec.batch_size * world
     if state["epoch"] >= spec.epochs:  # trained before the run was stopped: report it again
-        ray.train.report({**state["history"][-1], "starts": state["starts"],
-                          "initial_reconstruction_loss": state["initial_reconstruction_loss"]})
+        ray.train.report(
+            {
+                **state["history"][-1],
+                "starts": state["starts"],
+                "initial_reconstruction_loss": state["initial_reconstruction_loss"],
+            }
+        )
         return
     for epoch in range(state["epoch"], spec.epochs):
         if rank == 0:
@@ -469,8 +579,9 @@ def train_sae_worker(config: dict) -> None:
         model.train()
         total = reconstruction = 0.0
         for start in range(0, n, step_rows):
-            mine = order[start:start + step_rows][rank * spec.batch_size:
-                                                  (rank + 1) * spec.batch_size]
+            mine = order[start : start + step_rows][
+                rank * spec.batch_size : (rank + 1) * spec.batch_size
+            ]
             batch = z[mine.to(device)]  # may be empty on the last step: a zero gradient
             loss, recon = training_loss(model, batch, spec.l1)
             optimizer.zero_grad(set_to_none=True)
@@ -478,7 +589,9 @@ def train_sae_worker(config: dict) -> None:
             optimizer.step()
             total += float(loss.detach())
             reconstruction += float(recon.detach())
-        sums = _gather({"loss": np.array([total]), "reconstruction": np.array([reconstruction])})
+        sums = gather_across_workers(
+            {"loss": np.array([total]), "reconstruction": np.array([reconstruction])}
+        )
         bare.eval()
         metrics = {
             "epoch": epoch,
@@ -494,13 +607,19 @@ def train_sae_worker(config: dict) -> None:
         if rank == 0:
             _write_history(spec, state["history"])
             if last:
-                save_sae_checkpoint(spec.best_dir, bare, encoder=spec.encoder,
-                                    encoder_weights=spec.encoder_weights,
-                                    info={**spec.checkpoint_info, "metrics": metrics,
-                                          "epochs": state["epoch"]},
-                                    storage_options=spec.storage_options)
-        report = {**metrics, "starts": state["starts"],
-                  "initial_reconstruction_loss": state["initial_reconstruction_loss"]}
+                save_sae_checkpoint(
+                    spec.best_dir,
+                    bare,
+                    encoder=spec.encoder,
+                    encoder_weights=spec.encoder_weights,
+                    info={**spec.checkpoint_info, "metrics": metrics, "epochs": state["epoch"]},
+                    storage_options=spec.storage_options,
+                )
+        report = {
+            **metrics,
+            "starts": state["starts"],
+            "initial_reconstruction_loss": state["initial_reconstruction_loss"],
+        }
         report_epoch(report, bare, optimizer, state, rank)
 
 

@@ -16,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,6 @@ import pyarrow.compute as pc
 from memscore.columns import ERROR, REPRESENTATION, is_internal, pixels_column
 
 __all__ = ["REPRESENTATION", "EncodeImages", "representation_dataset"]
-
 
 
 class EncodeImages:
@@ -46,10 +46,16 @@ class EncodeImages:
     a vector that is not finite becomes the row's error.
     """
 
-    def __init__(self, encoder: str, weights: str | None = None, *, use_gpu: bool = False,
-                 torch_threads: int | None = None,
-                 storage_options: Mapping[str, Any] | None = None,
-                 batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        encoder: str,
+        weights: str | None = None,
+        *,
+        use_gpu: bool = False,
+        torch_threads: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+    ) -> None:
         import torch
 
         from memscore.models.encoders import load_encoder
@@ -72,16 +78,16 @@ class EncodeImages:
         import torch
 
         from memscore.models.encoders import representation
-        from memscore.stages.predict import _to_numpy
+        from memscore.stages.predict import column_to_numpy
 
         ok = pc.is_null(table.column(ERROR)).to_numpy(zero_copy_only=False)
         errors = table.column(ERROR).to_pylist()
         rows = np.flatnonzero(ok)
         vectors = None
         if rows.size:
-            pixels = _to_numpy(table.column(pixels_column(self.encoder)))
+            pixels = column_to_numpy(table.column(pixels_column(self.encoder)))
             for start in range(0, rows.size, self.batch_size):
-                chunk = rows[start:start + self.batch_size]
+                chunk = rows[start : start + self.batch_size]
                 batch = self.preprocess.to_tensor(pixels[chunk]).to(self.device)
                 with torch.inference_mode():
                     out = representation(self.encoder, self.model, batch).float().cpu().numpy()
@@ -97,17 +103,32 @@ class EncodeImages:
             vectors = np.zeros((table.num_rows, 0), np.float32)
         lengths = np.where(ok, dim, 0)
         offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
-        column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors[ok].reshape(-1)),
-                                          type=pa.list_(pa.float32()), mask=pa.array(~ok))
+        column = pa.ListArray.from_arrays(
+            pa.array(offsets),
+            pa.array(vectors[ok].reshape(-1)),
+            type=pa.list_(pa.float32()),
+            mask=pa.array(~ok),
+        )
         table = table.drop_columns([c for c in table.column_names if is_internal(c)])
-        table = table.set_column(table.column_names.index(ERROR), ERROR,
-                                 pa.array(errors, pa.string()))
+        table = table.set_column(
+            table.column_names.index(ERROR), ERROR, pa.array(errors, pa.string())
+        )
         return table.append_column(REPRESENTATION, column)
 
 
-def representation_dataset(dataset, config, manifest, encoder: str, weights: str | None,
-                           preprocess, *, use_gpu: bool, actors: int, batch_size: int,
-                           torch_threads: int | None = None):
+def representation_dataset(
+    dataset,
+    config,
+    manifest,
+    encoder: str,
+    weights: str | None,
+    preprocess,
+    *,
+    use_gpu: bool,
+    actors: int,
+    batch_size: int,
+    torch_threads: int | None = None,
+):
     """``dataset`` (rows with the manifest's path column and ``memscore_row``) -> the same rows
     with ``memscore_representation``: the shared decode stage, then an ``EncodeImages`` pool.
 
@@ -122,14 +143,17 @@ def representation_dataset(dataset, config, manifest, encoder: str, weights: str
     dataset = decode_stage(dataset, config, manifest, {encoder: preprocess}, None)
     return dataset.map_batches(
         EncodeImages,
-        fn_constructor_kwargs={"encoder": encoder, "weights": weights, "use_gpu": use_gpu,
-                               "torch_threads": torch_threads,
-                               "storage_options": dict(config.storage_options),
-                               "batch_size": batch_size},
+        fn_constructor_kwargs={
+            "encoder": encoder,
+            "weights": weights,
+            "use_gpu": use_gpu,
+            "torch_threads": torch_threads,
+            "storage_options": dict(config.storage_options),
+            "batch_size": batch_size,
+        },
         batch_format="pyarrow",
         batch_size=max(batch_size, config.rows_per_block),  # whole decoded blocks, as scoring
         compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
-

@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
 
 from memscore import storage
 from memscore.errors import MemscoreError, first_line
 
-__all__ = ["STATE_FILE", "worker_plan", "fit", "restore_state", "report_epoch"]
+__all__ = [
+    "STATE_FILE",
+    "worker_plan",
+    "fit",
+    "restore_state",
+    "report_epoch",
+    "gather_across_workers",
+]
 
 #: The training state in each of Ray Train's checkpoints: the module's and the optimizer's
 #: state_dicts and the job's own counters, all plain tensors and numbers (read back with
@@ -27,8 +37,9 @@ __all__ = ["STATE_FILE", "worker_plan", "fit", "restore_state", "report_epoch"]
 STATE_FILE = "training_state.pt"
 
 
-def worker_plan(gpus_in_cluster: float, workers: int, gpus_per_worker: float | None,
-                torch_threads: int | None) -> tuple[float, int | None]:
+def worker_plan(
+    gpus_in_cluster: float, workers: int, gpus_per_worker: float | None, torch_threads: int | None
+) -> tuple[float, int | None]:
     """GPUs per training worker and torch threads per worker (None: torch's default).
 
     Args:
@@ -52,10 +63,19 @@ def worker_plan(gpus_in_cluster: float, workers: int, gpus_per_worker: float | N
     return gpus, threads
 
 
-def fit(entry: Callable[[dict], None], spec: Any, *, run_dir: str, workers: int,
-        cpus_per_worker: float, gpus_per_worker: float, max_failures: int,
-        datasets: Mapping[str, Any], datasets_to_split: list[str],
-        storage_options: Mapping[str, Any]):
+def fit(
+    entry: Callable[[dict], None],
+    spec: Any,
+    *,
+    run_dir: str,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    max_failures: int,
+    datasets: Mapping[str, Any],
+    datasets_to_split: list[str],
+    storage_options: Mapping[str, Any],
+):
     """Run ``entry({"spec": spec})`` on ``workers`` Ray Train workers; return Ray's ``Result``.
 
     Ray Train keeps its checkpoints under ``run_dir/ray_train`` (local or a URL), the latest
@@ -87,10 +107,15 @@ def fit(entry: Callable[[dict], None], spec: Any, *, run_dir: str, workers: int,
     trainer = TorchTrainer(
         train_loop_per_worker=entry,
         train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": cpus_per_worker, **gpu}),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus_per_worker > 0,
+            resources_per_worker={"CPU": cpus_per_worker, **gpu},
+        ),
         run_config=RunConfig(
-            name="ray_train", storage_path=train_path, storage_filesystem=train_fs,
+            name="ray_train",
+            storage_path=train_path,
+            storage_filesystem=train_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
@@ -118,8 +143,9 @@ def restore_state(module, state: dict[str, Any]) -> dict | None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
-            saved = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
-                               weights_only=True)
+            saved = torch.load(
+                os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True
+            )
         module.load_state_dict(saved.pop("model"), strict=True)
         optimizer_state = saved.pop("optimizer")
         state.update(saved)
@@ -127,8 +153,9 @@ def restore_state(module, state: dict[str, Any]) -> dict | None:
     return optimizer_state
 
 
-def report_epoch(metrics: Mapping[str, Any], module, optimizer, state: Mapping[str, Any],
-                 rank: int) -> None:
+def report_epoch(
+    metrics: Mapping[str, Any], module, optimizer, state: Mapping[str, Any], rank: int
+) -> None:
     """On a worker: report an epoch's ``metrics`` to Ray Train, with rank 0's checkpoint of
     ``module``, ``optimizer`` and ``state`` (every worker must call it: it is a barrier)."""
     import ray.train
@@ -137,7 +164,20 @@ def report_epoch(metrics: Mapping[str, Any], module, optimizer, state: Mapping[s
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                        **state}, os.path.join(folder, STATE_FILE))
+            torch.save(
+                {"model": module.state_dict(), "optimizer": optimizer.state_dict(), **state},
+                os.path.join(folder, STATE_FILE),
+            )
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+
+def gather_across_workers(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenate each worker's arrays on every worker (torch.distributed, any backend)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    return {key: np.concatenate([p[key] for p in parts]) for key in values}

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from memscore import storage
 from memscore.errors import MemscoreError
 
-__all__ = ["STATE_FILE", "NOTHING_TO_DO", "check_run_folder", "start_run_folder",
-           "abandon_run_folder", "prepare_run_folder", "read_json", "json_default"]
+__all__ = [
+    "STATE_FILE",
+    "NOTHING_TO_DO",
+    "check_run_folder",
+    "start_run_folder",
+    "abandon_run_folder",
+    "prepare_run_folder",
+    "read_json",
+    "json_default",
+]
 
 STATE_FILE = "state.json"
 #: What the final line of a command says when its run was already complete (its summary's
@@ -27,11 +36,17 @@ STATE_FILE = "state.json"
 NOTHING_TO_DO = "already complete: nothing to do"
 
 
-def check_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
-                     summary_file: str, is_complete: Callable[[dict], bool],
-                     overwrite: bool = False,
-                     storage_options: Mapping[str, Any] | None = None) -> str:
-    """"fresh", "resume" or "complete" for the run folder ``run_dir``; writes nothing.
+def check_run_folder(
+    run_dir: str,
+    identity: Mapping[str, Any],
+    *,
+    job: str,
+    summary_file: str,
+    is_complete: Callable[[dict], bool],
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """ "fresh", "resume" or "complete" for the run folder ``run_dir``; writes nothing.
 
     Args:
         run_dir: the folder (local or URL).
@@ -56,20 +71,28 @@ def check_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
         if changed:
             raise MemscoreError(
                 f"{run_dir} holds a run with other settings ({', '.join(changed)} differ); "
-                f"choose another --name or pass --overwrite")
+                f"choose another --name or pass --overwrite"
+            )
         if fs.exists(f"{path}/{summary_file}"):
             if is_complete(json.loads(fs.cat_file(f"{path}/{summary_file}"))):
                 return "complete"
         return "resume"
     if not ours and fs.exists(path) and fs.ls(path):
-        raise MemscoreError(f"{run_dir} exists and is not a memscore {job} run (no "
-                            f"{STATE_FILE}); choose another --name"
-                            + ("" if overwrite else " or pass --overwrite if it is one"))
+        raise MemscoreError(
+            f"{run_dir} exists and is not a memscore {job} run (no "
+            f"{STATE_FILE}); choose another --name"
+            + ("" if overwrite else " or pass --overwrite if it is one")
+        )
     return "fresh"
 
 
-def start_run_folder(run_dir: str, identity: Mapping[str, Any], *, overwrite: bool = False,
-                     storage_options: Mapping[str, Any] | None = None) -> None:
+def start_run_folder(
+    run_dir: str,
+    identity: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """Claim ``run_dir`` for a fresh run (``check_run_folder`` said "fresh"): with
     ``overwrite``, the run of memscore's that is there is deleted first; then ``state.json``."""
     fs, path = storage.url_to_fs(run_dir, dict(storage_options or {}))
@@ -90,10 +113,16 @@ def abandon_run_folder(run_dir: str, storage_options: Mapping[str, Any] | None =
         fs.rm(path, recursive=True)
 
 
-def prepare_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
-                       summary_file: str, is_complete: Callable[[dict], bool],
-                       overwrite: bool = False,
-                       storage_options: Mapping[str, Any] | None = None) -> str:
+def prepare_run_folder(
+    run_dir: str,
+    identity: Mapping[str, Any],
+    *,
+    job: str,
+    summary_file: str,
+    is_complete: Callable[[dict], bool],
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
     """``check_run_folder``, then ``start_run_folder`` where the run is fresh: for a job whose
     checks have all passed.
 
@@ -107,9 +136,15 @@ def prepare_run_folder(run_dir: str, identity: Mapping[str, Any], *, job: str,
         ...                    is_complete=lambda summary: True)
         'resume'
     """
-    status = check_run_folder(run_dir, identity, job=job, summary_file=summary_file,
-                              is_complete=is_complete, overwrite=overwrite,
-                              storage_options=storage_options)
+    status = check_run_folder(
+        run_dir,
+        identity,
+        job=job,
+        summary_file=summary_file,
+        is_complete=is_complete,
+        overwrite=overwrite,
+        storage_options=storage_options,
+    )
     if status == "fresh":
         start_run_folder(run_dir, identity, overwrite=overwrite, storage_options=storage_options)
     return status

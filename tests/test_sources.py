@@ -49,6 +49,15 @@ def _jsonl(folder: Path, images: list[Path]) -> Path:
     return path
 
 
+def _arrow(folder: Path, images: list[Path]) -> Path:
+    """An Arrow IPC stream, as Hugging Face datasets writes its .arrow files."""
+    path = folder / "m.arrow"
+    table = pa.table({"path": [str(p) for p in images], "label": list(range(len(images)))})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
 def _images(folder: Path, images: list[Path]) -> Path:
     path = folder / "photos"
     path.mkdir()
@@ -73,6 +82,7 @@ EXAMPLES = {
     "csv": _csv,
     "parquet": _parquet,
     "jsonl": _jsonl,
+    "arrow": _arrow,
     "images": _images,
     "webdataset": _shards,
 }

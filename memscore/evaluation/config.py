@@ -36,7 +36,7 @@ class EvaluateConfig:
     )
     truth: str = field(
         metadata=option(
-            "The ground truth: a CSV, Parquet (file or folder) or JSONL file, local or s3://.",
+            "The ground truth: a CSV, Parquet (file or folder), JSONL or Arrow file, local or s3://.",
             flag="--truth",
             required=True,
         )

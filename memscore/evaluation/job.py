@@ -299,7 +299,7 @@ def _read_truth(
     if not manifest.is_table:
         raise MemscoreError(
             f"--truth {config.truth}: {manifest.what}, not a table of labels "
-            f"(CSV, Parquet or JSONL)"
+            f"(CSV, Parquet, JSONL or Arrow)"
         )
     columns = manifest.columns
     wanted = {_KEY: key, _TRUTH: config.truth_column}
@@ -349,28 +349,32 @@ def _read_predictions(
     warnings: list[str] = []
     summary = manifest = None
     if is_dir or path.lower().endswith(_PARQUET):
-        import pyarrow.dataset as pads
-
-        if is_dir:
-            from memscore.sinks import open_sink
-
-            files = open_sink(source, options).files()
-            if not files:
-                raise MemscoreError(
-                    f"{source}: no Parquet files (expected a `memscore score` output folder)"
-                )
-            summary, warning = _read_run_summary(source, options)
-            warnings += [warning] if warning else []
-        else:
-            files = [path]
         try:
-            data = pads.dataset(
-                files, filesystem=storage.pyarrow_filesystem_of(fs), format="parquet"
-            )
-            schema = data.schema
+            if is_dir:  # a `memscore score` output folder, in whichever format it was written
+                from memscore.sinks import open_sink
+
+                sink = open_sink(source, options)
+                files = sink.files()
+                if not files:
+                    raise MemscoreError(
+                        f"{source}: no {sink.name} files (expected a `memscore score` output "
+                        f"folder)"
+                    )
+                summary, warning = _read_run_summary(source, options)
+                warnings += [warning] if warning else []
+                schema = sink.schema_of(files[0])
+                read_columns = lambda columns: sink.read(columns, files)  # noqa: E731
+            else:  # one Parquet file of predictions
+                import pyarrow.dataset as pads
+
+                data = pads.dataset(
+                    [path], filesystem=storage.pyarrow_filesystem_of(fs), format="parquet"
+                )
+                schema = data.schema
+                read_columns = lambda columns: data.to_table(columns=columns)  # noqa: E731
             _check_prediction_columns(config, key, groups, schema.names, truth_columns, summary)
             trace_names = _trace_names(config, schema)
-            read = data.to_table(columns=list(dict.fromkeys([*wanted.values(), *trace_names])))
+            read = read_columns(list(dict.fromkeys([*wanted.values(), *trace_names])))
         except MemscoreError:
             raise
         except Exception as exc:
@@ -637,17 +641,16 @@ def _prediction_columns(config: EvaluateConfig, options: Mapping[str, Any]) -> l
     (a CSV or JSONL file without any column memscore knows to open it by)."""
     try:
         fs, path = storage.url_to_fs(config.predictions, options)
-        if fs.isdir(path) or path.lower().endswith(_PARQUET):
+        if fs.isdir(path):
+            from memscore.sinks import open_sink
+
+            sink = open_sink(config.predictions, options)
+            return sink.schema_of(sink.files()[0]).names
+        if path.lower().endswith(_PARQUET):
             import pyarrow.dataset as pads
 
-            if fs.isdir(path):
-                from memscore.sinks import open_sink
-
-                files = open_sink(config.predictions, options).files()
-            else:
-                files = [path]
             return pads.dataset(
-                files, filesystem=storage.pyarrow_filesystem_of(fs), format="parquet"
+                [path], filesystem=storage.pyarrow_filesystem_of(fs), format="parquet"
             ).schema.names
     except Exception:
         return None

@@ -20,6 +20,7 @@ from memscore.options import (
     option,
     split_model_weights,
 )
+from memscore.sinks import SINKS, sink_class
 
 __all__ = ["ScoreConfig"]
 
@@ -37,7 +38,7 @@ class ScoreConfig:
 
     manifest: str = field(
         metadata=option(
-            "What to score: a CSV, Parquet (file or folder), JSONL file, a folder of images "
+            "What to score: a CSV, Parquet (file or folder), JSONL, Arrow IPC file, a folder of images "
             "(searched recursively by extension) or a glob; a local path or s3:// URL.",
             positional=True,
         )
@@ -250,6 +251,15 @@ class ScoreConfig:
             "smaller value commits more often."
         ),
     )
+    output_format: str | None = field(
+        default=None,
+        metadata=option(
+            "The output files' format: parquet (every column keeps its Arrow type) or jsonl (one "
+            "JSON object per row, for tools without Parquet: larger files, JSON's types). "
+            "Default: parquet, and for --resume the run's own; verify and evaluate read either.",
+            choices=tuple(SINKS),
+        ),
+    )
     address: str | None = field(
         default=None,
         metadata=option(
@@ -305,6 +315,8 @@ class ScoreConfig:
             raise MemscoreError(
                 f"--precision must be fp32, tf32, bf16 or fp16, not {self.precision!r}"
             )
+        if self.output_format is not None:
+            sink_class(self.output_format)  # one line naming the formats if it is not one
         if self.num_gpus is not None and self.num_gpus < 0:
             raise MemscoreError("--num-gpus must not be negative")
         if self.gpus_per_actor <= 0:

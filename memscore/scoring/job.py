@@ -7,6 +7,7 @@ so a bad run fails in seconds with one line instead of after the cluster has spu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import time
@@ -24,7 +25,7 @@ from memscore.runtime.cluster_check import check_shared_storage
 from memscore.runtime.failures import run_stopped  # noqa: F401
 from memscore.runtime.ray_start import init_ray
 from memscore.scoring.config import ScoreConfig
-from memscore.sinks import open_sink, resume
+from memscore.sinks import DEFAULT_FORMAT, format_in, open_sink, resume
 from memscore.sinks.folder import (
     SummaryUnreadable,
     check_output_location,
@@ -64,6 +65,7 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
         "exif_transpose": config.exif_transpose,
         "precision": config.precision,
         "limit": config.limit,
+        "output_format": config.output_format,
     }
 
 
@@ -259,9 +261,9 @@ def _rebuild_state(config: ScoreConfig, manifest: Manifest, identity: dict[str, 
         resume.check_rows_match(
             config.output, snapshot, manifest.path_column, config.storage_options
         )
-    if open_sink(config.output, config.storage_options).files() and not resume.committed_rows(
-        config.output, config.storage_options
-    ):
+    if open_sink(
+        config.output, config.storage_options, config.output_format
+    ).files() and not resume.committed_rows(config.output, config.storage_options):
         resume.rebuild_checkpoint(config.output, config.storage_options)
     resume.write_state(config.output, identity, snapshot, config.storage_options)
     return snapshot
@@ -311,6 +313,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         config.output, config.storage_options, take_over=config.resume or config.overwrite
     )
     lease.stop_run_when_lost()
+    if config.output_format is None:  # a new run's is the default, a resumed run keeps its own
+        found = format_in(config.output, config.storage_options) if config.resume else None
+        config = dataclasses.replace(config, output_format=found or DEFAULT_FORMAT)
     try:
         return _score_holding(config, manifest, weights, added, lease, started)
     except KeyboardInterrupt:
@@ -431,7 +436,7 @@ def _score_holding(
             MIN_ROWS if snapshot.rows is None else snapshot.rows - done_before,
         )
         try:
-            open_sink(config.output, config.storage_options).write(
+            open_sink(config.output, config.storage_options, config.output_format).write(
                 build_dataset(config, manifest, snapshot, plan, counter), config.rows_per_file
             )
         except Exception as exc:
@@ -455,7 +460,7 @@ def _score_holding(
         snapshot, resume.shard_counts_folder(config.output), output=config.output
     )
     snapshot = Snapshot(snapshot.files, read.rows)
-    counts = open_sink(config.output, config.storage_options).count(
+    counts = open_sink(config.output, config.storage_options, config.output_format).count(
         [c for c in added if c not in BOOKKEEPING], expected_rows=read.expected_ids
     )
     recorded = asdict(config)

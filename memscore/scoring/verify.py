@@ -104,7 +104,7 @@ def _run_options(output: str, storage_options: Mapping[str, Any]) -> dict[str, A
         state = None
     if state is None and not open_sink(output, storage_options).files():
         raise MemscoreError(
-            f"{output}: not a memscore output (no {SUMMARY_FILE}, no run state, no Parquet files)"
+            f"{output}: not a memscore output (no {SUMMARY_FILE}, no run state, no data files)"
         )
     return {**(state or {}), "identity": state, "finished": False}
 
@@ -186,15 +186,16 @@ def verify(
     if recorded is not None:  # the run counted each part's rows as it read them (shards)
         return _verify_recorded(output, recorded, run, options)
     limit = run.get("limit")
-    files = open_sink(output, options).files()
+    sink = open_sink(output, options)
+    files = sink.files()
     if not files:
-        raise MemscoreError(f"{output}: no Parquet files")
+        raise MemscoreError(f"{output}: no {sink.name} files")
     if ignore_identity and not id_column:
         id_column = path_column  # positions of a manifest not proven the run's mean nothing
     key = id_column or ROW_COLUMN
     if not id_column:  # ids are positions: tallied file by file, in bounded memory
         manifest_rows = read_restarting(lambda: sum(t.num_rows for t in source.iter_tables(limit)))
-        tally = open_sink(output, options).count([], expected_rows=manifest_rows)
+        tally = sink.count([], expected_rows=manifest_rows)
         return VerifyReport(
             manifest_rows=manifest_rows,
             output_rows=tally["rows_out"],

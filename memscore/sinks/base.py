@@ -35,7 +35,7 @@ class Sink(ABC):
         storage_options: fsspec options (S3 endpoint and credentials).
 
     A subclass sets ``name`` and ``suffix`` and implements ``write`` (a Ray Dataset into the
-    folder, each file committed through Ray's checkpointing), ``columns_of``, ``read_file`` and
+    folder, each file committed through Ray's checkpointing), ``schema_of``, ``read_file`` and
     ``write_file`` (one file); counting, reading back and finding its files are shared.
     """
 
@@ -57,8 +57,8 @@ class Sink(ABC):
         its pending and committed ids by)."""
 
     @abstractmethod
-    def columns_of(self, path: str) -> list[str]:
-        """The column names of the data file ``path`` (a path inside ``self.fs``)."""
+    def schema_of(self, path: str) -> pa.Schema:
+        """The Arrow schema of the data file ``path`` (a path inside ``self.fs``)."""
 
     @abstractmethod
     def read_file(self, path: str, columns: list[str] | None = None) -> pa.Table:
@@ -74,6 +74,10 @@ class Sink(ABC):
         return True
 
     # --------------------------------------------------------------------- shared by all
+    def columns_of(self, path: str) -> list[str]:
+        """The column names of the data file ``path``."""
+        return list(self.schema_of(path).names)
+
     @classmethod
     def is_own_file(cls, name: str) -> bool:
         """Whether a top-level entry of the output folder is one of this format's data files."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from memscore import storage
 from memscore.errors import MemscoreError, first_line
-from memscore.sinks import SINKS
+from memscore.sinks import SINKS, sink_class
 from memscore.sinks.lease import LEASE_FILE
 
 __all__ = [
@@ -61,7 +61,7 @@ def is_own_entry(name: str) -> bool:
     return (
         name.startswith("_memscore")
         or name == _PROBE
-        or any(sink.is_own_file(name) for sink in SINKS.values())
+        or any(sink_class(sink).is_own_file(name) for sink in SINKS)
     )
 
 

@@ -48,8 +48,8 @@ class ParquetSink(Sink):
     def _file(self, path: str) -> pq.ParquetFile:
         return pq.ParquetFile(path, filesystem=storage.pyarrow_filesystem_of(self.fs))
 
-    def columns_of(self, path: str) -> list[str]:
-        return list(self._file(path).schema_arrow.names)
+    def schema_of(self, path: str) -> pa.Schema:
+        return self._file(path).schema_arrow
 
     def read_file(self, path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(

@@ -108,6 +108,10 @@ def read_state(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any
     )
 
 
+#: identity keys added after runs were first recorded -> what an older run without them was
+_BEFORE_RECORDED = {"output_format": "parquet"}
+
+
 def check_same_run(
     state: Mapping[str, Any], identity: Mapping[str, Any], output: str, *, finished: bool = False
 ) -> Snapshot | None:
@@ -117,6 +121,8 @@ def check_same_run(
     recorded in its summary. Returns the interrupted run's snapshot (None when ``finished``).
     """
     which = "a finished run" if finished else "an interrupted run"
+    # what a run recorded before memscore recorded the key: an older run is the same run
+    state = {**_BEFORE_RECORDED, **state}
     for key, value in identity.items():
         if key not in state:
             raise MemscoreError(

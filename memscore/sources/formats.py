@@ -39,6 +39,9 @@ SUFFIX_KINDS = {
     ".ndjson": "jsonl",
     ".json": "jsonl",
     ".jsonl.gz": "jsonl",
+    ".arrow": "arrow",
+    ".feather": "arrow",
+    ".ipc": "arrow",
     **{suffix: "images" for suffix in IMAGE_EXTENSIONS},
     **{suffix: "webdataset" for suffix in SHARD_SUFFIXES},
 }

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from memscore.errors import MemscoreError
+from memscore.sources.arrow import ArrowTables
 from memscore.sources.base import ColumnWidened, Location, Source, read_restarting
 from memscore.sources.checks import (
     check_path_column,
@@ -53,6 +54,7 @@ KINDS: tuple[type[Source], ...] = (
     ParquetTables,
     CsvTables,
     JsonLinesTables,
+    ArrowTables,
     ImageFolder,
 )
 

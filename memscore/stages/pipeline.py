@@ -176,7 +176,7 @@ def light_cpu_share(dataset):
     left without a reservation waits for what is unreserved. The read and the repartition
     only move small tables; at a whole CPU each, with a decode task and the model actor, they
     took everything a one-machine Ray has (the writer's side of this is in
-    ``output.write_parquet``). The repartition's CPU request has no public setter in Ray 2.60
+    ``memscore.sinks.parquet.ParquetSink.write``). The repartition's CPU request has no public setter in Ray 2.60
     (the version pyproject pins): its logical operator's ``ray_remote_args`` is set here.
     What it is for is tested end to end by tests/test_resume.py's
     ``test_a_large_run_commits_as_it_goes...`` (files committed while the read still runs).

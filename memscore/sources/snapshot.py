@@ -31,6 +31,7 @@ from memscore.sources.base import (
     read_restarting,
 )
 from memscore.sources.checks import check_path_column, repeated_values
+from memscore.stages.pipeline import LIGHT_STAGE_CPUS
 
 __all__ = [
     "ROW_COLUMN",
@@ -208,11 +209,6 @@ def _check_unique_ids(ids: pa.ChunkedArray, column: str, source: str) -> None:
             f"{source}: --id-column {column!r} is not unique: {kinds} values "
             f"repeat, e.g. {value!r} ({times} times)"
         )
-
-
-#: The CPU share Ray accounts for memscore's bookkeeping stages: reading the snapshot, cutting
-#: it into decode blocks, writing output files. See ``pipeline.light_cpu_share``.
-LIGHT_STAGE_CPUS = 0.25
 
 
 def snapshot_dataset(snapshot: Snapshot, storage_options: Mapping[str, Any]):

@@ -12,16 +12,28 @@ so every worker imports it from here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from memscore.errors import MemscoreError
-from memscore.sources import snapshot
-from memscore.sources.manifest import Manifest
 
-__all__ = ["decode_batch", "decode_stage", "plan_model_actors", "ActorOptions", "DecodeOptions"]
+if TYPE_CHECKING:  # an annotation only: the stages import nothing of the sources at run time
+    from memscore.sources.base import Source as Manifest
+
+__all__ = [
+    "decode_batch",
+    "decode_stage",
+    "plan_model_actors",
+    "ActorOptions",
+    "DecodeOptions",
+    "LIGHT_STAGE_CPUS",
+]
+
+#: The CPU share Ray accounts for memscore's bookkeeping stages: reading the snapshot or the
+#: shards, cutting rows into decode blocks, writing output files. See ``light_cpu_share``.
+LIGHT_STAGE_CPUS = 0.25
 
 
 class ActorOptions(Protocol):
@@ -170,7 +182,7 @@ def decode_stage(
 
 def light_cpu_share(dataset):
     """``dataset`` with its last stage (the streaming repartition) asking Ray for a light CPU
-    share, ``snapshot.LIGHT_STAGE_CPUS``, as the snapshot read does.
+    share, ``LIGHT_STAGE_CPUS``, as the snapshot read does.
 
     Why: Ray Data reserves each stage's resources in pipeline order, upstream first, and a stage
     left without a reservation waits for what is unreserved. The read and the repartition
@@ -182,7 +194,7 @@ def light_cpu_share(dataset):
     ``test_a_large_run_commits_as_it_goes...`` (files committed while the read still runs).
     """
     operator = dataset._logical_plan.dag
-    operator.ray_remote_args["num_cpus"] = snapshot.LIGHT_STAGE_CPUS
+    operator.ray_remote_args["num_cpus"] = LIGHT_STAGE_CPUS
     return dataset
 
 

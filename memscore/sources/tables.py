@@ -240,7 +240,7 @@ class ParquetTables(TableSource):
 # ---------------------------------------------------------------------------------------- CSV
 @dataclass(frozen=True)
 class CsvTables(TableSource):
-    """CSV (``.csv``, ``.csv.gz``) and TSV (``.tsv``), read by pyarrow's block reader.
+    """CSV (``.csv``, ``.csv.gz``) and TSV (``.tsv``, ``.tsv.gz``), read by pyarrow's block reader.
 
     Not a pyarrow.dataset scan: it, too, takes a CSV column's type from the first block, and a
     later value that does not convert (150,000 numbers, then "unknown") stops the scan with a
@@ -297,7 +297,7 @@ class CsvTables(TableSource):
 
 
 def _csv_options(path: str) -> dict:
-    if path.lower().endswith(".tsv"):
+    if path.lower().endswith((".tsv", ".tsv.gz")):
         import pyarrow.csv as pacsv
 
         return {"parse_options": pacsv.ParseOptions(delimiter="\t")}
@@ -307,7 +307,8 @@ def _csv_options(path: str) -> dict:
 # --------------------------------------------------------------------------------- JSON lines
 @dataclass(frozen=True)
 class JsonLinesTables(TableSource):
-    """JSON lines (``.jsonl``, ``.ndjson``, ``.json`` with one object per line, ``.jsonl.gz``),
+    """JSON lines (``.jsonl``, ``.ndjson``, ``.json`` with one object per line, ``.jsonl.gz``,
+    ``.ndjson.gz``),
     read by pyarrow's block reader; a file with a column whose values change type is read whole,
     those columns as the values' JSON text (``_read_json_mixed``)."""
 

@@ -78,9 +78,30 @@ def _shards(folder: Path, images: list[Path]) -> Path:
     return path
 
 
+def _parquet_images(folder: Path, images: list[Path]) -> Path:
+    """A Hugging Face-style folder: the images' bytes in a struct<bytes, path> column."""
+    path = folder / "hub" / "data"
+    path.mkdir(parents=True)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(
+        pa.table(
+            {
+                "image": pa.array(
+                    [{"bytes": p.read_bytes(), "path": p.name} for p in images], image
+                ),
+                "label": list(range(len(images))),
+            }
+        ),
+        path / "train-00000-of-00001.parquet",
+    )
+    (folder / "hub" / "README.md").write_text("---\nlicense: cc0\n---\n")
+    return folder / "hub"
+
+
 EXAMPLES = {
     "csv": _csv,
     "parquet": _parquet,
+    "parquet-images": _parquet_images,
     "jsonl": _jsonl,
     "arrow": _arrow,
     "images": _images,

@@ -110,7 +110,9 @@ class Listing:
 class Location:
     """What the user named, as each kind is asked whether it is theirs: the text as given,
     its filesystem (``filesystem``) and the files there (``listing``), both found on the first
-    ask and then kept, so that asking every kind costs one listing.
+    ask and then kept, so that asking every kind costs one listing; and how the user said the
+    rows' images are found (``path_column``; ``image_column`` and ``keep_image_column``, for a
+    table that holds its images' bytes in a column).
 
     Not ``pyarrow.dataset``'s discovery: given a folder it reads every file as the one format
     it is told (a photo folder with a ``captions.csv`` fails on the first JPEG as CSV), where
@@ -121,9 +123,22 @@ class Location:
     markers in ``tables.py``. The listing itself is fsspec's (``find``, ``glob``).
     """
 
-    def __init__(self, given: str, storage_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        given: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        path_column: str = "path",
+        image_column: str | None = None,
+        keep_image_column: bool = False,
+    ):
         self.given = given
         self.storage_options = dict(storage_options or {})
+        # how the user said each row's image is found: a kind may recognise a location by
+        # them (a Parquet table without the path column whose image bytes are in a column)
+        self.path_column = path_column
+        self.image_column = image_column
+        self.keep_image_column = keep_image_column
         self._filesystem: tuple[Any, str] | None = None
         self._listing: Listing | None = None
 

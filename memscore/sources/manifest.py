@@ -27,6 +27,7 @@ from memscore.sources.checks import (
 )
 from memscore.sources.formats import IMAGE_EXTENSIONS
 from memscore.sources.images import ImageFolder
+from memscore.sources.parquet_images import ParquetImages
 from memscore.sources.tables import CsvTables, JsonLinesTables, ParquetTables
 from memscore.sources.webdataset import WebDatasetShards
 
@@ -46,11 +47,13 @@ __all__ = [
 ]
 
 #: Every kind of source, in the order each is asked whether a location is theirs: shards first
-#: (a folder of shards beside img2dataset's .parquet files is shards, not a table), the table
-#: formats (a folder of nothing but table files of one format), and last a folder or glob of
-#: images, which takes any folder the others did not.
+#: (a folder of shards beside img2dataset's .parquet files is shards, not a table), Parquet
+#: whose images are in a column (no path column, one image column; before the plain tables),
+#: the table formats (a folder of nothing but table files of one format), and last a folder or
+#: glob of images, which takes any folder the others did not.
 KINDS: tuple[type[Source], ...] = (
     WebDatasetShards,
+    ParquetImages,
     ParquetTables,
     CsvTables,
     JsonLinesTables,
@@ -71,6 +74,8 @@ def open_manifest(
     rows_in_driver: bool = True,
     image_paths: bool | None = None,
     webdataset: bool | None = None,
+    image_column: str | None = None,
+    keep_image_column: bool = False,
 ) -> Source:
     """Find and validate the manifest at ``source``; raises ``MemscoreError`` on any problem.
 
@@ -90,6 +95,11 @@ def open_manifest(
             on the images do). A table read for its values (ground truth joined on an id,
             a manifest to verify against) may key it by any column.
         webdataset: the older spelling of ``rows_in_driver=not webdataset``.
+        image_column: the column holding each row's image bytes, in a Parquet table whose
+            images are inside it (``parquet_images.ParquetImages``; by default the one such
+            column of a table without ``path_column``). Refused for other sources.
+        keep_image_column: such a table's image column is kept in the rows (and so in a run's
+            output); by default it is left out.
 
     Everything the schema and the first block show is checked here, before any output is
     written: repeated column names (``check_repeated_columns``), no rows, no path column, a
@@ -112,9 +122,21 @@ def open_manifest(
     """
     if webdataset is not None:
         rows_in_driver = not webdataset
-    location = Location(source, storage_options)
+    location = Location(
+        source,
+        storage_options,
+        path_column=path_column,
+        image_column=image_column,
+        keep_image_column=keep_image_column,
+    )
     for kind in KINDS:
         if kind.recognises(location):
+            if (image_column or keep_image_column) and kind is not ParquetImages:
+                option = "--image-column" if image_column else "--keep-image-column"
+                raise MemscoreError(
+                    f"{source}: {option} is for Parquet whose images are in a column, "
+                    f"not {kind.what}"
+                )
             if rows_in_driver:
                 kind.check_readable_in_driver(source)
             return kind.open(

@@ -82,6 +82,23 @@ class ScoreConfig:
             "against the manifest's folder."
         ),
     )
+    image_column: str | None = field(
+        default=None,
+        metadata=option(
+            "Column of a Parquet manifest holding each image's bytes (binary, or a struct with a "
+            "bytes field: Hugging Face's Image feature), read in place. Default: the one such "
+            "column of a table without --path-column's column (img2dataset's jpg, a Hub "
+            "dataset's image)."
+        ),
+    )
+    keep_image_column: bool = field(
+        default=False,
+        metadata=option(
+            "Keep the --image-column in the output: the images are then copied into it, so the "
+            "output is about as large as the data set. Default: every other column is kept.",
+            action="store_true",
+        ),
+    )
     batch_size: int = field(
         default=32, metadata=option("Images per model forward pass on each model actor.")
     )

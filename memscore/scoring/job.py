@@ -65,6 +65,9 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
         "exif_transpose": config.exif_transpose,
         "precision": config.precision,
         "limit": config.limit,
+        # recorded only when given, so that runs recorded before these options stay the same run
+        **({"image_column": config.image_column} if config.image_column else {}),
+        **({"keep_image_column": True} if config.keep_image_column else {}),
         "output_format": config.output_format,
     }
 
@@ -297,6 +300,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         storage_options=config.storage_options,
         reserved_columns=(*added, resume.ROW_COLUMN),
         rows_in_driver=False,
+        image_column=config.image_column,
+        keep_image_column=config.keep_image_column,
     )
     manifest.check_run_options(limit=config.limit, id_column=config.id_column)
     if config.id_column and config.id_column not in manifest.columns:

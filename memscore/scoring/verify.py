@@ -175,7 +175,11 @@ def verify(
     path_column = path_column or run.get("path_column") or "path"
     id_column = id_column or run.get("id_column")
     source = open_manifest(
-        manifest, path_column=path_column, storage_options=options, rows_in_driver=False
+        manifest,
+        path_column=path_column,
+        storage_options=options,
+        rows_in_driver=False,
+        image_column=run.get("image_column"),  # the run's, where it named one
     )
     if not ignore_identity:
         _check_identity(output, run, source)

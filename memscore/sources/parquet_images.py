@@ -345,6 +345,16 @@ def read_task_memory(footers: list, plans: list[ReadPlan], block_bytes: int) -> 
     return 4 * largest + 5 * block_bytes + (64 << 20)
 
 
+def _at_most_half_a_node(memory: int) -> int:
+    """``memory``, but never more than half of the largest node's memory: a reservation no node
+    can grant would leave the read task waiting for ever (one giant row group)."""
+    import ray
+
+    nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    largest = max(nodes, default=0)
+    return min(memory, int(largest // 2)) if largest else memory
+
+
 def read_parquet_images(
     plans: list[ReadPlan], storage_options, num_cpus=None, memory=None, **reader_options
 ):
@@ -545,7 +555,7 @@ class ParquetImages(Source):
             # reading is sequential I/O and page decoding: a light share, as the snapshot's
             num_cpus=LIGHT_STAGE_CPUS,
             # reserved, so that a node runs no more read tasks at once than its memory holds
-            memory=read_task_memory(footers, plans, DEFAULT_BLOCK_BYTES),
+            memory=_at_most_half_a_node(read_task_memory(footers, plans, DEFAULT_BLOCK_BYTES)),
             image_column=self.image_column,
             keep_image_column=self.keep_image_column,
             schema=footers[0].schema.to_arrow_schema(),

@@ -157,9 +157,13 @@ def test_two_image_columns_need_image_column_and_wrong_options_are_one_line(tmp_
     (tmp_path / "m.csv").write_text("path\na.jpg\n")
     with pytest.raises(MemscoreError, match="--image-column is for Parquet whose images"):
         open_manifest(str(tmp_path / "m.csv"), image_column="jpg")
-    # read in the driver (finetune, train-sae, evaluate): refused in one line
-    with pytest.raises(MemscoreError, match="images inside Parquet can be scored"):
-        open_manifest(str(tmp_path / "two.parquet"), image_column="png")
+    # read in the driver (finetune, train-sae, evaluate): without the image column, and the
+    # other bytes column is a column like any other
+    driver = open_manifest(str(tmp_path / "two.parquet"), image_column="png")
+    assert driver.columns_in_driver == ("key", "jpg")
+    assert pa.concat_tables(driver.read_all()).to_pylist() == [{"key": "a", "jpg": b"x"}]
+    with pytest.raises(MemscoreError, match="the image column 'png' is read by Ray tasks"):
+        driver.read_all(columns=("key", "png"))
 
 
 def test_a_truncated_footer_is_one_line_naming_the_file(tmp_path, example_images):

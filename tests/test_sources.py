@@ -160,7 +160,10 @@ def test_every_kind_answers_the_interface_on_its_example(kind, tmp_path, example
         assert not source.is_table
     else:
         rows = pa.concat_tables(source.read_all())
-        assert rows.num_rows == 2 and tuple(rows.column_names) == source.columns
+        assert rows.num_rows == 2 and tuple(rows.column_names) == source.columns_in_driver
+        assert set(source.columns_in_driver) <= set(source.columns)
+        ids = source.row_ids(2).to_pylist()
+        assert len(set(ids)) == 2 and (ids == [0, 1] or not source.row_ids_are_positions)
         assert [t.num_rows for t in source.iter_tables(limit=1)] == [1]
 
     source.check_run_options(limit=None, id_column=None)

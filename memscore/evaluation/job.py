@@ -302,6 +302,16 @@ def _read_truth(
             f"(CSV, Parquet, JSONL or Arrow)"
         )
     columns = manifest.columns
+    if key not in columns:  # a table whose images are inside it, opened without the key
+        raise MemscoreError(
+            _no_key_message(
+                config,
+                key,
+                "truth",
+                _prediction_columns(config, options),
+                _truth_columns(config, options),
+            )
+        )
     wanted = {_KEY: key, _TRUTH: config.truth_column}
     if config.split_half_columns:
         wanted[_HALF_A], wanted[_HALF_B] = config.split_half_columns
@@ -313,8 +323,11 @@ def _read_truth(
                 f"{_names(columns)}); name it with {flag}"
             )
     wanted.update({c: c for c in config.group_by if c in columns})
+    # only the columns used are read: a table with its images inside is read without them
+    read = tuple(dict.fromkeys(wanted.values()))
     tables = [
-        pa.table({new: t.column(old) for new, old in wanted.items()}) for t in manifest.read_all()
+        pa.table({new: t.column(old) for new, old in wanted.items()})
+        for t in manifest.read_all(columns=read)
     ]
     table = pa.concat_tables(tables)
     for new in (_TRUTH, _HALF_A, _HALF_B):

@@ -19,6 +19,14 @@ writes goes to ``OUTPUT/NAME/``::
                                              `memscore score`, and `memscore evaluate`'s report
     finetune.json                            the run summary, written last
 
+For images inside Parquet (``Source.images_in_place``: img2dataset's output, a Hugging Face
+dataset) the split files hold no images and no paths: the driver reads the rows without their
+image column, names each by ``memscore_row`` (``file << 32 | row``, also what its split is
+hashed from), and the source's own Ray read tasks read each split's images in place, keeping
+only that split's rows (``Source.dataset_of_rows``); the test split's images are then written
+once to ``splits/test_images/`` (``labelled_row`` and the image's bytes: the only copy of
+images the run makes) for ``memscore score`` to score.
+
 Images go through the same manifest reader and the same decode stage (``pipeline.decode_batch``)
 as scoring, once: the decoded 256x256 arrays are materialised in Ray's object store and every
 epoch reads them from there. The driver only plans, counts and reports; the decoding runs as
@@ -236,13 +244,19 @@ def _labelled_table(config: FinetuneConfig, manifest: Manifest) -> tuple[pa.Tabl
         config.label_column,
         pa.array(values, pa.float64()),
     )
-    table = table.append_column(ROW, pa.array(np.arange(table.num_rows), pa.int64()))
-    paths = table.column(manifest.path_column).to_pylist()
-    table = table.set_column(
-        table.column_names.index(manifest.path_column),
-        manifest.path_column,
-        pa.array([_resolved(p, manifest.base_dir) for p in paths], pa.string()),
-    )
+    table = table.append_column(ROW, manifest.row_ids(table.num_rows))
+    if manifest.images_in_place:
+        # no path: a row is hashed into its split, and named in messages, by its id
+        paths = [str(row) for row in table.column(ROW).to_pylist()]
+        resolved = [f"{ROW} {row}" for row in paths]
+    else:
+        paths = table.column(manifest.path_column).to_pylist()
+        table = table.set_column(
+            table.column_names.index(manifest.path_column),
+            manifest.path_column,
+            pa.array([_resolved(p, manifest.base_dir) for p in paths], pa.string()),
+        )
+        resolved = table.column(manifest.path_column).to_pylist()
     if config.split_column:
         try:
             splits = normalise_split_column(table.column(config.split_column), config.split_column)
@@ -258,7 +272,6 @@ def _labelled_table(config: FinetuneConfig, manifest: Manifest) -> tuple[pa.Tabl
     usable = np.array([problem is None for problem in problems], dtype=bool)
     kinds: dict[str, int] = {}
     by_split: dict[str, dict[str, list]] = {split: {} for split in SPLITS}
-    resolved = table.column(manifest.path_column).to_pylist()
     split_names = table.column(SPLIT).to_pylist()
     for i in np.flatnonzero(~usable):
         kinds[problems[i]] = kinds.get(problems[i], 0) + 1
@@ -312,7 +325,11 @@ def _resolved(path: Any, base_dir: str | None) -> Any:
         return path  # the decode stage reports it as the row's error
 
 
-def _write_splits(table: pa.Table, config: FinetuneConfig, run_dir: str) -> dict[str, str]:
+def _write_splits(
+    table: pa.Table, config: FinetuneConfig, run_dir: str, with_images: bool = True
+) -> dict[str, str]:
+    """The split files; without ``{split}_images`` where the rows hold no image paths
+    (``with_images`` False: ``_write_test_images`` writes the test split's images)."""
     fs, path = storage.url_to_fs(run_dir, config.storage_options)
     if not storage.is_url(run_dir):
         fs.makedirs(f"{path}/splits", exist_ok=True)
@@ -327,6 +344,8 @@ def _write_splits(table: pa.Table, config: FinetuneConfig, run_dir: str) -> dict
         ):
             if name in ("train_images", "train_labels", "validation_labels"):
                 continue
+            if name.endswith("_images") and not with_images:
+                continue
             with fs.open(f"{path}/splits/{name}.parquet", "wb") as f:
                 pq.write_table(data, f)
             files[name] = storage.join(run_dir, "splits", f"{name}.parquet")
@@ -336,13 +355,32 @@ def _write_splits(table: pa.Table, config: FinetuneConfig, run_dir: str) -> dict
 def _keep_for_training(
     table: pa.Table, label_column: str, pixels: str, path_column: str
 ) -> pa.Table:
+    if path_column in table.column_names:
+        names = table.column(path_column)
+    else:  # images inside Parquet: a row is named by its id
+        names = pc.binary_join_element_wise(f"{ROW} ", pc.cast(table.column(ROW), pa.string()), "")
     return pa.table(
         {
             ROW: table.column(ROW),
             LABEL: pc.cast(table.column(label_column), pa.float32()),
             pixels: table.column(pixels),
             ERROR_COLUMN: table.column(ERROR_COLUMN),
-            _PATH: table.column(path_column),
+            _PATH: names,
+        }
+    )
+
+
+def _with_labels(table: pa.Table, ids, labels, label_column: str, image: str) -> pa.Table:
+    """Rows read in place -> their id, the driver's float label, their error and image: the
+    label as the driver parsed it (a text column's values parsed one by one), found by id."""
+    rows = table.column(ROW).to_numpy()
+    found = labels[np.searchsorted(ids, rows)]
+    return pa.table(
+        {
+            ROW: table.column(ROW),
+            label_column: pa.array(found, pa.float64()),
+            ERROR_COLUMN: table.column(ERROR_COLUMN),
+            image: table.column(image),
         }
     )
 
@@ -357,12 +395,35 @@ def _decoded(config: FinetuneConfig, split_file: str, manifest: Manifest, prepro
 
     from memscore.stages.pipeline import decode_stage
 
-    paths, filesystem = storage.for_pyarrow(split_file, config.storage_options)
-    dataset = (
-        ray.data.read_parquet(paths, filesystem=filesystem)
-        .select_columns([manifest.path_column, ROW, config.label_column])
-        .repartition(target_num_rows_per_block=config.rows_per_block)
-    )
+    if manifest.images_in_place:
+        # the split's ids and labels are small: read back here, the images by Ray tasks
+        fs, path = storage.url_to_fs(split_file, config.storage_options)
+        with fs.open(path, "rb") as f:
+            labels = pq.read_table(f, columns=[ROW, config.label_column])
+        order = np.argsort(labels.column(ROW).to_numpy())
+        ids = labels.column(ROW).to_numpy()[order]
+        image = manifest.image_reading()["bytes_column"]
+        dataset = (
+            manifest.dataset_of_rows(pa.array(ids, pa.int64()))
+            .map_batches(
+                _with_labels,
+                fn_kwargs={
+                    "ids": ids,
+                    "labels": labels.column(config.label_column).to_numpy()[order],
+                    "label_column": config.label_column,
+                    "image": image,
+                },
+                batch_format="pyarrow",
+            )
+            .repartition(target_num_rows_per_block=config.rows_per_block)
+        )
+    else:
+        paths, filesystem = storage.for_pyarrow(split_file, config.storage_options)
+        dataset = (
+            ray.data.read_parquet(paths, filesystem=filesystem)
+            .select_columns([manifest.path_column, ROW, config.label_column])
+            .repartition(target_num_rows_per_block=config.rows_per_block)
+        )
     # the split files hold resolved paths: no base folder
     dataset = decode_stage(dataset, config, manifest, {config.model: preprocess}, None)
     dataset = dataset.map_batches(
@@ -471,7 +532,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             run_dir, identity, overwrite=config.overwrite, storage_options=config.storage_options
         )
     try:
-        files = _write_splits(table, config, run_dir)
+        files = _write_splits(table, config, run_dir, with_images=not manifest.images_in_place)
         init_ray(config.address)
         check_shared_storage(run_dir, manifest, config.storage_options)  # >1 node only
         ray.data.DataContext.get_current().max_errored_blocks = 0
@@ -563,7 +624,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
 
     test = None
     if split_rows["test"] and best_info:
-        test = _score_and_evaluate_test(config, run_dir, files, member)
+        if manifest.images_in_place:
+            files["test_images"] = _write_test_images(config, run_dir, files["test"], manifest)
+        test = _score_and_evaluate_test(
+            config, run_dir, files, member, image_column=_image_column(manifest)
+        )
     warnings = _warnings(config, best_info.get("metrics"), len(history))
     summary = {
         "status": "complete",
@@ -637,7 +702,51 @@ def _train_worker_entry(config: dict) -> None:
     train_worker(config)
 
 
-def _score_and_evaluate_test(config: FinetuneConfig, run_dir: str, files: dict, member) -> dict:
+def _image_column(manifest: Manifest) -> str | None:
+    """The column ``_write_test_images`` writes the images to (the source's image column's
+    name); None where the test split names its images by path."""
+    return manifest.path_column if manifest.images_in_place else None
+
+
+def _test_image_rows(table: pa.Table, image: str, image_column: str) -> pa.Table:
+    return pa.table(
+        {
+            LABELLED_ROW: table.column(ROW),
+            image_column: pc.cast(table.column(image), pa.binary()),
+        }
+    )
+
+
+def _write_test_images(
+    config: FinetuneConfig, run_dir: str, test_file: str, manifest: Manifest
+) -> str:
+    """The test split's images, read in place by the source's Ray tasks and written by Ray
+    tasks (never through the driver) to ``splits/test_images/`` as Parquet with the images
+    inside (``labelled_row`` and the image's bytes, a null where the row had none), for
+    ``memscore score``: the one copy of images the run makes, the test split's."""
+    fs, path = storage.url_to_fs(test_file, config.storage_options)
+    with fs.open(path, "rb") as f:
+        ids = np.sort(pq.read_table(f, columns=[ROW]).column(ROW).to_numpy())
+    folder = storage.join(run_dir, "splits", "test_images")
+    fs, inner = storage.url_to_fs(folder, config.storage_options)
+    if fs.exists(inner):  # a resumed run's earlier copy: written again whole
+        fs.rm(inner, recursive=True)
+    dataset = manifest.dataset_of_rows(pa.array(ids, pa.int64())).map_batches(
+        _test_image_rows,
+        fn_kwargs={
+            "image": manifest.image_reading()["bytes_column"],
+            "image_column": _image_column(manifest),
+        },
+        batch_format="pyarrow",
+    )
+    paths, filesystem = storage.for_pyarrow(folder, config.storage_options)
+    dataset.write_parquet(paths, filesystem=filesystem)
+    return folder
+
+
+def _score_and_evaluate_test(
+    config: FinetuneConfig, run_dir: str, files: dict, member, image_column: str | None = None
+) -> dict:
     """Score the test split with the best checkpoint (the scoring job itself) and evaluate it."""
     from memscore.evaluation.config import EvaluateConfig
     from memscore.evaluation.job import evaluate
@@ -652,6 +761,7 @@ def _score_and_evaluate_test(config: FinetuneConfig, run_dir: str, files: dict, 
             models=(config.model,),
             weights=storage.join(run_dir, "best"),
             path_column=config.path_column,
+            image_column=image_column,
             overwrite=True,
             decode_batch_size=config.decode_batch_size,
             io_threads=config.io_threads,

@@ -217,6 +217,9 @@ class Source(abc.ABC):
         row_ids_are_positions: a row's ``memscore_row`` is its position ``0 .. N-1`` in the
             rows ``iter_tables`` gives, which the run's snapshot copies; False where the kind
             numbers its rows itself (shards: ``shard << 32 | sample``).
+        images_in_place: the rows the driver reads (``iter_tables``) do not say where their
+            images are: the kind's own Ray tasks read them where they lie, with their bytes
+            (``dataset_of_rows``); False where a row names its image in ``path_column``.
     """
 
     source: str
@@ -231,6 +234,7 @@ class Source(abc.ABC):
     what: ClassVar[str]
     is_table: ClassVar[bool] = False
     row_ids_are_positions: ClassVar[bool] = True
+    images_in_place: ClassVar[bool] = False
 
     # -- found and opened ---------------------------------------------------------------------
     @classmethod
@@ -267,18 +271,21 @@ class Source(abc.ABC):
 
     # -- read in the driver -----------------------------------------------------------------
     @abc.abstractmethod
-    def file_tables(self) -> Iterator[tuple[str, pa.Table]]:
-        """(file, table) pairs in row order, as each file holds its rows; ``iter_tables``
-        casts and cuts them."""
+    def file_tables(self, columns: tuple[str, ...] | None = None) -> Iterator[tuple[str, pa.Table]]:
+        """(file, table) pairs in row order, as each file holds its rows, of ``columns`` only
+        where given (a Parquet file reads no other); ``iter_tables`` casts and cuts them."""
 
-    def iter_tables(self, limit: int | None = None) -> Iterator[pa.Table]:
+    def iter_tables(
+        self, limit: int | None = None, columns: tuple[str, ...] | None = None
+    ) -> Iterator[pa.Table]:
         """The rows in order, as a stream of pyarrow Tables (the driver reads them), the first
-        ``limit`` only. Every file after the first is cast to the first file's schema; where it
-        cannot be, one line names the file and column. A kind's streamed read may raise
-        ``ColumnWidened`` (read again from the start: ``read_restarting``, ``read_all``)."""
+        ``limit`` only, ``columns`` only where given (by default every column the driver reads:
+        ``columns_in_driver``). Every file after the first is cast to the first file's schema;
+        where it cannot be, one line names the file and column. A kind's streamed read may
+        raise ``ColumnWidened`` (read again from the start: ``read_restarting``, ``read_all``)."""
         left = limit
         schema = None
-        for path, table in self.file_tables():
+        for path, table in self.file_tables(columns):
             if schema is None:
                 schema = table.schema
             elif table.schema != schema:
@@ -291,10 +298,31 @@ class Source(abc.ABC):
             if left == 0:
                 return
 
-    def read_all(self, limit: int | None = None) -> list[pa.Table]:
+    def read_all(
+        self, limit: int | None = None, columns: tuple[str, ...] | None = None
+    ) -> list[pa.Table]:
         """All of ``iter_tables`` at once, for callers that hold the rows anyway (labels,
         ground truth, predictions), read again whenever a column widens."""
-        return read_restarting(lambda: list(self.iter_tables(limit)))
+        return read_restarting(lambda: list(self.iter_tables(limit, columns)))
+
+    @property
+    def columns_in_driver(self) -> tuple[str, ...]:
+        """The columns of the rows ``iter_tables`` gives: all of ``columns``, but for a kind
+        whose images' bytes are in a column, which the driver never reads."""
+        return self.columns
+
+    def row_ids(self, rows: int) -> pa.Array:
+        """The ``memscore_row`` (int64) of each of the first ``rows`` rows ``iter_tables``
+        gives, in order: their positions, unless the kind numbers its rows itself."""
+        return pa.array(range(rows), pa.int64())
+
+    def dataset_of_rows(self, row_ids: pa.Array):
+        """The rows whose ``memscore_row`` is in ``row_ids`` (int64, ascending) as a Ray
+        Dataset for the decode stage, read where they lie by the kind's own Ray tasks, each
+        with ``memscore_row`` and its image as ``image_reading`` says (a training job's split,
+        whose labels the driver holds). Only for ``images_in_place`` kinds: the others' rows
+        name their images in ``path_column``, which a job writes to files of its own."""
+        raise MemscoreError(f"{self.source}: {self.what}: rows are read by their image paths")
 
     # -- a scoring run ------------------------------------------------------------------------
     @abc.abstractmethod

@@ -74,10 +74,11 @@ class ImageFolder(SnapshotSource):
             digest.update(path.encode() + b"\0")
         return digest.hexdigest()
 
-    def file_tables(self) -> Iterator[tuple[str, pa.Table]]:
+    def file_tables(self, columns: tuple[str, ...] | None = None) -> Iterator[tuple[str, pa.Table]]:
         for start in range(0, len(self.files), BATCH_ROWS):
             paths = pa.array(self.files[start : start + BATCH_ROWS], pa.string())
-            yield self.source, pa.table({self.path_column: paths})
+            table = pa.table({self.path_column: paths})
+            yield self.source, table if columns is None else table.select(list(columns))
 
     def image_reading(self) -> dict[str, Any]:
         # A scanned folder is all the job may read: symlinks out of it are refused per row.

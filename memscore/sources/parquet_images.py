@@ -15,7 +15,8 @@ What is recognised (``ParquetImages.recognises``): Parquet files (a file, a fold
 beside them only the sidecars named in ``SIDECARS`` and the table writers' markers) whose first
 file has no ``--path-column`` column and holds an image column (``image_columns``: a binary
 column, or a struct with a binary ``bytes`` field), or any Parquet files when
-``--image-column`` names the column. Two image columns and no ``--image-column`` is one line
+``--image-column`` names the column; with ``SIDECARS`` beside the files (a Hub dataset's card),
+an image column is enough, whatever the other columns are called. Two image columns and no ``--image-column`` is one line
 naming both.
 
 Read in place, never copied: the run's snapshot is the files themselves (``freeze`` reads only
@@ -36,6 +37,12 @@ writer leaves a row group's images in one dictionary page), and asks Ray for tha
   path could not be read, with its reading error); the decode stage's errors (empty, not an
   image, truncated, decompression bomb) are the same as for files;
 - ``__memscore_image``: the image's bytes, internal, decoded and dropped by the decode stage.
+
+Read in the driver (``iter_tables``, for ``memscore finetune``, ``train-sae`` and ``evaluate``):
+every column but the image column, whose chunks are never read there (a projection: the labels
+and keys of a data set whose images fill gigabytes are read in kilobytes). A training job then
+reads the images of the rows it chose (``dataset_of_rows``: the ids ``row_ids`` gives) with
+the same read tasks, each keeping only those rows, never in the driver.
 
 A file whose footer cannot be read (a truncated upload) stops the run before anything is
 recorded, with one line naming it: once the file is fixed, the same command runs. A file that
@@ -61,6 +68,7 @@ import pyarrow as pa
 from memscore import columns, storage
 from memscore.errors import MemscoreError, first_line
 from memscore.sources.base import (
+    BATCH_ROWS,
     Location,
     RowsRead,
     Snapshot,
@@ -203,10 +211,14 @@ def read_plan(
     keep_image_column: bool,
     schema: pa.Schema,
     base_dir: str,
+    wanted=None,
 ) -> Iterator[pa.Table]:
     """One read task's rows as tables: every column of ``schema`` (the first file's; a later
     file's rows are cast to it) except the image column unless ``keep_image_column``, then
-    ``memscore_row``, ``memscore_error`` and ``__memscore_image``."""
+    ``memscore_row``, ``memscore_error`` and ``__memscore_image``; only the rows whose
+    ``memscore_row`` is in ``wanted`` (ascending int64) where given, the others dropped as
+    soon as read (their images go no further)."""
+    import numpy as np
     import pyarrow.parquet as pq
 
     fs, inner = storage.url_to_fs(plan.url, storage_options)
@@ -220,15 +232,18 @@ def read_plan(
             table = pa.Table.from_batches([batch]).slice(0, end - row)
             if table.schema != schema:
                 table = table.select(schema.names).cast(schema)
-            yield _rows(
-                table, row, plan, image_column, keep_image_column, base_dir, storage_options
-            )
+            ids = np.array([sample_id(plan.index, r) for r in range(row, row + table.num_rows)])
             row += table.num_rows
+            if wanted is not None:
+                keep = np.isin(ids, wanted)
+                table, ids = table.filter(pa.array(keep)), ids[keep]
+            if table.num_rows:
+                yield _rows(table, ids, image_column, keep_image_column, base_dir, storage_options)
             if row >= end:
                 return
 
 
-def _rows(table, row, plan, image_column, keep, base_dir, storage_options) -> pa.Table:
+def _rows(table, ids, image_column, keep, base_dir, storage_options) -> pa.Table:
     import numpy as np
     import pyarrow.compute as pc
 
@@ -250,7 +265,6 @@ def _rows(table, row, plan, image_column, keep, base_dir, storage_options) -> pa
             errors[i] = f"no image: the {image_column} cell is null"
     if not keep:
         table = table.drop_columns([image_column])
-    ids = [sample_id(plan.index, r) for r in range(row, row + table.num_rows)]
     table = table.append_column(columns.ROW, pa.array(ids, pa.int64()))
     table = table.append_column(columns.ERROR, pa.array(errors, pa.string()))
     return table.append_column(IMAGE, data)
@@ -288,9 +302,10 @@ def _datasource_class():
     class ParquetImagesDatasource(Datasource):
         """One read task per ``ReadPlan``; each yields ``read_plan``'s tables as blocks."""
 
-        def __init__(self, plans, storage_options, reader_options):
+        def __init__(self, plans, storage_options, reader_options, wanted=None):
             super().__init__()
             self.plans = list(plans)
+            self.wanted = wanted
             self.storage_options = dict(storage_options or {})
             self.reader_options = dict(reader_options)
 
@@ -301,13 +316,18 @@ def _datasource_class():
             storage_options, reader_options = self.storage_options, self.reader_options
             tasks = []
             for plan in self.plans:
+                wanted = None if self.wanted is None else _ids_in(self.wanted, plan)
+                if wanted is not None and not wanted.size:
+                    continue  # none of the plan's rows is wanted: its row groups are not read
 
-                def read(plan=plan):
+                def read(plan=plan, wanted=wanted):
                     from memscore.stages.fetch import TransientFailure
 
                     done = 0
                     try:
-                        for table in read_plan(plan, storage_options, **reader_options):
+                        for table in read_plan(
+                            plan, storage_options, wanted=wanted, **reader_options
+                        ):
                             done += table.num_rows
                             yield table
                     except (OSError, pa.ArrowException) as exc:
@@ -319,12 +339,24 @@ def _datasource_class():
                         ) from None
 
                 meta = BlockMetadata(
-                    num_rows=plan.rows, size_bytes=None, exec_stats=None, input_files=(plan.url,)
+                    num_rows=plan.rows if wanted is None else int(wanted.size),
+                    size_bytes=None,
+                    exec_stats=None,
+                    input_files=(plan.url,),
                 )
                 tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
             return tasks
 
     return ParquetImagesDatasource
+
+
+def _ids_in(wanted, plan: ReadPlan):
+    """The ids of ``wanted`` (ascending) among the plan's rows."""
+    import numpy as np
+
+    first = sample_id(plan.index, plan.start)
+    lo, hi = np.searchsorted(wanted, [first, first + plan.rows])
+    return wanted[lo:hi]
 
 
 def read_task_memory(footers: list, plans: list[ReadPlan], block_bytes: int) -> int:
@@ -356,13 +388,20 @@ def _at_most_half_a_node(memory: int) -> int:
 
 
 def read_parquet_images(
-    plans: list[ReadPlan], storage_options, num_cpus=None, memory=None, **reader_options
+    plans: list[ReadPlan],
+    storage_options,
+    num_cpus=None,
+    memory=None,
+    wanted=None,
+    **reader_options,
 ):
     """The planned reads as a Ray Dataset: one read task per ``ReadPlan``, in order, each
-    asking Ray for ``memory`` bytes (None: no reservation)."""
+    asking Ray for ``memory`` bytes (None: no reservation); only the rows whose
+    ``memscore_row`` is in ``wanted`` (an ascending int64 numpy array) where given, and no
+    read task for a plan with none of them."""
     import ray.data
 
-    datasource = _datasource_class()(plans, storage_options, reader_options)
+    datasource = _datasource_class()(plans, storage_options, reader_options, wanted)
     extra = {} if memory is None else {"memory": memory}
     return ray.data.read_datasource(
         datasource, override_num_blocks=max(1, len(plans)), num_cpus=num_cpus, **extra
@@ -376,8 +415,8 @@ class ParquetImages(Source):
     read in place by Ray tasks, keyed by file and row, never copied into a snapshot.
 
     ``path_column`` is the image column (what names each row's image); ``columns`` are the
-    first file's. The rows are not read in the driver (``check_readable_in_driver``): a
-    command that holds them there would hold every image.
+    first file's. The driver reads the rows without the image column (``columns_in_driver``):
+    a command that held them there would hold every image.
     """
 
     image_column: str = ""
@@ -387,7 +426,9 @@ class ParquetImages(Source):
 
     kind = "parquet-images"
     what = "images inside Parquet"
+    is_table = True
     row_ids_are_positions = False
+    images_in_place = True
 
     @classmethod
     def recognises(cls, location: Location) -> bool:
@@ -403,14 +444,11 @@ class ParquetImages(Source):
             # unreadable: a folder with sidecars is this kind's, to say so in one line; plain
             # Parquet files are the table reader's, which says so as it always has
             return len(files) < len(location.listing().paths)
-        return location.path_column not in schema.names and bool(image_columns(schema))
-
-    @classmethod
-    def check_readable_in_driver(cls, given: str) -> None:
-        raise MemscoreError(
-            f"{given}: images inside Parquet can be scored (memscore score) and verified, "
-            f"not read here; give a table manifest with a path column or a folder of images"
-        )
+        # a folder with a dataset card or img2dataset's stats beside its files is no plain
+        # table's (the table readers take nothing but table files), whatever its columns: a
+        # path-named column there (evaluate's key) is one of its columns
+        beside = len(files) < len(location.listing().paths)
+        return (location.path_column not in schema.names or beside) and bool(image_columns(schema))
 
     @classmethod
     def open(
@@ -519,10 +557,64 @@ class ParquetImages(Source):
             left -= cut[-1]
         return cut
 
-    # -- read in the driver: not -------------------------------------------------------------
-    def file_tables(self) -> Iterator[tuple[str, pa.Table]]:
-        self.check_readable_in_driver(self.source)
-        return iter(())
+    # -- read in the driver: without the images --------------------------------------------
+    @property
+    def columns_in_driver(self) -> tuple[str, ...]:
+        return tuple(c for c in self.columns if c != self.image_column)
+
+    def file_tables(self, columns: tuple[str, ...] | None = None) -> Iterator[tuple[str, pa.Table]]:
+        """Each file's rows, ``columns`` (by default ``columns_in_driver``) read alone: the
+        image column's chunks are never read here."""
+        import pyarrow.parquet as pq
+
+        wanted = list(self.columns_in_driver if columns is None else columns)
+        if self.image_column in wanted:
+            raise MemscoreError(
+                f"{self.source}: the image column {self.image_column!r} is read by Ray tasks, "
+                f"not in the driver"
+            )
+        for url in self.files:
+            fs, inner = storage.url_to_fs(url, self.storage_options)
+            try:
+                with fs.open(inner, "rb") as f:
+                    reader = pq.ParquetFile(f)
+                    for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+                        yield url, pa.Table.from_batches([batch])
+            except (OSError, pa.ArrowException) as exc:
+                raise MemscoreError(
+                    f"{url}: cannot read the Parquet file: {first_line(exc)[:300]}"
+                ) from None
+
+    def row_ids(self, rows: int) -> pa.Array:
+        """``file << 32 | row`` of the first ``rows`` rows, from the files' footers."""
+        import numpy as np
+
+        ids = [
+            (index << 32) + np.arange(n, dtype=np.int64)
+            for index, n in enumerate(self.row_counts(rows))
+            if n
+        ]
+        return pa.array(np.concatenate(ids) if ids else np.zeros(0, np.int64), pa.int64())
+
+    def dataset_of_rows(self, row_ids: pa.Array):
+        """The rows ``row_ids`` read in place by the run's read tasks (``read_parquet_images``),
+        each task keeping only its wanted rows; a plan with none is not read at all."""
+        import numpy as np
+
+        footers = self.footers()
+        plans = plan_reads(footers, list(self.files), self.row_counts())
+        wanted = np.unique(np.asarray(row_ids.to_numpy(zero_copy_only=False), np.int64))
+        return read_parquet_images(
+            plans,
+            self.storage_options,
+            num_cpus=LIGHT_STAGE_CPUS,
+            memory=_at_most_half_a_node(read_task_memory(footers, plans, DEFAULT_BLOCK_BYTES)),
+            wanted=wanted,
+            image_column=self.image_column,
+            keep_image_column=self.keep_image_column,
+            schema=footers[0].schema.to_arrow_schema(),
+            base_dir=self.base_dir,
+        )
 
     # -- a scoring run ------------------------------------------------------------------------
     def check_run_options(self, *, limit: int | None, id_column: str | None) -> None:

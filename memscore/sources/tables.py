@@ -170,15 +170,18 @@ class TableSource(SnapshotSource):
             self.files, self.storage_options, by_content=is_local(self.files[0])
         )
 
-    def file_tables(self) -> Iterator[tuple[str, pa.Table]]:
+    def file_tables(self, columns: tuple[str, ...] | None = None) -> Iterator[tuple[str, pa.Table]]:
         for path in self.files:
-            for table in self._tables_of(path):
+            for table in self._tables_of(path, columns):
                 yield path, table
 
-    def _tables_of(self, path: str) -> Iterator[pa.Table]:
+    def _tables_of(self, path: str, columns: tuple[str, ...] | None) -> Iterator[pa.Table]:
         fs, inner = storage.url_to_fs(path, self.storage_options)
         try:
-            yield from self.read_file(fs, inner, path)
+            if columns is None:
+                yield from self.read_file(fs, inner, path)
+            else:
+                yield from self.read_columns(fs, inner, path, columns)
         except (MemscoreError, ColumnWidened):
             raise
         except Exception as exc:
@@ -192,6 +195,14 @@ class TableSource(SnapshotSource):
     @abc.abstractmethod
     def read_file(self, fs, inner: str, path: str) -> Iterator[pa.Table]:
         """One file's rows (``inner`` on ``fs``; ``path`` as the user's form names it)."""
+
+    def read_columns(
+        self, fs, inner: str, path: str, columns: tuple[str, ...]
+    ) -> Iterator[pa.Table]:
+        """One file's rows, of ``columns`` only: its rows read whole, then the columns taken
+        (a format that can read some columns alone overrides it)."""
+        for table in self.read_file(fs, inner, path):
+            yield table.select(list(columns))
 
 
 def _table_marker(path: str) -> bool:
@@ -234,6 +245,18 @@ class ParquetTables(TableSource):
 
         with fs.open(inner, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
+                yield pa.Table.from_batches([batch])
+
+    def read_columns(
+        self, fs, inner: str, path: str, columns: tuple[str, ...]
+    ) -> Iterator[pa.Table]:
+        """Only ``columns``' chunks are read: a table with an image column (a Hugging Face
+        dataset joined on its key by ``memscore evaluate``) is read without its images."""
+        import pyarrow.parquet as pq
+
+        with fs.open(inner, "rb") as f:
+            reader = pq.ParquetFile(f)
+            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
                 yield pa.Table.from_batches([batch])
 
 

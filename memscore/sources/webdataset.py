@@ -1048,7 +1048,7 @@ class WebDatasetShards(Source):
     def fingerprint(self) -> str:
         return fingerprint_files(self.files, self.storage_options, by_content=False)
 
-    def file_tables(self) -> Iterator[tuple[str, pa.Table]]:
+    def file_tables(self, columns: tuple[str, ...] | None = None) -> Iterator[tuple[str, pa.Table]]:
         self.check_readable_in_driver(self.source)
         return iter(())
 

@@ -4,7 +4,9 @@
 it writes goes to ``OUTPUT/NAME/``::
 
     images.parquet        the manifest's rows trained on: memscore_row and the image path
-                          (resolved against the manifest's folder)
+                          (resolved against the manifest's folder); for images inside
+                          Parquet memscore_row alone (``file << 32 | row``: the images are
+                          read in place by the source's Ray tasks, never copied)
     representations/      every row's encoder vector (memscore_representation, null with the
                           row's memscore_error where the image failed), as Parquet, and
                           _complete.json, written last: a re-run reads them, not the images
@@ -159,7 +161,7 @@ def train_sae(config: TrainSAEConfig) -> dict[str, Any]:
         ray.data.DataContext.get_current().max_errored_blocks = 0
         gpus = ray.cluster_resources().get("GPU", 0)
         representations, computed = _representations(config, manifest, run_dir, encoder, gpus)
-        counts = _count_representations(representations, config, manifest.path_column)
+        counts = _count_representations(representations, config, _name_column(manifest))
         if counts["rows_trained"] < 2:
             raise MemscoreError(_nothing_to_train(config, counts))
     except MemscoreError:
@@ -341,8 +343,16 @@ def _check_run_dir(config: TrainSAEConfig, run_dir: str, identity: dict) -> str:
     )
 
 
+def _name_column(manifest) -> str:
+    """The column that names a row in messages: its image path, or for images inside Parquet
+    (no path) its ``memscore_row``."""
+    return ROW if manifest.images_in_place else manifest.path_column
+
+
 def _images_table(config: TrainSAEConfig, manifest) -> pa.Table:
-    """memscore_row and the resolved path of every manifest row."""
+    """memscore_row and the resolved path of every manifest row; memscore_row alone where the
+    images are read in place (the driver reads no column of the rows: their ids are the
+    files' footers')."""
     from memscore.row_errors import ImageDecodeError
     from memscore.stages.fetch import resolve_path
 
@@ -352,6 +362,9 @@ def _images_table(config: TrainSAEConfig, manifest) -> pa.Table:
         except ImageDecodeError:
             return value  # the decode stage reports it as the row's error
 
+    if manifest.images_in_place:
+        rows = sum(t.num_rows for t in manifest.read_all(columns=()))
+        return pa.table({ROW: manifest.row_ids(rows)})
     tables = manifest.read_all()
     paths = [p for t in tables for p in t.column(manifest.path_column).to_pylist()]
     return pa.table(
@@ -383,10 +396,12 @@ def _representations(
     run_fs, run_path = storage.url_to_fs(run_dir, config.storage_options)
     with run_fs.open(f"{run_path}/{_IMAGES}", "wb") as f:
         pq.write_table(table, f)
-    paths, filesystem = storage.for_pyarrow(images, config.storage_options)
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem).repartition(
-        target_num_rows_per_block=config.rows_per_block
-    )
+    if manifest.images_in_place:  # every row, read where it lies by the source's tasks
+        dataset = manifest.dataset_of_rows(table.column(ROW).combine_chunks())
+    else:
+        paths, filesystem = storage.for_pyarrow(images, config.storage_options)
+        dataset = ray.data.read_parquet(paths, filesystem=filesystem)
+    dataset = dataset.repartition(target_num_rows_per_block=config.rows_per_block)
     use_gpu = gpus > 0
     actors = config.actors or (max(1, int(gpus)) if use_gpu else 1)
     dataset = representation_dataset(
@@ -401,7 +416,9 @@ def _representations(
         batch_size=config.encode_batch_size,
         torch_threads=config.torch_threads,
     )
-    dataset = dataset.select_columns([ROW, manifest.path_column, ERROR, REPRESENTATION])
+    dataset = dataset.select_columns(
+        list(dict.fromkeys([ROW, _name_column(manifest), ERROR, REPRESENTATION]))
+    )
     open_sink(folder, config.storage_options).write(dataset, _ROWS_PER_FILE)
     storage.pipe_atomic(
         fs,

@@ -95,6 +95,14 @@ def test_the_jsonl_sink_is_registered_and_an_unknown_format_is_one_line(tmp_path
     assert done.returncode == 2 and "invalid choice: 'csv'" in done.stderr
 
 
+def test_jsonl_refuses_to_keep_image_bytes_before_any_work():
+    config = memscore.ScoreConfig(
+        "hub/", output="out", output_format="jsonl", keep_image_column=True
+    )
+    with pytest.raises(MemscoreError, match="--keep-image-column keeps each image's bytes"):
+        config.validated()
+
+
 def test_a_jsonl_file_reads_back_with_memscore_s_types(tmp_path):
     sink = open_sink(str(tmp_path), output_format="jsonl")
     path = str(tmp_path / "memscore-part_x_000000.jsonl")

@@ -334,6 +334,11 @@ class ScoreConfig:
             )
         if self.output_format is not None:
             sink_class(self.output_format)  # one line naming the formats if it is not one
+        if self.keep_image_column and self.output_format == "jsonl":
+            raise MemscoreError(
+                "--keep-image-column keeps each image's bytes, which --output-format jsonl "
+                "cannot write (JSON holds text); keep the Parquet output for them"
+            )
         if self.num_gpus is not None and self.num_gpus < 0:
             raise MemscoreError("--num-gpus must not be negative")
         if self.gpus_per_actor <= 0:

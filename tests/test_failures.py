@@ -557,25 +557,3 @@ def test_the_local_ray_lost_mid_run_is_one_line_soon_then_resume_completes(
     # the watchdog stopped the rest of the local Ray: raylet or GCS, workers, agents
     assert not _gone_within(ray_processes, 15)
     _resume_and_verify(manifest, out)
-
-
-def test_a_command_repoints_rays_terminal_handlers_whose_stream_was_closed():
-    # Ray's loggers keep the sys.stderr of the moment they were configured; run in a process
-    # whose stderr was swapped and closed since (a test's capture, a notebook), every line Ray
-    # Data logged printed "--- Logging error --- I/O operation on closed file" (found when
-    # tests/test_transient.py ran after tests/test_traces.py in one process).
-    import io
-    import logging
-
-    from memscore.runtime import failures
-
-    logger = logging.getLogger("ray.data")
-    closed = io.StringIO()
-    handler = logging.StreamHandler(closed)
-    logger.addHandler(handler)
-    closed.close()
-    try:
-        with failures.command_line(resume_hint=None, debug=False):
-            assert handler.stream is sys.stderr
-    finally:
-        logger.removeHandler(handler)

@@ -355,7 +355,6 @@ def command_line(*, resume_hint: str | None, debug: bool, verbosity: str | None 
     global _command
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
-    _reopen_closed_terminal_handlers()
     command = _command = _Command(resume_hint, debug, verbosity)
     try:
         yield
@@ -446,22 +445,6 @@ def _terminal_handlers(logger: logging.Logger) -> list[logging.Handler]:
         and not isinstance(h, logging.FileHandler)
         and not isinstance(h, _LogFileHandler)
     ]
-
-
-def _reopen_closed_terminal_handlers() -> None:
-    """Point Ray's terminal handlers whose stream was closed at today's ``sys.stderr``.
-
-    Ray's loggers take the ``sys.stderr`` of the moment they are configured; a command run
-    in a process whose ``sys.stderr`` was replaced since and closed (a notebook's cell, a test's
-    captured output) would otherwise print "--- Logging error --- I/O operation on closed
-    file" with a whole call stack for every line Ray Data logs. Only loggers Ray has already
-    configured are touched (nothing is imported here)."""
-    for name in ("ray", "ray.data"):
-        if name not in logging.Logger.manager.loggerDict:
-            continue
-        for handler in _terminal_handlers(logging.getLogger(name)):
-            if getattr(handler.stream, "closed", False):
-                handler.setStream(sys.stderr)
 
 
 def _hide_ray_data_errors() -> None:

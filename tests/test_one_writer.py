@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def test_a_live_holder_is_refused_with_its_name_and_age(tmp_path):
             line = str(refused.value)
             assert "\n" not in line and "being written by another memscore run" in line
             assert f"run {first.run_id}" in line and socket.gethostname() in line
-            assert f"pid {os.getpid()}" in line and "last heartbeat 0 s ago" in line
+            # the heartbeat was just written: 0 s ago, or 1 s on a loaded machine
+            assert f"pid {os.getpid()}" in line
+            assert re.search(r"last heartbeat [01] s ago", line), line
     assert not (tmp_path / LEASE_FILE).exists()  # released
     acquire_lease(str(tmp_path)).release()  # and free again
 

@@ -114,9 +114,10 @@ def test_no_private_name_is_imported_from_another_module():
 
 
 def test_leaf_modules_import_nothing_of_memscore():
+    graph = _graph()
     for leaf in ("errors", "columns", "storage", "row_errors", "faults"):
         name = f"memscore.{leaf}"
-        assert _graph()[name] == set(), f"{name} imports {_graph()[name]}"
+        assert graph[name] == set(), f"{name} imports {graph[name]}"
 
 
 @pytest.mark.parametrize("kind", ["webdataset", "images", "csv", "parquet", "jsonl"])

@@ -42,6 +42,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _no_logging_handler_on_a_closed_stream():
+    """Ray Data sets up its terminal log handler when first imported, on the ``sys.stderr`` of
+    that moment: in a test run, the capture of whichever test imported it, which pytest closes
+    when that test ends. Every later Ray Data log line in this process then prints "--- Logging
+    error --- ValueError: I/O operation on closed file" with a traceback onto the stderr a
+    later test reads (test_transient's one-line checks failed after test_traces that way). A
+    real ``memscore`` process starts with a stderr that stays open, so such a handler is
+    pointed at the null device here: Ray's lines stay off the test's stderr, as they are off a
+    user's terminal. ``setStream`` is not used: it flushes the closed stream first."""
+    import logging
+
+    loggers = [logging.getLogger()] + [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)
+                and getattr(stream, "closed", False)
+            ):
+                with handler.lock:
+                    handler.stream = _DEVNULL
+    yield
+
+
+_DEVNULL = open(os.devnull, "w")  # noqa: SIM115 (open for the whole test session)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the whole session (starting Ray costs ~10 s on 2 cores)."""

@@ -32,10 +32,24 @@ SLOW_DOCTESTS = frozenset(
 )
 
 
+# Slow examples CI does not run (tests/conftest.py's EXTENDED says why a tier is left out):
+# each runs a job that a kept test runs too.
+EXTENDED_DOCTESTS = frozenset(
+    {
+        "memscore.scoring.job.score",  # memscore.score's example is the same run
+        "memscore.finetune",  # test_finetune.py's tint run fine-tunes end to end
+        "memscore.finetuning.job.finetune",
+        "memscore.feature_analysis.job.features",  # test_features.py runs the job
+    }
+)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if isinstance(item, DoctestItem) and item.name in SLOW_DOCTESTS:
+        if isinstance(item, DoctestItem) and item.name in SLOW_DOCTESTS | EXTENDED_DOCTESTS:
             item.add_marker(pytest.mark.slow)
+        if isinstance(item, DoctestItem) and item.name in EXTENDED_DOCTESTS:
+            item.add_marker(pytest.mark.extended)
 
 
 @pytest.fixture(autouse=True)

@@ -333,7 +333,7 @@ def test_real_ray_data_failures_on_a_full_and_a_read_only_filesystem(ray_local, 
 
 
 # ------------------------------------------------------------------------ memscore score
-ROWS = 24
+ROWS = 12
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
 
@@ -522,9 +522,12 @@ LOSS_BOUND_S = 20
     "process,name,log",
     [("gcs_server", "GCS", "gcs_server.out"), ("raylet/raylet", "raylet", "raylet.out")],
 )
-def test_the_local_ray_lost_mid_run_is_one_line_soon_then_resume_completes(
+def test_the_local_ray_lost_mid_run_is_one_line_soon_and_its_processes_stopped(
     tmp_path, example_images, process, name, log
 ):
+    """What the run leaves is what a killed run leaves (committed files, their ids, the state
+    and a gone holder's lease): its --resume is test_resume.py's and test_bookkeeping.py's, so
+    it is not run here again (each resume costs about 35 s on 2 cores)."""
     manifest = _manifest(tmp_path, example_images)
     out = tmp_path / "out"
     driver, ray_processes = _stalled_run(tmp_path, manifest, out)
@@ -556,4 +559,3 @@ def test_the_local_ray_lost_mid_run_is_one_line_soon_then_resume_completes(
     _assert_no_ray_traceback(stderr)
     # the watchdog stopped the rest of the local Ray: raylet or GCS, workers, agents
     assert not _gone_within(ray_processes, 15)
-    _resume_and_verify(manifest, out)

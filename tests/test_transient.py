@@ -953,7 +953,10 @@ def test_max_error_fraction_stops_a_run_of_missing_files(ray_local, tmp_path, ca
     paths = [f"photos/{i:04d}.jpg" for i in range(1200)]  # relative to the wrong folder
     manifest = _manifest(tmp_path, paths)
     output = tmp_path / "out"
-    code = cli_main(_score_args(manifest, output))
+    # blocks of 100 rows (not _score_args' 4): the check judges from 1,000 rows on, and 300
+    # blocks of 4 cost minutes of task overhead (218 s measured) for no more coverage
+    blocks = ("--rows-per-block", "100", "--decode-batch-size", "100", "--rows-per-file", "600")
+    code = cli_main(_score_args(manifest, output, None, *blocks))
     err = capsys.readouterr().err.strip().splitlines()
     print(f"\nerror fraction: exit {code}: {err[-1:]}")
     assert code == 2, err
@@ -962,7 +965,9 @@ def test_max_error_fraction_stops_a_run_of_missing_files(ray_local, tmp_path, ca
     assert "of the first" in lines[0] and "missing file" in lines[0], lines[0]
     assert "--max-error-fraction 0.5" in lines[0] and "photos/" in lines[0], lines[0]
     # the check is off at 1: the same run completes, every row an error
-    code = cli_main(_score_args(manifest, tmp_path / "out1", None, "--max-error-fraction", "1"))
+    code = cli_main(
+        _score_args(manifest, tmp_path / "out1", None, *blocks, "--max-error-fraction", "1")
+    )
     assert code == 0, capsys.readouterr().err
 
 

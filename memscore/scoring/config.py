@@ -334,10 +334,15 @@ class ScoreConfig:
             )
         if self.output_format is not None:
             sink_class(self.output_format)  # one line naming the formats if it is not one
-        if self.keep_image_column and self.output_format == "jsonl":
+        if (
+            self.keep_image_column
+            and self.output_format is not None
+            and not sink_class(self.output_format).holds_bytes
+        ):
             raise MemscoreError(
-                "--keep-image-column keeps each image's bytes, which --output-format jsonl "
-                "cannot write (JSON holds text); keep the Parquet output for them"
+                f"--keep-image-column keeps each image's bytes, which --output-format "
+                f"{self.output_format} cannot write (JSON holds text); keep the Parquet output "
+                f"for them"
             )
         if self.num_gpus is not None and self.num_gpus < 0:
             raise MemscoreError("--num-gpus must not be negative")

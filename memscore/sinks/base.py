@@ -43,6 +43,8 @@ class Sink(ABC):
     name: ClassVar[str]
     #: the suffix of its data files, e.g. ".parquet"
     suffix: ClassVar[str]
+    #: whether its files hold binary columns (an image's bytes kept by --keep-image-column)
+    holds_bytes: ClassVar[bool] = True
 
     def __init__(self, output: str, storage_options: Mapping[str, Any] | None = None):
         self.output = output

@@ -33,6 +33,7 @@ class JsonLinesSink(Sink):
 
     name = "jsonl"
     suffix = ".jsonl"
+    holds_bytes = False  # JSON holds text
 
     def write(self, dataset, rows_per_file: int) -> None:
         from ray.data.datasource import FilenameProvider

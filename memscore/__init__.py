@@ -12,6 +12,7 @@ Importing memscore imports neither torch nor Ray; they load when a model or a ru
 
 from memscore.errors import MemscoreError
 from memscore.evaluation.config import EvaluateConfig
+from memscore.feature_analysis.config import FeaturesConfig
 from memscore.finetuning.config import FinetuneConfig
 from memscore.scoring.config import ScoreConfig
 
@@ -23,7 +24,9 @@ __all__ = [
     "ScoreConfig",
     "FinetuneConfig",
     "EvaluateConfig",
+    "FeaturesConfig",
     "score",
+    "features",
     "finetune",
     "evaluate",
     "list_models",
@@ -66,6 +69,24 @@ def score(config: ScoreConfig) -> dict:
     from memscore.scoring.job import score as _score
 
     return _score(config)
+
+
+def features(config: FeaturesConfig) -> dict:
+    """Network feature analysis (the ResMem paper's fig. 13-15) of ``config.model`` on
+    ``config.manifest``: each channel of ``config.layers``' top images, its Spearman correlation
+    with the model's score, and renderings; see ``memscore features --help`` and
+    docs/features.md.
+
+    Returns:
+        The run's summary, as written to ``features.json`` in ``config.output``.
+
+    Raises:
+        MemscoreError: one line for each problem the user can fix (a layer the model does not
+            have, an output folder that is not empty, ...).
+    """
+    from memscore.feature_analysis.job import features as _features
+
+    return _features(config)
 
 
 def finetune(config: FinetuneConfig) -> dict:

@@ -1,5 +1,5 @@
-"""``memscore`` command line: ``score``, ``finetune``, ``train-sae``, ``models``, ``verify``,
-``evaluate`` and ``serve``.
+"""``memscore`` command line: ``score``, ``features``, ``finetune``, ``train-sae``, ``models``,
+``verify``, ``evaluate`` and ``serve``.
 
 The options of ``score``, ``finetune``, ``train-sae``, ``evaluate`` and ``serve`` are generated
 from their config objects' fields (``ScoreConfig``, ``FinetuneConfig``, ``TrainSAEConfig``,
@@ -22,6 +22,7 @@ import sys
 
 from memscore.errors import MemscoreError, counted
 from memscore.evaluation.config import EvaluateConfig
+from memscore.feature_analysis.config import FeaturesConfig
 from memscore.finetuning.config import FinetuneConfig
 from memscore.options import add_arguments, from_args
 from memscore.runtime import failures
@@ -38,6 +39,7 @@ __all__ = [
     "format_summary_line",
     "format_finetune_line",
     "score_command",
+    "features_command",
     "finetune_command",
     "evaluate_command",
     "serve_command",
@@ -64,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
         "to --output. Runs on a local Ray unless --address or RAY_ADDRESS names a cluster.",
     )
     add_arguments(score, ScoreConfig)
+    feats = commands.add_parser(
+        "features",
+        help="which filters of a model see what: top images per channel, their Spearman with "
+        "the score, renderings (the ResMem paper's fig. 13-15)",
+        description="Score every row of MANIFEST with --model while recording each of --layers' "
+        "channels (the layer's output averaged over positions), then write to --output: "
+        "top_images.parquet (the exact --top-k images of every channel), channels.parquet "
+        "(each channel's mean, std and Spearman correlation with the model's score and with "
+        "--truth-column), visualizations/LAYER/CHANNEL.png (renderings by activation "
+        "optimization, --visualize or --channels), sheets/LAYER.png and report.md. The rows "
+        "and their activations are a scoring run in OUTPUT/activations (resumable with "
+        "--resume). --list-layers prints the model's layers.",
+    )
+    add_arguments(feats, FeaturesConfig)
     tune = commands.add_parser(
         "finetune",
         help="fine-tune a model on labelled images with Ray Train",
@@ -137,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         "unless --address or RAY_ADDRESS names a cluster; Ctrl-C stops it.",
     )
     add_arguments(server, ServeConfig)
-    for command in (score, tune, sae, listing, check, evaluation, server):
+    for command in (score, feats, tune, sae, listing, check, evaluation, server):
         add_debug_flag(command)
-    for command in (score, tune, sae):
+    for command in (score, feats, tune, sae):
         add_output_flags(command)
     return parser
 
@@ -306,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "finetune": finetune_command,
         "evaluate": evaluate_command,
         "score": score_command,
+        "features": features_command,
         "serve": serve_command,
         "train-sae": train_sae_command,
     }
@@ -364,7 +381,7 @@ def _terminated(hint: str | None) -> int:
 def _resume_hint(command) -> str | None:
     """What finishes ``command`` after it was stopped: scoring resumes with --resume, the
     training jobs with the same command (the same --name); the others have nothing to finish."""
-    if command is score_command:
+    if command in (score_command, features_command):
         return "run the same command with --resume to finish it"
     if command in (finetune_command, train_sae_command):
         return "run the same command again to resume it"
@@ -401,6 +418,36 @@ def score_command(args: argparse.Namespace) -> int:
     summary = _run_job(score, ScoreConfig, args)
     _print_warnings(summary)
     print(format_summary_line(summary))
+    return 0
+
+
+def features_command(args: argparse.Namespace) -> int:
+    """Run ``features`` (or list the model's layers) from parsed arguments."""
+    from memscore.feature_analysis.job import features, layers_of
+
+    config = from_args(args, FeaturesConfig)
+    if config.list_layers:
+        config.validated()
+        for info in layers_of(config.models[0]):
+            size = "x".join(str(n) for n in info.size) if info.size else "-"
+            channels = info.channels if info.channels is not None else "-"
+            print(f"{info.name}\t{info.kind}\tchannels={channels}\tsize={size}")
+        return 0
+    summary = features(config)
+    shown = ", ".join(
+        f"{layer} ({info['channels']} channels)" for layer, info in summary["layers"].items()
+    )
+    renders = summary["renderings"]
+    beat = sum(1 for r in renders if r["beats_best_image"])
+    print(
+        f"memscore: {summary['rows_analysed']} images analysed at {shown}"
+        + (
+            f", {beat} of {len(renders)} renderings beat their channel's best image"
+            if renders
+            else ""
+        )
+        + f" -> {summary['output']}"
+    )
     return 0
 
 

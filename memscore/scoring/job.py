@@ -12,7 +12,7 @@ import datetime as dt
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from memscore import storage
@@ -47,7 +47,21 @@ from memscore.stages.pipeline import (
     plan_model_actors,
 )
 
-__all__ = ["score", "run_identity", "weights_record", "incomplete_line"]
+__all__ = ["ModelStage", "score", "run_identity", "weights_record", "incomplete_line"]
+
+
+@dataclass(frozen=True)
+class ModelStage:
+    """Another class than ``ScoreImages`` on the model actors, for a job that is a scoring run
+    with more columns (``memscore features``: the score and each layer's activations). It gets
+    ``ScoreImages``' arguments plus ``kwargs``, and writes ``columns`` (name -> Arrow type, in
+    output order) before the bookkeeping columns. ``identity`` joins the run's identity, so a
+    ``--resume`` with other settings is refused."""
+
+    actor: type
+    kwargs: dict[str, Any]
+    columns: dict[str, Any]
+    identity: dict[str, Any]
 
 
 def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
@@ -132,17 +146,18 @@ def build_dataset(
     snapshot: Snapshot,
     plan: dict[str, Any],
     error_counter=None,
+    stage: ModelStage | None = None,
 ):
     """The lazy Ray Dataset of output rows (nothing runs until it is written)."""
     from memscore.models.registry import weights_for
-    from memscore.stages.predict import ScoreImages, output_columns
+    from memscore.stages.predict import ScoreImages
 
     # Ray merges small files into one read block, and one block is one decode task: cut the
     # rows back into blocks of rows_per_block (a streaming repartition, no barrier) so decoding
     # runs in parallel and overlaps the model from the first block on.
     dataset = manifest.dataset(
         snapshot,
-        reserved_columns=tuple(output_columns(config.models, config.column_prefix)),
+        reserved_columns=tuple(added_columns(config, stage)),
         counts_folder=resume.shard_counts_folder(config.output),
     )
     dataset = light_cpu_share(dataset.repartition(target_num_rows_per_block=config.rows_per_block))
@@ -152,7 +167,7 @@ def build_dataset(
     }
     dataset = decode_stage(dataset, config, manifest, preprocess, manifest.base_dir, error_counter)
     return dataset.map_batches(
-        ScoreImages,
+        stage.actor if stage else ScoreImages,
         fn_constructor_kwargs={
             "models": tuple(config.models),
             "weights": config.model_weights(),
@@ -162,6 +177,7 @@ def build_dataset(
             "storage_options": dict(config.storage_options),
             "batch_size": config.batch_size,
             "precision": config.precision,
+            **(stage.kwargs if stage else {}),
         },
         batch_format="pyarrow",
         # Whole decoded blocks per call, the forward in --batch-size chunks inside it (see
@@ -174,6 +190,16 @@ def build_dataset(
         num_gpus=plan["num_gpus"],
         num_cpus=plan["num_cpus"],
     )
+
+
+def added_columns(config: ScoreConfig, stage: ModelStage | None = None) -> list[str]:
+    """The columns a run adds to each manifest row: the models' (or the stage's), then the
+    bookkeeping columns."""
+    from memscore.stages.predict import output_columns
+
+    if stage is None:
+        return output_columns(config.models, config.column_prefix)
+    return [*stage.columns, *BOOKKEEPING]
 
 
 def _reopen(config: ScoreConfig, manifest: Manifest, identity: dict[str, Any]) -> bool:
@@ -272,11 +298,12 @@ def _rebuild_state(config: ScoreConfig, manifest: Manifest, identity: dict[str, 
     return snapshot
 
 
-def score(config: ScoreConfig) -> dict[str, Any]:
+def score(config: ScoreConfig, stage: ModelStage | None = None) -> dict[str, Any]:
     """Score every row of ``config.manifest`` and write Parquet plus a summary to ``config.output``.
 
     Args:
         config: the run's options; validated here before any Ray work.
+        stage: what runs on the model actors, when not ``ScoreImages`` (see ``ModelStage``).
 
     Returns:
         The run summary, as written to ``_memscore.json``, plus ``work_done`` (False: a
@@ -288,12 +315,10 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         >>> summary["rows_out"] == summary["rows_in"]
         True
     """
-    from memscore.stages.predict import output_columns
-
     started = dt.datetime.now(dt.timezone.utc)
     config = config.validated()
     weights = weights_record(config)
-    added = output_columns(config.models, config.column_prefix)
+    added = added_columns(config, stage)
     manifest = open_manifest(
         config.manifest,
         path_column=config.path_column,
@@ -322,7 +347,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         found = format_in(config.output, config.storage_options) if config.resume else None
         config = dataclasses.replace(config, output_format=found or DEFAULT_FORMAT)
     try:
-        return _score_holding(config, manifest, weights, added, lease, started)
+        return _score_holding(config, manifest, weights, added, lease, started, stage)
     except KeyboardInterrupt:
         if lease.lost is None:
             raise
@@ -355,6 +380,7 @@ def _score_holding(
     added: list[str],
     lease: Lease,
     started: dt.datetime,
+    stage: ModelStage | None = None,
 ) -> dict[str, Any]:
     """``score``'s work, once this process holds the output's lease."""
     import ray
@@ -369,6 +395,8 @@ def _score_holding(
         inputs=(config.manifest,),
     )
     identity = run_identity(manifest, config)
+    if stage is not None:
+        identity["stage"] = stage.identity
     folders = {r["model"]: r["weights_sha256"] for r in weights if "weights_source" in r}
     if folders:  # a folder's contents, not only its name, make the run (traces models)
         identity["weights_sha256"] = folders
@@ -442,7 +470,8 @@ def _score_holding(
         )
         try:
             open_sink(config.output, config.storage_options, config.output_format).write(
-                build_dataset(config, manifest, snapshot, plan, counter), config.rows_per_file
+                build_dataset(config, manifest, snapshot, plan, counter, stage),
+                config.rows_per_file,
             )
         except Exception as exc:
             # a Ray task's failure the user can act on (full disk, storage outage, mostly

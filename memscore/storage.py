@@ -9,6 +9,7 @@ variables (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID`` .
 
 from __future__ import annotations
 
+import copy
 import json
 import posixpath
 from collections.abc import Mapping
@@ -100,7 +101,9 @@ def url_to_fs(path: str, storage_options: Mapping[str, Any] | None = None):
     options = dict(storage_options or {})
     if _protocol(path) in ("s3", "s3a"):
         check_s3_options(options)
-        options = {**_S3_DEFAULTS, **options}
+        # a copy: botocore rewrites the retries dict it is given in place (max_attempts N ->
+        # total_max_attempts N + 1), which would otherwise change the module's defaults
+        options = {**copy.deepcopy(_S3_DEFAULTS), **options}
     return fsspec.core.url_to_fs(path, **options)
 
 

@@ -268,8 +268,16 @@ def test_a_plain_run_prints_its_final_line_alone_and_verbose_brings_rays_lines_b
         and len(out.splitlines()) == 1
     ), out
     # ... which went to the run's log file in Ray's session log folder
-    logs = glob.glob(
-        os.path.join(tempfile.gettempdir(), "ray", "session_*", "logs", f"memscore-{run.pid}.log")
+    # (session_latest is a link to the newest session: the same file, seen twice)
+    logs = sorted(
+        {
+            os.path.realpath(p)
+            for p in glob.glob(
+                os.path.join(
+                    tempfile.gettempdir(), "ray", "session_*", "logs", f"memscore-{run.pid}.log"
+                )
+            )
+        }
     )
     assert len(logs) == 1, logs
     logged = Path(logs[0]).read_text()

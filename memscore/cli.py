@@ -486,8 +486,8 @@ def job_entrypoint(config_cls, doc: str):
     docstring, its ``--help`` text, is its own.
 
     Args:
-        config_cls: ``ScoreConfig``, ``FinetuneConfig``, ``EvaluateConfig`` or
-            ``TrainSAEConfig``.
+        config_cls: ``ScoreConfig``, ``FeaturesConfig``, ``FinetuneConfig``,
+            ``EvaluateConfig`` or ``TrainSAEConfig``.
         doc: the script's docstring; its first line is the parser's description.
 
     Example:
@@ -500,6 +500,7 @@ def job_entrypoint(config_cls, doc: str):
         FinetuneConfig: finetune_command,
         EvaluateConfig: evaluate_command,
         TrainSAEConfig: train_sae_command,
+        FeaturesConfig: features_command,
     }[config_cls]
 
     def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,6 +35,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from memscore.config import EvaluateConfig, FinetuneConfig, ScoreConfig, TrainSAEConfig, from_args
+from memscore.feature_analysis.config import FeaturesConfig
 from memscore.models import WeightsNotFoundError, get_model_weights, list_models
 from memscore.stages.pipeline import plan_model_actors
 
@@ -52,6 +53,7 @@ JOB_CONFIGS = {
     "finetune": FinetuneConfig,
     "evaluate": EvaluateConfig,
     "train_sae": TrainSAEConfig,
+    "features": FeaturesConfig,
 }
 
 

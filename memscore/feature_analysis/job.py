@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscore import storage
-from memscore.columns import ERROR, ROW, score_column
+from memscore.columns import ERROR, ROW
 from memscore.errors import MemscoreError
 from memscore.feature_analysis.activations import check_layers, list_layers
 from memscore.feature_analysis.config import ACTIVATIONS_FOLDER, FeaturesConfig
@@ -161,13 +161,20 @@ def _remove_results(config: FeaturesConfig) -> None:
 def _features_holding(config, model: str, layers, started) -> dict[str, Any]:
     import ray
 
+    from memscore.stages.predict import output_types
+
     score_config = config.score_config()
-    column = score_column(_score_key(model), config.column_prefix)
+    scores = output_types(config.models, config.column_prefix)
+    if len(scores) != 1:
+        raise MemscoreError(
+            f"--model {model} writes {len(scores)} columns; features need one score"
+        )
+    column = next(iter(scores))
     stage = ModelStage(
         actor=FeatureImages,
         kwargs={"layers": tuple(layers), "reduce": config.reduce, "views": _views(model)},
         columns={
-            column: pa.float32(),
+            **scores,
             **{activation_column(layer): pa.list_(pa.float32()) for layer in layers},
         },
         identity={"layers": list(layers), "reduce": config.reduce},
@@ -188,17 +195,17 @@ def _features_holding(config, model: str, layers, started) -> dict[str, Any]:
     parts = ray.get(
         [
             reduce_file.remote(
-                activations, config.storage_options, path, layers, column, config.top_k
+                activations, config.storage_options, path, layers, column, config.top_k, key_column
             )
             for path in files
         ]
     )
-    rows = sum(n for _, n in parts)
+    rows = sum(n for _, n, _ in parts)
     merged = {}
     for layer in layers:
         channels = _channels_of(parts, layer)
         top, moments = TopK.empty(config.top_k, channels), Moments.empty(channels)
-        for part, _ in parts:
+        for part, _, _ in parts:
             if layer in part:
                 top = top.merge(part[layer][0])
                 moments = moments.merge(part[layer][1])
@@ -206,7 +213,8 @@ def _features_holding(config, model: str, layers, started) -> dict[str, Any]:
     rhos = _spearman_all(config, activations, files, layers, column, merged, rows)
     reduce_s = time.perf_counter() - clock
 
-    keys = _keys_of(activations, config.storage_options, files, key_column, merged)
+    # each file's task named the rows of its own top-k; the merged top-k's are among them
+    keys = {row: key for _, _, named in parts for row, key in named.items()}
     top_table = _top_images_table(merged, keys, key_column)
     channel_table = _channels_table(merged, rhos, config.truth_column is not None)
 
@@ -217,9 +225,22 @@ def _features_holding(config, model: str, layers, started) -> dict[str, Any]:
     _write_table(config, TOP_IMAGES, top_table)
     _write_table(config, CHANNELS, channel_table)
 
-    from memscore.feature_analysis.sheets import write_report, write_sheets
+    from memscore.feature_analysis.sheets import report_text, sheet_png
 
-    sheets = write_sheets(config, model, layers, merged, rhos, rendered, keys, key_column, scored)
+    sheets = {}
+    for layer in layers:
+        png = sheet_png(
+            config,
+            model,
+            layer,
+            merged[layer][0],
+            rhos[layer][0],
+            rendered,
+            keys,
+            key_column,
+            scored.get("manifest_base_dir"),
+        )
+        sheets[layer] = _write(config, f"{SHEETS}/{layer}.png", png)
     summary = {
         "status": "complete",
         "manifest": config.manifest,
@@ -233,9 +254,7 @@ def _features_holding(config, model: str, layers, started) -> dict[str, Any]:
         "rows_with_errors": scored.get("rows_with_errors", scored.get("rows_error")),
         "errors_by_kind": scored.get("errors_by_kind"),
         "layers": {layer: {"channels": int(merged[layer][0].values.shape[0])} for layer in layers},
-        "renderings": [
-            {key: value for key, value in r.items() if key != "pixels"} for r in rendered
-        ],
+        "renderings": [{key: value for key, value in r.items() if key != "png"} for r in rendered],
         "steps": config.steps,
         "seed": config.seed,
         "seconds": {
@@ -249,23 +268,9 @@ def _features_holding(config, model: str, layers, started) -> dict[str, Any]:
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "sheets": sheets,
     }
-    write_report(config, summary, channel_table, rendered)
-    storage.write_atomic(
-        storage.join(config.output, SUMMARY),
-        json.dumps(summary, indent=2).encode(),
-        config.storage_options,
-    )
+    _write(config, REPORT, report_text(config, summary, channel_table, summary["renderings"]))
+    _write(config, SUMMARY, json.dumps(summary, indent=2).encode())
     return summary
-
-
-def _score_key(model: str) -> str:
-    from memscore.models import get_model_weights
-    from memscore.models._api import output_columns_of
-
-    keys = list(output_columns_of(get_model_weights(model).DEFAULT.meta))
-    if len(keys) != 1:
-        raise MemscoreError(f"--model {model} writes {len(keys)} columns; features need one score")
-    return keys[0]
 
 
 def _key_column(sink, files, path_column: str) -> str | None:
@@ -282,26 +287,36 @@ def _key_column(sink, files, path_column: str) -> str | None:
 
 
 def _channels_of(parts, layer: str) -> int:
-    for part, _ in parts:
+    for part, _, _ in parts:
         if layer in part:
             return part[layer][0].values.shape[0]
     return 0
 
 
-def _reduce_file(output: str, storage_options, path: str, layers, column: str, k: int):
-    """One output file's scored rows -> ({layer: (TopK, Moments)}, rows)."""
+def _reduce_file(
+    output: str, storage_options, path: str, layers, column: str, k: int, key_column: str | None
+):
+    """One output file's scored rows -> ({layer: (TopK, Moments)}, rows, {memscore_row: path
+    or key} of the rows in any of its top-k: the final top-k's rows are among these, so the
+    files are read once)."""
     sink = open_sink(output, storage_options, "parquet")
     names = [ROW, ERROR, column, *(activation_column(layer) for layer in layers)]
-    table = sink.read_file(path, names)
+    table = sink.read_file(path, names + ([key_column] if key_column else []))
     table = table.filter(pc.is_null(table.column(ERROR)))
     if table.num_rows == 0:
-        return {}, 0
+        return {}, 0, {}
     rows = table.column(ROW).to_numpy()
     out = {}
     for layer in layers:
         values = activations_of(table, layer)
         out[layer] = (TopK.of(k, values, rows), Moments.of(values))
-    return out, table.num_rows
+    named: dict[int, str] = {}
+    if key_column:
+        wanted = set(np.concatenate([top.rows.reshape(-1) for top, _ in out.values()]).tolist())
+        for row, key in zip(rows.tolist(), table.column(key_column).to_pylist()):
+            if row in wanted:
+                named[row] = key
+    return out, table.num_rows, named
 
 
 def _spearman_slice(output, storage_options, files, layer, lo, hi, column, truth_column):
@@ -366,28 +381,15 @@ def _spearman_all(config, output, files, layers, column, merged, rows) -> dict[s
                     ),
                 )
             )
-    out = {layer: (np.full(merged[layer][0].values.shape[0], np.nan),) * 2 for layer in layers}
-    out = {layer: (a.copy(), b.copy()) for layer, (a, b) in out.items()}
+    out = {}
+    for layer in layers:
+        channels = merged[layer][0].values.shape[0]
+        out[layer] = (np.full(channels, np.nan), np.full(channels, np.nan))
     for layer, ref in pending:
         lo, rho, rho_truth = ray.get(ref)
         out[layer][0][lo : lo + len(rho)] = rho
         out[layer][1][lo : lo + len(rho_truth)] = rho_truth
     return out
-
-
-def _keys_of(output, storage_options, files, key_column, merged) -> dict[int, str]:
-    """memscore_row -> the image's path or key, for the rows in any top-k."""
-    if key_column is None:
-        return {}
-    wanted = np.unique(np.concatenate([top.rows.reshape(-1) for top, _ in merged.values()]))
-    sink = open_sink(output, storage_options, "parquet")
-    keys: dict[int, str] = {}
-    for path in files:
-        table = sink.read_file(path, [ROW, key_column])
-        table = table.filter(pc.is_in(table.column(ROW), pa.array(wanted, pa.int64())))
-        for row, key in zip(table.column(ROW).to_pylist(), table.column(key_column).to_pylist()):
-            keys[int(row)] = key
-    return keys
 
 
 def _top_images_table(merged, keys, key_column) -> pa.Table:
@@ -491,23 +493,12 @@ def _render(config, model, layers, merged, rhos) -> list[dict[str, Any]]:
     rendered = []
     for ref in pending:
         for result in ray.get(ref):
-            name = storage.join(
-                config.output, VISUALIZATIONS, _safe(result["layer"]), f"{result['channel']}.png"
+            # (module names are dotted identifiers: a layer's name is a folder's name)
+            result["file"] = _write(
+                config, f"{VISUALIZATIONS}/{result['layer']}/{result['channel']}.png", result["png"]
             )
-            if not storage.is_url(name):
-                import os
-
-                os.makedirs(os.path.dirname(name), exist_ok=True)
-            storage.write_atomic(name, result["png"], config.storage_options)
-            result = {k: v for k, v in result.items() if k != "png"}
-            result["file"] = name
-            rendered.append(result)
+            rendered.append(result)  # with its PNG's bytes, which the sheets show
     return rendered
-
-
-def _safe(layer: str) -> str:
-    """A layer's name as a folder name (module names are dotted identifiers already)."""
-    return layer.replace("/", "_")
 
 
 def _with_renderings(table: pa.Table, rendered) -> pa.Table:
@@ -524,9 +515,19 @@ def _with_renderings(table: pa.Table, rendered) -> pa.Table:
     )
 
 
+def _write(config, relative: str, data: bytes) -> str:
+    """Write ``data`` to ``relative`` under --output, whole or not at all; -> its path.
+    (A local folder is made first: an object store has none to make.)"""
+    name = storage.join(config.output, *relative.split("/"))
+    if not storage.is_url(name):
+        import os
+
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+    storage.write_atomic(name, data, config.storage_options)
+    return name
+
+
 def _write_table(config, name: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    storage.write_atomic(
-        storage.join(config.output, name), buffer.getvalue(), config.storage_options
-    )
+    _write(config, name, buffer.getvalue())

@@ -105,33 +105,19 @@ class Moments:
         return np.sqrt(self.m2 / self.n)
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks along axis 0 (1-based), ties given their average rank, as scipy's rankdata."""
-    order = np.argsort(x, axis=0, kind="stable")
-    ranks = np.empty(x.shape, np.float64)
-    sorted_x = np.take_along_axis(x, order, axis=0)
-    n = x.shape[0]
-    for j in range(x.shape[1]):
-        column = sorted_x[:, j]
-        # start of each run of equal values; each run gets the mean of its positions
-        starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
-        ends = np.r_[starts[1:], n]
-        average = (starts + ends + 1) / 2.0
-        ranks[order[:, j], j] = np.repeat(average, ends - starts)
-    return ranks
-
-
 def spearman(activations: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Spearman's rho of each column of (n, channels) ``activations`` with ``score`` (n,).
 
     NaN for a channel (or a score) that is constant over the rows, as scipy gives.
     """
+    from scipy.stats import rankdata  # ties get their average rank, as spearmanr ranks them
+
     x = np.asarray(activations, np.float64)
     y = np.asarray(score, np.float64).reshape(-1, 1)
     if x.shape[0] < 2:
         return np.full(x.shape[1], np.nan)
-    rx = _ranks(x)
-    ry = _ranks(y)
+    rx = rankdata(x, axis=0)
+    ry = rankdata(y, axis=0)
     rx -= rx.mean(axis=0)
     ry -= ry.mean(axis=0)
     num = (rx * ry).sum(axis=0)

@@ -77,7 +77,7 @@ def render_batch(
     from memscore.feature_analysis.render import activation_of_pixels, png_bytes, render_channels
 
     module, size, normalize = model_for_rendering(model, weights, storage_options, use_gpu)
-    if module is not None and next(module.parameters()).device.type == "cpu":
+    if next(module.parameters()).device.type == "cpu":
         from memscore.stages.predict import local_cores
 
         torch.set_num_threads(local_cores())

@@ -20,7 +20,7 @@ import numpy as np
 
 from memscore import storage
 
-__all__ = ["write_sheets", "write_report"]
+__all__ = ["sheet_png", "report_text"]
 
 TILE = 128
 LABEL = 18
@@ -34,9 +34,8 @@ def _tile_of(path: str | None, base_dir: str | None, storage_options, preprocess
 
     if path:
         try:
-            with storage.url_to_fs(resolve_path(path, base_dir), storage_options)[0].open(
-                storage.url_to_fs(resolve_path(path, base_dir), storage_options)[1], "rb"
-            ) as f:
+            fs, inner = storage.url_to_fs(resolve_path(path, base_dir), storage_options)
+            with fs.open(inner, "rb") as f:
                 image = Image.open(io.BytesIO(f.read())).convert("RGB")
             return Image.fromarray(preprocess.to_array(image)).resize((TILE, TILE))
         except Exception:  # noqa: BLE001 (a sheet shows what it can; the tables hold the facts)
@@ -44,70 +43,54 @@ def _tile_of(path: str | None, base_dir: str | None, storage_options, preprocess
     return Image.new("RGB", (TILE, TILE), (128, 128, 128))
 
 
-def write_sheets(
-    config, model, layers, merged, rhos, rendered, keys, key_column, scored
-) -> dict[str, str]:
-    """One PNG per layer under OUTPUT/sheets/; -> layer -> its file."""
+def sheet_png(config, model, layer, top, rho, rendered, keys, key_column, base_dir) -> bytes:
+    """One layer's sheet as PNG bytes: ``top`` is its ``TopK``, ``rho`` its channels' Spearman
+    with the score, ``rendered`` the run's renderings (with their PNG bytes)."""
     from PIL import Image, ImageDraw
 
     from memscore.models import get_model_weights
 
     preprocess = get_model_weights(model).DEFAULT.transforms
-    base_dir = scored.get("manifest_base_dir")
-    renders = {(r["layer"], r["channel"]): r["file"] for r in rendered}
-    files = {}
-    for layer in layers:
-        top, _ = merged[layer]
-        shown = [c for (name, c) in renders if name == layer]
-        if not shown:
-            rho = np.nan_to_num(np.abs(rhos[layer][0]), nan=-1.0)
-            shown = [int(c) for c in np.argsort(-rho, kind="stable")[:SHOWN_WITHOUT_RENDERINGS]]
-        k = top.values.shape[1]
-        columns = k + (1 if renders else 0)
-        sheet = Image.new("RGB", (columns * TILE, len(shown) * (TILE + LABEL)), "white")
-        draw = ImageDraw.Draw(sheet)
-        for line, channel in enumerate(shown):
-            y = line * (TILE + LABEL)
-            rho = rhos[layer][0][channel]
-            draw.text((4, y + 3), f"{layer}:{channel}  spearman {rho:+.3f}", fill=(0, 0, 0))
-            x = 0
-            if renders:
-                name = renders.get((layer, channel))
-                if name:
-                    with storage.url_to_fs(name, config.storage_options)[0].open(
-                        storage.url_to_fs(name, config.storage_options)[1], "rb"
-                    ) as f:
-                        tile = Image.open(io.BytesIO(f.read())).convert("RGB")
-                    sheet.paste(tile.resize((TILE, TILE)), (x, y + LABEL))
-                x += TILE
-            for rank in range(k):
-                row = int(top.rows[channel, rank])
-                key = keys.get(row)
-                path = key if key_column not in (None, "__key__") else None
-                sheet.paste(
-                    _tile_of(path, base_dir, config.storage_options, preprocess), (x, y + LABEL)
+    renders = {(r["layer"], r["channel"]): r["png"] for r in rendered}
+    shown = [c for (name, c) in renders if name == layer]
+    if not shown:
+        strength = np.nan_to_num(np.abs(rho), nan=-1.0)
+        shown = [int(c) for c in np.argsort(-strength, kind="stable")[:SHOWN_WITHOUT_RENDERINGS]]
+    k = top.values.shape[1]
+    columns = k + (1 if renders else 0)
+    sheet = Image.new("RGB", (columns * TILE, len(shown) * (TILE + LABEL)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for line, channel in enumerate(shown):
+        y = line * (TILE + LABEL)
+        draw.text((4, y + 3), f"{layer}:{channel}  spearman {rho[channel]:+.3f}", fill=(0, 0, 0))
+        x = 0
+        if renders:
+            png = renders.get((layer, channel))
+            if png:
+                tile = Image.open(io.BytesIO(png)).convert("RGB")
+                sheet.paste(tile.resize((TILE, TILE)), (x, y + LABEL))
+            x += TILE
+        for rank in range(k):
+            row = int(top.rows[channel, rank])
+            key = keys.get(row)
+            path = key if key_column not in (None, "__key__") else None
+            sheet.paste(
+                _tile_of(path, base_dir, config.storage_options, preprocess), (x, y + LABEL)
+            )
+            if path is None:
+                draw.text(
+                    (x + 4, y + LABEL + 4),
+                    str(key if key is not None else row),
+                    fill=(255, 255, 255),
                 )
-                if path is None:
-                    draw.text(
-                        (x + 4, y + LABEL + 4),
-                        str(key if key is not None else row),
-                        fill=(255, 255, 255),
-                    )
-                x += TILE
-        buffer = io.BytesIO()
-        sheet.save(buffer, format="PNG")
-        name = storage.join(config.output, "sheets", f"{layer}.png")
-        if not storage.is_url(name):
-            import os
-
-            os.makedirs(os.path.dirname(name), exist_ok=True)
-        storage.write_atomic(name, buffer.getvalue(), config.storage_options)
-        files[layer] = name
-    return files
+            x += TILE
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def write_report(config, summary: dict[str, Any], channels, rendered) -> None:
-    """OUTPUT/report.md: the sheets, and per layer the channels most tied to memorability."""
+def report_text(config, summary: dict[str, Any], channels, rendered) -> bytes:
+    """report.md: the sheets, and per layer the channels most tied to memorability."""
     table = channels.to_pandas()
     lines = [
         f"# Network feature analysis: {summary['model']}",
@@ -160,8 +143,4 @@ def write_report(config, summary: dict[str, Any], channels, rendered) -> None:
                     f"{r['best_image_activation']:.4g} | {factor} | {r['seconds']} |"
                 )
             lines.append("")
-    storage.write_atomic(
-        storage.join(config.output, "report.md"),
-        "\n".join(lines).encode(),
-        config.storage_options,
-    )
+    return "\n".join(lines).encode()

@@ -12,7 +12,6 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from memscore import storage
 from memscore.errors import MemscoreError
 from memscore.feature_analysis.activations import REDUCTIONS
 from memscore.options import as_tuple, fields_as_args, option
@@ -165,6 +164,9 @@ class FeaturesConfig(ScoreConfig):
 
     def score_config(self) -> ScoreConfig:
         """The scoring run into ``OUTPUT/activations``: every option ``ScoreConfig`` has."""
+        # storage imports fsspec: not at `import memscore`, which a GPU machine without it runs
+        from memscore import storage
+
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ScoreConfig)}
         values["output"] = storage.join(self.output, ACTIVATIONS_FOLDER) if self.output else ""
         values["output_format"] = "parquet"

@@ -115,6 +115,13 @@ EXTENDED = frozenset(
         # Ray Serve's batch histogram: the answers' own batch sizes are checked in CI
         "tests/test_serve.py::test_ray_serves_batch_size_histogram_counts_the_batches_of_32_"
         "requests",
+        # docs/finetune-evaluate.md's walk-through: the README's own fine-tune, score and
+        # evaluate, run in test_readme
+        "tests/test_readme.py::test_the_finetune_walk_through_runs_top_to_bottom",
+        # a killed features run resumed: its activations are a scoring run, whose kill and
+        # resume test_bookkeeping's interrupted run covers; features' own steps run after it
+        "tests/test_features.py::test_a_killed_features_run_resumes_to_every_row_once_and_the_"
+        "same_figures",
         # the kill-then-resume of a scoring run: test_bookkeeping's interrupted run is kept
         "tests/test_resume.py::test_sigkill_the_driver_mid_run_then_resume",
         # a served model on a cluster: the server's own tests are kept

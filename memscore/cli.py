@@ -24,6 +24,7 @@ from memscore.errors import MemscoreError, counted
 from memscore.evaluation.config import EvaluateConfig
 from memscore.feature_analysis.config import FeaturesConfig
 from memscore.finetuning.config import FinetuneConfig
+from memscore.maps.config import MapsConfig
 from memscore.options import add_arguments, from_args
 from memscore.runtime import failures
 from memscore.scoring.config import ScoreConfig
@@ -42,6 +43,7 @@ __all__ = [
     "features_command",
     "finetune_command",
     "evaluate_command",
+    "maps_command",
     "serve_command",
     "train_sae_command",
     "job_entrypoint",
@@ -142,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
         "distribution.png, scatter.png and report.md.",
     )
     add_arguments(evaluation, EvaluateConfig)
+    drawing = commands.add_parser(
+        "maps",
+        help="draw a `memscore score --maps` output: overlays and a sheet",
+        description="Draw the memorability maps of SCORES (a `memscore score --maps` output, "
+        "local or s3://) over their photos, read again as the run read them: "
+        "overlays/ROW-NAME.png for the first --limit rows (each photo at its own size, the map "
+        "over the region the model saw), sheet.png (the --sheet most and least memorable "
+        "images with their maps) and maps.json, into --render.",
+    )
+    add_arguments(drawing, MapsConfig)
     from memscore.serve.config import ServeConfig
 
     server = commands.add_parser(
@@ -153,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unless --address or RAY_ADDRESS names a cluster; Ctrl-C stops it.",
     )
     add_arguments(server, ServeConfig)
-    for command in (score, feats, tune, sae, listing, check, evaluation, server):
+    for command in (score, feats, tune, sae, listing, check, evaluation, drawing, server):
         add_debug_flag(command)
     for command in (score, feats, tune, sae):
         add_output_flags(command)
@@ -323,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": evaluate_command,
         "score": score_command,
         "features": features_command,
+        "maps": maps_command,
         "serve": serve_command,
         "train-sae": train_sae_command,
     }
@@ -431,7 +444,8 @@ def features_command(args: argparse.Namespace) -> int:
         for info in layers_of(config.models[0]):
             size = "x".join(str(n) for n in info.size) if info.size else "-"
             channels = info.channels if info.channels is not None else "-"
-            print(f"{info.name}\t{info.kind}\tchannels={channels}\tsize={size}")
+            runs = f"\truns {info.calls} times: not a layer" if info.calls > 1 else ""
+            print(f"{info.name}\t{info.kind}\tchannels={channels}\tsize={size}{runs}")
         return 0
     summary = features(config)
     shown = ", ".join(
@@ -466,6 +480,20 @@ def evaluate_command(args: argparse.Namespace) -> int:
     for warning in result["warnings"]:
         print(f"memscore: warning: {warning}", file=sys.stderr)
     print(summary_line(result))
+    return 0
+
+
+def maps_command(args: argparse.Namespace) -> int:
+    """Run ``maps`` from parsed arguments: a result line and 0, or one error line and 2."""
+    from memscore.maps.job import maps
+
+    result = _run_job(maps, MapsConfig, args)
+    missing = len(result["photos_not_read_again"])
+    print(
+        f"memscore: {counted(len(result['overlays']), 'overlay')} of {result['column']} "
+        f"and a sheet -> {result['render']}"
+        + (f" ({counted(missing, 'photo')} could not be read again)" if missing else "")
+    )
     return 0
 
 

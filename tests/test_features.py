@@ -103,6 +103,72 @@ def test_bad_options_are_one_line(argv, message, capsys, tmp_path):
     assert not (tmp_path / "f").exists()
 
 
+# ------------------------------------------------- MemNet: ten crops, shared modules refused
+def test_memnet_ten_crop_activations_are_the_mean_of_its_views(tmp_path, capsys):
+    """MemNet's legacy pipeline scores ten crops of each image in one batch: a channel's
+    activation is the mean over positions of each crop, then over the image's ten crops, as its
+    score is; its one ``pool`` module, run after conv1, conv2 and conv5, is no layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from memscore.columns import pixels_column
+    from memscore.feature_analysis.extract import FeatureImages, activations_of
+    from memscore.feature_analysis.job import _views
+    from memscore.models import get_model, get_model_weights
+    from memscore.stages.decode import DecodeImages
+
+    torch.manual_seed(0)
+    model = get_model("memnet", weights=None)
+    checkpoint = tmp_path / "memnet.safetensors"
+    save_file(model.state_dict(), checkpoint)
+    photos = sorted((ROOT / "examples" / "images").glob("*.[pj][np]g"))
+    preprocess = get_model_weights("memnet").DEFAULT.transforms
+    decoded = DecodeImages("path", {"memnet": preprocess})(
+        pa.table({"path": [str(p) for p in photos]})
+    )
+    assert _views("memnet") == 10
+    stage = FeatureImages(
+        ("memnet",), weights=str(checkpoint), layers=("conv2", "conv5", "fc7"), views=10
+    )
+    out = stage(decoded)
+
+    pixels = decoded.column(pixels_column("memnet")).combine_chunks().to_numpy()
+    seen = {}
+    hooks = [
+        getattr(model, name).register_forward_hook(
+            lambda _m, _i, output, name=name: seen.__setitem__(name, output)
+        )
+        for name in ("conv2", "conv5", "fc7")
+    ]
+    with torch.inference_mode():
+        scores = model(preprocess.to_tensor(pixels)).numpy()
+    for hook in hooks:
+        hook.remove()
+    np.testing.assert_allclose(out.column("memorability_memnet").to_numpy(), scores, rtol=1e-5)
+    for name in ("conv2", "conv5", "fc7"):
+        crops = seen[name]
+        assert crops.shape[0] == 10 * len(photos)  # image-major: rows 10n..10n+9 are image n
+        per_crop = crops.flatten(2).mean(dim=2) if crops.dim() > 2 else crops
+        expected = per_crop.reshape(len(photos), 10, -1).mean(dim=1).numpy()
+        np.testing.assert_allclose(activations_of(out, name), expected, rtol=1e-4, atol=1e-6)
+
+    code = cli.main(
+        [
+            "features",
+            "examples/images",
+            "--model",
+            "memnet",
+            "--layers",
+            "pool",
+            "--output",
+            str(tmp_path / "f"),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--layers pool: memnet's forward pass runs this module 3 times" in err[0]
+
+
 # ----------------------------------------------------------------------- end to end, exactly
 def _photo_set(folder: Path) -> list[Path]:
     """Real photos and variants of them (mirrored, cropped, turned): 32 files."""
@@ -259,6 +325,17 @@ def test_scores_are_memscore_scores_and_bad_images_are_counted_error_rows(analys
     report = (out / "report.md").read_text()
     for layer in ("conv4", "features.layer4.2", "conv2"):
         assert f"## {layer}" in report and (out / "sheets" / f"{layer}.png").exists()
+    # a sheet's tiles are the top images themselves, as the model saw them (never grey)
+    from memscore.feature_analysis.sheets import LABEL, TILE
+
+    sheet = np.asarray(Image.open(out / "sheets" / "conv4.png").convert("RGB"))
+    assert sheet.shape == (8 * (TILE + LABEL), 5 * TILE, 3)  # 8 channels, top 5, no rendering
+    for line in range(8):
+        for rank in range(5):
+            y, x = line * (TILE + LABEL) + LABEL, rank * TILE
+            assert sheet[y : y + TILE, x : x + TILE].std() > 10, (line, rank)
+    conv2 = np.asarray(Image.open(out / "sheets" / "conv2.png").convert("RGB"))
+    assert conv2.shape == (2 * (TILE + LABEL), 6 * TILE, 3)  # the 2 rendered, then top 5
 
 
 @pytest.mark.slow
@@ -342,3 +419,121 @@ def test_shards_on_s3_to_an_s3_output(s3_endpoint, tmp_path, ray_local):
     assert "__key__" in top.columns and top.__key__.notna().all()
     assert len(top) == 384 * 3
     assert s3_endpoint.fs.exists(f"{bucket}/feats/sheets/conv4.png")
+
+
+# ------------------------------------------------- sheets: images read back where they lie
+@pytest.mark.slow
+def test_sheets_read_images_back_out_of_shards_and_parquet_tables(tmp_path, ray_local):
+    """A sheet's tiles for sources whose rows carry their images: each shown row's image, read
+    by the source's own tasks (only the shards holding one), decoded as the run decodes it."""
+    from test_parquet_images import write_img2dataset
+    from test_webdataset_score import write_shards
+
+    from memscore.feature_analysis.config import FeaturesConfig
+    from memscore.feature_analysis.sheets import sheet_images
+    from memscore.models import get_model_weights
+    from memscore.sources.manifest import open_manifest
+    from memscore.sources.webdataset import sample_id
+    from memscore.stages.decode import decode_image_bytes
+
+    preprocess = {"view": get_model_weights("resmem").DEFAULT.transforms}
+
+    def view_of(path: Path) -> np.ndarray:
+        return decode_image_bytes(path.read_bytes(), preprocess)[2]["view"]
+
+    images = sorted((ROOT / "examples" / "images").glob("*.[pj][np]g"))
+    expect = write_shards(tmp_path / "shards", images)
+    shards = FeaturesConfig(str(tmp_path / "shards" / "{000000..000002}.tar"), output="x")
+    good = {sample_id(s, int(k[1:])): name for (s, k), (name, _) in expect.items() if name}
+    views = sheet_images(shards, "resmem", set(good), {}, "__key__", base_dir=None, in_place=True)
+    assert set(views) == set(good)
+    for row, name in good.items():
+        assert np.array_equal(views[row], view_of(ROOT / "examples" / "images" / name)), name
+    # a sample without an image, or cut short, has no view (its tile is grey, naming its key)
+    error_rows = {sample_id(1, 1), sample_id(2, 1)}
+    no_views = sheet_images(
+        shards, "resmem", error_rows, {}, "__key__", base_dir=None, in_place=True
+    )
+    assert no_views == {}
+    # one read task per shard holding a shown row, each row once, from its own shard
+    source = open_manifest(shards.manifest, rows_in_driver=False)
+    wanted = [sample_id(1, 2), sample_id(1, 0)]
+    read = source.dataset_of_rows(pa.array(wanted, pa.int64())).materialize()
+    assert read.num_blocks() == 1
+    rows = read.to_pandas()
+    assert sorted(rows["memscore_row"]) == sorted(wanted)
+    assert set(rows["__url__"].map(lambda url: Path(url).name)) == {"000001.tar"}
+
+    # images inside Parquet (img2dataset's output), a failed download among them
+    photos = [(p.name, p.read_bytes()) for p in images]
+    write_img2dataset(tmp_path / "i2d", [photos[:2] + [("gone.jpg", None)], photos[2:]])
+    table = FeaturesConfig(str(tmp_path / "i2d"), output="x")
+    source = open_manifest(table.manifest, rows_in_driver=False)
+    ids = source.row_ids(len(photos) + 1).to_pylist()
+    names = [p.name for p in images[:2]] + [None] + [p.name for p in images[2:]]
+    views = sheet_images(table, "resmem", set(ids), {}, None, base_dir=None, in_place=True)
+    assert set(views) == {row for row, name in zip(ids, names) if name}
+    for row, name in zip(ids, names):
+        if name:
+            assert np.array_equal(views[row], view_of(ROOT / "examples" / "images" / name)), name
+
+
+@pytest.mark.slow
+def test_a_killed_features_run_resumes_to_every_row_once_and_the_same_figures(tmp_path):
+    """SIGKILL mid-activations (one file committed), then --resume: every row's activations
+    once, and the top images and moments equal the published model's forward hooks."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from processes import kill_run, ray_processes
+
+    photos = sorted((ROOT / "examples" / "images").glob("*.[pj][np]g")) + [
+        DATA / "coins.png",
+        DATA / "hubble_deep_field.jpg",
+    ]
+    manifest = tmp_path / "manifest.csv"
+    pyarrow.csv.write_csv(pa.table({"path": [str(p) for p in photos]}), manifest)
+    out = tmp_path / "feats"
+    argv = [sys.executable, "-m", "memscore.cli", "features", str(manifest), "--output", str(out)]
+    argv += ["--layers", "conv4", "--top-k", "3", "--rows-per-file", "2", "--rows-per-block", "2"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    stalled = {**env, "MEMSCORE_INJECT_FAULT": f"decode:stall-after-once:{tmp_path / 'fired'}"}
+    ray_before = set(ray_processes())
+    driver = subprocess.Popen(
+        argv,
+        env=stalled,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    activations = out / "activations"
+    deadline = time.monotonic() + 300
+    while (
+        driver.poll() is None
+        and time.monotonic() < deadline
+        and not list(activations.glob("memscore-part_*.parquet"))
+    ):
+        time.sleep(0.2)
+    assert driver.poll() is None and list(activations.glob("memscore-part_*.parquet"))
+    kill_run(driver, ray_before)
+    assert not (out / "features.json").exists()
+
+    refused = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "give --resume to finish it" in refused.stderr
+    done = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pq.read_table(activations, columns=["memscore_row"]).column("memscore_row")
+    assert sorted(rows.to_pylist()) == list(range(len(photos)))
+
+    scores, acts = _brute_force(photos, ["conv4"])
+    top = pq.read_table(out / "top_images.parquet").to_pandas()
+    for channel in range(0, 384, 37):
+        want = np.sort(acts["conv4"][:, channel])[::-1][:3]
+        got = top[top.channel == channel].sort_values("rank").activation.to_numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    stats = pq.read_table(out / "channels.parquet").to_pandas().sort_values("channel")
+    np.testing.assert_allclose(stats["mean"], acts["conv4"].mean(axis=0), atol=1e-5)
+    summary = json.loads((out / "features.json").read_text())
+    assert summary["rows_analysed"] == len(photos)

@@ -23,12 +23,16 @@ REDUCTIONS = ("mean", "max")
 @dataclass(frozen=True)
 class LayerInfo:
     """A module of a model: its name, its type, and its output's channels and spatial size for
-    one image at the model's input size (None where it gives no (N, C, ...) tensor)."""
+    one image at the model's input size (None where it gives no (N, C, ...) tensor; the first
+    output's where the forward pass runs it more than once)."""
 
     name: str
     kind: str
     channels: int | None
     size: tuple[int, ...] | None
+    #: times the forward pass runs the module: a module run at several places (MemNet's one
+    #: ``pool`` and ``norm`` after conv1 and conv2) has no single output, so is not a layer
+    calls: int = 1
 
 
 def _reduce(output, how: str, views: int):
@@ -91,11 +95,13 @@ def list_layers(model, input_shape: tuple[int, int, int]) -> list[LayerInfo]:
     import torch
 
     shapes: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, int] = {}
     handles = []
     named = [(name, module) for name, module in model.named_modules() if name]
     for name, module in named:
 
         def hook(_module, _inputs, output, name=name):
+            calls[name] = calls.get(name, 0) + 1
             if isinstance(output, torch.Tensor):
                 shapes.setdefault(name, tuple(output.shape))
 
@@ -113,7 +119,7 @@ def list_layers(model, input_shape: tuple[int, int, int]) -> list[LayerInfo]:
         shape = shapes.get(name)
         channels = shape[1] if shape is not None and len(shape) >= 2 else None
         size = tuple(shape[2:]) if shape is not None and len(shape) > 2 else None
-        layers.append(LayerInfo(name, type(module).__name__, channels, size))
+        layers.append(LayerInfo(name, type(module).__name__, channels, size, calls.get(name, 0)))
     return layers
 
 
@@ -128,6 +134,11 @@ def check_layers(layers, known: list[LayerInfo], model_name: str) -> None:
             raise ValueError(
                 f"--layers {name}: {model_name} has no module of that name{hint}; "
                 f"`memscore features --model {model_name} --list-layers` lists them"
+            )
+        if info.calls > 1:
+            raise ValueError(
+                f"--layers {name}: {model_name}'s forward pass runs this module {info.calls} "
+                f"times, so it has no one output; name a module it runs once"
             )
         if info.channels is None:
             raise ValueError(

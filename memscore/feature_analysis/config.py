@@ -143,6 +143,11 @@ class FeaturesConfig(ScoreConfig):
                 "--output-format: a features run writes its activations as Parquet (lists of "
                 "floats, which the reductions read); no other format is offered here"
             )
+        if self.maps:
+            raise MemscoreError(
+                "--maps: a features run records channels, not maps; score with "
+                "`memscore score ... --maps` for them"
+            )
         for spec in self.channels:
             if not re.fullmatch(r".+:\d+", spec):
                 raise MemscoreError(f"--channels {spec!r}: give LAYER:CHANNEL, e.g. conv4:17")

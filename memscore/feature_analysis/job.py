@@ -45,6 +45,7 @@ from memscore.runtime.ray_start import init_ray
 from memscore.scoring.job import ModelStage, score
 from memscore.sinks import open_sink
 from memscore.sinks.lease import acquire_lease
+from memscore.sources.readback import images_in_place
 
 __all__ = ["features", "layers_of", "OWN_ENTRIES"]
 
@@ -225,21 +226,32 @@ def _features_holding(config, model: str, layers, started) -> dict[str, Any]:
     _write_table(config, TOP_IMAGES, top_table)
     _write_table(config, CHANNELS, channel_table)
 
-    from memscore.feature_analysis.sheets import report_text, sheet_png
+    from memscore.feature_analysis.sheets import (
+        report_text,
+        sheet_images,
+        sheet_png,
+        shown_channels,
+    )
 
+    shown_rows = {
+        int(row)
+        for layer in layers
+        for channel in shown_channels(layer, rhos[layer][0], rendered)
+        for row in merged[layer][0].rows[channel]
+        if row >= 0
+    }
+    views = sheet_images(
+        config,
+        model,
+        shown_rows,
+        keys,
+        key_column,
+        base_dir=scored.get("manifest_base_dir"),
+        in_place=images_in_place(scored.get("manifest_kind"), key_column),
+    )
     sheets = {}
     for layer in layers:
-        png = sheet_png(
-            config,
-            model,
-            layer,
-            merged[layer][0],
-            rhos[layer][0],
-            rendered,
-            keys,
-            key_column,
-            scored.get("manifest_base_dir"),
-        )
+        png = sheet_png(layer, merged[layer][0], rhos[layer][0], rendered, keys, views)
         sheets[layer] = _write(config, f"{SHEETS}/{layer}.png", png)
     summary = {
         "status": "complete",

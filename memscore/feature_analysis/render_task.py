@@ -24,16 +24,10 @@ def model_for_rendering(model: str, weights, storage_options, use_gpu: bool):
     """(module on its device in eval mode, its input's (H, W), its normalisation or None)."""
     import torch
 
-    from memscore.models import get_model
-    from memscore.models.registry import is_checkpoint, weights_for
     from memscore.models.transforms import ImagePreprocess
-    from memscore.stages.predict import pick_device
+    from memscore.stages.predict import load_model, pick_device
 
-    chosen = weights_for(model, weights, storage_options)
-    if is_checkpoint(model, weights):
-        module = get_model(model, weights=weights, storage_options=storage_options)
-    else:
-        module = get_model(model, weights=chosen)
+    module, chosen = load_model(model, weights, storage_options)
     preprocess = chosen.transforms
     if not isinstance(preprocess, ImagePreprocess):
         raise ValueError(

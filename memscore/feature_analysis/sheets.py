@@ -5,10 +5,11 @@ dataset images, each as the model saw it (resized and centre-cropped by the mode
 preprocessing), with the channel's name and its Spearman correlation with the score. The
 channels shown are the rendered ones, else the 8 most tied to memorability (either sign).
 
-Images are read again by their path (relative paths against the manifest's folder, local or
-s3://). A source whose rows have no path (WebDataset shards, images inside a Parquet table) gets
-a grey tile naming the row's key instead: reading one sample back out of a shard means reading
-the shard.
+The images shown are read again, once for the whole run (``sheet_images``, by
+``memscore.sources.readback``: by path, or by the source's own tasks where its rows carry
+their images), decoded as the run decoded them (``decode_image_bytes``, with the run's EXIF
+setting) and shown as the model saw them. An image that cannot be read again (moved since the
+run) is a grey tile naming its row.
 """
 
 from __future__ import annotations
@@ -18,44 +19,74 @@ from typing import Any
 
 import numpy as np
 
-from memscore import storage
-
-__all__ = ["sheet_png", "report_text"]
+__all__ = ["shown_channels", "sheet_images", "sheet_png", "report_text"]
 
 TILE = 128
 LABEL = 18
 SHOWN_WITHOUT_RENDERINGS = 8
 
 
-def _tile_of(path: str | None, base_dir: str | None, storage_options, preprocess):
+def shown_channels(layer: str, rho, rendered) -> list[int]:
+    """The channels a layer's sheet shows: the rendered ones, else the most tied to
+    memorability (either sign)."""
+    shown = [r["channel"] for r in rendered if r["layer"] == layer]
+    if shown:
+        return shown
+    strength = np.nan_to_num(np.abs(rho), nan=-1.0)
+    return [int(c) for c in np.argsort(-strength, kind="stable")[:SHOWN_WITHOUT_RENDERINGS]]
+
+
+def sheet_images(
+    config, model: str, rows, keys, key_column, *, base_dir, in_place: bool
+) -> dict[int, np.ndarray]:
+    """row -> the image as the model saw it (uint8, its preprocessing's crop) for each of
+    ``rows`` that can be read again; ``in_place``: the source's rows carry their images."""
+    from memscore.models import get_model_weights
+    from memscore.sources.readback import bytes_by_path, bytes_in_place
+    from memscore.stages.decode import decode_image_bytes
+
+    preprocess = {"view": get_model_weights(model).DEFAULT.transforms}
+    if in_place:
+        data = bytes_in_place(
+            config.manifest,
+            rows,
+            path_column=config.path_column,
+            storage_options=config.storage_options,
+            image_column=config.image_column,
+        )
+    elif key_column in (None, "__key__"):
+        data = {}
+    else:
+        paths = {row: keys.get(row) for row in rows}
+        data = bytes_by_path(paths, base_dir, config.storage_options)
+    views = {}
+    for row, raw in data.items():
+        try:
+            _, _, arrays = decode_image_bytes(
+                raw, preprocess, max_pixels=config.max_pixels, exif_transpose=config.exif_transpose
+            )
+            views[row] = arrays["view"]
+        except Exception:  # noqa: BLE001 (a sheet shows what it can; the tables hold the facts)
+            continue
+    return views
+
+
+def _tile(view: np.ndarray | None):
     from PIL import Image
 
-    from memscore.stages.fetch import resolve_path
-
-    if path:
-        try:
-            fs, inner = storage.url_to_fs(resolve_path(path, base_dir), storage_options)
-            with fs.open(inner, "rb") as f:
-                image = Image.open(io.BytesIO(f.read())).convert("RGB")
-            return Image.fromarray(preprocess.to_array(image)).resize((TILE, TILE))
-        except Exception:  # noqa: BLE001 (a sheet shows what it can; the tables hold the facts)
-            pass
-    return Image.new("RGB", (TILE, TILE), (128, 128, 128))
+    if view is None:
+        return Image.new("RGB", (TILE, TILE), (128, 128, 128))
+    return Image.fromarray(view).resize((TILE, TILE))
 
 
-def sheet_png(config, model, layer, top, rho, rendered, keys, key_column, base_dir) -> bytes:
+def sheet_png(layer, top, rho, rendered, keys, views) -> bytes:
     """One layer's sheet as PNG bytes: ``top`` is its ``TopK``, ``rho`` its channels' Spearman
-    with the score, ``rendered`` the run's renderings (with their PNG bytes)."""
+    with the score, ``rendered`` the run's renderings (with their PNG bytes), ``views`` the
+    shown rows' images (``sheet_images``)."""
     from PIL import Image, ImageDraw
 
-    from memscore.models import get_model_weights
-
-    preprocess = get_model_weights(model).DEFAULT.transforms
-    renders = {(r["layer"], r["channel"]): r["png"] for r in rendered}
-    shown = [c for (name, c) in renders if name == layer]
-    if not shown:
-        strength = np.nan_to_num(np.abs(rho), nan=-1.0)
-        shown = [int(c) for c in np.argsort(-strength, kind="stable")[:SHOWN_WITHOUT_RENDERINGS]]
+    renders = {r["channel"]: r["png"] for r in rendered if r["layer"] == layer}
+    shown = shown_channels(layer, rho, rendered)
     k = top.values.shape[1]
     columns = k + (1 if renders else 0)
     sheet = Image.new("RGB", (columns * TILE, len(shown) * (TILE + LABEL)), "white")
@@ -65,19 +96,17 @@ def sheet_png(config, model, layer, top, rho, rendered, keys, key_column, base_d
         draw.text((4, y + 3), f"{layer}:{channel}  spearman {rho[channel]:+.3f}", fill=(0, 0, 0))
         x = 0
         if renders:
-            png = renders.get((layer, channel))
+            png = renders.get(channel)
             if png:
                 tile = Image.open(io.BytesIO(png)).convert("RGB")
                 sheet.paste(tile.resize((TILE, TILE)), (x, y + LABEL))
             x += TILE
         for rank in range(k):
             row = int(top.rows[channel, rank])
-            key = keys.get(row)
-            path = key if key_column not in (None, "__key__") else None
-            sheet.paste(
-                _tile_of(path, base_dir, config.storage_options, preprocess), (x, y + LABEL)
-            )
-            if path is None:
+            view = views.get(row)
+            sheet.paste(_tile(view), (x, y + LABEL))
+            if view is None:
+                key = keys.get(row)
                 draw.text(
                     (x + 4, y + LABEL + 4),
                     str(key if key is not None else row),

@@ -257,6 +257,31 @@ class ScoreConfig:
             choices=("fp32", "tf32", "bf16", "fp16"),
         ),
     )
+    maps: bool = field(
+        default=False,
+        metadata=option(
+            "Add each image's memorability map beside its score: <score column>_map, "
+            "list<float32> of --map-size x --map-size values, row-major over the model's input "
+            "crop (ResMem: the 227x227 centre crop of the 256x256-resized image), higher where "
+            "the score comes from, each map's maximum 1. Scores stay exactly as without it. "
+            "docs/maps.md: the methods' measured faithfulness and cost.",
+            action="store_true",
+        ),
+    )
+    map_size: int = field(
+        default=16,
+        metadata=option("Cells per side of each map (2..64), with --maps."),
+    )
+    map_method: str = field(
+        default="gradcam",
+        metadata=option(
+            "How --maps are made: gradcam (Grad-CAM over the model's declared layers, ResMem: "
+            "its ResNet's layer4 and its AlexNet branch's conv5; about 1.3x a plain forward on "
+            "the CPU), occlusion (any model; --map-size^2 + 1 forwards per image), rise (256 "
+            "random masks: 257 forwards) or integrated-gradients (16 forwards and backwards).",
+            choices=("gradcam", "occlusion", "rise", "integrated-gradients"),
+        ),
+    )
     rows_per_file: int = field(
         default=100_000,
         metadata=option(
@@ -366,7 +391,29 @@ class ScoreConfig:
                 f"'_', '-' or '.', not starting with memscore_"
             )
         self.model_weights()  # --weights fits the models
+        self._check_maps()
         return self
+
+    def map_settings(self):
+        """``--maps``' ``MapSettings``, or None without --maps."""
+        from memscore.saliency.runner import MapSettings
+
+        return MapSettings(self.map_method, self.map_size) if self.maps else None
+
+    def _check_maps(self) -> None:
+        from memscore.saliency.runner import DEFAULT_METHOD, check_maps
+
+        if not self.maps:
+            if self.map_method != DEFAULT_METHOD or self.map_size != 16:
+                raise MemscoreError("--map-method and --map-size shape --maps: give --maps too")
+            return
+        from memscore.models import get_model_weights
+
+        for name in self.models:
+            try:
+                check_maps(self.map_settings(), name, get_model_weights(name).DEFAULT.meta)
+            except ValueError as exc:
+                raise MemscoreError(str(exc)) from None
 
     def model_weights(self) -> dict[str, str | None]:
         """Each model's ``--weights`` (None: its default); raises MemscoreError when

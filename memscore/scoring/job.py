@@ -83,6 +83,8 @@ def run_identity(manifest: Manifest, config: ScoreConfig) -> dict[str, Any]:
         **({"image_column": config.image_column} if config.image_column else {}),
         **({"keep_image_column": True} if config.keep_image_column else {}),
         "output_format": config.output_format,
+        # recorded only with --maps: a run before maps existed stays the same run
+        **({"maps": config.map_settings().record()} if config.maps else {}),
     }
 
 
@@ -177,6 +179,7 @@ def build_dataset(
             "storage_options": dict(config.storage_options),
             "batch_size": config.batch_size,
             "precision": config.precision,
+            "maps": config.map_settings(),
             **(stage.kwargs if stage else {}),
         },
         batch_format="pyarrow",
@@ -198,7 +201,7 @@ def added_columns(config: ScoreConfig, stage: ModelStage | None = None) -> list[
     from memscore.stages.predict import output_columns
 
     if stage is None:
-        return output_columns(config.models, config.column_prefix)
+        return output_columns(config.models, config.column_prefix, config.maps)
     return [*stage.columns, *BOOKKEEPING]
 
 
@@ -506,8 +509,11 @@ def _score_holding(
         # where the manifest's relative image paths resolve: `memscore evaluate` joins the
         # output's paths to a truth table's by it when the two name the images differently
         "manifest_base_dir": manifest.base_dir,
+        "manifest_kind": manifest.kind,
         "output": config.output,
         "models": weights,
+        # --maps: the method and its settings (also in "run", which --resume compares)
+        **({"maps": identity["maps"]} if "maps" in identity else {}),
         "rows_in": snapshot.rows,
         "non_image_files_skipped": manifest.skipped_files,
         **counts,

@@ -341,12 +341,16 @@ class Ingress:
         fast_decode: bool = False,
         exif_transpose: bool = False,
         max_pixels: int | None = None,
+        maps: bool = False,
     ) -> JSONResponse:
         """Score the images of the multipart ``file`` fields, each file on its own.
 
         Query parameters: ``model`` (some of the served models, comma-separated; default all),
-        and the decode options of ``memscore score``: ``fast_decode``, ``exif_transpose``,
-        ``max_pixels`` (at most the server's).
+        the decode options of ``memscore score``: ``fast_decode``, ``exif_transpose``,
+        ``max_pixels`` (at most the server's), and ``maps``: each score's memorability map too
+        (``<score column>_map``, as ``memscore score --maps`` writes it: Grad-CAM, 16 x 16
+        cells, row-major) with ``map_boxes``: where each map lies on the image, as
+        [left, top, right, bottom] fractions of its width and height.
 
         Returns ``{"images": [...]}``, one entry per file in upload order: its scores, size,
         models and ``batch_size``, or ``{"file", "error"}`` where it cannot be scored. 200 when
@@ -356,6 +360,8 @@ class Ingress:
         from memscore.row_errors import ImageDecodeError
 
         models = self._models(model)
+        if maps:
+            self._check_maps(models)
         limit = self._max_pixels(max_pixels)
         uploads = await self._read_uploads(request)
         self.counters["memscore_files"].inc(len(uploads))
@@ -374,7 +380,7 @@ class Ingress:
             zip(
                 good,
                 await asyncio.gather(
-                    *(self.model_set.score.remote(decoded[i][2], models) for i in good)
+                    *(self.model_set.score.remote(decoded[i][2], models, maps) for i in good)
                 ),
             )
         )
@@ -403,10 +409,40 @@ class Ingress:
                         }
                         for m in models
                     ],
+                    **({"map_boxes": self._map_boxes(models, width, height)} if maps else {}),
                     "batch_size": result["batch_size"],
                 }
             )
         return score_answer(images, model_failed)
+
+    def _check_maps(self, models: tuple[str, ...]) -> None:
+        from memscore.models import get_model_weights
+        from memscore.saliency.runner import MapSettings, check_maps
+
+        for name in models:
+            try:
+                check_maps(MapSettings(), name, get_model_weights(name).DEFAULT.meta)
+            except ValueError as exc:
+                raise HTTPException(400, f"maps: {exc}") from None
+
+    def _map_boxes(self, models, width: int, height: int) -> dict[str, list[float]]:
+        """map column -> where the map lies on the image: [left, top, right, bottom] as
+        fractions of its width and height (the model's crop, ``maps.overlay.crop_box``)."""
+        from memscore.maps.overlay import crop_box
+        from memscore.models import get_model_weights
+        from memscore.saliency.runner import map_column
+
+        boxes = {}
+        for name in models:
+            pre = self.preprocess[name]
+            # exact fractions: the crop on the resized image (the photo's own size rounds)
+            w, h = (
+                (pre.resize[1], pre.resize[0]) if getattr(pre, "resize", None) else (width, height)
+            )
+            left, top, right, bottom = crop_box(pre, w, h)
+            column = map_column(get_model_weights(name).DEFAULT.meta["output_column"])
+            boxes[column] = [left / w, top / h, right / w, bottom / h]
+        return boxes
 
     def _models(self, asked: str | None) -> tuple[str, ...]:
         from memscore.models import list_models

@@ -125,6 +125,18 @@ class ModelSet:
             )
             for name in self.models
         }
+        # maps=true requests: the same models (shared, not loaded twice) with Grad-CAM maps,
+        # for the models that declare its layers
+        from memscore.models import get_model_weights
+        from memscore.saliency.runner import MapSettings, check_maps
+
+        self.map_scorers = {}
+        for name, scorer in self.scorers.items():
+            try:
+                check_maps(MapSettings(), name, get_model_weights(name).DEFAULT.meta)
+            except ValueError:
+                continue
+            self.map_scorers[name] = scorer.with_maps(MapSettings())
         self.device = str(next(iter(self.scorers.values())).device)
         import ray
 
@@ -158,52 +170,63 @@ class ModelSet:
             "loaded_at": self.loaded_at,
         }
 
-    async def score(self, pixels: dict[str, np.ndarray], models: tuple[str, ...]) -> dict:
+    async def score(
+        self, pixels: dict[str, np.ndarray], models: tuple[str, ...], maps: bool = False
+    ) -> dict:
         """One image's pixels (``pixels[name]``: the uint8 array of model ``name``'s
-        preprocessing) -> its score columns, ``error`` if a model failed on it, and
-        ``batch_size``: how many images the forward pass that scored it held."""
-        return await self.score_batch((pixels, tuple(models)))
+        preprocessing) -> its score columns (with ``maps``, each score's map column too),
+        ``error`` if a model failed on it, and ``batch_size``: how many images the forward
+        pass that scored it held."""
+        return await self.score_batch((pixels, tuple(models), bool(maps)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def score_batch(self, items: list[tuple[dict, tuple[str, ...]]]) -> list[dict]:
+    async def score_batch(self, items: list[tuple[dict, tuple[str, ...], bool]]) -> list[dict]:
         # In a thread: the replica's event loop keeps queueing the next batch meanwhile.
         return await asyncio.to_thread(self.forward, items)
 
-    def forward(self, items: list[tuple[dict, tuple[str, ...]]]) -> list[dict]:
-        """Score a batch of (pixels, models) items through each model's ``ScoreImages``, as the
-        batch job's model stage scores a decoded block."""
+    def forward(self, items: list[tuple[dict, tuple[str, ...], bool]]) -> list[dict]:
+        """Score a batch of (pixels, models, maps) items through each model's ``ScoreImages``
+        (the items that asked for maps through its ``with_maps`` twin), as the batch job's
+        model stage scores a decoded block."""
+        results: list[dict] = [{"batch_size": len(items)} for _ in items]
+        for name in self.scorers:
+            for maps, scorer in ((False, self.scorers[name]), (True, self.map_scorers.get(name))):
+                rows = [
+                    i
+                    for i, (_, wanted, asked) in enumerate(items)
+                    if name in wanted and asked == maps
+                ]
+                if rows and scorer is not None:
+                    self._forward(name, scorer, items, rows, results)
+        return results
+
+    def _forward(self, name: str, scorer, items, rows: list[int], results: list[dict]) -> None:
         import pyarrow as pa
         from ray.data.extensions import ArrowTensorArray
 
-        results: list[dict] = [{"batch_size": len(items)} for _ in items]
-        for name, scorer in self.scorers.items():
-            rows = [i for i, (_, wanted) in enumerate(items) if name in wanted]
-            if not rows:
-                continue
-            # a decoded block as the decode stage hands it on (the size is the ingress's to say)
-            table = pa.table(
-                {
-                    WIDTH: pa.nulls(len(rows), pa.int32()),
-                    HEIGHT: pa.nulls(len(rows), pa.int32()),
-                    ERROR: pa.nulls(len(rows), pa.string()),
-                    pixels_column(name): ArrowTensorArray.from_numpy(
-                        np.stack([items[i][0][name] for i in rows])
-                    ),
-                }
-            )
-            started = time.perf_counter()
-            scored = scorer(table)
-            self._count(name, scored, time.perf_counter() - started)
-            # whatever columns the model stage adds besides its bookkeeping: the scores
-            columns = [c for c in scored.column_names if c not in (ERROR, MODEL, WIDTH, HEIGHT)]
-            errors = scored.column(ERROR).to_pylist()
-            for column in columns:
-                for i, value in zip(rows, scored.column(column).to_pylist()):
-                    results[i][column] = value
-            for i, error in zip(rows, errors):
-                if error is not None:
-                    results[i]["error"] = error
-        return results
+        # a decoded block as the decode stage hands it on (the size is the ingress's to say)
+        table = pa.table(
+            {
+                WIDTH: pa.nulls(len(rows), pa.int32()),
+                HEIGHT: pa.nulls(len(rows), pa.int32()),
+                ERROR: pa.nulls(len(rows), pa.string()),
+                pixels_column(name): ArrowTensorArray.from_numpy(
+                    np.stack([items[i][0][name] for i in rows])
+                ),
+            }
+        )
+        started = time.perf_counter()
+        scored = scorer(table)
+        self._count(name, scored, time.perf_counter() - started)
+        # whatever columns the model stage adds besides its bookkeeping: the scores
+        columns = [c for c in scored.column_names if c not in (ERROR, MODEL, WIDTH, HEIGHT)]
+        errors = scored.column(ERROR).to_pylist()
+        for column in columns:
+            for i, value in zip(rows, scored.column(column).to_pylist()):
+                results[i][column] = value
+        for i, error in zip(rows, errors):
+            if error is not None:
+                results[i]["error"] = error
 
     def _count(self, model: str, scored, seconds: float) -> None:
         tags = {"model": model}

@@ -106,6 +106,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from memscore import columns, storage
 from memscore.errors import MemscoreError, counted, first_line
@@ -1000,6 +1001,26 @@ def read_shards(
     )
 
 
+def _read_wanted_samples(batch: pa.Table, shards: list[str], storage_options) -> pa.Table:
+    """Read task of ``WebDatasetShards.dataset_of_rows``: for each (shard, wanted ids) of
+    ``batch``, that shard's wanted samples (id, key, url, error, image member), read up to the
+    last wanted one only (samples come in id order)."""
+    keep = (KEY, URL, columns.ROW, columns.ERROR, IMAGE, IMAGE_EXT)
+    parts = []
+    for shard_index, wanted in zip(
+        batch.column("shard").to_pylist(), batch.column("wanted").to_pylist()
+    ):
+        wanted = pa.array(sorted(wanted), pa.int64())
+        last = wanted[-1].as_py()
+        for table in iter_shard(shards[shard_index], storage_options, shard_index, members=()):
+            ids = table.column(columns.ROW)
+            table = table.filter(pc.is_in(ids, value_set=wanted))
+            parts.append(table.select([name for name in keep if name in table.column_names]))
+            if pc.max(ids).as_py() >= last:
+                break
+    return unify_tables(parts) if parts else pa.table({columns.ROW: pa.array([], pa.int64())})
+
+
 # ---------------------------------------------------------------------------------- the Source
 class WebDatasetShards(Source):
     """WebDataset shards as a source (what the user names: ``expand_shards``): one row per
@@ -1020,6 +1041,7 @@ class WebDatasetShards(Source):
     kind = "webdataset"
     what = "WebDataset shards"
     row_ids_are_positions = False
+    images_in_place = True
 
     @classmethod
     def recognises(cls, location: Location) -> bool:
@@ -1088,6 +1110,26 @@ class WebDatasetShards(Source):
             num_cpus=LIGHT_STAGE_CPUS,
             members=members,
             **options,
+        )
+
+    def dataset_of_rows(self, row_ids: pa.Array):
+        """The samples ``row_ids`` names, read by one Ray task per shard that holds any (each
+        shard read up to its last wanted sample; the others not at all): the few rows a
+        features run's sheets show, not a whole run's."""
+        import ray.data
+
+        by_shard: dict[int, list[int]] = {}
+        for row in sorted(set(row_ids.to_pylist())):
+            by_shard.setdefault(split_sample_id(row)[0], []).append(row)
+        items = [{"shard": shard, "wanted": rows} for shard, rows in sorted(by_shard.items())]
+        if not items:
+            raise MemscoreError(f"{self.source}: no rows asked for")
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _read_wanted_samples,
+            fn_kwargs={"shards": list(self.files), "storage_options": self.storage_options},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=LIGHT_STAGE_CPUS,
         )
 
     def image_reading(self) -> dict[str, Any]:

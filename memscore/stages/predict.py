@@ -44,6 +44,7 @@ from memscore.columns import (
     score_column,
 )
 from memscore.faults import maybe_inject
+from memscore.saliency.runner import MapRunner, MapSettings, map_column
 
 __all__ = [
     "ScoreImages",
@@ -53,6 +54,7 @@ __all__ = [
     "output_types",
     "model_weights",
     "pick_device",
+    "load_model",
     "local_cores",
 ]
 
@@ -66,9 +68,12 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
-def output_types(models: tuple[str, ...], column_prefix: str = "") -> dict[str, pa.DataType]:
+def output_types(
+    models: tuple[str, ...], column_prefix: str = "", maps: bool = False
+) -> dict[str, pa.DataType]:
     """The columns the models write, name (after ``column_prefix``) -> Arrow type, in output
-    order: each model's columns as its weights declare them (``output_columns_of``)."""
+    order: each model's columns as its weights declare them (``output_columns_of``), then with
+    ``maps`` each score's map column (``map_column``)."""
     from memscore.models import get_model_weights
     from memscore.models._api import output_columns_of
 
@@ -76,14 +81,19 @@ def output_types(models: tuple[str, ...], column_prefix: str = "") -> dict[str, 
     for name in models:
         for column, kind in output_columns_of(get_model_weights(name).DEFAULT.meta).items():
             types[score_column(column, column_prefix)] = _ARROW_TYPES[kind]()
+    if maps:
+        types.update({map_column(column): pa.list_(pa.float32()) for column in list(types)})
     return types
 
 
-def output_columns(models: tuple[str, ...], column_prefix: str = "") -> list[str]:
+def output_columns(
+    models: tuple[str, ...], column_prefix: str = "", maps: bool = False
+) -> list[str]:
     """The columns memscore adds to every row, in output order: the models' columns (one score
-    each, or a traces model's six, after ``column_prefix``), then the bookkeeping columns."""
+    each, or a traces model's six, after ``column_prefix``; with ``maps`` each score's map),
+    then the bookkeeping columns."""
     return [
-        *output_types(models, column_prefix),
+        *output_types(models, column_prefix, maps),
         ERROR_COLUMN,
         MODEL_COLUMN,
         WIDTH_COLUMN,
@@ -138,6 +148,25 @@ def local_cores() -> int:
         return os.cpu_count() or 1
 
 
+def load_model(name: str, given, storage_options=None):
+    """Registered model ``name`` with the weights a run names (``given``: a member's name, a
+    checkpoint, a traces folder), on the CPU in eval mode -> (module, the weights member whose
+    preprocessing and outputs it has). Every stage that runs a run's model builds it here."""
+    from memscore.models import get_model
+    from memscore.models._api import FolderWeights
+    from memscore.models.registry import is_checkpoint, weights_for
+
+    chosen = weights_for(name, given, storage_options)
+    if isinstance(chosen, FolderWeights):  # a traces model: the folder decides all
+        model = get_model(name, weights=chosen, storage_options=storage_options)
+    elif is_checkpoint(name, given):
+        # the member picks the pipeline (MemNet's mode); the checkpoint the tensors
+        model = get_model(name, weights=given, storage_options=storage_options)
+    else:
+        model = get_model(name, weights=chosen)
+    return model, chosen
+
+
 class ScoreImages:
     """Score a decoded batch with one or more registered models.
 
@@ -156,6 +185,8 @@ class ScoreImages:
             scored in chunks of it, in order (None: all of them at once).
         precision: "fp32" (the published scores), "tf32" (CUDA's TF32 matrix units for
             float32 work), "bf16" or "fp16" (``torch.autocast``); see ``PRECISIONS``.
+        maps: each score's memorability map too (``memscore.saliency``), as a
+            ``<score column>_map`` column; the scores are the same as without.
 
     Returns (from ``__call__``, on a table from ``DecodeImages``): the table without its pixel
     columns, with each model's score column(s) and ``memscore_model``; a row with an error
@@ -187,12 +218,11 @@ class ScoreImages:
         column_prefix: str = "",
         batch_size: int | None = None,
         precision: str = "fp32",
+        maps: MapSettings | None = None,
     ) -> None:
         import torch
 
-        from memscore.models import get_model
-        from memscore.models._api import FolderWeights, output_columns_of
-        from memscore.models.registry import is_checkpoint, weights_for
+        from memscore.models._api import output_columns_of
 
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -211,23 +241,38 @@ class ScoreImages:
             torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         self.models = tuple(models)
         self._runners = []
+        self._map_layers: dict[str, tuple[str, ...]] = {}
         for name, given in model_weights(self.models, weights).items():
-            chosen = weights_for(name, given, storage_options)
-            if isinstance(chosen, FolderWeights):  # a traces model: the folder decides all
-                model = get_model(name, weights=chosen, storage_options=storage_options)
-            elif is_checkpoint(name, given):
-                # the member picks the pipeline (MemNet's mode); the checkpoint the tensors
-                model = get_model(name, weights=given, storage_options=storage_options)
-            else:
-                model = get_model(name, weights=chosen)
+            model, chosen = load_model(name, given, storage_options)
             model = model.to(self.device, memory_format=torch.channels_last)
             # model output key -> (output column, Arrow type)
             columns = {
                 key: (score_column(key, column_prefix), _ARROW_TYPES[kind]())
                 for key, kind in output_columns_of(chosen.meta).items()
             }
-            self._runners.append((name, chosen.transforms, columns, model))
-        self._added = output_columns(self.models, column_prefix)
+            self._map_layers[name] = tuple(chosen.meta.get("map_layers", ()))
+            runner = (name, chosen.transforms, columns, model)
+            self._runners.append(runner if maps is None else self._mapped(runner, maps))
+        self._column_prefix = column_prefix
+        self._added = output_columns(self.models, column_prefix, maps is not None)
+
+    def _mapped(self, runner, maps: MapSettings):
+        """A runner whose forward also gives each image's map (``saliency.runner``)."""
+        name, transforms, columns, model = runner
+        ((key, (column, _)),) = columns.items()  # one score: the config checked it
+        columns = {**columns, map_column(key): (map_column(column), pa.list_(pa.float32()))}
+        mapped = MapRunner(model, key, map_column(key), maps, self._map_layers[name])
+        return (name, transforms, columns, mapped)
+
+    def with_maps(self, maps: MapSettings) -> ScoreImages:
+        """This stage with maps too, its models shared (no second copy of the weights):
+        ``memscore serve`` answers ``maps=true`` requests with it."""
+        import copy
+
+        other = copy.copy(self)
+        other._runners = [self._mapped(runner, maps) for runner in self._runners]
+        other._added = output_columns(self.models, self._column_prefix, True)
+        return other
 
     def __call__(self, table: pa.Table) -> pa.Table:
         maybe_inject("predict")  # test-only fault hook: a no-op unless MEMSCORE_INJECT_FAULT is set

@@ -40,6 +40,7 @@ EXTENDED_DOCTESTS = frozenset(
         "memscore.finetune",  # test_finetune.py's tint run fine-tunes end to end
         "memscore.finetuning.job.finetune",
         "memscore.feature_analysis.job.features",  # test_features.py runs the job
+        "memscore.maps.job.maps",  # test_maps.py scores with --maps and draws
     }
 )
 

@@ -14,6 +14,7 @@ from memscore.errors import MemscoreError
 from memscore.evaluation.config import EvaluateConfig
 from memscore.feature_analysis.config import FeaturesConfig
 from memscore.finetuning.config import FinetuneConfig
+from memscore.maps.config import MapsConfig
 from memscore.scoring.config import ScoreConfig
 
 # The jobs' modules are named for what they do (`finetuning`, `evaluation`), not for the
@@ -25,8 +26,10 @@ __all__ = [
     "FinetuneConfig",
     "EvaluateConfig",
     "FeaturesConfig",
+    "MapsConfig",
     "score",
     "features",
+    "draw_maps",
     "finetune",
     "evaluate",
     "list_models",
@@ -87,6 +90,22 @@ def features(config: FeaturesConfig) -> dict:
     from memscore.feature_analysis.job import features as _features
 
     return _features(config)
+
+
+def draw_maps(config: MapsConfig) -> dict:
+    """Draw a ``memscore score --maps`` output's maps over its photos (``memscore maps``):
+    overlays, a sheet of the most and least memorable, ``maps.json``; see docs/maps.md.
+
+    Returns:
+        The summary, as written to ``maps.json`` in ``config.render``.
+
+    Raises:
+        MemscoreError: one line for each problem the user can fix (no map column, a used
+            --render folder, ...).
+    """
+    from memscore.maps.job import maps as _maps
+
+    return _maps(config)
 
 
 def finetune(config: FinetuneConfig) -> dict:

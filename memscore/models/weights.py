@@ -123,7 +123,9 @@ class ResMem_Weights(WeightsEnum):
             "metrics": {"spearman_lamem_memcat": "0.66-0.68 (paper, held-out LaMem+MemCat)"},
             "input_size": (3, 227, 227),
             "backbone": _RESNET_BACKBONE,
-            # Grad-CAM's layers for --maps: the last convolutional block of each branch
+            # Grad-CAM's layers for --maps: each branch's last convolutional block, their maps
+            # scaled alike and summed; measured more faithful than either alone
+            # (benchmarks/MAPS_RESULTS.md)
             "map_layers": ("features.layer4", "conv5"),
             "notes": "scores rarely fall below about 0.41",
             "usual_min": 0.41,  # the floor of the note above, for displays (memscore serve's page)
@@ -153,7 +155,9 @@ class FalseResMem_Weights(WeightsEnum):
             "Alarms in Image Memory', Journal of Vision, 2026 (VSS abstract)",
             "input_size": (3, 227, 227),
             "backbone": _RESNET_BACKBONE,
-            "map_layers": ("features.7", "conv5"),  # its ResNet-50's layer4, the AlexNet conv5
+            # no map_layers: Grad-CAM's maps of FalseResMem, over its conv5 or its layer4, did
+            # not beat random cells in the deletion test (benchmarks/MAPS_RESULTS.md), so
+            # --maps asks for --map-method occlusion
         },
     )
     DEFAULT = PUBLISHED
@@ -236,8 +240,8 @@ class M3M_Weights(WeightsEnum):
             "to 1024 features before ResMem's head",
             "input_size": (3, 227, 227),
             "backbone": _RESNET_BACKBONE,
-            # ResMem's two, and the segmentation reducer's last convolution (57 x 57)
-            "map_layers": ("features.layer4", "conv5", "seg_reducer.2"),
+            # as ResMem's (no published M3M weights to measure its own on)
+            "map_layers": ("features.layer4", "conv5"),
             "source": "none published: train with `memscore finetune --model m3m`, pass the "
             f"checkpoint with --weights CHECKPOINT; segmentation branch from {M3M_FCN_URL}",
             "licence": "no published M3M weights; a checkpoint you train carries the licence of "

@@ -64,10 +64,13 @@ def deletion_test(
     cells = size * size
     k = max(1, round(fraction * cells))
     rng = np.random.default_rng(seed)
+    # ties among a map's cells are broken at random (a draw of their own, so the random sets
+    # are the same for every map): an empty map must not score as if it ranked the image's
+    # top rows first, which is what reading order would make of it
+    tie_rng = np.random.default_rng(seed + 1)
     results = []
     for i in range(n):
-        # the map's order, ties by position (a constant map greys in reading order)
-        order = np.lexsort((np.arange(cells), -maps[i].reshape(-1).numpy()))
+        order = np.lexsort((tie_rng.permutation(cells), -maps[i].reshape(-1).numpy()))
         sets = [order[:k]] + [rng.choice(cells, size=k, replace=False) for _ in range(draws)]
         steps = [round(cells * j / (points - 1)) for j in range(points)]
         sets += [order[:m] for m in steps]

@@ -8,10 +8,11 @@ crop: cell (i, j) covers rows ``i*H/S .. (i+1)*H/S`` and columns ``j*W/S .. (j+1
 - ``gradcam`` (Selvaraju et al. 2017) over the model's declared layers (``map_layers`` in its
   weights' meta; ResMem: its ResNet's ``features.layer4`` and its AlexNet-style ``conv5``):
   per layer, each channel's activation weighted by the mean gradient of the score over its
-  positions, summed over channels; the layers' maps, brought to S x S, are summed (each is its
-  layer's first-order share of the score, in the score's units, so they add), then ReLU. The
-  trunk below the layers runs without autograd (the layers' outputs are leaves): one forward
-  and a backward through the head only.
+  positions, summed over channels; several layers' maps, brought to S x S, each scaled to
+  0..1, are summed (their raw values, each layer's first-order share of the score, differ by
+  orders of magnitude between ResMem's branches, and the larger would decide the sum alone).
+  The trunk below the layers runs without autograd (the layers' outputs are leaves): one
+  forward and a backward through the head only.
 - ``occlusion`` (Zeiler and Fergus 2014): the score's fall when cell (i, j) is grey; S*S + 1
   forwards.
 - ``rise`` (Petsiuk et al. 2018): the mean score over ``masks`` random coarse masks, each cell
@@ -20,8 +21,10 @@ crop: cell (i, j) covers rows ``i*H/S .. (i+1)*H/S`` and columns ``j*W/S .. (j+1
   attributions' absolute values summed over channels and cells; ``steps`` forwards and full
   backwards.
 
-Maps are normalised per image to a maximum of 1 (a map that is zero everywhere stays zero):
-their scale differs between images and methods, their ranking of cells is what they say.
+Maps are signed contributions scaled per image to 0..1 (its lowest cell 0, its highest 1; a
+constant map is zeros): their scale differs between images and methods, their ranking of
+cells is what they say. Grad-CAM's customary ReLU is left out: at ResMem's ``conv5`` every
+cell's share of the score is negative on most photos, and the ReLU'd map would be empty.
 """
 
 from __future__ import annotations
@@ -46,11 +49,14 @@ GREY = 0.5
 
 
 def normalise(maps):
-    """(N, S, S) -> each map divided by its maximum (a map with no positive value: zeros)."""
+    """(N, S, S) -> each map scaled to 0..1 (its minimum 0, its maximum 1; a constant map:
+    zeros). Only the order of a map's cells carries over between images and methods."""
     import torch
 
-    peak = maps.flatten(1).amax(dim=1).clamp_min(0).view(-1, 1, 1)
-    return torch.where(peak > 0, maps / peak.clamp_min(1e-30), torch.zeros_like(maps))
+    flat = maps.flatten(1)
+    low = flat.amin(dim=1).view(-1, 1, 1)
+    span = flat.amax(dim=1).view(-1, 1, 1) - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-30), torch.zeros_like(maps))
 
 
 def _to_cells(maps, size: int):
@@ -71,8 +77,13 @@ def cells_to_pixels(cells, height: int, width: int):
     return F.interpolate(cells[:, None].float(), size=(height, width), mode="nearest")
 
 
-def gradcam(model, x, size: int, layers: Sequence[str]):
-    """Grad-CAM over ``layers`` of ``model`` (module names), summed; see the module docstring.
+def gradcam(model, x, size: int, layers: Sequence[str], combine: str = "normalised"):
+    """Grad-CAM over ``layers`` of ``model`` (module names); see the module docstring.
+
+    ``combine``: how several layers' maps add up: "normalised" (each scaled to 0..1 first, so
+    each layer counts alike: measured the more faithful for ResMem, whose ResNet's share of the
+    score is about 10^4 times its AlexNet-style branch's) or "raw" (as they are, in the score's
+    units).
 
     ``model`` must not need gradients below the layers: its parameters are not asked for any
     (they are frozen for the call), and ``x`` does not require grad."""
@@ -111,8 +122,12 @@ def gradcam(model, x, size: int, layers: Sequence[str]):
         weights = grad.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
         cam = (weights * act).sum(dim=1).detach()  # (N, h, w), the score's units
         cells = _to_cells(cam, size)
+        if combine == "normalised":
+            cells = normalise(cells)
         total = cells if total is None else total + cells
-    return scores.detach(), normalise(total.clamp_min(0))
+    # no ReLU: where every cell's share is negative (measured: most photos at ResMem's conv5)
+    # the ReLU'd map is empty; the signed map still ranks the cells
+    return scores.detach(), normalise(total)
 
 
 def occlusion(score: Callable, x, size: int, batch: int = 32):
@@ -129,7 +144,8 @@ def occlusion(score: Callable, x, size: int, batch: int = 32):
             grey = masks[start : start + batch]
             occluded = torch.where(grey, torch.full_like(x[i : i + 1], GREY), x[i : i + 1])
             falls[i, start : start + len(grey)] = base[i] - score(occluded)
-    return base, normalise(falls.view(n, size, size).clamp_min(0))
+    # signed: a cell whose greying raises the score ranks below one that changes nothing
+    return base, normalise(falls.view(n, size, size))
 
 
 def rise(
@@ -171,7 +187,7 @@ def rise(
             s = score(kept)  # (b,)
             saliency[i] += (s.view(-1, 1, 1) * m[:, 0]).sum(dim=0)
     saliency /= masks * p
-    return base, normalise(_to_cells(saliency - saliency.flatten(1).amin(1).view(-1, 1, 1), size))
+    return base, normalise(_to_cells(saliency, size))
 
 
 def integrated_gradients(model, x, size: int, steps: int = 16):

@@ -263,7 +263,7 @@ class ScoreConfig:
             "Add each image's memorability map beside its score: <score column>_map, "
             "list<float32> of --map-size x --map-size values, row-major over the model's input "
             "crop (ResMem: the 227x227 centre crop of the 256x256-resized image), higher where "
-            "the score comes from, each map's maximum 1. Scores stay exactly as without it. "
+            "the score comes from, each map scaled to 0..1. Scores stay exactly as without it. "
             "docs/maps.md: the methods' measured faithfulness and cost.",
             action="store_true",
         ),
@@ -276,8 +276,8 @@ class ScoreConfig:
         default="gradcam",
         metadata=option(
             "How --maps are made: gradcam (Grad-CAM over the model's declared layers, ResMem: "
-            "its ResNet's layer4 and its AlexNet branch's conv5; about 1.3x a plain forward on "
-            "the CPU), occlusion (any model; --map-size^2 + 1 forwards per image), rise (256 "
+            "its ResNet's layer4 and its AlexNet-style conv5; about 1.1x a plain forward on the "
+            "CPU), occlusion (any model; --map-size^2 + 1 forwards per image), rise (256 "
             "random masks: 257 forwards) or integrated-gradients (16 forwards and backwards).",
             choices=("gradcam", "occlusion", "rise", "integrated-gradients"),
         ),

@@ -349,8 +349,8 @@ class Ingress:
         the decode options of ``memscore score``: ``fast_decode``, ``exif_transpose``,
         ``max_pixels`` (at most the server's), and ``maps``: each score's memorability map too
         (``<score column>_map``, as ``memscore score --maps`` writes it: Grad-CAM, 16 x 16
-        cells, row-major) with ``map_boxes``: where each map lies on the image, as
-        [left, top, right, bottom] fractions of its width and height.
+        cells, row-major) of the models that have maps, with ``map_boxes``: where each map
+        lies on the image, as [left, top, right, bottom] fractions of its width and height.
 
         Returns ``{"images": [...]}``, one entry per file in upload order: its scores, size,
         models and ``batch_size``, or ``{"file", "error"}`` where it cannot be scored. 200 when
@@ -360,8 +360,7 @@ class Ingress:
         from memscore.row_errors import ImageDecodeError
 
         models = self._models(model)
-        if maps:
-            self._check_maps(models)
+        mapped = self._with_maps(models) if maps else ()
         limit = self._max_pixels(max_pixels)
         uploads = await self._read_uploads(request)
         self.counters["memscore_files"].inc(len(uploads))
@@ -409,21 +408,27 @@ class Ingress:
                         }
                         for m in models
                     ],
-                    **({"map_boxes": self._map_boxes(models, width, height)} if maps else {}),
+                    **({"map_boxes": self._map_boxes(mapped, width, height)} if maps else {}),
                     "batch_size": result["batch_size"],
                 }
             )
         return score_answer(images, model_failed)
 
-    def _check_maps(self, models: tuple[str, ...]) -> None:
+    def _with_maps(self, models: tuple[str, ...]) -> tuple[str, ...]:
+        """Those of ``models`` that have maps (Grad-CAM layers declared); a 400 if none has."""
         from memscore.models import get_model_weights
         from memscore.saliency.runner import MapSettings, check_maps
 
+        mapped, why = [], ""
         for name in models:
             try:
                 check_maps(MapSettings(), name, get_model_weights(name).DEFAULT.meta)
+                mapped.append(name)
             except ValueError as exc:
-                raise HTTPException(400, f"maps: {exc}") from None
+                why = why or str(exc).replace("--maps: ", "")
+        if not mapped:
+            raise HTTPException(400, f"maps: {why}")
+        return tuple(mapped)
 
     def _map_boxes(self, models, width: int, height: int) -> dict[str, list[float]]:
         """map column -> where the map lies on the image: [left, top, right, bottom] as

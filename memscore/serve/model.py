@@ -189,15 +189,16 @@ class ModelSet:
         (the items that asked for maps through its ``with_maps`` twin), as the batch job's
         model stage scores a decoded block."""
         results: list[dict] = [{"batch_size": len(items)} for _ in items]
-        for name in self.scorers:
-            for maps, scorer in ((False, self.scorers[name]), (True, self.map_scorers.get(name))):
-                rows = [
-                    i
-                    for i, (_, wanted, asked) in enumerate(items)
-                    if name in wanted and asked == maps
-                ]
-                if rows and scorer is not None:
-                    self._forward(name, scorer, items, rows, results)
+        for name, plain in self.scorers.items():
+            mapped = self.map_scorers.get(name)
+            wanted = [i for i, (_, models, _) in enumerate(items) if name in models]
+            # maps where asked and the model has them; the rest are scored as always
+            with_maps = [i for i in wanted if items[i][2] and mapped is not None]
+            without = [i for i in wanted if i not in set(with_maps)]
+            if without:
+                self._forward(name, plain, items, without, results)
+            if with_maps:
+                self._forward(name, mapped, items, with_maps, results)
         return results
 
     def _forward(self, name: str, scorer, items, rows: list[int], results: list[dict]) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "parse_storage_options",
     "redact",
     "write_atomic",
+    "write_under",
     "pipe_atomic",
 ]
 
@@ -266,6 +267,21 @@ def parent(path: str) -> str:
     import os
 
     return os.path.dirname(os.path.abspath(path))
+
+
+def write_under(
+    root: str, relative: str, data: bytes, storage_options: Mapping[str, Any] | None = None
+) -> str:
+    """Write ``data`` to ``relative`` ("a/b.png") under folder ``root``, whole or not at all
+    (``write_atomic``); -> the file's path. A local folder is made first: an object store has
+    none to make."""
+    name = join(root, *relative.split("/"))
+    if not is_url(name):
+        import os
+
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+    write_atomic(name, data, storage_options)
+    return name
 
 
 def write_atomic(path: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:

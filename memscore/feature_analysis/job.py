@@ -528,15 +528,8 @@ def _with_renderings(table: pa.Table, rendered) -> pa.Table:
 
 
 def _write(config, relative: str, data: bytes) -> str:
-    """Write ``data`` to ``relative`` under --output, whole or not at all; -> its path.
-    (A local folder is made first: an object store has none to make.)"""
-    name = storage.join(config.output, *relative.split("/"))
-    if not storage.is_url(name):
-        import os
-
-        os.makedirs(os.path.dirname(name), exist_ok=True)
-    storage.write_atomic(name, data, config.storage_options)
-    return name
+    """Write ``data`` to ``relative`` under --output, whole or not at all; -> its path."""
+    return storage.write_under(config.output, relative, data, config.storage_options)
 
 
 def _write_table(config, name: str, table: pa.Table) -> None:

@@ -42,23 +42,20 @@ def sheet_images(
     """row -> the image as the model saw it (uint8, its preprocessing's crop) for each of
     ``rows`` that can be read again; ``in_place``: the source's rows carry their images."""
     from memscore.models import get_model_weights
-    from memscore.sources.readback import bytes_by_path, bytes_in_place
+    from memscore.sources.readback import image_bytes
     from memscore.stages.decode import decode_image_bytes
 
     preprocess = {"view": get_model_weights(model).DEFAULT.transforms}
-    if in_place:
-        data = bytes_in_place(
-            config.manifest,
-            rows,
-            path_column=config.path_column,
-            storage_options=config.storage_options,
-            image_column=config.image_column,
-        )
-    elif key_column in (None, "__key__"):
-        data = {}
-    else:
-        paths = {row: keys.get(row) for row in rows}
-        data = bytes_by_path(paths, base_dir, config.storage_options)
+    data = image_bytes(
+        {row: keys.get(row) for row in rows},
+        in_place=in_place,
+        key_column=key_column,
+        manifest=config.manifest,
+        path_column=config.path_column,
+        image_column=config.image_column,
+        base_dir=base_dir,
+        storage_options=config.storage_options,
+    )
     views = {}
     for row, raw in data.items():
         try:

@@ -26,7 +26,7 @@ from memscore.maps.config import MapsConfig
 from memscore.maps.overlay import crop_box, overlay
 from memscore.sinks import open_sink
 from memscore.sinks.folder import read_summary
-from memscore.sources.readback import bytes_by_path, bytes_in_place, images_in_place
+from memscore.sources.readback import image_bytes, images_in_place
 
 __all__ = ["maps", "OWN_ENTRIES"]
 
@@ -207,19 +207,16 @@ def _photos(config, summary, run, shown: dict, key_column) -> dict:
     """row -> the photo as the run decoded it (PIL RGB, full size), for the rows it can read."""
     from memscore.stages.decode import DEFAULT_MAX_PIXELS, read_image
 
-    options = dict(config.storage_options)
-    if images_in_place(summary.get("manifest_kind"), key_column):
-        data = bytes_in_place(
-            summary["manifest"],
-            shown,
-            path_column=run.get("path_column", "path"),
-            storage_options=options,
-            image_column=run.get("image_column"),
-        )
-    elif key_column in (None, "__key__"):
-        data = {}
-    else:
-        data = bytes_by_path(shown, summary.get("manifest_base_dir"), options)
+    data = image_bytes(
+        shown,
+        in_place=images_in_place(summary.get("manifest_kind"), key_column),
+        key_column=key_column,
+        manifest=summary["manifest"],
+        path_column=run.get("path_column", "path"),
+        image_column=run.get("image_column"),
+        base_dir=summary.get("manifest_base_dir"),
+        storage_options=dict(config.storage_options),
+    )
     photos = {}
     for row, raw in data.items():
         try:
@@ -267,10 +264,4 @@ def _png(image) -> bytes:
 
 def _write(config, relative: str, data: bytes) -> str:
     """Write ``data`` to ``relative`` under --render, whole or not at all; -> its path."""
-    name = storage.join(config.render, *relative.split("/"))
-    if not storage.is_url(name):
-        import os
-
-        os.makedirs(os.path.dirname(name), exist_ok=True)
-    storage.write_atomic(name, data, config.storage_options)
-    return name
+    return storage.write_under(config.render, relative, data, config.storage_options)

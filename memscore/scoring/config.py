@@ -401,19 +401,17 @@ class ScoreConfig:
         return MapSettings(self.map_method, self.map_size) if self.maps else None
 
     def _check_maps(self) -> None:
-        from memscore.saliency.runner import DEFAULT_METHOD, check_maps
+        from memscore.saliency.runner import DEFAULT_METHOD
+        from memscore.stages.predict import maps_refusal
 
         if not self.maps:
             if self.map_method != DEFAULT_METHOD or self.map_size != 16:
                 raise MemscoreError("--map-method and --map-size shape --maps: give --maps too")
             return
-        from memscore.models import get_model_weights
-
         for name in self.models:
-            try:
-                check_maps(self.map_settings(), name, get_model_weights(name).DEFAULT.meta)
-            except ValueError as exc:
-                raise MemscoreError(str(exc)) from None
+            refusal = maps_refusal(name, self.map_settings())
+            if refusal:
+                raise MemscoreError(refusal)
 
     def model_weights(self) -> dict[str, str | None]:
         """Each model's ``--weights`` (None: its default); raises MemscoreError when

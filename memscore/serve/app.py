@@ -416,19 +416,14 @@ class Ingress:
 
     def _with_maps(self, models: tuple[str, ...]) -> tuple[str, ...]:
         """Those of ``models`` that have maps (Grad-CAM layers declared); a 400 if none has."""
-        from memscore.models import get_model_weights
-        from memscore.saliency.runner import MapSettings, check_maps
+        from memscore.stages.predict import maps_refusal
 
-        mapped, why = [], ""
-        for name in models:
-            try:
-                check_maps(MapSettings(), name, get_model_weights(name).DEFAULT.meta)
-                mapped.append(name)
-            except ValueError as exc:
-                why = why or str(exc).replace("--maps: ", "")
+        refusals = {name: maps_refusal(name) for name in models}
+        mapped = tuple(name for name, refusal in refusals.items() if refusal is None)
         if not mapped:
+            why = next(iter(refusals.values())).replace("--maps: ", "")
             raise HTTPException(400, f"maps: {why}")
-        return tuple(mapped)
+        return mapped
 
     def _map_boxes(self, models, width: int, height: int) -> dict[str, list[float]]:
         """map column -> where the map lies on the image: [left, top, right, bottom] as

@@ -127,16 +127,14 @@ class ModelSet:
         }
         # maps=true requests: the same models (shared, not loaded twice) with Grad-CAM maps,
         # for the models that declare its layers
-        from memscore.models import get_model_weights
-        from memscore.saliency.runner import MapSettings, check_maps
+        from memscore.saliency.runner import MapSettings
+        from memscore.stages.predict import maps_refusal
 
-        self.map_scorers = {}
-        for name, scorer in self.scorers.items():
-            try:
-                check_maps(MapSettings(), name, get_model_weights(name).DEFAULT.meta)
-            except ValueError:
-                continue
-            self.map_scorers[name] = scorer.with_maps(MapSettings())
+        self.map_scorers = {
+            name: scorer.with_maps(MapSettings())
+            for name, scorer in self.scorers.items()
+            if maps_refusal(name) is None
+        }
         self.device = str(next(iter(self.scorers.values())).device)
         import ray
 
@@ -194,7 +192,7 @@ class ModelSet:
             wanted = [i for i, (_, models, _) in enumerate(items) if name in models]
             # maps where asked and the model has them; the rest are scored as always
             with_maps = [i for i in wanted if items[i][2] and mapped is not None]
-            without = [i for i in wanted if i not in set(with_maps)]
+            without = [i for i in wanted if not (items[i][2] and mapped is not None)]
             if without:
                 self._forward(name, plain, items, without, results)
             if with_maps:

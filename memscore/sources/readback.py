@@ -15,7 +15,7 @@ from typing import Any
 
 from memscore import storage
 
-__all__ = ["images_in_place", "bytes_by_path", "bytes_in_place"]
+__all__ = ["images_in_place", "image_bytes", "bytes_by_path", "bytes_in_place"]
 
 
 def images_in_place(kind: str | None, path_column: str | None) -> bool:
@@ -28,6 +28,33 @@ def images_in_place(kind: str | None, path_column: str | None) -> bool:
         if source.kind == kind:
             return source.images_in_place
     return path_column in (None, "__key__")
+
+
+def image_bytes(
+    keys: Mapping[int, str | None],
+    *,
+    in_place: bool,
+    key_column: str | None,
+    manifest: str,
+    path_column: str,
+    image_column: str | None,
+    base_dir: str | None,
+    storage_options: Mapping[str, Any],
+) -> dict[int, bytes]:
+    """row -> its image's bytes for the rows of ``keys`` (row -> its path or key, as the run's
+    output names it in ``key_column``) that can be read again: by the source's own tasks where
+    ``in_place``, else by path; none where the rows name no path (a shard's ``__key__``)."""
+    if in_place:
+        return bytes_in_place(
+            manifest,
+            keys,
+            path_column=path_column,
+            storage_options=storage_options,
+            image_column=image_column,
+        )
+    if key_column in (None, "__key__"):
+        return {}
+    return bytes_by_path(keys, base_dir, storage_options)
 
 
 def bytes_by_path(

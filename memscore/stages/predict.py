@@ -55,6 +55,7 @@ __all__ = [
     "model_weights",
     "pick_device",
     "load_model",
+    "maps_refusal",
     "local_cores",
 ]
 
@@ -146,6 +147,19 @@ def local_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def maps_refusal(model: str, settings: MapSettings | None = None) -> str | None:
+    """Why ``model`` cannot have ``settings``' maps (default: ``MapSettings()``), in one line,
+    or None where it can: what ``--maps`` and ``memscore serve`` ask of each model."""
+    from memscore.models import get_model_weights
+    from memscore.saliency.runner import check_maps
+
+    try:
+        check_maps(settings or MapSettings(), model, get_model_weights(model).DEFAULT.meta)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def load_model(name: str, given, storage_options=None):
